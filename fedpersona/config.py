@@ -1,0 +1,357 @@
+"""One namespaced configuration, parsed once into frozen, validated dataclasses.
+
+Keys are kebab-case and dotted by scope (``privacy.target-epsilon``), exactly as
+they appear in ``[tool.flwr.app.config]`` of ``pyproject.toml`` and in the
+scenario files under ``simulations/conf/``. ``load_config`` is the only place
+that reads raw configuration: it rejects unknown keys, coerces types and
+validates every value, raising ``ValueError`` that names the field and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tomllib
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+#: Environment variable holding a JSON object of config overrides. The console
+#: script uses it to hand a scenario to the ServerApp and the ClientApps of a
+#: simulation (Ray workers inherit the environment); ``flwr run`` does not set it.
+CONFIG_ENV = "FEDPERSONA_RUN_CONFIG"
+
+SPLITS = ("ffa", "fedsa", "fedper")
+SERVER_OPTIMIZERS = ("fedavg", "fedadam")
+CLIENT_OPTIMIZERS = ("sgd", "adam")
+ACCOUNTANTS = ("rdp", "prv")
+LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _bad(key: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"Invalid config value for '{key}': {why}. You passed: {value!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "demo"
+    seed: int = 0
+    results_dir: str = "results"
+    state_dir: str = "state"
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "/\\ "):
+            raise _bad("run.name", self.name, "must be a non-empty name without slashes or spaces")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "smollm2"
+    seq_len: int = 64
+    cue_tokens: int = 24
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise _bad("model.path", self.path, "must be 'smollm2' or a model folder")
+        if self.seq_len < 16:
+            raise _bad("model.seq-len", self.seq_len, "must be at least 16")
+        if not 0 <= self.cue_tokens <= self.seq_len - 8:
+            raise _bad("model.cue-tokens", self.cue_tokens, f"must be in [0, seq-len - 8 = {self.seq_len - 8}]")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    min_speeches: int = 40
+    max_users: int = 20
+    max_examples: int = 48
+    eval_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.min_speeches < 2:
+            raise _bad("data.min-speeches", self.min_speeches, "must be at least 2 (train and held-out)")
+        if self.max_users < 1:
+            raise _bad("data.max-users", self.max_users, "must be at least 1")
+        if self.max_examples < 2:
+            raise _bad("data.max-examples", self.max_examples, "must be at least 2")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise _bad("data.eval-fraction", self.eval_fraction, "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    split: str = "ffa"
+    rank: int = 8
+    alpha: float = 16.0
+    layers: int = 2
+    personal_layers: int = 1
+    targets: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "down_proj")
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise _bad("adapter.split", self.split, f"must be one of {SPLITS}")
+        if self.rank < 1:
+            raise _bad("adapter.rank", self.rank, "must be at least 1")
+        if self.alpha <= 0:
+            raise _bad("adapter.alpha", self.alpha, "must be positive")
+        if self.layers < 1:
+            raise _bad("adapter.layers", self.layers, "must be at least 1")
+        if self.personal_layers < 1:
+            raise _bad("adapter.personal-layers", self.personal_layers, "must be at least 1")
+        if self.split == "fedper" and self.personal_layers >= self.layers:
+            raise _bad(
+                "adapter.personal-layers",
+                self.personal_layers,
+                f"with split 'fedper' the personal top blocks must be fewer than adapter.layers={self.layers}",
+            )
+        if self.split != "fedsa" and self.personal_layers > self.layers:
+            raise _bad("adapter.personal-layers", self.personal_layers, f"must be at most adapter.layers={self.layers}")
+        if not self.targets:
+            raise _bad("adapter.targets", self.targets, "must name at least one module")
+        for t in self.targets:
+            if t not in LINEAR_TARGETS:
+                raise _bad("adapter.targets", ",".join(self.targets), f"'{t}' is not one of {LINEAR_TARGETS}")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    local_steps: int = 6
+    batch_size: int = 8
+    lr: float = 0.02
+    optimizer: str = "adam"
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 1:
+            raise _bad("client.local-steps", self.local_steps, "must be at least 1")
+        if self.batch_size < 1:
+            raise _bad("client.batch-size", self.batch_size, "must be at least 1")
+        if not self.lr > 0:
+            raise _bad("client.lr", self.lr, "must be positive")
+        if self.optimizer not in CLIENT_OPTIMIZERS:
+            raise _bad("client.optimizer", self.optimizer, f"must be one of {CLIENT_OPTIMIZERS}")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = True
+    target_epsilon: float = 8.0
+    delta: float = 1e-3
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    planned_rounds: int = 0
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        if not self.target_epsilon > 0 or not math.isfinite(self.target_epsilon):
+            raise _bad("privacy.target-epsilon", self.target_epsilon, "must be a positive finite number")
+        if not 0.0 < self.delta < 1.0:
+            raise _bad("privacy.delta", self.delta, "must be in (0, 1)")
+        if not self.max_grad_norm > 0:
+            raise _bad("privacy.max-grad-norm", self.max_grad_norm, "must be positive")
+        if self.noise_multiplier < 0 or not math.isfinite(self.noise_multiplier):
+            raise _bad(
+                "privacy.noise-multiplier",
+                self.noise_multiplier,
+                "must be >= 0 (0 means: calibrate from privacy.target-epsilon)",
+            )
+        if self.planned_rounds < 0:
+            raise _bad("privacy.planned-rounds", self.planned_rounds, "must be >= 0 (0 means: server.num-rounds)")
+        if self.accountant not in ACCOUNTANTS:
+            raise _bad(
+                "privacy.accountant",
+                self.accountant,
+                f"must be one of {ACCOUNTANTS} (Opacus's GDP accountant is off by about 2x here)",
+            )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    num_rounds: int = 5
+    clients_per_round: int = 8
+    min_clients: int = 2
+    optimizer: str = "fedavg"
+    lr: float = 1.0
+    update_clip: float = 0.0
+    round_timeout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1:
+            raise _bad("server.num-rounds", self.num_rounds, "must be at least 1")
+        if self.clients_per_round < 1:
+            raise _bad("server.clients-per-round", self.clients_per_round, "the cohort cannot be empty")
+        if self.min_clients < 1 or self.min_clients > self.clients_per_round:
+            raise _bad(
+                "server.min-clients",
+                self.min_clients,
+                f"must be in [1, server.clients-per-round={self.clients_per_round}]",
+            )
+        if self.optimizer not in SERVER_OPTIMIZERS:
+            raise _bad("server.optimizer", self.optimizer, f"must be one of {SERVER_OPTIMIZERS}")
+        if not self.lr > 0:
+            raise _bad("server.lr", self.lr, "must be positive")
+        if self.update_clip < 0:
+            raise _bad("server.update-clip", self.update_clip, "must be >= 0 (0 turns clipping off)")
+        if self.round_timeout < 0:
+            raise _bad("server.round-timeout", self.round_timeout, "must be >= 0 (0 waits without limit)")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    final: bool = True
+    local_baseline: bool = True
+    per_round: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def planned_rounds(self) -> int:
+        """Rounds a client plans its privacy budget for (a client may be sampled in each)."""
+        return self.privacy.planned_rounds or self.server.num_rounds
+
+    def to_flat(self) -> dict[str, Any]:
+        """The config as flat kebab-case keys (the inverse of ``load_config``)."""
+        out: dict[str, Any] = {}
+        for sf in fields(self):
+            section = getattr(self, sf.name)
+            for f in fields(section):
+                value = getattr(section, f.name)
+                if isinstance(value, tuple):
+                    value = ",".join(value)
+                out[f"{sf.name}.{f.name.replace('_', '-')}"] = value
+        return out
+
+
+def _section_types() -> dict[str, dict[str, dataclasses.Field]]:
+    out = {}
+    for sf in fields(Config):
+        out[sf.name] = {f.name: f for f in fields(sf.default_factory)}  # type: ignore[arg-type]
+    return out
+
+
+def known_keys() -> list[str]:
+    return [f"{s}.{n.replace('_', '-')}" for s, fs in _section_types().items() for n in fs]
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise _bad(key, value, "must be true or false")
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise _bad(key, value, "must be an integer")
+        try:
+            f = float(value)
+        except ValueError:
+            raise _bad(key, value, "must be an integer") from None
+        if not f.is_integer():
+            raise _bad(key, value, "must be an integer")
+        return int(f)
+    if isinstance(default, float):
+        if isinstance(value, bool):
+            raise _bad(key, value, "must be a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise _bad(key, value, "must be a number") from None
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        if isinstance(value, (list, tuple)):
+            return tuple(str(v) for v in value)
+        raise _bad(key, value, "must be a comma-separated list")
+    if not isinstance(value, str):
+        raise _bad(key, value, "must be a string")
+    return value
+
+
+def load_config(raw: Mapping[str, Any] | None = None, *, env: bool = True) -> Config:
+    """Parse flat kebab-case keys into a validated :class:`Config`.
+
+    Layers, later wins: dataclass defaults, ``raw`` (a Flower ``run_config`` or a
+    scenario file), then the JSON overrides in ``$FEDPERSONA_RUN_CONFIG`` when
+    ``env`` is true.
+    """
+    merged: dict[str, Any] = dict(raw or {})
+    if env and os.environ.get(CONFIG_ENV):
+        try:
+            overlay = json.loads(os.environ[CONFIG_ENV])
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"${CONFIG_ENV} is not a JSON object: {exc}") from None
+        if not isinstance(overlay, dict):
+            raise ValueError(f"${CONFIG_ENV} must hold a JSON object of config keys")
+        merged.update(overlay)
+    types = _section_types()
+    values: dict[str, dict[str, Any]] = {s: {} for s in types}
+    unknown = []
+    for key, value in merged.items():
+        section, _, name = key.partition(".")
+        attr = name.replace("-", "_")
+        if section not in types or attr not in types[section] or "_" in name:
+            unknown.append(key)
+            continue
+        f = types[section][attr]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        values[section][attr] = _coerce(key, value, default)
+    if unknown:
+        raise ValueError(
+            f"Unknown config key(s): {', '.join(sorted(unknown))}. Known keys: {', '.join(known_keys())}"
+        )
+    sections = {}
+    for sf in fields(Config):
+        sections[sf.name] = sf.default_factory(**values[sf.name])  # type: ignore[misc]
+    cfg = Config(**sections)
+    if not cfg.privacy.enabled:
+        warnings.warn(
+            "privacy.enabled = false: clients train WITHOUT differential privacy; "
+            "their updates carry no privacy guarantee.",
+            stacklevel=2,
+        )
+    return cfg
+
+
+def read_scenario(path: str | Path) -> dict[str, Any]:
+    """Read a scenario TOML file into flat config keys (``[privacy] target-epsilon = 4`` -> ``privacy.target-epsilon``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"Scenario file not found: {p}")
+    with p.open("rb") as fh:
+        try:
+            doc = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"Scenario file {p} is not valid TOML: {exc}") from None
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                flat[f"{key}.{sub}"] = v
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key=value`` from the command line; the value is read as TOML when it can be."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"Override must look like key=value. You passed: {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed

@@ -1,0 +1,184 @@
+"""The server's round loop: sample a cohort, obtain the summed update, update and checkpoint the shared adapter.
+
+Resumes from the newest complete checkpoint of the run: a round that was in
+flight when the server stopped is simply run again (nothing of it was applied).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedpersona.config import Config
+from fedpersona.model import adapted_model
+from fedpersona.wire import to_record
+from server.aggregation import Aggregator, PlainAggregator, send_and_collect
+from server.checkpoint import latest_checkpoint, save_checkpoint
+from server.optim import ServerOptimizer
+from server.report import read_json, summarize_users, summary_table, write_outputs
+
+logger = logging.getLogger(__name__)
+
+
+def wait_for_nodes(grid: Grid, minimum: int, *, timeout: float = 600.0) -> list[int]:
+    start = time.monotonic()
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() - start > timeout:
+            raise RuntimeError(f"Only {len(nodes)} node(s) connected after {timeout:.0f} s; need {minimum}")
+        time.sleep(1.0)
+
+
+def sample_cohort(nodes: list[int], size: int, *, seed: int, server_round: int) -> list[int]:
+    rng = random.Random(f"{seed}:{server_round}")
+    return sorted(rng.sample(nodes, min(size, len(nodes))))
+
+
+def _cohort_means(rs_metrics: dict[str, float], contributors: int) -> dict[str, float]:
+    if contributors == 0:
+        return {}
+    out = {}
+    for key in ("train-loss", "heldout-shared-loss", "heldout-personal-loss", "epsilon", "train-seconds"):
+        if key in rs_metrics:
+            out[key] = rs_metrics[key] / contributors
+    return out
+
+
+def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = None) -> dict:
+    aggregator = aggregator or PlainAggregator()
+    run_dir = Path(cfg.run.results_dir) / cfg.run.name
+    ckpt_root = run_dir / "checkpoints"
+    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
+    counts = model.parameter_counts()
+    p = cfg.privacy
+    log(
+        INFO,
+        "fedpersona run '%s': split %s, shared %d params, personal %d params (never sent); "
+        "DP-SGD %s (target epsilon %.2f, delta %g, clip %.2f, accountant %s); aggregation: %s",
+        cfg.run.name, cfg.adapter.split, counts["shared"], counts["personal"],
+        "ON" if p.enabled else "OFF", p.target_epsilon, p.delta, p.max_grad_norm, p.accountant, aggregator.name,
+    )
+    if not p.enabled:
+        log(WARNING, "privacy.enabled = false: client updates carry NO differential-privacy guarantee")
+    if aggregator.name == "plain":
+        log(WARNING, "Plain aggregation: the server sees each client's update in the clear")
+
+    opt = ServerOptimizer(cfg.server.optimizer, cfg.server.lr)
+    previous = read_json(run_dir / "metrics.json")
+    history: list[dict] = list(previous.get("rounds", []))
+    resumed = latest_checkpoint(ckpt_root)
+    if resumed is None:
+        start_round, shared = 0, model.initial_shared_state()
+        history = []
+    else:
+        start_round, shared, opt_state = resumed
+        opt.load_state_dict(opt_state)
+        history = [h for h in history if h["round"] <= start_round]
+        log(INFO, "Resuming run '%s' after round %d (checkpoint %s)", cfg.run.name, start_round, ckpt_root)
+    metrics = {
+        "run": cfg.run.name,
+        "config": cfg.to_flat(),
+        "aggregation": aggregator.name,
+        "parameters": counts,
+        "rounds": history,
+    }
+    timeout = cfg.server.round_timeout or None
+    t_run = time.perf_counter()
+    for server_round in range(start_round + 1, cfg.server.num_rounds + 1):
+        t0 = time.perf_counter()
+        nodes = wait_for_nodes(grid, cfg.server.min_clients)
+        cohort = sample_cohort(nodes, cfg.server.clients_per_round, seed=cfg.run.seed, server_round=server_round)
+        content = RecordDict(
+            {"shared": to_record(shared), "config": ConfigRecord({"server-round": server_round})}
+        )
+        rs = aggregator.collect(grid, cohort, content, server_round=server_round, timeout=timeout)
+        applied = rs.contributors >= cfg.server.min_clients and rs.weight > 0
+        if applied:
+            mean_update = {n: rs.update_sum[n] / rs.weight for n in shared}
+            norm = math.sqrt(sum(float((u * u).sum()) for u in mean_update.values()))
+            shared = opt.step(shared, mean_update)
+        else:
+            norm = 0.0
+            log(
+                WARNING,
+                "Round %d: %d contributor(s) < server.min-clients=%d; shared adapter unchanged",
+                server_round, rs.contributors, cfg.server.min_clients,
+            )
+        for reason in rs.failures:
+            log(WARNING, "Round %d failure: %s", server_round, reason)
+        for reason in rs.declined:
+            log(INFO, "Round %d declined: %s", server_round, reason)
+        model.load_shared_state(shared)
+        save_checkpoint(
+            ckpt_root, server_round, shared, opt.state_dict(), peft_model=model.peft,
+            meta={"run": cfg.run.name, "applied": applied},
+        )
+        row = {
+            "round": server_round,
+            "cohort": len(cohort),
+            "contributors": rs.contributors,
+            "declined": len(rs.declined),
+            "failed": len(rs.failures),
+            "applied": applied,
+            "update-norm": norm,
+            **_cohort_means(rs.metrics, rs.contributors),
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(row)
+        write_outputs(run_dir, metrics)
+        log(
+            INFO,
+            "[round %d/%d] cohort %d: trained %d, declined %d, failed %d | held-out loss shared %.3f, "
+            "personalized %.3f | train loss %.3f | mean epsilon %.2f | %.1f s",
+            server_round, cfg.server.num_rounds, len(cohort), rs.contributors, len(rs.declined), len(rs.failures),
+            row.get("heldout-shared-loss", math.nan), row.get("heldout-personal-loss", math.nan),
+            row.get("train-loss", math.nan), row.get("epsilon", math.nan), row["seconds"],
+        )
+    metrics["train_seconds"] = time.perf_counter() - t_run
+    if cfg.eval.final:
+        metrics["final"] = final_evaluation(grid, cfg, shared)
+        metrics["total_seconds"] = time.perf_counter() - t_run
+    paths = write_outputs(run_dir, metrics)
+    if "final" in metrics:
+        log(INFO, "Final held-out evaluation (%d users):\n%s", len(metrics["final"]["users"]),
+            summary_table(metrics["final"]["users"], metrics["final"]["summary"]))
+        (run_dir / "summary.txt").write_text(summary_table(metrics["final"]["users"], metrics["final"]["summary"]) + "\n")
+    log(INFO, "Results: %s", ", ".join(str(p) for p in paths.values()))
+    return metrics
+
+
+def final_evaluation(grid: Grid, cfg: Config, shared: dict[str, torch.Tensor]) -> dict:
+    """Every node evaluates on its held-out split; per-user rows plus the distribution summary."""
+    t0 = time.perf_counter()
+    nodes = sorted(grid.get_node_ids())
+    log(INFO, "Final evaluation on %d nodes (base, shared, personalized%s)...", len(nodes),
+        ", local-only" if cfg.eval.local_baseline else "")
+    content = RecordDict({"shared": to_record(shared)})
+    replies, failures = send_and_collect(
+        grid, nodes, content, message_type="evaluate", server_round=cfg.server.num_rounds + 1,
+        timeout=cfg.server.round_timeout or None,
+    )
+    users = []
+    for reply in replies:
+        row = {"user": str(reply.content["identity"]["user-id"])}
+        row.update({k: float(v) for k, v in reply.content["metrics"].items()})
+        users.append(row)
+    for reason in failures:
+        log(WARNING, "Evaluation failure: %s", reason)
+    return {
+        "users": sorted(users, key=lambda u: u["user"]),
+        "summary": summarize_users(users),
+        "failures": failures,
+        "seconds": time.perf_counter() - t0,
+    }

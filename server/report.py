@@ -1,0 +1,175 @@
+"""Run outputs: ``metrics.json``, CSV files, PNG plots and the summary table.
+
+``results/<run>/metrics.json``  config, per-round cohort figures, final per-user evaluation, summary
+``results/<run>/rounds.csv``    one row per round
+``results/<run>/users.csv``     one row per user (held-out loss/accuracy of each model, epsilon)
+``results/<run>/rounds.png``    held-out and training loss per round
+``results/<run>/users.png``     per-user held-out loss of base / shared / personalized / local-only
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+MODELS = (("base", "base"), ("shared", "shared (global)"), ("personal", "personalized"), ("local", "local-only"))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2, default=_jsonable)
+    os.replace(tmp, path)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return str(x)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def distribution(values: list[float]) -> dict[str, float]:
+    """Mean, median and worst decile (mean of the highest 10% of losses, at least one user)."""
+    vals = sorted(v for v in values if v is not None and math.isfinite(v))
+    if not vals:
+        return {"mean": math.nan, "median": math.nan, "worst_decile": math.nan, "n": 0}
+    n = len(vals)
+    mid = vals[n // 2] if n % 2 else 0.5 * (vals[n // 2 - 1] + vals[n // 2])
+    k = max(1, math.ceil(n / 10))
+    return {"mean": sum(vals) / n, "median": mid, "worst_decile": sum(vals[-k:]) / k, "n": n}
+
+
+def summarize_users(users: list[dict]) -> dict[str, dict[str, float]]:
+    out = {}
+    for key, _ in MODELS:
+        if any(f"{key}-loss" in u for u in users):
+            out[f"{key}-loss"] = distribution([u.get(f"{key}-loss") for u in users])
+            out[f"{key}-accuracy"] = distribution([u.get(f"{key}-accuracy") for u in users])
+    out["epsilon"] = distribution([u.get("epsilon") for u in users if (u.get("epsilon") or 0) >= 0])
+    return out
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_rounds(run_dir: Path, rounds: list[dict]) -> Path | None:
+    if not rounds:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    xs = [r["round"] for r in rounds]
+    for key, label in (
+        ("heldout-shared-loss", "held-out, shared adapter (before round)"),
+        ("heldout-personal-loss", "held-out, personalized (before round)"),
+        ("train-loss", "training loss (DP batches)"),
+    ):
+        ys = [r.get(key) for r in rounds]
+        if any(y is not None for y in ys):
+            ax[0].plot(xs, [y if y is not None else math.nan for y in ys], marker="o", label=label)
+    ax[0].set_xlabel("round")
+    ax[0].set_ylabel("loss (nats / token), cohort mean")
+    ax[0].legend(fontsize=8)
+    ax[0].grid(alpha=0.3)
+    eps = [r.get("epsilon") for r in rounds]
+    ax[1].plot(xs, [e if e is not None else math.nan for e in eps], marker="o", color="tab:red")
+    ax[1].set_xlabel("round")
+    ax[1].set_ylabel("epsilon spent, cohort mean")
+    ax[1].grid(alpha=0.3)
+    fig.suptitle(f"{run_dir.name}: per-round cohort figures")
+    fig.tight_layout()
+    out = run_dir / "rounds.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_users(run_dir: Path, users: list[dict]) -> Path | None:
+    if not users:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [(k, label) for k, label in MODELS if any(f"{k}-loss" in u for u in users)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    data = [[u[f"{k}-loss"] for u in users if u.get(f"{k}-loss") is not None] for k, _ in present]
+    ax.boxplot(data, showmeans=True)
+    ax.set_xticks(range(1, len(present) + 1), [label for _, label in present])
+    for i, vals in enumerate(data, start=1):
+        ax.scatter([i] * len(vals), vals, s=8, alpha=0.5, color="k")
+    ax.set_ylabel("held-out loss per user (nats / token)")
+    ax.set_title(f"{run_dir.name}: {len(users)} users, held-out loss by model")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    out = run_dir / "users.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def summary_table(users: list[dict], summary: dict) -> str:
+    """Per-user table plus the distribution rows, as fixed-width text."""
+    cols = [k for k, _ in MODELS if any(f"{k}-loss" in u for u in users)]
+    head = f"{'user':<38}{'rounds':>7}{'eps':>7}" + "".join(f"{c + ' loss':>14}" for c in cols)
+    lines = [head, "-" * len(head)]
+    for u in sorted(users, key=lambda u: u["user"]):
+        eps = u.get("epsilon")
+        eps_s = "inf" if eps is None or eps < 0 else f"{eps:.2f}"
+        rounds = u.get("rounds")
+        r_s = "-" if rounds is None or not math.isfinite(rounds) else f"{int(rounds)}"
+        lines.append(
+            f"{u['user'][:37]:<38}{r_s:>7}{eps_s:>7}"
+            + "".join(f"{u.get(c + '-loss', math.nan):>14.3f}" for c in cols)
+        )
+    lines.append("-" * len(head))
+    for stat in ("mean", "median", "worst_decile"):
+        label = stat.replace("_", " ")
+        lines.append(
+            f"{label:<52}" + "".join(f"{summary.get(c + '-loss', {}).get(stat, math.nan):>14.3f}" for c in cols)
+        )
+    acc = "".join(f"{summary.get(c + '-accuracy', {}).get('mean', math.nan):>14.3f}" for c in cols)
+    lines.append(f"{'mean next-token accuracy':<52}" + acc)
+    return "\n".join(lines)
+
+
+def write_outputs(run_dir: Path, metrics: dict) -> dict[str, Path]:
+    """Write metrics.json, CSVs and plots for what the run has so far."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "metrics.json", metrics)
+    paths = {"metrics": run_dir / "metrics.json"}
+    rounds = metrics.get("rounds", [])
+    _write_csv(run_dir / "rounds.csv", rounds)
+    if (p := plot_rounds(run_dir, rounds)) is not None:
+        paths["rounds_plot"] = p
+    users = metrics.get("final", {}).get("users", [])
+    if users:
+        _write_csv(run_dir / "users.csv", users)
+        if (p := plot_users(run_dir, users)) is not None:
+            paths["users_plot"] = p
+    return paths

@@ -1,0 +1,62 @@
+"""Write a reply in one user's voice: base model + latest shared adapter + that user's personal head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client.data import format_prompt
+from client.device import PERSONAL, slug
+from client.store import DeviceStore
+from fedpersona.model import adapted_model
+from server.checkpoint import latest_checkpoint
+from simulations.runner import resolve
+
+
+def find_user(user: str, cfg) -> str:
+    from simulations.corpus import load_users
+
+    users = [u.user_id for u in load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)]
+    for u in users:
+        if u == user or u.lower() == user.lower():
+            return u
+    sample = ", ".join(users[:8])
+    raise ValueError(f"Unknown user {user!r} in run '{cfg.run.name}'. Users look like: {sample}, ...")
+
+
+def generate(
+    *,
+    user: str,
+    prompt: str,
+    scenario: str | None = "demo",
+    overrides: dict[str, Any] | None = None,
+    max_new_tokens: int = 48,
+    temperature: float = 0.7,
+    seed: int = 0,
+) -> str:
+    _, cfg = resolve(scenario, dict(overrides or {}))
+    user_id = find_user(user, cfg)
+    run_dir = Path(cfg.run.results_dir) / cfg.run.name
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        raise ValueError(f"No checkpoint in {run_dir / 'checkpoints'}: run `fedpersona run {scenario}` first")
+    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
+    model.load_shared_state(ckpt[1])
+    store = DeviceStore(Path(cfg.run.state_dir) / cfg.run.name / slug(user_id))
+    head = store.load_tensors(PERSONAL)
+    if head is None:
+        raise ValueError(f"{user_id} has no personal head yet (never sampled in run '{cfg.run.name}')")
+    model.load_personal_state(head)
+    tok = model.tokenizer
+    ids = tok(format_prompt(prompt), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.peft.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_p=0.9,
+            eos_token_id=end, pad_token_id=tok.pad_token_id,
+        )
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

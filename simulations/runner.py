@@ -1,0 +1,89 @@
+"""Run a scenario as a Flower simulation (Message API apps on the Simulation Engine).
+
+The scenario (a ``simulations/conf/*.toml`` file plus ``key=value`` overrides) is
+validated here, before anything starts, then handed to the ServerApp and the
+ClientApps through ``$FEDPERSONA_RUN_CONFIG`` (Ray workers inherit the
+environment). One simulated SuperNode per user.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fedpersona.config import CONFIG_ENV, Config, load_config, read_scenario
+
+logger = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).parent / "conf"
+
+
+def scenario_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    candidate = CONF_DIR / f"{name_or_path}.toml"
+    if candidate.is_file():
+        return candidate
+    known = ", ".join(sorted(x.stem for x in CONF_DIR.glob("*.toml")))
+    raise ValueError(f"No scenario {name_or_path!r}: not a file, and not one of the shipped scenarios ({known})")
+
+
+def resolve(scenario: str | None, overrides: dict[str, Any]) -> tuple[dict[str, Any], Config]:
+    flat: dict[str, Any] = read_scenario(scenario_path(scenario)) if scenario else {}
+    flat.update(overrides)
+    cfg = load_config(flat, env=False)
+    # Absolute folders: Ray workers may not share the launcher's working directory.
+    flat["run.results-dir"] = str(Path(cfg.run.results_dir).resolve())
+    flat["run.state-dir"] = str(Path(cfg.run.state_dir).resolve())
+    return flat, load_config(flat, env=False)
+
+
+def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *, cpus: int | None = None) -> dict:
+    """Run the scenario to completion; returns the run's metrics.json content."""
+    from flwr.simulation import run_simulation
+
+    from fedpersona.model import resolve_model_dir
+    from simulations.corpus import load_users
+
+    flat, cfg = resolve(scenario, dict(overrides or {}))
+    users = load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)
+    if cfg.server.clients_per_round > len(users):
+        raise ValueError(
+            f"Invalid config value for 'server.clients-per-round': only {len(users)} users qualify "
+            f"(data.min-speeches={cfg.data.min_speeches}). You passed: {cfg.server.clients_per_round}"
+        )
+    resolve_model_dir(cfg.model.path)  # convert the default model once, before workers start
+    cpus = cpus or os.cpu_count() or 1
+    os.environ[CONFIG_ENV] = json.dumps(flat)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FEDPERSONA_TORCH_THREADS", str(cpus))
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    backend_config = {
+        "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False},
+    }
+    from client.app import app as client_app
+    from server.app import app as server_app
+
+    t0 = time.perf_counter()
+    logger.info("Simulating %d users (%d per round, %d rounds) on %d CPU(s)", len(users),
+                cfg.server.clients_per_round, cfg.server.num_rounds, cpus)
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(users),
+                       backend_config=backend_config)
+    finally:
+        os.environ.pop(CONFIG_ENV, None)
+    metrics_path = Path(cfg.run.results_dir) / cfg.run.name / "metrics.json"
+    if not metrics_path.is_file():
+        raise RuntimeError(f"The simulation ended without writing {metrics_path}; see the log above")
+    metrics = json.loads(metrics_path.read_text())
+    metrics["wall_seconds"] = time.perf_counter() - t0
+    failed = sum(r.get("failed", 0) for r in metrics.get("rounds", []))
+    if failed:
+        logger.warning("%d client failure(s) over the run; see rounds.csv", failed)
+    return metrics

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+
+from fedpersona.config import CONFIG_ENV, known_keys, load_config, parse_override, read_scenario
+from simulations.runner import CONF_DIR
+
+
+def test_defaults_parse_and_round_trip():
+    cfg = load_config({}, env=False)
+    assert cfg.adapter.split == "ffa"
+    again = load_config(cfg.to_flat(), env=False)
+    assert again == cfg
+
+
+def test_pyproject_app_config_matches_known_keys():
+    import tomllib
+    from pathlib import Path
+
+    doc = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    app_cfg = doc["tool"]["flwr"]["app"]["config"]
+    assert set(app_cfg) <= set(known_keys())
+    load_config(app_cfg, env=False)
+
+
+@pytest.mark.parametrize("path", sorted(CONF_DIR.glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_scenarios_are_valid(path):
+    load_config(read_scenario(path), env=False)
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("privacy.noise-multiplier", -1.0, "privacy.noise-multiplier"),
+        ("privacy.delta", 1.0, "privacy.delta"),
+        ("privacy.target-epsilon", 0, "privacy.target-epsilon"),
+        ("adapter.rank", 0, "adapter.rank"),
+        ("server.clients-per-round", 0, "cohort cannot be empty"),
+        ("adapter.split", "lora", "adapter.split"),
+        ("privacy.accountant", "gdp", "off by about 2x"),
+        ("adapter.targets", "q_proj,foo", "'foo'"),
+        ("client.local-steps", 1.5, "must be an integer"),
+        ("privacy.enabled", "maybe", "true or false"),
+    ],
+)
+def test_invalid_values_name_the_field(key, value, match):
+    with pytest.raises(ValueError, match=match) as err:
+        load_config({key: value}, env=False)
+    assert key in str(err.value)
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(ValueError, match="Unknown config key.*privacy.epsilon"):
+        load_config({"privacy.epsilon": 3}, env=False)
+    with pytest.raises(ValueError, match="Unknown config key"):
+        load_config({"privacy.target_epsilon": 3}, env=False)
+
+
+def test_fedper_needs_body_blocks():
+    with pytest.raises(ValueError, match="adapter.personal-layers"):
+        load_config({"adapter.split": "fedper", "adapter.layers": 2, "adapter.personal-layers": 2}, env=False)
+
+
+def test_env_overlay_wins(monkeypatch):
+    monkeypatch.setenv(CONFIG_ENV, json.dumps({"server.num-rounds": 7}))
+    assert load_config({"server.num-rounds": 3}).server.num_rounds == 7
+    assert load_config({"server.num-rounds": 3}, env=False).server.num_rounds == 3
+
+
+def test_privacy_off_warns():
+    with pytest.warns(UserWarning, match="WITHOUT differential privacy"):
+        load_config({"privacy.enabled": False}, env=False)
+
+
+def test_parse_override():
+    assert parse_override("server.num-rounds=3") == ("server.num-rounds", 3)
+    assert parse_override("adapter.split=fedsa") == ("adapter.split", "fedsa")
+    assert parse_override("privacy.enabled=false") == ("privacy.enabled", False)
+    with pytest.raises(ValueError, match="key=value"):
+        parse_override("nothing")
