@@ -14,6 +14,7 @@ and summable metrics. Nothing else.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -94,8 +95,31 @@ def load_pairs_for_node(cfg: Config, node_config: dict) -> tuple[str, list[tuple
         raise ValueError(f"partition-id {pid} has no user: the corpus gives {len(users)} users")
     user = users[pid]
     pairs = [(e.cue, e.reply) for e in user.examples]
-    state_dir = Path(cfg.run.state_dir) / cfg.run.name / slug(user.user_id)
-    return user.user_id, pairs, state_dir
+    return user.user_id, pairs, simulated_state_dir(cfg, user.user_id)
+
+
+def simulated_state_dir(cfg: Config, user_id: str) -> Path:
+    """A simulated device's state folder: ``<run.state-dir>/<run.name>/<user slug>``."""
+    return Path(cfg.run.state_dir) / cfg.run.name / slug(user_id)
+
+
+def state_dir_for(cfg: Config, node_config: dict) -> Path:
+    """The node's state folder, without reading its data (deployment: ``state-dir``; simulation: by user)."""
+    if "data-dir" in node_config:
+        data_dir = Path(str(node_config["data-dir"])).expanduser()
+        return Path(str(node_config.get("state-dir", data_dir / ".fedpersona-state"))).expanduser()
+    from simulations.corpus import load_users
+
+    users = load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)
+    return simulated_state_dir(cfg, users[int(node_config["partition-id"])].user_id)
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """Noise for a budget spread over the planned steps (devices with equal data sizes share the result)."""
+    return calibrate_noise(
+        target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
+    )
 
 
 class Device:
@@ -121,10 +145,7 @@ class Device:
         if p.noise_multiplier > 0:
             return p.noise_multiplier
         planned = self.cfg.planned_rounds * self.cfg.client.local_steps
-        return calibrate_noise(
-            target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=self.sample_rate, steps=planned,
-            accountant=p.accountant,
-        )
+        return _calibrated(p.target_epsilon, p.delta, self.sample_rate, planned, p.accountant)
 
     def load_ledger(self, name: str = LEDGER) -> PrivacyLedger:
         text = self.store.load_text(name)
