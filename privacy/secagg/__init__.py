@@ -1,0 +1,38 @@
+"""Secure aggregation (SecAgg+ in two exchanges per round), quantization and distributed DP.
+
+A pure library: messages are plain dicts that Flower's records can carry. See
+:mod:`privacy.secagg.protocol` for the protocol and its reasoning,
+:mod:`privacy.secagg.quantize` for the modulus and error bounds, :mod:`privacy.secagg.ddp` for
+distributed discrete Gaussian noise and its accountant.
+
+Client side (per device)::
+
+    client = SecAggClient(node_id, config)               # or SecAggClient.from_state(saved, config)
+    advert = client.advertise()                          # once per run -> server.register(advert)
+    reply1 = client.masked_input(request1, update, {"num_examples": n})
+    reply2 = client.unmask(request2)
+
+Server side (per run, per round)::
+
+    server = SecAggServer(config, run_id=run_id)
+    rnd = server.start_round(round, cohort, length)
+    requests1 = rnd.masked_input_requests()              # {client_id: dict}
+    rnd.receive_masked(reply1) ...
+    requests2 = rnd.unmask_requests()                    # {survivor_id: dict}
+    rnd.receive_unmask(reply2) ...
+    result = rnd.finish()                                # result.total, result.extras
+"""
+
+from .crypto import ClientKeys, DecryptionError, SecureRNG
+from .ddp import ddp_epsilon, ddp_rdp, local_noise_stddev, sample_discrete_gaussian
+from .protocol import (SecAggAbort, SecAggClient, SecAggConfig, SecAggInputError, SecAggResult, SecAggRound,
+                       SecAggServer, SecAggStats, payload_nbytes, run_secure_sum)
+from .quantize import ExtraSpec, Quantizer, max_cohort, modulus_bits, quantized_l2_bound
+from .shamir import ShamirError
+
+__all__ = [
+    "ClientKeys", "DecryptionError", "ExtraSpec", "Quantizer", "SecAggAbort", "SecAggClient", "SecAggConfig",
+    "SecAggInputError", "SecAggResult", "SecAggRound", "SecAggServer", "SecAggStats", "SecureRNG", "ShamirError",
+    "ddp_epsilon", "ddp_rdp", "local_noise_stddev", "max_cohort", "modulus_bits", "payload_nbytes",
+    "quantized_l2_bound", "run_secure_sum", "sample_discrete_gaussian",
+]
