@@ -57,6 +57,14 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
             f"Invalid config value for 'server.clients-per-round': only {len(users)} users qualify "
             f"(data.min-speeches={cfg.data.min_speeches}). You passed: {cfg.server.clients_per_round}"
         )
+    if cfg.privacy.enabled:
+        smallest = min(min(len(u.examples), cfg.data.max_examples) for u in users)
+        n_train = smallest - max(1, round(cfg.data.eval_fraction * smallest))
+        if cfg.privacy.delta >= 1.0 / n_train:
+            raise ValueError(
+                f"Invalid config value for 'privacy.delta': must be below 1/number-of-examples = 1/{n_train} "
+                f"(the smallest user's training split). You passed: {cfg.privacy.delta}"
+            )
     resolve_model_dir(cfg.model.path)  # convert the default model once, before workers start
     cpus = cpus or os.cpu_count() or 1
     os.environ[CONFIG_ENV] = json.dumps(flat)
