@@ -3,9 +3,17 @@
 Message types:
 
 * ``train`` — in: ``shared`` (ArrayRecord, the current shared adapter) and
-  ``config`` (``server-round``). Out: ``update`` (ArrayRecord, the example-weighted
-  change of the shared tensors) and ``metrics`` (MetricRecord of summable values),
-  or a ``status`` ConfigRecord when the device declines (privacy budget spent).
+  ``config`` (``server-round``), and, under secure aggregation (``secagg.enabled``, the
+  default), the masked-input request (``secagg`` / ``secagg-arrays``). Out: only the masked
+  payload (``secagg`` / ``secagg-arrays``: the masked vector of the weighted update, example
+  count and metrics, and encrypted shares; a declining device sends a masked zero vector).
+  With ``secagg.enabled = false``: ``update`` (ArrayRecord, the example-weighted change of the
+  shared tensors) and ``metrics`` (MetricRecord of summable values), or a ``status``
+  ConfigRecord when the device declines (privacy budget spent). A device with secure
+  aggregation on refuses a train request without the masked-input request.
+* ``query.advertise`` — out: ``secagg``: the device's long-term public keys (once per run).
+* ``query.unmask`` — in: ``secagg`` / ``secagg-arrays`` (survivors, forwarded shares).
+  Out: the shares the server needs to unmask the survivors' sum (:mod:`client.secure`).
 * ``evaluate`` — in: ``shared``. Out: ``metrics`` with the device's held-out
   figures (base, shared, personalized, local-only) and ``identity`` (the user label).
 """
@@ -19,14 +27,18 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.device import BudgetExhausted, Device
-from client.store import StateError
-from fedpersona.config import load_config
+from client import secure
+from client.device import LEDGER, BudgetExhausted, Device, state_dir_for
+from client.inventory import inventory_mod
+from client.store import DeviceStore, StateError
+from fedpersona.config import Config, load_config
+from fedpersona.secure import from_records, has_request, to_records
 from fedpersona.wire import from_record, to_record
+from privacy.secagg import SecAggAbort
 
 logger = logging.getLogger(__name__)
 
-app = ClientApp()
+app = ClientApp(mods=[inventory_mod])  # inventory first: it records each reply as it leaves
 
 _DEVICES: dict[tuple[int, int], Device] = {}
 CLIENT_ERROR = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -39,8 +51,20 @@ def _device(context: Context) -> Device:
         if threads > 0:
             torch.set_num_threads(threads)
         cfg = load_config(context.run_config)
+        if not cfg.secagg.enabled:
+            logger.warning("secagg.enabled = false: this device's update, example count and metrics go to the "
+                           "server in the clear (plain aggregation)")
         _DEVICES[key] = Device(cfg, dict(context.node_config))
     return _DEVICES[key]
+
+
+def _store(context: Context) -> tuple[Config, DeviceStore]:
+    """Config and state folder, without loading the model and data when the device is not loaded yet."""
+    device = _DEVICES.get((context.run_id, context.node_id))
+    if device is not None:
+        return device.cfg, device.store
+    cfg = load_config(context.run_config)
+    return cfg, DeviceStore(state_dir_for(cfg, dict(context.node_config)))
 
 
 def _error(message: Message, exc: BaseException) -> Message:
@@ -55,6 +79,11 @@ def train(message: Message, context: Context) -> Message:
         device = _device(context)
         shared = from_record(message.content["shared"])
         server_round = int(message.content["config"]["server-round"])
+        if has_request(message.content):
+            return _secure_train(message, context, device, shared, server_round)
+        if device.cfg.secagg.enabled:
+            raise ValueError("secagg.enabled = true but the train request carries no secure-aggregation request; "
+                             "refusing to send a plain update")
         try:
             update, metrics = device.train_round(shared, server_round=server_round)
         except BudgetExhausted as exc:
@@ -64,6 +93,47 @@ def train(message: Message, context: Context) -> Message:
         return _error(message, exc)
     content = RecordDict({"update": to_record(update), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=message)
+
+
+def _secure_train(message: Message, context: Context, device: Device, shared: dict, server_round: int) -> Message:
+    """Train, then reply with only the masked payload (a declining device masks a zero vector)."""
+    request = from_records(message.content)
+    client = secure.check_request(device.store, device.cfg, context.node_id, request, shared)
+    try:
+        update, metrics = device.train_round(shared, server_round=server_round)
+    except BudgetExhausted as exc:
+        logger.info("%s (sending a masked zero update)", exc)
+        update, metrics = None, None
+    payload = secure.masked_input(client, device.cfg, request, update, metrics)
+    if device.cfg.secagg.ddp and update is not None:
+        ledger = device.load_ledger()
+        entry = secure.record_user_level(ledger, device.cfg, dim=int(request["length"]), server_round=server_round)
+        device.store.save_text(LEDGER, ledger.to_json())  # before replying, like the DP-SGD ledger
+        logger.info("%s round %d: distributed-DP user-level epsilon %.3f (delta %g)", device.user_id, server_round,
+                    entry["epsilon"], entry["delta"])
+    return Message(RecordDict(to_records(payload)), reply_to=message)
+
+
+@app.query("advertise")
+def advertise(message: Message, context: Context) -> Message:
+    """The device's long-term secure-aggregation public keys (created on the first call)."""
+    try:
+        cfg, store = _store(context)
+        payload = secure.advertise(store, cfg, context.node_id)
+    except (StateError, ValueError, KeyError) as exc:
+        return _error(message, exc)
+    return Message(RecordDict(to_records(payload)), reply_to=message)
+
+
+@app.query("unmask")
+def unmask(message: Message, context: Context) -> Message:
+    """Second stage of secure aggregation: the shares for the survivors' sum."""
+    try:
+        cfg, store = _store(context)
+        payload = secure.unmask(store, cfg, context.node_id, from_records(message.content))
+    except (StateError, ValueError, KeyError, SecAggAbort) as exc:
+        return _error(message, exc)
+    return Message(RecordDict(to_records(payload)), reply_to=message)
 
 
 @app.evaluate()

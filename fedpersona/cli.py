@@ -3,6 +3,10 @@
     fedpersona run [SCENARIO] [--set key=value ...]     federated simulation (default scenario: demo)
     fedpersona generate --user "ROLE (Play)" --prompt "..."   reply in a user's voice
     fedpersona bench dp-step                             DP vs non-DP step cost, side by side
+    fedpersona certs --out DIR --supernodes 4 [--san IP:10.0.0.5]   CA, SuperLink TLS cert, SuperNode keys
+    fedpersona supernode --superlink HOST:PORT --data-dir D --state-dir S ...   one device (docs/deployment.md)
+    fedpersona audit RUN_FOLDER | --device STATE_DIR       privacy report: epsilon, data flow, attacks (docs/audit.md)
+    fedpersona audit-run [--dp on|off|both]                 empirical privacy audit on a small configuration
 """
 
 from __future__ import annotations
@@ -64,6 +68,30 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.what, steps=args.steps, model=args.model)
 
 
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from fedpersona.deploy import make_credentials
+
+    names = list(args.supernode)
+    names += [f"{args.prefix}{i}" for i in range(args.supernodes)]
+    creds = make_credentials(args.out, supernodes=names, sans=args.san, days=args.days, force=args.force)
+    print(f"CA:               {creds.ca_cert}  (key {creds.ca_key}: keep it offline)")
+    print(f"SuperLink TLS:    {creds.server_cert}  {creds.server_key}")
+    for name, (private, public) in sorted(creds.supernode_keys.items()):
+        print(f"SuperNode {name}: {private}  (register {public})")
+    print(f"{len(creds.created)} file(s) created; existing files kept" if not args.force else f"{len(creds.created)} file(s) written")
+    return 0
+
+
+def _cmd_supernode(args: argparse.Namespace) -> int:
+    from fedpersona.deploy import run_supernode
+
+    return run_supernode(
+        superlink=args.superlink, data_dir=args.data_dir, state_dir=args.state_dir, user_id=args.user_id,
+        root_certificates=args.root_certificates, auth_key=args.auth_key, insecure=args.insecure,
+        runtime_port=args.runtime_port, warm=not args.cold, max_retries=args.max_retries,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedpersona", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -90,6 +118,34 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--model", default="smollm2", help="model.path to benchmark")
     b.set_defaults(func=_cmd_bench)
+
+    c = sub.add_parser("certs", help="create a CA, the SuperLink TLS certificate and SuperNode key pairs (docs/deployment.md)")
+    c.add_argument("--out", required=True, help="credentials folder (created 0700; existing files are kept)")
+    c.add_argument("--san", action="append", default=[], metavar="IP:ADDR|DNS:NAME",
+                   help="extra subject alternative name of the SuperLink certificate (IP:127.0.0.1 and DNS:localhost are always in)")
+    c.add_argument("--supernodes", type=int, default=0, metavar="N", help="create key pairs PREFIX0 .. PREFIX{N-1}")
+    c.add_argument("--prefix", default="supernode-", help="name prefix for --supernodes (default: supernode-)")
+    c.add_argument("--supernode", action="append", default=[], metavar="NAME", help="create the key pair NAME (repeatable)")
+    c.add_argument("--days", type=int, default=365, help="validity of new certificates (default: 365)")
+    c.add_argument("--force", action="store_true", help="replace existing files (a new CA invalidates every issued certificate)")
+    c.set_defaults(func=_cmd_certs)
+
+    n = sub.add_parser("supernode", help="run one device: a Flower SuperNode + its warm ClientApp worker (docs/deployment.md)")
+    n.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
+    n.add_argument("--root-certificates", metavar="CA.CRT", help="the CA that signed the SuperLink's certificate")
+    n.add_argument("--auth-key", metavar="KEY", help="this SuperNode's private key (registered with `flwr supernode register`)")
+    n.add_argument("--data-dir", required=True, help="the user's own *.jsonl files (never leave the device)")
+    n.add_argument("--state-dir", required=True, help="personal head + privacy ledger, encrypted (keep it across restarts)")
+    n.add_argument("--user-id", default=None, help="label in this device's evaluation rows (default: the data folder's name)")
+    n.add_argument("--runtime-port", type=int, default=9094, help="local port of the SuperNode's Runtime API (one per device on a host)")
+    n.add_argument("--max-retries", type=int, default=None, help="give up connecting to the SuperLink after N tries (default: never)")
+    n.add_argument("--cold", action="store_true", help="Flower's default isolation: a fresh ClientApp process per message (slow)")
+    n.add_argument("--insecure", action="store_true", help="NO TLS and NO authentication (loopback debugging only; warns)")
+    n.set_defaults(func=_cmd_supernode)
+
+    from privacy.audit.cli import add_audit_parsers
+
+    add_audit_parsers(sub)  # audit, audit-run (docs/audit.md)
     return p
 
 

@@ -199,6 +199,48 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class SecAggSettings:
+    """Secure aggregation of the shared updates (SecAgg+, :mod:`privacy.secagg`), and distributed DP on top.
+
+    ``clip_norm`` bounds the L2 norm of what a client adds to the sum: its update times its
+    weight ``n / data.max-examples`` (the demo's weighted updates measure ~1.6). ``scale``: quantized
+    units per unit of update (the rounding error of the summed update is < cohort/scale per
+    coordinate); 0 picks 2^20, or with ``ddp`` the largest power of two <= 2^20 that keeps each
+    client's noise stddev <= 2^16 units. ``degree`` / ``threshold``: 0 picks SecAgg+'s defaults (degree
+    ``2 ceil(1.5 log2 n)``, threshold a strict majority of a client's k + 1 share holders).
+    ``ddp``: each client adds discrete Gaussian noise before masking so the released sum has
+    noise stddev ``ddp_noise_multiplier * clip_norm`` whenever at least ``ddp_min_clients``
+    (0: ``server.min-clients``) clients are in it; the round is refused with fewer.
+    """
+
+    enabled: bool = True
+    clip_norm: float = 2.0
+    scale: float = 0.0
+    degree: int = 0
+    threshold: int = 0
+    ddp: bool = False
+    ddp_noise_multiplier: float = 1.0
+    ddp_min_clients: int = 0
+    ddp_delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise _bad("secagg.clip-norm", self.clip_norm, "must be a positive finite number")
+        if not (math.isfinite(self.scale) and (self.scale >= 1 or self.scale == 0)):
+            raise _bad("secagg.scale", self.scale, "must be 0 (auto) or a finite number >= 1 (quantized units per unit)")
+        if self.degree < 0:
+            raise _bad("secagg.degree", self.degree, "must be >= 0 (0 picks 2 ceil(1.5 log2 n))")
+        if self.threshold < 0:
+            raise _bad("secagg.threshold", self.threshold, "must be >= 0 (0 picks a strict majority)")
+        if not (math.isfinite(self.ddp_noise_multiplier) and self.ddp_noise_multiplier > 0):
+            raise _bad("secagg.ddp-noise-multiplier", self.ddp_noise_multiplier, "must be a positive finite number")
+        if self.ddp_min_clients < 0 or self.ddp_min_clients == 1:
+            raise _bad("secagg.ddp-min-clients", self.ddp_min_clients, "must be 0 (server.min-clients) or >= 2")
+        if not 0.0 < self.ddp_delta < 1.0:
+            raise _bad("secagg.ddp-delta", self.ddp_delta, "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     final: bool = True
     local_baseline: bool = True
@@ -215,6 +257,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    secagg: SecAggSettings = field(default_factory=SecAggSettings)
 
     @property
     def planned_rounds(self) -> int:
@@ -316,6 +359,13 @@ def load_config(raw: Mapping[str, Any] | None = None, *, env: bool = True) -> Co
     for sf in fields(Config):
         sections[sf.name] = sf.default_factory(**values[sf.name])  # type: ignore[misc]
     cfg = Config(**sections)
+    _check_secagg(cfg)
+    if not cfg.secagg.enabled:
+        warnings.warn(
+            "secagg.enabled = false: plain aggregation; the server sees each client's update, "
+            "example count and metrics in the clear.",
+            stacklevel=2,
+        )
     if not cfg.privacy.enabled:
         warnings.warn(
             "privacy.enabled = false: clients train WITHOUT differential privacy; "
@@ -323,6 +373,21 @@ def load_config(raw: Mapping[str, Any] | None = None, *, env: bool = True) -> Co
             stacklevel=2,
         )
     return cfg
+
+
+def _check_secagg(cfg: Config) -> None:
+    """Cross-section checks of ``secagg.*`` (the cohort size fixes the graph and the modulus)."""
+    s, n = cfg.secagg, cfg.server.clients_per_round
+    if s.ddp and s.ddp_min_clients > n:
+        raise _bad("secagg.ddp-min-clients", s.ddp_min_clients, f"must be at most server.clients-per-round={n}")
+    if s.threshold > n:
+        raise _bad("secagg.threshold", s.threshold, f"must be at most server.clients-per-round={n}")
+    from fedpersona.secure import secagg_config  # late: it imports the protocol library
+
+    try:
+        secagg_config(cfg)
+    except ValueError as exc:
+        raise _bad("secagg.scale", s.scale, f"with secagg.clip-norm={s.clip_norm} and cohorts of {n}: {str(exc).rstrip('.')}") from None
 
 
 def read_scenario(path: str | Path) -> dict[str, Any]:

@@ -31,6 +31,10 @@ class RoundSum:
     contributors: int
     declined: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    #: Why the round produced no sum (secure aggregation aborted); "" when it did not abort.
+    aborted: str = ""
+    #: Extra figures of the round for the run's metrics (e.g. secure-aggregation survivors and seconds).
+    info: dict[str, float] = field(default_factory=dict)
 
 
 class Aggregator(Protocol):

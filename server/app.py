@@ -7,6 +7,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpersona.config import load_config
 from server.federation import run_federation
+from server.secure import build_aggregator
 
 app = ServerApp()
 
@@ -14,4 +15,5 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = load_config(context.run_config)
-    run_federation(grid, cfg)
+    # SecAgg+ unless secagg.enabled = false (plain aggregation, with warnings in the log and metrics.json)
+    run_federation(grid, cfg, aggregator=build_aggregator(cfg, run_id=context.run_id))

@@ -21,10 +21,12 @@ from flwr.serverapp import Grid
 from fedpersona.config import Config
 from fedpersona.model import adapted_model
 from fedpersona.wire import to_record
-from server.aggregation import Aggregator, PlainAggregator, send_and_collect
+from server.aggregation import Aggregator, send_and_collect
 from server.checkpoint import latest_checkpoint, save_checkpoint
+from server.inventory import ServerInventory
 from server.optim import ServerOptimizer
 from server.report import read_json, summarize_users, summary_table, write_outputs
+from server.secure import build_aggregator
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +57,17 @@ def _cohort_means(rs_metrics: dict[str, float], contributors: int) -> dict[str, 
     return out
 
 
+def _run_id(grid: Grid) -> int:
+    try:
+        return int(grid.run.run_id)
+    except Exception:  # noqa: BLE001 - a grid without a usable run (in-process grids): any id works
+        logger.debug("grid has no run id; secure aggregation binds its rounds to run id 0")
+        return 0
+
+
 def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = None) -> dict:
-    aggregator = aggregator or PlainAggregator()
+    if aggregator is None:
+        aggregator = build_aggregator(cfg, run_id=_run_id(grid))
     run_dir = Path(cfg.run.results_dir) / cfg.run.name
     ckpt_root = run_dir / "checkpoints"
     model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
@@ -69,10 +80,15 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
         cfg.run.name, cfg.adapter.split, counts["shared"], counts["personal"],
         "ON" if p.enabled else "OFF", p.target_epsilon, p.delta, p.max_grad_norm, p.accountant, aggregator.name,
     )
+    run_warnings: list[str] = []
     if not p.enabled:
         log(WARNING, "privacy.enabled = false: client updates carry NO differential-privacy guarantee")
+        run_warnings.append("privacy.enabled = false: client updates carry no differential-privacy guarantee")
     if aggregator.name == "plain":
-        log(WARNING, "Plain aggregation: the server sees each client's update in the clear")
+        text = ("plain aggregation (secagg.enabled = false): the server sees each client's update, example count "
+                "and metrics in the clear")
+        log(WARNING, "Plain aggregation: %s", text)
+        run_warnings.append(text)
 
     opt = ServerOptimizer(cfg.server.optimizer, cfg.server.lr)
     previous = read_json(run_dir / "metrics.json")
@@ -90,9 +106,12 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
         "run": cfg.run.name,
         "config": cfg.to_flat(),
         "aggregation": aggregator.name,
+        "warnings": run_warnings,
         "parameters": counts,
         "rounds": history,
     }
+    if hasattr(aggregator, "run_info"):
+        metrics["secagg"] = aggregator.run_info()
     timeout = cfg.server.round_timeout or None
     t_run = time.perf_counter()
     for server_round in range(start_round + 1, cfg.server.num_rounds + 1):
@@ -103,6 +122,7 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
             {"shared": to_record(shared), "config": ConfigRecord({"server-round": server_round})}
         )
         rs = aggregator.collect(grid, cohort, content, server_round=server_round, timeout=timeout)
+        ServerInventory(run_dir).round(server_round, cohort=cohort, rs=rs, aggregation=aggregator.name)
         applied = rs.contributors >= cfg.server.min_clients and rs.weight > 0
         if applied:
             mean_update = {n: rs.update_sum[n] / rs.weight for n in shared}
@@ -110,11 +130,16 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
             shared = opt.step(shared, mean_update)
         else:
             norm = 0.0
-            log(
-                WARNING,
-                "Round %d: %d contributor(s) < server.min-clients=%d; shared adapter unchanged",
-                server_round, rs.contributors, cfg.server.min_clients,
-            )
+            if rs.aborted:
+                log(WARNING, "Round %d: secure aggregation aborted, shared adapter unchanged: %s", server_round,
+                    rs.aborted)
+                run_warnings.append(f"round {server_round}: secure aggregation aborted: {rs.aborted}")
+            else:
+                log(
+                    WARNING,
+                    "Round %d: %d contributor(s) < server.min-clients=%d; shared adapter unchanged",
+                    server_round, rs.contributors, cfg.server.min_clients,
+                )
         for reason in rs.failures:
             log(WARNING, "Round %d failure: %s", server_round, reason)
         for reason in rs.declined:
@@ -132,6 +157,8 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
             "failed": len(rs.failures),
             "applied": applied,
             "update-norm": norm,
+            **({"aborted": rs.aborted} if rs.aborted else {}),
+            **rs.info,
             **_cohort_means(rs.metrics, rs.contributors),
             "seconds": time.perf_counter() - t0,
         }
@@ -146,8 +173,12 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
             row.get("train-loss", math.nan), row.get("epsilon", math.nan), row["seconds"],
         )
     metrics["train_seconds"] = time.perf_counter() - t_run
+    if history and not any(h.get("applied") for h in history):
+        log(WARNING, "No round of run '%s' was applied: the shared adapter never changed", cfg.run.name)
+        run_warnings.append("no round was applied: the shared adapter never changed")
     if cfg.eval.final:
         metrics["final"] = final_evaluation(grid, cfg, shared)
+        ServerInventory(run_dir).evaluation(metrics["final"], server_round=cfg.server.num_rounds + 1)
         metrics["total_seconds"] = time.perf_counter() - t_run
     paths = write_outputs(run_dir, metrics)
     if "final" in metrics:

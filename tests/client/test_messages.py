@@ -36,7 +36,8 @@ def device_context(tiny_config, tmp_path, monkeypatch):
     # Messages are made inside a run; outside Flower's runtime we name one.
     for attr, value in (("task_id", 1), ("run_id", 1), ("node_id", 0)):
         monkeypatch.setattr(TaskIdentity, f"_{attr}", value, raising=False)
-    flat = dict(tiny_config, **{"privacy.delta": 1e-2, "data.max-examples": 12})
+    # The plain train path (secagg off); the masked path is tested in tests/client/test_secure.py.
+    flat = dict(tiny_config, **{"privacy.delta": 1e-2, "data.max-examples": 12, "secagg.enabled": False})
     monkeypatch.setenv(CONFIG_ENV, json.dumps(flat))
     client_app._DEVICES.clear()
     node_config = {"data-dir": str(_user_folder(tmp_path / "alice")), "state-dir": str(tmp_path / "alice-state"),

@@ -41,6 +41,13 @@ def test_shipped_scenarios_are_valid(path):
         ("adapter.targets", "q_proj,foo", "'foo'"),
         ("client.local-steps", 1.5, "must be an integer"),
         ("privacy.enabled", "maybe", "true or false"),
+        ("secagg.enabled", "maybe", "true or false"),
+        ("secagg.clip-norm", 0, "positive finite"),
+        ("secagg.scale", 0.5, "0 \\(auto\\)"),
+        ("secagg.scale", 2.0**60, "bits"),
+        ("secagg.threshold", 99, "clients-per-round"),
+        ("secagg.ddp-min-clients", 1, ">= 2"),
+        ("secagg.ddp-delta", 1.0, "secagg.ddp-delta"),
     ],
 )
 def test_invalid_values_name_the_field(key, value, match):

@@ -17,10 +17,12 @@ def test_simulation_four_users_two_rounds_then_resume(tiny_config):
     metrics = run(None, flat, cpus=1)
     rounds = metrics["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
+    assert metrics["aggregation"] == "secagg+" and metrics["warnings"] == []  # secure aggregation is the default
     for r in rounds:
         assert r["failed"] == 0, r
         assert r["contributors"] == 3 and r["applied"]
         assert r["update-norm"] > 0
+        assert r["secagg-survivors"] == 3 and "aborted" not in r
     run_dir = Path(flat["run.results-dir"]) / "demo"
     for i in (1, 2):
         ckpt = run_dir / "checkpoints" / f"round-{i:04d}"

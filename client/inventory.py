@@ -1,0 +1,165 @@
+"""Data-flow inventory: one JSON line per reply this device sends, in its own state folder.
+
+Registered as the *outermost* ClientApp mod (``ClientApp(mods=[inventory_mod, ...])``), so it
+sees every reply exactly as it leaves the device, whatever the handler or the mods inside it
+(secure aggregation) did. For each reply it appends to ``<state_dir>/inventory.jsonl``::
+
+    {"v": 1, "time": ..., "run_id": ..., "node_id": ..., "round": 3, "group_id": "3",
+     "message_type": "train", "reply": "content" | "error", "bytes": 12345,
+     "rows": [{"record", "kind", "name", "shape", "dtype", "bytes", "sha256", "masked", "protocol"}, ...]}
+
+``rows`` are :func:`fedpersona.wire.inventory` rows (names, shapes, dtypes, sizes and a digest,
+never values), plus, for arrays, ``masked`` (a secure-aggregation masked vector: a ``uint64``
+array named like ``masked`` in a record whose name contains ``secagg``) and ``protocol`` (another
+``uint64`` array of that record: share-holder and owner ids), and ``type`` for config and metric
+entries (``str``, ``bytes``, ``int`` ...). An error reply records its code and reason. The check that nothing
+personal left the device is :func:`privacy.audit.inventory.verify_inventory`.
+
+On by default; the cost is one SHA-256 pass over the reply's arrays and one appended line.
+``FEDPERSONA_INVENTORY=off`` turns it off (with a warning): the audit then reports the device
+as unrecorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from fedpersona.wire import inventory
+
+logger = logging.getLogger(__name__)
+
+INVENTORY_FILE = "inventory.jsonl"
+INVENTORY_ENV = "FEDPERSONA_INVENTORY"
+VERSION = 1
+
+_STATE_DIRS: dict[tuple[int, int], Path] = {}
+
+
+def is_secagg(record: str, dtype: str) -> bool:
+    """An array of the secure-aggregation protocol: ``uint64`` in a record named like ``secagg``."""
+    return "secagg" in record.lower() and dtype == "uint64"
+
+
+def is_masked(record: str, name: str, dtype: str) -> bool:
+    """A masked vector (uniformly random to whoever lacks the masks): a secagg array named like ``mask``."""
+    return is_secagg(record, dtype) and "mask" in name.lower()
+
+
+def _value_type(value) -> str:
+    if isinstance(value, list):
+        inner = sorted({type(v).__name__ for v in value}) or ["empty"]
+        return f"list[{'|'.join(inner)}]"
+    return type(value).__name__
+
+
+def _value_bytes(value) -> int:
+    if isinstance(value, (bytes, str)):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_value_bytes(v) for v in value)
+    return 8
+
+
+def describe(content: RecordDict) -> list[dict]:
+    """The inventory rows of a message's content, with ``masked`` (arrays) and ``type`` (configs)."""
+    rows = inventory(content)
+    for row in rows:
+        if row["kind"] == "array":
+            row["masked"] = is_masked(row["record"], row["name"], row["dtype"])
+            row["protocol"] = is_secagg(row["record"], row["dtype"]) and not row["masked"]
+        elif row["kind"] == "config":
+            value = content.config_records[row["record"]][row["name"]]
+            row["type"] = _value_type(value)
+            row["bytes"] = _value_bytes(value)
+        elif row["kind"] == "metric":
+            value = content.metric_records[row["record"]][row["name"]]
+            row["type"] = _value_type(value)
+            if isinstance(value, list):
+                row["bytes"] = 8 * len(value)
+    return rows
+
+
+def entry_for(reply: Message, *, run_id: int, node_id: int) -> dict:
+    """The inventory line of one outgoing reply."""
+    md = reply.metadata
+    group = md.group_id
+    entry = {
+        "v": VERSION,
+        "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "run_id": int(run_id),
+        "node_id": int(node_id),
+        "group_id": group,
+        "round": int(group) if group.isdigit() else None,
+        "message_type": md.message_type,
+    }
+    if reply.has_error():
+        entry.update(reply="error", error={"code": int(reply.error.code), "reason": str(reply.error.reason)},
+                     rows=[], bytes=len(str(reply.error.reason)))
+    else:
+        rows = describe(reply.content) if reply.has_content() else []
+        entry.update(reply="content", rows=rows, bytes=sum(int(r.get("bytes", 0)) for r in rows))
+    return entry
+
+
+def append_entry(state_dir: Path, entry: dict) -> Path:
+    """Append one line (a single ``write`` on an ``O_APPEND`` file: lines never interleave)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / INVENTORY_FILE
+    line = (json.dumps(entry, sort_keys=True, allow_nan=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+    return path
+
+
+def read_inventory(state_dir: str | os.PathLike) -> list[dict]:
+    """Every line of a device's inventory (``[]`` if it has none); a torn last line is skipped."""
+    path = Path(state_dir) / INVENTORY_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("%s line %d is not valid JSON; skipped", path, i)
+    return out
+
+
+def _state_dir(context: Context) -> Path:
+    key = (context.run_id, context.node_id)
+    if key not in _STATE_DIRS:
+        from client.device import state_dir_for
+        from fedpersona.config import load_config
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the device itself warns about its settings
+            cfg = load_config(context.run_config)
+        _STATE_DIRS[key] = state_dir_for(cfg, dict(context.node_config))
+    return _STATE_DIRS[key]
+
+
+def inventory_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """ClientApp mod: run the handler, then record what its reply carries."""
+    reply = call_next(message, context)
+    if os.environ.get(INVENTORY_ENV, "on").lower() in ("off", "0", "false"):
+        warnings.warn(f"${INVENTORY_ENV} is off: this device's replies are not inventoried", stacklevel=2)
+        return reply
+    try:
+        append_entry(_state_dir(context), entry_for(reply, run_id=context.run_id, node_id=context.node_id))
+    except Exception as exc:  # the inventory must never break a reply; the audit sees the gap
+        logger.error("node %s: could not record the data-flow inventory: %s: %s",
+                     context.node_id, type(exc).__name__, exc)
+    return reply

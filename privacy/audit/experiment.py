@@ -1,0 +1,466 @@
+"""The empirical privacy audit: one federated run with canaries planted, then three attacks.
+
+:func:`run_audit` does, for one configuration (DP on or off):
+
+1. **Plant.** Users come from the Shakespeare corpus as in any run. Each user's data is written
+   to a deployment-style data folder (``<state-dir>/<run>/_data/<user>/data.jsonl``) with its
+   canaries placed where the device's own train/held-out split puts training examples:
+   random-word canaries for the one-run audit (``m`` of them, spread over the users, each
+   planted with probability 1/2) and secret canaries for exposure (a few users, each secret
+   repeated). Nothing in the device code knows about canaries.
+2. **Train.** The real ServerApp loop (:func:`server.federation.run_federation`) drives the
+   real ClientApp (mods included, so the inventory is recorded) through
+   :class:`simulations.inprocess.InProcessGrid`: DP-SGD, ledgers, personal heads, checkpoints
+   and the final evaluation are exactly those of a simulation.
+3. **Attack** the released shared adapter (last checkpoint) and every user's personalized model
+   (shared adapter + that device's personal head, read from its store):
+
+   * one-run audit (:mod:`privacy.audit.onerun`): score = base-model loss minus attacked-model
+     loss of each random-word canary; empirical epsilon lower bound at 95%, beside the run's
+     theoretical epsilon (the largest epsilon in the canary owners' ledgers);
+   * exposure (:mod:`privacy.audit.canary`) of each planted secret, and of control secrets
+     never planted (the chance level);
+   * membership inference (:mod:`privacy.audit.mia`) on each user's real training examples vs
+     its held-out examples: loss and base-calibrated attacks on the shared adapter and the
+     personalized model, and the personal head alone (calibrated against the shared adapter).
+
+4. **Verdict.** A *violation* is an empirical lower bound above the theoretical epsilon (a broken
+   guarantee or accountant). *Leakage detected* means some attack is above chance at 95%.
+   With ``reference_epsilon`` (the epsilon of a DP run of the same configuration) the result also
+   says whether this run's lower bound exceeds it, i.e. whether the audit can tell this run from
+   an ``reference_epsilon``-DP one.
+
+Results go to ``<run dir>/audit/empirical.json``; ``fedpersona audit <run dir>`` puts them in the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from privacy.audit.canary import SECRET_CUE, exposure, random_secrets, secret_reply, word_canaries, word_pool
+from privacy.audit.mia import attack_summary
+from privacy.audit.onerun import one_run_audit
+
+logger = logging.getLogger(__name__)
+
+EMPIRICAL_FILE = Path("audit") / "empirical.json"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """What the audit plants and how it attacks (independent of the federation's config)."""
+
+    onerun_canaries: int = 64  # m: random-word canaries, each planted with probability 1/2
+    exposure_users: int = 2  # users that get secret canaries
+    exposure_secrets: int = 1  # secrets per such user
+    exposure_repeats: int = 8  # copies of each secret in that user's data
+    secret_digits: int = 6  # secret space 10^digits
+    candidates: int = 256  # random secrets to rank a canary against
+    confidence: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.onerun_canaries < 4:
+            raise ValueError(f"Invalid audit setting 'onerun_canaries': must be at least 4. You passed: {self.onerun_canaries}")
+        if self.exposure_users < 0 or self.exposure_secrets < 0 or self.exposure_repeats < 1:
+            raise ValueError("Invalid audit setting: exposure_users, exposure_secrets >= 0 and exposure_repeats >= 1. "
+                             f"You passed: {self.exposure_users}, {self.exposure_secrets}, {self.exposure_repeats}")
+        if not 3 <= self.secret_digits <= 12:
+            raise ValueError(f"Invalid audit setting 'secret_digits': must be in [3, 12]. You passed: {self.secret_digits}")
+        if self.candidates < 16:
+            raise ValueError(f"Invalid audit setting 'candidates': must be at least 16. You passed: {self.candidates}")
+        if not 0.5 < self.confidence < 1:
+            raise ValueError(f"Invalid audit setting 'confidence': must be in (0.5, 1). You passed: {self.confidence}")
+        tests = 2 * self.exposure_users * self.exposure_secrets
+        if tests and self.candidates + 1 <= tests / (1 - self.confidence):
+            raise ValueError(
+                f"Invalid audit setting 'candidates': with {tests} exposure tests, exposure can only be shown above "
+                f"chance with more than {math.ceil(tests / (1 - self.confidence)) - 1} candidates. You passed: {self.candidates}")
+
+
+# ----------------------------------------------------------------------------- planting
+@dataclass
+class _UserPlan:
+    node_id: int
+    user_id: str
+    data_dir: Path
+    state_dir: Path
+    n_real: int
+    train_positions: list[int]  # file positions that the device's split puts in train, in order
+    planted_positions: set[int]
+
+
+def _plant(flat: dict, cfg, settings: AuditSettings, model, state_root: Path) -> tuple[dict, list[_UserPlan], dict]:
+    from client.data import split_examples
+    from client.device import slug
+    from simulations.corpus import load_users
+
+    rng = np.random.default_rng(settings.seed)
+    users = load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)
+    if cfg.server.clients_per_round > len(users):
+        raise ValueError(f"Invalid config value for 'server.clients-per-round': only {len(users)} users qualify. "
+                         f"You passed: {cfg.server.clients_per_round}")
+    if settings.exposure_users > len(users):
+        raise ValueError(f"Invalid audit setting 'exposure_users': only {len(users)} users. You passed: {settings.exposure_users}")
+    m = settings.onerun_canaries
+    words = word_canaries(rng, word_pool(model.tokenizer), m)
+    included = rng.random(m) < 0.5
+    owners = [i % len(users) for i in range(m)]
+    n_secrets = settings.exposure_users * settings.exposure_secrets
+    secrets = random_secrets(rng, n_secrets, digits=settings.secret_digits)
+    secret_owner = [j // max(1, settings.exposure_secrets) for j in range(n_secrets)]
+    controls = random_secrets(rng, max(n_secrets, 4), digits=settings.secret_digits, exclude=secrets)
+    candidates = random_secrets(rng, settings.candidates, digits=settings.secret_digits, exclude=secrets + controls)
+
+    plans, largest = [], 0
+    for u, user in enumerate(users):
+        real = [(e.cue, e.reply) for e in user.examples]
+        if len(real) > cfg.data.max_examples:
+            keep = sorted(rng.choice(len(real), cfg.data.max_examples, replace=False).tolist())
+            real = [real[i] for i in keep]
+        planted = [words[i] for i in range(m) if owners[i] == u and included[i]]
+        planted += [(SECRET_CUE, secret_reply(s)) for s, o in zip(secrets, secret_owner) if o == u
+                    for _ in range(settings.exposure_repeats)]
+        n = len(real) + len(planted)
+        train_idx, _ = split_examples(list(range(n)), eval_fraction=cfg.data.eval_fraction, seed=cfg.run.seed,
+                                      key=user.user_id)
+        if len(train_idx) < len(planted) + 2:
+            raise ValueError(f"user {user.user_id!r}: {len(planted)} canaries do not fit in {len(train_idx)} training "
+                             "slots; plant fewer canaries or raise data.max-examples")
+        positions = set(rng.choice(train_idx, len(planted), replace=False).tolist())
+        slots: list[tuple[str, str]] = []
+        it_real, it_planted = iter(real), iter(planted)
+        for pos in range(n):
+            slots.append(next(it_planted) if pos in positions else next(it_real))
+        data_dir = state_root / "_data" / slug(user.user_id)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with (data_dir / "data.jsonl").open("w") as fh:
+            for cue, reply in slots:
+                fh.write(json.dumps({"cue": cue, "reply": reply}) + "\n")
+        plans.append(_UserPlan(u, user.user_id, data_dir, state_root / slug(user.user_id), len(real), sorted(train_idx),
+                               positions))
+        largest = max(largest, n)
+    flat = dict(flat, **{"data.max-examples": largest})  # every planted example is kept
+    plants = {"words": words, "included": included.tolist(), "owners": owners, "secrets": secrets,
+              "secret_owner": secret_owner, "controls": controls, "candidates": candidates}
+    return flat, plans, plants
+
+
+# ----------------------------------------------------------------------------- scoring
+def _cache(model, cfg, pairs):
+    from client.data import encode_examples
+    from client.train import CachedExample
+    from fedpersona.model import labels_for, lower_hidden
+
+    enc = encode_examples(model.tokenizer, pairs, seq_len=cfg.model.seq_len, cue_tokens=cfg.model.cue_tokens)
+    hiddens = lower_hidden(model, [e.input_ids for e in enc])
+    return [CachedExample(h, tuple(labels_for(e.input_ids, e.target_mask))) for h, e in zip(hiddens, enc)]
+
+
+@torch.no_grad()
+def _losses(model, examples, *, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(summed loss, target tokens) per example under the model as it stands."""
+    from fedpersona.model import IGNORE, collate
+
+    sums, counts = [], []
+    model.stack.eval()
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        hidden, labels = collate([e.hidden for e in chunk], [e.labels for e in chunk])
+        per = model.stack(hidden, labels)
+        cnt = (labels != IGNORE).sum(dim=1)
+        sums.append((per * cnt).double().numpy())
+        counts.append(cnt.numpy())
+    if not sums:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(sums), np.concatenate(counts).astype(float)
+
+
+def _mean(loss: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    return loss[0] / np.maximum(loss[1], 1)
+
+
+def _device_for(cfg, plan: _UserPlan, run_id: int):
+    import client.app as client_app
+    from client.device import Device
+
+    node_config = {"data-dir": str(plan.data_dir), "state-dir": str(plan.state_dir), "user-id": plan.user_id}
+    return client_app._DEVICES.get((run_id, plan.node_id)) or Device(cfg, node_config)
+
+
+def _ledger_epsilon(store, delta: float, *, dp: bool) -> tuple[float, int]:
+    """(epsilon, DP steps) of a device's ledger; infinite when DP-SGD was off."""
+    from privacy.ledger import PrivacyLedger
+
+    text = store.load_text("ledger")
+    ledger = PrivacyLedger.from_json(text) if text is not None else None
+    steps = ledger.total_steps if ledger is not None else 0
+    if not dp:
+        return math.inf, steps
+    return (ledger.epsilon(delta) if ledger is not None else 0.0), steps
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+# ----------------------------------------------------------------------------- the audit
+def run_audit(
+    flat: dict[str, Any],
+    *,
+    dp: bool,
+    settings: AuditSettings = AuditSettings(),
+    reference_epsilon: float | None = None,
+    force: bool = False,
+) -> dict:
+    """Plant, train, attack; write ``<run dir>/audit/empirical.json`` and return its content.
+
+    ``flat``: flat config keys (a scenario plus overrides); ``privacy.enabled`` is set from ``dp``.
+    An existing run folder or device state of the same name is refused unless ``force`` (then both
+    are deleted first: an audit needs a fresh run and fresh ledgers).
+    """
+    import client.app as client_app
+    from fedpersona.config import load_config
+    from fedpersona.model import adapted_model, resolve_model_dir
+    from server.federation import run_federation
+    from simulations.inprocess import InProcessGrid
+
+    t0 = time.perf_counter()
+    flat = dict(flat, **{"privacy.enabled": bool(dp)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = load_config(flat, env=False)
+    run_dir = Path(cfg.run.results_dir).resolve() / cfg.run.name
+    state_root = Path(cfg.run.state_dir).resolve() / cfg.run.name
+    flat["run.results-dir"], flat["run.state-dir"] = str(run_dir.parent), str(state_root.parent)
+    for folder in (run_dir, state_root):
+        if folder.exists():
+            if not force:
+                raise ValueError(f"{folder} exists: an audit needs a fresh run and fresh device ledgers. "
+                                 "Pick another run.name or pass --force to delete it")
+            shutil.rmtree(folder)
+    resolve_model_dir(cfg.model.path)
+    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
+    flat, plans, plants = _plant(flat, cfg, settings, model, state_root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = load_config(flat, env=False)
+    logger.info("Audit run '%s' (DP %s): %d users, %d one-run canaries (%d planted), %d secret(s) x %d copies",
+                cfg.run.name, "on" if dp else "OFF", len(plans), len(plants["words"]), sum(plants["included"]),
+                len(plants["secrets"]), settings.exposure_repeats)
+
+    run_id = int(hashlib.sha256(f"audit:{run_dir}".encode()).hexdigest()[:12], 16)
+    nodes = {p.node_id: {"data-dir": str(p.data_dir), "state-dir": str(p.state_dir), "user-id": p.user_id} for p in plans}
+    t_train = time.perf_counter()
+    try:
+        with InProcessGrid(client_app.app, nodes, flat, run_id=run_id) as grid:
+            run_metrics = run_federation(grid, cfg)
+        train_seconds = time.perf_counter() - t_train
+        failures = sum(r.get("failed", 0) for r in run_metrics.get("rounds", []))
+        if failures:
+            raise RuntimeError(f"{failures} client failure(s) in the audit run; see the log")
+        result = _attack(cfg, settings, model, plans, plants, run_dir, run_id)
+    finally:
+        for p in plans:
+            client_app._DEVICES.pop((run_id, p.node_id), None)
+    result.update({
+        "version": VERSION,
+        "run": cfg.run.name,
+        "dp": bool(dp),
+        "settings": asdict(settings),
+        "config": cfg.to_flat(),
+        "users": [p.user_id for p in plans],
+        "train_seconds": train_seconds,
+        "seconds": time.perf_counter() - t0,
+    })
+    result["verdict"] = verdict(result, reference_epsilon=reference_epsilon)
+    path = run_dir / EMPIRICAL_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(result), indent=1))
+    logger.info("Empirical audit written to %s (%.0f s)", path, result["seconds"])
+    return result
+
+
+def _attack(cfg, settings: AuditSettings, model, plans: list[_UserPlan], plants: dict, run_dir: Path, run_id: int) -> dict:
+    from server.checkpoint import latest_checkpoint
+
+    t0 = time.perf_counter()
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        raise RuntimeError(f"no checkpoint in {run_dir / 'checkpoints'}: the audit run did not finish a round")
+    _, shared, _ = ckpt
+    delta = cfg.privacy.delta
+
+    # Examples: members (real training examples), non-members (held-out), canaries, candidates.
+    devices, members, nonmembers, heads, eps = {}, {}, {}, {}, {}
+    for p in plans:
+        dev = _device_for(cfg, p, run_id)
+        devices[p.node_id] = dev
+        if len(dev.data.train) != len(p.train_positions):
+            raise RuntimeError(f"{p.user_id}: the device holds {len(dev.data.train)} training examples, the plan "
+                               f"{len(p.train_positions)}; the split is not the one planned")
+        members[p.node_id] = [ex for ex, pos in zip(dev.data.train, p.train_positions) if pos not in p.planted_positions]
+        nonmembers[p.node_id] = list(dev.data.held_out)
+        heads[p.node_id] = dev.store.load_tensors("personal") or model.fresh_personal_state()
+        eps[p.node_id] = _ledger_epsilon(dev.store, delta, dp=cfg.privacy.enabled)
+    words = _cache(model, cfg, plants["words"])
+    secret_pairs = [(SECRET_CUE, secret_reply(s)) for s in plants["secrets"] + plants["controls"] + plants["candidates"]]
+    secret_ex = _cache(model, cfg, secret_pairs)
+    n_s, n_c = len(plants["secrets"]), len(plants["controls"])
+
+    # Losses under the base model, the shared adapter alone, and each user's personalized model.
+    loss: dict[str, dict] = {"base": {}, "shared": {}, "personal": {}}
+    with model.adapters_disabled():
+        loss["base"]["words"] = _losses(model, words)
+        for nid in devices:
+            loss["base"][("mem", nid)] = _losses(model, members[nid])
+            loss["base"][("non", nid)] = _losses(model, nonmembers[nid])
+    model.load_shared_state(shared)
+    model.load_personal_state(model.fresh_personal_state())
+    with model.personal_zeroed():
+        loss["shared"]["words"] = _losses(model, words)
+        loss["shared"]["secrets"] = _losses(model, secret_ex)
+        for nid in devices:
+            loss["shared"][("mem", nid)] = _losses(model, members[nid])
+            loss["shared"][("non", nid)] = _losses(model, nonmembers[nid])
+    owners = np.asarray(plants["owners"])
+    pers_words = np.zeros(len(words))
+    exposure_users = sorted(set(plants["secret_owner"]))
+    for nid in devices:
+        model.load_personal_state(heads[nid])
+        mine = [i for i in range(len(words)) if owners[i] == nid]
+        if mine:
+            pers_words[mine] = _mean(_losses(model, [words[i] for i in mine]))
+        loss["personal"][("mem", nid)] = _losses(model, members[nid])
+        loss["personal"][("non", nid)] = _losses(model, nonmembers[nid])
+        if nid in exposure_users:
+            loss["personal"][("secrets", nid)] = _losses(model, secret_ex)
+    model.load_personal_state(model.fresh_personal_state())
+
+    # Theoretical epsilon: the canary owners' ledgers (DP-SGD is per record of each device).
+    per_user_eps = {p.user_id: _finite(eps[p.node_id][0]) for p in plans}
+    owner_ids = set(owners.tolist()) | set(exposure_users)
+    theory = max((eps[n][0] for n in owner_ids), default=math.inf)
+
+    # One-run audit.
+    included = np.asarray(plants["included"], dtype=bool)
+    base_words = _mean(loss["base"]["words"])
+    one_run = {}
+    for target, attacked in (("shared", _mean(loss["shared"]["words"])), ("personalized", pers_words)):
+        scores = base_words - attacked
+        res = one_run_audit(scores, included, delta=delta, confidence=settings.confidence).to_dict()
+        res.update(theoretical_epsilon=_finite(theory), scores=scores.tolist(), included=included.tolist(),
+                   violation=bool(res["epsilon_lower_bound"] > theory + 1e-9))
+        one_run[target] = res
+
+    # Exposure of the planted secrets and of the never-planted controls.
+    space = 10**settings.secret_digits
+    tests = max(1, 2 * n_s)
+    threshold = math.log2(tests / (1 - settings.confidence))
+
+    def exposures(logppl: np.ndarray) -> tuple[list[dict], list[dict]]:
+        cand = logppl[n_s + n_c:]
+        return ([exposure(x, cand, space=space) for x in logppl[:n_s]],
+                [exposure(x, cand, space=space) for x in logppl[n_s:n_s + n_c]])
+
+    shared_exp, shared_ctl = exposures(loss["shared"]["secrets"][0])
+    canaries, controls_personal = [], []
+    for j, (secret, owner) in enumerate(zip(plants["secrets"], plants["secret_owner"])):
+        pers_exp, pers_ctl = exposures(loss["personal"][("secrets", owner)][0])
+        canaries.append({"user": plans[owner].user_id, "secret": secret, "repeats": settings.exposure_repeats,
+                         "shared": shared_exp[j], "personalized": pers_exp[j]})
+        if not controls_personal:
+            controls_personal = pers_ctl
+    exposure_result = {
+        "space": space, "candidates": len(plants["candidates"]), "threshold": threshold, "tests": tests,
+        "canaries": canaries, "controls": {"shared": shared_ctl, "personalized": controls_personal},
+        "above_chance": {t: any(c[t]["exposure"] > threshold for c in canaries) for t in ("shared", "personalized")},
+    }
+
+    # Membership inference on real examples.
+    def pooled(state_a: str, state_b: str | None) -> tuple[list[float], list[float]]:
+        mem, non = [], []
+        for nid in devices:
+            for kind, out in (("mem", mem), ("non", non)):
+                attacked = _mean(loss[state_a][(kind, nid)])
+                ref = _mean(loss[state_b][(kind, nid)]) if state_b else 0.0
+                out.extend((ref - attacked).tolist())
+        return mem, non
+
+    attacks = {
+        "shared/loss": ("shared", None), "shared/calibrated": ("shared", "base"),
+        "personalized/loss": ("personal", None), "personalized/calibrated": ("personal", "base"),
+        "personal-head/calibrated": ("personal", "shared"),
+    }
+    mia = {}
+    for name, (a, b) in attacks.items():
+        mem, non = pooled(a, b)
+        mia[name] = {**attack_summary(mem, non), "member_scores": mem, "nonmember_scores": non}
+    return {
+        "theoretical": {"epsilon_max": _finite(theory), "per_user": per_user_eps, "delta": delta,
+                        "accountant": cfg.privacy.accountant},
+        "one_run": one_run,
+        "exposure": exposure_result,
+        "mia": mia,
+        "attack_seconds": time.perf_counter() - t0,
+    }
+
+
+def verdict(result: dict, *, reference_epsilon: float | None = None) -> dict:
+    """Violation (empirical lower bound above the theoretical epsilon) and the evidence of leakage."""
+    theory = result["theoretical"]["epsilon_max"]
+    theory = math.inf if theory is None else theory
+    lbs = {t: r["epsilon_lower_bound"] for t, r in result["one_run"].items()}
+    violations = [f"one-run audit ({t}): empirical epsilon >= {lb:.3f} at {100 * result['one_run'][t]['confidence']:.0f}% "
+                  f"confidence exceeds the theoretical epsilon {theory:.3f}" for t, lb in lbs.items() if lb > theory + 1e-9]
+    evidence = [f"one-run audit ({t}): epsilon >= {lb:.3f}" for t, lb in lbs.items() if lb > 0]
+    evidence += [f"exposure above chance ({t})" for t, v in result["exposure"]["above_chance"].items() if v]
+    evidence += [f"membership inference {n}: AUC {r['auc']:.3f} (95% interval {r['auc_low']:.3f}-{r['auc_high']:.3f})"
+                 for n, r in result["mia"].items() if r["above_chance"]]
+    out = {
+        "dp": result["dp"],
+        "theoretical_epsilon": _finite(theory),
+        "empirical_epsilon_lower_bound": max(lbs.values()),
+        "violation": bool(violations),
+        "violations": violations,
+        "leakage_detected": bool(evidence),
+        "evidence": evidence,
+    }
+    if reference_epsilon is not None:
+        out["reference_epsilon"] = float(reference_epsilon)
+        out["exceeds_reference"] = bool(max(lbs.values()) > reference_epsilon)
+    return out
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def read_empirical(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / EMPIRICAL_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

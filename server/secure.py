@@ -1,0 +1,222 @@
+"""Secure aggregation (SecAgg+) of the cohort's shared-adapter updates, over Flower's Message API.
+
+:class:`SecureAggregator` implements :class:`server.aggregation.Aggregator` with the protocol
+of :mod:`privacy.secagg`. Per round it exchanges, with each node:
+
+* once per run, the first time the node is sampled: ``query.advertise`` -> the node's two
+  long-term X25519 public keys (the device keeps the private halves in its encrypted store);
+* ``train``: the usual content (shared adapter, round config) plus the node's masked-input
+  request (records ``secagg`` / ``secagg-arrays``: round setup, neighbours' public keys) ->
+  the masked vector (clipped, weighted, quantized update and the masked extras: example
+  count, ``trained``, metrics) and the encrypted secret shares. No plain update, no plain
+  example count, no plain metrics;
+* ``query.unmask`` to the survivors -> the shares the server needs to remove the masks.
+
+So 2 exchanges per round plus 1 per node per run, where Flower's SecAgg+ workflow needs 4
+per round (see ``docs/secagg.md``). The server learns the cohort sum of the updates and of
+the extras, nothing per client. If too few clients survive either stage, or shares are
+missing, the library raises :class:`~privacy.secagg.SecAggAbort` before anything is
+revealed; the round then returns a :class:`RoundSum` with no contributors and the reason in
+``aborted`` (the federation leaves the shared adapter unchanged). Every node that errs,
+sends a malformed reply or does not answer is listed in ``failures``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import torch
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedpersona.config import Config
+from fedpersona.secure import (ADVERTISE, SELF_ENC_PK, SELF_MASK_PK, UNMASK, ddp_min_clients, ddp_user_epsilon,
+                               from_records, secagg_config, to_records, unflatten)
+from fedpersona.wire import from_record
+from privacy.secagg import SecAggAbort, SecAggInputError, SecAggServer, SecureRNG
+from server.aggregation import Aggregator, PlainAggregator, RoundSum
+
+__all__ = ["SecureAggregator", "build_aggregator"]
+
+logger = logging.getLogger(__name__)
+
+def build_aggregator(cfg: Config, *, run_id: int) -> Aggregator:
+    """The aggregator the config asks for: SecAgg+ unless ``secagg.enabled = false``."""
+    if not cfg.secagg.enabled:
+        return PlainAggregator()
+    return SecureAggregator(cfg, run_id=run_id)
+
+
+class SecureAggregator:
+    """Obtains only the cohort's sums, under SecAgg+ (see the module docstring)."""
+
+    name = "secagg+"
+
+    def __init__(self, cfg: Config, *, run_id: int, rng: SecureRNG | None = None) -> None:
+        self.cfg = cfg
+        self.config = secagg_config(cfg)
+        self.server = SecAggServer(self.config, run_id=int(run_id), rng=rng)
+        self._keys: dict[int, tuple[bytes, bytes]] = {}
+
+    def run_info(self) -> dict[str, Any]:
+        """The settings of the run, for metrics.json."""
+        s, c = self.cfg.secagg, self.config
+        info: dict[str, Any] = {"clip-norm": s.clip_norm, "scale": c.scale, "modulus-bits": c.modulus_bits,
+                                "max-cohort": c.max_cohort, "degree": s.degree or "auto",
+                                "threshold": s.threshold or "auto", "extras": [e.name for e in c.extras],
+                                "ddp": s.ddp}
+        if s.ddp:
+            info.update({"ddp-noise-multiplier": s.ddp_noise_multiplier, "ddp-min-clients": ddp_min_clients(self.cfg),
+                         "ddp-delta": s.ddp_delta, "ddp-client-stddev-quantized": c.noise_stddev})
+        return info
+
+    # ------------------------------------------------------------------ stage 0
+    def _advertise(self, grid: Grid, nodes: Sequence[int], *, server_round: int, timeout: float | None) -> list[str]:
+        """Collect the public keys of nodes not yet registered in this run; the failure reasons."""
+        messages = [Message(content=RecordDict(), dst_node_id=n, message_type=ADVERTISE, group_id=str(server_round))
+                    for n in nodes]
+        failures: list[str] = []
+        replied = set()
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            src = int(reply.metadata.src_node_id)
+            replied.add(src)
+            if reply.has_error():
+                failures.append(f"advertise: node {src}: {reply.error.reason}")
+                continue
+            try:
+                advert = from_records(reply.content)
+                if advert.get("client_id") != src:
+                    raise SecAggInputError(f"advertises keys for client {advert.get('client_id')!r}")
+                self.server.register(advert)
+                self._keys[src] = (bytes(advert["enc_pk"]), bytes(advert["mask_pk"]))
+            except (KeyError, SecAggInputError) as exc:
+                failures.append(f"advertise: node {src}: rejected key advertisement: {exc}")
+        missing = len(set(nodes) - replied)
+        if missing:
+            failures.append(f"advertise: {missing} node(s) did not reply in time")
+        return failures
+
+    # ------------------------------------------------------------------ a round
+    def collect(
+        self, grid: Grid, cohort: Sequence[int], content: RecordDict, *, server_round: int, timeout: float | None
+    ) -> RoundSum:
+        cpu = 0.0
+
+        def timed(fn: Callable, *args):
+            nonlocal cpu
+            t0 = time.process_time()
+            try:
+                return fn(*args)
+            finally:
+                cpu += time.process_time() - t0
+
+        failures: list[str] = []
+        info: dict[str, float] = {}
+        new = [n for n in cohort if n not in self._keys]
+        t0 = time.perf_counter()
+        if new:
+            failures += self._advertise(grid, new, server_round=server_round, timeout=timeout)
+        info["secagg-advertise-seconds"] = time.perf_counter() - t0
+        members = [n for n in cohort if n in self._keys]
+        like = from_record(content["shared"])
+        length = sum(t.numel() for t in like.values())
+
+        def finish(aborted: str = "", result=None) -> RoundSum:
+            info["secagg-server-cpu-seconds"] = cpu
+            info["secagg-seconds"] = (cpu + info["secagg-advertise-seconds"] + info.get("secagg-unmask-seconds", 0.0))
+            if self.cfg.secagg.ddp:
+                # Upper bound for any user: one who was sent a masked-input request in every round so far.
+                info["ddp-epsilon-max"] = ddp_user_epsilon(self.cfg, dim=length, rounds=server_round)
+            if aborted:
+                logger.warning("secure aggregation round %d aborted: %s", server_round, aborted)
+                return RoundSum({}, 0.0, {}, 0, [], failures, aborted=aborted, info=info)
+            return self._round_sum(result, like, failures, info, server_round)
+
+        try:
+            rnd = timed(self.server.start_round, server_round, members, length)
+        except SecAggInputError as exc:
+            return finish(f"cannot start the round with {len(members)} of {len(cohort)} sampled nodes: {exc}")
+
+        # ---- stage 1: the masked input rides on the train message
+        requests = timed(rnd.masked_input_requests)
+        messages = []
+        for n in members:
+            req = dict(requests[n])
+            req[SELF_ENC_PK], req[SELF_MASK_PK] = self._keys[n]
+            body = RecordDict({**dict(content), **to_records(req)})
+            messages.append(Message(content=body, dst_node_id=n, message_type="train", group_id=str(server_round)))
+        replied = set()
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            src = int(reply.metadata.src_node_id)
+            replied.add(src)
+            if reply.has_error():
+                failures.append(f"node {src}: {reply.error.reason}")
+                continue
+            try:
+                payload = from_records(reply.content)
+                if payload.get("client_id") != src:
+                    raise SecAggInputError(f"masked input claims client id {payload.get('client_id')!r}")
+                timed(rnd.receive_masked, payload)
+            except (KeyError, SecAggInputError) as exc:
+                failures.append(f"node {src}: rejected masked input: {exc}")
+        missing = len(set(members) - replied)
+        if missing:
+            failures.append(f"{missing} node(s) did not reply in time")
+
+        # ---- stage 2: unmasking by the survivors
+        try:
+            unmask = timed(rnd.unmask_requests)
+        except SecAggAbort as exc:
+            return finish(str(exc))
+        t0 = time.perf_counter()
+        messages = [Message(content=RecordDict(to_records(req)), dst_node_id=n, message_type=UNMASK,
+                            group_id=str(server_round)) for n, req in unmask.items()]
+        replied = set()
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            src = int(reply.metadata.src_node_id)
+            replied.add(src)
+            if reply.has_error():
+                failures.append(f"unmask: node {src}: {reply.error.reason}")
+                continue
+            try:
+                payload = from_records(reply.content)
+                if payload.get("client_id") != src:
+                    raise SecAggInputError(f"unmask reply claims client id {payload.get('client_id')!r}")
+                timed(rnd.receive_unmask, payload)
+            except (KeyError, SecAggInputError) as exc:
+                failures.append(f"unmask: node {src}: rejected unmask reply: {exc}")
+        missing = len(set(unmask) - replied)
+        if missing:
+            failures.append(f"unmask: {missing} node(s) did not reply in time")
+        info["secagg-unmask-seconds"] = time.perf_counter() - t0
+        try:
+            result = timed(rnd.finish)
+        except SecAggAbort as exc:
+            return finish(str(exc))
+        return finish(result=result)
+
+    def _round_sum(self, result, like: dict[str, torch.Tensor], failures: list[str], info: dict[str, float],
+                   server_round: int) -> RoundSum:
+        ex = dict(result.extras)
+        survivors = len(result.survivors)
+        trained = int(round(ex.get("trained", 0.0)))
+        declined = max(0, survivors - trained)
+        weight = ex.get("examples", 0.0) / self.cfg.data.max_examples
+        clipped = int(round(ex.get("clipped", 0.0)))
+        info.update({"secagg-survivors": float(survivors),
+                     "secagg-dropped-masking": float(len(result.dropped_before_masking)),
+                     "secagg-dropped-unmasking": float(len(result.dropped_before_unmasking)),
+                     "secagg-clipped": float(clipped)})
+        if clipped:
+            logger.warning("round %d: %d of %d clients' weighted updates exceeded secagg.clip-norm=%g and were clipped",
+                           server_round, clipped, trained, self.cfg.secagg.clip_norm)
+        logger.info("secure aggregation round %d: sum of %d clients (%d trained, %d declined; dropped %d before "
+                    "masking, %d before unmasking)", server_round, survivors, trained, declined,
+                    len(result.dropped_before_masking), len(result.dropped_before_unmasking))
+        metrics = {**ex, "weight": weight}
+        hidden = "a device declined (privacy budget spent); secure aggregation hides which"
+        return RoundSum(unflatten(result.total, like), weight, metrics, trained, [hidden] * declined, failures,
+                        info=info)

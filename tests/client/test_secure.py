@@ -1,0 +1,180 @@
+"""The device side of secure aggregation with the real Device (tiny model): keys, masked replies, refusals."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+import client.app as client_app
+import client.inventory as client_inventory
+from client.inventory import read_inventory
+from client.secure import KEYS, device_keys
+from client.store import DeviceStore
+from fedpersona.config import CONFIG_ENV, load_config
+from fedpersona.model import adapted_model
+from fedpersona.secure import ARRAYS, RECORD, SELF_ENC_PK, SELF_MASK_PK, from_records, secagg_config, to_records
+from fedpersona.wire import to_record
+from privacy.audit.inventory import verify_inventory
+from privacy.ledger import PrivacyLedger
+from privacy.secagg import SecAggClient, SecAggServer
+from server.secure import SecureAggregator
+from tests.server.test_secure import FakeGrid
+
+RUN_ID = 77
+LINES = ["Nay, answer me: stand, and unfold yourself.", "Long live the king!", "Not a mouse stirring.",
+         "You come most carefully upon your hour.", "For this relief much thanks.", "Well, good night."]
+
+
+def _user_folder(path):
+    path.mkdir(parents=True)
+    rows = [json.dumps({"cue": f"Who's there? {i}", "reply": r}) for i, r in enumerate(LINES * 2)]
+    (path / "lines.jsonl").write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def devices(tiny_config, tmp_path, monkeypatch):
+    """Two real devices (nodes 7 and 8) behind a FakeGrid; ``build(**overrides)`` -> (cfg, grid)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("task_id", 1), ("run_id", RUN_ID), ("node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, f"_{attr}", value, raising=False)
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    folders = {7: _user_folder(tmp_path / "alice"), 8: _user_folder(tmp_path / "bob")}
+
+    def build(**over):
+        client_app._DEVICES.clear()
+        client_inventory._STATE_DIRS.clear()
+        flat = dict(tiny_config, **{"privacy.delta": 1e-2, "data.max-examples": 12, "server.clients-per-round": 2},
+                    **over)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = load_config(flat, env=False)
+        contexts = {nid: Context(run_id=RUN_ID, node_id=nid, state=RecordDict(), run_config=flat,
+                                 node_config={"data-dir": str(folder), "state-dir": str(folder) + "-state",
+                                              "user-id": folder.name})
+                    for nid, folder in folders.items()}
+        return cfg, FakeGrid(contexts)
+
+    yield build
+    client_app._DEVICES.clear()
+    client_inventory._STATE_DIRS.clear()
+
+
+def _content(cfg, server_round=1):
+    shared = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed).initial_shared_state()
+    return RecordDict({"shared": to_record(shared), "config": ConfigRecord({"server-round": server_round})}), shared
+
+
+def _ledger(grid, nid):
+    text = DeviceStore(grid.contexts[nid].node_config["state-dir"]).load_text("ledger")
+    return PrivacyLedger.from_json(text) if text else None
+
+
+def test_keys_are_created_once_persisted_encrypted_and_reused(devices):
+    cfg, grid = devices()
+    msg = Message(RecordDict(), dst_node_id=7, message_type="query.advertise")
+    msg.metadata.__dict__["_message_id"] = "a1"
+    first = from_records(client_app.advertise(msg, grid.contexts[7]).content)
+    assert set(first) == {"client_id", "enc_pk", "mask_pk"} and first["client_id"] == 7
+    client_app._DEVICES.clear()  # a restart
+    again = from_records(client_app.advertise(msg, grid.contexts[7]).content)
+    assert again == first
+    state = grid.contexts[7].node_config["state-dir"]
+    secret = device_keys(DeviceStore(state)).to_bytes()
+    from pathlib import Path
+
+    for f in Path(state).iterdir():
+        data = f.read_bytes()
+        assert secret not in data and secret.hex().encode() not in data, f"private keys in the clear in {f.name}"
+    assert DeviceStore(state).exists(KEYS)
+
+
+def test_secure_round_with_real_devices_sends_only_masked_payloads(devices):
+    cfg, grid = devices()
+    content, shared = _content(cfg)
+    rs = SecureAggregator(cfg, run_id=RUN_ID).collect(grid, [7, 8], content, server_round=1, timeout=None)
+    assert not rs.aborted and rs.failures == [] and rs.contributors == 2
+    assert set(rs.update_sum) == set(shared)
+    norm = float(sum((v.double() ** 2).sum() for v in rs.update_sum.values()) ** 0.5)
+    assert 0 < norm < 2 * cfg.secagg.clip_norm and np.isfinite(norm)
+    assert rs.metrics["examples"] == sum(len(client_app._DEVICES[(RUN_ID, n)].data.train) for n in (7, 8))
+    assert 0 < rs.metrics["epsilon"] / 2 <= cfg.privacy.target_epsilon
+    for nid in (7, 8):
+        assert [r["round"] for r in _ledger(grid, nid).rounds] == [1]
+        lines = read_inventory(grid.contexts[nid].node_config["state-dir"])
+        assert [ln["message_type"] for ln in lines] == ["query.advertise", "train", "query.unmask"]
+        model = client_app._DEVICES[(RUN_ID, nid)].model
+        check = verify_inventory({str(nid): lines}, personal_names=list(model.personal_state()),
+                                 shared_names=list(shared))
+        assert check.ok, check.violations
+        train_line = lines[1]
+        assert {r["record"] for r in train_line["rows"]} == {RECORD, ARRAYS}
+        assert {r["name"] for r in train_line["rows"] if r["kind"] == "array" and r["masked"]} == {"masked"}
+
+
+def _request(cfg, grid, shared, *, length=None, keys=None):
+    """A valid masked-input request for node 7 (with node 8's keys made up), optionally tampered."""
+    msg = Message(RecordDict(), dst_node_id=7, message_type="query.advertise")
+    msg.metadata.__dict__["_message_id"] = "a1"
+    advert = from_records(client_app.advertise(msg, grid.contexts[7]).content)
+    server = SecAggServer(secagg_config(cfg), run_id=RUN_ID)
+    server.register(advert)
+    server.register(SecAggClient(8, secagg_config(cfg)).advertise())
+    n = sum(t.numel() for t in shared.values())
+    rnd = server.start_round(1, [7, 8], length or n)
+    req = rnd.masked_input_requests()[7]
+    req[SELF_ENC_PK], req[SELF_MASK_PK] = keys or (advert["enc_pk"], advert["mask_pk"])
+    return req
+
+
+@pytest.mark.parametrize("tamper", ["length", "keys", "plain"])
+def test_bad_requests_are_refused_before_training(devices, tamper):
+    cfg, grid = devices()
+    content, shared = _content(cfg)
+    if tamper == "length":
+        req = _request(cfg, grid, shared, length=5)
+    elif tamper == "keys":
+        req = _request(cfg, grid, shared, keys=(b"\x01" * 32, b"\x02" * 32))
+    if tamper != "plain":
+        content = RecordDict({**dict(content), **to_records(req)})
+    msg = Message(content, dst_node_id=7, message_type="train")
+    msg.metadata.__dict__["_message_id"] = "t1"
+    reply = client_app.train(msg, grid.contexts[7])
+    assert reply.has_error()
+    expected = {"length": "vector length", "keys": "other public keys", "plain": "refusing to send a plain update"}
+    assert expected[tamper] in reply.error.reason
+    assert _ledger(grid, 7) is None, "no privacy budget spent on a request that fails"
+
+
+def test_budget_exhausted_device_sends_a_masked_zero(devices):
+    cfg, grid = devices(**{"privacy.noise-multiplier": 0.6, "privacy.target-epsilon": 0.5})
+    content, _ = _content(cfg)
+    rs = SecureAggregator(cfg, run_id=RUN_ID).collect(grid, [7, 8], content, server_round=1, timeout=None)
+    assert not rs.aborted and rs.contributors == 0 and len(rs.declined) == 2 and rs.weight == 0
+    assert all(float(v.abs().max()) < 2 / secagg_config(cfg).scale for v in rs.update_sum.values())
+    replies = grid.replies("train")
+    assert len(replies) == 2 and all(set(r.content.keys()) == {RECORD, ARRAYS} for r in replies)
+
+
+def test_unmask_without_keys_fails_clearly(devices):
+    cfg, grid = devices()
+    msg = Message(RecordDict(to_records({"client_id": 7})), dst_node_id=7, message_type="query.unmask")
+    msg.metadata.__dict__["_message_id"] = "u1"
+    reply = client_app.unmask(msg, grid.contexts[7])
+    assert reply.has_error() and "no secure-aggregation keys" in reply.error.reason
+
+
+def test_ddp_user_level_epsilon_in_the_ledger(devices):
+    cfg, grid = devices(**{"secagg.ddp": True, "secagg.ddp-min-clients": 2})
+    agg = SecureAggregator(cfg, run_id=RUN_ID)
+    for r in (1, 2):
+        content, _ = _content(cfg, r)
+        rs = agg.collect(grid, [7, 8], content, server_round=r, timeout=None)
+        assert rs.contributors == 2
+    entries = _ledger(grid, 7).user_level_entries
+    assert [e["round"] for e in entries] == [1, 2]
+    assert 0 < entries[0]["epsilon"] < entries[1]["epsilon"] == pytest.approx(rs.info["ddp-epsilon-max"])
+    assert entries[1]["mechanism"].startswith("secagg-ddg(") and entries[1]["delta"] == cfg.secagg.ddp_delta
