@@ -493,10 +493,14 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def simulate(root: Path, *, users: int, run_config: dict[str, Any], cpus: int | None = None) -> dict:
-    """The same cohort and config through the Simulation Engine (``fedpersona run``)."""
+def simulate(root: Path, *, users: int, run_config: dict[str, Any], cpus: int | None = None,
+             torch_threads: int | None = None) -> dict:
+    """The same cohort and config through the Simulation Engine (``fedpersona run``): one client at a
+    time, with ``torch_threads`` threads (default: all ``cpus``, as ``fedpersona run`` does)."""
     from simulations.runner import run
 
+    if torch_threads:
+        os.environ["FEDPERSONA_TORCH_THREADS"] = str(torch_threads)
     flat = dict(run_config)
     flat.update({"run.results-dir": str(root / "sim-results"), "run.state-dir": str(root / "sim-state"),
                  "data.max-users": users})
@@ -516,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold", action="store_true", help="Flower's default: a fresh ClientApp process per message")
     p.add_argument("--compare", action="store_true", help="also simulate the same cohort and compare round times")
     p.add_argument("--threads", type=int, default=1, help="torch threads per device process (default 1)")
+    p.add_argument("--sim-threads", type=int, default=None,
+                   help="torch threads of the simulated clients (default: all CPUs, as `fedpersona run`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run config override")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -560,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"out {dep['train_bytes_out_per_device_round']:.0f} (train messages, before TLS/HTTP framing)")
         print(f"  failures: {figures['failed']}; aggregation: {figures['aggregation']}")
         if args.compare:
-            sim = simulate(root, users=args.users, run_config=run_config, cpus=os.cpu_count())
+            sim = simulate(root, users=args.users, run_config=run_config, cpus=os.cpu_count(),
+                           torch_threads=args.sim_threads)
             figures["simulation_round_seconds"] = sim["round_seconds"]
             d, s = dep["round_seconds"], sim["round_seconds"]
             later = lambda xs: xs[1:] if len(xs) > 1 else xs  # noqa: E731  (round 1 includes set-up)

@@ -16,7 +16,7 @@ from privacy.audit.inventory import check_completeness, personal_digests, summar
 from server.federation import run_federation
 from server.inventory import read_server_inventory
 from simulations.inprocess import InProcessGrid
-from tests.privacy.test_audit_run import one_thread
+from tests.privacy.audit_helpers import one_thread
 
 PERSONAL = "base_model.model.model.layers.3.self_attn.q_proj.lora_B.personal.weight"
 SHARED = "base_model.model.model.layers.2.self_attn.q_proj.lora_B.shared.weight"

@@ -4,7 +4,6 @@ One small model that can memorize (the shared tiny model's embeddings are too sm
 logits): 3 Shakespeare users, 2 rounds of 30 steps, 64 one-run canaries, two secret canaries x 8 copies.
 """
 
-import contextlib
 import json
 import math
 import warnings
@@ -13,19 +12,7 @@ import pytest
 
 from privacy.audit.experiment import AuditSettings, run_audit, verdict
 from privacy.audit.report import build_audit, write_report
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and threads spin badly on a busy machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
+from tests.privacy.audit_helpers import one_thread
 
 SETTINGS = AuditSettings(onerun_canaries=64, exposure_users=2, exposure_secrets=1, exposure_repeats=8, candidates=128)
 
