@@ -89,6 +89,7 @@ def _cmd_supernode(args: argparse.Namespace) -> int:
         superlink=args.superlink, data_dir=args.data_dir, state_dir=args.state_dir, user_id=args.user_id,
         root_certificates=args.root_certificates, auth_key=args.auth_key, insecure=args.insecure,
         runtime_port=args.runtime_port, warm=not args.cold, max_retries=args.max_retries,
+        supernode_poll=args.poll_interval,
     )
 
 
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--user-id", default=None, help="label in this device's evaluation rows (default: the data folder's name)")
     n.add_argument("--runtime-port", type=int, default=9094, help="local port of the SuperNode's Runtime API (one per device on a host)")
     n.add_argument("--max-retries", type=int, default=None, help="give up connecting to the SuperLink after N tries (default: never)")
+    n.add_argument("--poll-interval", type=float, default=1.0, metavar="SECONDS",
+                   help="how often an idle SuperNode asks the SuperLink for messages (default 1; Flower's own: 3)")
     n.add_argument("--cold", action="store_true", help="Flower's default isolation: a fresh ClientApp process per message (slow)")
     n.add_argument("--insecure", action="store_true", help="NO TLS and NO authentication (loopback debugging only; warns)")
     n.set_defaults(func=_cmd_supernode)

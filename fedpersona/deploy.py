@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import secrets
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,28 @@ CURVE = ec.SECP384R1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _PRIVATE_MODE = 0o600
 _PUBLIC_MODE = 0o644
+FLOWER_IDLE_POLL = 3.0  # flower-supernode sleeps this long after an empty pull (hard-coded in flwr 1.41)
+
+
+def tool_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) with this interpreter's scripts folder first on ``PATH``.
+
+    ``flower-superlink``, ``flower-supernode`` and ``flwr`` are console scripts of the environment that
+    runs fedpersona; started as ``.venv/bin/python -m ...`` without an activated environment, they are
+    not on ``PATH``, and Flower's own children (``flower-superexec``, ``flwr-clientapp``) are looked up
+    there too.
+    """
+    env = dict(os.environ if env is None else env)
+    scripts = str(Path(sys.executable).parent)  # not resolved: a venv's python is a symlink
+    parts = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != scripts]
+    env["PATH"] = os.pathsep.join([scripts, *parts])
+    return env
+
+
+def flower_tool(name: str) -> str:
+    """Full path of one of Flower's console scripts in this environment, or ``name`` if it has none."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.is_file() and os.access(path, os.X_OK) else name
 
 
 @dataclass
@@ -285,13 +308,14 @@ def supernode_argv(
     insecure: bool = False,
     warm: bool = True,
     max_retries: int | None = None,
+    poll_interval: float = FLOWER_IDLE_POLL,
 ) -> list[str]:
     """``flower-supernode`` command line: TLS + SuperNode authentication unless ``insecure``.
 
     ``warm`` uses ``--isolation process``: the SuperNode starts no ClientApp process itself; a warm
     worker (:mod:`client.worker`) must serve its Runtime API on ``127.0.0.1:runtime_port``.
     """
-    argv = ["flower-supernode", "--superlink", superlink, "--port", str(runtime_port), "--node-config", node_config]
+    argv = [flower_tool("flower-supernode"), "--superlink", superlink, "--port", str(runtime_port), "--node-config", node_config]
     if warm:
         argv += ["--isolation", "process"]
     if insecure:
@@ -304,6 +328,8 @@ def supernode_argv(
                  "--auth-supernode-private-key", str(Path(auth_key).expanduser().resolve())]
     if max_retries is not None:
         argv += ["--max-retries", str(max_retries)]
+    if poll_interval < FLOWER_IDLE_POLL:
+        argv = [sys.executable, "-m", "fedpersona.deploy", "flower-supernode-poll", str(poll_interval), *argv[1:]]
     return argv
 
 
@@ -340,6 +366,7 @@ def run_supernode(
     warm: bool = True,
     poll_interval: float = 0.1,
     max_retries: int | None = None,
+    supernode_poll: float = 1.0,
 ) -> int:
     """Run one device: ``flower-supernode`` as a child process plus the warm ClientApp worker in this one.
 
@@ -358,9 +385,9 @@ def run_supernode(
     argv = supernode_argv(
         superlink=superlink, node_config=node_config_arg(data_dir=data_dir, state_dir=state_dir, user_id=user_id),
         runtime_port=runtime_port, root_certificates=root_certificates, auth_key=auth_key, insecure=insecure,
-        warm=warm, max_retries=max_retries,
+        warm=warm, max_retries=max_retries, poll_interval=supernode_poll,
     )
-    env = dict(os.environ)
+    env = tool_env()
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     node = _SuperNodeProcess(argv, env, max_restarts=max_retries)
@@ -419,8 +446,6 @@ class _SuperNodeProcess:
         logger.info("started %s (pid %d)", " ".join(self.argv), self.proc.pid)
 
     def _forward(self, proc) -> None:
-        import sys
-
         for raw in iter(proc.stdout.readline, b""):
             line = raw.decode(errors="replace")
             if CONNECTION_ERROR in line:
@@ -465,3 +490,40 @@ class _SuperNodeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+# ------------------------------------------------------------------------- SuperNode polling interval
+def flower_supernode_with_poll(poll_interval: float, argv: list[str]) -> None:
+    """Run ``flower-supernode`` (``argv`` = its arguments) with a shorter idle poll than Flower's 3 s.
+
+    Flower 1.41's SuperNode sleeps 3 s after every pull that brought no message, and 0.5 s between
+    checks for the ClientApp's reply: up to 3.5 s added to every message stage, three stages a round
+    under secure aggregation. This caps those sleeps at ``poll_interval`` by giving
+    ``flwr.supernode.start_client_internal`` a ``time`` module whose ``sleep`` is capped; if the
+    installed Flower is laid out differently, it warns and runs unchanged. Each SuperNode then asks the
+    SuperLink for messages every ``poll_interval`` seconds when idle, instead of every 3 s.
+    """
+    import types
+    import warnings
+
+    import flwr.supernode.start_client_internal as sci
+
+    if isinstance(getattr(sci, "time", None), types.ModuleType) and sci.time.__name__ == "time":
+        real = sci.time
+        capped = types.ModuleType("time")
+        capped.__dict__.update(real.__dict__)
+        capped.sleep = lambda seconds: real.sleep(min(seconds, poll_interval))
+        sci.time = capped
+    else:
+        warnings.warn("this Flower's SuperNode has no module-level `time`; its poll interval stays at 3 s", stacklevel=2)
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "flower-supernode-poll":
+        flower_supernode_with_poll(float(sys.argv[2]), sys.argv[3:])
+    else:
+        sys.exit("usage: python -m fedpersona.deploy flower-supernode-poll SECONDS [flower-supernode args]")

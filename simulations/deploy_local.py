@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpersona.deploy import flower_tool, tool_env
+
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,7 +159,7 @@ class LocalFederation:
         return f"127.0.0.1:{self.port}"
 
     def env(self, home: Path, **extra: str) -> dict[str, str]:
-        env = dict(os.environ)
+        env = tool_env()
         env.update({
             "FLWR_HOME": str(home),
             "FLWR_TELEMETRY_ENABLED": "0",
@@ -188,7 +190,7 @@ class LocalFederation:
         return proc
 
     def _flwr(self, *args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess:
-        cp = subprocess.run(["flwr", *args], env=self.env(self.flwr_home, COLUMNS="200"), cwd=self.root,
+        cp = subprocess.run([flower_tool("flwr"), *args], env=self.env(self.flwr_home, COLUMNS="200"), cwd=self.root,
                             capture_output=True, text=True, timeout=timeout)
         if check and cp.returncode != 0:
             raise RuntimeError(f"flwr {' '.join(args)} failed ({cp.returncode}):\n{cp.stdout}\n{cp.stderr}")
@@ -204,7 +206,7 @@ class LocalFederation:
         """SuperLink with TLS and SuperNode authentication; its state in a database under ``root``."""
         home = self.root / "superlink-home"
         c = self.creds_dir
-        argv = ["flower-superlink", "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "superlink.crt"),
+        argv = [flower_tool("flower-superlink"), "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "superlink.crt"),
                 "--ssl-keyfile", str(c / "superlink.key"), "--enable-supernode-auth",
                 "--disable-runtime-dependency-installation", "--database", str(self.root / "superlink.db"),
                 "--host", "127.0.0.1", "--port", str(self.port)]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import ssl
 import stat
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -207,3 +209,23 @@ def test_supernode_process_restarts_only_on_connection_errors():
                                      max_restarts=None)
     other.proc.wait()
     assert not other.alive() and other.returncode == 1 and other.restarts == 0
+
+
+def test_supernode_argv_with_a_shorter_poll_runs_flower_through_the_shim():
+    argv = deploy.supernode_argv(superlink="h:1", node_config="", runtime_port=1, insecure=True, poll_interval=1.0)
+    assert argv[:5] == [sys.executable, "-m", "fedpersona.deploy", "flower-supernode-poll", "1.0"]
+    assert argv[5:7] == ["--superlink", "h:1"]
+    plain = deploy.supernode_argv(superlink="h:1", node_config="", runtime_port=1, insecure=True)
+    assert Path(plain[0]).name == "flower-supernode"
+
+
+def test_flower_tools_come_from_this_interpreters_environment(monkeypatch):
+    # `.venv/bin/python -m pytest` without an activated venv: its console scripts are not on PATH
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    env = deploy.tool_env()
+    scripts = str(Path(sys.executable).parent)
+    assert env["PATH"].split(os.pathsep) == [scripts, "/usr/bin", "/bin"]
+    assert deploy.tool_env({"PATH": scripts + os.pathsep + "/x"})["PATH"] == scripts + os.pathsep + "/x"
+    tool = Path(deploy.flower_tool("flower-superlink"))
+    assert tool.parent == Path(scripts) and os.access(tool, os.X_OK)
+    assert deploy.flower_tool("no-such-tool") == "no-such-tool"
