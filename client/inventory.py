@@ -9,9 +9,9 @@ sees every reply exactly as it leaves the device, whatever the handler or the mo
      "rows": [{"record", "kind", "name", "shape", "dtype", "bytes", "sha256", "masked", "protocol"}, ...]}
 
 ``rows`` are :func:`fedpersona.wire.inventory` rows (names, shapes, dtypes, sizes and a digest,
-never values), plus, for arrays, ``masked`` (a secure-aggregation masked vector: a ``uint64``
-array named like ``masked`` in a record whose name contains ``secagg``) and ``protocol`` (another
-``uint64`` array of that record: share-holder and owner ids), and ``type`` for config and metric
+never values), plus, for arrays, ``masked`` (a secure-aggregation masked vector: a ``uint8``
+(b-bit packed) array named like ``masked`` in a record whose name contains ``secagg``) and
+``protocol`` (a ``uint64`` array of that record: share-holder and owner ids), and ``type`` for config and metric
 entries (``str``, ``bytes``, ``int`` ...). An error reply records its code and reason. The check that nothing
 personal left the device is :func:`privacy.audit.inventory.verify_inventory`.
 
@@ -33,6 +33,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedpersona.wire import inventory
+from privacy.audit.inventory import is_masked, is_protocol_array
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +42,6 @@ INVENTORY_ENV = "FEDPERSONA_INVENTORY"
 VERSION = 1
 
 _STATE_DIRS: dict[tuple[int, int], Path] = {}
-
-
-def is_secagg(record: str, dtype: str) -> bool:
-    """An array of the secure-aggregation protocol: ``uint64`` in a record named like ``secagg``."""
-    return "secagg" in record.lower() and dtype == "uint64"
-
-
-def is_masked(record: str, name: str, dtype: str) -> bool:
-    """A masked vector (uniformly random to whoever lacks the masks): a secagg array named like ``mask``."""
-    return is_secagg(record, dtype) and "mask" in name.lower()
 
 
 def _value_type(value) -> str:
@@ -74,7 +65,7 @@ def describe(content: RecordDict) -> list[dict]:
     for row in rows:
         if row["kind"] == "array":
             row["masked"] = is_masked(row["record"], row["name"], row["dtype"])
-            row["protocol"] = is_secagg(row["record"], row["dtype"]) and not row["masked"]
+            row["protocol"] = is_protocol_array(row["record"], row["name"], row["dtype"]) and not row["masked"]
         elif row["kind"] == "config":
             value = content.config_records[row["record"]][row["name"]]
             row["type"] = _value_type(value)

@@ -7,10 +7,10 @@
 For each (clients n, parameters d) it runs the whole protocol in process
 (:func:`privacy.secagg.run_secure_sum`: key advertisement excluded, both round stages
 included) and, on the same updates, plain aggregation of the same quantized vectors (each
-client quantizes and maps to Z_2^b, the server adds and decodes). It prints per client the
+client quantizes, maps to Z_2^b and packs at b bits; the server unpacks, adds and decodes). It prints per client the
 CPU seconds (mean over clients), the server's CPU seconds, the bytes a client sends (both
-stages) and receives, the bytes of the quantized update (uint64 on the wire, and b-bit
-packed for reference), and the secure / plain ratios. Optional: drop a fraction of the
+stages) and receives, the bytes of the quantized update (b-bit packed, as both send it; the
+float32 update for reference), and the secure / plain ratios. Optional: drop a fraction of the
 clients at each stage (``--drop``), add distributed DP noise (``--noise-stddev``).
 """
 
@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from privacy.secagg import ExtraSpec, SecAggConfig, SecAggStats, SecureRNG, run_secure_sum, sample_discrete_gaussian
+from privacy.secagg.quantize import pack_bits, unpack_bits
 
 EXTRAS = (ExtraSpec("num_examples", bound=100_000, scale=1.0), ExtraSpec("train_loss", bound=100.0, scale=1e4))
 
@@ -48,7 +49,7 @@ class _Updates(Mapping):
 
 
 def plain_aggregation(updates, extras, cfg, rng) -> dict:
-    """Quantize + sum without masks: per-client CPU seconds, server CPU seconds, the integer sum."""
+    """Quantize, pack at b bits, unpack + sum without masks: per-client and server CPU seconds, bytes sent."""
     q = cfg.quantizer
     client_s = []
     acc = None
@@ -56,9 +57,10 @@ def plain_aggregation(updates, extras, cfg, rng) -> dict:
     for c in updates:
         u = updates[c]
         t0 = time.process_time()
-        vec = q.encode(u, extras[c], rng)
+        packed = pack_bits(q.encode(u, extras[c], rng), q.bits)
         client_s.append(time.process_time() - t0)
         t0 = time.process_time()
+        vec = unpack_bits(packed, q.bits, u.size + len(cfg.extras))
         if acc is None:
             acc = np.zeros(vec.size, dtype=np.uint64)
         np.add(acc, vec, out=acc)
@@ -67,7 +69,7 @@ def plain_aggregation(updates, extras, cfg, rng) -> dict:
     acc &= np.uint64((1 << q.bits) - 1)
     q.decode_sum(acc, acc.size - len(cfg.extras))
     server_s += time.process_time() - t0
-    return {"client_s": statistics.mean(client_s), "server_s": server_s, "bytes_up": 8 * int(acc.size)}
+    return {"client_s": statistics.mean(client_s), "server_s": server_s, "bytes_up": int(packed.size)}
 
 
 def bench_one(n: int, d: int, *, max_cohort: int, drop: float, noise_stddev: float, seed: int = 0) -> dict:
@@ -97,7 +99,7 @@ def bench_one(n: int, d: int, *, max_cohort: int, drop: float, noise_stddev: flo
             "dropped_stage1": len(d1), "dropped_stage2": len(d2), "noise_stddev": noise_stddev,
             "client_cpu_s": client_s, "server_cpu_s": st.server_seconds, "wall_s": wall,
             "bytes_up_per_client": up, "bytes_down_per_client": down,
-            "quantized_bytes_uint64": 8 * width, "quantized_bytes_packed": math.ceil(width * cfg.modulus_bits / 8),
+            "float32_update_bytes": 4 * d, "quantized_bytes_packed": math.ceil(width * cfg.modulus_bits / 8),
             "plain_client_cpu_s": plain["client_s"], "plain_server_cpu_s": plain["server_s"],
             "plain_bytes_up": plain["bytes_up"],
             "ratio_client_cpu": client_s / plain["client_s"], "ratio_server_cpu": st.server_seconds / plain["server_s"],
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
         return 0
     rows = []
     print(f"{'n':>4} {'params':>9} {'k':>3} {'t':>3} {'b':>3} | {'client s':>8} {'plain':>7} {'x':>5} | "
-          f"{'server s':>8} {'plain':>7} {'x':>6} | {'up/client':>9} {'down':>8} {'update':>8} {'packed':>8} {'x':>5}")
+          f"{'server s':>8} {'plain':>7} {'x':>6} | {'up/client':>9} {'down':>8} {'float32':>8} {'b-bit':>8} {'x':>5}")
     for d in a.params:
         for n in a.clients:
             r = bench_one(n, d, max_cohort=max(a.clients), drop=a.drop, noise_stddev=a.noise_stddev)
@@ -142,11 +144,11 @@ def main(argv=None) -> int:
                   f"{r['client_cpu_s']:>8.3f} {r['plain_client_cpu_s']:>7.3f} {r['ratio_client_cpu']:>5.1f} | "
                   f"{r['server_cpu_s']:>8.3f} {r['plain_server_cpu_s']:>7.3f} {r['ratio_server_cpu']:>6.1f} | "
                   f"{_fmt_bytes(r['bytes_up_per_client']):>9} {_fmt_bytes(r['bytes_down_per_client']):>8} "
-                  f"{_fmt_bytes(r['quantized_bytes_uint64']):>8} {_fmt_bytes(r['quantized_bytes_packed']):>8} "
+                  f"{_fmt_bytes(r['float32_update_bytes']):>8} {_fmt_bytes(r['quantized_bytes_packed']):>8} "
                   f"{r['ratio_bytes_up']:>5.3f}", flush=True)
     print("client s: mean CPU seconds per client over both stages; server s: CPU seconds for the round; "
-          "x: secure / plain; up/client: bytes a client sends (both stages); update: quantized update as uint64 "
-          "(plain sends this); packed: the same at b bits per coordinate.")
+          "x: secure / plain; up/client: bytes a client sends (both stages); float32: the plain float update, "
+          "for reference; b-bit: the quantized update packed at b bits per coordinate (plain sends this).")
     if a.json:
         with open(a.json, "w") as f:
             for r in rows:

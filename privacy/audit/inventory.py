@@ -8,8 +8,8 @@ row by row:
    device's personal state, and no array whose digest equals a digest of the device's personal
    tensors (catches a renamed head).
 2. **No token ids**: every array is a float tensor, except the secure-aggregation arrays
-   (``uint64`` in a ``secagg`` record): masked vectors, uniformly random without the masks, and
-   protocol ids (share holders, owners of the shares), listed in the report.
+   of a ``secagg`` record: masked vectors (``uint8``, b-bit packed, or ``uint64``), uniformly
+   random without the masks, and ``uint64`` protocol ids (share holders, owners of the shares), listed in the report.
 3. **No text**: string config entries only where the protocol defines them (``status.status``,
    ``status.detail``: a device declining; ``identity.user-id``: the user label of the final
    evaluation), bytes only inside ``secagg`` records (encrypted secret shares), no string arrays.
@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["ALLOWED_TEXT", "InventoryCheck", "verify_inventory", "check_completeness", "summarize_inventory",
-           "personal_digests"]
+           "personal_digests", "is_masked", "is_protocol_array"]
 
 #: (record, name) of the string fields the protocol sends.
 ALLOWED_TEXT = frozenset({("status", "status"), ("status", "detail"), ("identity", "user-id")})
@@ -51,6 +51,17 @@ def _is_secagg(record: str) -> bool:
     return "secagg" in record.lower()
 
 
+def is_masked(record: str, name: str, dtype: str) -> bool:
+    """A masked vector (uniformly random to whoever lacks the masks): a ``uint8`` (b-bit packed) or
+    ``uint64`` array named like ``mask`` in a record named like ``secagg``."""
+    return _is_secagg(record) and "mask" in name.lower() and dtype in ("uint8", "uint64")
+
+
+def is_protocol_array(record: str, name: str, dtype: str) -> bool:
+    """Any array of the secure-aggregation protocol: a masked vector, or ``uint64`` ids in a ``secagg`` record."""
+    return (_is_secagg(record) and dtype == "uint64") or is_masked(record, name, dtype)
+
+
 def _row_violations(row: dict, personal: set[str], digests: set[str], shared: set[str] | None) -> list[str]:
     kind = row.get("kind")
     if kind not in _REQUIRED:
@@ -62,8 +73,8 @@ def _row_violations(row: dict, personal: set[str], digests: set[str], shared: se
     out = []
     if kind == "array":
         dtype = str(row["dtype"])
-        secagg = _is_secagg(record) and dtype == "uint64"
-        masked = secagg and "mask" in name.lower()
+        masked = is_masked(record, name, dtype)
+        secagg = is_protocol_array(record, name, dtype)
         if bool(row.get("masked", False)) != masked:
             out.append(f"array {record}/{name}: 'masked'={row.get('masked')!r} disagrees with record/name/dtype ({dtype})")
         if ".personal." in name or name in personal:

@@ -16,8 +16,9 @@ ConfigRecord / ArrayRecord can carry them):
    round, cohort, a fresh random 32-byte ``graph_seed``, degree ``k``, threshold ``t``, minimum
    number of survivors, modulus bits, vector length) and the public keys of the client's
    neighbours in the SecAgg+ graph (:mod:`privacy.secagg.graph`), which every party derives
-   from (cohort, k, graph_seed). Client -> server: the masked vector and, for each of its
-   ``k + 1`` share holders (its neighbours and itself), one AES-GCM ciphertext of its shares.
+   from (cohort, k, graph_seed). Client -> server: the masked vector, packed at b bits per
+   coordinate (:func:`~privacy.secagg.quantize.pack_bits`: exactly the size of the b-bit
+   quantized vector), and, for each of its ``k + 1`` share holders (its neighbours and itself), one AES-GCM ciphertext of its shares.
 2. **unmask**. Server -> each survivor: the survivor list and the ciphertexts addressed to
    it. Client -> server: shares of the self-mask seeds of survivors, and shares of the
    pairwise seeds between survivors and dropped clients. The server reconstructs and
@@ -100,7 +101,7 @@ from . import shamir
 from .crypto import (PUBLIC_KEY_BYTES, SEAL_OVERHEAD, ClientKeys, MaskExpander, SecureRNG, derive, ecdh, encode_fields,
                      load_public_key, open_sealed, seal)
 from .graph import build_graph, default_degree, default_threshold, is_connected
-from .quantize import ExtraSpec, Quantizer
+from .quantize import ExtraSpec, Quantizer, pack_bits, packed_size, unpack_bits
 
 __all__ = [
     "SecAggAbort",
@@ -404,7 +405,8 @@ class SecAggClient:
             plain = shamir.share_to_bytes([row[j] for row in shares])
             key = _share_key(self.keys, me, h, enc_pk[h], digest)
             cts.append(seal(key, plain, _share_ad(setup.run_id, setup.round, me, h, digest), self.rng.bytes(12)))
-        return {"client_id": me, "run_id": setup.run_id, "round": setup.round, "masked": vec,
+        return {"client_id": me, "run_id": setup.run_id, "round": setup.round,
+                "masked": pack_bits(vec, setup.modulus_bits),
                 "share_holders": _ids(holders), "ciphertexts": b"".join(cts)}
 
     # ---- stage 2
@@ -574,14 +576,19 @@ class SecAggRound:
         if cid in self._received:
             raise SecAggInputError(f"{what}: duplicated message from client {cid}")
         s = self.setup
-        vec = reply.get("masked")
+        packed = reply.get("masked")
         width = s.length + s.num_extras
-        if not isinstance(vec, np.ndarray) or vec.dtype != np.uint64 or vec.ndim != 1:
-            raise SecAggInputError(f"{what} from client {cid}: 'masked' must be a 1-D uint64 array")
-        if vec.size != width:
-            raise SecAggInputError(f"{what} from client {cid}: wrong length {vec.size}, expected {width}")
-        if vec.size and int(vec.max()) >= 1 << s.modulus_bits:
-            raise SecAggInputError(f"{what} from client {cid}: values outside Z_2^{s.modulus_bits} (wrong modulus)")
+        if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8 or packed.ndim != 1:
+            raise SecAggInputError(f"{what} from client {cid}: 'masked' must be a 1-D uint8 array "
+                                   f"({s.modulus_bits}-bit packed residues)")
+        if packed.size != packed_size(width, s.modulus_bits):
+            raise SecAggInputError(
+                f"{what} from client {cid}: wrong length or modulus: {packed.size} bytes, expected "
+                f"{packed_size(width, s.modulus_bits)} ({width} values of {s.modulus_bits} bits)")
+        try:
+            vec = unpack_bits(packed, s.modulus_bits, width)
+        except ValueError as e:
+            raise SecAggInputError(f"{what} from client {cid}: {e} (wrong length or modulus)") from None
         holders = s.holders(cid)
         if _field(reply, "share_holders", "ids", what=what) != list(holders):
             raise SecAggInputError(f"{what} from client {cid}: share holders do not match the graph")

@@ -53,9 +53,12 @@ __all__ = [
     "from_ring",
     "max_cohort",
     "modulus_bits",
+    "pack_bits",
+    "packed_size",
     "quantized_l2_bound",
     "stochastic_round",
     "to_ring",
+    "unpack_bits",
 ]
 
 logger = logging.getLogger(__name__)
@@ -158,6 +161,89 @@ def from_ring(v: np.ndarray, bits: int) -> np.ndarray:
     x = (np.asarray(v, dtype=np.uint64) & np.uint64((1 << bits) - 1)).astype(np.int64)
     x[x >= (1 << (bits - 1))] -= 1 << bits
     return x
+
+
+# ------------------------------------------------------------------------------ wire packing
+def packed_size(n: int, bits: int) -> int:
+    """Bytes of ``n`` residues mod 2^bits packed at ``bits`` bits each."""
+    return (n * bits + 7) // 8
+
+
+def _check_bits(bits: int) -> None:
+    if not 1 <= bits <= 64:
+        raise ValueError(f"bits must be in [1, 64]. You passed: {bits}")
+
+
+def pack_bits(v: np.ndarray, bits: int) -> np.ndarray:
+    """Residues mod 2^bits (uint64) as a ``uint8`` stream of ``bits`` bits each, little-endian.
+
+    What a device sends is then exactly the size of its b-bit vector (the masks are uniform in
+    Z_2^b, so no smaller encoding exists). Values must already be reduced mod 2^bits.
+
+    Eight values fill exactly ``bits`` bytes, so the stream is a (groups, bits) byte matrix; value
+    ``i`` of a group starts at bit ``i * bits`` of its row and is OR-ed in as one shifted 64-bit
+    word (plus one byte when the shift pushes it past 64 bits): 8 vectorized passes, no per-bit
+    buffers.
+    """
+    _check_bits(bits)
+    v = np.ascontiguousarray(v, dtype="<u8").reshape(-1)
+    n = v.size
+    if bits in (8, 16, 32, 64):
+        return v.astype(f"<u{bits // 8}").view(np.uint8).copy()
+    if n == 0:
+        return np.zeros(0, dtype=np.uint8)
+    groups = -(-n // 8)
+    vals = np.zeros(groups * 8, dtype="<u8")
+    vals[:n] = v
+    vals = vals.reshape(groups, 8)
+    out = np.zeros(groups * bits + 9, dtype=np.uint8)  # room for the last group's 8-byte writes
+    for i in range(8):
+        j, sh = divmod(i * bits, 8)
+        word = vals[:, i] << np.uint64(sh)
+        if bits >= 8:  # the groups' 8-byte windows do not overlap: OR in place, one unaligned word each
+            np.bitwise_or(np.ndarray((groups,), dtype="<u8", buffer=out, offset=j, strides=(bits,)), word,
+                          out=np.ndarray((groups,), dtype="<u8", buffer=out, offset=j, strides=(bits,)))
+        else:
+            rows = np.lib.stride_tricks.as_strided(out[j:], shape=(groups, 8), strides=(bits, 1))
+            for g_byte in range(8):  # windows overlap: one byte column at a time (tiny b only)
+                rows[:, g_byte] |= (word >> np.uint64(8 * g_byte)).astype(np.uint8)
+        if sh + bits > 64:
+            out[j + 8::bits][:groups] |= (vals[:, i] >> np.uint64(64 - sh)).astype(np.uint8)
+    return out[: packed_size(n, bits)].copy()
+
+
+def unpack_bits(buf: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: ``n`` uint64 residues mod 2^bits.
+
+    ``ValueError`` if ``buf`` is not ``uint8`` of exactly :func:`packed_size` bytes, or if its padding
+    bits (after the last value) are not zero: what a sender with another length or modulus produces.
+    """
+    _check_bits(bits)
+    buf = np.asarray(buf)
+    if buf.dtype != np.uint8 or buf.ndim != 1:
+        raise ValueError(f"a packed vector must be a 1-D uint8 array, not {buf.dtype} with shape {buf.shape}")
+    if buf.size != packed_size(n, bits):
+        raise ValueError(f"{buf.size} bytes cannot hold {n} values of {bits} bits ({packed_size(n, bits)} bytes)")
+    spare = buf.size * 8 - n * bits
+    if spare and int(buf[-1]) >> (8 - spare):
+        raise ValueError(f"nonzero padding bits after {n} values of {bits} bits")
+    if bits in (8, 16, 32, 64):
+        return np.frombuffer(buf.tobytes(), dtype=f"<u{bits // 8}").astype(np.uint64)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    groups = -(-n // 8)
+    padded = np.zeros(groups * bits + 9, dtype=np.uint8)  # room for the last group's 8-byte reads
+    padded[: buf.size] = buf
+    out = np.empty((groups, 8), dtype=np.uint64)
+    mask = np.uint64((1 << bits) - 1)
+    for i in range(8):
+        j, sh = divmod(i * bits, 8)
+        # value i of every group: one (unaligned) 64-bit word per group, read in place
+        word = np.ndarray((groups,), dtype="<u8", buffer=padded, offset=j, strides=(bits,)) >> np.uint64(sh)
+        if sh + bits > 64:
+            word |= padded[j + 8::bits][:groups].astype(np.uint64) << np.uint64(64 - sh)
+        out[:, i] = word & mask
+    return out.reshape(-1)[:n].copy()
 
 
 @dataclass(frozen=True)

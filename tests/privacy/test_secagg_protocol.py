@@ -7,6 +7,9 @@ from scipy import stats
 from privacy.secagg import (DecryptionError, ExtraSpec, SecAggAbort, SecAggClient, SecAggConfig, SecAggInputError,
                             SecAggServer, SecAggStats, SecureRNG, payload_nbytes, run_secure_sum)
 from privacy.secagg.graph import build_graph, default_degree, is_connected
+from privacy.secagg.crypto import SEAL_OVERHEAD
+from privacy.secagg.quantize import pack_bits, packed_size, unpack_bits
+from privacy.secagg.shamir import SHARE_BYTES
 
 D = 1000
 CFG = SecAggConfig(clip_norm=1.0, scale=2.0**16, max_cohort=50,
@@ -249,15 +252,24 @@ def test_wrong_modulus_rejected():
     rnd = server.start_round(1, list(clients), D)
     req = rnd.masked_input_requests()[1]
     reply = clients[1].masked_input(req, ups[1], ex[1])
-    reply["masked"] = reply["masked"] | np.uint64(1 << CFG.modulus_bits)
-    with pytest.raises(SecAggInputError, match="wrong modulus"):
+    width = D + len(CFG.extras)
+    vec = unpack_bits(reply["masked"], CFG.modulus_bits, width)
+    reply["masked"] = pack_bits(vec | np.uint64(1 << CFG.modulus_bits), CFG.modulus_bits + 1)  # a (b+1)-bit sender
+    with pytest.raises(SecAggInputError, match="wrong length or modulus"):
+        rnd.receive_masked(reply)
+    reply = clients[1].masked_input(req, ups[1], ex[1])
+    spare = reply["masked"].size * 8 - width * CFG.modulus_bits
+    assert spare > 0
+    reply["masked"] = reply["masked"].copy()
+    reply["masked"][-1] |= np.uint8(0x80)  # a padding bit set: not a b-bit vector of this length
+    with pytest.raises(SecAggInputError, match="padding"):
         rnd.receive_masked(reply)
     other = SecAggConfig(clip_norm=1.0, scale=2.0**24, max_cohort=50, extras=CFG.extras)
     with pytest.raises(SecAggInputError, match="wrong modulus"):
         SecAggClient(1, other).masked_input(req, ups[1], ex[1])
     reply = clients[1].masked_input(req, ups[1], ex[1])
-    reply["masked"] = reply["masked"].astype(np.int64)
-    with pytest.raises(SecAggInputError, match="uint64"):
+    reply["masked"] = unpack_bits(reply["masked"], CFG.modulus_bits, D + len(CFG.extras))  # unpacked uint64
+    with pytest.raises(SecAggInputError, match="uint8"):
         rnd.receive_masked(reply)
 
 
@@ -328,7 +340,9 @@ def test_masked_vector_is_indistinguishable_from_uniform():
     server, clients, _, _ = _round(n=5, cfg=cfg, d=d)
     rnd = server.start_round(1, list(clients), d)
     req = rnd.masked_input_requests()[3]
-    y = clients[3].masked_input(req, np.zeros(d, np.float32))["masked"]
+    packed = clients[3].masked_input(req, np.zeros(d, np.float32))["masked"]
+    assert packed.dtype == np.uint8 and packed.size == packed_size(d, bits)  # exactly d b-bit values
+    y = unpack_bits(packed, bits, d)
     top = (y >> np.uint64(bits - 4)).astype(np.int64)
     counts = np.bincount(top, minlength=16)
     assert counts.size == 16
@@ -354,7 +368,7 @@ def test_payloads_fit_flower_records():
     for m in msgs:
         arrays = {k: v for k, v in m.items() if isinstance(v, np.ndarray)}
         scalars = {k: v for k, v in m.items() if not isinstance(v, np.ndarray)}
-        assert all(a.ndim == 1 and a.dtype in (np.uint64, np.int64, np.float32) for a in arrays.values())
+        assert all(a.ndim == 1 and a.dtype in (np.uint8, np.uint64, np.int64, np.float32) for a in arrays.values())
         assert all(type(v) in (int, float, bool, str, bytes) for v in scalars.values())
         serde.config_record_to_proto(ConfigRecord(scalars))
         rec = ArrayRecord({k: Array(v) for k, v in arrays.items()})
@@ -368,7 +382,10 @@ def test_stats_and_bytes():
     ups = make_updates(6)
     run_secure_sum(ups, CFG, extras=make_extras(sorted(ups)), stats=st, rng=SecureRNG(b"b"))
     assert set(st.client_seconds) == set(ups) and st.server_seconds > 0
-    assert all(st.bytes_up[c] > 8 * D for c in ups)
+    packed = packed_size(D + len(CFG.extras), CFG.modulus_bits)  # the b-bit vector
+    k = default_degree(len(ups))
+    shares = (k + 1) * (SEAL_OVERHEAD + SHARE_BYTES * (k + 1))  # one ciphertext per share holder
+    assert all(packed + shares < st.bytes_up[c] < packed + shares + 400 for c in ups)  # + holder ids, round, field names
 
 
 # -------------------------------------------------------------------------------- graph

@@ -7,8 +7,8 @@ import pytest
 
 from privacy.secagg import ExtraSpec, Quantizer, SecAggConfig, SecureRNG, max_cohort, modulus_bits, run_secure_sum
 from privacy.secagg.crypto import MaskExpander
-from privacy.secagg.quantize import (MAX_BITS, coordinate_bound, from_ring, quantized_l2_bound, stochastic_round,
-                                     to_ring)
+from privacy.secagg.quantize import (MAX_BITS, coordinate_bound, from_ring, pack_bits, packed_size, quantized_l2_bound,
+                                     stochastic_round, to_ring, unpack_bits)
 
 
 def test_modulus_bits_and_max_cohort():
@@ -128,3 +128,38 @@ def test_ring_round_trip_and_extras():
         Quantizer(clip_norm=1.0, scale=1.0, max_cohort=5, extras=(ExtraSpec("n", 1, 1), ExtraSpec("n", 1, 1)))
     with pytest.raises(ValueError, match="bound"):
         ExtraSpec("n", -1, 1)
+
+
+# ------------------------------------------------------------------------------ wire packing
+@pytest.mark.parametrize("bits", [1, 7, 8, 13, 27, 31, 32, 33, 57, 58, 61, 62, 63, 64])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1001])
+def test_pack_bits_round_trips_at_exactly_b_bits(bits, n):
+    rng = np.random.default_rng(bits * 1000 + n)
+    hi = np.uint64((1 << bits) - 1)
+    v = rng.integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, n, dtype=np.uint64)
+    v &= hi
+    v[: min(n, 2)] = hi  # all ones: every bit of the value lands
+    packed = pack_bits(v, bits)
+    assert packed.dtype == np.uint8 and packed.size == packed_size(n, bits) == -(-n * bits // 8)
+    assert np.array_equal(unpack_bits(packed, bits, n), v)
+
+
+def test_pack_bits_layout_is_little_endian_bit_stream():
+    # 3-bit values 1, 2, 3, 4 -> bits (LSB first) 100 010 110 001 -> bytes 0b11010001, 0b00001000
+    assert pack_bits(np.array([1, 2, 3, 4], dtype=np.uint64), 3).tolist() == [0b11010001, 0b00001000]
+
+
+def test_unpack_bits_rejects_bad_buffers():
+    packed = pack_bits(np.arange(5, dtype=np.uint64), 5)  # 25 bits -> 4 bytes, 7 padding bits
+    with pytest.raises(ValueError, match="cannot hold"):
+        unpack_bits(packed[:-1], 5, 5)
+    with pytest.raises(ValueError, match="cannot hold"):
+        unpack_bits(packed, 5, 7)  # 35 bits: 5 bytes
+    bad = packed.copy()
+    bad[-1] |= np.uint8(0b10)  # bit 25: padding
+    with pytest.raises(ValueError, match="padding"):
+        unpack_bits(bad, 5, 5)
+    with pytest.raises(ValueError, match="uint8"):
+        unpack_bits(packed.astype(np.uint16), 5, 5)
+    with pytest.raises(ValueError, match="bits"):
+        pack_bits(np.zeros(3, np.uint64), 65)

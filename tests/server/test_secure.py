@@ -20,6 +20,7 @@ from fedpersona.config import CONFIG_ENV, load_config
 from fedpersona.secure import ARRAYS, RECORD, secagg_config
 from fedpersona.wire import to_record
 from privacy.ledger import PrivacyLedger
+from privacy.secagg.quantize import unpack_bits
 from server.aggregation import PlainAggregator
 from server.secure import SecureAggregator, build_aggregator
 
@@ -241,12 +242,12 @@ def test_server_receives_no_plain_update_weight_or_metrics(federation):
         assert set(content.keys()) == {RECORD, ARRAYS}, m.metadata.message_type
         assert not content.metric_records
         for name, arr in content.array_records[ARRAYS].items():
-            assert arr.numpy().dtype == np.uint64, name  # no float array: no plain update
+            # no float array: no plain update; the masked vector is b-bit packed, the rest are ids
+            assert arr.numpy().dtype == (np.uint8 if name == "masked" else np.uint64), name
         for key, value in content.config_records[RECORD].items():
             assert not isinstance(value, (float, str)), key  # ints (ids, round) and bytes (keys, shares) only
-    masked = [r.content.array_records[ARRAYS]["masked"].numpy() for r in grid.replies("train")]
     width = DIM + len(q.extras)
-    assert all(v.size == width for v in masked)
+    masked = [unpack_bits(r.content.array_records[ARRAYS]["masked"].numpy(), q.bits, width) for r in grid.replies("train")]
     for nid, vec in zip(cohort, masked):
         dev = FakeDevice(cfg, grid.contexts[nid].node_config)
         # The plain quantized extras (example count, trained = 1, ...) do not appear in the masked vector.
