@@ -33,7 +33,7 @@ from client.inventory import inventory_mod
 from client.store import DeviceStore, StateError
 from fedpersona.config import Config, load_config
 from fedpersona.secure import from_records, has_request, to_records
-from fedpersona.wire import from_record, to_record
+from fedpersona.wire import to_record, unpack_shared
 from privacy.secagg import SecAggAbort
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def _error(message: Message, exc: BaseException) -> Message:
 def train(message: Message, context: Context) -> Message:
     try:
         device = _device(context)
-        shared = from_record(message.content["shared"])
+        shared = unpack_shared(message.content)
         server_round = int(message.content["config"]["server-round"])
         if has_request(message.content):
             return _secure_train(message, context, device, shared, server_round)
@@ -140,7 +140,7 @@ def unmask(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     try:
         device = _device(context)
-        metrics = device.final_evaluation(from_record(message.content["shared"]))
+        metrics = device.final_evaluation(unpack_shared(message.content))
     except (StateError, ValueError, FloatingPointError, KeyError) as exc:
         return _error(message, exc)
     content = RecordDict(

@@ -501,7 +501,8 @@ def flower_supernode_with_poll(poll_interval: float, argv: list[str]) -> None:
     under secure aggregation. This caps those sleeps at ``poll_interval`` by giving
     ``flwr.supernode.start_client_internal`` a ``time`` module whose ``sleep`` is capped; if the
     installed Flower is laid out differently, it warns and runs unchanged. Each SuperNode then asks the
-    SuperLink for messages every ``poll_interval`` seconds when idle, instead of every 3 s.
+    SuperLink for messages every ``poll_interval`` seconds when idle, instead of every 3 s. It also
+    shortens the SuperNode's object-pull backoff (:mod:`fedpersona.latency`).
     """
     import types
     import warnings
@@ -516,6 +517,11 @@ def flower_supernode_with_poll(poll_interval: float, argv: list[str]) -> None:
         sci.time = capped
     else:
         warnings.warn("this Flower's SuperNode has no module-level `time`; its poll interval stays at 3 s", stacklevel=2)
+    from fedpersona.latency import shorten_pull_backoff
+
+    if not shorten_pull_backoff(sci):
+        warnings.warn("this Flower's SuperNode has no `pull_objects(initial_backoff=...)`; object pulls keep "
+                      "Flower's 1-10 s backoff", stacklevel=2)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *argv]

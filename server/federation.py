@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 
 from fedpersona.config import Config
 from fedpersona.model import adapted_model
-from fedpersona.wire import to_record
+from fedpersona.wire import pack_shared
 from server.aggregation import Aggregator, send_and_collect
 from server.checkpoint import latest_checkpoint, save_checkpoint
 from server.inventory import ServerInventory
@@ -119,7 +119,7 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
         nodes = wait_for_nodes(grid, cfg.server.min_clients)
         cohort = sample_cohort(nodes, cfg.server.clients_per_round, seed=cfg.run.seed, server_round=server_round)
         content = RecordDict(
-            {"shared": to_record(shared), "config": ConfigRecord({"server-round": server_round})}
+            {**pack_shared(shared), "config": ConfigRecord({"server-round": server_round})}
         )
         rs = aggregator.collect(grid, cohort, content, server_round=server_round, timeout=timeout)
         ServerInventory(run_dir).round(server_round, cohort=cohort, rs=rs, aggregation=aggregator.name)
@@ -195,7 +195,7 @@ def final_evaluation(grid: Grid, cfg: Config, shared: dict[str, torch.Tensor]) -
     nodes = sorted(grid.get_node_ids())
     log(INFO, "Final evaluation on %d nodes (base, shared, personalized%s)...", len(nodes),
         ", local-only" if cfg.eval.local_baseline else "")
-    content = RecordDict({"shared": to_record(shared)})
+    content = RecordDict(pack_shared(shared))
     replies, failures = send_and_collect(
         grid, nodes, content, message_type="evaluate", server_round=cfg.server.num_rounds + 1,
         timeout=cfg.server.round_timeout or None,

@@ -10,23 +10,33 @@ already polls every 0.1 s, so it changes nothing there.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import Message
 
+from fedpersona.latency import shorten_pull_backoff
+
 POLL_INTERVAL = 0.2
 
 
 class FastPollGrid:
-    """Wraps a Flower ``Grid``; only ``send_and_receive`` differs (its polling interval)."""
+    """Wraps a Flower ``Grid``; only ``send_and_receive`` differs (its polling interval).
+
+    For the deployment Grid it also shortens the backoff with which replies' objects are pulled
+    (:func:`fedpersona.latency.shorten_pull_backoff` on the Grid's module).
+    """
 
     def __init__(self, grid: Any, *, interval: float = POLL_INTERVAL) -> None:
         if not interval > 0:
             raise ValueError(f"interval must be positive. You passed: {interval!r}")
         self._grid = grid
         self.interval = interval
+        module = sys.modules.get(type(grid).__module__)
+        if module is not None and module.__name__.startswith("flwr."):
+            shorten_pull_backoff(module)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)

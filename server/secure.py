@@ -35,7 +35,7 @@ from flwr.serverapp import Grid
 from fedpersona.config import Config
 from fedpersona.secure import (ADVERTISE, SELF_ENC_PK, SELF_MASK_PK, UNMASK, ddp_min_clients, ddp_user_epsilon,
                                from_records, secagg_config, to_records, unflatten)
-from fedpersona.wire import from_record
+from fedpersona.wire import unpack_shared
 from privacy.secagg import SecAggAbort, SecAggInputError, SecAggServer, SecureRNG
 from server.aggregation import Aggregator, PlainAggregator, RoundSum
 
@@ -121,7 +121,7 @@ class SecureAggregator:
             failures += self._advertise(grid, new, server_round=server_round, timeout=timeout)
         info["secagg-advertise-seconds"] = time.perf_counter() - t0
         members = [n for n in cohort if n in self._keys]
-        like = from_record(content["shared"])
+        like = unpack_shared(content)
         length = sum(t.numel() for t in like.values())
 
         def finish(aborted: str = "", result=None) -> RoundSum:

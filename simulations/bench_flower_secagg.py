@@ -138,7 +138,7 @@ def _our_apps():
     from flwr.serverapp import ServerApp
 
     from fedpersona.secure import SELF_ENC_PK, SELF_MASK_PK, from_records, secagg_config, to_records
-    from fedpersona.wire import from_record, to_record
+    from fedpersona.wire import pack_shared, unpack_shared
     from privacy.secagg import ClientKeys, SecAggClient
     from server.secure import SecureAggregator
 
@@ -158,7 +158,7 @@ def _our_apps():
     @client.train()
     def train(message, context):
         n, d, _ = _settings()
-        from_record(message.content["shared"])  # as the real client does (Flower's client decodes it too)
+        unpack_shared(message.content)  # as the real client does (Flower's client decodes it too)
         req = from_records(message.content)
         sa = sa_client(context)
         if (req.pop(SELF_ENC_PK), req.pop(SELF_MASK_PK)) != (sa.keys.enc_public, sa.keys.mask_public):
@@ -187,7 +187,7 @@ def _our_apps():
         shared = {"w": torch.zeros(d)}
         truth = expected_mean(n, d)
         for r in range(1, rounds + 1):
-            content = RecordDict({"shared": to_record(shared), "config": ConfigRecord({"server-round": r})})
+            content = RecordDict({**pack_shared(shared), "config": ConfigRecord({"server-round": r})})
             t0 = time.perf_counter()
             rs = agg.collect(grid, cohort, content, server_round=r, timeout=None)
             RESULTS["ours"].append(time.perf_counter() - t0)

@@ -1,0 +1,48 @@
+"""Shorter object-pull backoff for Flower's deployment engine (SuperNode and ServerApp processes).
+
+Flower 1.41 hands out a message as soon as its metadata is stored, while the sender may still be
+uploading the message's objects (arrays, records). The receiver's ``pull_objects`` then finds an
+object not yet available and retries after 1 s, doubling up to 10 s
+(``flwr.supercore.constant.PULL_INITIAL_BACKOFF`` / ``PULL_BACKOFF_CAP``, bound as default arguments).
+On loopback or a LAN the upload takes milliseconds, so the first retry alone adds ~1-2 s to every
+message: three times a round under secure aggregation, on the device and on the server.
+
+:func:`shorten_pull_backoff` rebinds ``pull_objects`` in one Flower module (the SuperNode's
+``flwr.supernode.start_client_internal``, the ServerApp's ``flwr.superlink.grid.http_grid``) to the
+same function with a 0.05 s initial backoff capped at 0.5 s. Only the waiting changes: the same
+retries, the same time limit, the same errors. If the module has no such function (another Flower
+layout), it returns False and nothing changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+
+INITIAL_BACKOFF = 0.05
+BACKOFF_CAP = 0.5
+
+
+def shorten_pull_backoff(module: ModuleType, *, initial: float = INITIAL_BACKOFF, cap: float = BACKOFF_CAP) -> bool:
+    """Make ``module.pull_objects`` retry after ``initial`` s (doubling, at most ``cap`` s). Idempotent."""
+    if not 0 < initial <= cap:
+        raise ValueError(f"need 0 < initial <= cap. You passed: initial={initial!r}, cap={cap!r}")
+    fn = getattr(module, "pull_objects", None)
+    if fn is None or not callable(fn):
+        return False
+    base = getattr(fn, "_fedpersona_original", fn)
+    try:
+        params = inspect.signature(base).parameters
+    except (TypeError, ValueError):
+        return False
+    if "initial_backoff" not in params or "backoff_cap" not in params:
+        return False
+    fast = functools.partial(base, initial_backoff=initial, backoff_cap=cap)
+    fast._fedpersona_original = base  # type: ignore[attr-defined]
+    module.pull_objects = fast
+    logger.debug("%s.pull_objects: backoff %.2f-%.2f s", module.__name__, initial, cap)
+    return True
