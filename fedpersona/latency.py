@@ -46,3 +46,44 @@ def shorten_pull_backoff(module: ModuleType, *, initial: float = INITIAL_BACKOFF
     module.pull_objects = fast
     logger.debug("%s.pull_objects: backoff %.2f-%.2f s", module.__name__, initial, cap)
     return True
+
+
+class AdaptiveSleep:
+    """``time.sleep`` for Flower's SuperNode loop: quick while a run is active, ``idle_poll`` when idle.
+
+    Flower 1.41's SuperNode sleeps 3 s after every pull from the SuperLink that brought no message,
+    and 0.5 s between checks for the ClientApp's reply. A secure-aggregation round sends each
+    device three messages in quick succession (``query.advertise`` once, ``train``, then
+    ``query.unmask`` as soon as the cohort's masked inputs are in), so a fixed idle poll costs up to
+    its full length on every stage. Here:
+
+    * a sleep shorter than ``idle_threshold`` (the reply-wait loop) marks the device active and
+      sleeps at most ``active_poll``;
+    * an idle sleep within ``active_window`` seconds of the last activity sleeps ``active_poll``
+      (the next stage of the round is likely seconds away), otherwise ``idle_poll``.
+
+    An idle device therefore asks the SuperLink every ``idle_poll`` seconds, a device in a run
+    every ``active_poll`` seconds for ``active_window`` seconds after its last message.
+    """
+
+    def __init__(self, idle_poll: float, *, active_poll: float = 0.1, active_window: float = 30.0,
+                 idle_threshold: float = 3.0, sleep=None, clock=None) -> None:
+        if not 0 < active_poll <= idle_poll:
+            raise ValueError(f"need 0 < active_poll <= idle_poll. You passed: {active_poll!r}, {idle_poll!r}")
+        import time as _time
+
+        self.idle_poll, self.active_poll, self.active_window = idle_poll, active_poll, active_window
+        self.idle_threshold = idle_threshold
+        self._sleep = sleep or _time.sleep
+        self._clock = clock or _time.monotonic
+        self._last_active = float("-inf")
+
+    def __call__(self, seconds: float) -> None:
+        now = self._clock()
+        if seconds < self.idle_threshold:
+            self._last_active = now
+            self._sleep(min(seconds, self.active_poll))
+        elif now - self._last_active < self.active_window:
+            self._sleep(min(seconds, self.active_poll))
+        else:
+            self._sleep(min(seconds, self.idle_poll))
