@@ -498,28 +498,27 @@ def flower_supernode_with_poll(poll_interval: float, argv: list[str]) -> None:
 
     Flower 1.41's SuperNode sleeps 3 s after every pull that brought no message, and 0.5 s between
     checks for the ClientApp's reply: up to 3.5 s added to every message stage, three stages a round
-    under secure aggregation. This gives ``flwr.supernode.start_client_internal`` a ``time`` module
-    whose ``sleep`` is :class:`fedpersona.latency.AdaptiveSleep`: every 0.1 s for 30 s after the
-    device's last message, every ``poll_interval`` seconds when idle (instead of every 3 s). If the
-    installed Flower is laid out differently, it warns and runs unchanged. It also shortens the
-    SuperNode's object-pull backoff (:func:`fedpersona.latency.shorten_pull_backoff`).
+    under secure aggregation. This caps those sleeps at ``poll_interval`` by giving
+    ``flwr.supernode.start_client_internal`` a ``time`` module whose ``sleep`` is capped; if the
+    installed Flower is laid out differently, it warns and runs unchanged. Each SuperNode then asks the
+    SuperLink for messages every ``poll_interval`` seconds when idle, instead of every 3 s. It also
+    shortens the SuperNode's object-pull backoff (:mod:`fedpersona.latency`).
     """
     import types
     import warnings
 
     import flwr.supernode.start_client_internal as sci
 
-    from fedpersona.latency import AdaptiveSleep, shorten_pull_backoff
-
     if isinstance(getattr(sci, "time", None), types.ModuleType) and sci.time.__name__ == "time":
         real = sci.time
         capped = types.ModuleType("time")
         capped.__dict__.update(real.__dict__)
-        capped.sleep = AdaptiveSleep(poll_interval, active_poll=min(0.1, poll_interval), sleep=real.sleep,
-                                     clock=real.monotonic)
+        capped.sleep = lambda seconds: real.sleep(min(seconds, poll_interval))
         sci.time = capped
     else:
         warnings.warn("this Flower's SuperNode has no module-level `time`; its poll interval stays at 3 s", stacklevel=2)
+    from fedpersona.latency import shorten_pull_backoff
+
     if not shorten_pull_backoff(sci):
         warnings.warn("this Flower's SuperNode has no `pull_objects(initial_backoff=...)`; object pulls keep "
                       "Flower's 1-10 s backoff", stacklevel=2)

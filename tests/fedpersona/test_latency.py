@@ -50,20 +50,3 @@ def test_flowers_own_modules_have_the_expected_layout():
             assert shorten_pull_backoff(mod), mod.__name__
         finally:
             mod.pull_objects = getattr(original, "_fedpersona_original", original)
-
-
-def test_adaptive_sleep_is_quick_during_a_run_and_slow_when_idle():
-    from fedpersona.latency import AdaptiveSleep
-
-    now = [1000.0]
-    slept: list[float] = []
-    s = AdaptiveSleep(1.0, active_poll=0.1, active_window=30.0, sleep=slept.append, clock=lambda: now[0])
-    s(3)  # idle since start: Flower's 3 s idle wait becomes the idle poll
-    s(0.5)  # waiting for the ClientApp's reply: active
-    now[0] += 10
-    s(3)  # 10 s after the reply: the next stage is likely close
-    now[0] += 25
-    s(3)  # 35 s after the last activity: idle again
-    assert slept == [1.0, 0.1, 0.1, 1.0]
-    with pytest.raises(ValueError):
-        AdaptiveSleep(0.05, active_poll=0.1)
