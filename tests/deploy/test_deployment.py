@@ -242,7 +242,7 @@ def test_supernode_killed_mid_round_then_restarted(fed, tiny_model_dir):
     killed: dict[str, float] = {}
     # Freeze the victim's worker (SIGSTOP): it cannot answer the round's first message (train, or
     # query.advertise under secure aggregation). Once the other devices have theirs, and the victim's
-    # SuperNode has had time to poll (every 3 s), kill the victim's whole process tree with SIGKILL.
+    # SuperNode has had time to poll (every 1 s), kill the victim's whole process tree with SIGKILL.
     os.kill(victim.proc.pid, signal.SIGSTOP)
     round_seen: dict[str, float] = {}
 
@@ -276,8 +276,9 @@ def test_supernode_killed_mid_round_then_restarted(fed, tiny_model_dir):
     # round 1 completes from the other three; the killed device did not reply in time
     assert r1["applied"] and r1["contributors"] == 3 and r1["failed"] >= 1, r1
     assert "did not reply in time" in log
-    # the restarted device is back once the SuperLink has dropped its old session (~1 min): by round 3
-    assert r2["applied"] and r2["failed"] == 0, r2
+    # the restarted device is back once the SuperLink has dropped its old session: round 2 may still
+    # find it offline (then it completes from the other three), round 3 has all four
+    assert r2["applied"] and r2["contributors"] >= 3, r2
     assert r3["applied"] and r3["contributors"] == 4 and r3["failed"] == 0, r3
     after = _ledger(victim)
     assert after.rounds[: len(before.rounds)] == before.rounds  # restarted: never a fresh budget
