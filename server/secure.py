@@ -78,26 +78,13 @@ class SecureAggregator:
         """Collect the public keys of nodes not yet registered in this run; the failure reasons."""
         messages = [Message(content=RecordDict(), dst_node_id=n, message_type=ADVERTISE, group_id=str(server_round))
                     for n in nodes]
-        failures: list[str] = []
-        replied = set()
-        for reply in grid.send_and_receive(messages, timeout=timeout):
-            src = int(reply.metadata.src_node_id)
-            replied.add(src)
-            if reply.has_error():
-                failures.append(f"advertise: node {src}: {reply.error.reason}")
-                continue
-            try:
-                advert = from_records(reply.content)
-                if advert.get("client_id") != src:
-                    raise SecAggInputError(f"advertises keys for client {advert.get('client_id')!r}")
-                self.server.register(advert)
-                self._keys[src] = (bytes(advert["enc_pk"]), bytes(advert["mask_pk"]))
-            except (KeyError, SecAggInputError) as exc:
-                failures.append(f"advertise: node {src}: rejected key advertisement: {exc}")
-        missing = len(set(nodes) - replied)
-        if missing:
-            failures.append(f"advertise: {missing} node(s) did not reply in time")
-        return failures
+
+        def register(src: int, advert: dict) -> None:
+            self.server.register(_from(src, advert))
+            self._keys[src] = (bytes(advert["enc_pk"]), bytes(advert["mask_pk"]))
+
+        return _exchange(grid, messages, timeout=timeout, prefix="advertise: ", what="key advertisement",
+                         receive=register)
 
     # ------------------------------------------------------------------ a round
     def collect(
@@ -148,23 +135,8 @@ class SecureAggregator:
             req[SELF_ENC_PK], req[SELF_MASK_PK] = self._keys[n]
             body = RecordDict({**dict(content), **to_records(req)})
             messages.append(Message(content=body, dst_node_id=n, message_type="train", group_id=str(server_round)))
-        replied = set()
-        for reply in grid.send_and_receive(messages, timeout=timeout):
-            src = int(reply.metadata.src_node_id)
-            replied.add(src)
-            if reply.has_error():
-                failures.append(f"node {src}: {reply.error.reason}")
-                continue
-            try:
-                payload = from_records(reply.content)
-                if payload.get("client_id") != src:
-                    raise SecAggInputError(f"masked input claims client id {payload.get('client_id')!r}")
-                timed(rnd.receive_masked, payload)
-            except (KeyError, SecAggInputError) as exc:
-                failures.append(f"node {src}: rejected masked input: {exc}")
-        missing = len(set(members) - replied)
-        if missing:
-            failures.append(f"{missing} node(s) did not reply in time")
+        failures += _exchange(grid, messages, timeout=timeout, prefix="", what="masked input",
+                              receive=lambda src, payload: timed(rnd.receive_masked, _from(src, payload)))
 
         # ---- stage 2: unmasking by the survivors
         try:
@@ -174,23 +146,8 @@ class SecureAggregator:
         t0 = time.perf_counter()
         messages = [Message(content=RecordDict(to_records(req)), dst_node_id=n, message_type=UNMASK,
                             group_id=str(server_round)) for n, req in unmask.items()]
-        replied = set()
-        for reply in grid.send_and_receive(messages, timeout=timeout):
-            src = int(reply.metadata.src_node_id)
-            replied.add(src)
-            if reply.has_error():
-                failures.append(f"unmask: node {src}: {reply.error.reason}")
-                continue
-            try:
-                payload = from_records(reply.content)
-                if payload.get("client_id") != src:
-                    raise SecAggInputError(f"unmask reply claims client id {payload.get('client_id')!r}")
-                timed(rnd.receive_unmask, payload)
-            except (KeyError, SecAggInputError) as exc:
-                failures.append(f"unmask: node {src}: rejected unmask reply: {exc}")
-        missing = len(set(unmask) - replied)
-        if missing:
-            failures.append(f"unmask: {missing} node(s) did not reply in time")
+        failures += _exchange(grid, messages, timeout=timeout, prefix="unmask: ", what="unmask reply",
+                              receive=lambda src, payload: timed(rnd.receive_unmask, _from(src, payload)))
         info["secagg-unmask-seconds"] = time.perf_counter() - t0
         try:
             result = timed(rnd.finish)
@@ -220,3 +177,35 @@ class SecureAggregator:
         hidden = "a device declined (privacy budget spent); secure aggregation hides which"
         return RoundSum(unflatten(result.total, like), weight, metrics, trained, [hidden] * declined, failures,
                         info=info)
+
+
+def _from(src: int, payload: dict) -> dict:
+    """``payload`` if it names its sender as its client id (a node cannot speak for another)."""
+    if payload.get("client_id") != src:
+        raise SecAggInputError(f"claims client id {payload.get('client_id')!r}")
+    return payload
+
+
+def _exchange(grid: Grid, messages: list[Message], *, timeout: float | None, prefix: str, what: str,
+              receive: Callable[[int, dict], Any]) -> list[str]:
+    """Send ``messages``, hand each reply's secagg payload to ``receive(src, payload)``; the failures.
+
+    An error reply, a payload ``receive`` rejects (``KeyError`` / ``SecAggInputError``) and a node
+    that does not reply before ``timeout`` are dropouts at this stage, each one line in the result.
+    """
+    failures: list[str] = []
+    replied = set()
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        src = int(reply.metadata.src_node_id)
+        replied.add(src)
+        if reply.has_error():
+            failures.append(f"{prefix}node {src}: {reply.error.reason}")
+            continue
+        try:
+            receive(src, from_records(reply.content))
+        except (KeyError, SecAggInputError) as exc:
+            failures.append(f"{prefix}node {src}: rejected {what}: {exc}")
+    missing = len({m.metadata.dst_node_id for m in messages} - replied)
+    if missing:
+        failures.append(f"{prefix}{missing} node(s) did not reply in time")
+    return failures
