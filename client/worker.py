@@ -164,8 +164,15 @@ class Worker:
         from flwr.common.constant import ErrorCode, SubStatus
         from flwr.supercore.heartbeat import HeartbeatSender
         from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor
-        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+        from flwr.supernode.runtime import run_clientapp
+        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
         from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=no-name-in-module
+
+        from fedpersona.latency import shorten_pull_backoff
+
+        # The SuperNode hands out a task before it has fetched the message's objects from the
+        # SuperLink; a warm worker asks at once, so Flower's 1-10 s retry backoff would cost seconds.
+        shorten_pull_backoff(run_clientapp, "pull_and_inflate_object_from_tree")
 
         client = self._client(RuntimeTokenHttpInterceptor(token))
 
@@ -187,7 +194,7 @@ class Worker:
         t0 = time.perf_counter()
         try:
             try:
-                message, context, run = _pull_task_input(client)
+                message, context, run, _fab = pull_task_input(client)
                 t_pull = time.perf_counter() - t0
                 logger.info("%s task acquired (run %s, round %s)", message.metadata.message_type,
                             message.metadata.run_id, message.metadata.group_id or "-")
@@ -225,47 +232,6 @@ class Worker:
         kind = message.metadata.message_type if message is not None else "?"
         logger.info("%s task done in %.2f s (ClientApp %.2f s, %s); message bytes in %d out %d; pull %.2f s, push %.2f s",
                     kind, time.perf_counter() - t0, t_app, status, bytes_in, bytes_out, t_pull, t_push)
-
-
-def _pull_task_input(client):
-    """``flwr.supernode.runtime.run_clientapp.pull_task_input``, with a 0.05-0.5 s backoff (not 1-10 s).
-
-    The SuperNode hands out the task before it has fetched the message's objects from the SuperLink;
-    a ``flwr-clientapp`` process needs seconds to start, so it rarely notices, but a warm worker asks at
-    once and Flower's default backoff (1 s, doubling) then costs up to 7 s per message.
-    """
-    from flwr.common.serde import context_from_proto, run_from_proto
-    from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
-    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=no-name-in-module
-    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-        make_confirm_message_received_fn_protobuf,
-        make_pull_object_fn_protobuf,
-    )
-    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.app import Message
-
-    res = client.PullTaskInput(PullTaskInputRequest())
-    TaskIdentity.task_id = res.task_id
-    TaskIdentity.run_id = res.run.run_id
-    TaskIdentity.node_id = res.context.node_id
-    context = context_from_proto(res.context)
-    run = run_from_proto(res.run)
-    pulled = client.PullMessages(PullAppMessagesRequest())
-    if not pulled.messages_list:
-        raise RuntimeError("No messages received from the SuperNode's Runtime API")
-    node = Node(node_id=context.node_id)
-    tree = pulled.message_object_trees[0]
-    message = pull_and_inflate_object_from_tree(
-        tree,
-        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
-        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message,
-        initial_backoff=0.05,
-        backoff_cap=0.5,
-    )
-    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: not part of the content
-    return message, context, run
 
 
 def _content_bytes(message) -> int:

@@ -8,8 +8,10 @@ On loopback or a LAN the upload takes milliseconds, so the first retry alone add
 message: three times a round under secure aggregation, on the device and on the server.
 
 :func:`shorten_pull_backoff` rebinds ``pull_objects`` in one Flower module (the SuperNode's
-``flwr.supernode.start_client_internal``, the ServerApp's ``flwr.superlink.grid.http_grid``) to the
-same function with a 0.05 s initial backoff capped at 0.5 s. Only the waiting changes: the same
+``flwr.supernode.start_client_internal``, the ServerApp's ``flwr.superlink.grid.http_grid``), or
+``pull_and_inflate_object_from_tree`` in ``flwr.supernode.runtime.run_clientapp`` (the warm worker
+pulling a message from its SuperNode), to the same function with a 0.05 s initial backoff capped
+at 0.5 s. Only the waiting changes: the same
 retries, the same time limit, the same errors. If the module has no such function (another Flower
 layout), it returns False and nothing changes.
 """
@@ -27,11 +29,13 @@ INITIAL_BACKOFF = 0.05
 BACKOFF_CAP = 0.5
 
 
-def shorten_pull_backoff(module: ModuleType, *, initial: float = INITIAL_BACKOFF, cap: float = BACKOFF_CAP) -> bool:
-    """Make ``module.pull_objects`` retry after ``initial`` s (doubling, at most ``cap`` s). Idempotent."""
+def shorten_pull_backoff(module: ModuleType, name: str = "pull_objects", *, initial: float = INITIAL_BACKOFF,
+                         cap: float = BACKOFF_CAP) -> bool:
+    """Make ``module.<name>`` (a Flower object-pull function taking ``initial_backoff`` and ``backoff_cap``)
+    retry after ``initial`` s, doubling, at most ``cap`` s. Idempotent."""
     if not 0 < initial <= cap:
         raise ValueError(f"need 0 < initial <= cap. You passed: initial={initial!r}, cap={cap!r}")
-    fn = getattr(module, "pull_objects", None)
+    fn = getattr(module, name, None)
     if fn is None or not callable(fn):
         return False
     base = getattr(fn, "_fedpersona_original", fn)
@@ -43,6 +47,6 @@ def shorten_pull_backoff(module: ModuleType, *, initial: float = INITIAL_BACKOFF
         return False
     fast = functools.partial(base, initial_backoff=initial, backoff_cap=cap)
     fast._fedpersona_original = base  # type: ignore[attr-defined]
-    module.pull_objects = fast
-    logger.debug("%s.pull_objects: backoff %.2f-%.2f s", module.__name__, initial, cap)
+    setattr(module, name, fast)
+    logger.debug("%s.%s: backoff %.2f-%.2f s", module.__name__, name, initial, cap)
     return True

@@ -42,11 +42,14 @@ def test_other_layouts_are_left_alone():
 def test_flowers_own_modules_have_the_expected_layout():
     # if a Flower upgrade moves these, the deployment would silently get slower: fail here instead
     import flwr.superlink.grid.http_grid as grid
+    import flwr.supernode.runtime.run_clientapp as clientapp
     import flwr.supernode.start_client_internal as supernode
 
-    for mod in (grid, supernode):
-        original = mod.pull_objects
+    for mod, name in ((grid, "pull_objects"), (supernode, "pull_objects"),
+                      (clientapp, "pull_and_inflate_object_from_tree")):
+        original = getattr(mod, name)
         try:
-            assert shorten_pull_backoff(mod), mod.__name__
+            assert shorten_pull_backoff(mod, name), f"{mod.__name__}.{name}"
+            assert getattr(mod, name).keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5}
         finally:
-            mod.pull_objects = getattr(original, "_fedpersona_original", original)
+            setattr(mod, name, getattr(original, "_fedpersona_original", original))
