@@ -13,7 +13,7 @@ Message types:
   aggregation on refuses a train request without the masked-input request.
 * ``query.advertise`` — out: ``secagg``: the device's long-term public keys (once per run).
 * ``query.unmask`` — in: ``secagg`` / ``secagg-arrays`` (survivors, forwarded shares).
-  Out: the shares the server needs to unmask the survivors' sum (:mod:`client.secure`).
+  Out: the shares the server needs to unmask the survivors' sum (:mod:`client.secagg`).
 * ``evaluate`` — in: ``shared``. Out: ``metrics`` with the device's held-out
   figures (base, shared, personalized, local-only) and ``identity`` (the user label).
 """
@@ -27,12 +27,12 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import secure
+from client import secagg
 from client.device import LEDGER, BudgetExhausted, Device, state_dir_for
-from client.inventory import inventory_mod
+from client.flow_log import inventory_mod
 from client.store import DeviceStore, StateError
 from fedpersona.config import Config, load_config
-from fedpersona.secure import from_records, has_request, to_records
+from fedpersona.secagg_wire import from_records, has_request, to_records
 from fedpersona.wire import to_record, unpack_shared
 from privacy.secagg import SecAggAbort
 
@@ -98,16 +98,16 @@ def train(message: Message, context: Context) -> Message:
 def _secure_train(message: Message, context: Context, device: Device, shared: dict, server_round: int) -> Message:
     """Train, then reply with only the masked payload (a declining device masks a zero vector)."""
     request = from_records(message.content)
-    client = secure.check_request(device.store, device.cfg, context.node_id, request, shared)
+    client = secagg.check_request(device.store, device.cfg, context.node_id, request, shared)
     try:
         update, metrics = device.train_round(shared, server_round=server_round)
     except BudgetExhausted as exc:
         logger.info("%s (sending a masked zero update)", exc)
         update, metrics = None, None
-    payload = secure.masked_input(client, device.cfg, request, update, metrics)
+    payload = secagg.masked_input(client, device.cfg, request, update, metrics)
     if device.cfg.secagg.ddp and update is not None:
         ledger = device.load_ledger()
-        entry = secure.record_user_level(ledger, device.cfg, dim=int(request["length"]), server_round=server_round)
+        entry = secagg.record_user_level(ledger, device.cfg, dim=int(request["length"]), server_round=server_round)
         device.store.save_text(LEDGER, ledger.to_json())  # before replying, like the DP-SGD ledger
         logger.info("%s round %d: distributed-DP user-level epsilon %.3f (delta %g)", device.user_id, server_round,
                     entry["epsilon"], entry["delta"])
@@ -119,7 +119,7 @@ def advertise(message: Message, context: Context) -> Message:
     """The device's long-term secure-aggregation public keys (created on the first call)."""
     try:
         cfg, store = _store(context)
-        payload = secure.advertise(store, cfg, context.node_id)
+        payload = secagg.advertise(store, cfg, context.node_id)
     except (StateError, ValueError, KeyError) as exc:
         return _error(message, exc)
     return Message(RecordDict(to_records(payload)), reply_to=message)
@@ -130,7 +130,7 @@ def unmask(message: Message, context: Context) -> Message:
     """Second stage of secure aggregation: the shares for the survivors' sum."""
     try:
         cfg, store = _store(context)
-        payload = secure.unmask(store, cfg, context.node_id, from_records(message.content))
+        payload = secagg.unmask(store, cfg, context.node_id, from_records(message.content))
     except (StateError, ValueError, KeyError, SecAggAbort) as exc:
         return _error(message, exc)
     return Message(RecordDict(to_records(payload)), reply_to=message)

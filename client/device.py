@@ -34,7 +34,7 @@ from privacy.ledger import PrivacyLedger, calibrate_noise
 logger = logging.getLogger(__name__)
 
 LEDGER = "ledger"
-PERSONAL = "personal"
+HEAD_FILE = "personal"
 BASELINE = "local-baseline"
 BASELINE_LEDGER = "ledger-local-baseline"
 
@@ -158,7 +158,7 @@ class Device:
 
     # ------------------------------------------------------------- rounds
     def _personal(self) -> dict[str, torch.Tensor]:
-        state = self.store.load_tensors(PERSONAL)
+        state = self.store.load_tensors(HEAD_FILE)
         return state if state is not None else self.model.fresh_personal_state()
 
     def _heldout(self) -> dict[str, float]:
@@ -201,7 +201,7 @@ class Device:
         update = {n: (after[n] - shared[n].to(after[n].dtype)) * weight for n in after}
         # Persist before replying: a lost reply must never hand back privacy budget.
         self.store.save_text(LEDGER, ledger.to_json())
-        self.store.save_tensors(PERSONAL, self.model.personal_state())
+        self.store.save_tensors(HEAD_FILE, self.model.personal_state())
         eps = self.epsilon(ledger)
         metrics.update(
             {

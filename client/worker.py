@@ -168,7 +168,7 @@ class Worker:
         from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
         from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=no-name-in-module
 
-        from fedpersona.latency import shorten_pull_backoff
+        from fedpersona.flower_patches import shorten_pull_backoff
 
         # The SuperNode hands out a task before it has fetched the message's objects from the
         # SuperLink; a warm worker asks at once, so Flower's 1-10 s retry backoff would cost seconds.

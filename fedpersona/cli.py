@@ -35,7 +35,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from server.report import summary_table
+    from server.run_report import summary_table
     from simulations.runner import run
 
     metrics = run(args.scenario, _overrides(args.set), cpus=args.cpus)

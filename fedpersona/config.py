@@ -174,7 +174,6 @@ class ServerConfig:
     min_clients: int = 2
     optimizer: str = "fedavg"
     lr: float = 1.0
-    update_clip: float = 0.0
     round_timeout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -192,8 +191,6 @@ class ServerConfig:
             raise _bad("server.optimizer", self.optimizer, f"must be one of {SERVER_OPTIMIZERS}")
         if not self.lr > 0:
             raise _bad("server.lr", self.lr, "must be positive")
-        if self.update_clip < 0:
-            raise _bad("server.update-clip", self.update_clip, "must be >= 0 (0 turns clipping off)")
         if self.round_timeout < 0:
             raise _bad("server.round-timeout", self.round_timeout, "must be >= 0 (0 waits without limit)")
 
@@ -376,18 +373,13 @@ def load_config(raw: Mapping[str, Any] | None = None, *, env: bool = True) -> Co
 
 
 def _check_secagg(cfg: Config) -> None:
-    """Cross-section checks of ``secagg.*`` (the cohort size fixes the graph and the modulus)."""
+    """Cross-section ranges of ``secagg.*``; whether the protocol can meet them (graph, modulus, noise) is
+    :func:`privacy.secagg.settings.secagg_config`, which every run path calls before it starts."""
     s, n = cfg.secagg, cfg.server.clients_per_round
     if s.ddp and s.ddp_min_clients > n:
         raise _bad("secagg.ddp-min-clients", s.ddp_min_clients, f"must be at most server.clients-per-round={n}")
     if s.threshold > n:
         raise _bad("secagg.threshold", s.threshold, f"must be at most server.clients-per-round={n}")
-    from fedpersona.secure import secagg_config  # late: it imports the protocol library
-
-    try:
-        secagg_config(cfg)
-    except ValueError as exc:
-        raise _bad("secagg.scale", s.scale, f"with secagg.clip-norm={s.clip_norm} and cohorts of {n}: {str(exc).rstrip('.')}") from None
 
 
 def read_scenario(path: str | Path) -> dict[str, Any]:

@@ -502,7 +502,7 @@ def flower_supernode_with_poll(poll_interval: float, argv: list[str]) -> None:
     ``flwr.supernode.start_client_internal`` a ``time`` module whose ``sleep`` is capped; if the
     installed Flower is laid out differently, it warns and runs unchanged. Each SuperNode then asks the
     SuperLink for messages every ``poll_interval`` seconds when idle, instead of every 3 s. It also
-    shortens the SuperNode's object-pull backoff (:mod:`fedpersona.latency`).
+    shortens the SuperNode's object-pull backoff (:mod:`fedpersona.flower_patches`).
     """
     import types
     import warnings
@@ -517,7 +517,7 @@ def flower_supernode_with_poll(poll_interval: float, argv: list[str]) -> None:
         sci.time = capped
     else:
         warnings.warn("this Flower's SuperNode has no module-level `time`; its poll interval stays at 3 s", stacklevel=2)
-    from fedpersona.latency import shorten_pull_backoff
+    from fedpersona.flower_patches import shorten_pull_backoff
 
     if not shorten_pull_backoff(sci):
         warnings.warn("this Flower's SuperNode has no `pull_objects(initial_backoff=...)`; object pulls keep "

@@ -304,12 +304,6 @@ class AdaptedModel:
         finally:
             self.load_personal_state(saved)
 
-    def peft_state_for_checkpoint(self) -> dict[str, torch.Tensor]:
-        """The shared adapter in peft's own key format (A and B), for ``save_pretrained``-style checkpoints."""
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.peft, adapter_name=SHARED, save_embedding_layers=False)
-
 
 @functools.lru_cache(maxsize=2)
 def adapted_model(path: str, adapter_cfg: AdapterConfig, seed: int) -> AdaptedModel:

@@ -23,10 +23,10 @@ from fedpersona.model import adapted_model
 from fedpersona.wire import pack_shared
 from server.aggregation import Aggregator, send_and_collect
 from server.checkpoint import latest_checkpoint, save_checkpoint
-from server.inventory import ServerInventory
+from server.flow_log import ServerInventory
 from server.optim import ServerOptimizer
-from server.report import read_json, summarize_users, summary_table, write_outputs
-from server.secure import build_aggregator
+from server.run_report import read_json, summarize_users, summary_table, write_outputs
+from server.secagg import build_aggregator
 
 logger = logging.getLogger(__name__)
 

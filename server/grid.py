@@ -17,7 +17,7 @@ from typing import Any
 
 from flwr.app import Message
 
-from fedpersona.latency import shorten_pull_backoff
+from fedpersona.flower_patches import shorten_pull_backoff
 
 POLL_INTERVAL = 0.2
 
@@ -26,7 +26,7 @@ class FastPollGrid:
     """Wraps a Flower ``Grid``; only ``send_and_receive`` differs (its polling interval).
 
     For the deployment Grid it also shortens the backoff with which replies' objects are pulled
-    (:func:`fedpersona.latency.shorten_pull_backoff` on the Grid's module).
+    (:func:`fedpersona.flower_patches.shorten_pull_backoff` on the Grid's module).
     """
 
     def __init__(self, grid: Any, *, interval: float = POLL_INTERVAL) -> None:

@@ -12,7 +12,7 @@ degree k + 1, its ``reconstruction_threshold`` = our t.
   SecAggPlusWorkflow(...))`` with a ``LegacyContext`` and ``FedAvg`` on the server; a
   ``NumPyClient`` whose ``fit`` returns the vector, behind ``secaggplus_mod``. 4 exchanges per
   round (setup, share keys, collect masked vectors, unmask).
-* **Ours**: :class:`server.secure.SecureAggregator` (the code the fedpersona ServerApp runs)
+* **Ours**: :class:`server.secagg.SecureAggregator` (the code the fedpersona ServerApp runs)
   and a ClientApp that answers ``query.advertise`` / ``train`` / ``query.unmask`` with
   :class:`privacy.secagg.SecAggClient`, its long-term keys kept in the node's
   ``context.state``. 2 exchanges per round plus the key advertisement in round 1.
@@ -64,7 +64,7 @@ def bench_config(n: int):
 
 
 def graph_params(n: int) -> tuple[int, int]:
-    from fedpersona.secure import secagg_config
+    from privacy.secagg.settings import secagg_config
 
     k, t, _ = secagg_config(bench_config(n)).round_params(n)
     return k, t
@@ -89,7 +89,8 @@ def _flower_apps():
     def client_fn(context: Context):
         import torch  # noqa: F401  - the same imports as our ClientApp: round 1 then costs both sides alike
 
-        import fedpersona.secure  # noqa: F401
+        import fedpersona.secagg_wire  # noqa: F401
+        import privacy.secagg.settings  # noqa: F401
         import fedpersona.wire  # noqa: F401
 
         _, d, _ = _settings()
@@ -137,10 +138,11 @@ def _our_apps():
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
 
-    from fedpersona.secure import SELF_ENC_PK, SELF_MASK_PK, from_records, secagg_config, to_records
+    from fedpersona.secagg_wire import SELF_ENC_PK, SELF_MASK_PK, from_records, to_records
+    from privacy.secagg.settings import secagg_config
     from fedpersona.wire import pack_shared, unpack_shared
     from privacy.secagg import ClientKeys, SecAggClient
-    from server.secure import SecureAggregator
+    from server.secagg import SecureAggregator
 
     client = ClientApp()
 

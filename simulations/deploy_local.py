@@ -120,7 +120,7 @@ class Proc:
 
 
 @dataclass
-class Device:
+class LocalDevice:
     name: str
     user_id: str
     data_dir: Path
@@ -141,7 +141,7 @@ class LocalFederation:
     warm: bool = True
     torch_threads: int = 1
     port: int = 0
-    devices: dict[str, Device] = field(default_factory=dict)
+    devices: dict[str, LocalDevice] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -233,7 +233,7 @@ class LocalFederation:
         )
         return path
 
-    def add_device(self, name: str, user_id: str, pairs: list[tuple[str, str]]) -> Device:
+    def add_device(self, name: str, user_id: str, pairs: list[tuple[str, str]]) -> LocalDevice:
         """The user's data folder (``speeches.jsonl``) and state folder, and the device's key pair."""
         data_dir = self.root / "devices" / name / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -241,18 +241,18 @@ class LocalFederation:
             for cue, reply in pairs:
                 fh.write(json.dumps({"cue": cue, "reply": reply}, ensure_ascii=False) + "\n")
         key = self.creds_dir / "supernodes" / name
-        dev = Device(name, user_id, data_dir, self.root / "devices" / name / "state", key,
+        dev = LocalDevice(name, user_id, data_dir, self.root / "devices" / name / "state", key,
                      key.with_name(name + ".pub"), free_port())
         self.devices[name] = dev
         return dev
 
-    def register(self, dev: Device) -> int:
+    def register(self, dev: LocalDevice) -> int:
         cp = self._flwr("supernode", "register", str(dev.public_key), CONNECTION, "--name", dev.name, "--format", "json")
         out = _last_json(cp.stdout)
         dev.node_id = int(out["node-id"])
         return dev.node_id
 
-    def start_device(self, dev: Device, *, key: Path | None = None, insecure: bool = False,
+    def start_device(self, dev: LocalDevice, *, key: Path | None = None, insecure: bool = False,
                      max_retries: int | None = None, extra_env: dict[str, str] | None = None,
                      name: str | None = None) -> Proc:
         """``fedpersona supernode`` for ``dev`` (TLS + its key unless ``insecure``).
@@ -276,12 +276,12 @@ class LocalFederation:
             dev.proc, dev.started_at = proc, time.time()
         return proc
 
-    def stop_device(self, dev: Device, *, sig: int = signal.SIGTERM) -> None:
+    def stop_device(self, dev: LocalDevice, *, sig: int = signal.SIGTERM) -> None:
         if dev.proc is not None:
             stop_tree(dev.proc.pid, sig=sig)
             dev.proc.popen.wait(timeout=10)
 
-    def wait_connected(self, devices: list[Device], *, timeout: float = 180.0) -> None:
+    def wait_connected(self, devices: list[LocalDevice], *, timeout: float = 180.0) -> None:
         """Until every device's worker has loaded the ClientApp and its SuperNode holds a node id."""
         deadline = time.monotonic() + timeout
         pending = list(devices)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from client.data import format_prompt
-from client.device import PERSONAL, slug
+from client.device import HEAD_FILE, slug
 from client.store import DeviceStore
 from fedpersona.model import adapted_model
 from server.checkpoint import latest_checkpoint
@@ -45,7 +45,7 @@ def generate(
     model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
     model.load_shared_state(ckpt[1])
     store = DeviceStore(Path(cfg.run.state_dir) / cfg.run.name / slug(user_id))
-    head = store.load_tensors(PERSONAL)
+    head = store.load_tensors(HEAD_FILE)
     if head is None:
         raise ValueError(f"{user_id} has no personal head yet (never sampled in run '{cfg.run.name}')")
     model.load_personal_state(head)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpersona.config import CONFIG_ENV, Config, load_config, read_scenario
+from privacy.secagg.settings import secagg_config
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,9 @@ def resolve(scenario: str | None, overrides: dict[str, Any]) -> tuple[dict[str, 
     # Absolute folders: Ray workers may not share the launcher's working directory.
     flat["run.results-dir"] = str(Path(cfg.run.results_dir).resolve())
     flat["run.state-dir"] = str(Path(cfg.run.state_dir).resolve())
-    return flat, load_config(flat, env=False)
+    cfg = load_config(flat, env=False)
+    secagg_config(cfg)  # the protocol's check of secagg.* (graph, modulus, noise), before anything starts
+    return flat, cfg
 
 
 def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *, cpus: int | None = None) -> dict:

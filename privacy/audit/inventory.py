@@ -1,7 +1,7 @@
 """Checks on the data-flow inventory: nothing personal, no token ids, no text ever left a device.
 
-The devices record every reply they send (:mod:`client.inventory`), the server what it saw
-(:mod:`server.inventory`). :func:`verify_inventory` checks a device's lines against these rules,
+The devices record every reply they send (:mod:`client.flow_log`), the server what it saw
+(:mod:`server.flow_log`). :func:`verify_inventory` checks a device's lines against these rules,
 row by row:
 
 1. **No personal-head tensor**: no array whose name contains ``.personal.`` or is a name of the

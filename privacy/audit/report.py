@@ -66,7 +66,7 @@ def _independent_epsilon(history: list[tuple[float, float, int]], delta: float) 
 def read_device(state_dir: Path, *, delta: float, target_epsilon: float | None, dp: bool = True,
                 label: str | None = None) -> dict:
     """Everything the audit needs from one device's state folder (errors are reported, not raised)."""
-    from client.inventory import read_inventory
+    from client.flow_log import read_inventory
     from client.store import DeviceStore
     from privacy.ledger import PrivacyLedger
 
@@ -133,7 +133,7 @@ def build_audit(run_dir: str | Path | None = None, *, state_dir: str | Path | No
                 target_epsilon: float | None = None) -> dict:
     """Gather ledgers, inventories, the server's view and the empirical results; check them."""
     from privacy.audit.experiment import read_empirical
-    from server.inventory import read_server_inventory
+    from server.flow_log import read_server_inventory
 
     if run_dir is None and device_dir is None:
         raise ValueError("give a run folder, or --device with a device's state folder")

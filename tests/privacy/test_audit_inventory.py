@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 import client.app as client_app
-from client.inventory import INVENTORY_FILE, read_inventory
+from client.flow_log import INVENTORY_FILE, read_inventory
 from client.store import DeviceStore
 from fedpersona.config import load_config
 from fedpersona.model import adapted_model
 from privacy.audit.inventory import check_completeness, personal_digests, summarize_inventory, verify_inventory
 from server.federation import run_federation
-from server.inventory import read_server_inventory
+from server.flow_log import read_server_inventory
 from simulations.inprocess import InProcessGrid
 from tests.privacy.audit_helpers import one_thread
 

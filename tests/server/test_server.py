@@ -7,7 +7,7 @@ import torch
 from server.checkpoint import latest_checkpoint, save_checkpoint
 from server.federation import sample_cohort
 from server.optim import ServerOptimizer
-from server.report import distribution, summarize_users, summary_table, write_outputs
+from server.run_report import distribution, summarize_users, summary_table, write_outputs
 
 
 def test_checkpoint_round_trip_and_latest(tmp_path):

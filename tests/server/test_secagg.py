@@ -13,16 +13,17 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 
 import client.app as client_app
-import client.inventory as client_inventory
+import client.flow_log as client_inventory
 from client.device import BudgetExhausted
 from client.store import DeviceStore
 from fedpersona.config import CONFIG_ENV, load_config
-from fedpersona.secure import ARRAYS, RECORD, secagg_config
+from fedpersona.secagg_wire import ARRAYS, RECORD
+from privacy.secagg.settings import secagg_config
 from fedpersona.wire import to_record
 from privacy.ledger import PrivacyLedger
 from privacy.secagg.quantize import unpack_bits
 from server.aggregation import PlainAggregator
-from server.secure import SecureAggregator, build_aggregator
+from server.secagg import SecureAggregator, build_aggregator
 
 RUN_ID = 4242
 SHARED = {"a.lora_B.shared.weight": torch.zeros(24, 4), "b.lora_B.shared.weight": torch.zeros(10, 4)}

@@ -1,4 +1,4 @@
-"""What the ServerApp and the ClientApp agree on for secure aggregation (SecAgg+, :mod:`privacy.secagg`).
+"""The secure-aggregation settings both apps derive from the run config (SecAgg+, :mod:`privacy.secagg`).
 
 Both sides derive everything from the run's :class:`~fedpersona.config.Config`, so nothing here
 is negotiated over the wire (and a client checks the server's round parameters against it):
@@ -8,60 +8,30 @@ is negotiated over the wire (and a client checks the server's round parameters a
   distributed-DP noise when ``secagg.ddp`` is on;
 * :func:`extras_specs`: the scalars masked together with the update (example count, ``trained``,
   ``clipped``, the training metrics): the server learns only their cohort totals;
-* :func:`flatten` / :func:`unflatten`: the vector layout, shared tensors in sorted-name order;
-* :func:`to_records` / :func:`from_records`: a protocol payload (a dict of ints, bytes and 1-D
-  arrays) as Flower records, a ``ConfigRecord`` named ``secagg`` and an ``ArrayRecord`` named
-  ``secagg-arrays`` (integers travel as ``uint64``: Flower node ids use all 64 bits);
 * :func:`ddp_user_epsilon` / :func:`record_ddp`: the user-level epsilon of the distributed
   discrete Gaussian, and its entry in a device's privacy ledger.
 
 A client's weight is ``n / data.max-examples`` (``n`` its training examples), so what it adds to
 the sum, ``weight * (new - old)``, has norm ``<= secagg.clip-norm`` after clipping and the
 server's mean ``sum / sum(weight)`` is the example-weighted FedAvg mean.
+
+The vector layout and the record codec are :mod:`fedpersona.secagg_wire`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
-from typing import Any
-
-import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedpersona.config import Config
-from privacy.secagg import ExtraSpec, SecAggConfig, ddp_epsilon, local_noise_stddev
+from privacy.ledger import PrivacyLedger
+from privacy.secagg.ddp import ddp_epsilon, local_noise_stddev
+from privacy.secagg.protocol import SecAggConfig
+from privacy.secagg.quantize import ExtraSpec
 
-__all__ = [
-    "ADVERTISE",
-    "ARRAYS",
-    "RECORD",
-    "SELF_ENC_PK",
-    "SELF_MASK_PK",
-    "UNMASK",
-    "ddp_min_clients",
-    "ddp_user_epsilon",
-    "extras_specs",
-    "flatten",
-    "from_records",
-    "has_request",
-    "record_ddp",
-    "secagg_config",
-    "to_records",
-    "unflatten",
-]
+__all__ = ["DDP_MECHANISM", "ddp_mechanism", "ddp_min_clients", "ddp_user_epsilon", "extras_specs",
+           "quantization_scale", "record_ddp", "secagg_config"]
 
-RECORD = "secagg"
-ARRAYS = "secagg-arrays"
-#: Message types of the two exchanges secure aggregation adds (the masked input rides on ``train``).
-ADVERTISE = "query.advertise"
-UNMASK = "query.unmask"
-#: Fields the server adds to a node's masked-input request: the public keys it registered for the
-#: node, so that a device whose keys changed since it advertised fails clearly (its masks would
-#: not cancel and the sum would be garbage).
-SELF_ENC_PK, SELF_MASK_PK = "self_enc_pk", "self_mask_pk"
 #: Mechanism label of distributed-DP entries in a device's privacy ledger.
 DDP_MECHANISM = "secagg-ddg"
 
@@ -118,6 +88,20 @@ def quantization_scale(cfg: Config) -> float:
 
 @functools.lru_cache(maxsize=16)
 def secagg_config(cfg: Config) -> SecAggConfig:
+    """The protocol settings of the run; ``ValueError`` naming ``secagg.scale`` when they cannot be met.
+
+    The cohort size fixes the graph and the modulus, so this is the cross-section check of
+    ``secagg.*`` that :func:`fedpersona.config.load_config` (ranges only) leaves to the protocol.
+    """
+    try:
+        return _derive(cfg)
+    except ValueError as exc:
+        s = cfg.secagg
+        raise ValueError(f"Invalid config value for 'secagg.scale': with secagg.clip-norm={s.clip_norm} and cohorts "
+                         f"of {cfg.server.clients_per_round}: {str(exc).rstrip('.')}. You passed: {s.scale!r}") from None
+
+
+def _derive(cfg: Config) -> SecAggConfig:
     s = cfg.secagg
     scale = quantization_scale(cfg)
     noise = 0.0
@@ -135,60 +119,6 @@ def secagg_config(cfg: Config) -> SecAggConfig:
     return SecAggConfig(clip_norm=s.clip_norm, scale=scale, max_cohort=max(2, cfg.server.clients_per_round),
                         extras=extras_specs(cfg), noise_stddev=noise, degree=s.degree or None,
                         threshold=s.threshold or None, min_survivors=min_survivors)
-
-
-# --------------------------------------------------------------------------- vector layout
-def flatten(tensors: Mapping[str, torch.Tensor]) -> np.ndarray:
-    """The tensors in sorted-name order as one float64 vector."""
-    if not tensors:
-        return np.zeros(0, dtype=np.float64)
-    return np.concatenate([tensors[n].detach().cpu().reshape(-1).double().numpy() for n in sorted(tensors)])
-
-
-def unflatten(vec: np.ndarray, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`flatten` with the names, shapes and dtypes of ``like``."""
-    out, i = {}, 0
-    for n in sorted(like):
-        t = like[n]
-        k = t.numel()
-        out[n] = torch.from_numpy(np.asarray(vec[i:i + k], dtype=np.float64).copy()).reshape(t.shape).to(t.dtype)
-        i += k
-    if i != len(vec):
-        raise ValueError(f"vector has {len(vec)} coordinates, the shared tensors {i}")
-    return out
-
-
-# --------------------------------------------------------------------------- record codec
-def to_records(payload: Mapping[str, Any]) -> dict[str, ConfigRecord | ArrayRecord]:
-    """A protocol payload as the ``secagg`` ConfigRecord (scalars, bytes) and ``secagg-arrays`` ArrayRecord."""
-    config, arrays = {}, ArrayRecord()
-    for key, value in payload.items():
-        if isinstance(value, np.ndarray):
-            arrays[key] = Array(np.ascontiguousarray(value))
-        elif isinstance(value, (bool, np.bool_)):
-            config[key] = bool(value)
-        elif isinstance(value, (int, np.integer)):
-            config[key] = int(value)
-        elif isinstance(value, (float, np.floating, bytes, str)):
-            config[key] = value if isinstance(value, (bytes, str)) else float(value)
-        else:
-            raise TypeError(f"secagg payload field {key!r} has unsupported type {type(value).__name__}")
-    return {RECORD: ConfigRecord(config), ARRAYS: arrays}
-
-
-def has_request(content: RecordDict) -> bool:
-    return RECORD in content.config_records
-
-
-def from_records(content: RecordDict) -> dict[str, Any]:
-    """Inverse of :func:`to_records`; ``KeyError`` naming the record if it is absent."""
-    if RECORD not in content.config_records:
-        raise KeyError(f"the message carries no '{RECORD}' record")
-    out: dict[str, Any] = dict(content.config_records[RECORD].items())
-    if ARRAYS in content.array_records:
-        for key, arr in content.array_records[ARRAYS].items():
-            out[key] = arr.numpy()
-    return out
 
 
 # --------------------------------------------------------------------------- distributed DP
@@ -211,7 +141,7 @@ def ddp_mechanism(cfg: Config, dim: int) -> str:
             f"scale={quantization_scale(cfg):g}, min-clients={ddp_min_clients(cfg)}, dim={dim})")
 
 
-def record_ddp(ledger, cfg: Config, *, dim: int, round: int) -> dict:
+def record_ddp(ledger: PrivacyLedger, cfg: Config, *, dim: int, round: int) -> dict:
     """Add this round's user-level entry to ``ledger``: the epsilon over every round this user sent noise.
 
     Rounds with the same mechanism compose in RDP; entries of other parameter settings (an

@@ -33,10 +33,10 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedpersona.config import Config
-from fedpersona.secure import (ADVERTISE, SELF_ENC_PK, SELF_MASK_PK, UNMASK, ddp_min_clients, ddp_user_epsilon,
-                               from_records, secagg_config, to_records, unflatten)
+from fedpersona.secagg_wire import ADVERTISE, SELF_ENC_PK, SELF_MASK_PK, UNMASK, from_records, to_records, unflatten
 from fedpersona.wire import unpack_shared
 from privacy.secagg import SecAggAbort, SecAggInputError, SecAggServer, SecureRNG
+from privacy.secagg.settings import ddp_min_clients, ddp_user_epsilon, secagg_config
 from server.aggregation import Aggregator, PlainAggregator, RoundSum
 
 __all__ = ["SecureAggregator", "build_aggregator"]

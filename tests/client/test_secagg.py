@@ -8,19 +8,20 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 import client.app as client_app
-import client.inventory as client_inventory
-from client.inventory import read_inventory
-from client.secure import KEYS, device_keys
+import client.flow_log as client_inventory
+from client.flow_log import read_inventory
+from client.secagg import KEYS, device_keys
 from client.store import DeviceStore
 from fedpersona.config import CONFIG_ENV, load_config
 from fedpersona.model import adapted_model
-from fedpersona.secure import ARRAYS, RECORD, SELF_ENC_PK, SELF_MASK_PK, from_records, secagg_config, to_records
+from fedpersona.secagg_wire import ARRAYS, RECORD, SELF_ENC_PK, SELF_MASK_PK, from_records, to_records
+from privacy.secagg.settings import secagg_config
 from fedpersona.wire import to_record
 from privacy.audit.inventory import verify_inventory
 from privacy.ledger import PrivacyLedger
 from privacy.secagg import SecAggClient, SecAggServer
-from server.secure import SecureAggregator
-from tests.server.test_secure import FakeGrid
+from server.secagg import SecureAggregator
+from tests.server.test_secagg import FakeGrid
 
 RUN_ID = 77
 LINES = ["Nay, answer me: stand, and unfold yourself.", "Long live the king!", "Not a mouse stirring.",

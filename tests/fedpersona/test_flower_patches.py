@@ -1,4 +1,4 @@
-"""fedpersona.latency: Flower's object-pull backoff shortened, nothing else changed."""
+"""fedpersona.flower_patches: Flower's object-pull backoff shortened, nothing else changed."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from fedpersona.latency import shorten_pull_backoff
+from fedpersona.flower_patches import shorten_pull_backoff
 
 
 def _module():

@@ -2,7 +2,7 @@
 
 The device's two long-term X25519 key pairs live in its encrypted store under ``secagg-keys``
 (created by its first key advertisement, reused in every later round and run; never in a
-message). Per round (:mod:`server.secure` drives the exchanges):
+message). Per round (:mod:`server.secagg` drives the exchanges):
 
 * :func:`check_request`, *before* training: the masked-input request is addressed to this
   node, is for a vector of the shared adapter's length, and names the public keys this device
@@ -27,8 +27,9 @@ import torch
 
 from client.store import DeviceStore
 from fedpersona.config import Config
-from fedpersona.secure import SELF_ENC_PK, SELF_MASK_PK, extras_specs, flatten, record_ddp, secagg_config
+from fedpersona.secagg_wire import SELF_ENC_PK, SELF_MASK_PK, flatten
 from privacy.secagg import ClientKeys, SecAggClient, SecAggInputError
+from privacy.secagg.settings import extras_specs, record_ddp, secagg_config
 
 __all__ = ["KEYS", "advertise", "check_request", "device_keys", "masked_input", "unmask"]
 

@@ -5,7 +5,7 @@ One JSON line per round (``"stage": "train"``) and one for the final evaluation
 cohort's summed update: names, shapes and a digest; the summed weight and metrics; counts)
 and whether the server also saw each client's individual update (plain aggregation) or only
 the sum (secure aggregation). A resumed run appends again; readers keep the last line per
-round. The devices' half is :mod:`client.inventory`.
+round. The devices' half is :mod:`client.flow_log`.
 """
 
 from __future__ import annotations
