@@ -25,13 +25,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _overrides(pairs: list[str]) -> dict:
-    from fedpersona.config import parse_override
+    from fedpersona.config import parse_overrides
 
-    out = {}
-    for text in pairs:
-        k, v = parse_override(text)
-        out[k] = v
-    return out
+    return parse_overrides(pairs)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -146,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--insecure", action="store_true", help="NO TLS and NO authentication (loopback debugging only; warns)")
     n.set_defaults(func=_cmd_supernode)
 
-    from privacy.audit.cli import add_audit_parsers
+    from simulations.audit_cli import add_audit_parsers
 
     add_audit_parsers(sub)  # audit, audit-run (docs/audit.md)
     return p

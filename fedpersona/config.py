@@ -402,6 +402,11 @@ def read_scenario(path: str | Path) -> dict[str, Any]:
     return flat
 
 
+def parse_overrides(texts: list[str]) -> dict[str, Any]:
+    """``key=value`` strings (``--set``, repeatable) as a dict; a later key wins."""
+    return dict(parse_override(text) for text in texts)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``key=value`` from the command line; the value is read as TOML when it can be."""
     key, sep, value = text.partition("=")

@@ -1,42 +1,64 @@
-"""``fedpersona audit``: the privacy report of a run (or of one device), as HTML with PNG plots and as JSON.
+"""The privacy audit's content: the guarantee in words, per-user epsilon, the data-flow checks, the status.
 
-Sources, all read-only:
+It takes plain data, in the formats defined here, from whoever owns the files:
 
-* the devices' own state folders: the privacy ledger (the same encrypted file each device keeps
-  and composes; read with the device's key), the personal head's tensor names and digests, and
-  ``inventory.jsonl`` (every reply the device sent);
-* the run folder: ``metrics.json`` (config, rounds, final evaluation), ``server_inventory.jsonl``
-  (what the server saw), ``checkpoints/`` (what was released), ``audit/empirical.json`` (the
-  attacks of ``fedpersona audit-run``).
+* :class:`DeviceRecords`: one device's privacy ledger, its inventory lines and the names and
+  digests of its personal head (:mod:`client.audit_records` reads them from a state folder);
+* :class:`RunRecords`: the run's ``metrics.json``, the server's inventory, the released
+  checkpoints and the empirical results (:mod:`server.audit_records` reads a run folder).
 
-:func:`build_audit` gathers and checks; :func:`write_report` writes ``audit.json``,
-``audit.html`` and ``audit_*.png`` (the HTML embeds the plots too, so it stands alone).
-A device auditing itself passes its state folder alone (``fedpersona audit --device DIR``).
+:func:`build_audit` checks them and returns the audit as a dict; :func:`privacy.audit.render.write_report`
+writes ``audit.json``, ``audit.html`` and ``audit_*.png``. ``fedpersona audit`` gathers a run's
+files (:mod:`simulations.audit_gather`); a device auditing itself passes its state folder alone
+(``fedpersona audit --device DIR``).
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
-import logging
 import math
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from privacy.audit.inventory import check_completeness, personal_digests, summarize_inventory, verify_inventory
+from privacy.audit.inventory import check_completeness, summarize_inventory, verify_inventory
+from privacy.ledger import PrivacyLedger
+from privacy.rdp import DEFAULT_ORDERS, epsilon_from_rdp, rdp_subsampled_gaussian
 
-logger = logging.getLogger(__name__)
+__all__ = ["DEFAULT_DELTA", "VERSION", "DeviceRecords", "RunRecords", "build_audit", "device_summary"]
 
 VERSION = 1
 DEFAULT_DELTA = 1e-3  # the shipped configs' delta, used when a device is audited without its run
 
 
-# ---------------------------------------------------------------------------------- gathering
+@dataclass
+class DeviceRecords:
+    """What one device's state folder holds for the audit (read-only; unreadable parts are in ``errors``)."""
+
+    label: str
+    state_dir: str
+    inventory: list[dict] = field(default_factory=list)
+    ledger: PrivacyLedger | None = None
+    personal_names: list[str] = field(default_factory=list)
+    personal_digests: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunRecords:
+    """What a run folder holds for the audit: ``metrics.json``, the server's inventory lines, the
+    rounds of the released checkpoints, and ``audit/empirical.json`` (None when not run)."""
+
+    run_dir: str
+    metrics: dict
+    server_inventory: list[dict] = field(default_factory=list)
+    checkpoints: list[int] = field(default_factory=list)
+    empirical: dict | None = None
+
+
 def _finite(x: Any) -> float | None:
     try:
         x = float(x)
@@ -45,15 +67,8 @@ def _finite(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _is_device_dir(p: Path) -> bool:
-    return p.is_dir() and not p.name.startswith(("_", ".")) and any(
-        (p / f).exists() for f in ("device.key", "ledger.enc", "inventory.jsonl", "_manifest.enc"))
-
-
 def _independent_epsilon(history: list[tuple[float, float, int]], delta: float) -> float | None:
     """Epsilon of a ledger history with :mod:`privacy.rdp` (not Opacus): the cross-check."""
-    from privacy.rdp import DEFAULT_ORDERS, epsilon_from_rdp, rdp_subsampled_gaussian
-
     if not history:
         return 0.0
     rdp = np.zeros(len(DEFAULT_ORDERS))
@@ -63,27 +78,11 @@ def _independent_epsilon(history: list[tuple[float, float, int]], delta: float) 
     return _finite(eps)
 
 
-def read_device(state_dir: Path, *, delta: float, target_epsilon: float | None, dp: bool = True,
-                label: str | None = None) -> dict:
-    """Everything the audit needs from one device's state folder (errors are reported, not raised)."""
-    from client.flow_log import read_inventory
-    from client.store import DeviceStore
-    from privacy.ledger import PrivacyLedger
-
-    out: dict[str, Any] = {"device": label or state_dir.name, "state_dir": str(state_dir), "errors": []}
-    out["inventory"] = read_inventory(state_dir)
-    store = DeviceStore(state_dir)
-    try:
-        text = store.load_text("ledger")
-    except Exception as exc:  # StateError (tampered, rolled back, key missing) or a bad key
-        out["errors"].append(f"ledger unreadable: {type(exc).__name__}: {exc}")
-        text = None
-    ledger = None
-    if text is not None:
-        try:
-            ledger = PrivacyLedger.from_json(text)
-        except ValueError as exc:
-            out["errors"].append(f"ledger invalid: {exc}")
+def device_summary(rec: DeviceRecords, *, delta: float, target_epsilon: float | None, dp: bool = True) -> dict:
+    """One device's epsilon (and its independent re-accounting), rounds, budget and what it sent."""
+    out: dict[str, Any] = {"device": rec.label, "state_dir": rec.state_dir, "errors": list(rec.errors),
+                           "inventory": rec.inventory}
+    ledger = rec.ledger
     if ledger is not None:
         eps = ledger.epsilon(delta) if dp else math.inf
         out.update({
@@ -105,84 +104,39 @@ def read_device(state_dir: Path, *, delta: float, target_epsilon: float | None, 
         out["budget"] = budget
     else:
         out.update({"steps": 0, "rounds": [], "epsilon": 0.0 if dp else None, "user_level": [], "history": []})
-    try:
-        head = store.load_tensors("personal")
-    except Exception as exc:
-        out["errors"].append(f"personal head unreadable: {type(exc).__name__}: {exc}")
-        head = None
-    out["personal_names"] = sorted(head) if head else []
-    out["personal_digests"] = sorted(personal_digests(head)) if head else []
+    out["personal_names"] = list(rec.personal_names)
+    out["personal_digests"] = list(rec.personal_digests)
     return out
 
 
-def _checkpoints(run_dir: Path) -> list[int]:
-    root = run_dir / "checkpoints"
-    rounds = []
-    if root.is_dir():
-        for d in root.glob("round-*"):
-            if (d / "round.json").is_file():
-                try:
-                    rounds.append(int(d.name.split("-")[1]))
-                except ValueError:
-                    pass
-    return sorted(rounds)
-
-
-def build_audit(run_dir: str | Path | None = None, *, state_dir: str | Path | None = None,
-                device_dir: str | Path | None = None, delta: float | None = None,
-                target_epsilon: float | None = None) -> dict:
-    """Gather ledgers, inventories, the server's view and the empirical results; check them."""
-    from privacy.audit.experiment import read_empirical
-    from server.flow_log import read_server_inventory
-
-    if run_dir is None and device_dir is None:
-        raise ValueError("give a run folder, or --device with a device's state folder")
-    metrics: dict = {}
-    run_path = Path(run_dir) if run_dir is not None else None
-    if run_path is not None:
-        if not (run_path / "metrics.json").is_file():
-            raise ValueError(f"{run_path} is not a run folder: no metrics.json in it")
-        metrics = json.loads((run_path / "metrics.json").read_text())
+def build_audit(devices: list[DeviceRecords], run: RunRecords | None = None, *, device_scope: bool = False,
+                delta: float | None = None, target_epsilon: float | None = None) -> dict:
+    """Check the devices' ledgers and inventories against each other and the server's view."""
+    metrics = run.metrics if run is not None else {}
+    run_path = Path(run.run_dir) if run is not None else None
     config = metrics.get("config", {})
     dp = bool(config.get("privacy.enabled", True))
     delta = float(delta if delta is not None else config.get("privacy.delta", DEFAULT_DELTA))
     target = target_epsilon if target_epsilon is not None else config.get("privacy.target-epsilon")
-
-    # The devices: one folder (--device), or every device folder of the run.
-    if device_dir is not None:
-        dirs = [Path(device_dir)]
-        if not dirs[0].is_dir():
-            raise ValueError(f"--device {device_dir}: not a folder")
-    else:
-        root = Path(state_dir) if state_dir is not None else Path(config.get("run.state-dir", "state")) / str(metrics.get("run", ""))
-        if state_dir is not None and not any(_is_device_dir(p) for p in root.iterdir() if root.is_dir()):
-            root = root / str(metrics.get("run", ""))  # --state-dir may name the parent of the run's folders
-        dirs = sorted(p for p in root.iterdir() if _is_device_dir(p)) if root.is_dir() else []
-        if not dirs:
-            logger.warning("no device state folders under %s: ledgers and inventories are not audited", root)
-    labels = {}
-    from client.device import slug
-
-    for u in metrics.get("final", {}).get("users", []):
-        labels[slug(u["user"])] = u["user"]
-    devices = [read_device(d, delta=delta, target_epsilon=_finite(target), dp=dp, label=labels.get(d.name)) for d in dirs]
+    devices = [device_summary(d, delta=delta, target_epsilon=_finite(target), dp=dp) for d in devices]
 
     inventories = {d["device"]: d["inventory"] for d in devices if d["inventory"]}
     check = verify_inventory(inventories, personal_names={d["device"]: d["personal_names"] for d in devices},
                              personal_digests={d["device"]: d["personal_digests"] for d in devices})
-    server = read_server_inventory(run_path) if run_path is not None else []
+    server = run.server_inventory if run is not None else []
     completeness = check_completeness(inventories, server) if server else None
     unrecorded = [d["device"] for d in devices if not d["inventory"] and d.get("steps", 0) > 0]
-    empirical = read_empirical(run_path) if run_path is not None else None
+    empirical = run.empirical if run is not None else None
+    ckpts = run.checkpoints if run is not None else []
 
     eps = [d["epsilon"] for d in devices if d.get("epsilon") is not None]
     audit = {
         "version": VERSION,
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "scope": "device" if device_dir is not None else "run",
+        "scope": "device" if device_scope else "run",
         "run": metrics.get("run"),
         "run_dir": str(run_path) if run_path is not None else None,
-        "guarantee": _guarantee(config, devices, metrics, dp=dp, delta=delta, run_dir=run_path),
+        "guarantee": _guarantee(config, devices, metrics, dp=dp, delta=delta, checkpoints=ckpts),
         "users": [_user_row(d) for d in devices],
         "epsilon_summary": {"devices": len(devices), "max": max(eps) if eps else None, "mean": float(np.mean(eps)) if eps else None,
                             "min": min(eps) if eps else None, "delta": delta, "target": _finite(target)},
@@ -227,10 +181,10 @@ def _accountant_check(devices: list[dict]) -> dict:
             "method": "each ledger's history re-accounted with privacy/rdp.py (an independent RDP implementation)"}
 
 
-def _guarantee(config: dict, devices: list[dict], metrics: dict, *, dp: bool, delta: float, run_dir: Path | None) -> dict:
+def _guarantee(config: dict, devices: list[dict], metrics: dict, *, dp: bool, delta: float, checkpoints: list[int]) -> dict:
     accountants = sorted({d["accountant"] for d in devices if d.get("accountant")}) or [config.get("privacy.accountant", "rdp")]
     user_level = [u for d in devices for u in d.get("user_level", [])]
-    ckpts = _checkpoints(run_dir) if run_dir is not None else []
+    ckpts = checkpoints
     clip = config.get("privacy.max-grad-norm")
     g = {
         "dp_enabled": dp,
@@ -368,290 +322,3 @@ def _status(audit: dict, *, dp: bool) -> dict:
             status["flags"].append("leakage detected: " + "; ".join(ver["evidence"]))
     status["ok"] = not status["flags"]
     return status
-
-
-# ------------------------------------------------------------------------------------ plots
-def _figures(audit: dict) -> dict[str, bytes]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figs: dict[str, bytes] = {}
-
-    def save(name: str, fig) -> None:
-        buf = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        figs[name] = buf.getvalue()
-
-    users = audit["users"]
-    eps = [u["epsilon"] for u in users if u["epsilon"] is not None]
-    if eps:
-        fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
-        ax[0].hist(eps, bins=min(20, max(5, len(eps))), color="#4477aa")
-        if audit["epsilon_summary"]["target"]:
-            ax[0].axvline(audit["epsilon_summary"]["target"], color="#cc3311", ls="--", label="budget")
-            ax[0].legend()
-        ax[0].set_xlabel(f"epsilon (delta = {audit['epsilon_summary']['delta']:g})")
-        ax[0].set_ylabel("users")
-        ax[0].set_title("per-user epsilon")
-        for u in users:
-            if u["trajectory"]:
-                r, e = zip(*u["trajectory"])
-                ax[1].plot(r, e, marker="o", ms=3, lw=1, alpha=0.7)
-        from matplotlib.ticker import MaxNLocator
-
-        ax[0].yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax[1].xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax[1].set_xlabel("round")
-        ax[1].set_ylabel("epsilon after the round")
-        ax[1].set_title("epsilon over the rounds each user trained")
-        save("epsilon", fig)
-
-    inv = audit["inventory"]["summary"]
-    if inv["message_types"]:
-        fig, ax = plt.subplots(figsize=(6, 3))
-        types = sorted(inv["message_types"])
-        ax.bar(types, [inv["message_types"][t]["bytes"] / 1e3 for t in types], color="#228833")
-        ax.set_ylabel("kB sent (all devices)")
-        ax.set_title("what left the devices, by message type")
-        save("inventory", fig)
-
-    emp = audit.get("_empirical_full")
-    if emp:
-        from privacy.audit.mia import roc_curve
-
-        fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
-        for i, (target, r) in enumerate(emp["one_run"].items()):
-            s, inc = np.asarray(r["scores"]), np.asarray(r["included"], dtype=bool)
-            bins = np.linspace(s.min(), s.max() + 1e-9, 25)
-            ax[i].hist(s[inc], bins=bins, alpha=0.6, label="planted", color="#cc3311")
-            ax[i].hist(s[~inc], bins=bins, alpha=0.6, label="not planted", color="#4477aa")
-            th = r["theoretical_epsilon"]
-            ax[i].set_title(f"one-run ({target}): eps >= {r['epsilon_lower_bound']:.2f} "
-                            f"(theory {'inf' if th is None else f'{th:.2f}'})", fontsize=9)
-            ax[i].set_xlabel("score: base loss - model loss")
-            ax[i].legend(fontsize=8)
-        for name, r in emp["mia"].items():
-            fpr, tpr = roc_curve(r["member_scores"], r["nonmember_scores"])
-            ax[2].plot(np.maximum(fpr, 1e-3), np.maximum(tpr, 1e-3), label=f"{name} (AUC {r['auc']:.2f})", lw=1.2)
-        ax[2].plot([1e-3, 1], [1e-3, 1], color="grey", ls=":", lw=1)
-        ax[2].set_xscale("log")
-        ax[2].set_yscale("log")
-        ax[2].set_xlabel("false positive rate")
-        ax[2].set_ylabel("true positive rate")
-        ax[2].set_title("membership inference (train vs held-out)", fontsize=9)
-        ax[2].legend(fontsize=7)
-        save("empirical", fig)
-
-        ex = emp["exposure"]
-        if ex["canaries"]:
-            fig, ax = plt.subplots(figsize=(7, 3.2))
-            labels, shared, pers = [], [], []
-            for c in ex["canaries"]:
-                labels.append(f"{c['secret']} x{c['repeats']}")
-                shared.append(c["shared"]["exposure"])
-                pers.append(c["personalized"]["exposure"])
-            for c in ex["controls"]["shared"]:
-                labels.append("control")
-                shared.append(c["exposure"])
-                pers.append(math.nan)
-            x = np.arange(len(labels))
-            ax.bar(x - 0.2, shared, 0.4, label="shared adapter", color="#4477aa")
-            ax.bar(x + 0.2, pers, 0.4, label="personalized", color="#cc3311")
-            xs = [c["shared"]["exposure_extrapolated"] for c in ex["canaries"]] + [c["exposure_extrapolated"] for c in ex["controls"]["shared"]]
-            xp = [c["personalized"]["exposure_extrapolated"] for c in ex["canaries"]] + [math.nan] * len(ex["controls"]["shared"])
-            ax.plot(x - 0.2, [v if v is not None else math.nan for v in xs], "k_", ms=14, label="extrapolated (skew-normal)")
-            ax.plot(x + 0.2, [v if v is not None else math.nan for v in xp], "k_", ms=14)
-            ax.axhline(ex["threshold"], color="black", ls="--", lw=1, label="above chance (95%)")
-            ax.set_xticks(x, labels, rotation=30, fontsize=7)
-            ax.set_ylabel("exposure (bits)")
-            ax.set_title(f"canary exposure ({ex['candidates']} candidates of {ex['space']:.0e})", fontsize=9)
-            ax.legend(fontsize=7)
-            save("exposure", fig)
-    return figs
-
-
-# ------------------------------------------------------------------------------------- HTML
-def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
-    def fmt(v):
-        if v is None:
-            return "&ndash;"
-        if isinstance(v, bool):
-            return "yes" if v else "no"
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return html.escape(str(v))
-
-    head = "".join(f"<th>{html.escape(t)}</th>" for _, t in cols)
-    body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(k))}</td>" for k, _ in cols) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _html(audit: dict, figs: dict[str, bytes]) -> str:
-    e = html.escape
-    st, g = audit["status"], audit["guarantee"]
-
-    def img(name: str) -> str:
-        if name not in figs:
-            return ""
-        return f'<p><img alt="{name}" src="data:image/png;base64,{base64.b64encode(figs[name]).decode()}"></p>'
-
-    def badge(ok: bool, text: str) -> str:
-        return f'<span class="{"ok" if ok else "bad"}">{e(text)}</span>'
-
-    parts = [f"""<!doctype html><html><head><meta charset="utf-8"><title>fedpersona privacy audit: {e(str(audit['run'] or audit['users'][0]['user'] if audit['users'] else ''))}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}} table{{border-collapse:collapse;font-size:13px;margin:.5em 0}}
-td,th{{border:1px solid #ccc;padding:3px 7px;text-align:left}} th{{background:#f2f2f2}} .ok{{color:#176b2c;font-weight:bold}}
-.bad{{color:#b00020;font-weight:bold}} code{{background:#f5f5f5}} img{{max-width:100%}}</style></head><body>
-<h1>Privacy audit{': run ' + e(audit['run']) if audit['run'] else ': device ' + e(audit['users'][0]['user'] if audit['users'] else '')}</h1>
-<p>Generated {e(audit['generated'])} by <code>fedpersona audit</code>. JSON twin: <code>audit.json</code>.</p>
-<h2>Summary</h2><ul>
-<li>Guarantee: {badge(g['dp_enabled'], st['guarantee'])}</li>
-<li>Data flow: {badge(st['inventory_ok'], st['inventory'])}</li>
-<li>Accountant cross-check: {badge(st['accountant_ok'], 'agrees' if st['accountant_ok'] else 'DISAGREES')}
- (max relative difference {audit['accountant_check']['max_relative_difference'] if audit['accountant_check']['max_relative_difference'] is not None else '&ndash;'})</li>
-<li>Empirical audit: {badge(not st['violation'], st['empirical'])}</li></ul>"""]
-    if st["flags"]:
-        parts.append("<p class='bad'>Flags:</p><ul>" + "".join(f"<li class='bad'>{e(f)}</li>" for f in st["flags"]) + "</ul>")
-
-    parts.append(f"<h2>1. Guarantee</h2><p><b>{e(g['statement'])}</b></p><table>")
-    for key in ("unit", "adjacency", "mechanism", "accountant", "delta", "sampling", "composition", "checkpoints"):
-        parts.append(f"<tr><th>{e(key)}</th><td>{e(str(g[key]))}</td></tr>")
-    parts.append(f"<tr><th>user level</th><td>{e(g['user_level']['statement'])}</td></tr>")
-    parts.append(f"<tr><th>personal head</th><td>{e(g['personal_head'])}</td></tr></table>")
-
-    parts.append("<h2>2. Per-user epsilon</h2><p>Read from each device's own ledger file (the one it composes and "
-                 "checks before every round).</p>")
-    parts.append(img("epsilon"))
-    rows = [dict(u, rounds=len(u["rounds"]), budget=("exhausted after round %s" % u["budget"]["after_round"])
-                 if u.get("budget") and u["budget"].get("exhausted") else "within budget") for u in audit["users"]]
-    parts.append(_table(rows, [("user", "user"), ("rounds", "rounds"), ("steps", "DP steps"),
-                               ("noise_multiplier", "noise multiplier"), ("sample_rate", "sample rate"),
-                               ("epsilon", "epsilon"), ("epsilon_independent", "epsilon (privacy/rdp.py)"),
-                               ("budget", "budget"), ("messages", "messages sent")]))
-    ex = audit["budget_exhausted"]
-    parts.append(f"<p>{len(ex)} user(s) hit their budget" + (": " + ", ".join(
-        f"{e(x['user'])} after round {x['after_round']}" for x in ex) if ex else "") + ".</p>")
-
-    inv = audit["inventory"]
-    v = inv["verification"]
-    parts.append("<h2>3. What left each device</h2>")
-    parts.append(f"<p>Verification: {badge(v['ok'], 'passed' if v['ok'] else 'FAILED')} over {v['messages']} messages "
-                 f"({v['rows']} fields) from {v['devices']} devices: no tensor of the personal head (by name or by "
-                 "digest), no unmasked integer array (token ids), no text outside the protocol's status and "
-                 "user-label fields.</p>")
-    if v["violations"]:
-        parts.append(_table(v["violations"][:50], [("device", "device"), ("round", "round"),
-                                                   ("message_type", "type"), ("problem", "problem")]))
-    if inv["completeness"]:
-        c = inv["completeness"]
-        parts.append(f"<p>Completeness against the server's log: {badge(c['complete'], 'complete' if c['complete'] else 'INCOMPLETE')}</p>")
-        parts.append(_table(c["rounds"], [("stage", "stage"), ("round", "round"), ("server_received", "replies the server received"),
-                                          ("devices_recorded", "replies the devices recorded")]))
-    parts.append(img("inventory"))
-    parts.append("<p>Every field that left any device:</p>")
-    parts.append(_table(inv["summary"]["fields"], [("kind", "kind"), ("record", "record"), ("name", "name"),
-                                                   ("dtype", "dtype / type"), ("shape", "shape"), ("masked", "masked"),
-                                                   ("protocol", "secagg protocol"), ("count", "messages")]))
-    parts.append(_table([{"device": k, **d} for k, d in inv["summary"]["devices"].items()],
-                        [("device", "device"), ("messages", "messages"), ("bytes", "bytes"), ("arrays", "arrays"),
-                         ("masked_arrays", "masked"), ("errors", "error replies")]))
-
-    sv = audit["server_view"]
-    parts.append("<h2>4. What the server could see</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in sv["sees"]) + "</ul>")
-    if sv["rounds"]:
-        parts.append(_table([dict(r, metric_sums=", ".join(r["metric_sums"])) for r in sv["rounds"]],
-                            [("round", "round"), ("aggregation", "aggregation"), ("cohort", "cohort"),
-                             ("contributors", "contributors"), ("declined", "declined"), ("error_replies", "errors"),
-                             ("weight_sum", "summed weight"), ("metric_sums", "summed metrics"),
-                             ("update_tensors", "summed tensors")]))
-    for w in sv.get("warnings", []):
-        parts.append(f"<p class='bad'>Run warning: {e(w)}</p>")
-
-    emp = audit["empirical"]
-    parts.append("<h2>5. Empirical audits</h2>")
-    if not emp:
-        parts.append("<p>Not run for this run. <code>fedpersona audit-run</code> runs them.</p>")
-    else:
-        ver = emp["verdict"]
-        parts.append(f"<p>Run with DP {'on' if emp['dp'] else '<b>off</b>'}; {len(emp['users'])} users; "
-                     f"{emp['settings']['onerun_canaries']} one-run canaries; {len(emp['exposure']['canaries'])} secret "
-                     f"canaries x {emp['settings']['exposure_repeats']} copies; {emp['seconds']:.0f} s.</p>")
-        parts.append(f"<p>Verdict: {badge(not ver['violation'], 'VIOLATION' if ver['violation'] else 'no violation')}"
-                     f" &mdash; empirical epsilon lower bound {ver['empirical_epsilon_lower_bound']:.3f}, theoretical "
-                     f"{ver['theoretical_epsilon'] if ver['theoretical_epsilon'] is not None else 'inf (no DP)'}"
-                     + (f", DP run's epsilon {ver['reference_epsilon']:.3f}: "
-                        + badge(not ver['exceeds_reference'], 'exceeded' if ver['exceeds_reference'] else 'not exceeded')
-                        if 'reference_epsilon' in ver else "") + "</p>")
-        if ver["evidence"]:
-            parts.append("<p>Evidence of leakage (each at 95% confidence):</p><ul>" + "".join(
-                f"<li>{e(x)}</li>" for x in ver["evidence"]) + "</ul>")
-        parts.append(img("empirical"))
-        parts.append("<h3>One-run audit (Steinke, Nasr, Jagielski 2023)</h3>")
-        parts.append(_table([{"target": t, **r} for t, r in emp["one_run"].items()],
-                            [("target", "attacked model"), ("m", "canaries"), ("included", "planted"), ("r", "guesses"),
-                             ("v", "correct"), ("accuracy", "accuracy"), ("epsilon_lower_bound", "epsilon lower bound (95%)"),
-                             ("theoretical_epsilon", "theoretical epsilon"), ("violation", "violation")]))
-        parts.append("<h3>Canary exposure (Carlini et al. 2019)</h3>")
-        x = emp["exposure"]
-        rows = [{"user": c["user"], "secret": c["secret"], "repeats": c["repeats"], "shared": c["shared"]["exposure"],
-                 "shared_x": c["shared"]["exposure_extrapolated"], "pers": c["personalized"]["exposure"],
-                 "pers_x": c["personalized"]["exposure_extrapolated"]} for c in x["canaries"]]
-        rows += [{"user": "control (never planted)", "shared": c["exposure"], "shared_x": c["exposure_extrapolated"]}
-                 for c in x["controls"]["shared"]]
-        parts.append(_table(rows, [("user", "user"), ("secret", "secret"), ("repeats", "copies"),
-                                   ("shared", "exposure, shared"), ("shared_x", "extrapolated"),
-                                   ("pers", "exposure, personalized"), ("pers_x", "extrapolated")]))
-        parts.append(f"<p>Exposure ceiling with {x['candidates']} candidates: {math.log2(x['candidates'] + 1):.2f} bits "
-                     f"(space {x['space']:.0e}: {math.log2(x['space']):.1f} bits); above chance at 95%: > "
-                     f"{x['threshold']:.2f} bits.</p>")
-        parts.append(img("exposure"))
-        parts.append("<h3>Membership inference (train vs held-out examples)</h3>")
-        parts.append(_table([{"attack": n, **r} for n, r in emp["mia"].items()],
-                            [("attack", "attack"), ("auc", "AUC"), ("auc_low", "95% low"), ("auc_high", "95% high"),
-                             ("tpr_at_fpr", "TPR at FPR <= 0.1%"), ("fpr_achieved", "FPR achieved"),
-                             ("members", "members"), ("nonmembers", "non-members"), ("above_chance", "above chance")]))
-        parts.append("<p><code>personal-head/calibrated</code> attacks the personal head alone (score: loss under "
-                     "the shared adapter minus loss under the personalized model). With fewer than 1000 "
-                     "non-members the TPR at 0.1% FPR is the TPR at FPR 0.</p>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
-def write_report(audit: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``audit.json``, ``audit.html`` and ``audit_*.png`` into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    figs = _figures(audit)
-    paths = {}
-    for name, data in figs.items():
-        p = out / f"audit_{name}.png"
-        p.write_bytes(data)
-        paths[name] = p
-    public = {k: v for k, v in audit.items() if not k.startswith("_")}
-    (out / "audit.json").write_text(json.dumps(_clean(public), indent=1, default=_default, allow_nan=False))
-    (out / "audit.html").write_text(_html(audit, figs))
-    paths["json"], paths["html"] = out / "audit.json", out / "audit.html"
-    return paths
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe: non-finite floats become null (infinite epsilon is written as null, as in the ledger)."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    return x
-
-
-def _default(x: Any) -> Any:
-    if isinstance(x, (np.floating,)):
-        return _finite(x)
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    return str(x)

@@ -122,7 +122,7 @@ PINNED_AUDIT_EPSILON = 11.934088632448525  # Opacus RDP at delta 1e-5; privacy/r
 
 def test_audit_reads_the_device_ledger_and_cross_checks_the_accountant(tmp_path):
     from client.store import DeviceStore
-    from privacy.audit.report import read_device
+    from client.audit_records import read_device
     from privacy.ledger import PrivacyLedger
 
     ledger = PrivacyLedger()

@@ -49,14 +49,24 @@ from typing import Any
 import numpy as np
 import torch
 
+import client.app as client_app
+from client.data import encode_examples, split_examples
+from client.device import Device, slug
+from client.train import CachedExample
+from fedpersona.config import load_config
+from fedpersona.model import IGNORE, adapted_model, collate, labels_for, lower_hidden, resolve_model_dir
 from privacy.audit.canary import SECRET_CUE, exposure, random_secrets, secret_reply, word_canaries, word_pool
+from privacy.audit.empirical import EMPIRICAL_FILE, VERSION, read_empirical, verdict
 from privacy.audit.mia import attack_summary
 from privacy.audit.onerun import one_run_audit
+from privacy.ledger import PrivacyLedger
+from server.checkpoint import latest_checkpoint
+from server.federation import run_federation
+from simulations.corpus import load_users
+from simulations.inprocess import InProcessGrid
 
 logger = logging.getLogger(__name__)
 
-EMPIRICAL_FILE = Path("audit") / "empirical.json"
-VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -104,10 +114,6 @@ class _UserPlan:
 
 
 def _plant(flat: dict, cfg, settings: AuditSettings, model, state_root: Path) -> tuple[dict, list[_UserPlan], dict]:
-    from client.data import split_examples
-    from client.device import slug
-    from simulations.corpus import load_users
-
     rng = np.random.default_rng(settings.seed)
     users = load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)
     if cfg.server.clients_per_round > len(users):
@@ -161,10 +167,6 @@ def _plant(flat: dict, cfg, settings: AuditSettings, model, state_root: Path) ->
 
 # ----------------------------------------------------------------------------- scoring
 def _cache(model, cfg, pairs):
-    from client.data import encode_examples
-    from client.train import CachedExample
-    from fedpersona.model import labels_for, lower_hidden
-
     enc = encode_examples(model.tokenizer, pairs, seq_len=cfg.model.seq_len, cue_tokens=cfg.model.cue_tokens)
     hiddens = lower_hidden(model, [e.input_ids for e in enc])
     return [CachedExample(h, tuple(labels_for(e.input_ids, e.target_mask))) for h, e in zip(hiddens, enc)]
@@ -173,8 +175,6 @@ def _cache(model, cfg, pairs):
 @torch.no_grad()
 def _losses(model, examples, *, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(summed loss, target tokens) per example under the model as it stands."""
-    from fedpersona.model import IGNORE, collate
-
     sums, counts = [], []
     model.stack.eval()
     for start in range(0, len(examples), batch_size):
@@ -194,17 +194,12 @@ def _mean(loss: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
 
 
 def _device_for(cfg, plan: _UserPlan, run_id: int):
-    import client.app as client_app
-    from client.device import Device
-
     node_config = {"data-dir": str(plan.data_dir), "state-dir": str(plan.state_dir), "user-id": plan.user_id}
     return client_app._DEVICES.get((run_id, plan.node_id)) or Device(cfg, node_config)
 
 
 def _ledger_epsilon(store, delta: float, *, dp: bool) -> tuple[float, int]:
     """(epsilon, DP steps) of a device's ledger; infinite when DP-SGD was off."""
-    from privacy.ledger import PrivacyLedger
-
     text = store.load_text("ledger")
     ledger = PrivacyLedger.from_json(text) if text is not None else None
     steps = ledger.total_steps if ledger is not None else 0
@@ -232,12 +227,6 @@ def run_audit(
     An existing run folder or device state of the same name is refused unless ``force`` (then both
     are deleted first: an audit needs a fresh run and fresh ledgers).
     """
-    import client.app as client_app
-    from fedpersona.config import load_config
-    from fedpersona.model import adapted_model, resolve_model_dir
-    from server.federation import run_federation
-    from simulations.inprocess import InProcessGrid
-
     t0 = time.perf_counter()
     flat = dict(flat, **{"privacy.enabled": bool(dp)})
     with warnings.catch_warnings():
@@ -295,8 +284,6 @@ def run_audit(
 
 
 def _attack(cfg, settings: AuditSettings, model, plans: list[_UserPlan], plants: dict, run_dir: Path, run_id: int) -> dict:
-    from server.checkpoint import latest_checkpoint
-
     t0 = time.perf_counter()
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
@@ -419,32 +406,6 @@ def _attack(cfg, settings: AuditSettings, model, plans: list[_UserPlan], plants:
     }
 
 
-def verdict(result: dict, *, reference_epsilon: float | None = None) -> dict:
-    """Violation (empirical lower bound above the theoretical epsilon) and the evidence of leakage."""
-    theory = result["theoretical"]["epsilon_max"]
-    theory = math.inf if theory is None else theory
-    lbs = {t: r["epsilon_lower_bound"] for t, r in result["one_run"].items()}
-    violations = [f"one-run audit ({t}): empirical epsilon >= {lb:.3f} at {100 * result['one_run'][t]['confidence']:.0f}% "
-                  f"confidence exceeds the theoretical epsilon {theory:.3f}" for t, lb in lbs.items() if lb > theory + 1e-9]
-    evidence = [f"one-run audit ({t}): epsilon >= {lb:.3f}" for t, lb in lbs.items() if lb > 0]
-    evidence += [f"exposure above chance ({t})" for t, v in result["exposure"]["above_chance"].items() if v]
-    evidence += [f"membership inference {n}: AUC {r['auc']:.3f} (95% interval {r['auc_low']:.3f}-{r['auc_high']:.3f})"
-                 for n, r in result["mia"].items() if r["above_chance"]]
-    out = {
-        "dp": result["dp"],
-        "theoretical_epsilon": _finite(theory),
-        "empirical_epsilon_lower_bound": max(lbs.values()),
-        "violation": bool(violations),
-        "violations": violations,
-        "leakage_detected": bool(evidence),
-        "evidence": evidence,
-    }
-    if reference_epsilon is not None:
-        out["reference_epsilon"] = float(reference_epsilon)
-        out["exceeds_reference"] = bool(max(lbs.values()) > reference_epsilon)
-    return out
-
-
 def _jsonable(x: Any) -> Any:
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -459,8 +420,3 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, Path):
         return str(x)
     return x
-
-
-def read_empirical(run_dir: str | Path) -> dict | None:
-    path = Path(run_dir) / EMPIRICAL_FILE
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,5 +1,8 @@
 """The ``fedpersona audit`` and ``fedpersona audit-run`` subcommands (registered by :mod:`fedpersona.cli`).
 
+The experiment (:mod:`simulations.audit_experiment`) and the gathering of a run's files
+(:mod:`simulations.audit_gather`) load torch and Flower, so they are imported when a command runs.
+
     fedpersona audit RUN_FOLDER [--state-dir DIR] [--out DIR] [--strict]
     fedpersona audit --device STATE_DIR [--delta 1e-3] [--target-epsilon 8]
     fedpersona audit-run [SCENARIO] [--dp on|off|both] [--set key=value ...] [--canaries 64] [--force]
@@ -11,6 +14,11 @@ import argparse
 import logging
 import os
 from pathlib import Path
+
+from fedpersona.config import parse_overrides
+from privacy.audit.empirical import read_empirical
+from privacy.audit.render import write_report
+from simulations.runner import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +64,7 @@ def _print_status(audit: dict, paths: dict) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from privacy.audit.report import build_audit, write_report
+    from simulations.audit_gather import build_audit
 
     if not args.run_folder and not args.device:
         raise ValueError("give a run folder, or --device STATE_DIR")
@@ -69,8 +77,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _read_reference(folder: str | Path) -> float:
-    from privacy.audit.experiment import read_empirical
-
     emp = read_empirical(folder)
     if emp is None or emp["theoretical"]["epsilon_max"] is None:
         raise ValueError(f"--reference {folder}: no DP audit results (audit/empirical.json with a finite epsilon) there")
@@ -78,14 +84,12 @@ def _read_reference(folder: str | Path) -> float:
 
 
 def cmd_audit_run(args: argparse.Namespace) -> int:
-    from fedpersona.cli import _overrides
-    from privacy.audit.experiment import AuditSettings, run_audit
-    from privacy.audit.report import build_audit, write_report
-    from simulations.runner import resolve
+    from simulations.audit_experiment import AuditSettings, run_audit
+    from simulations.audit_gather import build_audit
 
     settings = AuditSettings(onerun_canaries=args.canaries, exposure_users=args.exposure_users,
                              exposure_repeats=args.repeats, candidates=args.candidates, seed=args.seed)
-    flat, cfg = resolve(args.scenario, _overrides(args.set))
+    flat, cfg = resolve(args.scenario, parse_overrides(args.set))
     threads = int(os.environ.get("FEDPERSONA_TORCH_THREADS", "0"))
     if threads > 0:
         import torch

@@ -1,0 +1,57 @@
+"""What a device's state folder holds for the privacy audit, as :class:`privacy.audit.report.DeviceRecords`.
+
+Read-only: the privacy ledger (the same encrypted file the device composes; read with the
+device's key), the names and digests of the personal head (never its values), and the
+inventory of every reply the device sent (:mod:`client.flow_log`). A part that cannot be read
+is reported in ``errors``, not raised: the audit says what it could not check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from client.device import HEAD_FILE, LEDGER
+from client.flow_log import INVENTORY_FILE, read_inventory
+from client.store import DeviceStore
+from privacy.audit.inventory import personal_digests
+from privacy.audit.report import DeviceRecords, device_summary
+from privacy.ledger import PrivacyLedger
+
+__all__ = ["is_device_dir", "read_device", "read_device_records"]
+
+
+def is_device_dir(p: Path) -> bool:
+    """A device state folder (not a data folder or a hidden one)."""
+    return p.is_dir() and not p.name.startswith(("_", ".")) and any(
+        (p / f).exists() for f in ("device.key", "ledger.enc", INVENTORY_FILE, "_manifest.enc"))
+
+
+def read_device_records(state_dir: str | Path, *, label: str | None = None) -> DeviceRecords:
+    state_dir = Path(state_dir)
+    rec = DeviceRecords(label=label or state_dir.name, state_dir=str(state_dir))
+    rec.inventory = read_inventory(state_dir)
+    store = DeviceStore(state_dir)
+    try:
+        text = store.load_text(LEDGER)
+    except Exception as exc:  # StateError (tampered, rolled back, key missing) or a bad key
+        rec.errors.append(f"ledger unreadable: {type(exc).__name__}: {exc}")
+        text = None
+    if text is not None:
+        try:
+            rec.ledger = PrivacyLedger.from_json(text)
+        except ValueError as exc:
+            rec.errors.append(f"ledger invalid: {exc}")
+    try:
+        head = store.load_tensors(HEAD_FILE)
+    except Exception as exc:
+        rec.errors.append(f"personal head unreadable: {type(exc).__name__}: {exc}")
+        head = None
+    rec.personal_names = sorted(head) if head else []
+    rec.personal_digests = sorted(personal_digests(head)) if head else []
+    return rec
+
+
+def read_device(state_dir: str | Path, *, delta: float, target_epsilon: float | None, dp: bool = True,
+                label: str | None = None) -> dict:
+    """One device's audit figures from its state folder (epsilon, rounds, budget, what it sent)."""
+    return device_summary(read_device_records(state_dir, label=label), delta=delta, target_epsilon=target_epsilon, dp=dp)
