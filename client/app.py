@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from client import secagg
 from client.device import LEDGER, BudgetExhausted, Device, state_dir_for
@@ -37,8 +39,6 @@ from fedpersona.wire import to_record, unpack_shared
 from privacy.secagg import SecAggAbort
 
 logger = logging.getLogger(__name__)
-
-app = ClientApp(mods=[inventory_mod])  # inventory first: it records each reply as it leaves
 
 _DEVICES: dict[tuple[int, int], Device] = {}
 CLIENT_ERROR = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -73,7 +73,6 @@ def _error(message: Message, exc: BaseException) -> Message:
     return Message(Error(code=CLIENT_ERROR, reason=reason), reply_to=message)
 
 
-@app.train()
 def train(message: Message, context: Context) -> Message:
     try:
         device = _device(context)
@@ -114,7 +113,6 @@ def _secure_train(message: Message, context: Context, device: Device, shared: di
     return Message(RecordDict(to_records(payload)), reply_to=message)
 
 
-@app.query("advertise")
 def advertise(message: Message, context: Context) -> Message:
     """The device's long-term secure-aggregation public keys (created on the first call)."""
     try:
@@ -125,7 +123,6 @@ def advertise(message: Message, context: Context) -> Message:
     return Message(RecordDict(to_records(payload)), reply_to=message)
 
 
-@app.query("unmask")
 def unmask(message: Message, context: Context) -> Message:
     """Second stage of secure aggregation: the shares for the survivors' sum."""
     try:
@@ -136,7 +133,6 @@ def unmask(message: Message, context: Context) -> Message:
     return Message(RecordDict(to_records(payload)), reply_to=message)
 
 
-@app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     try:
         device = _device(context)
@@ -147,3 +143,16 @@ def evaluate(message: Message, context: Context) -> Message:
         {"metrics": MetricRecord(metrics), "identity": ConfigRecord({"user-id": device.user_id})}
     )
     return Message(content, reply_to=message)
+
+
+def build_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
+    """The ClientApp: the flow log outermost (it records each reply as it leaves), then ``mods``, then the handlers."""
+    client_app = ClientApp(mods=[inventory_mod, *mods])
+    client_app.train()(train)
+    client_app.query("advertise")(advertise)
+    client_app.query("unmask")(unmask)
+    client_app.evaluate()(evaluate)
+    return client_app
+
+
+app = build_app()

@@ -18,13 +18,13 @@ import functools
 import hashlib
 import logging
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from client.data import encode_examples, read_user_folder, split_examples
+from client.node_data import node_data, slug  # noqa: F401  (slug: the state folder name of a user)
 from client.store import DeviceStore
 from client.train import CachedExample, evaluate, trainer_for
 from fedpersona.config import Config
@@ -41,11 +41,6 @@ BASELINE_LEDGER = "ledger-local-baseline"
 
 class BudgetExhausted(RuntimeError):
     """The next round would take the device past its privacy budget."""
-
-
-def slug(text: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
-    return (s or "user")[:60] + "-" + hashlib.sha256(text.encode()).hexdigest()[:6]
 
 
 @dataclass
@@ -79,39 +74,14 @@ def prepare_user(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tup
 
 
 def load_pairs_for_node(cfg: Config, node_config: dict) -> tuple[str, list[tuple[str, str]], Path]:
-    """(user id, (cue, reply) pairs, state folder) for this node: simulation or deployment."""
-    if "data-dir" in node_config:
-        data_dir = Path(str(node_config["data-dir"])).expanduser()
-        user_id = str(node_config.get("user-id", data_dir.name))
-        state_dir = Path(str(node_config.get("state-dir", data_dir / ".fedpersona-state"))).expanduser()
-        return user_id, read_user_folder(data_dir), state_dir
-    if "partition-id" not in node_config:
-        raise ValueError("node config needs 'data-dir' (deployment) or 'partition-id' (simulation)")
-    from simulations.corpus import load_users
-
-    users = load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)
-    pid = int(node_config["partition-id"])
-    if not 0 <= pid < len(users):
-        raise ValueError(f"partition-id {pid} has no user: the corpus gives {len(users)} users")
-    user = users[pid]
-    pairs = [(e.cue, e.reply) for e in user.examples]
-    return user.user_id, pairs, simulated_state_dir(cfg, user.user_id)
-
-
-def simulated_state_dir(cfg: Config, user_id: str) -> Path:
-    """A simulated device's state folder: ``<run.state-dir>/<run.name>/<user slug>``."""
-    return Path(cfg.run.state_dir) / cfg.run.name / slug(user_id)
+    """(user id, (cue, reply) pairs, state folder) for this node: simulation or deployment (:mod:`client.node_data`)."""
+    node = node_data(cfg, node_config)
+    return node.user_id, read_user_folder(node.data_dir), node.state_dir
 
 
 def state_dir_for(cfg: Config, node_config: dict) -> Path:
-    """The node's state folder, without reading its data (deployment: ``state-dir``; simulation: by user)."""
-    if "data-dir" in node_config:
-        data_dir = Path(str(node_config["data-dir"])).expanduser()
-        return Path(str(node_config.get("state-dir", data_dir / ".fedpersona-state"))).expanduser()
-    from simulations.corpus import load_users
-
-    users = load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)
-    return simulated_state_dir(cfg, users[int(node_config["partition-id"])].user_id)
+    """The node's state folder, without reading its data."""
+    return node_data(cfg, node_config).state_dir
 
 
 @functools.lru_cache(maxsize=64)

@@ -32,6 +32,8 @@ from pathlib import Path
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.node_data import node_data
+from fedpersona.config import load_config
 from fedpersona.wire import inventory
 from privacy.audit.inventory import is_masked, is_protocol_array
 
@@ -132,13 +134,10 @@ def read_inventory(state_dir: str | os.PathLike) -> list[dict]:
 def _state_dir(context: Context) -> Path:
     key = (context.run_id, context.node_id)
     if key not in _STATE_DIRS:
-        from client.device import state_dir_for
-        from fedpersona.config import load_config
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the device itself warns about its settings
             cfg = load_config(context.run_config)
-        _STATE_DIRS[key] = state_dir_for(cfg, dict(context.node_config))
+        _STATE_DIRS[key] = node_data(cfg, dict(context.node_config)).state_dir
     return _STATE_DIRS[key]
 
 

@@ -37,6 +37,8 @@ import threading
 import time
 from pathlib import Path
 
+from fedpersona.flower_patches import shorten_pull_backoff
+
 logger = logging.getLogger(__name__)
 
 APP_REF = "client.app:app"
@@ -167,8 +169,6 @@ class Worker:
         from flwr.supernode.runtime import run_clientapp
         from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
         from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=no-name-in-module
-
-        from fedpersona.flower_patches import shorten_pull_backoff
 
         # The SuperNode hands out a task before it has fetched the message's objects from the
         # SuperLink; a warm worker asks at once, so Flower's 1-10 s retry backoff would cost seconds.

@@ -65,7 +65,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
-    from fedpersona.deploy import make_credentials
+    from fedpersona.certs import make_credentials
 
     names = list(args.supernode)
     names += [f"{args.prefix}{i}" for i in range(args.supernodes)]
@@ -79,7 +79,7 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 
 
 def _cmd_supernode(args: argparse.Namespace) -> int:
-    from fedpersona.deploy import run_supernode
+    from client.supernode import run_supernode
 
     return run_supernode(
         superlink=args.superlink, data_dir=args.data_dir, state_dir=args.state_dir, user_id=args.user_id,

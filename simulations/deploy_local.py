@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpersona.deploy import flower_tool, tool_env
+from client.supernode import flower_tool, tool_env
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class LocalFederation:
 
     # ------------------------------------------------------------------------------ set-up
     def credentials(self, names: list[str]):
-        from fedpersona.deploy import make_credentials
+        from fedpersona.certs import make_credentials
 
         return make_credentials(self.creds_dir, supernodes=names)
 

@@ -17,6 +17,8 @@ from typing import Any
 
 from fedpersona.config import CONFIG_ENV, Config, load_config, read_scenario
 from privacy.secagg.settings import secagg_config
+from simulations.corpus import load_users
+from simulations.partitions import prepare_partitions
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,6 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
     from flwr.simulation import run_simulation
 
     from fedpersona.model import resolve_model_dir
-    from simulations.corpus import load_users
 
     flat, cfg = resolve(scenario, dict(overrides or {}))
     users = load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)
@@ -69,6 +70,7 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
                 f"(the smallest user's training split). You passed: {cfg.privacy.delta}"
             )
     resolve_model_dir(cfg.model.path)  # convert the default model once, before workers start
+    prepare_partitions(cfg, users)  # each simulated device reads its user's data folder (simulations/partitions.py)
     cpus = cpus or os.cpu_count() or 1
     os.environ[CONFIG_ENV] = json.dumps(flat)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -78,7 +80,7 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
         "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False},
     }
-    from client.app import app as client_app
+    from client.app import app as client_app  # torch, transformers: loaded when a run starts
     from server.app import app as server_app
 
     t0 = time.perf_counter()

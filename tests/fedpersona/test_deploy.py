@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from fedpersona import deploy
+from client import supernode
+from fedpersona import certs
 from fedpersona.cli import main as cli_main
 
 
@@ -33,7 +34,7 @@ def _sans(cert: x509.Certificate) -> set[str]:
 
 def test_credentials_layout_permissions_and_chain(tmp_path):
     out = tmp_path / "creds"
-    creds = deploy.make_credentials(out, supernodes=["alice", "bob"], sans=["IP:10.0.0.5", "DNS:link.example.org"])
+    creds = certs.make_credentials(out, supernodes=["alice", "bob"], sans=["IP:10.0.0.5", "DNS:link.example.org"])
     assert _mode(out) == 0o700 and _mode(out / "supernodes") == 0o700
     for private in (creds.ca_key, creds.server_key, out / "supernodes" / "alice", out / "supernodes" / "bob"):
         assert _mode(private) == 0o600, private
@@ -50,7 +51,7 @@ def test_credentials_layout_permissions_and_chain(tmp_path):
 
 
 def test_supernode_keys_are_openssh_ec_pairs(tmp_path):
-    creds = deploy.make_credentials(tmp_path, supernodes=["alice"])
+    creds = certs.make_credentials(tmp_path, supernodes=["alice"])
     private_path, public_path = creds.supernode_keys["alice"]
     private = load_ssh_private_key(private_path.read_bytes(), None)  # what flower-supernode loads
     public = load_ssh_public_key(public_path.read_bytes())  # what `flwr supernode register` loads
@@ -60,14 +61,14 @@ def test_supernode_keys_are_openssh_ec_pairs(tmp_path):
 
 
 def test_rerun_keeps_what_exists_and_adds_what_is_missing(tmp_path):
-    deploy.make_credentials(tmp_path, supernodes=["alice"])
+    certs.make_credentials(tmp_path, supernodes=["alice"])
     before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    creds = deploy.make_credentials(tmp_path, supernodes=["alice", "bob"])
+    creds = certs.make_credentials(tmp_path, supernodes=["alice", "bob"])
     assert {p.name for p in creds.created} == {"bob", "bob.pub"}
     assert all((tmp_path / n if (tmp_path / n).exists() else tmp_path / "supernodes" / n).read_bytes() == b
                for n, b in before.items())
     # a new SAN re-issues only the SuperLink certificate, from the same CA
-    creds = deploy.make_credentials(tmp_path, sans=["DNS:new.example.org"])
+    creds = certs.make_credentials(tmp_path, sans=["DNS:new.example.org"])
     assert {p.name for p in creds.created} == {"superlink.crt", "superlink.key"}
     assert creds.ca_cert.read_bytes() == before["ca.crt"]
     assert "DNS:new.example.org" in _sans(x509.load_pem_x509_certificate(creds.server_cert.read_bytes()))
@@ -77,23 +78,23 @@ def test_rerun_keeps_what_exists_and_adds_what_is_missing(tmp_path):
 @pytest.mark.parametrize("bad", ["IP:300.1.1.1", "DNS:", "DNS:bad name"])
 def test_invalid_san_is_rejected(tmp_path, bad):
     with pytest.raises(ValueError, match="Invalid --san"):
-        deploy.make_credentials(tmp_path, sans=[bad])
+        certs.make_credentials(tmp_path, sans=[bad])
 
 
 def test_invalid_supernode_name_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="SuperNode name"):
-        deploy.make_credentials(tmp_path, supernodes=["../evil"])
+        certs.make_credentials(tmp_path, supernodes=["../evil"])
 
 
 def test_bare_san_values():
-    assert deploy.parse_san("10.1.2.3") == x509.IPAddress(ipaddress.ip_address("10.1.2.3"))
-    assert deploy.parse_san("link.example.org") == x509.DNSName("link.example.org")
+    assert certs.parse_san("10.1.2.3") == x509.IPAddress(ipaddress.ip_address("10.1.2.3"))
+    assert certs.parse_san("link.example.org") == x509.DNSName("link.example.org")
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_tls_handshake_with_the_issued_certificate(tmp_path, host):
     """Python's ssl (what uvicorn and httpx use) accepts the chain for both default names."""
-    creds = deploy.make_credentials(tmp_path)
+    creds = certs.make_credentials(tmp_path)
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(creds.server_cert, creds.server_key)
     client_ctx = ssl.create_default_context(cafile=str(creds.ca_cert))
@@ -119,7 +120,7 @@ def test_tls_handshake_with_the_issued_certificate(tmp_path, host):
 
 
 def test_tls_handshake_fails_for_a_name_not_in_the_certificate(tmp_path):
-    creds = deploy.make_credentials(tmp_path)
+    creds = certs.make_credentials(tmp_path)
     ctx = ssl.create_default_context(cafile=str(creds.ca_cert))
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(creds.server_cert, creds.server_key)
@@ -152,38 +153,38 @@ def test_certs_command(tmp_path, capsys):
 
 # --------------------------------------------------------------------------------------- launcher parts
 def test_supernode_argv_secure_by_default(tmp_path):
-    argv = deploy.supernode_argv(superlink="h:1", node_config="x='y'", runtime_port=9100,
+    argv = supernode.supernode_argv(superlink="h:1", node_config="x='y'", runtime_port=9100,
                                  root_certificates=tmp_path / "ca.crt", auth_key=tmp_path / "k")
     assert "--insecure" not in argv
     assert argv[argv.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
     assert argv[argv.index("--auth-supernode-private-key") + 1] == str(tmp_path / "k")
     assert argv[argv.index("--isolation") + 1] == "process"
     with pytest.raises(ValueError, match="--insecure"):
-        deploy.supernode_argv(superlink="h:1", node_config="", runtime_port=1)
-    insecure = deploy.supernode_argv(superlink="h:1", node_config="", runtime_port=1, insecure=True, warm=False)
+        supernode.supernode_argv(superlink="h:1", node_config="", runtime_port=1)
+    insecure = supernode.supernode_argv(superlink="h:1", node_config="", runtime_port=1, insecure=True, warm=False)
     assert "--insecure" in insecure and "--auth-supernode-private-key" not in insecure and "--isolation" not in insecure
 
 
 def test_node_config_arg_parses_back_with_flowers_parser(tmp_path):
     from flwr.common.config import parse_config_args
 
-    text = deploy.node_config_arg(data_dir=tmp_path / "my data", state_dir=tmp_path / "st", user_id="HAMLET (Hamlet)")
+    text = supernode.node_config_arg(data_dir=tmp_path / "my data", state_dir=tmp_path / "st", user_id="HAMLET (Hamlet)")
     parsed = parse_config_args([text])
     assert parsed == {"data-dir": str(tmp_path / "my data"), "state-dir": str(tmp_path / "st"),
                       "user-id": "HAMLET (Hamlet)"}
     with pytest.raises(ValueError, match="single quote"):
-        deploy.node_config_arg(data_dir="it's", state_dir="s")
+        supernode.node_config_arg(data_dir="it's", state_dir="s")
 
 
 def test_check_device_names_the_bad_file(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "a.jsonl").write_text('{"cue": "hi", "reply": "well met"}\n')
-    assert deploy.check_device(data, tmp_path / "state") == 1
+    assert supernode.check_device(data, tmp_path / "state") == 1
     assert _mode(tmp_path / "state") == 0o700
     (data / "b.jsonl").write_text("")
     with pytest.raises(ValueError, match=r"b\.jsonl: the file has no record"):
-        deploy.check_device(data, tmp_path / "state")
+        supernode.check_device(data, tmp_path / "state")
 
 
 def test_supernode_cli_refuses_a_bad_data_folder_before_starting(tmp_path, capsys):
@@ -198,34 +199,34 @@ def test_supernode_cli_refuses_a_bad_data_folder_before_starting(tmp_path, capsy
 
 def test_supernode_process_restarts_only_on_connection_errors():
     exit_305 = [sys.executable, "-c", "print('Exit Code: 305'); raise SystemExit(1)"]
-    node = deploy._SuperNodeProcess(exit_305, {}, max_restarts=2, backoff=0.05)
+    node = supernode._SuperNodeProcess(exit_305, {}, max_restarts=2, backoff=0.05)
     seen = 0
     deadline = time.monotonic() + 30
     while node.alive() and time.monotonic() < deadline:
         seen += 1
         time.sleep(0.02)
     assert node.restarts == 2 and node.returncode == 1 and seen > 0
-    other = deploy._SuperNodeProcess([sys.executable, "-c", "print('Exit Code: 604'); raise SystemExit(1)"], {},
+    other = supernode._SuperNodeProcess([sys.executable, "-c", "print('Exit Code: 604'); raise SystemExit(1)"], {},
                                      max_restarts=None)
     other.proc.wait()
     assert not other.alive() and other.returncode == 1 and other.restarts == 0
 
 
 def test_supernode_argv_with_a_shorter_poll_runs_flower_through_the_shim():
-    argv = deploy.supernode_argv(superlink="h:1", node_config="", runtime_port=1, insecure=True, poll_interval=1.0)
-    assert argv[:5] == [sys.executable, "-m", "fedpersona.deploy", "flower-supernode-poll", "1.0"]
+    argv = supernode.supernode_argv(superlink="h:1", node_config="", runtime_port=1, insecure=True, poll_interval=1.0)
+    assert argv[:5] == [sys.executable, "-m", "fedpersona.flower_patches", "flower-supernode-poll", "1.0"]
     assert argv[5:7] == ["--superlink", "h:1"]
-    plain = deploy.supernode_argv(superlink="h:1", node_config="", runtime_port=1, insecure=True)
+    plain = supernode.supernode_argv(superlink="h:1", node_config="", runtime_port=1, insecure=True)
     assert Path(plain[0]).name == "flower-supernode"
 
 
 def test_flower_tools_come_from_this_interpreters_environment(monkeypatch):
     # `.venv/bin/python -m pytest` without an activated venv: its console scripts are not on PATH
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    env = deploy.tool_env()
+    env = supernode.tool_env()
     scripts = str(Path(sys.executable).parent)
     assert env["PATH"].split(os.pathsep) == [scripts, "/usr/bin", "/bin"]
-    assert deploy.tool_env({"PATH": scripts + os.pathsep + "/x"})["PATH"] == scripts + os.pathsep + "/x"
-    tool = Path(deploy.flower_tool("flower-superlink"))
+    assert supernode.tool_env({"PATH": scripts + os.pathsep + "/x"})["PATH"] == scripts + os.pathsep + "/x"
+    tool = Path(supernode.flower_tool("flower-superlink"))
     assert tool.parent == Path(scripts) and os.access(tool, os.X_OK)
-    assert deploy.flower_tool("no-such-tool") == "no-such-tool"
+    assert supernode.flower_tool("no-such-tool") == "no-such-tool"

@@ -16,6 +16,7 @@ from privacy.audit.inventory import check_completeness, personal_digests, summar
 from server.federation import run_federation
 from server.flow_log import read_server_inventory
 from simulations.inprocess import InProcessGrid
+from simulations.partitions import prepare_partitions
 from tests.privacy.audit_helpers import one_thread
 
 PERSONAL = "base_model.model.model.layers.3.self_attn.q_proj.lora_B.personal.weight"
@@ -97,6 +98,7 @@ def small_run(tiny_model_dir, tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cfg = load_config(flat, env=False)
+    prepare_partitions(cfg)  # simulated nodes read their users' data folders, as in `fedpersona run`
     nodes = {i: {"partition-id": i} for i in range(4)}
     broken = tmp / "broken-state"
     nodes[4] = {"data-dir": str(tmp / "no-such-folder"), "state-dir": str(broken), "user-id": "broken"}

@@ -1,0 +1,98 @@
+"""Where a device's data and state folder are, from its Flower node config.
+
+* **Deployment**: ``data-dir`` (a folder of ``*.jsonl``, :func:`client.data.read_user_folder`),
+  ``state-dir`` (default ``<data-dir>/.fedpersona-state``) and ``user-id`` (default: the data
+  folder's name).
+* **Simulation**: ``partition-id``. The simulation hands each simulated node its user's data the
+  deployment way, as a data folder, and lists the nodes in a manifest written before any node
+  starts, ``<run.state-dir>/<run.name>/_simulated/manifest.json``::
+
+      {"version": 1, "source": {...}, "nodes": {"0": {"user-id": "HAMLET (Hamlet)",
+       "data-dir": ".../_simulated/hamlet-hamlet-1a2b3c", "state-dir": ".../hamlet-hamlet-1a2b3c"}, ...}}
+
+  ``source`` is whatever the writer uses to tell a stale manifest from a current one; the device
+  ignores it. The device never knows where the users came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpersona.config import Config
+
+__all__ = ["MANIFEST_VERSION", "NodeData", "manifest_path", "node_data", "read_manifest", "slug", "write_manifest"]
+
+MANIFEST_VERSION = 1
+SIMULATED = "_simulated"  # a leading "_": the audit never takes it for a device's state folder
+
+
+def slug(text: str) -> str:
+    """A file-name-safe, collision-resistant folder name for a user id."""
+    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    return (s or "user")[:60] + "-" + hashlib.sha256(text.encode()).hexdigest()[:6]
+
+
+@dataclass(frozen=True)
+class NodeData:
+    user_id: str
+    data_dir: Path
+    state_dir: Path
+
+
+def manifest_path(cfg: Config) -> Path:
+    """``<run.state-dir>/<run.name>/_simulated/manifest.json``."""
+    return Path(cfg.run.state_dir) / cfg.run.name / SIMULATED / "manifest.json"
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"no simulation manifest at {p}: simulated nodes (node config 'partition-id') get their data "
+                         "from the simulation (fedpersona run, or the simulations.clientapp component)")
+    try:
+        doc = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p}: not valid JSON ({exc.msg})") from None
+    if not isinstance(doc, dict) or doc.get("version") != MANIFEST_VERSION or not isinstance(doc.get("nodes"), dict):
+        raise ValueError(f"{p}: not a version-{MANIFEST_VERSION} simulation manifest")
+    return doc
+
+
+def write_manifest(path: str | Path, nodes: Mapping[int, NodeData], *, source: Mapping[str, Any] | None = None) -> Path:
+    """Write the manifest atomically (simulated nodes may read it while another process rewrites it)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"version": MANIFEST_VERSION, "source": dict(source or {}),
+           "nodes": {str(pid): {"user-id": n.user_id, "data-dir": str(n.data_dir), "state-dir": str(n.state_dir)}
+                     for pid, n in sorted(nodes.items())}}
+    fd, tmp = tempfile.mkstemp(prefix=p.name, dir=p.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(doc, fh, indent=1)
+    os.replace(tmp, p)
+    return p
+
+
+def node_data(cfg: Config, node_config: Mapping[str, Any]) -> NodeData:
+    """The node's user id, data folder and state folder (deployment: its node config; simulation: the manifest)."""
+    if "data-dir" in node_config:
+        data_dir = Path(str(node_config["data-dir"])).expanduser()
+        user_id = str(node_config.get("user-id", data_dir.name))
+        state_dir = Path(str(node_config.get("state-dir", data_dir / ".fedpersona-state"))).expanduser()
+        return NodeData(user_id, data_dir, state_dir)
+    if "partition-id" not in node_config:
+        raise ValueError("node config needs 'data-dir' (deployment) or 'partition-id' (simulation)")
+    path = manifest_path(cfg)
+    nodes = read_manifest(path)["nodes"]
+    pid = int(node_config["partition-id"])
+    entry = nodes.get(str(pid))
+    if entry is None:
+        raise ValueError(f"partition-id {pid} has no user: the simulation manifest {path} lists {len(nodes)} users")
+    return NodeData(str(entry["user-id"]), Path(entry["data-dir"]), Path(entry["state-dir"]))

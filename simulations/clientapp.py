@@ -1,0 +1,34 @@
+"""The ClientApp component of ``pyproject.toml``: the device's app, with simulated nodes' data prepared.
+
+Under ``flwr run .`` on the Simulation Engine a node knows only its ``partition-id``; the mod
+below writes the simulated users' data folders and manifest (:mod:`simulations.partitions`)
+once per run before the device reads them. On a deployed SuperNode (node config ``data-dir``)
+it does nothing, and the app is exactly :func:`client.app.build_app`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
+
+from client.app import build_app
+from fedpersona.config import load_config
+from simulations.partitions import ensure_partitions
+
+_PREPARED: set[int] = set()
+
+
+def prepare_simulated_node(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    if "data-dir" not in context.node_config and "partition-id" in context.node_config \
+            and context.run_id not in _PREPARED:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the device itself warns about its settings
+            cfg = load_config(context.run_config)
+        ensure_partitions(cfg)
+        _PREPARED.add(context.run_id)
+    return call_next(message, context)
+
+
+app = build_app(mods=[prepare_simulated_node])

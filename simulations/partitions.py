@@ -1,0 +1,68 @@
+"""The simulation hands each simulated device its user's data: a deployment-style data folder per user.
+
+:func:`prepare_partitions` writes, under ``<run.state-dir>/<run.name>/_simulated/``, one folder per
+corpus user with its ``(cue, reply)`` examples as ``examples.jsonl`` (the format of
+:func:`client.data.read_user_folder`), and the manifest (:mod:`client.node_data`) that maps a
+Flower ``partition-id`` to that folder, the user id and the device's state folder
+``<run.state-dir>/<run.name>/<user slug>``. Partition ``i`` is the ``i``-th user of
+:func:`simulations.corpus.load_users` for ``data.*`` and ``run.seed``, as before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from client.node_data import SIMULATED, NodeData, manifest_path, read_manifest, slug, write_manifest
+from fedpersona.config import Config
+from simulations.corpus import UserCorpus, load_users
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ensure_partitions", "prepare_partitions"]
+
+EXAMPLES_FILE = "examples.jsonl"
+
+
+def _source(cfg: Config) -> dict:
+    """What the partitions depend on: a manifest written for other values is stale."""
+    return {"corpus": "shakespeare", "data.min-speeches": cfg.data.min_speeches, "data.max-users": cfg.data.max_users,
+            "run.seed": cfg.run.seed, "run.state-dir": str(cfg.run.state_dir), "run.name": cfg.run.name}
+
+
+def _write_examples(folder: Path, user: UserCorpus) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=EXAMPLES_FILE, dir=folder)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        for e in user.examples:
+            fh.write(json.dumps({"cue": e.cue, "reply": e.reply}) + "\n")
+    os.replace(tmp, folder / EXAMPLES_FILE)
+
+
+def prepare_partitions(cfg: Config, users: list[UserCorpus] | None = None) -> list[UserCorpus]:
+    """Write every simulated user's data folder and the manifest; returns the users (partition order)."""
+    if users is None:
+        users = load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)
+    run_root = Path(cfg.run.state_dir) / cfg.run.name
+    nodes = {}
+    for pid, user in enumerate(users):
+        data_dir = run_root / SIMULATED / slug(user.user_id)
+        _write_examples(data_dir, user)
+        nodes[pid] = NodeData(user.user_id, data_dir, run_root / slug(user.user_id))
+    path = write_manifest(manifest_path(cfg), nodes, source=_source(cfg))
+    logger.info("Simulated users' data for %d partitions in %s", len(nodes), path.parent)
+    return list(users)
+
+
+def ensure_partitions(cfg: Config) -> None:
+    """Prepare the partitions unless a manifest for the same ``data.*``, seed and run is there."""
+    path = manifest_path(cfg)
+    try:
+        if read_manifest(path).get("source") == _source(cfg):
+            return
+    except ValueError:
+        pass
+    prepare_partitions(cfg)

@@ -1,0 +1,61 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from client.data import read_user_folder
+from client.device import load_pairs_for_node, state_dir_for
+from client.node_data import manifest_path, node_data, slug
+from fedpersona.config import load_config
+from simulations.corpus import load_users
+from simulations.partitions import ensure_partitions, prepare_partitions
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_config({"run.state-dir": str(tmp_path / "state"), "run.name": "r", "data.max-users": 3}, env=False)
+
+
+def test_a_simulated_node_reads_its_users_examples_from_the_manifest(cfg):
+    users = load_users(min_speeches=cfg.data.min_speeches, max_users=3, seed=cfg.run.seed)
+    prepare_partitions(cfg)
+    for pid, user in enumerate(users):
+        user_id, pairs, state_dir = load_pairs_for_node(cfg, {"partition-id": pid})
+        assert user_id == user.user_id
+        assert pairs == [(e.cue, e.reply) for e in user.examples]  # the same examples, in the same order
+        # The state folder is where it always was: <run.state-dir>/<run.name>/<user slug>.
+        assert state_dir == cfg_state(cfg) / slug(user.user_id) == state_dir_for(cfg, {"partition-id": pid})
+    with pytest.raises(ValueError, match="partition-id 3 has no user"):
+        node_data(cfg, {"partition-id": 3})
+
+
+def cfg_state(cfg):
+    return Path(cfg.run.state_dir) / cfg.run.name
+
+
+def test_without_a_manifest_a_simulated_node_says_where_it_looked(cfg):
+    with pytest.raises(ValueError, match="no simulation manifest at .*manifest.json"):
+        node_data(cfg, {"partition-id": 0})
+    with pytest.raises(ValueError, match="'data-dir' \\(deployment\\) or 'partition-id'"):
+        node_data(cfg, {})
+
+
+def test_deployment_node_config_wins_and_defaults(tmp_path, cfg):
+    (tmp_path / "me").mkdir()
+    (tmp_path / "me" / "a.jsonl").write_text(json.dumps({"cue": "hi", "reply": "hello there"}) + "\n")
+    node = node_data(cfg, {"data-dir": str(tmp_path / "me"), "partition-id": 0})
+    assert node.user_id == "me" and node.state_dir == tmp_path / "me" / ".fedpersona-state"
+    assert read_user_folder(node.data_dir) == [("hi", "hello there")]
+
+
+def test_ensure_partitions_rewrites_a_stale_manifest_only(cfg):
+    ensure_partitions(cfg)
+    path = manifest_path(cfg)
+    first = path.stat().st_mtime_ns
+    ensure_partitions(cfg)
+    assert path.stat().st_mtime_ns == first  # current: kept
+    doc = json.loads(path.read_text())
+    doc["source"]["data.max-users"] = 99
+    path.write_text(json.dumps(doc))
+    ensure_partitions(cfg)
+    assert json.loads(path.read_text())["source"]["data.max-users"] == 3
