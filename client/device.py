@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from client.data import encode_examples, read_user_folder, split_examples
-from client.node_data import node_data, slug  # noqa: F401  (slug: the state folder name of a user)
+from client.node_data import node_data
 from client.store import DeviceStore
 from client.train import CachedExample, evaluate, trainer_for
 from fedpersona.config import Config

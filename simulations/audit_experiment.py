@@ -51,12 +51,13 @@ import torch
 
 import client.app as client_app
 from client.data import encode_examples, split_examples
-from client.device import Device, slug
+from client.device import Device
+from client.node_data import slug
 from client.train import CachedExample
 from fedpersona.config import load_config
 from fedpersona.model import IGNORE, adapted_model, collate, labels_for, lower_hidden, resolve_model_dir
 from privacy.audit.canary import SECRET_CUE, exposure, random_secrets, secret_reply, word_canaries, word_pool
-from privacy.audit.empirical import EMPIRICAL_FILE, VERSION, read_empirical, verdict
+from privacy.audit.empirical import EMPIRICAL_FILE, VERSION, verdict
 from privacy.audit.mia import attack_summary
 from privacy.audit.onerun import one_run_audit
 from privacy.ledger import PrivacyLedger

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from client.audit_records import is_device_dir, read_device_records
-from client.device import slug
+from client.node_data import slug
 from privacy.audit import report
 from server.audit_records import read_run_records
 

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from client.data import format_prompt
-from client.device import HEAD_FILE, slug
+from client.device import HEAD_FILE
+from client.node_data import slug
 from client.store import DeviceStore
 from fedpersona.model import adapted_model
 from server.checkpoint import latest_checkpoint

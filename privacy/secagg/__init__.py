@@ -1,7 +1,8 @@
 """Secure aggregation (SecAgg+ in two exchanges per round), quantization and distributed DP.
 
 A pure library: messages are plain dicts that Flower's records can carry. See
-:mod:`privacy.secagg.protocol` for the protocol and its reasoning,
+:mod:`privacy.secagg.spec` for the protocol and its reasoning (:mod:`~privacy.secagg.client_side`,
+:mod:`~privacy.secagg.server_side`, :mod:`~privacy.secagg.driver`: its two sides and an in-process driver),
 :mod:`privacy.secagg.quantize` for the modulus and error bounds, :mod:`privacy.secagg.ddp` for
 distributed discrete Gaussian noise and its accountant.
 
@@ -23,12 +24,14 @@ Server side (per run, per round)::
     result = rnd.finish()                                # result.total, result.extras
 """
 
-from .crypto import ClientKeys, DecryptionError, SecureRNG
-from .ddp import ddp_epsilon, ddp_rdp, local_noise_stddev, sample_discrete_gaussian
-from .protocol import (SecAggAbort, SecAggClient, SecAggConfig, SecAggInputError, SecAggResult, SecAggRound,
-                       SecAggServer, SecAggStats, payload_nbytes, run_secure_sum)
-from .quantize import ExtraSpec, Quantizer, max_cohort, modulus_bits, quantized_l2_bound
-from .shamir import ShamirError
+from privacy.secagg.client_side import SecAggClient
+from privacy.secagg.crypto import ClientKeys, DecryptionError, SecureRNG
+from privacy.secagg.ddp import ddp_epsilon, ddp_rdp, local_noise_stddev, sample_discrete_gaussian
+from privacy.secagg.driver import SecAggStats, run_secure_sum
+from privacy.secagg.quantize import ExtraSpec, Quantizer, max_cohort, modulus_bits, quantized_l2_bound
+from privacy.secagg.server_side import SecAggResult, SecAggRound, SecAggServer
+from privacy.secagg.shamir import ShamirError
+from privacy.secagg.spec import SecAggAbort, SecAggConfig, SecAggInputError, payload_nbytes
 
 __all__ = [
     "ClientKeys", "DecryptionError", "ExtraSpec", "Quantizer", "SecAggAbort", "SecAggClient", "SecAggConfig",

@@ -26,7 +26,7 @@ import math
 from fedpersona.config import Config
 from privacy.ledger import PrivacyLedger
 from privacy.secagg.ddp import ddp_epsilon, local_noise_stddev
-from privacy.secagg.protocol import SecAggConfig
+from privacy.secagg.spec import SecAggConfig
 from privacy.secagg.quantize import ExtraSpec
 
 __all__ = ["DDP_MECHANISM", "ddp_mechanism", "ddp_min_clients", "ddp_user_epsilon", "extras_specs",

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from client.device import slug
+from client.node_data import slug
 from client.store import DeviceStore
 from privacy.ledger import PrivacyLedger
 from simulations.corpus import load_users

@@ -1,0 +1,254 @@
+"""The server side of SecAgg+ (:mod:`privacy.secagg.spec`): the key directory, one round, the unmasked sum."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from privacy.secagg import shamir
+from privacy.secagg.crypto import MaskExpander, SecureRNG, load_public_key
+from privacy.secagg.graph import is_connected
+from privacy.secagg.quantize import packed_size, unpack_bits
+from privacy.secagg.spec import (SecAggAbort, SecAggConfig, SecAggInputError, _check_id, _ciphertext_size, _field, _ids,
+                                 _RoundSetup)
+
+__all__ = ["SecAggResult", "SecAggRound", "SecAggServer"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SecAggResult:
+    """What the server learns: the cohort totals (and who took part)."""
+
+    run_id: int
+    round: int
+    total: np.ndarray                   # sum of the survivors' clipped updates (+ DDP noise), float64
+    extras: dict[str, float]            # totals of the extras, by name
+    int_sum: np.ndarray                 # the exact signed integer sum (quantized units), update then extras
+    survivors: tuple[int, ...]          # clients whose vectors are in the sum
+    dropped_before_masking: tuple[int, ...]
+    dropped_before_unmasking: tuple[int, ...]
+    modulus_bits: int
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.survivors)
+
+
+class SecAggServer:
+    """The server side for one run: the key directory, and :meth:`start_round` for each round."""
+
+    def __init__(self, config: SecAggConfig, *, run_id: int, rng: SecureRNG | None = None):
+        self.config = config
+        self.run_id = _check_id(run_id, what="SecAggServer run_id")
+        self.rng = rng or SecureRNG()
+        self._enc_pk: dict[int, bytes] = {}
+        self._mask_pk: dict[int, bytes] = {}
+
+    def register(self, advert: Mapping[str, Any]) -> None:
+        """Record a client's :meth:`SecAggClient.advertise` payload (once per run)."""
+        what = "key advertisement"
+        cid = _check_id(_field(advert, "client_id", "int", what=what), what=what)
+        if cid in self._enc_pk:
+            raise SecAggInputError(f"{what}: duplicated client id {cid}")
+        enc = _field(advert, "enc_pk", "bytes", what=what)
+        mask = _field(advert, "mask_pk", "bytes", what=what)
+        try:
+            load_public_key(enc), load_public_key(mask)
+        except ValueError as e:
+            raise SecAggInputError(f"{what} of client {cid}: {e}") from None
+        self._enc_pk[cid] = enc
+        self._mask_pk[cid] = mask
+
+    @property
+    def registered(self) -> tuple[int, ...]:
+        return tuple(sorted(self._enc_pk))
+
+    def start_round(self, round: int, cohort: Iterable[int], length: int) -> "SecAggRound":
+        """Open a round over ``cohort`` for update vectors of ``length`` coordinates."""
+        ids = [_check_id(c, what="cohort") for c in cohort]
+        if len(set(ids)) != len(ids):
+            raise SecAggInputError("cohort: duplicated client id")
+        unknown = [c for c in ids if c not in self._enc_pk]
+        if unknown:
+            raise SecAggInputError(f"cohort: clients {unknown[:5]} have not advertised keys in this run")
+        if isinstance(length, bool) or int(length) != length or length < 1:
+            raise SecAggInputError(f"length must be an integer >= 1. You passed: {length}")
+        k, t, m = self.config.round_params(len(ids))
+        setup = _RoundSetup(run_id=self.run_id, round=_check_id(round, what="round"), cohort=tuple(sorted(ids)),
+                            graph_seed=self.rng.bytes(32), degree=k, threshold=t, min_survivors=m,
+                            modulus_bits=self.config.modulus_bits, length=int(length), num_extras=len(self.config.extras))
+        logger.info("secagg round %d: %d clients, k=%d, t=%d, min_survivors=%d, modulus 2^%d, %d coordinates",
+                    setup.round, len(ids), k, t, m, setup.modulus_bits, setup.length)
+        return SecAggRound(self, setup)
+
+
+class SecAggRound:
+    """One round on the server: stage-1 requests, masked inputs, unmask requests, unmask replies, the sum."""
+
+    def __init__(self, server: SecAggServer, setup: _RoundSetup):
+        self._server = server
+        self.setup = setup
+        self._stage = 1
+        width = setup.length + setup.num_extras
+        self._acc = np.zeros(width, dtype=np.uint64)
+        self._received: set[int] = set()
+        self._cts: dict[int, dict[int, bytes]] = {}   # holder -> sender -> ciphertext
+        self._survivors: tuple[int, ...] = ()
+        self._forwarded: dict[int, tuple[int, ...]] = {}
+        self._responded: set[int] = set()
+        self._b_shares: dict[int, list[tuple[int, int]]] = {}
+        self._pair_shares: dict[tuple[int, int], list[tuple[int, int]]] = {}
+
+    # ---- stage 1
+    def masked_input_requests(self) -> dict[int, dict[str, Any]]:
+        """The per-client round setup to send with the train request."""
+        s, srv = self.setup, self._server
+        out = {}
+        for c in s.cohort:
+            nb = s.graph[c]
+            out[c] = {**s.to_fields(), "client_id": c, "neighbours": _ids(nb),
+                      "neighbour_enc_pks": b"".join(srv._enc_pk[v] for v in nb),
+                      "neighbour_mask_pks": b"".join(srv._mask_pk[v] for v in nb)}
+        return out
+
+    def _check_sender(self, reply: Mapping[str, Any], what: str) -> int:
+        cid = _field(reply, "client_id", "int", what=what)
+        if cid not in self.setup.graph:
+            raise SecAggInputError(f"{what}: unknown client id {cid} (not in this round's cohort)")
+        run_id, rnd = _field(reply, "run_id", "int", what=what), _field(reply, "round", "int", what=what)
+        if (run_id, rnd) != (self.setup.run_id, self.setup.round):
+            raise SecAggInputError(f"{what} from client {cid}: it is for run {run_id} round {rnd}, this is run "
+                                   f"{self.setup.run_id} round {self.setup.round}")
+        return cid
+
+    def receive_masked(self, reply: Mapping[str, Any]) -> None:
+        """Add a client's masked vector to the running sum and keep its ciphertexts for forwarding."""
+        what = "masked input"
+        if self._stage != 1:
+            raise SecAggInputError(f"{what}: stage 1 is closed; late message rejected")
+        cid = self._check_sender(reply, what)
+        if cid in self._received:
+            raise SecAggInputError(f"{what}: duplicated message from client {cid}")
+        s = self.setup
+        packed = reply.get("masked")
+        width = s.length + s.num_extras
+        if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8 or packed.ndim != 1:
+            raise SecAggInputError(f"{what} from client {cid}: 'masked' must be a 1-D uint8 array "
+                                   f"({s.modulus_bits}-bit packed residues)")
+        if packed.size != packed_size(width, s.modulus_bits):
+            raise SecAggInputError(
+                f"{what} from client {cid}: wrong length or modulus: {packed.size} bytes, expected "
+                f"{packed_size(width, s.modulus_bits)} ({width} values of {s.modulus_bits} bits)")
+        try:
+            vec = unpack_bits(packed, s.modulus_bits, width)
+        except ValueError as e:
+            raise SecAggInputError(f"{what} from client {cid}: {e} (wrong length or modulus)") from None
+        holders = s.holders(cid)
+        if _field(reply, "share_holders", "ids", what=what) != list(holders):
+            raise SecAggInputError(f"{what} from client {cid}: share holders do not match the graph")
+        cts = _field(reply, "ciphertexts", "bytes", what=what)
+        size = _ciphertext_size(s.degree)
+        if len(cts) != size * len(holders):
+            raise SecAggInputError(f"{what} from client {cid}: expected {len(holders)} ciphertexts of {size} bytes")
+        np.add(self._acc, vec, out=self._acc)
+        self._received.add(cid)
+        for j, h in enumerate(holders):
+            self._cts.setdefault(h, {})[cid] = cts[j * size:(j + 1) * size]
+
+    # ---- stage 2
+    def unmask_requests(self) -> dict[int, dict[str, Any]]:
+        """Close stage 1; the unmask request for each survivor. Raises SecAggAbort if too few survived."""
+        if self._stage != 1:
+            raise SecAggInputError("unmask requests were already produced for this round")
+        self._stage = 2
+        s = self.setup
+        surv = tuple(sorted(self._received))
+        self._survivors = surv
+        if len(surv) < s.min_survivors:
+            self._stage = 0
+            raise SecAggAbort(f"round {s.round}: only {len(surv)} of {len(s.cohort)} clients sent masked inputs "
+                              f"(< min_survivors={s.min_survivors}); aborted, nothing revealed")
+        if not is_connected(s.graph, surv):
+            self._stage = 0
+            raise SecAggAbort(f"round {s.round}: the survivors' graph is disconnected; aborted, nothing revealed")
+        out = {}
+        for v in surv:
+            senders = tuple(sorted(w for w in self._cts.get(v, {}) if w in self._received))
+            self._forwarded[v] = senders
+            out[v] = {**s.to_fields(), "client_id": v, "survivors": _ids(surv), "senders": _ids(senders),
+                      "sender_enc_pks": b"".join(self._server._enc_pk[w] for w in senders),
+                      "ciphertexts": b"".join(self._cts[v][w] for w in senders)}
+        self._cts.clear()
+        return out
+
+    def receive_unmask(self, reply: Mapping[str, Any]) -> None:
+        what = "unmask reply"
+        if self._stage != 2:
+            raise SecAggInputError(f"{what}: the unmask stage is not open")
+        cid = self._check_sender(reply, what)
+        if cid not in self._forwarded:
+            raise SecAggInputError(f"{what}: client {cid} did not send a masked input in this round")
+        if cid in self._responded:
+            raise SecAggInputError(f"{what}: duplicated message from client {cid}")
+        surv = set(self._survivors)
+        graph = self.setup.graph
+        allowed = set(self._forwarded[cid])
+        b_owners = _field(reply, "b_owners", "ids", what=what)
+        b_vals = shamir.share_from_bytes(_field(reply, "b_shares", "bytes", what=what), what=what)
+        p_owners = _field(reply, "pair_owners", "ids", what=what)
+        p_peers = _field(reply, "pair_peers", "ids", what=what)
+        p_vals = shamir.share_from_bytes(_field(reply, "pair_shares", "bytes", what=what), what=what)
+        if len(b_vals) != len(b_owners) or not (len(p_owners) == len(p_peers) == len(p_vals)):
+            raise SecAggInputError(f"{what} from client {cid}: share arrays have inconsistent lengths")
+        if len(set(b_owners)) != len(b_owners) or not set(b_owners) <= allowed:
+            raise SecAggInputError(f"{what} from client {cid}: self-mask shares of clients it was not sent")
+        pairs = list(zip(p_owners, p_peers))
+        if len(set(pairs)) != len(pairs) or any(w not in allowed or x not in graph[w] or x in surv for w, x in pairs):
+            raise SecAggInputError(f"{what} from client {cid}: pair shares for pairs it may not reveal")
+        x = shamir.point_of(cid)
+        self._responded.add(cid)
+        for w, val in zip(b_owners, b_vals):
+            self._b_shares.setdefault(w, []).append((x, val))
+        for pair, val in zip(pairs, p_vals):
+            self._pair_shares.setdefault(pair, []).append((x, val))
+
+    def finish(self) -> SecAggResult:
+        """Close stage 2, reconstruct the needed seeds, remove the masks; raise SecAggAbort if shares are missing."""
+        if self._stage != 2:
+            raise SecAggInputError("finish() needs the unmask stage to be open")
+        self._stage = 0
+        s = self.setup
+        t = s.threshold
+        surv = self._survivors
+        survset = set(surv)
+        needed_pairs = [(w, x) for w in surv for x in s.graph[w] if x not in survset]
+        short = [f"self-mask of {w} ({len(self._b_shares.get(w, []))}/{t} shares)" for w in surv
+                 if len(self._b_shares.get(w, [])) < t]
+        short += [f"pair mask {w}-{x} ({len(self._pair_shares.get((w, x), []))}/{t} shares)" for w, x in needed_pairs
+                  if len(self._pair_shares.get((w, x), [])) < t]
+        if short:
+            self._b_shares.clear()
+            self._pair_shares.clear()
+            raise SecAggAbort(f"round {s.round}: not enough shares to unmask ({len(self._responded)} of {len(surv)} "
+                              f"survivors answered): {'; '.join(short[:5])}{' ...' if len(short) > 5 else ''}; "
+                              "aborted, nothing revealed")
+        acc = self._acc
+        expander = MaskExpander(acc.size)
+        for w in surv:
+            expander.add_into(acc, shamir.reconstruct(self._b_shares[w], t), -1)
+        for w, x in needed_pairs:
+            # w added sign(w, x) * PRG(s_wx); remove it
+            expander.add_into(acc, shamir.reconstruct(self._pair_shares[(w, x)], t), -1 if w < x else 1)
+        acc &= np.uint64((1 << s.modulus_bits) - 1)
+        total, extras, signed = self._server.config.quantizer.decode_sum(acc, s.length)
+        self._b_shares.clear()
+        self._pair_shares.clear()
+        return SecAggResult(run_id=s.run_id, round=s.round, total=total, extras=extras, int_sum=signed,
+                            survivors=surv, dropped_before_masking=tuple(c for c in s.cohort if c not in survset),
+                            dropped_before_unmasking=tuple(c for c in surv if c not in self._responded),
+                            modulus_bits=s.modulus_bits)

@@ -1,0 +1,320 @@
+"""The SecAgg+ specification: two message exchanges per round, stateless, round-bound secrets.
+
+This module holds what both sides share: the settings (:class:`SecAggConfig`), the round setup and
+digest, the key derivations and the payload checks. The client side is
+:mod:`privacy.secagg.client_side`, the server side :mod:`privacy.secagg.server_side`, an in-process
+driver :mod:`privacy.secagg.driver`.
+
+
+The server is honest-but-curious: it follows the protocol but tries to learn from what it
+sees. It must learn only the sum of the surviving clients' quantized updates (and of their
+extras), never an individual update. Flower's SecAgg+ (Bonawitz et al. CCS 2017, Bell et al.
+CCS 2020) needs four client exchanges per round (share keys, collect masked vectors,
+unmask, plus the setup). This protocol needs two, plus one key advertisement per run.
+
+Messages (dicts of str/int/float/bool/bytes/1-D numpy arrays, so that Flower's
+ConfigRecord / ArrayRecord can carry them):
+
+0. **advertise** (once per run), client -> server: ``client_id``, ``enc_pk``, ``mask_pk``: the
+   public halves of two long-term X25519 key pairs, one to encrypt shares, one to agree
+   pairwise mask seeds. The server keeps them in a per-run key directory.
+1. **masked input** (the same exchange as training). Server -> client: round setup (run id,
+   round, cohort, a fresh random 32-byte ``graph_seed``, degree ``k``, threshold ``t``, minimum
+   number of survivors, modulus bits, vector length) and the public keys of the client's
+   neighbours in the SecAgg+ graph (:mod:`privacy.secagg.graph`), which every party derives
+   from (cohort, k, graph_seed). Client -> server: the masked vector, packed at b bits per
+   coordinate (:func:`~privacy.secagg.quantize.pack_bits`: exactly the size of the b-bit
+   quantized vector), and, for each of its ``k + 1`` share holders (its neighbours and itself), one AES-GCM ciphertext of its shares.
+2. **unmask**. Server -> each survivor: the survivor list and the ciphertexts addressed to
+   it. Client -> server: shares of the self-mask seeds of survivors, and shares of the
+   pairwise seeds between survivors and dropped clients. The server reconstructs and
+   removes the masks and obtains the sum.
+
+The round digest ``D`` = SHA-256 of every round parameter (run, round, cohort, graph seed,
+k, t, minimum survivors, modulus, length) salts every key derivation and is part of every
+ciphertext's associated data: a ciphertext, share or mask of another run, round, or
+another setup of the same round (a retried round) is useless or rejected.
+
+Masking. Client ``u`` sends ``y_u = x_u + PRG(b_u) + sum_{v in N(u)} sign(u, v) PRG(s_uv)``
+mod ``2^b``, where ``x_u`` is its quantized vector (:mod:`privacy.secagg.quantize`),
+``sign = +1`` if ``u < v`` else ``-1``,
+
+* ``b_u``: a fresh random self-mask seed (127 bits) drawn for this round only;
+* ``s_uv = HKDF(X25519(mask_sk_u, mask_pk_v), salt=D, info=("pair-mask", min(u,v), max(u,v)))``:
+  a per-round pairwise seed both ends compute without any message.
+
+In the same reply, ``u`` Shamir-shares (t of k + 1, over GF(2^127 - 1)) ``b_u`` *and each of
+its k per-round pairwise seeds* ``s_uv`` among its share holders, each holder's shares
+encrypted under ``HKDF(X25519(enc_sk_u, enc_pk_h), salt=D, info=("share-enc", u, h))`` with
+associated data (run, round, u, h, D). The ciphertext to itself lets the client stay
+stateless between the two stages (a fresh Flower ClientApp process handles each message):
+its only state is its long-term key pair.
+
+Why this design. Sharing and masking happen in one message, so a client ``u`` that drops
+before sending has distributed no shares; yet its neighbours' vectors contain masks with
+it. Those masks are seeds ``s_uv`` that the *surviving* neighbour ``v`` knows and has
+shared, so the server gets them from ``v``'s holders (or ``v`` itself through its self-
+ciphertext). If ``v`` then drops during unmasking, ``v``'s holders still have the shares.
+Bonawitz et al. instead share the long-term mask *secret key*, which must then be fresh
+every round (hence the extra key-exchange message); sharing per-round derived seeds instead
+of the key means that a reconstructed seed exposes one pair's mask in one round setup and
+nothing else: the long-term keys are never revealed and can be reused across rounds.
+
+Unmasking. Let S be the clients whose masked vectors arrived (stage-1 survivors). A holder
+answering the unmask request returns, for each sender ``w`` of a ciphertext it received
+(``w`` in S): the share of ``b_w``, and the shares of ``s_wx`` only for neighbours ``x`` of ``w``
+*not* in S. It never returns a share of ``s_wx`` for ``x`` in S. Hence for every client the
+server obtains either its self-mask (survivors) or pairwise seeds with it (dropped clients'
+pairs, whose vectors it never received), never both: for a survivor ``w`` the masks with its
+surviving neighbours stay secret. The server computes
+``sum_S y - sum_S PRG(b_w) - sum_{w in S, x in N(w) minus S} sign(w, x) PRG(s_wx)``, the
+surviving pairwise masks cancel, and the result is ``sum_S x_w`` mod ``2^b``.
+
+Checks. Pairwise masks only cancel within a connected component of the graph induced on S,
+so the server could otherwise learn one sum per component: clients (and the server) refuse
+to unmask unless S is connected and ``|S| >= min_survivors`` (default t). The random Harary
+graph is k-connected, so fewer than k dropped clients can never disconnect it. If fewer than
+t shares of any needed secret arrive, the round raises :class:`SecAggAbort` before
+reconstructing anything; what the server holds then (some self-mask seeds, some dropped
+pairs' seeds) leaves every component sum masked by an unknown seed. Clients also check that
+the round parameters equal the ones their own config implies (the server cannot lower the
+threshold), the modulus and vector length, and that the graph matches the seed.
+
+Dropouts tolerated. The round completes iff S is connected with ``|S| >= min_survivors`` and
+every client in S has at least t of its k + 1 holders answering the unmask request. With the
+complete graph (small cohorts, ``k = n - 1``) that is: any drops that leave at least t clients
+answering the unmask request.
+
+Threat model and limits: honest-but-curious server and fewer than t colluding clients
+among any client's holders. A malicious server could claim different survivor sets to
+different clients (Bonawitz et al.'s consistency round, omitted here, prevents that);
+transport security (TLS) and client authentication are Flower's (SuperNode auth).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from privacy.secagg import shamir
+from privacy.secagg.crypto import SEAL_OVERHEAD, ClientKeys, derive, ecdh, encode_fields
+from privacy.secagg.graph import build_graph, default_degree, default_threshold
+from privacy.secagg.quantize import ExtraSpec, Quantizer
+
+__all__ = ["SecAggAbort", "SecAggConfig", "SecAggInputError", "payload_nbytes", "round_digest"]
+
+_U64 = 2**64
+
+
+class SecAggAbort(RuntimeError):
+    """The round cannot complete without revealing more than the sum: it is abandoned, nothing is revealed."""
+
+
+class SecAggInputError(ValueError):
+    """A message or argument is malformed, inconsistent, duplicated, from an unknown client, or for another round."""
+
+
+# ---------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Settings both sides share (parse once, pass to :class:`SecAggClient` and :class:`SecAggServer`).
+
+    Args:
+        clip_norm: L2 norm bound C of a client's update.
+        scale: quantization scale s (quantized units per unit of update).
+        max_cohort: the largest cohort; fixes the modulus (see :mod:`privacy.secagg.quantize`).
+        extras: named scalars summed under the same masks (example counts, metrics).
+        noise_stddev: per-client discrete Gaussian stddev in quantized units (0: no distributed DP).
+        noise_tail_sigmas: clamp of the noise in stddevs.
+        rounding_beta: conditional rounding parameter used with noise.
+        degree: graph degree k (None: ``2 ceil(1.5 log2 n)``); rounded up to even, capped at n - 1.
+        threshold: Shamir threshold t (None: strict majority of the k + 1 holders).
+        min_survivors: fewest stage-1 survivors the round accepts (None: t).
+    """
+
+    clip_norm: float
+    scale: float
+    max_cohort: int
+    extras: tuple[ExtraSpec, ...] = ()
+    noise_stddev: float = 0.0
+    noise_tail_sigmas: float = 12.0
+    rounding_beta: float = math.exp(-0.5)
+    degree: int | None = None
+    threshold: int | None = None
+    min_survivors: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "extras", tuple(self.extras))
+        for name in ("degree", "threshold", "min_survivors"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
+                raise ValueError(f"SecAggConfig.{name} must be None or an integer >= 1. You passed: {v}")
+        if int(self.max_cohort) != self.max_cohort or self.max_cohort < 2:
+            raise ValueError(f"SecAggConfig.max_cohort must be an integer >= 2. You passed: {self.max_cohort}")
+        self.quantizer  # validates clip, scale, noise and the modulus
+
+    @cached_property
+    def quantizer(self) -> Quantizer:
+        return Quantizer(clip_norm=self.clip_norm, scale=self.scale, max_cohort=self.max_cohort, extras=self.extras,
+                         noise_stddev=self.noise_stddev, noise_tail_sigmas=self.noise_tail_sigmas,
+                         rounding_beta=self.rounding_beta)
+
+    @property
+    def modulus_bits(self) -> int:
+        return self.quantizer.bits
+
+    def round_params(self, n: int) -> tuple[int, int, int]:
+        """(degree k, threshold t, min_survivors) for a cohort of n clients."""
+        if n < 2:
+            raise SecAggInputError(f"a cohort needs at least 2 clients. You passed: {n}")
+        if n > self.max_cohort:
+            raise SecAggInputError(f"cohort of {n} exceeds max_cohort={self.max_cohort} (the modulus would overflow)")
+        k = self.degree or default_degree(n)
+        k = n - 1 if 2 * ((k + 1) // 2) >= n - 1 else 2 * ((k + 1) // 2)
+        t = self.threshold or default_threshold(k)
+        if not 1 <= t <= k + 1:
+            raise SecAggInputError(f"threshold t={t} must be in [1, k + 1 = {k + 1}] for a cohort of {n}")
+        m = self.min_survivors or max(t, 2)
+        if not 2 <= m <= n:
+            raise SecAggInputError(f"min_survivors={m} must be in [2, n={n}]")
+        return k, t, m
+
+
+def round_digest(*, run_id: int, round: int, cohort: Sequence[int], graph_seed: bytes, degree: int, threshold: int,
+                 min_survivors: int, modulus_bits: int, length: int, num_extras: int) -> bytes:
+    enc = encode_fields("round", run_id, round, degree, threshold, min_survivors, modulus_bits, length, num_extras,
+                        graph_seed, *sorted(int(c) for c in cohort))
+    return hashlib.sha256(enc).digest()
+
+
+def _pair_seed(keys: ClientKeys, me: int, peer: int, peer_mask_pk: bytes, digest: bytes) -> int:
+    raw = derive(ecdh(keys.mask, peer_mask_pk), salt=digest, label="pair-mask", fields=(min(me, peer), max(me, peer)),
+                 length=16)
+    return int.from_bytes(raw, "big") % shamir.PRIME
+
+
+def _share_key(keys: ClientKeys, sender: int, receiver: int, peer_enc_pk: bytes, digest: bytes) -> bytes:
+    return derive(ecdh(keys.enc, peer_enc_pk), salt=digest, label="share-enc", fields=(sender, receiver))
+
+
+def _share_ad(run_id: int, round: int, sender: int, receiver: int, digest: bytes) -> bytes:
+    return encode_fields("share-ad", run_id, round, sender, receiver, digest)
+
+
+def _ciphertext_size(degree: int) -> int:
+    return SEAL_OVERHEAD + shamir.SHARE_BYTES * (degree + 1)
+
+
+# --------------------------------------------------------------------------- payload checks
+def _field(msg: Mapping[str, Any], key: str, kind: str, *, what: str):
+    if not isinstance(msg, Mapping):
+        raise SecAggInputError(f"{what}: a message must be a dict. You passed: {type(msg).__name__}")
+    if key not in msg:
+        raise SecAggInputError(f"{what}: missing field {key!r}")
+    v = msg[key]
+    if kind == "int":
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise SecAggInputError(f"{what}: field {key!r} must be an int. You passed: {type(v).__name__}")
+        return int(v)
+    if kind == "bytes":
+        if not isinstance(v, (bytes, bytearray)):
+            raise SecAggInputError(f"{what}: field {key!r} must be bytes. You passed: {type(v).__name__}")
+        return bytes(v)
+    if kind == "ids":
+        if not isinstance(v, np.ndarray) or v.ndim != 1 or v.dtype != np.uint64:
+            raise SecAggInputError(f"{what}: field {key!r} must be a 1-D uint64 array")
+        return [int(x) for x in v]
+    raise AssertionError(kind)
+
+
+def _ids(values: Iterable[int]) -> np.ndarray:
+    return np.asarray(sorted(int(v) for v in values), dtype=np.uint64).reshape(-1)
+
+
+def _check_id(cid: Any, *, what: str) -> int:
+    if isinstance(cid, (bool, np.bool_)) or not isinstance(cid, (int, np.integer)) or not 0 <= int(cid) < _U64 - 1:
+        raise SecAggInputError(f"{what}: client ids must be integers in [0, 2^64 - 1). You passed: {cid!r}")
+    return int(cid)
+
+
+def payload_nbytes(msg: Mapping[str, Any]) -> int:
+    """Bytes a message carries: keys, bytes and array payloads, 8 per scalar."""
+    n = 0
+    for k, v in msg.items():
+        n += len(k)
+        if isinstance(v, (bytes, bytearray)):
+            n += len(v)
+        elif isinstance(v, np.ndarray):
+            n += v.nbytes
+        elif isinstance(v, str):
+            n += len(v.encode())
+        else:
+            n += 8
+    return n
+
+
+@dataclass(frozen=True)
+class _RoundSetup:
+    run_id: int
+    round: int
+    cohort: tuple[int, ...]
+    graph_seed: bytes
+    degree: int
+    threshold: int
+    min_survivors: int
+    modulus_bits: int
+    length: int
+    num_extras: int
+
+    @cached_property
+    def graph(self) -> dict[int, tuple[int, ...]]:
+        return build_graph(self.cohort, self.degree, self.graph_seed)
+
+    @cached_property
+    def digest(self) -> bytes:
+        return round_digest(run_id=self.run_id, round=self.round, cohort=self.cohort, graph_seed=self.graph_seed,
+                            degree=self.degree, threshold=self.threshold, min_survivors=self.min_survivors,
+                            modulus_bits=self.modulus_bits, length=self.length, num_extras=self.num_extras)
+
+    def holders(self, cid: int) -> tuple[int, ...]:
+        return tuple(sorted(self.graph[cid] + (cid,)))
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "round": self.round, "cohort": _ids(self.cohort), "graph_seed": self.graph_seed,
+                "degree": self.degree, "threshold": self.threshold, "min_survivors": self.min_survivors,
+                "modulus_bits": self.modulus_bits, "length": self.length, "num_extras": self.num_extras}
+
+    @classmethod
+    def from_fields(cls, msg: Mapping[str, Any], *, what: str) -> "_RoundSetup":
+        cohort = _field(msg, "cohort", "ids", what=what)
+        if len(set(cohort)) != len(cohort):
+            raise SecAggInputError(f"{what}: duplicated client id in the cohort")
+        seed = _field(msg, "graph_seed", "bytes", what=what)
+        if len(seed) != 32:
+            raise SecAggInputError(f"{what}: graph_seed must be 32 bytes")
+        return cls(run_id=_field(msg, "run_id", "int", what=what), round=_field(msg, "round", "int", what=what),
+                   cohort=tuple(sorted(cohort)), graph_seed=seed, degree=_field(msg, "degree", "int", what=what),
+                   threshold=_field(msg, "threshold", "int", what=what),
+                   min_survivors=_field(msg, "min_survivors", "int", what=what),
+                   modulus_bits=_field(msg, "modulus_bits", "int", what=what),
+                   length=_field(msg, "length", "int", what=what), num_extras=_field(msg, "num_extras", "int", what=what))
+
+    def check_against(self, config: SecAggConfig, *, what: str) -> None:
+        """A client's check that the server's round parameters are the ones its own config implies."""
+        if self.modulus_bits != config.modulus_bits:
+            raise SecAggInputError(f"{what}: wrong modulus: the request says 2^{self.modulus_bits}, this client's "
+                                   f"config gives 2^{config.modulus_bits}")
+        if self.num_extras != len(config.extras):
+            raise SecAggInputError(f"{what}: request has {self.num_extras} extras, config has {len(config.extras)}")
+        if self.length < 1:
+            raise SecAggInputError(f"{what}: vector length must be >= 1. You passed: {self.length}")
+        expected = config.round_params(len(self.cohort))
+        if (self.degree, self.threshold, self.min_survivors) != expected:
+            raise SecAggInputError(f"{what}: round parameters (k, t, min_survivors)="
+                                   f"{(self.degree, self.threshold, self.min_survivors)} differ from this client's "
+                                   f"{expected}")
