@@ -29,7 +29,7 @@ from client.store import DeviceStore
 from fedpersona.config import Config
 from fedpersona.secagg_wire import SELF_ENC_PK, SELF_MASK_PK, flatten
 from privacy.secagg import ClientKeys, SecAggClient, SecAggInputError
-from privacy.secagg.settings import extras_specs, record_ddp, secagg_config
+from privacy.secagg.settings import extras_specs, record_ddp, secagg_params
 
 __all__ = ["KEYS", "advertise", "check_request", "device_keys", "masked_input", "unmask"]
 
@@ -56,7 +56,7 @@ def device_keys(store: DeviceStore, *, create: bool = False) -> ClientKeys:
 
 def advertise(store: DeviceStore, cfg: Config, client_id: int) -> dict[str, Any]:
     """The key advertisement (public keys only)."""
-    return SecAggClient(client_id, secagg_config(cfg), keys=device_keys(store, create=True)).advertise()
+    return SecAggClient(client_id, secagg_params(cfg), keys=device_keys(store, create=True)).advertise()
 
 
 def check_request(store: DeviceStore, cfg: Config, client_id: int, request: dict[str, Any],
@@ -73,7 +73,7 @@ def check_request(store: DeviceStore, cfg: Config, client_id: int, request: dict
     if registered != (keys.enc_public, keys.mask_public):
         raise SecAggInputError(f"{what}: the server registered other public keys for this device than it holds "
                                "(keys replaced since the advertisement?)")
-    return SecAggClient(client_id, secagg_config(cfg), keys=keys)
+    return SecAggClient(client_id, secagg_params(cfg), keys=keys)
 
 
 def masked_input(client: SecAggClient, cfg: Config, request: dict[str, Any],
@@ -106,4 +106,4 @@ def record_user_level(ledger, cfg: Config, *, dim: int, server_round: int) -> di
 
 def unmask(store: DeviceStore, cfg: Config, client_id: int, request: Mapping[str, Any]) -> dict[str, Any]:
     """The unmask reply (shares of survivors' self-masks and of dropped neighbours' pair seeds)."""
-    return SecAggClient(client_id, secagg_config(cfg), keys=device_keys(store)).unmask(request)
+    return SecAggClient(client_id, secagg_params(cfg), keys=device_keys(store)).unmask(request)

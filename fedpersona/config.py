@@ -374,7 +374,7 @@ def load_config(raw: Mapping[str, Any] | None = None, *, env: bool = True) -> Co
 
 def _check_secagg(cfg: Config) -> None:
     """Cross-section ranges of ``secagg.*``; whether the protocol can meet them (graph, modulus, noise) is
-    :func:`privacy.secagg.settings.secagg_config`, which every run path calls before it starts."""
+    :func:`privacy.secagg.settings.secagg_params`, which every run path calls before it starts."""
     s, n = cfg.secagg, cfg.server.clients_per_round
     if s.ddp and s.ddp_min_clients > n:
         raise _bad("secagg.ddp-min-clients", s.ddp_min_clients, f"must be at most server.clients-per-round={n}")

@@ -6,7 +6,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpersona.config import load_config
-from privacy.secagg.settings import secagg_config
+from privacy.secagg.settings import secagg_params
 from server.federation import run_federation
 from server.grid import FastPollGrid
 from server.secagg import build_aggregator
@@ -17,7 +17,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = load_config(context.run_config)
-    secagg_config(cfg)  # the protocol's own check of secagg.* (ValueError naming the key), before any round
+    secagg_params(cfg)  # the protocol's own check of secagg.* (ValueError naming the key), before any round
     # SecAgg+ unless secagg.enabled = false (plain aggregation, with warnings in the log and metrics.json)
     grid = FastPollGrid(grid)  # replies are picked up within 0.2 s, not Flower's 3 s (server/grid.py)
     run_federation(grid, cfg, aggregator=build_aggregator(cfg, run_id=context.run_id))

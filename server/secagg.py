@@ -36,7 +36,7 @@ from fedpersona.config import Config
 from fedpersona.secagg_wire import ADVERTISE, SELF_ENC_PK, SELF_MASK_PK, UNMASK, from_records, to_records, unflatten
 from fedpersona.wire import unpack_shared
 from privacy.secagg import SecAggAbort, SecAggInputError, SecAggServer, SecureRNG
-from privacy.secagg.settings import ddp_min_clients, ddp_user_epsilon, secagg_config
+from privacy.secagg.settings import ddp_min_clients, ddp_user_epsilon, secagg_params
 from server.aggregation import Aggregator, PlainAggregator, RoundSum
 
 __all__ = ["SecureAggregator", "build_aggregator"]
@@ -57,7 +57,7 @@ class SecureAggregator:
 
     def __init__(self, cfg: Config, *, run_id: int, rng: SecureRNG | None = None) -> None:
         self.cfg = cfg
-        self.config = secagg_config(cfg)
+        self.config = secagg_params(cfg)
         self.server = SecAggServer(self.config, run_id=int(run_id), rng=rng)
         self._keys: dict[int, tuple[bytes, bytes]] = {}
 

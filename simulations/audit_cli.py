@@ -1,7 +1,7 @@
 """The ``fedpersona audit`` and ``fedpersona audit-run`` subcommands (registered by :mod:`fedpersona.cli`).
 
-The experiment (:mod:`simulations.audit_experiment`) and the gathering of a run's files
-(:mod:`simulations.audit_gather`) load torch and Flower, so they are imported when a command runs.
+Every subcommand of ``fedpersona`` is registered at start, so the modules behind these two (torch,
+Flower, scipy, matplotlib come with them) are imported when a command runs, not here.
 
     fedpersona audit RUN_FOLDER [--state-dir DIR] [--out DIR] [--strict]
     fedpersona audit --device STATE_DIR [--delta 1e-3] [--target-epsilon 8]
@@ -14,11 +14,6 @@ import argparse
 import logging
 import os
 from pathlib import Path
-
-from fedpersona.config import parse_overrides
-from privacy.audit.empirical import read_empirical
-from privacy.audit.render import write_report
-from simulations.runner import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +59,7 @@ def _print_status(audit: dict, paths: dict) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    from privacy.audit.render import write_report
     from simulations.audit_gather import build_audit
 
     if not args.run_folder and not args.device:
@@ -77,6 +73,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _read_reference(folder: str | Path) -> float:
+    from privacy.audit.empirical import read_empirical
+
     emp = read_empirical(folder)
     if emp is None or emp["theoretical"]["epsilon_max"] is None:
         raise ValueError(f"--reference {folder}: no DP audit results (audit/empirical.json with a finite epsilon) there")
@@ -84,8 +82,11 @@ def _read_reference(folder: str | Path) -> float:
 
 
 def cmd_audit_run(args: argparse.Namespace) -> int:
+    from fedpersona.config import parse_overrides
+    from privacy.audit.render import write_report
     from simulations.audit_experiment import AuditSettings, run_audit
     from simulations.audit_gather import build_audit
+    from simulations.runner import resolve
 
     settings = AuditSettings(onerun_canaries=args.canaries, exposure_users=args.exposure_users,
                              exposure_repeats=args.repeats, candidates=args.candidates, seed=args.seed)

@@ -64,9 +64,9 @@ def bench_config(n: int):
 
 
 def graph_params(n: int) -> tuple[int, int]:
-    from privacy.secagg.settings import secagg_config
+    from privacy.secagg.settings import secagg_params
 
-    k, t, _ = secagg_config(bench_config(n)).round_params(n)
+    k, t, _ = secagg_params(bench_config(n)).round_params(n)
     return k, t
 
 
@@ -139,7 +139,7 @@ def _our_apps():
     from flwr.serverapp import ServerApp
 
     from fedpersona.secagg_wire import SELF_ENC_PK, SELF_MASK_PK, from_records, to_records
-    from privacy.secagg.settings import secagg_config
+    from privacy.secagg.settings import secagg_params
     from fedpersona.wire import pack_shared, unpack_shared
     from privacy.secagg import ClientKeys, SecAggClient
     from server.secagg import SecureAggregator
@@ -151,7 +151,7 @@ def _our_apps():
         if "bench-secagg" not in context.state.config_records:
             context.state["bench-secagg"] = ConfigRecord({"keys": ClientKeys().to_bytes()})
         keys = ClientKeys.from_bytes(context.state["bench-secagg"]["keys"])
-        return SecAggClient(context.node_id, secagg_config(bench_config(n)), keys=keys)
+        return SecAggClient(context.node_id, secagg_params(bench_config(n)), keys=keys)
 
     @client.query("advertise")
     def advertise(message, context):

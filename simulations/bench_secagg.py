@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from privacy.secagg import ExtraSpec, SecAggConfig, SecAggStats, SecureRNG, run_secure_sum, sample_discrete_gaussian
+from privacy.secagg import ExtraSpec, SecAggParams, SecAggStats, SecureRNG, run_secure_sum, sample_discrete_gaussian
 from privacy.secagg.quantize import pack_bits, unpack_bits
 
 EXTRAS = (ExtraSpec("num_examples", bound=100_000, scale=1.0), ExtraSpec("train_loss", bound=100.0, scale=1e4))
@@ -73,7 +73,7 @@ def plain_aggregation(updates, extras, cfg, rng) -> dict:
 
 
 def bench_one(n: int, d: int, *, max_cohort: int, drop: float, noise_stddev: float, seed: int = 0) -> dict:
-    cfg = SecAggConfig(clip_norm=1.0, scale=2.0**20, max_cohort=max_cohort, extras=EXTRAS, noise_stddev=noise_stddev)
+    cfg = SecAggParams(clip_norm=1.0, scale=2.0**20, max_cohort=max_cohort, extras=EXTRAS, noise_stddev=noise_stddev)
     ids = list(range(1000, 1000 + n))
     ups = _Updates(ids, d, seed)
     extras = {c: {"num_examples": 50 + i, "train_loss": 2.0 + i / n} for i, c in enumerate(ids)}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpersona.config import CONFIG_ENV, Config, load_config, read_scenario
-from privacy.secagg.settings import secagg_config
+from privacy.secagg.settings import secagg_params
 from simulations.corpus import load_users
 from simulations.partitions import prepare_partitions
 
@@ -44,7 +44,7 @@ def resolve(scenario: str | None, overrides: dict[str, Any]) -> tuple[dict[str, 
     flat["run.results-dir"] = str(Path(cfg.run.results_dir).resolve())
     flat["run.state-dir"] = str(Path(cfg.run.state_dir).resolve())
     cfg = load_config(flat, env=False)
-    secagg_config(cfg)  # the protocol's check of secagg.* (graph, modulus, noise), before anything starts
+    secagg_params(cfg)  # the protocol's check of secagg.* (graph, modulus, noise), before anything starts
     return flat, cfg
 
 

@@ -31,10 +31,10 @@ from privacy.secagg.driver import SecAggStats, run_secure_sum
 from privacy.secagg.quantize import ExtraSpec, Quantizer, max_cohort, modulus_bits, quantized_l2_bound
 from privacy.secagg.server_side import SecAggResult, SecAggRound, SecAggServer
 from privacy.secagg.shamir import ShamirError
-from privacy.secagg.spec import SecAggAbort, SecAggConfig, SecAggInputError, payload_nbytes
+from privacy.secagg.spec import SecAggAbort, SecAggParams, SecAggInputError, payload_nbytes
 
 __all__ = [
-    "ClientKeys", "DecryptionError", "ExtraSpec", "Quantizer", "SecAggAbort", "SecAggClient", "SecAggConfig",
+    "ClientKeys", "DecryptionError", "ExtraSpec", "Quantizer", "SecAggAbort", "SecAggClient", "SecAggParams",
     "SecAggInputError", "SecAggResult", "SecAggRound", "SecAggServer", "SecAggStats", "SecureRNG", "ShamirError",
     "ddp_epsilon", "ddp_rdp", "local_noise_stddev", "max_cohort", "modulus_bits", "payload_nbytes",
     "quantized_l2_bound", "run_secure_sum", "sample_discrete_gaussian",

@@ -10,7 +10,7 @@ from privacy.secagg import shamir
 from privacy.secagg.crypto import PUBLIC_KEY_BYTES, ClientKeys, MaskExpander, SecureRNG, open_sealed, seal
 from privacy.secagg.graph import is_connected
 from privacy.secagg.quantize import pack_bits
-from privacy.secagg.spec import (SecAggAbort, SecAggConfig, SecAggInputError, _check_id, _ciphertext_size, _field, _ids,
+from privacy.secagg.spec import (SecAggAbort, SecAggParams, SecAggInputError, _check_id, _ciphertext_size, _field, _ids,
                                  _pair_seed, _RoundSetup, _share_ad, _share_key)
 
 __all__ = ["SecAggClient"]
@@ -24,7 +24,7 @@ class SecAggClient:
     the device's own store (it holds private keys: never put it in a message).
     """
 
-    def __init__(self, client_id: int, config: SecAggConfig, *, keys: ClientKeys | None = None,
+    def __init__(self, client_id: int, config: SecAggParams, *, keys: ClientKeys | None = None,
                  rng: SecureRNG | None = None):
         self.client_id = _check_id(client_id, what="SecAggClient")
         self.config = config
@@ -36,7 +36,7 @@ class SecAggClient:
         return {"client_id": self.client_id, "keys": self.keys.to_bytes()}
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any], config: SecAggConfig, *, rng: SecureRNG | None = None) -> "SecAggClient":
+    def from_state(cls, state: Mapping[str, Any], config: SecAggParams, *, rng: SecureRNG | None = None) -> "SecAggClient":
         return cls(int(state["client_id"]), config, keys=ClientKeys.from_bytes(bytes(state["keys"])), rng=rng)
 
     # ---- stage 0

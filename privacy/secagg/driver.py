@@ -11,7 +11,7 @@ import numpy as np
 from privacy.secagg.client_side import SecAggClient
 from privacy.secagg.crypto import SecureRNG
 from privacy.secagg.server_side import SecAggResult, SecAggServer
-from privacy.secagg.spec import SecAggConfig, SecAggInputError, payload_nbytes
+from privacy.secagg.spec import SecAggParams, SecAggInputError, payload_nbytes
 
 __all__ = ["SecAggStats", "run_secure_sum"]
 
@@ -26,7 +26,7 @@ class SecAggStats:
     bytes_down: dict[int, int] = field(default_factory=dict)
 
 
-def run_secure_sum(updates: Mapping[int, np.ndarray], config: SecAggConfig, *,
+def run_secure_sum(updates: Mapping[int, np.ndarray], config: SecAggParams, *,
                    extras: Mapping[int, Mapping[str, float]] | None = None,
                    drop_before_masking: Iterable[int] = (), drop_before_unmasking: Iterable[int] = (),
                    run_id: int = 0, round: int = 1, server: SecAggServer | None = None,

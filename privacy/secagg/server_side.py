@@ -12,7 +12,7 @@ from privacy.secagg import shamir
 from privacy.secagg.crypto import MaskExpander, SecureRNG, load_public_key
 from privacy.secagg.graph import is_connected
 from privacy.secagg.quantize import packed_size, unpack_bits
-from privacy.secagg.spec import (SecAggAbort, SecAggConfig, SecAggInputError, _check_id, _ciphertext_size, _field, _ids,
+from privacy.secagg.spec import (SecAggAbort, SecAggParams, SecAggInputError, _check_id, _ciphertext_size, _field, _ids,
                                  _RoundSetup)
 
 __all__ = ["SecAggResult", "SecAggRound", "SecAggServer"]
@@ -42,7 +42,7 @@ class SecAggResult:
 class SecAggServer:
     """The server side for one run: the key directory, and :meth:`start_round` for each round."""
 
-    def __init__(self, config: SecAggConfig, *, run_id: int, rng: SecureRNG | None = None):
+    def __init__(self, config: SecAggParams, *, run_id: int, rng: SecureRNG | None = None):
         self.config = config
         self.run_id = _check_id(run_id, what="SecAggServer run_id")
         self.rng = rng or SecureRNG()

@@ -3,7 +3,7 @@
 Both sides derive everything from the run's :class:`~fedpersona.config.Config`, so nothing here
 is negotiated over the wire (and a client checks the server's round parameters against it):
 
-* :func:`secagg_config`: the protocol settings: clip norm, scale, the modulus (fixed by the
+* :func:`secagg_params`: the protocol settings: clip norm, scale, the modulus (fixed by the
   largest cohort, ``server.clients-per-round``), graph degree and threshold, and the per-client
   distributed-DP noise when ``secagg.ddp`` is on;
 * :func:`extras_specs`: the scalars masked together with the update (example count, ``trained``,
@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 from fedpersona.config import Config
-from privacy.ledger import PrivacyLedger
 from privacy.secagg.ddp import ddp_epsilon, local_noise_stddev
-from privacy.secagg.spec import SecAggConfig
+from privacy.secagg.spec import SecAggParams
 from privacy.secagg.quantize import ExtraSpec
 
+if TYPE_CHECKING:  # the ledger module loads Opacus and torch; only its type is named here
+    from privacy.ledger import PrivacyLedger
+
 __all__ = ["DDP_MECHANISM", "ddp_mechanism", "ddp_min_clients", "ddp_user_epsilon", "extras_specs",
-           "quantization_scale", "record_ddp", "secagg_config"]
+           "quantization_scale", "record_ddp", "secagg_params"]
 
 #: Mechanism label of distributed-DP entries in a device's privacy ledger.
 DDP_MECHANISM = "secagg-ddg"
@@ -87,7 +90,7 @@ def quantization_scale(cfg: Config) -> float:
 
 
 @functools.lru_cache(maxsize=16)
-def secagg_config(cfg: Config) -> SecAggConfig:
+def secagg_params(cfg: Config) -> SecAggParams:
     """The protocol settings of the run; ``ValueError`` naming ``secagg.scale`` when they cannot be met.
 
     The cohort size fixes the graph and the modulus, so this is the cross-section check of
@@ -101,7 +104,7 @@ def secagg_config(cfg: Config) -> SecAggConfig:
                          f"of {cfg.server.clients_per_round}: {str(exc).rstrip('.')}. You passed: {s.scale!r}") from None
 
 
-def _derive(cfg: Config) -> SecAggConfig:
+def _derive(cfg: Config) -> SecAggParams:
     s = cfg.secagg
     scale = quantization_scale(cfg)
     noise = 0.0
@@ -116,7 +119,7 @@ def _derive(cfg: Config) -> SecAggConfig:
                              f"secagg.ddp-noise-multiplier")
         smallest = max(smallest, ddp_min_clients(cfg))
     min_survivors = smallest if smallest > 2 else None
-    return SecAggConfig(clip_norm=s.clip_norm, scale=scale, max_cohort=max(2, cfg.server.clients_per_round),
+    return SecAggParams(clip_norm=s.clip_norm, scale=scale, max_cohort=max(2, cfg.server.clients_per_round),
                         extras=extras_specs(cfg), noise_stddev=noise, degree=s.degree or None,
                         threshold=s.threshold or None, min_survivors=min_survivors)
 
@@ -128,7 +131,7 @@ def ddp_user_epsilon(cfg: Config, *, dim: int, rounds: int) -> float:
     Assumes what :mod:`privacy.secagg.ddp` states: an honest-but-curious server that sees only
     the sum, at least :func:`ddp_min_clients` non-colluding clients' noise in every sum.
     """
-    sa = secagg_config(cfg)
+    sa = secagg_params(cfg)
     q = sa.quantizer
     return ddp_epsilon(noise_stddev_quantized=q.noise_stddev, l2_sensitivity_quantized=q.l2_sensitivity(dim),
                        num_clients=ddp_min_clients(cfg), dim=dim, delta=cfg.secagg.ddp_delta, rounds=rounds)

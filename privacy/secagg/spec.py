@@ -1,6 +1,6 @@
 """The SecAgg+ specification: two message exchanges per round, stateless, round-bound secrets.
 
-This module holds what both sides share: the settings (:class:`SecAggConfig`), the round setup and
+This module holds what both sides share: the protocol parameters (:class:`SecAggParams`), the round setup and
 digest, the key derivations and the payload checks. The client side is
 :mod:`privacy.secagg.client_side`, the server side :mod:`privacy.secagg.server_side`, an in-process
 driver :mod:`privacy.secagg.driver`.
@@ -106,7 +106,7 @@ from privacy.secagg.crypto import SEAL_OVERHEAD, ClientKeys, derive, ecdh, encod
 from privacy.secagg.graph import build_graph, default_degree, default_threshold
 from privacy.secagg.quantize import ExtraSpec, Quantizer
 
-__all__ = ["SecAggAbort", "SecAggConfig", "SecAggInputError", "payload_nbytes", "round_digest"]
+__all__ = ["SecAggAbort", "SecAggParams", "SecAggInputError", "payload_nbytes", "round_digest"]
 
 _U64 = 2**64
 
@@ -121,8 +121,8 @@ class SecAggInputError(ValueError):
 
 # ---------------------------------------------------------------------------------- config
 @dataclass(frozen=True)
-class SecAggConfig:
-    """Settings both sides share (parse once, pass to :class:`SecAggClient` and :class:`SecAggServer`).
+class SecAggParams:
+    """Protocol parameters both sides share (derive once, pass to :class:`SecAggClient` and :class:`SecAggServer`).
 
     Args:
         clip_norm: L2 norm bound C of a client's update.
@@ -153,9 +153,9 @@ class SecAggConfig:
         for name in ("degree", "threshold", "min_survivors"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
-                raise ValueError(f"SecAggConfig.{name} must be None or an integer >= 1. You passed: {v}")
+                raise ValueError(f"SecAggParams.{name} must be None or an integer >= 1. You passed: {v}")
         if int(self.max_cohort) != self.max_cohort or self.max_cohort < 2:
-            raise ValueError(f"SecAggConfig.max_cohort must be an integer >= 2. You passed: {self.max_cohort}")
+            raise ValueError(f"SecAggParams.max_cohort must be an integer >= 2. You passed: {self.max_cohort}")
         self.quantizer  # validates clip, scale, noise and the modulus
 
     @cached_property
@@ -304,7 +304,7 @@ class _RoundSetup:
                    modulus_bits=_field(msg, "modulus_bits", "int", what=what),
                    length=_field(msg, "length", "int", what=what), num_extras=_field(msg, "num_extras", "int", what=what))
 
-    def check_against(self, config: SecAggConfig, *, what: str) -> None:
+    def check_against(self, config: SecAggParams, *, what: str) -> None:
         """A client's check that the server's round parameters are the ones its own config implies."""
         if self.modulus_bits != config.modulus_bits:
             raise SecAggInputError(f"{what}: wrong modulus: the request says 2^{self.modulus_bits}, this client's "

@@ -59,3 +59,20 @@ def test_ensure_partitions_rewrites_a_stale_manifest_only(cfg):
     path.write_text(json.dumps(doc))
     ensure_partitions(cfg)
     assert json.loads(path.read_text())["source"]["data.max-users"] == 3
+
+
+def test_the_pyproject_clientapp_prepares_simulated_nodes_before_the_device_reads(cfg):
+    # `flwr run .` starts simulated nodes that know only their partition-id: the component's mod
+    # writes the users' data folders and the manifest once per run, then hands the message on.
+    from flwr.app import Context, RecordDict
+
+    from simulations.clientapp import prepare_simulated_node
+
+    context = Context(run_id=11, node_id=5, node_config={"partition-id": 1}, state=RecordDict(),
+                      run_config=cfg.to_flat())
+    message = object()  # only handed on (a real Message needs a Flower run's task identity)
+    seen = []
+    reply = prepare_simulated_node(message, context, lambda m, c: seen.append(node_data(cfg, c.node_config)) or m)
+    assert reply is message
+    assert seen[0].user_id == load_users(min_speeches=cfg.data.min_speeches, max_users=3, seed=0)[1].user_id
+    assert manifest_path(cfg).is_file()

@@ -15,7 +15,7 @@ from client.store import DeviceStore
 from fedpersona.config import CONFIG_ENV, load_config
 from fedpersona.model import adapted_model
 from fedpersona.secagg_wire import ARRAYS, RECORD, SELF_ENC_PK, SELF_MASK_PK, from_records, to_records
-from privacy.secagg.settings import secagg_config
+from privacy.secagg.settings import secagg_params
 from fedpersona.wire import to_record
 from privacy.audit.inventory import verify_inventory
 from privacy.ledger import PrivacyLedger
@@ -121,9 +121,9 @@ def _request(cfg, grid, shared, *, length=None, keys=None):
     msg = Message(RecordDict(), dst_node_id=7, message_type="query.advertise")
     msg.metadata.__dict__["_message_id"] = "a1"
     advert = from_records(client_app.advertise(msg, grid.contexts[7]).content)
-    server = SecAggServer(secagg_config(cfg), run_id=RUN_ID)
+    server = SecAggServer(secagg_params(cfg), run_id=RUN_ID)
     server.register(advert)
-    server.register(SecAggClient(8, secagg_config(cfg)).advertise())
+    server.register(SecAggClient(8, secagg_params(cfg)).advertise())
     n = sum(t.numel() for t in shared.values())
     rnd = server.start_round(1, [7, 8], length or n)
     req = rnd.masked_input_requests()[7]
@@ -155,7 +155,7 @@ def test_budget_exhausted_device_sends_a_masked_zero(devices):
     content, _ = _content(cfg)
     rs = SecureAggregator(cfg, run_id=RUN_ID).collect(grid, [7, 8], content, server_round=1, timeout=None)
     assert not rs.aborted and rs.contributors == 0 and len(rs.declined) == 2 and rs.weight == 0
-    assert all(float(v.abs().max()) < 2 / secagg_config(cfg).scale for v in rs.update_sum.values())
+    assert all(float(v.abs().max()) < 2 / secagg_params(cfg).scale for v in rs.update_sum.values())
     replies = grid.replies("train")
     assert len(replies) == 2 and all(set(r.content.keys()) == {RECORD, ARRAYS} for r in replies)
 

@@ -27,7 +27,8 @@ from client.store import DeviceStore
 from fedpersona.config import known_keys
 from privacy.ledger import PrivacyLedger
 from simulations.corpus import load_users
-from simulations.deploy_local import LocalFederation, process_tree
+from simulations.local_federation import LocalFederation
+from simulations.processes import process_tree
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

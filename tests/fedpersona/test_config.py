@@ -3,7 +3,7 @@ import json
 import pytest
 
 from fedpersona.config import CONFIG_ENV, known_keys, load_config, parse_override, read_scenario
-from privacy.secagg.settings import secagg_config
+from privacy.secagg.settings import secagg_params
 from simulations.runner import CONF_DIR
 
 
@@ -21,14 +21,14 @@ def test_pyproject_app_config_matches_known_keys():
     doc = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     app_cfg = doc["tool"]["flwr"]["app"]["config"]
     assert set(app_cfg) <= set(known_keys())
-    secagg_config(load_config(app_cfg, env=False))
+    secagg_params(load_config(app_cfg, env=False))
 
 
 @pytest.mark.parametrize("path", sorted(CONF_DIR.glob("*.toml")), ids=lambda p: p.stem)
 def test_shipped_scenarios_are_valid(path):
-    from privacy.secagg.settings import secagg_config
+    from privacy.secagg.settings import secagg_params
 
-    secagg_config(load_config(read_scenario(path), env=False))
+    secagg_params(load_config(read_scenario(path), env=False))
 
 
 @pytest.mark.parametrize(
@@ -60,10 +60,10 @@ def test_invalid_values_name_the_field(key, value, match):
 
 def test_secagg_settings_the_protocol_cannot_meet_name_the_field():
     # load_config checks ranges; the protocol's own check (modulus, noise) is privacy.secagg.settings.
-    from privacy.secagg.settings import secagg_config
+    from privacy.secagg.settings import secagg_params
 
     with pytest.raises(ValueError, match="bits") as err:
-        secagg_config(load_config({"secagg.scale": 2.0**60}, env=False))
+        secagg_params(load_config({"secagg.scale": 2.0**60}, env=False))
     assert "secagg.scale" in str(err.value)
 
 

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from privacy.rdp import epsilon_from_rdp, rdp_subsampled_gaussian
-from privacy.secagg import SecAggConfig, SecureRNG, ddp_epsilon, local_noise_stddev, run_secure_sum
+from privacy.secagg import SecAggParams, SecureRNG, ddp_epsilon, local_noise_stddev, run_secure_sum
 from privacy.secagg import ddp
 from privacy.secagg.ddp import DDP_ORDERS, clamp_probability, noise_tail_bound, sample_discrete_gaussian
 
@@ -85,7 +85,7 @@ def test_sampler_input_validation_and_zero():
 def test_protocol_sum_carries_the_survivors_noise():
     """Zero updates, 5 clients with sigma_c = 4, one dropped: the sum's noise has variance 4 * 16 per coordinate."""
     d, sigma_c = 20_000, 4.0
-    cfg = SecAggConfig(clip_norm=1.0, scale=100.0, max_cohort=10, noise_stddev=sigma_c)
+    cfg = SecAggParams(clip_norm=1.0, scale=100.0, max_cohort=10, noise_stddev=sigma_c)
     ups = {c: np.zeros(d, np.float32) for c in range(5)}
     r = run_secure_sum(ups, cfg, drop_before_masking=[0], rng=SecureRNG(b"noise"))
     noise = r.int_sum[:d].astype(float)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from privacy.secagg import (DecryptionError, ExtraSpec, SecAggAbort, SecAggClient, SecAggConfig, SecAggInputError,
+from privacy.secagg import (DecryptionError, ExtraSpec, SecAggAbort, SecAggClient, SecAggParams, SecAggInputError,
                             SecAggServer, SecAggStats, SecureRNG, payload_nbytes, run_secure_sum)
 from privacy.secagg.graph import build_graph, default_degree, is_connected
 from privacy.secagg.crypto import SEAL_OVERHEAD
@@ -12,7 +12,7 @@ from privacy.secagg.quantize import pack_bits, packed_size, unpack_bits
 from privacy.secagg.shamir import SHARE_BYTES
 
 D = 1000
-CFG = SecAggConfig(clip_norm=1.0, scale=2.0**16, max_cohort=50,
+CFG = SecAggParams(clip_norm=1.0, scale=2.0**16, max_cohort=50,
                    extras=(ExtraSpec("num_examples", bound=10_000, scale=1.0), ExtraSpec("loss", bound=100, scale=1e4)))
 
 
@@ -86,7 +86,7 @@ def test_exact_integer_sum():
 def test_many_rounds_same_keys_and_stateless_clients():
     """Long-term keys reused over rounds; a client rebuilt from its persisted state answers the unmask stage."""
     ids = [7, 11, 13, 17, 19]
-    cfg = SecAggConfig(clip_norm=1.0, scale=2.0**16, max_cohort=10)
+    cfg = SecAggParams(clip_norm=1.0, scale=2.0**16, max_cohort=10)
     clients = {c: SecAggClient(c, cfg, rng=SecureRNG(bytes([c]))) for c in ids}
     server = SecAggServer(cfg, run_id=42, rng=SecureRNG(b"srv"))
     for c in ids:
@@ -147,7 +147,7 @@ def test_client_refuses_to_unmask_for_too_few_survivors():
 
 def test_disconnected_survivors_abort():
     """Survivors whose graph is disconnected would reveal partial sums (here: one isolated client)."""
-    cfg = SecAggConfig(clip_norm=1.0, scale=2.0**16, max_cohort=50, degree=4)
+    cfg = SecAggParams(clip_norm=1.0, scale=2.0**16, max_cohort=50, degree=4)
     server, clients, ups, ex = _round(n=20, cfg=cfg)
     rnd = server.start_round(1, list(clients), D)
     isolated = 5
@@ -264,7 +264,7 @@ def test_wrong_modulus_rejected():
     reply["masked"][-1] |= np.uint8(0x80)  # a padding bit set: not a b-bit vector of this length
     with pytest.raises(SecAggInputError, match="padding"):
         rnd.receive_masked(reply)
-    other = SecAggConfig(clip_norm=1.0, scale=2.0**24, max_cohort=50, extras=CFG.extras)
+    other = SecAggParams(clip_norm=1.0, scale=2.0**24, max_cohort=50, extras=CFG.extras)
     with pytest.raises(SecAggInputError, match="wrong modulus"):
         SecAggClient(1, other).masked_input(req, ups[1], ex[1])
     reply = clients[1].masked_input(req, ups[1], ex[1])
@@ -317,25 +317,25 @@ def test_client_rejects_lowered_threshold_and_forged_graph():
 
 
 def test_exceeding_max_cohort_rejected():
-    cfg = SecAggConfig(clip_norm=1.0, scale=2.0**16, max_cohort=4)
+    cfg = SecAggParams(clip_norm=1.0, scale=2.0**16, max_cohort=4)
     with pytest.raises(SecAggInputError, match="max_cohort"):
         run_secure_sum(make_updates(5), cfg)
 
 
 def test_config_validation():
     with pytest.raises(ValueError, match="bits"):
-        SecAggConfig(clip_norm=1.0, scale=2.0**60, max_cohort=100)
+        SecAggParams(clip_norm=1.0, scale=2.0**60, max_cohort=100)
     with pytest.raises(ValueError, match="degree"):
-        SecAggConfig(clip_norm=1.0, scale=1.0, max_cohort=10, degree=0)
+        SecAggParams(clip_norm=1.0, scale=1.0, max_cohort=10, degree=0)
     with pytest.raises(ValueError, match="noise_stddev"):
-        SecAggConfig(clip_norm=1.0, scale=1.0, max_cohort=10, noise_stddev=0.1)
+        SecAggParams(clip_norm=1.0, scale=1.0, max_cohort=10, noise_stddev=0.1)
 
 
 # ---------------------------------------------------------------------- what the server sees
 def test_masked_vector_is_indistinguishable_from_uniform():
     """One client's masked vector of an all-zero update: top bits chi-square and KS against uniform."""
     d = 20_000
-    cfg = SecAggConfig(clip_norm=1.0, scale=2.0**10, max_cohort=50)
+    cfg = SecAggParams(clip_norm=1.0, scale=2.0**10, max_cohort=50)
     bits = cfg.modulus_bits
     server, clients, _, _ = _round(n=5, cfg=cfg, d=d)
     rnd = server.start_round(1, list(clients), d)

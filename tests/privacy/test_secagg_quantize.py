@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from privacy.secagg import ExtraSpec, Quantizer, SecAggConfig, SecureRNG, max_cohort, modulus_bits, run_secure_sum
+from privacy.secagg import ExtraSpec, Quantizer, SecAggParams, SecureRNG, max_cohort, modulus_bits, run_secure_sum
 from privacy.secagg.crypto import MaskExpander
 from privacy.secagg.quantize import (MAX_BITS, coordinate_bound, from_ring, pack_bits, packed_size, quantized_l2_bound,
                                      stochastic_round, to_ring, unpack_bits)
@@ -27,7 +27,7 @@ def test_modulus_bits_and_max_cohort():
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_no_overflow_at_max_cohort_through_the_protocol(sign):
     """15 clients (max_cohort at 62 bits), every one at the clip bound on the same coordinate, same sign."""
-    cfg = SecAggConfig(clip_norm=1.0, scale=2.0**57, max_cohort=15)
+    cfg = SecAggParams(clip_norm=1.0, scale=2.0**57, max_cohort=15)
     assert cfg.modulus_bits == 62
     d = 64
     x = np.zeros(d, np.float32)
@@ -98,7 +98,7 @@ def test_conditional_rounding_bound():
 
 def test_sum_error_within_stated_bound():
     """|error| < n / s per coordinate for the dequantized sum of n clipped updates."""
-    cfg = SecAggConfig(clip_norm=1.0, scale=100.0, max_cohort=20)
+    cfg = SecAggParams(clip_norm=1.0, scale=100.0, max_cohort=20)
     rng = np.random.default_rng(5)
     ups = {c: rng.normal(size=2000).astype(np.float32) * 0.02 for c in range(12)}
     r = run_secure_sum(ups, cfg, rng=SecureRNG(b"err"))

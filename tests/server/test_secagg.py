@@ -18,7 +18,7 @@ from client.device import BudgetExhausted
 from client.store import DeviceStore
 from fedpersona.config import CONFIG_ENV, load_config
 from fedpersona.secagg_wire import ARRAYS, RECORD
-from privacy.secagg.settings import secagg_config
+from privacy.secagg.settings import secagg_params
 from fedpersona.wire import to_record
 from privacy.ledger import PrivacyLedger
 from privacy.secagg.quantize import unpack_bits
@@ -183,7 +183,7 @@ def test_secure_mean_equals_plain_mean_within_the_quantization_bound(federation)
     assert secure.weight == pytest.approx(plain.weight / cfg.data.max_examples)  # weights n / max-examples
     # With no update clipped the means agree; the bound: n / scale per coordinate of the sum, divided by the weight.
     assert secure.info["secagg-clipped"] == 0
-    bound = len(cohort) / secagg_config(cfg).scale / secure.weight
+    bound = len(cohort) / secagg_params(cfg).scale / secure.weight
     pm, sm = _mean(plain), _mean(secure)
     for k in SHARED:
         err = float((pm[k] - sm[k]).abs().max())
@@ -211,7 +211,7 @@ def test_dropouts_at_each_stage_still_give_the_survivors_sum(federation, drop_ma
     expected = _expected_sum(cfg, grid, survivors)
     for k in SHARED:
         err = float((rs.update_sum[k].double() - expected[k]).abs().max())
-        assert err < len(survivors) / secagg_config(cfg).scale
+        assert err < len(survivors) / secagg_params(cfg).scale
     # Lost replies are counted as failures, never silently ignored.
     assert len(rs.failures) == bool(d1) + bool(d2)
 
@@ -237,7 +237,7 @@ def test_server_receives_no_plain_update_weight_or_metrics(federation):
     cohort = sorted(grid.contexts)
     rs = SecureAggregator(cfg, run_id=RUN_ID).collect(grid, cohort, _content(), server_round=1, timeout=None)
     assert rs.contributors == 5
-    q = secagg_config(cfg).quantizer
+    q = secagg_params(cfg).quantizer
     for m, reply in grid.log:
         content = reply.content
         assert set(content.keys()) == {RECORD, ARRAYS}, m.metadata.message_type
@@ -267,7 +267,7 @@ def test_declined_devices_hide_among_contributors(federation):
     assert rs.contributors == 4 and len(rs.declined) == 1 and "hides which" in rs.declined[0]
     expected = _expected_sum(cfg, grid, [c for c in cohort if c != 12])
     for k in SHARED:
-        assert float((rs.update_sum[k].double() - expected[k]).abs().max()) < 5 / secagg_config(cfg).scale
+        assert float((rs.update_sum[k].double() - expected[k]).abs().max()) < 5 / secagg_params(cfg).scale
     shapes = {tuple((k, v.numpy().shape) for k, v in r.content.array_records[ARRAYS].items()) for r in grid.replies("train")}
     assert len(shapes) == 1, "a declining device's reply has the same records and sizes as the others"
 
