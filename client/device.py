@@ -72,6 +72,14 @@ class UserData:
     held_out: list[CachedExample]
 
 
+def _check_delta(cfg: Config, user_id: str, n_train: int) -> None:
+    if cfg.privacy.enabled and cfg.privacy.delta >= 1.0 / n_train:
+        raise ValueError(
+            f"Invalid config value for 'privacy.delta': must be below 1/number-of-examples = "
+            f"1/{n_train} for user {user_id!r}. You passed: {cfg.privacy.delta}"
+        )
+
+
 def prepare_user(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tuple[str, str]]) -> UserData:
     """Cap, split, tokenize, and run the frozen lower blocks once per example."""
     if len(pairs) < 2:
@@ -81,11 +89,7 @@ def prepare_user(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tup
         keep = sorted(torch.randperm(len(pairs), generator=gen)[: cfg.data.max_examples].tolist())
         pairs = [pairs[i] for i in keep]
     train_pairs, held_pairs = split_examples(pairs, eval_fraction=cfg.data.eval_fraction, seed=cfg.run.seed, key=user_id)
-    if cfg.privacy.enabled and cfg.privacy.delta >= 1.0 / len(train_pairs):
-        raise ValueError(
-            f"Invalid config value for 'privacy.delta': must be below 1/number-of-examples = "
-            f"1/{len(train_pairs)} for user {user_id!r}. You passed: {cfg.privacy.delta}"
-        )
+    _check_delta(cfg, user_id, len(train_pairs))
 
     def cached(ps):
         enc = encode_examples(model.tokenizer, ps, seq_len=cfg.model.seq_len, cue_tokens=cfg.model.cue_tokens)
@@ -142,13 +146,22 @@ def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: 
 class Device:
     """The device-side logic; built once per (process, node) and cached by the ClientApp."""
 
-    def __init__(self, cfg: Config, node_config: dict) -> None:
+    def __init__(self, cfg: Config, node_config: dict, *, prepared: UserData | None = None) -> None:
+        """``prepared``: this user's examples already run through the frozen lower blocks by
+        :func:`prepare_user` with the same model, adapter layout and data settings (a study
+        that builds devices for several configurations computes them once)."""
         self.cfg = cfg
         self.model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
         self.trainer = trainer_for(self.model)
         user_id, pairs, state_dir = load_pairs_for_node(cfg, node_config)
         self.store = DeviceStore(state_dir)
-        self.data = prepare_user(self.model, cfg, user_id, pairs)
+        if prepared is None:
+            self.data = prepare_user(self.model, cfg, user_id, pairs)
+        else:
+            if prepared.user_id != user_id:
+                raise ValueError(f"prepared data of {prepared.user_id!r} handed to the device of {user_id!r}")
+            _check_delta(cfg, user_id, len(prepared.train))
+            self.data = prepared
         self.user_id = user_id
         n = len(self.data.train)
         self.sample_rate = min(1.0, cfg.client.batch_size / n)
