@@ -1,4 +1,13 @@
-"""DP-SGD on a device: Opacus per-sample clipping + Gaussian noise over the shared and personal parameters.
+"""DP-SGD on a device: Opacus per-sample clipping + Gaussian noise over a chosen parameter group.
+
+* A pass trains one group of the model's trainable tensors: ``"shared"`` (the
+  shared adapter: what is released), ``"personal"`` (the head, which stays on the
+  device) or ``"all"``. The other group is frozen for the pass (no gradient, no
+  per-sample gradient, not in the optimizer), so its tensors cannot move.
+* :func:`train_shared` is the round's released pass: the shared group only, with
+  the personal head switched off (zeroed), so the released update never depends
+  on what the head holds (joint DP). :func:`train_head` then trains the head on
+  top of the new shared adapter, without noise unless asked.
 
 * Poisson sampling: every example joins a step's batch independently with
   probability ``q = batch_size / n`` (the sampling the RDP/PRV accountants assume).
@@ -61,15 +70,39 @@ def _batch(examples: Sequence[CachedExample], idx: list[int]) -> tuple[torch.Ten
     return collate([examples[i].hidden for i in idx], [examples[i].labels for i in idx])
 
 
+GROUPS = ("all", "shared", "personal")
+
+
+def _group_grad_sample_module(stack: nn.Module):
+    """Opacus's GradSampleModule, built once, for passes that freeze one parameter group.
+
+    Opacus records a module's activations only while one of its own parameters requires a
+    gradient, but its backward hook fires whenever a gradient flows through the module and
+    then fails for want of activations. Frozen modules are skipped on the way back too.
+    """
+    from opacus import GradSampleModule
+    from opacus.utils.module_utils import requires_grad
+
+    class GroupGradSampleModule(GradSampleModule):
+        def capture_backprops_hook(self, module, *args, **kwargs):
+            if not requires_grad(module):
+                return None
+            return super().capture_backprops_hook(module, *args, **kwargs)
+
+    return GroupGradSampleModule(stack, batch_first=True, loss_reduction="mean", strict=False)
+
+
 class DPTrainer:
     """Owns the Opacus wrapper around the model's :class:`TopStack` (built once per process)."""
 
     def __init__(self, model: AdaptedModel) -> None:
-        from opacus import GradSampleModule
-
         self.model = model
         self.params = model.trainable_parameters()
-        self.gsm = GradSampleModule(model.stack, batch_first=True, loss_reduction="mean", strict=False)
+        n_shared = len(model.shared_names)
+        self.groups: dict[str, list[nn.Parameter]] = {
+            "all": self.params, "shared": self.params[:n_shared], "personal": self.params[n_shared:],
+        }
+        self.gsm = _group_grad_sample_module(model.stack)
 
     def train(
         self,
@@ -85,20 +118,41 @@ class DPTrainer:
         ledger=None,
         seed: int | None = None,
         noise_generator: torch.Generator | None = None,
+        group: str = "all",
     ) -> TrainResult:
         """Run ``steps`` DP-SGD steps (or plain SGD with ``dp=False``) on ``examples``.
 
-        ``seed`` fixes Poisson sampling (tests, reproducible baselines); by default the
-        batches are drawn from the OS's secure randomness, as DP assumes them secret.
+        Only the tensors of ``group`` (``"all"``, ``"shared"`` or ``"personal"``) are
+        trained; the others are frozen for the pass. ``seed`` fixes Poisson sampling
+        (tests, reproducible baselines); by default the batches are drawn from the OS's
+        secure randomness, as DP assumes them secret.
         """
-        from opacus.optimizers import DPOptimizer
-
+        if group not in GROUPS:
+            raise ValueError(f"group must be one of {GROUPS}. You passed: {group!r}")
         n = len(examples)
         if n == 0:
             raise ValueError("No training examples on this device")
+        params = self.groups[group]
+        frozen = [p for p in self.params if not any(p is q for q in params)]
+        was = [p.requires_grad for p in frozen]
+        for p in frozen:
+            p.requires_grad_(False)  # Opacus computes per-sample gradients only where requires_grad
+        try:
+            return self._train(examples, params, steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                               noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, dp=dp, ledger=ledger,
+                               seed=seed, noise_generator=noise_generator)
+        finally:
+            for p, r in zip(frozen, was):
+                p.requires_grad_(r)
+
+    def _train(self, examples, params, *, steps, batch_size, lr, optimizer, noise_multiplier, max_grad_norm, dp,
+               ledger, seed, noise_generator) -> TrainResult:
+        from opacus.optimizers import DPOptimizer
+
+        n = len(examples)
         q = min(1.0, batch_size / n)
         gen = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
-        base_opt = _make_optimizer(self.params, optimizer, lr)
+        base_opt = _make_optimizer(params, optimizer, lr)
         opt = (
             DPOptimizer(
                 base_opt,
@@ -128,7 +182,7 @@ class DPTrainer:
             if not idx:
                 empty += 1
                 if dp:
-                    for p in self.params:
+                    for p in params:
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                     opt.step()
             else:
@@ -143,7 +197,7 @@ class DPTrainer:
                 seen += len(idx)
             if dp and ledger is not None:
                 ledger.step(noise_multiplier=noise_multiplier, sample_rate=q)
-            for p in self.params:
+            for p in params:
                 if not torch.isfinite(p).all():
                     raise FloatingPointError(
                         "A trainable tensor became non-finite during DP training; the update is discarded"
@@ -163,6 +217,27 @@ class DPTrainer:
             noise_multiplier=noise_multiplier if dp else 0.0,
             sample_rate=q,
         )
+
+
+def train_shared(trainer: DPTrainer, examples: Sequence[CachedExample], **kw) -> TrainResult:
+    """The released pass: the shared group only, with the personal head switched off.
+
+    The head's tensors are zeroed for the pass (its LoRA B = 0: it adds exactly nothing
+    to any activation), so neither the forward pass nor a gradient of the shared tensors
+    depends on what the head holds; the head is restored afterwards, untouched.
+    """
+    if trainer.model.layout.split == "fedsa":
+        raise ValueError(
+            "adapter.split = 'fedsa' keeps B (personal) inside the shared adapter: a shared pass with the head "
+            "switched off has no gradient. You passed: adapter.split='fedsa' (train group 'all' under DP)"
+        )
+    with trainer.model.personal_zeroed():
+        return trainer.train(examples, group="shared", **kw)
+
+
+def train_head(trainer: DPTrainer, examples: Sequence[CachedExample], **kw) -> TrainResult:
+    """The personal head only, on top of the shared adapter as it stands (plain with ``dp=False``)."""
+    return trainer.train(examples, group="personal", **kw)
 
 
 def trainer_for(model: AdaptedModel) -> DPTrainer:

@@ -3,6 +3,7 @@
     fedpersona run [SCENARIO] [--set key=value ...]     federated simulation (default scenario: demo)
     fedpersona generate --user "ROLE (Play)" --prompt "..."   reply in a user's voice
     fedpersona bench dp-step                             DP vs non-DP step cost, side by side
+    fedpersona bench utility [SCENARIO] [--epsilons 1,4,8] [--quick]   what users get under the privacy guarantee
     fedpersona certs --out DIR --supernodes 4 [--san IP:10.0.0.5]   CA, SuperLink TLS cert, SuperNode keys
     fedpersona supernode --superlink HOST:PORT --data-dir D --state-dir S ...   one device (docs/deployment.md)
     fedpersona audit RUN_FOLDER | --device STATE_DIR       privacy report: epsilon, data flow, attacks (docs/audit.md)
@@ -59,6 +60,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "utility":
+        from simulations.utility import main as utility_main
+
+        return utility_main(args.scenario, epsilons=args.epsilons, quick=args.quick, overrides=_overrides(args.set),
+                            vary=args.vary)
     from simulations.bench import main as bench_main
 
     return bench_main(args.what, steps=args.steps, model=args.model)
@@ -111,9 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate)
 
     b = sub.add_parser("bench", help="print benchmark figures")
-    b.add_argument("what", choices=["dp-step"], help="dp-step: DP vs non-DP step on the same batches")
+    b.add_argument("what", choices=["dp-step", "utility"],
+                   help="dp-step: DP vs non-DP step on the same batches; utility: the utility study (simulations/utility.py)")
+    b.add_argument("scenario", nargs="?", default="demo", help="utility: scenario name or TOML path (default: demo)")
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--model", default="smollm2", help="model.path to benchmark")
+    b.add_argument("--epsilons", default="1,4,8", help="utility: epsilons of the DP federated rows (default 1,4,8)")
+    b.add_argument("--quick", action="store_true", help="utility: fewer users and rounds (a smoke run)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="utility: override a config key")
+    b.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
+                   help="utility: one more DP federated row per value (at the largest epsilon)")
     b.set_defaults(func=_cmd_bench)
 
     c = sub.add_parser("certs", help="create a CA, the SuperLink TLS certificate and SuperNode key pairs (docs/deployment.md)")

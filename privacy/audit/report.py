@@ -181,18 +181,41 @@ def _accountant_check(devices: list[dict]) -> dict:
             "method": "each ledger's history re-accounted with privacy/rdp.py (an independent RDP implementation)"}
 
 
+def _personal_head_statement(head_mode: str, split: str) -> str:
+    """What holds for the personal head in this run (``privacy.personal-head``)."""
+    common = ("The personalized model (shared adapter + personal head) is never aggregated, so no user-level "
+              "protection applies to it. Its membership inference is measured separately below.")
+    if split == "fedsa":
+        return ("privacy.personal-head = dp (split fedsa): the head (B) is part of the shared adapter and is trained in "
+                "the same DP-SGD pass; the device's record-level bound covers it. " + common)
+    if head_mode == "local":
+        return ("privacy.personal-head = local: joint DP. The head is trained on the device WITHOUT noise, on top of the "
+                "shared adapter; the released update never depends on it (the shared pass runs with the head switched "
+                "off), so the guarantee above covers everything that leaves the device. The head itself and the "
+                "personalized model's outputs are NOT covered by any differential-privacy guarantee: anyone who can "
+                "query the device's model queries a model trained on the user's data without noise. " + common)
+    return ("privacy.personal-head = dp: the head is trained with DP-SGD too, with its own ledger (ledger-head) and "
+            "epsilon (head-epsilon), reported beside the shared one; the personalized model is covered by the "
+            "composition of both. " + common)
+
+
 def _guarantee(config: dict, devices: list[dict], metrics: dict, *, dp: bool, delta: float, checkpoints: list[int]) -> dict:
     accountants = sorted({d["accountant"] for d in devices if d.get("accountant")}) or [config.get("privacy.accountant", "rdp")]
     user_level = [u for d in devices for u in d.get("user_level", [])]
     ckpts = checkpoints
     clip = config.get("privacy.max-grad-norm")
+    head_mode = config.get("privacy.personal-head", "dp")
+    split = config.get("adapter.split", "ffa")
     g = {
         "dp_enabled": dp,
         "unit": "one training example (cue, reply) of one user",
         "adjacency": ("record-level, per user: two datasets of a user that differ by adding or removing one of its "
                       "examples; each user's epsilon covers everything computed from that user's data"),
         "mechanism": (f"DP-SGD on the device (Opacus): per-sample gradient clipping at {clip}, Gaussian noise of "
-                      "standard deviation noise_multiplier x clip per step, over the shared and personal adapters"),
+                      "standard deviation noise_multiplier x clip per step, over "
+                      + ("the shared adapter (A and B, the personal B inside it: split fedsa)" if split == "fedsa" else
+                         "the shared adapter only, with the personal head switched off in that pass, so the released "
+                         "update never depends on the head")),
         "accountant": ", ".join(a.upper() for a in accountants) + " (Opacus); cross-checked with privacy/rdp.py",
         "delta": delta,
         "sampling": ("Poisson sampling: every example joins each step's batch independently with probability "
@@ -214,10 +237,7 @@ def _guarantee(config: dict, devices: list[dict], metrics: dict, *, dp: bool, de
             {"present": False,
              "statement": "no user-level guarantee: no distributed-DP entries in the ledgers. A user's whole "
                           "dataset is protected only through the record-level bound (group privacy)"}),
-        "personal_head": ("NOT covered against someone who can query the device: the personalized model (shared "
-                          "adapter + personal head) is trained on the user's data and never aggregated, so no "
-                          "user-level protection applies to it; only the record-level DP-SGD bound of that user "
-                          "does (and none if DP is off). Its membership inference is measured separately below."),
+        "personal_head": _personal_head_statement(head_mode, split),
     }
     if not dp:
         g["statement"] = "NO DIFFERENTIAL-PRIVACY GUARANTEE: privacy.enabled = false for this run."

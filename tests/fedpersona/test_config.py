@@ -96,3 +96,19 @@ def test_parse_override():
     assert parse_override("privacy.enabled=false") == ("privacy.enabled", False)
     with pytest.raises(ValueError, match="key=value"):
         parse_override("nothing")
+
+
+def test_personal_head_keys():
+    from fedpersona.config import load_config
+
+    cfg = load_config({"privacy.personal-head": "dp", "client.head-steps": 0}, env=False)
+    assert cfg.privacy.personal_head == "dp" and cfg.client.head_steps == 0
+    with pytest.raises(ValueError, match="privacy.personal-head.*You passed: 'noisy'"):
+        load_config({"privacy.personal-head": "noisy"}, env=False)
+    with pytest.raises(ValueError, match="client.head-steps"):
+        load_config({"client.head-steps": -1}, env=False)
+    with pytest.raises(ValueError, match="client.head-lr"):
+        load_config({"client.head-lr": 0}, env=False)
+    with pytest.raises(ValueError, match="privacy.personal-head.*fedsa"):
+        load_config({"adapter.split": "fedsa"}, env=False)
+    assert load_config({"adapter.split": "fedsa", "privacy.personal-head": "dp"}, env=False).adapter.split == "fedsa"
