@@ -29,7 +29,9 @@ from flwr.clientapp import ClientApp
 
 from client import secure
 from client.device import LEDGER, BudgetExhausted, Device, state_dir_for
+from client.failures import failure_mod
 from client.inventory import inventory_mod
+from client.policy import PolicyViolation
 from client.store import DeviceStore, StateError
 from fedpersona.config import Config, load_config
 from fedpersona.secure import from_records, has_request, to_records
@@ -38,7 +40,8 @@ from privacy.secagg import SecAggAbort
 
 logger = logging.getLogger(__name__)
 
-app = ClientApp(mods=[inventory_mod])  # inventory first: it records each reply as it leaves
+# inventory first: it records each reply as it leaves; then the device's own failure log
+app = ClientApp(mods=[inventory_mod, failure_mod])
 
 _DEVICES: dict[tuple[int, int], Device] = {}
 CLIENT_ERROR = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -73,6 +76,14 @@ def _error(message: Message, exc: BaseException) -> Message:
     return Message(Error(code=CLIENT_ERROR, reason=reason), reply_to=message)
 
 
+def _refuse(message: Message, exc: PolicyViolation) -> Message:
+    """A round the device's privacy policy refuses: fixed text naming the setting, the server's value, the floor."""
+    reason = f"{type(exc).__name__}: {exc}"
+    logger.warning("node %s refused a %s request: %s", message.metadata.dst_node_id, message.metadata.message_type,
+                   reason)
+    return Message(Error(code=CLIENT_ERROR, reason=reason), reply_to=message)
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     try:
@@ -89,6 +100,8 @@ def train(message: Message, context: Context) -> Message:
         except BudgetExhausted as exc:
             status = ConfigRecord({"status": "budget-exhausted", "detail": str(exc)})
             return Message(RecordDict({"status": status, "metrics": MetricRecord({"weight": 0.0, "trained": 0.0})}), reply_to=message)
+    except PolicyViolation as exc:  # before training: nothing trained, nothing sent but the refusal
+        return _refuse(message, exc)
     except (StateError, ValueError, FloatingPointError, KeyError) as exc:
         return _error(message, exc)
     content = RecordDict({"update": to_record(update), "metrics": MetricRecord(metrics)})

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from client.data import encode_examples, read_user_folder, split_examples
+from client.policy import DevicePolicy, PolicyViolation
 from client.store import DeviceStore
 from client.train import CachedExample, evaluate, trainer_for
 from fedpersona.config import Config
@@ -131,6 +132,7 @@ class Device:
         self.trainer = trainer_for(self.model)
         user_id, pairs, state_dir = load_pairs_for_node(cfg, node_config)
         self.store = DeviceStore(state_dir)
+        self.policy = DevicePolicy.load(node_config, state_dir=state_dir)  # the device's own floors
         self.data = prepare_user(self.model, cfg, user_id, pairs)
         self.user_id = user_id
         n = len(self.data.train)
@@ -165,10 +167,25 @@ class Device:
         return evaluate(self.model, self.data.held_out)
 
     def train_round(self, shared: dict[str, torch.Tensor], *, server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Train one round; returns (weighted shared update, summable metrics)."""
+        """Train one round; returns (weighted shared update, summable metrics).
+
+        Raises :class:`~client.policy.PolicyViolation` (nothing trained, nothing recorded) when the
+        server's settings would weaken the device's policy, :class:`BudgetExhausted` when the round
+        would take it past its budget.
+        """
         cfg = self.cfg
+        try:
+            settings = self.policy.check(cfg, train_examples=len(self.data.train), noise_multiplier=self.noise_multiplier)
+        except PolicyViolation as exc:
+            logger.warning("round %d refused by this device's privacy policy (%s): %s", server_round, self.policy.source, exc)
+            raise
         ledger = self.load_ledger()
         steps = cfg.client.local_steps
+        if cfg.privacy.enabled and math.isinf(self.epsilon(ledger)):
+            raise BudgetExhausted(
+                f"{self.user_id}: this device already released an update without DP noise (recorded as epsilon = "
+                f"infinity): no DP round can be claimed from it any more; not training"
+            )
         if cfg.privacy.enabled:
             eps_next = ledger.epsilon_if(
                 noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, num_steps=steps,
@@ -191,11 +208,13 @@ class Device:
             optimizer=cfg.client.optimizer, noise_multiplier=self.noise_multiplier,
             max_grad_norm=cfg.privacy.max_grad_norm, dp=cfg.privacy.enabled, ledger=ledger,
         )
-        if cfg.privacy.enabled:
-            ledger.record_round(
-                round=server_round, steps=steps, noise_multiplier=self.noise_multiplier,
-                sample_rate=self.sample_rate, delta=cfg.privacy.delta,
-            )
+        if not cfg.privacy.enabled:
+            # A release without noise (the policy allowed it): epsilon is infinite from now on, for good.
+            ledger.step(noise_multiplier=0.0, sample_rate=self.sample_rate, num_steps=max(1, steps))
+        ledger.record_round(
+            round=server_round, steps=steps, noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate, delta=cfg.privacy.delta, settings=settings,
+        )
         after = self.model.shared_state()
         weight = float(len(self.data.train))
         update = {n: (after[n] - shared[n].to(after[n].dtype)) * weight for n in after}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 import time
 import warnings
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from fedpersona.model import AdaptedModel, collate
+from privacy.noise import SECURE, NoiseSource
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,12 @@ class TrainResult:
     seconds: float
     noise_multiplier: float
     sample_rate: float
+
+
+#: Opacus's ``secure_mode``: each noise coordinate is the mean of 4 Gaussian draws (Holohan et al.
+#: 2021), which defeats the floating-point attacks on sampled Gaussians (Mironov 2012-style). It
+#: does not choose the generator: the CSPRNG-seeded generator set before each step does.
+SECURE_MODE = True
 
 
 def _make_optimizer(params: list[nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
@@ -85,11 +91,16 @@ class DPTrainer:
         ledger=None,
         seed: int | None = None,
         noise_generator: torch.Generator | None = None,
+        noise_source: NoiseSource | None = None,
     ) -> TrainResult:
         """Run ``steps`` DP-SGD steps (or plain SGD with ``dp=False``) on ``examples``.
 
-        ``seed`` fixes Poisson sampling (tests, reproducible baselines); by default the
-        batches are drawn from the OS's secure randomness, as DP assumes them secret.
+        Randomness (DP assumes both the batches and the noise secret): by default every step's
+        Poisson mask and Gaussian noise come from ``noise_source`` (``None``: the secure default
+        :data:`privacy.noise.SECURE`, a generator seeded from ``os.urandom`` per draw; torch's
+        global MT19937 generator is never used). Explicit opt-ins for tests and reproducible
+        baselines: ``seed`` fixes the Poisson masks, ``noise_generator`` the noise, or a
+        ``NoiseSource(generator=...)`` both (such a source reports ``secure = False``).
         """
         from opacus.optimizers import DPOptimizer
 
@@ -97,7 +108,12 @@ class DPTrainer:
         if n == 0:
             raise ValueError("No training examples on this device")
         q = min(1.0, batch_size / n)
-        gen = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
+        source = noise_source if noise_source is not None else SECURE
+        if not source.secure or seed is not None or noise_generator is not None:
+            logger.info("DP-SGD randomness injected (seed=%s, noise generator %s, noise source secure=%s): "
+                        "reproducible, for tests only", seed, "set" if noise_generator is not None else "unset",
+                        source.secure)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
         base_opt = _make_optimizer(self.params, optimizer, lr)
         opt = (
             DPOptimizer(
@@ -107,6 +123,7 @@ class DPTrainer:
                 expected_batch_size=max(1, round(q * n)),
                 loss_reduction="mean",
                 generator=noise_generator,
+                secure_mode=SECURE_MODE,
             )
             if dp
             else base_opt
@@ -122,8 +139,10 @@ class DPTrainer:
         seen = 0
         empty = 0
         for _ in range(steps):
-            mask = torch.rand(n, generator=gen) < q
+            mask = torch.rand(n, generator=gen) < q if gen is not None else source.poisson_mask(n, q)
             idx = mask.nonzero().flatten().tolist()
+            if dp and noise_generator is None:
+                opt.generator = source.generator()  # this step's noise: fresh from the CSPRNG (or the injected one)
             opt.zero_grad(set_to_none=True)
             if not idx:
                 empty += 1

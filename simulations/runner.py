@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,48 @@ def resolve(scenario: str | None, overrides: dict[str, Any]) -> tuple[dict[str, 
     return flat, load_config(flat, env=False)
 
 
-def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *, cpus: int | None = None) -> dict:
-    """Run the scenario to completion; returns the run's metrics.json content."""
+POLICY_HEADER = "# written by `fedpersona run --device-policy` for this simulated device (deleted by a run without it)\n"
+
+
+def write_device_policies(cfg: Config, user_ids: list[str], policy: dict[str, Any] | None) -> None:
+    """Give the simulated devices a ``policy.toml`` (``--device-policy``), or remove the one a run gave them.
+
+    The simulated devices' own floors: by default (no file) the safe defaults of
+    :class:`client.policy.DevicePolicy`; a non-private simulation (``privacy.enabled = false``)
+    needs ``--device-policy allow-no-dp=true``, plain aggregation ``allow-no-secagg=true``.
+    A ``policy.toml`` the runner did not write is never touched.
+    """
+    from client.device import simulated_state_dir
+    from client.policy import POLICY_FILE, PREFIX, DevicePolicy
+
+    values = {(k if k.startswith(PREFIX) else PREFIX + k): v for k, v in (policy or {}).items()}
+    DevicePolicy.from_mapping(values, source="--device-policy")  # ValueError naming a bad key or value
+    for user in user_ids:
+        path = simulated_state_dir(cfg, user) / POLICY_FILE
+        ours = path.is_file() and path.read_text().startswith(POLICY_HEADER)
+        if values:
+            if path.is_file() and not ours:
+                raise ValueError(f"{path} exists and was not written by the runner; edit it, or drop --device-policy")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lines = [f"{k[len(PREFIX):]} = {json.dumps(v)}" for k, v in sorted(values.items())]
+            path.write_text(POLICY_HEADER + "\n".join(lines) + "\n")
+        elif ours:
+            path.unlink()
+
+
+def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *, cpus: int | None = None,
+        device_policy: dict[str, Any] | None = None) -> dict:
+    """Run the scenario to completion; returns the run's metrics.json content.
+
+    ``device_policy``: ``policy.*`` keys every simulated device holds as its own (a
+    ``policy.toml`` in its state folder; see :func:`write_device_policies`). The result has
+    ``failure_count`` and ``failed_users`` (user -> error class, message and round).
+    """
     from flwr.simulation import run_simulation
 
     from fedpersona.model import resolve_model_dir
     from simulations.corpus import load_users
+    from simulations.failures import device_failures, mark_failed, rewrite_outputs
 
     flat, cfg = resolve(scenario, dict(overrides or {}))
     users = load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)
@@ -65,6 +102,7 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
                 f"Invalid config value for 'privacy.delta': must be below 1/number-of-examples = 1/{n_train} "
                 f"(the smallest user's training split). You passed: {cfg.privacy.delta}"
             )
+    write_device_policies(cfg, [u.user_id for u in users], device_policy)
     resolve_model_dir(cfg.model.path)  # convert the default model once, before workers start
     cpus = cpus or os.cpu_count() or 1
     os.environ[CONFIG_ENV] = json.dumps(flat)
@@ -79,6 +117,7 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
     from server.app import app as server_app
 
     t0 = time.perf_counter()
+    started = datetime.now(timezone.utc)
     logger.info("Simulating %d users (%d per round, %d rounds) on %d CPU(s)", len(users),
                 cfg.server.clients_per_round, cfg.server.num_rounds, cpus)
     try:
@@ -90,8 +129,11 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
     if not metrics_path.is_file():
         raise RuntimeError(f"The simulation ended without writing {metrics_path}; see the log above")
     metrics = json.loads(metrics_path.read_text())
-    metrics["wall_seconds"] = time.perf_counter() - t0
-    failed = sum(r.get("failed", 0) for r in metrics.get("rounds", []))
+    failed_users = device_failures(cfg, [u.user_id for u in users], since=started)
+    failed = mark_failed(metrics, failed_users)
     if failed:
-        logger.warning("%d client failure(s) over the run; see rounds.csv", failed)
+        rewrite_outputs(cfg, metrics)
+        logger.warning("%d failure(s) over the run, %d user(s) failed: %s", failed, len(failed_users),
+                       "; ".join(f"{u}: {e}" for u, e in metrics["failed_users"].items()) or "see rounds.csv")
+    metrics["wall_seconds"] = time.perf_counter() - t0
     return metrics
