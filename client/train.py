@@ -110,7 +110,7 @@ class DPTrainer:
         q = min(1.0, batch_size / n)
         source = noise_source if noise_source is not None else SECURE
         if not source.secure or seed is not None or noise_generator is not None:
-            logger.info("DP-SGD randomness injected (seed=%s, noise generator %s, noise source secure=%s): "
+            logger.debug("DP-SGD randomness injected (seed=%s, noise generator %s, noise source secure=%s): "
                         "reproducible, for tests only", seed, "set" if noise_generator is not None else "unset",
                         source.secure)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
