@@ -66,10 +66,10 @@ def prepare_user(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tup
         pairs = [pairs[i] for i in keep]
     train_pairs, held_pairs = split_examples(pairs, eval_fraction=cfg.data.eval_fraction, seed=cfg.run.seed, key=user_id)
     if cfg.privacy.enabled and cfg.privacy.delta >= 1.0 / len(train_pairs):
-        raise ValueError(
-            f"Invalid config value for 'privacy.delta': must be below 1/number-of-examples = "
-            f"1/{len(train_pairs)} for user {user_id!r}. You passed: {cfg.privacy.delta}"
-        )
+        # The device's own log may say how many examples it holds; the reply to the server does not.
+        logger.warning("privacy.delta = %g is not below 1/%d (this device's training examples): refusing",
+                       cfg.privacy.delta, len(train_pairs))
+        raise PolicyViolation("privacy.delta", cfg.privacy.delta, "must be below 1/(this device's training examples)")
 
     def cached(ps):
         enc = encode_examples(model.tokenizer, ps, seq_len=cfg.model.seq_len, cue_tokens=cfg.model.cue_tokens)

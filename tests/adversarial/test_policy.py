@@ -26,6 +26,7 @@ def _ledger(nc) -> PrivacyLedger | None:
     ("privacy.noise-multiplier", 0.01),
     ("secagg.enabled", False),
     ("secagg.threshold", 1),
+    ("privacy.delta", 0.2),
 ])
 def test_each_weakened_setting_is_refused_naming_it(tiny_config, tmp_path, caplog, key, value):
     nodes = user_folders(tmp_path)
@@ -42,8 +43,9 @@ def test_each_weakened_setting_is_refused_naming_it(tiny_config, tmp_path, caplo
         assert SECRET not in reason and nc["user-id"] not in reason, "never the user's data or id"
         assert _ledger(nc) is None, "nothing trained, nothing recorded"
         assert [f["error"] for f in read_failures(nc["state-dir"])] == ["PolicyViolation"]
-    warned = [r.getMessage() for r in caplog.records if r.name == "client.device" and r.levelno == logging.WARNING]
-    assert len(warned) == 3 and all("refused by this device's privacy policy" in w and key in w for w in warned)
+    warned = [r.getMessage() for r in caplog.records if r.name == "client.app" and r.levelno == logging.WARNING
+              and "refused a train request" in r.getMessage()]
+    assert len(warned) == 3 and all(f"refuses {key} = " in w for w in warned), "a warning in each device's log"
 
 
 def test_the_same_run_within_the_policy_trains(tiny_config, tmp_path):
