@@ -110,3 +110,41 @@ def test_policy_file_errors_name_the_file(tmp_path):
     (tmp_path / POLICY_FILE).write_text("max-epsilon = -3\n")
     with pytest.raises(ValueError, match="'policy.max-epsilon'"):
         DevicePolicy.load({}, state_dir=tmp_path)
+
+
+def test_the_ledger_keeps_the_accepted_settings_and_reads_old_ledgers():
+    import json
+
+    from privacy.ledger import LedgerError, PrivacyLedger
+
+    ledger = PrivacyLedger()
+    ledger.step(noise_multiplier=1.0, sample_rate=0.25, num_steps=2)
+    ledger.record_round(round=1, steps=2, noise_multiplier=1.0, sample_rate=0.25, delta=1e-3)
+    old = json.loads(ledger.to_json())
+    assert "settings" not in old["rounds"][0]
+    assert PrivacyLedger.from_json(json.dumps(old)).rounds[0]["round"] == 1, "ledgers without settings still load"
+    settings = DevicePolicy().check(_cfg(), train_examples=36)
+    ledger.step(noise_multiplier=1.0, sample_rate=0.25, num_steps=2)
+    ledger.record_round(round=2, steps=2, noise_multiplier=1.0, sample_rate=0.25, delta=1e-3, settings=settings)
+    back = PrivacyLedger.from_json(ledger.to_json())
+    assert back.rounds[1]["settings"] == settings
+    with pytest.raises(ValueError, match="finite float"):
+        ledger.record_round(round=3, steps=2, noise_multiplier=1.0, sample_rate=0.25, delta=1e-3,
+                            settings={"x": math.inf})
+    bad = json.loads(ledger.to_json())
+    bad["rounds"][1]["settings"] = {"x": [1, 2]}
+    with pytest.raises(LedgerError, match="settings"):
+        PrivacyLedger.from_json(json.dumps(bad))
+
+
+def test_a_noiseless_release_makes_the_ledger_infinite_for_good():
+    from privacy.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger()
+    ledger.step(noise_multiplier=0.0, sample_rate=0.25, num_steps=2)
+    ledger.record_round(round=1, steps=2, noise_multiplier=0.0, sample_rate=0.25, delta=1e-3,
+                        settings={"privacy.enabled": False})
+    ledger.step(noise_multiplier=5.0, sample_rate=0.25, num_steps=2)
+    assert math.isinf(ledger.epsilon(1e-3))
+    back = PrivacyLedger.from_json(ledger.to_json())
+    assert math.isinf(back.epsilon(1e-3)) and math.isinf(back.rounds[0]["epsilon"])
