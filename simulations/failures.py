@@ -42,9 +42,12 @@ def _describe(entries: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def mark_failed(metrics: dict, failed: dict[str, list[dict]]) -> int:
-    """Record the failed users in ``metrics``; returns the number of failures of the run (server and devices)."""
-    server_count = sum(int(r.get("failed", 0)) for r in metrics.get("rounds", []))
+def mark_failed(metrics: dict, failed: dict[str, list[dict]], *, after_round: int = 0) -> int:
+    """Record the failed users in ``metrics``; returns the number of failures (server's and devices' counts).
+
+    ``after_round``: rounds up to it ran in an earlier invocation (a resumed run) and are not counted again.
+    """
+    server_count = sum(int(r.get("failed", 0)) for r in metrics.get("rounds", []) if int(r["round"]) > after_round)
     server_count += len(metrics.get("final", {}).get("failures", []))
     metrics["failed_users"] = {u: _describe(e) for u, e in sorted(failed.items())}
     final = metrics.get("final")

@@ -116,6 +116,10 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
     from client.app import app as client_app
     from server.app import app as server_app
 
+    metrics_path = Path(cfg.run.results_dir) / cfg.run.name / "metrics.json"
+    # Rounds of an earlier invocation (a resumed run): their failures were reported by that one.
+    earlier = json.loads(metrics_path.read_text()).get("rounds", []) if metrics_path.is_file() else []
+    after_round = max((int(r.get("round", 0)) for r in earlier), default=0)
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc)
     logger.info("Simulating %d users (%d per round, %d rounds) on %d CPU(s)", len(users),
@@ -125,12 +129,11 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
                        backend_config=backend_config)
     finally:
         os.environ.pop(CONFIG_ENV, None)
-    metrics_path = Path(cfg.run.results_dir) / cfg.run.name / "metrics.json"
     if not metrics_path.is_file():
         raise RuntimeError(f"The simulation ended without writing {metrics_path}; see the log above")
     metrics = json.loads(metrics_path.read_text())
     failed_users = device_failures(cfg, [u.user_id for u in users], since=started)
-    failed = mark_failed(metrics, failed_users)
+    failed = mark_failed(metrics, failed_users, after_round=after_round)
     if failed:
         rewrite_outputs(cfg, metrics)
         logger.warning("%d failure(s) over the run, %d user(s) failed: %s", failed, len(failed_users),

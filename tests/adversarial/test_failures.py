@@ -68,3 +68,17 @@ def test_a_failed_device_fails_the_run_and_is_listed(tiny_config, tmp_path, caps
     code = main(["run", str(scenario), "--allow-failures"])
     err = capsys.readouterr().err
     assert code == 0 and "fedpersona: warning:" in err and victim in err and "StateError" in err
+
+
+def test_failures_are_counted_once_and_every_failed_user_listed():
+    from simulations.failures import mark_failed
+
+    metrics = {"rounds": [{"round": 1, "failed": 2}, {"round": 2, "failed": 0}, {"round": 3, "failed": 1}],
+               "final": {"users": [{"user": "a", "base-loss": 4.0}], "failures": []}}
+    failed = {"b": [{"error": "StateError", "message_type": "train", "round": 3},
+                    {"error": "StateError", "message_type": "evaluate", "round": 4}]}
+    assert mark_failed(metrics, failed, after_round=2) == 2  # round 1 was reported by an earlier invocation
+    rows = {u["user"]: u for u in metrics["final"]["users"]}
+    assert rows["a"]["status"] == "ok" and rows["b"]["status"] == "failed"
+    assert rows["b"]["error"] == "StateError (train round 3); StateError (evaluate round 4)"
+    assert mark_failed({"rounds": [{"round": 1, "failed": 0}]}, {}) == 0
