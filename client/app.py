@@ -31,7 +31,9 @@ from flwr.clientapp.typing import Mod
 
 from client import secagg
 from client.device import LEDGER, BudgetExhausted, Device, state_dir_for
+from client.failures import failure_mod
 from client.flow_log import inventory_mod
+from client.policy import PolicyViolation
 from client.store import DeviceStore, StateError
 from fedpersona.config import Config, load_config
 from fedpersona.secagg_wire import from_records, has_request, to_records
@@ -73,6 +75,14 @@ def _error(message: Message, exc: BaseException) -> Message:
     return Message(Error(code=CLIENT_ERROR, reason=reason), reply_to=message)
 
 
+def _refuse(message: Message, exc: PolicyViolation) -> Message:
+    """A round the device's privacy policy refuses: fixed text naming the setting, the server's value, the floor."""
+    reason = f"{type(exc).__name__}: {exc}"
+    logger.warning("node %s refused a %s request: %s", message.metadata.dst_node_id, message.metadata.message_type,
+                   reason)
+    return Message(Error(code=CLIENT_ERROR, reason=reason), reply_to=message)
+
+
 def train(message: Message, context: Context) -> Message:
     try:
         device = _device(context)
@@ -88,6 +98,8 @@ def train(message: Message, context: Context) -> Message:
         except BudgetExhausted as exc:
             status = ConfigRecord({"status": "budget-exhausted", "detail": str(exc)})
             return Message(RecordDict({"status": status, "metrics": MetricRecord({"weight": 0.0, "trained": 0.0})}), reply_to=message)
+    except PolicyViolation as exc:  # before training: nothing trained, nothing sent but the refusal
+        return _refuse(message, exc)
     except (StateError, ValueError, FloatingPointError, KeyError) as exc:
         return _error(message, exc)
     content = RecordDict({"update": to_record(update), "metrics": MetricRecord(metrics)})
@@ -146,8 +158,9 @@ def evaluate(message: Message, context: Context) -> Message:
 
 
 def build_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
-    """The ClientApp: the flow log outermost (it records each reply as it leaves), then ``mods``, then the handlers."""
-    client_app = ClientApp(mods=[inventory_mod, *mods])
+    """The ClientApp: the flow log outermost (it records each reply as it leaves), then the device's own
+    failure log, then ``mods``, then the handlers."""
+    client_app = ClientApp(mods=[inventory_mod, failure_mod, *mods])
     client_app.train()(train)
     client_app.query("advertise")(advertise)
     client_app.query("unmask")(unmask)

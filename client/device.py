@@ -39,6 +39,7 @@ import torch
 
 from client.data import encode_examples, read_user_folder, split_examples
 from client.node_data import node_data
+from client.policy import DevicePolicy, PolicyViolation
 from client.store import DeviceStore
 from client.train import CachedExample, TrainResult, evaluate, train_head, train_shared, trainer_for
 from fedpersona.config import Config
@@ -69,10 +70,10 @@ class UserData:
 
 def _check_delta(cfg: Config, user_id: str, n_train: int) -> None:
     if cfg.privacy.enabled and cfg.privacy.delta >= 1.0 / n_train:
-        raise ValueError(
-            f"Invalid config value for 'privacy.delta': must be below 1/number-of-examples = "
-            f"1/{n_train} for user {user_id!r}. You passed: {cfg.privacy.delta}"
-        )
+        # The device's own log may say how many examples it holds; the reply to the server does not.
+        logger.warning("privacy.delta = %g is not below 1/%d (this device's training examples): refusing",
+                       cfg.privacy.delta, n_train)
+        raise PolicyViolation("privacy.delta", cfg.privacy.delta, "must be below 1/(this device's training examples)")
 
 
 def prepare_user(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tuple[str, str]]) -> UserData:
@@ -125,6 +126,7 @@ class Device:
         self.trainer = trainer_for(self.model)
         user_id, pairs, state_dir = load_pairs_for_node(cfg, node_config)
         self.store = DeviceStore(state_dir)
+        self.policy = DevicePolicy.load(node_config, state_dir=state_dir)  # the device's own floors
         if prepared is None:
             self.data = prepare_user(self.model, cfg, user_id, pairs)
         else:
@@ -224,10 +226,25 @@ class Device:
         )
 
     def train_round(self, shared: dict[str, torch.Tensor], *, server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Train one round; returns (weighted shared update, summable metrics)."""
+        """Train one round; returns (weighted shared update, summable metrics).
+
+        Raises :class:`~client.policy.PolicyViolation` (nothing trained, nothing recorded) when the
+        server's settings would weaken the device's policy, :class:`BudgetExhausted` when the round
+        would take it past its budget.
+        """
         cfg = self.cfg
+        try:
+            settings = self.policy.check(cfg, train_examples=len(self.data.train), noise_multiplier=self.noise_multiplier)
+        except PolicyViolation as exc:
+            logger.warning("round %d refused by this device's privacy policy (%s): %s", server_round, self.policy.source, exc)
+            raise
         ledger = self.load_ledger()
         steps = cfg.client.local_steps
+        if cfg.privacy.enabled and math.isinf(self.epsilon(ledger)):
+            raise BudgetExhausted(
+                f"{self.user_id}: this device already released an update without DP noise (recorded as epsilon = "
+                f"infinity): no DP round can be claimed from it any more; not training"
+            )
         if cfg.privacy.enabled:
             eps_next = ledger.epsilon_if(
                 noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, num_steps=steps,
@@ -246,11 +263,13 @@ class Device:
                 metrics["heldout-shared-loss"] = self._heldout()["loss"]
             metrics["heldout-personal-loss"] = self._heldout()["loss"]
         result = self._shared_pass(steps, ledger if cfg.privacy.enabled else None)
-        if cfg.privacy.enabled:
-            ledger.record_round(
-                round=server_round, steps=steps, noise_multiplier=self.noise_multiplier,
-                sample_rate=self.sample_rate, delta=cfg.privacy.delta,
-            )
+        if not cfg.privacy.enabled:
+            # A release without noise (the policy allowed it): epsilon is infinite from now on, for good.
+            ledger.step(noise_multiplier=0.0, sample_rate=self.sample_rate, num_steps=max(1, steps))
+        ledger.record_round(
+            round=server_round, steps=steps, noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate, delta=cfg.privacy.delta, settings=settings,
+        )
         after = self.model.shared_state()
         weight = float(len(self.data.train))
         update = {n: (after[n] - shared[n].to(after[n].dtype)) * weight for n in after}

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 import time
 import warnings
 from collections.abc import Sequence
@@ -33,6 +32,9 @@ import torch
 from torch import nn
 
 from fedpersona.model import AdaptedModel, collate
+from privacy import dpstep
+from privacy.dpstep import flat_noise
+from privacy.noise import SECURE, NoiseSource
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +62,38 @@ class TrainResult:
     sample_rate: float
 
 
+
 def _make_optimizer(params: list[nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     return torch.optim.SGD(params, lr=lr)
+
+
+def _sourced_dp_optimizer(base: torch.optim.Optimizer, source: NoiseSource, **kwargs):
+    """Opacus's DPOptimizer (its clipping, summing and scaling) with the noise of
+    :func:`privacy.dpstep.flat_noise`, drawn from the step's generator set in ``step_gen``."""
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    class SourcedDPOptimizer(DPOptimizer):
+        step_gen: torch.Generator | None = None
+
+        def add_noise(self) -> None:
+            if self.step_gen is None:
+                raise RuntimeError("SourcedDPOptimizer: no generator set for this step")
+            ref = self.params[0]
+            noise = flat_noise(source, self.step_gen, sum(p.numel() for p in self.params),
+                               std=self.noise_multiplier * self.max_grad_norm, device=ref.device)
+            offset = 0
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                chunk = noise[offset : offset + p.numel()].view_as(p.summed_grad).to(p.summed_grad.dtype)
+                offset += p.numel()
+                p.grad = (p.summed_grad + chunk).view_as(p)
+                _mark_as_processed(p.summed_grad)
+            self.step_gen = None
+
+    return SourcedDPOptimizer(base, **kwargs)
 
 
 def _batch(examples: Sequence[CachedExample], idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,53 +148,71 @@ class DPTrainer:
         ledger=None,
         seed: int | None = None,
         noise_generator: torch.Generator | None = None,
+        noise_source: NoiseSource | None = None,
         group: str = "all",
+        params: Sequence[str] | None = None,
     ) -> TrainResult:
         """Run ``steps`` DP-SGD steps (or plain SGD with ``dp=False``) on ``examples``.
 
-        Only the tensors of ``group`` (``"all"``, ``"shared"`` or ``"personal"``) are
-        trained; the others are frozen for the pass. ``seed`` fixes Poisson sampling
-        (tests, reproducible baselines); by default the batches are drawn from the OS's
-        secure randomness, as DP assumes them secret.
+        Only the tensors of ``group`` (``"all"``, ``"shared"`` or ``"personal"``), or the
+        tensors named in ``params``, are trained (clipped jointly); the others are frozen
+        for the pass.
+
+        Randomness (DP assumes both the batches and the noise secret): every step draws, in
+        the order of :mod:`privacy.dpstep` (the cohort engine's order), one generator from
+        ``noise_source`` (``None``: :data:`privacy.noise.SECURE`, seeded from ``os.urandom``
+        per step; torch's global MT19937 generator is never used), the Poisson mask from it,
+        then the noise. Explicit opt-ins for tests and reproducible baselines: ``seed`` fixes
+        the Poisson masks, ``noise_generator`` hands the noise to Opacus's own draw, or a
+        ``NoiseSource(generator=...)`` fixes both (such a source reports ``secure = False``).
         """
         if group not in GROUPS:
             raise ValueError(f"group must be one of {GROUPS}. You passed: {group!r}")
         n = len(examples)
         if n == 0:
             raise ValueError("No training examples on this device")
-        params = self.groups[group]
-        frozen = [p for p in self.params if not any(p is q for q in params)]
+        if params is None:
+            train_params = self.groups[group]
+        else:
+            named = dict(self.model.peft.named_parameters())
+            unknown = [p for p in params if p not in named or all(named[p] is not t for t in self.params)]
+            if unknown or not params:
+                raise ValueError(f"params must name trainable adapter tensors. You passed: {list(params)[:3]}")
+            train_params = [named[p] for p in params]
+        frozen = [p for p in self.params if not any(p is q for q in train_params)]
         was = [p.requires_grad for p in frozen]
         for p in frozen:
             p.requires_grad_(False)  # Opacus computes per-sample gradients only where requires_grad
         try:
-            return self._train(examples, params, steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                               noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, dp=dp, ledger=ledger,
-                               seed=seed, noise_generator=noise_generator)
+            return self._train(examples, train_params, steps=steps, batch_size=batch_size, lr=lr,
+                               optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                               dp=dp, ledger=ledger, seed=seed, noise_generator=noise_generator,
+                               source=noise_source if noise_source is not None else SECURE)
         finally:
             for p, r in zip(frozen, was):
                 p.requires_grad_(r)
 
     def _train(self, examples, params, *, steps, batch_size, lr, optimizer, noise_multiplier, max_grad_norm, dp,
-               ledger, seed, noise_generator) -> TrainResult:
+               ledger, seed, noise_generator, source: NoiseSource) -> TrainResult:
         from opacus.optimizers import DPOptimizer
 
         n = len(examples)
         q = min(1.0, batch_size / n)
-        gen = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
+        if not source.secure or seed is not None or noise_generator is not None:
+            logger.debug("DP-SGD randomness injected (seed=%s, noise generator %s, noise source secure=%s): "
+                         "reproducible, for tests only", seed, "set" if noise_generator is not None else "unset",
+                         source.secure)
+        mask_gen = torch.Generator().manual_seed(seed) if seed is not None else None
         base_opt = _make_optimizer(params, optimizer, lr)
-        opt = (
-            DPOptimizer(
-                base_opt,
-                noise_multiplier=noise_multiplier,
-                max_grad_norm=max_grad_norm,
-                expected_batch_size=max(1, round(q * n)),
-                loss_reduction="mean",
-                generator=noise_generator,
-            )
-            if dp
-            else base_opt
-        )
+        dp_kwargs = dict(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=max(1, round(q * n)), loss_reduction="mean")
+        sourced = dp and noise_generator is None
+        if not dp:
+            opt = base_opt
+        elif sourced:
+            opt = _sourced_dp_optimizer(base_opt, source, **dp_kwargs)
+        else:
+            opt = DPOptimizer(base_opt, generator=noise_generator, secure_mode=dpstep.ROBUST_NOISE, **dp_kwargs)
         model = self.gsm if dp else self.model.stack
         if dp:
             self.gsm.enable_hooks()
@@ -176,8 +224,13 @@ class DPTrainer:
         seen = 0
         empty = 0
         for _ in range(steps):
-            mask = torch.rand(n, generator=gen) < q
-            idx = mask.nonzero().flatten().tolist()
+            step_gen = dpstep.step_generator(source)
+            if mask_gen is not None:
+                idx = (torch.rand(n, generator=mask_gen) < q).nonzero().flatten().tolist()
+            else:
+                idx = dpstep.poisson_batch(source, step_gen, n, q).tolist()
+            if sourced:
+                opt.step_gen = step_gen  # this step's noise: from the same generator, after the mask
             opt.zero_grad(set_to_none=True)
             if not idx:
                 empty += 1

@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
@@ -35,7 +34,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from server.run_report import summary_table
     from simulations.runner import run
 
-    metrics = run(args.scenario, _overrides(args.set), cpus=args.cpus)
+    policy = {}
+    for text in args.device_policy:
+        k, v = _overrides([text]).popitem()
+        policy[k] = v
+    metrics = run(args.scenario, _overrides(args.set), cpus=args.cpus, device_policy=policy)
     final = metrics.get("final")
     print()
     print(f"Run '{metrics['run']}' finished in {metrics['wall_seconds']:.0f} s "
@@ -45,6 +48,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         s = final["summary"]
         keys = [k for k in ("base", "shared", "personal", "local") if f"{k}-loss" in s]
         print("mean held-out loss: " + ", ".join(f"{k} {s[k + '-loss']['mean']:.3f}" for k in keys))
+    failures = int(metrics.get("failure_count", 0))
+    if failures:
+        users = metrics.get("failed_users", {})
+        detail = "".join(f"\n  {u}: {e}" for u, e in users.items())
+        what = f"{failures} failure(s) in run '{metrics['run']}', {len(users)} user(s) failed{detail or ' (see rounds.csv)'}"
+        if args.allow_failures:
+            print(f"fedpersona: warning: {what} (--allow-failures: exit status 0)", file=sys.stderr)
+            return 0
+        print(f"fedpersona: error: {what}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -104,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("scenario", nargs="?", default="demo", help="scenario name under simulations/conf or a TOML path")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     r.add_argument("--cpus", type=int, default=None, help="CPUs for the simulation (default: all)")
+    r.add_argument("--device-policy", action="append", default=[], metavar="KEY=VALUE",
+                   help="a policy key every simulated device holds as its own, e.g. allow-no-dp=true for a "
+                        "non-private run (README: Device policy)")
+    r.add_argument("--allow-failures", action="store_true",
+                   help="exit 0 (with a warning) even when devices failed; by default any failure exits 1")
     r.set_defaults(func=_cmd_run)
 
     g = sub.add_parser("generate", help="write a reply in one user's voice with that user's personal head")
@@ -168,7 +186,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
     try:
         return args.func(args)
     except ValueError as exc:

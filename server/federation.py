@@ -192,7 +192,7 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
 def final_evaluation(grid: Grid, cfg: Config, shared: dict[str, torch.Tensor]) -> dict:
     """Every node evaluates on its held-out split; per-user rows plus the distribution summary."""
     t0 = time.perf_counter()
-    nodes = sorted(grid.get_node_ids())
+    nodes = wait_for_nodes(grid, cfg.server.min_clients)  # a resumed, finished run gets here before any node joined
     log(INFO, "Final evaluation on %d nodes (base, shared, personalized%s)...", len(nodes),
         ", local-only" if cfg.eval.local_baseline else "")
     content = RecordDict(pack_shared(shared))

@@ -169,6 +169,7 @@ def summary_table(users: list[dict], summary: dict) -> str:
         lines.append(
             f"{u['user'][:37]:<38}{r_s:>7}{eps_s:>7}"
             + "".join(f"{u.get(c + '-loss', math.nan):>14.3f}" for c in cols)
+            + (f"  FAILED: {u.get('error', '')}" if u.get("status") == "failed" else "")
         )
     lines.append("-" * len(head))
     for stat in ("mean", "median", "worst_decile"):

@@ -111,9 +111,12 @@ def federate(cfg: Config, users: list[User], state_root: Path) -> FederatedRun:
     if state_root.exists():
         shutil.rmtree(state_root)
     t0 = time.perf_counter()
+    # A non-private row is one the user asked the study for: the simulated devices' policy allows it
+    # (the device still records such a release as epsilon = infinity).
+    policy = {"policy.allow-no-dp": not cfg.privacy.enabled}
     devices = [
-        Device(cfg, {"data-dir": str(u.folder), "state-dir": str(state_root / slug(u.user_id)), "user-id": u.user_id},
-               prepared=u.data)
+        Device(cfg, {"data-dir": str(u.folder), "state-dir": str(state_root / slug(u.user_id)), "user-id": u.user_id,
+                     **policy}, prepared=u.data)
         for u in users
     ]
     model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)

@@ -28,7 +28,9 @@ def _device(tiny_config, tmp_path, **overrides):
                                 "client.head-steps": 3, "client.head-batch-size": 4}, **overrides)
     cfg = load_config(flat, env=False)
     tag = "-".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "default"
-    return Device(cfg, {"data-dir": str(folder), "state-dir": str(tmp_path / f"state-{tag}"), "user-id": "alice"})
+    # These tests drive the round itself (plain aggregation, DP on or off): the device's policy allows both.
+    return Device(cfg, {"data-dir": str(folder), "state-dir": str(tmp_path / f"state-{tag}"), "user-id": "alice",
+                        "policy.allow-no-secagg": True, "policy.allow-no-dp": True})
 
 
 def test_round_trains_shared_then_head_and_the_update_ignores_the_head(tiny_config, tmp_path):
