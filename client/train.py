@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from fedpersona.model import AdaptedModel, collate
+from privacy.dpstep import flat_noise, poisson_batch, step_generator
+from privacy.noise import NoiseSource
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,33 @@ def _make_optimizer(params: list[nn.Parameter], name: str, lr: float) -> torch.o
     return torch.optim.SGD(params, lr=lr)
 
 
+def _sourced_dp_optimizer(base: torch.optim.Optimizer, source: NoiseSource, **kwargs):
+    """Opacus's DPOptimizer (its clipping, summing and scaling) with the noise of
+    :func:`privacy.dpstep.flat_noise`, drawn from the step's generator in ``step_gen``."""
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    class SourcedDPOptimizer(DPOptimizer):
+        step_gen: torch.Generator | None = None
+
+        def add_noise(self) -> None:
+            if self.step_gen is None:
+                raise RuntimeError("SourcedDPOptimizer: no generator set for this step")
+            ref = self.params[0]
+            noise = flat_noise(source, self.step_gen, sum(p.numel() for p in self.params),
+                               std=self.noise_multiplier * self.max_grad_norm, device=ref.device)
+            offset = 0
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                chunk = noise[offset : offset + p.numel()].view_as(p.summed_grad).to(p.summed_grad.dtype)
+                offset += p.numel()
+                p.grad = (p.summed_grad + chunk).view_as(p)
+                _mark_as_processed(p.summed_grad)
+            self.step_gen = None
+
+    return SourcedDPOptimizer(base, **kwargs)
+
+
 def _batch(examples: Sequence[CachedExample], idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return collate([examples[i].hidden for i in idx], [examples[i].labels for i in idx])
 
@@ -85,11 +114,17 @@ class DPTrainer:
         ledger=None,
         seed: int | None = None,
         noise_generator: torch.Generator | None = None,
+        noise_source: NoiseSource | None = None,
+        params: Sequence[str] | None = None,
     ) -> TrainResult:
         """Run ``steps`` DP-SGD steps (or plain SGD with ``dp=False``) on ``examples``.
 
         ``seed`` fixes Poisson sampling (tests, reproducible baselines); by default the
         batches are drawn from the OS's secure randomness, as DP assumes them secret.
+        ``noise_source``: draw every step's Poisson mask and noise from it in the order of
+        :mod:`privacy.dpstep` (the cohort engine's order; ``seed`` and ``noise_generator``
+        are then unused). ``params``: train only these tensors (model parameter names;
+        default: the shared and the personal ones), clipped jointly; the others stay fixed.
         """
         from opacus.optimizers import DPOptimizer
 
@@ -98,19 +133,30 @@ class DPTrainer:
             raise ValueError("No training examples on this device")
         q = min(1.0, batch_size / n)
         gen = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
-        base_opt = _make_optimizer(self.params, optimizer, lr)
-        opt = (
-            DPOptimizer(
-                base_opt,
-                noise_multiplier=noise_multiplier,
-                max_grad_norm=max_grad_norm,
-                expected_batch_size=max(1, round(q * n)),
-                loss_reduction="mean",
-                generator=noise_generator,
-            )
-            if dp
-            else base_opt
-        )
+        named = dict(self.model.peft.named_parameters())
+        if params is None:
+            train_params = self.params
+        else:
+            unknown = [p for p in params if p not in named or not named[p].requires_grad]
+            if unknown or not params:
+                raise ValueError(f"params must name trainable adapter tensors. You passed: {list(params)[:3]}")
+            train_params = [named[p] for p in params]
+        held = [p for p in self.params if all(p is not t for t in train_params)]
+        base_opt = _make_optimizer(train_params, optimizer, lr)
+        dp_kwargs = dict(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=max(1, round(q * n)), loss_reduction="mean")
+        if not dp:
+            opt = base_opt
+        elif noise_source is not None:
+            opt = _sourced_dp_optimizer(base_opt, noise_source, **dp_kwargs)
+        else:
+            opt = DPOptimizer(base_opt, generator=noise_generator, **dp_kwargs)
+        return self._steps(examples, opt, train_params, held, steps=steps, q=q, dp=dp, ledger=ledger, gen=gen,
+                           noise_multiplier=noise_multiplier, noise_source=noise_source)
+
+    def _steps(self, examples, opt, train_params, held, *, steps, q, dp, ledger, gen, noise_multiplier,
+               noise_source) -> TrainResult:
+        n = len(examples)
         model = self.gsm if dp else self.model.stack
         if dp:
             self.gsm.enable_hooks()
@@ -122,13 +168,19 @@ class DPTrainer:
         seen = 0
         empty = 0
         for _ in range(steps):
-            mask = torch.rand(n, generator=gen) < q
-            idx = mask.nonzero().flatten().tolist()
+            if noise_source is not None:
+                step_gen = step_generator(noise_source)
+                idx = poisson_batch(noise_source, step_gen, n, q).tolist()
+                if dp:
+                    opt.step_gen = step_gen
+            else:
+                mask = torch.rand(n, generator=gen) < q
+                idx = mask.nonzero().flatten().tolist()
             opt.zero_grad(set_to_none=True)
             if not idx:
                 empty += 1
                 if dp:
-                    for p in self.params:
+                    for p in train_params:
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                     opt.step()
             else:
@@ -139,11 +191,14 @@ class DPTrainer:
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")
                     per_sample.mean().backward()
                 opt.step()
+                for p in held:  # held fixed: their (per-sample) gradients are dropped
+                    p.grad_sample = None
+                    p.grad = None
                 losses.append(float(per_sample.detach().mean()))
                 seen += len(idx)
             if dp and ledger is not None:
                 ledger.step(noise_multiplier=noise_multiplier, sample_rate=q)
-            for p in self.params:
+            for p in train_params:
                 if not torch.isfinite(p).all():
                     raise FloatingPointError(
                         "A trainable tensor became non-finite during DP training; the update is discarded"

@@ -1,0 +1,233 @@
+"""The cohort engine: every client of a round trained together, each as the sequential path would.
+
+``CohortEngine(model).train_cohort(jobs)`` runs each phase of every job side by
+side. Per client and step, in this order (:mod:`privacy.dpstep`): one generator
+from the client's :class:`~privacy.noise.NoiseSource`; its batch (Poisson mask, or
+a uniform minibatch for local steps); for a DP step its noise, one flat draw over
+the trained tensors in model order (the shared tensors, then the personal ones).
+With the same sources, ``client.train.DPTrainer.train(..., noise_source=...)``
+draws exactly the same, so both paths give the same tensors and the same ledger
+steps (tests check this).
+
+What the engine keeps on the device: the base model (moved once, to
+``model.device`` / ``model.dtype``), the clients' packed examples (when the caller
+passes :class:`PackedExamples`), and, during a call, the clients' stacked adapter
+tensors and optimizer state. Nothing carries over between calls except what the
+caller holds, so memory does not grow over rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+
+from fedpersona.devices import autocast, place_model, resolve_device, resolve_dtype
+from privacy.dpstep import poisson_batch, step_generator, uniform_batch
+from simulations.engine.attention import vmap_attention
+from simulations.engine.dp import CohortGrad, add_noise, clip_and_sum
+from simulations.engine.jobs import ClientJob, ClientResult, Phase, PhaseResult, check_sources
+from simulations.engine.optim import StackedOptimizer
+from simulations.engine.stack import PackedExamples, StackNames, gather_batches
+
+logger = logging.getLogger(__name__)
+
+
+class CohortEngine:
+    """Trains a cohort of clients on one :class:`fedpersona.model.AdaptedModel` (placed on the device once)."""
+
+    def __init__(self, model, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32",
+                 ce_budget: int = 1 << 26, token_budget: int | None = None) -> None:
+        hooked = [n for n, m in model.stack.named_modules()
+                  if m._forward_hooks or m._backward_hooks or m._forward_pre_hooks or m._backward_pre_hooks]
+        if hooked:
+            raise ValueError(
+                "The model carries module hooks (an Opacus GradSampleModule from client.train.trainer_for?); "
+                f"give the engine a model of its own. You passed: a model hooked at {hooked[0] or 'the top'!r}"
+            )
+        self.model = model
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
+        place_model(model.peft, device=self.device, dtype=self.dtype)
+        self.grad = CohortGrad(model.stack, ce_budget=ce_budget)
+        self.config = model.peft.base_model.model.config
+        # Tokens (clients x samples x positions) in one forward/backward pass: bounds activation memory.
+        self.token_budget = token_budget or (32768 if self.device.type == "cuda" else 8192)
+        self.names = StackNames(model.peft, self.grad.module)
+        self.shared_names = list(model.shared_names)
+        self.personal_names = list(model.personal_names)
+        for n in self.shared_names + self.personal_names:
+            self.names.inner(n)  # every adapter tensor must live in the top blocks
+        self.shapes = {n: p.shape for n, p in model.peft.named_parameters() if n in set(self.shared_names + self.personal_names)}
+        logger.info("Cohort engine on %s (base %s): %d shared and %d personal adapter tensors", self.device,
+                    str(self.dtype).replace("torch.", ""), len(self.shared_names), len(self.personal_names))
+
+    # ------------------------------------------------------------ data
+    def pack(self, examples: Sequence) -> PackedExamples:
+        """A client's cached examples on the engine's device (keep it across rounds)."""
+        return PackedExamples.pack(examples, device=self.device, dtype=self.dtype)
+
+    # ----------------------------------------------------------- rounds
+    def train_cohort(self, jobs: Sequence[ClientJob]) -> list[ClientResult]:
+        """Train every job's phases; one result per job, in order."""
+        if not jobs:
+            return []
+        self._check(jobs)
+        packed = [j.examples if isinstance(j.examples, PackedExamples) else self.pack(j.examples) for j in jobs]
+        state = {}
+        for n in self.shared_names + self.personal_names:
+            state[n] = torch.stack([self._tensor(j, n) for j in jobs]).to(self.device, torch.float32)
+        errors: list[str | None] = [None] * len(jobs)
+        phases: list[list[PhaseResult]] = [[] for _ in jobs]
+        for k in range(len(jobs[0].phases)):
+            for c, r in enumerate(self._phase([j.phases[k] for j in jobs], packed, state, errors)):
+                phases[c].append(r)
+        out = []
+        for c, job in enumerate(jobs):
+            out.append(ClientResult(
+                client_id=job.client_id,
+                shared={n: state[n][c].detach().cpu().clone() for n in self.shared_names},
+                personal={n: state[n][c].detach().cpu().clone() for n in self.personal_names},
+                phases=phases[c],
+                error=errors[c],
+            ))
+        return out
+
+    def _tensor(self, job: ClientJob, name: str) -> torch.Tensor:
+        src = job.shared if name in job.shared else job.personal
+        t = src.get(name)
+        if t is None or tuple(t.shape) != tuple(self.shapes[name]):
+            raise ValueError(f"Client {job.client_id!r}: tensor {name} missing or of the wrong shape. "
+                             f"You passed: {None if t is None else tuple(t.shape)}")
+        return torch.as_tensor(t).detach().to(torch.float32)
+
+    def _check(self, jobs: Sequence[ClientJob]) -> None:
+        first = jobs[0].phases
+        for j in jobs:
+            if set(j.shared) != set(self.shared_names) or set(j.personal) != set(self.personal_names):
+                raise ValueError(f"Client {j.client_id!r}: shared/personal state does not match the adapter layout. "
+                                 f"You passed: {len(j.shared)} shared and {len(j.personal)} personal tensors")
+            if len(j.phases) != len(first) or any(
+                (a.params, a.personal_off, a.dp, a.optimizer, a.sampling) != (b.params, b.personal_off, b.dp, b.optimizer, b.sampling)
+                for a, b in zip(j.phases, first)
+            ):
+                raise ValueError(f"Client {j.client_id!r}: every client of a cohort needs the same kind of phases "
+                                 f"(params, personal_off, dp, optimizer, sampling). You passed: {j.phases}")
+        check_sources(jobs)
+
+    def _order(self, group: str) -> list[str]:
+        return {"joint": self.shared_names + self.personal_names, "shared": self.shared_names,
+                "personal": self.personal_names}[group]
+
+    def _phase(self, phs: list[Phase], packed: list[PackedExamples], state: dict[str, torch.Tensor],
+               errors: list[str | None]) -> list[PhaseResult]:
+        t0 = time.perf_counter()
+        kind = phs[0]
+        clients = len(phs)
+        order = self._order(kind.params)
+        held = [n for n in state if n not in set(order)]
+        inner = self.names.inner
+        train = {n: state[n] for n in order}
+        fixed = {inner(n): (torch.zeros_like(state[n]) if kind.personal_off and n in self.personal_names else state[n])
+                 for n in held}
+        sizes = [len(p) for p in packed]
+        rates = [min(1.0, ph.batch_size / n) for ph, n in zip(phs, sizes)]
+        expected = torch.tensor([max(1, round(q * n)) for q, n in zip(rates, sizes)], dtype=torch.float32)
+        clip = torch.tensor([ph.max_grad_norm for ph in phs], dtype=torch.float32, device=self.device)
+        opt = StackedOptimizer(train, kind=kind.optimizer, lr=torch.tensor([ph.lr for ph in phs]))
+        results = [PhaseResult(sample_rate=q if kind.sampling == "poisson" else min(1.0, ph.batch_size / n))
+                   for q, ph, n in zip(rates, phs, sizes)]
+        for step in range(max(ph.steps for ph in phs)):
+            active = [step < ph.steps and errors[c] is None for c, ph in enumerate(phs)]
+            gens: list[torch.Generator | None] = []
+            indices: list[torch.Tensor | None] = []
+            for c, ph in enumerate(phs):
+                if not active[c]:
+                    gens.append(None)
+                    indices.append(None)
+                    continue
+                gen = step_generator(ph.noise_source)
+                gens.append(gen)
+                if ph.sampling == "poisson":
+                    indices.append(poisson_batch(ph.noise_source, gen, sizes[c], rates[c]))
+                else:
+                    indices.append(uniform_batch(gen, sizes[c], ph.batch_size))
+            sizes_now = [0 if i is None else len(i) for i in indices]
+            with autocast(self.device, self.dtype), vmap_attention(self.config):
+                summed, losses = self._sums(kind.dp, order, train, fixed, packed, indices, clip)
+            if kind.dp:
+                draws = [(ph.noise_source, gens[c], ph.noise_multiplier * ph.max_grad_norm) if active[c] else None
+                         for c, ph in enumerate(phs)]
+                grads = add_noise(summed, order, draws, expected)
+                apply = torch.tensor(active)
+            else:
+                grads = summed
+                apply = torch.tensor([a and s > 0 for a, s in zip(active, sizes_now)])
+            del summed
+            opt.step(grads, apply)
+            del grads
+            self._bookkeep(phs, active, sizes_now, losses, results, rates)
+            if bool(apply.any()):
+                finite = torch.stack([torch.isfinite(train[n]).flatten(1).all(dim=1) for n in order]).all(dim=0).cpu()
+                for c in range(clients):
+                    if apply[c] and not finite[c]:
+                        errors[c] = "a trainable tensor became non-finite during training; the update is discarded"
+                        logger.warning("Client %d: %s", c, errors[c])
+        dt = time.perf_counter() - t0
+        for r in results:
+            r.seconds = dt
+        return results
+
+    def _sums(self, dp: bool, order: list[str], train: dict, fixed: dict, packed: list[PackedExamples],
+              indices: list[torch.Tensor | None], clip: torch.Tensor) -> tuple[dict, list[torch.Tensor | None]]:
+        """Per client: the clipped per-sample gradients summed (``dp``) or the mean batch gradient.
+
+        Only clients with a non-empty batch are computed, ``clients_per_pass`` at a time
+        (bounded by the token budget); the others get zeros.
+        """
+        inner = self.names.inner
+        clients = len(packed)
+        real = [c for c in range(clients) if indices[c] is not None and len(indices[c])]
+        out = {n: torch.zeros_like(train[n]) for n in order}
+        losses: list[torch.Tensor | None] = [None] * clients
+        if not real:
+            return out, losses
+        longest = max(int(packed[c].lengths[indices[c]].max()) for c in real)
+        widest = max(len(indices[c]) for c in real)
+        per_pass = max(1, self.token_budget // max(1, widest * longest))
+        for start in range(0, len(real), per_pass):
+            group = real[start : start + per_pass]
+            sel = torch.tensor(group, device=self.device)
+            batch = gather_batches([packed[c] for c in group], [indices[c] for c in group])
+            tr = {inner(n): train[n].index_select(0, sel) for n in order}
+            fx = {k: v.index_select(0, sel) for k, v in fixed.items()}
+            if dp:
+                g, loss = self.grad.per_sample(tr, fx, batch)
+                part = clip_and_sum({n: g[inner(n)] for n in order}, order, clip.index_select(0, sel), batch.weight)
+            else:
+                g, loss = self.grad.batch(tr, fx, batch)
+                part = {n: g[inner(n)] for n in order}
+            del g
+            for n in order:
+                out[n].index_copy_(0, sel, part[n].to(out[n].dtype))
+            loss = loss.detach().float().cpu()
+            for row, c in enumerate(group):
+                losses[c] = loss[row, : len(indices[c])]
+        return out, losses
+
+    @staticmethod
+    def _bookkeep(phs, active, sizes, losses, results, rates) -> None:
+        for c, ph in enumerate(phs):
+            if not active[c]:
+                continue
+            r = results[c]
+            r.steps += 1
+            if sizes[c] == 0:
+                r.empty_steps += 1
+            else:
+                r.examples_seen += sizes[c]
+                r.losses.append(float(losses[c].mean()))
+            if ph.dp:
+                r.ledger_steps.append((ph.noise_multiplier, rates[c]))
