@@ -3,6 +3,7 @@
     fedpersona run [SCENARIO] [--set key=value ...]     federated simulation (default scenario: demo)
     fedpersona generate --user "ROLE (Play)" --prompt "..."   reply in a user's voice
     fedpersona bench dp-step                             DP vs non-DP step cost, side by side
+    fedpersona bench engine [--quick]                    cohort engine vs sequential Opacus path
     fedpersona certs --out DIR --supernodes 4 [--san IP:10.0.0.5]   CA, SuperLink TLS cert, SuperNode keys
     fedpersona supernode --superlink HOST:PORT --data-dir D --state-dir S ...   one device (docs/deployment.md)
     fedpersona audit RUN_FOLDER | --device STATE_DIR       privacy report: epsilon, data flow, attacks (docs/audit.md)
@@ -65,7 +66,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from simulations.bench import main as bench_main
 
-    return bench_main(args.what, steps=args.steps, model=args.model)
+    cohorts = tuple(int(c) for c in args.cohorts.split(",")) if args.cohorts else None
+    return bench_main(args.what, steps=args.steps, model=args.model, quick=args.quick, preset=args.preset,
+                      cohorts=cohorts, engine_steps=args.engine_steps)
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
@@ -115,8 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate)
 
     b = sub.add_parser("bench", help="print benchmark figures")
-    b.add_argument("what", choices=["dp-step"], help="dp-step: DP vs non-DP step on the same batches")
+    b.add_argument("what", choices=["dp-step", "engine"],
+                   help="dp-step: DP vs non-DP step on the same batches; engine: cohort engine vs sequential Opacus")
     b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--quick", action="store_true", help="engine: tiny model on the CPU, 16 clients (about a minute)")
+    b.add_argument("--preset", choices=["quick", "demo", "anchor"], default=None,
+                   help="engine: quick | demo (SmolLM2-135M shape, CPU) | anchor (all 30 blocks, bf16, CUDA); "
+                        "default anchor with CUDA, else demo")
+    b.add_argument("--cohorts", default=None, metavar="N,N,...", help="engine: cohort sizes (default: the preset's)")
+    b.add_argument("--engine-steps", type=int, default=None, help="engine: steps per client (default: the preset's)")
     b.add_argument("--model", default="smollm2", help="model.path to benchmark")
     b.set_defaults(func=_cmd_bench)
 

@@ -1,14 +1,18 @@
 """Gradients of every client of a cohort in one pass, and the batched DP-SGD step on them.
 
-* :meth:`CohortGrad.per_sample`: ``vmap`` over clients (adapter tensors ``in_dims=0``)
-  of ``vmap`` over samples (adapter tensors shared, ``None``) of ``grad`` of one
-  sample's loss, through ``functional_call`` on the model's adapted top blocks:
-  per-sample gradients ``[C, B, ...]`` of every client at once.
-* :meth:`CohortGrad.batch`: ``vmap`` over clients of ``grad`` of the mean loss of a
-  client's batch (non-private steps: no per-sample gradients needed).
+The samples of all clients of a step are packed flat ``[N, ...]`` with a client
+index (:class:`SampleBatch`), so ragged Poisson batches cost no padding samples.
+
+* :meth:`CohortGrad.per_sample`: ``vmap`` over the samples of ``grad`` of one
+  sample's loss, through ``functional_call`` on the model's adapted top blocks, each
+  sample with its own client's adapter tensors (gathered by the client index):
+  per-sample gradients ``[N, ...]`` of every client at once. (Measured against a
+  nested ``vmap`` over clients of ``vmap`` over samples, padded to the largest
+  batch: the flat form does the same work without the padding.)
+* :meth:`CohortGrad.mean_batch`: ``grad`` with respect to the stacked tensors of
+  every client's mean batch loss (non-private steps: no per-sample gradients).
 * :func:`clip_and_sum`: Opacus's clipping: per-sample L2 norm over all trained
-  tensors jointly, factor ``min(1, C / (norm + 1e-6))``, weighted sum (padding has
-  weight 0).
+  tensors jointly, factor ``min(1, C / (norm + 1e-6))``, summed per client.
 * :func:`add_noise`: each client's own Gaussian noise (std ``sigma * C``) on its own
   summed gradient, drawn as in :mod:`privacy.dpstep`, then divided by the client's
   expected batch size.
@@ -20,12 +24,12 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 
 from privacy.dpstep import flat_noise
 from privacy.noise import NoiseSource
-from simulations.engine.loss import batch_losses, chunk_for, sample_loss
-from simulations.engine.stack import CohortBatch
+from simulations.engine.loss import chunk_for, sample_loss
+from simulations.engine.stack import SampleBatch
 
 
 class _TopHidden(nn.Module):
@@ -40,6 +44,8 @@ class _TopHidden(nn.Module):
 
 
 class CohortGrad:
+    """Gradients of a flat batch of samples, each sample using its own client's adapter tensors."""
+
     def __init__(self, stack: nn.Module, *, ce_budget: int = 1 << 26) -> None:
         self.module = _TopHidden(stack)
         self.head = stack.lm_head.weight
@@ -47,46 +53,61 @@ class CohortGrad:
             raise ValueError("The LM head must be frozen: the engine's chunked loss gives it no gradient")
         self.ce_budget = ce_budget
 
-    def per_sample(self, train: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
-                   batch: CohortBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Per-sample gradients ``{name: [C, B, ...]}`` (padding: exactly 0) and losses ``[C, B]``."""
-        c, b, t = batch.target_pos.shape
-        chunk = chunk_for(c * b, self.head.shape[0], budget_elements=self.ce_budget)
+    def _one(self, chunk: int):
         module, head = self.module, self.head
 
-        def one(tr, fx, hid, tpos, tlab, tval, w):
+        def one(tr, fx, hid, tpos, tlab, tval):
             h = functional_call(module, {**tr, **fx}, (hid.unsqueeze(0),))[0]
-            loss = sample_loss(h, head, tpos, tlab, tval, chunk)
-            return loss * w, loss
+            return sample_loss(h, head, tpos, tlab, tval, chunk)
 
-        per_sample = vmap(grad(one, has_aux=True), in_dims=(None, None, 0, 0, 0, 0, 0))
-        per_client = vmap(per_sample, in_dims=(0, 0, 0, 0, 0, 0, 0))
-        return per_client(train, fixed, batch.hidden, batch.target_pos, batch.target_label, batch.target_valid,
-                          batch.weight)
+        return one
 
-    def batch(self, train: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
-              batch: CohortBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Gradients ``{name: [C, ...]}`` of each client's mean batch loss, and the losses ``[C, B]``."""
-        c, b, t = batch.target_pos.shape
-        chunk = chunk_for(c, self.head.shape[0], budget_elements=self.ce_budget)  # rows of [B * T] per client
-        module, head = self.module, self.head
+    def per_sample(self, train: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
+                   batch: SampleBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-sample gradients ``{name: [N, ...]}`` and losses ``[N]``.
 
-        def mean_loss(tr, fx, hid, tpos, tlab, tval, w):
-            h = functional_call(module, {**tr, **fx}, (hid,))
-            per = batch_losses(h, head, tpos, tlab, tval, chunk)
-            return (per * w).sum() / w.sum().clamp(min=1.0), per
+        ``train`` / ``fixed`` are stacked over clients ``[C, ...]``; each sample takes its
+        client's row (``batch.client``), so ``grad`` with respect to those rows is the
+        sample's own gradient.
+        """
+        n = batch.hidden.shape[0]
+        chunk = chunk_for(n, self.head.shape[0], budget_elements=self.ce_budget)
+        one = self._one(chunk)
+        rows = batch.client
+        tr = {k: v.index_select(0, rows) for k, v in train.items()}
+        fx = {k: v.index_select(0, rows) for k, v in fixed.items()}
+        fn = vmap(grad_and_value(one), in_dims=(0, 0, 0, 0, 0, 0))
+        return fn(tr, fx, batch.hidden, batch.target_pos, batch.target_label, batch.target_valid)
 
-        per_client = vmap(grad(mean_loss, has_aux=True), in_dims=(0, 0, 0, 0, 0, 0, 0))
-        return per_client(train, fixed, batch.hidden, batch.target_pos, batch.target_label, batch.target_valid,
-                          batch.weight)
+    def mean_batch(self, train: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], batch: SampleBatch,
+                   sizes: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Gradients ``{name: [C, ...]}`` of each client's mean loss over its samples, and the losses ``[N]``."""
+        n = batch.hidden.shape[0]
+        chunk = chunk_for(n, self.head.shape[0], budget_elements=self.ce_budget)
+        per_sample = vmap(self._one(chunk), in_dims=(0, 0, 0, 0, 0, 0))
+        rows = batch.client
+        weight = 1.0 / sizes.to(rows.device, torch.float32).index_select(0, rows)
+        fx = {k: v.index_select(0, rows) for k, v in fixed.items()}
+
+        def total(tr):
+            losses = per_sample({k: v.index_select(0, rows) for k, v in tr.items()}, fx, batch.hidden,
+                                batch.target_pos, batch.target_label, batch.target_valid)
+            return (losses * weight).sum(), losses
+
+        return grad(total, has_aux=True)(train)
 
 
-def clip_and_sum(grads: dict[str, torch.Tensor], order: Sequence[str], clip: torch.Tensor,
-                 weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Sum over samples of each per-sample gradient clipped to ``clip[c]`` (joint norm over ``order``)."""
-    norms = torch.stack([grads[n].flatten(2).norm(2, dim=-1) for n in order], dim=-1).norm(2, dim=-1)  # [C, B]
-    factor = (clip.view(-1, 1) / (norms + 1e-6)).clamp(max=1.0) * weight
-    return {n: torch.einsum("cb,cb...->c...", factor, grads[n]) for n in order}
+def clip_and_sum(grads: dict[str, torch.Tensor], order: Sequence[str], clip: torch.Tensor, client: torch.Tensor,
+                 clients: int) -> dict[str, torch.Tensor]:
+    """Per client, the sum of its samples' gradients, each clipped to ``clip[client]`` (joint norm over ``order``)."""
+    norms = torch.stack([grads[n].flatten(1).norm(2, dim=-1) for n in order], dim=-1).norm(2, dim=-1)  # [N]
+    factor = (clip.index_select(0, client) / (norms + 1e-6)).clamp(max=1.0)
+    out = {}
+    for n in order:
+        g = grads[n]
+        scaled = g * factor.view(-1, *([1] * (g.dim() - 1)))
+        out[n] = torch.zeros((clients, *g.shape[1:]), dtype=g.dtype, device=g.device).index_add_(0, client, scaled)
+    return out
 
 
 def add_noise(summed: dict[str, torch.Tensor], order: Sequence[str], draws: Sequence[tuple[NoiseSource, torch.Generator, float] | None],

@@ -30,7 +30,7 @@ from simulations.engine.attention import vmap_attention
 from simulations.engine.dp import CohortGrad, add_noise, clip_and_sum
 from simulations.engine.jobs import ClientJob, ClientResult, Phase, PhaseResult, check_sources
 from simulations.engine.optim import StackedOptimizer
-from simulations.engine.stack import PackedExamples, StackNames, gather_batches
+from simulations.engine.stack import PackedExamples, StackNames, gather_samples
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ class CohortEngine:
         self.config = model.peft.base_model.model.config
         # Tokens (clients x samples x positions) in one forward/backward pass: bounds activation memory.
         self.token_budget = token_budget or (32768 if self.device.type == "cuda" else 8192)
+        # profile: synchronize around the forward/backward passes and add their time to compute_seconds.
+        self.profile = False
+        self.compute_seconds = 0.0
         self.names = StackNames(model.peft, self.grad.module)
         self.shared_names = list(model.shared_names)
         self.personal_names = list(model.personal_names)
@@ -117,6 +120,10 @@ class CohortEngine:
                                  f"(params, personal_off, dp, optimizer, sampling). You passed: {j.phases}")
         check_sources(jobs)
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _order(self, group: str) -> list[str]:
         return {"joint": self.shared_names + self.personal_names, "shared": self.shared_names,
                 "personal": self.personal_names}[group]
@@ -155,8 +162,14 @@ class CohortEngine:
                 else:
                     indices.append(uniform_batch(gen, sizes[c], ph.batch_size))
             sizes_now = [0 if i is None else len(i) for i in indices]
+            if self.profile:
+                self._sync()
+                tc = time.perf_counter()
             with autocast(self.device, self.dtype), vmap_attention(self.config):
                 summed, losses = self._sums(kind.dp, order, train, fixed, packed, indices, clip)
+            if self.profile:
+                self._sync()
+                self.compute_seconds += time.perf_counter() - tc
             if kind.dp:
                 draws = [(ph.noise_source, gens[c], ph.noise_multiplier * ph.max_grad_norm) if active[c] else None
                          for c, ph in enumerate(phs)]
@@ -194,6 +207,39 @@ class CohortEngine:
         losses: list[torch.Tensor | None] = [None] * clients
         if not real:
             return out, losses
+        longest = max(int(packed[c].lengths[indices[c]].max()) for c in real)
+        sizes = torch.tensor([0 if i is None else len(i) for i in indices])
+        # Clients per pass so that a pass holds at most token_budget positions (at least one client).
+        groups, current, tokens = [], [], 0
+        for c in real:
+            need = len(indices[c]) * longest
+            if current and tokens + need > self.token_budget:
+                groups.append(current)
+                current, tokens = [], 0
+            current.append(c)
+            tokens += need
+        groups.append(current)
+        for group in groups:
+            sel = torch.tensor(group, device=self.device)
+            batch = gather_samples([packed[c] for c in group], [indices[c] for c in group], range(len(group)))
+            tr = {inner(n): train[n].index_select(0, sel) for n in order}
+            fx = {k: v.index_select(0, sel) for k, v in fixed.items()}
+            if dp:
+                g, loss = self.grad.per_sample(tr, fx, batch)
+                part = clip_and_sum({n: g[inner(n)] for n in order}, order, clip.index_select(0, sel), batch.client,
+                                    len(group))
+            else:
+                g, loss = self.grad.mean_batch(tr, fx, batch, sizes[group])
+                part = {n: g[inner(n)] for n in order}
+            del g
+            for n in order:
+                out[n].index_copy_(0, sel, part[n].to(out[n].dtype))
+            loss = loss.detach().float().cpu()
+            offset = 0
+            for c in group:
+                losses[c] = loss[offset : offset + len(indices[c])]
+                offset += len(indices[c])
+        return out, losses
         longest = max(int(packed[c].lengths[indices[c]].max()) for c in real)
         widest = max(len(indices[c]) for c in real)
         per_pass = max(1, self.token_budget // max(1, widest * longest))

@@ -3,10 +3,9 @@
 * :class:`PackedExamples`: one client's cached examples as padded tensors on the
   model's device (built once; keep it across rounds): hidden ``[n, L, H]``, the
   positions of each example's target tokens ``[n, T]`` and their labels.
-* :func:`gather_batches`: one step's ragged batches of every client, packed to
-  ``[C, B, ...]`` with a per-sample weight (0 for padding). Padding repeats one of
-  the client's real examples, so its numerics are those of real data; its weight 0
-  removes it from the gradient exactly.
+* :func:`gather_samples`: one step's ragged batches of several clients, packed
+  flat ``[N, ...]`` with a client index (no padding samples; sequences padded
+  only to the longest, on the right, which causal attention never sees).
 * :class:`StackNames`: model parameter names (``base_model.model.model.layers...``)
   to the names the engine's functional call uses.
 """
@@ -71,33 +70,23 @@ class PackedExamples:
 
 
 @dataclass
-class CohortBatch:
-    hidden: torch.Tensor  # [C, B, L, H]
-    target_pos: torch.Tensor  # [C, B, T]
-    target_label: torch.Tensor  # [C, B, T]
-    target_valid: torch.Tensor  # [C, B, T]
-    weight: torch.Tensor  # [C, B] float32: 1 real sample, 0 padding
-    sizes: list[int]  # real samples per client
+class SampleBatch:
+    """One step's samples of several clients, packed flat with a client index (no padding samples)."""
 
-    @property
-    def tokens(self) -> int:
-        return int((self.target_valid * self.weight.unsqueeze(-1)).sum().item())
+    hidden: torch.Tensor  # [N, L, H]
+    target_pos: torch.Tensor  # [N, T]
+    target_label: torch.Tensor  # [N, T]
+    target_valid: torch.Tensor  # [N, T]
+    client: torch.Tensor  # [N] long, on the device: the row of the sample's client
 
 
-def gather_batches(packed: Sequence[PackedExamples], indices: Sequence[torch.Tensor | None]) -> CohortBatch:
-    """Pack each client's selected examples (``None`` or empty: no real sample) into one batch."""
-    sizes = [0 if idx is None else len(idx) for idx in indices]
-    b = max(1, max(sizes))
-    rows = []
-    for pk, idx in zip(packed, indices):
-        real = idx if idx is not None and len(idx) else torch.zeros(0, dtype=torch.long)
-        fill = real[:1] if len(real) else torch.zeros(1, dtype=torch.long)
-        rows.append(torch.cat([real, fill.repeat(b - len(real))]))
-    width = max(int(pk.lengths[r].max()) for pk, r in zip(packed, rows))
-    tmax = max(max(1, int(pk.num_targets[r].max())) for pk, r in zip(packed, rows))
-    hid, tpos, tlab, tval = [], [], [], []
-    for pk, r in zip(packed, rows):
-        rd = r.to(pk.hidden.device)
+def gather_samples(packed: Sequence[PackedExamples], indices: Sequence[torch.Tensor], rows: Sequence[int]) -> SampleBatch:
+    """Client ``rows[k]``'s examples ``indices[k]`` (non-empty), concatenated; padded to the longest only in length."""
+    width = max(int(pk.lengths[idx].max()) for pk, idx in zip(packed, indices))
+    tmax = max(max(1, int(pk.num_targets[idx].max())) for pk, idx in zip(packed, indices))
+    hid, tpos, tlab, tval, client = [], [], [], [], []
+    for pk, idx, row in zip(packed, indices, rows):
+        rd = idx.to(pk.hidden.device)
         h = pk.hidden.index_select(0, rd)[:, :width]
         if h.shape[1] < width:
             h = nn.functional.pad(h, (0, 0, 0, width - h.shape[1]))
@@ -107,12 +96,9 @@ def gather_batches(packed: Sequence[PackedExamples], indices: Sequence[torch.Ten
             if t.shape[1] < tmax:
                 t = nn.functional.pad(t, (0, tmax - t.shape[1]))
             out.append(t)
+        client.append(torch.full((len(idx),), row, dtype=torch.long))
     device = packed[0].hidden.device
-    weight = torch.zeros(len(packed), b, dtype=torch.float32)
-    for c, s in enumerate(sizes):
-        weight[c, :s] = 1.0
-    return CohortBatch(torch.stack(hid), torch.stack(tpos), torch.stack(tlab), torch.stack(tval),
-                       weight.to(device), sizes)
+    return SampleBatch(torch.cat(hid), torch.cat(tpos), torch.cat(tlab), torch.cat(tval), torch.cat(client).to(device))
 
 
 class StackNames:
