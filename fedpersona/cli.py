@@ -67,8 +67,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from simulations.bench import main as bench_main
 
     cohorts = tuple(int(c) for c in args.cohorts.split(",")) if args.cohorts else None
+    methods = tuple(args.methods.split(",")) if args.methods else None
     return bench_main(args.what, steps=args.steps, model=args.model, quick=args.quick, preset=args.preset,
-                      cohorts=cohorts, engine_steps=args.engine_steps)
+                      cohorts=cohorts, engine_steps=args.engine_steps, methods=methods)
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
@@ -127,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default anchor with CUDA, else demo")
     b.add_argument("--cohorts", default=None, metavar="N,N,...", help="engine: cohort sizes (default: the preset's)")
     b.add_argument("--engine-steps", type=int, default=None, help="engine: steps per client (default: the preset's)")
+    b.add_argument("--methods", default=None, metavar="M,M", help="engine: expanded,vmap (default: both; the first "
+                   "gives the speedup line)")
     b.add_argument("--model", default="smollm2", help="model.path to benchmark")
     b.set_defaults(func=_cmd_bench)
 

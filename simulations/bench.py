@@ -45,11 +45,12 @@ def dp_step(*, steps: int = 10, model: str = "smollm2") -> dict:
 
 
 def main(what: str, *, steps: int = 10, model: str = "smollm2", quick: bool = False, preset: str | None = None,
-         cohorts: tuple[int, ...] | None = None, engine_steps: int | None = None) -> int:
+         cohorts: tuple[int, ...] | None = None, engine_steps: int | None = None,
+         methods: tuple[str, ...] | None = None) -> int:
     if what == "engine":
         from simulations.engine.bench import main as engine_main
 
-        return engine_main(quick=quick, preset=preset, cohorts=cohorts, steps=engine_steps)
+        return engine_main(quick=quick, preset=preset, cohorts=cohorts, steps=engine_steps, methods=methods)
     if what == "dp-step":
         r = dp_step(steps=steps, model=model)
         print(f"DP-SGD step vs plain step, same Poisson batches (expected batch {r['batch']} x {r['seq_len']} tokens, "

@@ -29,7 +29,8 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from privacy.dpstep import flat_noise
 from privacy.noise import NoiseSource
 from simulations.engine.loss import chunk_for, sample_loss
-from simulations.engine.stack import SampleBatch
+from simulations.engine.attention import vmap_attention
+from simulations.engine.stack import SampleBatch, StackNames
 
 
 class _TopHidden(nn.Module):
@@ -43,15 +44,26 @@ class _TopHidden(nn.Module):
         return self.stack.hidden(hidden)
 
 
-class CohortGrad:
-    """Gradients of a flat batch of samples, each sample using its own client's adapter tensors."""
+class VmapGrad:
+    """Gradients of a flat batch of samples, each sample using its own client's adapter tensors (``torch.func``)."""
 
-    def __init__(self, stack: nn.Module, *, ce_budget: int = 1 << 26) -> None:
+    name = "vmap"
+
+    def __init__(self, model, *, ce_budget: int = 1 << 26) -> None:
+        stack = model.stack
         self.module = _TopHidden(stack)
         self.head = stack.lm_head.weight
         if self.head.requires_grad:
             raise ValueError("The LM head must be frozen: the engine's chunked loss gives it no gradient")
         self.ce_budget = ce_budget
+        self.names = StackNames(model.peft, self.module)
+        self.config = model.peft.base_model.model.config
+
+    def context(self):
+        return vmap_attention(self.config)
+
+    def _inner(self, tensors: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {self.names.inner(k): v.index_select(0, rows) for k, v in tensors.items()}
 
     def _one(self, chunk: int):
         module, head = self.module, self.head
@@ -74,10 +86,10 @@ class CohortGrad:
         chunk = chunk_for(n, self.head.shape[0], budget_elements=self.ce_budget)
         one = self._one(chunk)
         rows = batch.client
-        tr = {k: v.index_select(0, rows) for k, v in train.items()}
-        fx = {k: v.index_select(0, rows) for k, v in fixed.items()}
         fn = vmap(grad_and_value(one), in_dims=(0, 0, 0, 0, 0, 0))
-        return fn(tr, fx, batch.hidden, batch.target_pos, batch.target_label, batch.target_valid)
+        g, losses = fn(self._inner(train, rows), self._inner(fixed, rows), batch.hidden, batch.target_pos,
+                       batch.target_label, batch.target_valid)
+        return {k: g[self.names.inner(k)] for k in train}, losses
 
     def mean_batch(self, train: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], batch: SampleBatch,
                    sizes: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -87,11 +99,11 @@ class CohortGrad:
         per_sample = vmap(self._one(chunk), in_dims=(0, 0, 0, 0, 0, 0))
         rows = batch.client
         weight = 1.0 / sizes.to(rows.device, torch.float32).index_select(0, rows)
-        fx = {k: v.index_select(0, rows) for k, v in fixed.items()}
+        fx = self._inner(fixed, rows)
 
         def total(tr):
-            losses = per_sample({k: v.index_select(0, rows) for k, v in tr.items()}, fx, batch.hidden,
-                                batch.target_pos, batch.target_label, batch.target_valid)
+            losses = per_sample(self._inner(tr, rows), fx, batch.hidden, batch.target_pos, batch.target_label,
+                                batch.target_valid)
             return (losses * weight).sum(), losses
 
         return grad(total, has_aux=True)(train)

@@ -26,20 +26,24 @@ import torch
 
 from fedpersona.devices import autocast, place_model, resolve_device, resolve_dtype
 from privacy.dpstep import poisson_batch, step_generator, uniform_batch
-from simulations.engine.attention import vmap_attention
-from simulations.engine.dp import CohortGrad, add_noise, clip_and_sum
+from simulations.engine.dp import VmapGrad, add_noise, clip_and_sum
+from simulations.engine.expanded import ExpandedGrad
 from simulations.engine.jobs import ClientJob, ClientResult, Phase, PhaseResult, check_sources
 from simulations.engine.optim import StackedOptimizer
 from simulations.engine.stack import PackedExamples, StackNames, gather_samples
 
 logger = logging.getLogger(__name__)
 
+#: How per-sample gradients are computed: expanded per-sample adapter copies and one
+#: backward pass (default: faster where measured, see docs/performance.md), or torch.func.
+METHODS = {"expanded": ExpandedGrad, "vmap": VmapGrad}
+
 
 class CohortEngine:
     """Trains a cohort of clients on one :class:`fedpersona.model.AdaptedModel` (placed on the device once)."""
 
     def __init__(self, model, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32",
-                 ce_budget: int = 1 << 26, token_budget: int | None = None) -> None:
+                 ce_budget: int = 1 << 26, token_budget: int | None = None, method: str = "expanded") -> None:
         hooked = [n for n, m in model.stack.named_modules()
                   if m._forward_hooks or m._backward_hooks or m._forward_pre_hooks or m._backward_pre_hooks]
         if hooked:
@@ -51,18 +55,20 @@ class CohortEngine:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
         place_model(model.peft, device=self.device, dtype=self.dtype)
-        self.grad = CohortGrad(model.stack, ce_budget=ce_budget)
-        self.config = model.peft.base_model.model.config
+        if method not in METHODS:
+            raise ValueError(f"CohortEngine method must be one of {tuple(METHODS)}. You passed: {method!r}")
+        self.method = method
+        self.grad = METHODS[method](model, ce_budget=ce_budget)
         # Tokens (clients x samples x positions) in one forward/backward pass: bounds activation memory.
         self.token_budget = token_budget or (32768 if self.device.type == "cuda" else 8192)
         # profile: synchronize around the forward/backward passes and add their time to compute_seconds.
         self.profile = False
         self.compute_seconds = 0.0
-        self.names = StackNames(model.peft, self.grad.module)
         self.shared_names = list(model.shared_names)
         self.personal_names = list(model.personal_names)
+        names = StackNames(model.peft, model.stack)
         for n in self.shared_names + self.personal_names:
-            self.names.inner(n)  # every adapter tensor must live in the top blocks
+            names.inner(n)  # every adapter tensor must live in the top blocks
         self.shapes = {n: p.shape for n, p in model.peft.named_parameters() if n in set(self.shared_names + self.personal_names)}
         logger.info("Cohort engine on %s (base %s): %d shared and %d personal adapter tensors", self.device,
                     str(self.dtype).replace("torch.", ""), len(self.shared_names), len(self.personal_names))
@@ -135,9 +141,8 @@ class CohortEngine:
         clients = len(phs)
         order = self._order(kind.params)
         held = [n for n in state if n not in set(order)]
-        inner = self.names.inner
         train = {n: state[n] for n in order}
-        fixed = {inner(n): (torch.zeros_like(state[n]) if kind.personal_off and n in self.personal_names else state[n])
+        fixed = {n: (torch.zeros_like(state[n]) if kind.personal_off and n in self.personal_names else state[n])
                  for n in held}
         sizes = [len(p) for p in packed]
         rates = [min(1.0, ph.batch_size / n) for ph, n in zip(phs, sizes)]
@@ -165,7 +170,7 @@ class CohortEngine:
             if self.profile:
                 self._sync()
                 tc = time.perf_counter()
-            with autocast(self.device, self.dtype), vmap_attention(self.config):
+            with autocast(self.device, self.dtype), self.grad.context():
                 summed, losses = self._sums(kind.dp, order, train, fixed, packed, indices, clip)
             if self.profile:
                 self._sync()
@@ -197,10 +202,9 @@ class CohortEngine:
               indices: list[torch.Tensor | None], clip: torch.Tensor) -> tuple[dict, list[torch.Tensor | None]]:
         """Per client: the clipped per-sample gradients summed (``dp``) or the mean batch gradient.
 
-        Only clients with a non-empty batch are computed, ``clients_per_pass`` at a time
-        (bounded by the token budget); the others get zeros.
+        Only clients with a non-empty batch are computed, as many clients per pass as
+        ``token_budget`` positions allow (at least one); the others get zeros.
         """
-        inner = self.names.inner
         clients = len(packed)
         real = [c for c in range(clients) if indices[c] is not None and len(indices[c])]
         out = {n: torch.zeros_like(train[n]) for n in order}
@@ -209,7 +213,6 @@ class CohortEngine:
             return out, losses
         longest = max(int(packed[c].lengths[indices[c]].max()) for c in real)
         sizes = torch.tensor([0 if i is None else len(i) for i in indices])
-        # Clients per pass so that a pass holds at most token_budget positions (at least one client).
         groups, current, tokens = [], [], 0
         for c in real:
             need = len(indices[c]) * longest
@@ -222,45 +225,22 @@ class CohortEngine:
         for group in groups:
             sel = torch.tensor(group, device=self.device)
             batch = gather_samples([packed[c] for c in group], [indices[c] for c in group], range(len(group)))
-            tr = {inner(n): train[n].index_select(0, sel) for n in order}
+            tr = {n: train[n].index_select(0, sel) for n in order}
             fx = {k: v.index_select(0, sel) for k, v in fixed.items()}
             if dp:
                 g, loss = self.grad.per_sample(tr, fx, batch)
-                part = clip_and_sum({n: g[inner(n)] for n in order}, order, clip.index_select(0, sel), batch.client,
-                                    len(group))
+                part = clip_and_sum(g, order, clip.index_select(0, sel), batch.client, len(group))
+                del g
             else:
-                g, loss = self.grad.mean_batch(tr, fx, batch, sizes[group])
-                part = {n: g[inner(n)] for n in order}
-            del g
+                part, loss = self.grad.mean_batch(tr, fx, batch, sizes[group])
             for n in order:
                 out[n].index_copy_(0, sel, part[n].to(out[n].dtype))
+            del part
             loss = loss.detach().float().cpu()
             offset = 0
             for c in group:
                 losses[c] = loss[offset : offset + len(indices[c])]
                 offset += len(indices[c])
-        return out, losses
-        longest = max(int(packed[c].lengths[indices[c]].max()) for c in real)
-        widest = max(len(indices[c]) for c in real)
-        per_pass = max(1, self.token_budget // max(1, widest * longest))
-        for start in range(0, len(real), per_pass):
-            group = real[start : start + per_pass]
-            sel = torch.tensor(group, device=self.device)
-            batch = gather_batches([packed[c] for c in group], [indices[c] for c in group])
-            tr = {inner(n): train[n].index_select(0, sel) for n in order}
-            fx = {k: v.index_select(0, sel) for k, v in fixed.items()}
-            if dp:
-                g, loss = self.grad.per_sample(tr, fx, batch)
-                part = clip_and_sum({n: g[inner(n)] for n in order}, order, clip.index_select(0, sel), batch.weight)
-            else:
-                g, loss = self.grad.batch(tr, fx, batch)
-                part = {n: g[inner(n)] for n in order}
-            del g
-            for n in order:
-                out[n].index_copy_(0, sel, part[n].to(out[n].dtype))
-            loss = loss.detach().float().cpu()
-            for row, c in enumerate(group):
-                losses[c] = loss[row, : len(indices[c])]
         return out, losses
 
     @staticmethod

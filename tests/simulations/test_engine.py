@@ -47,8 +47,9 @@ def _close(a: dict, b: dict, what: str, atol=2e-5):
         torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=atol, msg=lambda m: f"{what} {n}: {m}")
 
 
+@pytest.mark.parametrize("method", ["expanded", "vmap"])
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_joint_engine_equals_sequential(model, engine_model, clients, optimizer):
+def test_joint_engine_equals_sequential(model, engine_model, clients, optimizer, method):
     steps, lr = 5, 0.01
     seq = []
     for c, (ex, shared, personal) in enumerate(clients):
@@ -56,7 +57,7 @@ def test_joint_engine_equals_sequential(model, engine_model, clients, optimizer)
                                     batch_size=BATCHES[c], lr=lr, optimizer=optimizer, noise_multiplier=SIGMA,
                                     max_grad_norm=CLIP))
     assert seq[2][3].empty_steps >= 1, "the test needs a client with an empty Poisson batch"
-    engine = CohortEngine(engine_model, device="cpu")
+    engine = CohortEngine(engine_model, device="cpu", method=method)
     jobs = [ClientJob(ex, shared, personal, joint_phases(steps=steps, batch_size=BATCHES[c], lr=lr, optimizer=optimizer,
                                                          noise_multiplier=SIGMA, max_grad_norm=CLIP,
                                                          noise_source=source(100 + c)), client_id=f"c{c}")
@@ -74,8 +75,9 @@ def test_joint_engine_equals_sequential(model, engine_model, clients, optimizer)
         assert all(not torch.equal(r.shared[n], start_shared[n]) for n in r.shared), "every tensor must move"
 
 
+@pytest.mark.parametrize("method", ["expanded", "vmap"])
 @pytest.mark.parametrize("head_dp", [False, True])
-def test_split_engine_equals_sequential(model, engine_model, clients, head_dp):
+def test_split_engine_equals_sequential(model, engine_model, clients, head_dp, method):
     steps, lr, head_steps, head_batch, head_lr = 4, 0.01, 3, 2, 0.02
     seq = []
     for c, (ex, shared, personal) in enumerate(clients):
@@ -84,7 +86,7 @@ def test_split_engine_equals_sequential(model, engine_model, clients, head_dp):
                                     max_grad_norm=CLIP, head_steps=head_steps, head_batch=head_batch,
                                     head_lr=head_lr, head_dp=head_dp, head_source=source(300 + c),
                                     head_sigma=0.6, head_clip=2.0))
-    engine = CohortEngine(engine_model, device="cpu")
+    engine = CohortEngine(engine_model, device="cpu", method=method)
     jobs = [ClientJob(ex, shared, personal,
                       split_phases(steps=steps, batch_size=BATCHES[c], lr=lr, noise_multiplier=SIGMA, max_grad_norm=CLIP,
                                    noise_source=source(200 + c), head_steps=head_steps, head_batch_size=head_batch,
