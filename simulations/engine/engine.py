@@ -44,14 +44,8 @@ class CohortEngine:
 
     def __init__(self, model, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32",
                  ce_budget: int = 1 << 26, token_budget: int | None = None, method: str = "expanded") -> None:
-        hooked = [n for n, m in model.stack.named_modules()
-                  if m._forward_hooks or m._backward_hooks or m._forward_pre_hooks or m._backward_pre_hooks]
-        if hooked:
-            raise ValueError(
-                "The model carries module hooks (an Opacus GradSampleModule from client.train.trainer_for?); "
-                f"give the engine a model of its own. You passed: a model hooked at {hooked[0] or 'the top'!r}"
-            )
         self.model = model
+        self._check_hooks()
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
         place_model(model.peft, device=self.device, dtype=self.dtype)
@@ -73,6 +67,15 @@ class CohortEngine:
         logger.info("Cohort engine on %s (base %s): %d shared and %d personal adapter tensors", self.device,
                     str(self.dtype).replace("torch.", ""), len(self.shared_names), len(self.personal_names))
 
+    def _check_hooks(self) -> None:
+        hooked = [n for n, m in self.model.stack.named_modules()
+                  if m._forward_hooks or m._backward_hooks or m._forward_pre_hooks or m._backward_pre_hooks]
+        if hooked:
+            raise ValueError(
+                "The model carries module hooks (an Opacus GradSampleModule from client.train.trainer_for?); "
+                f"give the engine a model of its own. You passed: a model hooked at {hooked[0] or 'the top'!r}"
+            )
+
     # ------------------------------------------------------------ data
     def pack(self, examples: Sequence) -> PackedExamples:
         """A client's cached examples on the engine's device (keep it across rounds)."""
@@ -80,9 +83,15 @@ class CohortEngine:
 
     # ----------------------------------------------------------- rounds
     def train_cohort(self, jobs: Sequence[ClientJob]) -> list[ClientResult]:
-        """Train every job's phases; one result per job, in order."""
+        """Train every job's phases; one result per job, in order.
+
+        A client whose tensors become non-finite stops training; its result carries the
+        ``error`` and its starting tensors (the update is discarded), and the DP steps it
+        did take stay in its ``ledger_steps``.
+        """
         if not jobs:
             return []
+        self._check_hooks()
         self._check(jobs)
         packed = [j.examples if isinstance(j.examples, PackedExamples) else self.pack(j.examples) for j in jobs]
         state = {}
@@ -95,13 +104,14 @@ class CohortEngine:
                 phases[c].append(r)
         out = []
         for c, job in enumerate(jobs):
-            out.append(ClientResult(
-                client_id=job.client_id,
-                shared={n: state[n][c].detach().cpu().clone() for n in self.shared_names},
-                personal={n: state[n][c].detach().cpu().clone() for n in self.personal_names},
-                phases=phases[c],
-                error=errors[c],
-            ))
+            if errors[c] is None:
+                shared = {n: state[n][c].detach().cpu().clone() for n in self.shared_names}
+                personal = {n: state[n][c].detach().cpu().clone() for n in self.personal_names}
+            else:
+                shared = {n: self._tensor(job, n).clone() for n in self.shared_names}
+                personal = {n: self._tensor(job, n).clone() for n in self.personal_names}
+            out.append(ClientResult(client_id=job.client_id, shared=shared, personal=personal, phases=phases[c],
+                                    error=errors[c]))
         return out
 
     def _tensor(self, job: ClientJob, name: str) -> torch.Tensor:

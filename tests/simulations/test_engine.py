@@ -118,19 +118,34 @@ def test_shared_phase_never_depends_on_the_head(model, engine_model, clients):
 
 
 def test_cohort_order_does_not_matter(model, engine_model, clients):
-    """A client's result depends only on its own job, not on who else is in the cohort."""
+    """A client's result depends only on its own job (steps too), not on who else is in the cohort."""
     engine = CohortEngine(engine_model, device="cpu")
 
-    def job(c):
+    def job(c, steps=3):
         ex, shared, personal = clients[c]
-        return ClientJob(ex, shared, personal, joint_phases(steps=3, batch_size=BATCHES[c], lr=0.01,
+        return ClientJob(ex, shared, personal, joint_phases(steps=steps, batch_size=BATCHES[c], lr=0.01,
                                                             noise_multiplier=SIGMA, max_grad_norm=CLIP,
                                                             noise_source=source(50 + c)))
 
-    together = engine.train_cohort([job(0), job(1), job(2)])
-    alone = engine.train_cohort([job(1)])[0]
+    together = engine.train_cohort([job(2), job(1, steps=2), job(0)])
+    alone = engine.train_cohort([job(1, steps=2)])[0]
     _close(together[1].shared, alone.shared, "shared")
     _close(together[1].personal, alone.personal, "personal")
+    assert len(together[1].ledger_steps) == 2 and len(together[0].ledger_steps) == 3
+
+
+def test_non_finite_client_is_discarded_alone(model, engine_model, clients):
+    engine = CohortEngine(engine_model, device="cpu")
+    ex, shared, personal = clients[0]
+    huge = joint_phases(steps=2, batch_size=3, lr=1e38, optimizer="sgd", noise_multiplier=1e3, max_grad_norm=1e3,
+                        noise_source=source(3))
+    fine = joint_phases(steps=2, batch_size=3, lr=0.01, optimizer="sgd", noise_multiplier=SIGMA, max_grad_norm=CLIP,
+                        noise_source=source(4))
+    bad, good = engine.train_cohort([ClientJob(ex, shared, personal, huge), ClientJob(ex, shared, personal, fine)])
+    assert bad.error and "non-finite" in bad.error
+    assert all(torch.equal(bad.shared[n], shared[n]) for n in shared), "a failed client's update is discarded"
+    assert len(bad.ledger_steps) >= 1, "steps taken still count"
+    assert good.error is None and all(torch.isfinite(good.shared[n]).all() for n in shared)
 
 
 def test_bad_jobs_are_refused(model, engine_model, clients):
