@@ -94,19 +94,31 @@ class CohortEngine:
         self._check_hooks()
         self._check(jobs)
         packed = [j.examples if isinstance(j.examples, PackedExamples) else self.pack(j.examples) for j in jobs]
-        state = {}
-        for n in self.shared_names + self.personal_names:
-            state[n] = torch.stack([self._tensor(j, n) for j in jobs]).to(self.device, torch.float32)
+        names = self.shared_names + self.personal_names
+        sizes = [self.shapes[n].numel() for n in names]
+        # One transfer each way: the clients' tensors travel as one flat [C, P] block.
+        flat = torch.stack([torch.cat([self._tensor(j, n).reshape(-1) for n in names]) for j in jobs]).to(self.device)
+        state, offset = {}, 0
+        for n, k in zip(names, sizes):
+            state[n] = flat[:, offset : offset + k].reshape(len(jobs), *self.shapes[n]).clone()
+            offset += k
+        del flat
         errors: list[str | None] = [None] * len(jobs)
         phases: list[list[PhaseResult]] = [[] for _ in jobs]
         for k in range(len(jobs[0].phases)):
             for c, r in enumerate(self._phase([j.phases[k] for j in jobs], packed, state, errors)):
                 phases[c].append(r)
+        flat = torch.cat([state[n].reshape(len(jobs), -1) for n in names], dim=1).cpu()
+        del state
         out = []
         for c, job in enumerate(jobs):
             if errors[c] is None:
-                shared = {n: state[n][c].detach().cpu().clone() for n in self.shared_names}
-                personal = {n: state[n][c].detach().cpu().clone() for n in self.personal_names}
+                row, views, offset = flat[c].clone(), {}, 0
+                for n, k in zip(names, sizes):
+                    views[n] = row[offset : offset + k].view(self.shapes[n])
+                    offset += k
+                shared = {n: views[n] for n in self.shared_names}
+                personal = {n: views[n] for n in self.personal_names}
             else:
                 shared = {n: self._tensor(job, n).clone() for n in self.shared_names}
                 personal = {n: self._tensor(job, n).clone() for n in self.personal_names}
