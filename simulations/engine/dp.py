@@ -11,8 +11,9 @@ index (:class:`SampleBatch`), so ragged Poisson batches cost no padding samples.
   batch: the flat form does the same work without the padding.)
 * :meth:`CohortGrad.mean_batch`: ``grad`` with respect to the stacked tensors of
   every client's mean batch loss (non-private steps: no per-sample gradients).
-* :func:`clip_and_sum`: Opacus's clipping: per-sample L2 norm over all trained
-  tensors jointly, factor ``min(1, C / (norm + 1e-6))``, summed per client.
+* :func:`flatten` + :func:`clip_and_sum`: Opacus's clipping on the per-sample
+  gradients laid side by side ``[N, P]``: L2 norm over all trained tensors jointly,
+  factor ``min(1, C / (norm + 1e-6))``, summed per client (``index_add``).
 * :func:`add_noise`: each client's own Gaussian noise (std ``sigma * C``) on its own
   summed gradient, drawn as in :mod:`privacy.dpstep`, then divided by the client's
   expected batch size.
@@ -109,38 +110,32 @@ class VmapGrad:
         return grad(total, has_aux=True)(train)
 
 
-def clip_and_sum(grads: dict[str, torch.Tensor], order: Sequence[str], clip: torch.Tensor, client: torch.Tensor,
-                 clients: int) -> dict[str, torch.Tensor]:
-    """Per client, the sum of its samples' gradients, each clipped to ``clip[client]`` (joint norm over ``order``)."""
-    norms = torch.stack([grads[n].flatten(1).norm(2, dim=-1) for n in order], dim=-1).norm(2, dim=-1)  # [N]
-    factor = (clip.index_select(0, client) / (norms + 1e-6)).clamp(max=1.0)
-    out = {}
-    for n in order:
-        g = grads[n]
-        scaled = g * factor.view(-1, *([1] * (g.dim() - 1)))
-        out[n] = torch.zeros((clients, *g.shape[1:]), dtype=g.dtype, device=g.device).index_add_(0, client, scaled)
-    return out
+def flatten(grads: dict[str, torch.Tensor], order: Sequence[str]) -> torch.Tensor:
+    """``{name: [N, ...]}`` -> ``[N, P]``, the tensors side by side in ``order``."""
+    first = grads[order[0]]
+    return torch.cat([grads[n].reshape(first.shape[0], -1) for n in order], dim=1)
 
 
-def add_noise(summed: dict[str, torch.Tensor], order: Sequence[str], draws: Sequence[tuple[NoiseSource, torch.Generator, float] | None],
-              expected_batch: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``(summed + N(0, std_c^2)) / expected_batch_c`` per client; ``draws[c]`` is None for no noise."""
-    ref = summed[order[0]]
-    sizes = [summed[n][0].numel() for n in order]
-    total = sum(sizes)
+def clip_and_sum(per_sample: torch.Tensor, clip: torch.Tensor, client: torch.Tensor, clients: int) -> torch.Tensor:
+    """Per client, the sum of its samples' gradients ``[N, P]``, each clipped to ``clip[client]`` -> ``[C, P]``.
+
+    As Opacus: the L2 norm over all trained tensors jointly, factor ``min(1, C / (norm + 1e-6))``.
+    """
+    factor = (clip.index_select(0, client) / (per_sample.norm(2, dim=1) + 1e-6)).clamp(max=1.0)
+    out = torch.zeros((clients, per_sample.shape[1]), dtype=per_sample.dtype, device=per_sample.device)
+    return out.index_add_(0, client, per_sample * factor.unsqueeze(1))
+
+
+def add_noise(summed: torch.Tensor, draws: Sequence[tuple[NoiseSource, torch.Generator, float] | None],
+              expected_batch: torch.Tensor) -> torch.Tensor:
+    """``(summed + N(0, std_c^2)) / expected_batch_c`` per client row of ``[C, P]``; ``draws[c]`` None: no noise."""
+    total = summed.shape[1]
     rows = []
     for draw in draws:
         if draw is None:
-            rows.append(torch.zeros(total, dtype=torch.float32, device=ref.device))
+            rows.append(torch.zeros(total, dtype=torch.float32, device=summed.device))
         else:
             source, gen, std = draw
-            rows.append(flat_noise(source, gen, total, std=std, device=ref.device))
-    noise = torch.stack(rows)  # [C, total]
-    out = {}
-    offset = 0
-    for n, size in zip(order, sizes):
-        g = summed[n]
-        part = noise[:, offset : offset + size].view_as(g)
-        offset += size
-        out[n] = (g + part) / expected_batch.to(g.device, g.dtype).view(-1, *([1] * (g.dim() - 1)))
-    return out
+            rows.append(flat_noise(source, gen, total, std=std, device=summed.device))
+    noise = torch.stack(rows).to(summed.dtype)
+    return (summed + noise) / expected_batch.to(summed.device, summed.dtype).unsqueeze(1)

@@ -11,8 +11,10 @@ steps (tests check this).
 
 What the engine keeps on the device: the base model (moved once, to
 ``model.device`` / ``model.dtype``), the clients' packed examples (when the caller
-passes :class:`PackedExamples`), and, during a call, the clients' stacked adapter
-tensors and optimizer state. Nothing carries over between calls except what the
+passes :class:`PackedExamples`), and, during a call, the clients' adapter tensors
+as one flat ``[C, P]`` block (each tensor a ``[C, ...]`` view of it, so clipping,
+noise, the optimizer and the finiteness check are a few whole-block operations per
+step, not a few per tensor) and their optimizer state. Nothing carries over between calls except what the
 caller holds, so memory does not grow over rounds.
 """
 
@@ -26,7 +28,7 @@ import torch
 
 from fedpersona.devices import autocast, place_model, resolve_device, resolve_dtype
 from privacy.dpstep import poisson_batch, step_generator, uniform_batch
-from simulations.engine.dp import VmapGrad, add_noise, clip_and_sum
+from simulations.engine.dp import VmapGrad, add_noise, clip_and_sum, flatten
 from simulations.engine.expanded import ExpandedGrad
 from simulations.engine.jobs import ClientJob, ClientResult, Phase, PhaseResult, check_sources
 from simulations.engine.optim import StackedOptimizer
@@ -98,18 +100,12 @@ class CohortEngine:
         sizes = [self.shapes[n].numel() for n in names]
         # One transfer each way: the clients' tensors travel as one flat [C, P] block.
         flat = torch.stack([torch.cat([self._tensor(j, n).reshape(-1) for n in names]) for j in jobs]).to(self.device)
-        state, offset = {}, 0
-        for n, k in zip(names, sizes):
-            state[n] = flat[:, offset : offset + k].reshape(len(jobs), *self.shapes[n]).clone()
-            offset += k
-        del flat
         errors: list[str | None] = [None] * len(jobs)
         phases: list[list[PhaseResult]] = [[] for _ in jobs]
         for k in range(len(jobs[0].phases)):
-            for c, r in enumerate(self._phase([j.phases[k] for j in jobs], packed, state, errors)):
+            for c, r in enumerate(self._phase([j.phases[k] for j in jobs], packed, flat, errors)):
                 phases[c].append(r)
-        flat = torch.cat([state[n].reshape(len(jobs), -1) for n in names], dim=1).cpu()
-        del state
+        flat = flat.cpu()
         out = []
         for c, job in enumerate(jobs):
             if errors[c] is None:
@@ -156,21 +152,38 @@ class CohortEngine:
         return {"joint": self.shared_names + self.personal_names, "shared": self.shared_names,
                 "personal": self.personal_names}[group]
 
-    def _phase(self, phs: list[Phase], packed: list[PackedExamples], state: dict[str, torch.Tensor],
+    def _columns(self, group: str) -> tuple[int, int]:
+        """The columns of the flat ``[C, P]`` block that hold a parameter group (model order)."""
+        shared = sum(self.shapes[n].numel() for n in self.shared_names)
+        total = shared + sum(self.shapes[n].numel() for n in self.personal_names)
+        return {"joint": (0, total), "shared": (0, shared), "personal": (shared, total)}[group]
+
+    def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each adapter tensor as a ``[C, ...]`` view of the flat block."""
+        out, offset = {}, 0
+        for n in self.shared_names + self.personal_names:
+            k = self.shapes[n].numel()
+            out[n] = flat[:, offset : offset + k].view(flat.shape[0], *self.shapes[n])
+            offset += k
+        return out
+
+    def _phase(self, phs: list[Phase], packed: list[PackedExamples], flat: torch.Tensor,
                errors: list[str | None]) -> list[PhaseResult]:
         t0 = time.perf_counter()
         kind = phs[0]
         clients = len(phs)
         order = self._order(kind.params)
-        held = [n for n in state if n not in set(order)]
-        train = {n: state[n] for n in order}
-        fixed = {n: (torch.zeros_like(state[n]) if kind.personal_off and n in self.personal_names else state[n])
-                 for n in held}
+        lo, hi = self._columns(kind.params)
+        views = self._views(flat)
+        trained = flat[:, lo:hi]  # updated in place; ``views`` of it follow
+        train = {n: views[n] for n in order}
+        fixed = {n: (torch.zeros_like(views[n]) if kind.personal_off and n in self.personal_names else views[n])
+                 for n in views if n not in train}
         sizes = [len(p) for p in packed]
         rates = [min(1.0, ph.batch_size / n) for ph, n in zip(phs, sizes)]
         expected = torch.tensor([max(1, round(q * n)) for q, n in zip(rates, sizes)], dtype=torch.float32)
         clip = torch.tensor([ph.max_grad_norm for ph in phs], dtype=torch.float32, device=self.device)
-        opt = StackedOptimizer(train, kind=kind.optimizer, lr=torch.tensor([ph.lr for ph in phs]))
+        opt = StackedOptimizer({"trained": trained}, kind=kind.optimizer, lr=torch.tensor([ph.lr for ph in phs]))
         results = [PhaseResult(sample_rate=q if kind.sampling == "poisson" else min(1.0, ph.batch_size / n))
                    for q, ph, n in zip(rates, phs, sizes)]
         for step in range(max(ph.steps for ph in phs)):
@@ -193,24 +206,24 @@ class CohortEngine:
                 self._sync()
                 tc = time.perf_counter()
             with autocast(self.device, self.dtype), self.grad.context():
-                summed, losses = self._sums(kind.dp, order, train, fixed, packed, indices, clip)
+                summed, losses = self._sums(kind.dp, order, train, fixed, packed, indices, clip, hi - lo)
             if self.profile:
                 self._sync()
                 self.compute_seconds += time.perf_counter() - tc
             if kind.dp:
                 draws = [(ph.noise_source, gens[c], ph.noise_multiplier * ph.max_grad_norm) if active[c] else None
                          for c, ph in enumerate(phs)]
-                grads = add_noise(summed, order, draws, expected)
+                grads = add_noise(summed, draws, expected)
                 apply = torch.tensor(active)
             else:
                 grads = summed
                 apply = torch.tensor([a and s > 0 for a, s in zip(active, sizes_now)])
             del summed
-            opt.step(grads, apply)
+            opt.step({"trained": grads}, apply)
             del grads
             self._bookkeep(phs, active, sizes_now, losses, results, rates)
             if bool(apply.any()):
-                finite = torch.stack([torch.isfinite(train[n]).flatten(1).all(dim=1) for n in order]).all(dim=0).cpu()
+                finite = torch.isfinite(trained).all(dim=1).cpu()
                 for c in range(clients):
                     if apply[c] and not finite[c]:
                         errors[c] = "a trainable tensor became non-finite during training; the update is discarded"
@@ -221,7 +234,8 @@ class CohortEngine:
         return results
 
     def _sums(self, dp: bool, order: list[str], train: dict, fixed: dict, packed: list[PackedExamples],
-              indices: list[torch.Tensor | None], clip: torch.Tensor) -> tuple[dict, list[torch.Tensor | None]]:
+              indices: list[torch.Tensor | None], clip: torch.Tensor,
+              width: int) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Per client: the clipped per-sample gradients summed (``dp``) or the mean batch gradient.
 
         Only clients with a non-empty batch are computed, as many clients per pass as
@@ -229,7 +243,7 @@ class CohortEngine:
         """
         clients = len(packed)
         real = [c for c in range(clients) if indices[c] is not None and len(indices[c])]
-        out = {n: torch.zeros_like(train[n]) for n in order}
+        out = torch.zeros((clients, width), dtype=torch.float32, device=self.device)
         losses: list[torch.Tensor | None] = [None] * clients
         if not real:
             return out, losses
@@ -251,12 +265,15 @@ class CohortEngine:
             fx = {k: v.index_select(0, sel) for k, v in fixed.items()}
             if dp:
                 g, loss = self.grad.per_sample(tr, fx, batch)
-                part = clip_and_sum(g, order, clip.index_select(0, sel), batch.client, len(group))
+                per_sample = flatten(g, order)
                 del g
+                part = clip_and_sum(per_sample, clip.index_select(0, sel), batch.client, len(group))
+                del per_sample
             else:
-                part, loss = self.grad.mean_batch(tr, fx, batch, sizes[group])
-            for n in order:
-                out[n].index_copy_(0, sel, part[n].to(out[n].dtype))
+                g, loss = self.grad.mean_batch(tr, fx, batch, sizes[group])
+                part = flatten(g, order)
+                del g
+            out.index_copy_(0, sel, part.to(out.dtype))
             del part
             loss = loss.detach().float().cpu()
             offset = 0
