@@ -4,6 +4,7 @@
     fedpersona generate --user "ROLE (Play)" --prompt "..."   reply in a user's voice
     fedpersona bench dp-step                             DP vs non-DP step cost, side by side
     fedpersona bench utility [SCENARIO] [--epsilons 1,4,8] [--quick]   what users get under the privacy guarantee
+    fedpersona bench engine [--quick]                    cohort engine vs sequential Opacus path
     fedpersona certs --out DIR --supernodes 4 [--san IP:10.0.0.5]   CA, SuperLink TLS cert, SuperNode keys
     fedpersona supernode --superlink HOST:PORT --data-dir D --state-dir S ...   one device (docs/deployment.md)
     fedpersona audit RUN_FOLDER | --device STATE_DIR       privacy report: epsilon, data flow, attacks (docs/audit.md)
@@ -80,7 +81,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                             vary=args.vary)
     from simulations.bench import main as bench_main
 
-    return bench_main(args.what, steps=args.steps, model=args.model)
+    cohorts = tuple(int(c) for c in args.cohorts.split(",")) if args.cohorts else None
+    methods = tuple(args.methods.split(",")) if args.methods else None
+    return bench_main(args.what, steps=args.steps, model=args.model, quick=args.quick, preset=args.preset,
+                      cohorts=cohorts, engine_steps=args.engine_steps, methods=methods)
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
@@ -135,13 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate)
 
     b = sub.add_parser("bench", help="print benchmark figures")
-    b.add_argument("what", choices=["dp-step", "utility"],
-                   help="dp-step: DP vs non-DP step on the same batches; utility: the utility study (simulations/utility.py)")
+    b.add_argument("what", choices=["dp-step", "engine", "utility"],
+                   help="dp-step: DP vs non-DP step on the same batches; engine: cohort engine vs sequential Opacus; "
+                        "utility: the utility study (simulations/utility.py)")
     b.add_argument("scenario", nargs="?", default="demo", help="utility: scenario name or TOML path (default: demo)")
     b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--quick", action="store_true", help="engine: tiny model on the CPU, 16 clients (about a minute); "
+                   "utility: fewer users and rounds (a smoke run)")
+    b.add_argument("--preset", choices=["quick", "demo", "anchor"], default=None,
+                   help="engine: quick | demo (SmolLM2-135M shape, CPU) | anchor (all 30 blocks, bf16, CUDA); "
+                        "default anchor with CUDA, else demo")
+    b.add_argument("--cohorts", default=None, metavar="N,N,...", help="engine: cohort sizes (default: the preset's)")
+    b.add_argument("--engine-steps", type=int, default=None, help="engine: steps per client (default: the preset's)")
+    b.add_argument("--methods", default=None, metavar="M,M", help="engine: expanded,vmap (default: both; the first "
+                   "gives the speedup line)")
     b.add_argument("--model", default="smollm2", help="model.path to benchmark")
     b.add_argument("--epsilons", default="1,4,8", help="utility: epsilons of the DP federated rows (default 1,4,8)")
-    b.add_argument("--quick", action="store_true", help="utility: fewer users and rounds (a smoke run)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="utility: override a config key")
     b.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
                    help="utility: one more DP federated row per value (at the largest epsilon)")

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tomllib
 import warnings
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ SERVER_OPTIMIZERS = ("fedavg", "fedadam")
 CLIENT_OPTIMIZERS = ("sgd", "adam")
 ACCOUNTANTS = ("rdp", "prv")
 PERSONAL_HEADS = ("local", "dp")
+MODEL_DTYPES = ("float32", "bfloat16")
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -54,8 +56,14 @@ class ModelConfig:
     path: str = "smollm2"
     seq_len: int = 64
     cue_tokens: int = 24
+    device: str = "auto"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
+            raise _bad("model.device", self.device, "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if self.dtype not in MODEL_DTYPES:
+            raise _bad("model.dtype", self.dtype, f"must be one of {MODEL_DTYPES} (the frozen base; adapters stay float32)")
         if not self.path:
             raise _bad("model.path", self.path, "must be 'smollm2' or a model folder")
         if self.seq_len < 16:

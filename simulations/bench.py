@@ -1,5 +1,8 @@
 """Benchmarks that print ratios measured side by side in one run (not timed tests).
 
+``fedpersona bench engine [--quick | --preset demo|anchor]``: the cohort engine
+against the sequential Opacus path (:mod:`simulations.engine.bench`).
+
 ``fedpersona bench dp-step``: the cost of a DP-SGD step (Opacus per-sample
 gradients, clipping, noise) against a plain step on the very same Poisson
 batches, alternating the two so machine noise hits both alike.
@@ -88,7 +91,13 @@ def dp_step(*, steps: int = 10, model: str = "smollm2") -> dict:
             "trainable": sum(p.numel() for p in m.trainable_parameters())}
 
 
-def main(what: str, *, steps: int = 10, model: str = "smollm2") -> int:
+def main(what: str, *, steps: int = 10, model: str = "smollm2", quick: bool = False, preset: str | None = None,
+         cohorts: tuple[int, ...] | None = None, engine_steps: int | None = None,
+         methods: tuple[str, ...] | None = None) -> int:
+    if what == "engine":
+        from simulations.engine.bench import main as engine_main
+
+        return engine_main(quick=quick, preset=preset, cohorts=cohorts, steps=engine_steps, methods=methods)
     if what == "dp-step":
         r = dp_step(steps=steps, model=model)
         plain = r["plain_s"]

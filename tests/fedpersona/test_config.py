@@ -112,3 +112,15 @@ def test_personal_head_keys():
     with pytest.raises(ValueError, match="privacy.personal-head.*fedsa"):
         load_config({"adapter.split": "fedsa"}, env=False)
     assert load_config({"adapter.split": "fedsa", "privacy.personal-head": "dp"}, env=False).adapter.split == "fedsa"
+
+
+def test_model_device_and_dtype_keys():
+    from fedpersona.config import load_config
+
+    cfg = load_config({"model.device": "cuda:1", "model.dtype": "bfloat16"}, env=False)
+    assert (cfg.model.device, cfg.model.dtype) == ("cuda:1", "bfloat16")
+    assert load_config({}, env=False).model.device == "auto"
+    with pytest.raises(ValueError, match="model.device.*You passed: 'gpu'"):
+        load_config({"model.device": "gpu"}, env=False)
+    with pytest.raises(ValueError, match="model.dtype.*You passed: 'float16'"):
+        load_config({"model.dtype": "float16"}, env=False)
