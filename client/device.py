@@ -87,9 +87,9 @@ def load_pairs_for_node(cfg: Config, node_config: dict) -> tuple[str, list[tuple
         return user_id, read_user_folder(data_dir), state_dir
     if "partition-id" not in node_config:
         raise ValueError("node config needs 'data-dir' (deployment) or 'partition-id' (simulation)")
-    from simulations.corpus import load_users
+    from simulations.sources import load_source
 
-    users = load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)
+    users = load_source(cfg.data, cfg.run.seed)
     pid = int(node_config["partition-id"])
     if not 0 <= pid < len(users):
         raise ValueError(f"partition-id {pid} has no user: the corpus gives {len(users)} users")
@@ -108,9 +108,9 @@ def state_dir_for(cfg: Config, node_config: dict) -> Path:
     if "data-dir" in node_config:
         data_dir = Path(str(node_config["data-dir"])).expanduser()
         return Path(str(node_config.get("state-dir", data_dir / ".fedpersona-state"))).expanduser()
-    from simulations.corpus import load_users
+    from simulations.sources import load_source
 
-    users = load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)
+    users = load_source(cfg.data, cfg.run.seed)
     return simulated_state_dir(cfg, users[int(node_config["partition-id"])].user_id)
 
 

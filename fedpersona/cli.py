@@ -1,6 +1,6 @@
 """The ``fedpersona`` console script.
 
-    fedpersona run [SCENARIO] [--set key=value ...]     federated simulation (default scenario: demo)
+    fedpersona run [SCENARIO] [--set key=value ...] [-q|-v]   federated simulation (default scenario: demo)
     fedpersona generate --user "ROLE (Play)" --prompt "..."   reply in a user's voice
     fedpersona bench dp-step                             DP vs non-DP step cost, side by side
     fedpersona certs --out DIR --supernodes 4 [--san IP:10.0.0.5]   CA, SuperLink TLS cert, SuperNode keys
@@ -15,7 +15,6 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
@@ -36,9 +35,15 @@ def _overrides(pairs: list[str]) -> dict:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from server.report import summary_table
+    from simulations.progress import make_display
     from simulations.runner import run
 
-    metrics = run(args.scenario, _overrides(args.set), cpus=args.cpus)
+    display = make_display(quiet=args.quiet)
+    if display is None:
+        metrics = run(args.scenario, _overrides(args.set), cpus=args.cpus)
+    else:
+        with display:
+            metrics = run(args.scenario, _overrides(args.set), cpus=args.cpus, progress=display)
     final = metrics.get("final")
     print()
     print(f"Run '{metrics['run']}' finished in {metrics['wall_seconds']:.0f} s "
@@ -102,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("scenario", nargs="?", default="demo", help="scenario name under simulations/conf or a TOML path")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     r.add_argument("--cpus", type=int, default=None, help="CPUs for the simulation (default: all)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress display; only warnings, errors and the result")
+    r.add_argument("-v", "--verbose", dest="run_verbose", action="count", default=0,
+                   help="also the log lines (-v: info, -vv: debug); default: progress + warnings")
     r.set_defaults(func=_cmd_run)
 
     g = sub.add_parser("generate", help="write a reply in one user's voice with that user's personal head")
@@ -153,13 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedpersona.output import configure
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+    if args.verbose:
+        level = logging.DEBUG
+    elif args.command == "run":  # the progress display tells what happens; logs only when asked for
+        level = {0: logging.WARNING, 1: logging.INFO}.get(args.run_verbose, logging.DEBUG)
+        if args.quiet and args.run_verbose:
+            print("fedpersona: error: --quiet and --verbose exclude each other", file=sys.stderr)
+            return 2
+    else:
+        level = logging.INFO
+    configure(level)  # one handler, one line per event, no ANSI codes (fedpersona/output.py)
     try:
         return args.func(args)
     except ValueError as exc:

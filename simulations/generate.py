@@ -16,9 +16,9 @@ from simulations.runner import resolve
 
 
 def find_user(user: str, cfg) -> str:
-    from simulations.corpus import load_users
+    from simulations.sources import load_source
 
-    users = [u.user_id for u in load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)]
+    users = [u.user_id for u in load_source(cfg.data, cfg.run.seed)]
     for u in users:
         if u == user or u.lower() == user.lower():
             return u

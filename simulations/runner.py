@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedpersona.config import CONFIG_ENV, Config, load_config, read_scenario
+from fedpersona.config import CONFIG_ENV, RENAMED_KEYS, Config, load_config, read_scenario
 
 logger = logging.getLogger(__name__)
 
@@ -37,25 +37,34 @@ def resolve(scenario: str | None, overrides: dict[str, Any]) -> tuple[dict[str, 
     flat: dict[str, Any] = read_scenario(scenario_path(scenario)) if scenario else {}
     flat.update(overrides)
     cfg = load_config(flat, env=False)
+    for old, new in RENAMED_KEYS.items():  # warned once here, not again in every app process
+        if old in flat:
+            flat[new] = flat.pop(old)
     # Absolute folders: Ray workers may not share the launcher's working directory.
     flat["run.results-dir"] = str(Path(cfg.run.results_dir).resolve())
     flat["run.state-dir"] = str(Path(cfg.run.state_dir).resolve())
     return flat, load_config(flat, env=False)
 
 
-def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *, cpus: int | None = None) -> dict:
-    """Run the scenario to completion; returns the run's metrics.json content."""
+def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *, cpus: int | None = None,
+        progress=None) -> dict:
+    """Run the scenario to completion; returns the run's metrics.json content.
+
+    ``progress`` receives the events of :mod:`server.progress` (``simulations.progress`` displays them).
+    """
     from flwr.simulation import run_simulation
 
     from fedpersona.model import resolve_model_dir
-    from simulations.corpus import load_users
+    from simulations.progress import timed_prepare
+    from simulations.sources import load_source
 
     flat, cfg = resolve(scenario, dict(overrides or {}))
-    users = load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)
+    t_prepare = time.perf_counter()
+    users = load_source(cfg.data, cfg.run.seed, on_user=timed_prepare(progress))
     if cfg.server.clients_per_round > len(users):
         raise ValueError(
             f"Invalid config value for 'server.clients-per-round': only {len(users)} users qualify "
-            f"(data.min-speeches={cfg.data.min_speeches}). You passed: {cfg.server.clients_per_round}"
+            f"(data.min-examples={cfg.data.min_examples}). You passed: {cfg.server.clients_per_round}"
         )
     if cfg.privacy.enabled:
         smallest = min(min(len(u.examples), cfg.data.max_examples) for u in users)
@@ -66,6 +75,8 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
                 f"(the smallest user's training split). You passed: {cfg.privacy.delta}"
             )
     resolve_model_dir(cfg.model.path)  # convert the default model once, before workers start
+    if progress is not None:
+        progress.event("prepare-end", users=len(users), source=cfg.data.source, seconds=time.perf_counter() - t_prepare)
     cpus = cpus or os.cpu_count() or 1
     os.environ[CONFIG_ENV] = json.dumps(flat)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -76,7 +87,10 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
         "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False},
     }
     from client.app import app as client_app
-    from server.app import app as server_app
+    from server.app import make_app
+
+    server_app = make_app(progress)
+    _init_ray(cpus)
 
     t0 = time.perf_counter()
     logger.info("Simulating %d users (%d per round, %d rounds) on %d CPU(s)", len(users),
@@ -95,3 +109,24 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
     if failed:
         logger.warning("%d client failure(s) over the run; see rounds.csv", failed)
     return metrics
+
+
+def _init_ray(cpus: int) -> None:
+    """Start Ray as Flower's backend would, plus a setup hook giving each worker one log handler.
+
+    (Flower starts Ray only when it is not running yet; :func:`fedpersona.output.configure_worker`
+    removes the duplicate of every Flower line in the workers: see :mod:`fedpersona.output`.)
+    """
+    import sys
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath},
+                          "worker_process_setup_hook": "fedpersona.output.configure_worker"},
+             num_cpus=cpus, num_gpus=0, include_dashboard=False, logging_level="WARNING", log_to_driver=True)

@@ -106,10 +106,10 @@ class _UserPlan:
 def _plant(flat: dict, cfg, settings: AuditSettings, model, state_root: Path) -> tuple[dict, list[_UserPlan], dict]:
     from client.data import split_examples
     from client.device import slug
-    from simulations.corpus import load_users
+    from simulations.sources import load_source
 
     rng = np.random.default_rng(settings.seed)
-    users = load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)
+    users = load_source(cfg.data, cfg.run.seed)
     if cfg.server.clients_per_round > len(users):
         raise ValueError(f"Invalid config value for 'server.clients-per-round': only {len(users)} users qualify. "
                          f"You passed: {cfg.server.clients_per_round}")
