@@ -7,7 +7,7 @@
   handler is installed with ``force=True`` first, so Opacus's ``basicConfig`` finds it and
   does nothing.
 * **No ANSI codes.** Our format has none; Ray's coloured worker prefixes are turned off
-  (``RAY_COLOR_PREFIX=0``) unless stderr is a terminal; the Hugging Face progress bars are off.
+  (``RAY_COLOR_PREFIX=0``) unless stderr is a terminal; tqdm progress bars are off.
 * **Warnings** go through the same handler as one line each (no source line under them), each
   distinct text once per process. Filtered: only notices a user cannot act on
   (:data:`IGNORED`: transformers' deprecation notices about its own internals, Ray's accelerator
@@ -89,7 +89,10 @@ def configure(level: int = logging.WARNING) -> None:
     for name in ("alembic", "filelock", "urllib3", "httpx", "matplotlib", "PIL", "fsspec"):
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
     os.environ[LOG_LEVEL_ENV] = logging.getLevelName(level)
-    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+    # tqdm bars (transformers' "Loading weights", Flower Datasets' partitioning) would garble a live
+    # display and fill files with carriage returns. tqdm reads TQDM_DISABLE when it is imported: keep
+    # this before any import of it.
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
         os.environ.setdefault(var, "1")
     if not sys.stderr.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")

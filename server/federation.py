@@ -69,6 +69,7 @@ def _run_id(grid: Grid) -> int:
 def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = None,
                    progress: Progress | None = None) -> dict:
     """Run the rounds left and the final evaluation; ``progress`` gets the events of :mod:`server.progress`."""
+    shown = progress is not None  # whoever passed a display shows the results table itself
     progress = progress or NoProgress()
     grid = ProgressGrid(grid, progress)  # type: ignore[assignment]  # any Grid: reports each message stage
     if aggregator is None:
@@ -202,8 +203,9 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
         metrics["total_seconds"] = time.perf_counter() - t_run
     paths = write_outputs(run_dir, metrics)
     if "final" in metrics:
-        log(INFO, "Final held-out evaluation (%d users):\n%s", len(metrics["final"]["users"]),
-            summary_table(metrics["final"]["users"], metrics["final"]["summary"]))
+        if not shown:
+            log(INFO, "Final held-out evaluation (%d users):\n%s", len(metrics["final"]["users"]),
+                summary_table(metrics["final"]["users"], metrics["final"]["summary"]))
         (run_dir / "summary.txt").write_text(summary_table(metrics["final"]["users"], metrics["final"]["summary"]) + "\n")
     log(INFO, "Results: %s", ", ".join(str(p) for p in paths.values()))
     report(progress, "run-end", seconds=time.perf_counter() - t_run, rounds=len(history))
