@@ -146,8 +146,8 @@ class LiveDisplay:
     def _say(self, text: str) -> None:
         if self._status is None:
             self._status = self.progress.add_task(text, total=None)
-        else:
-            self.progress.update(self._status, description=text)
+        else:  # a new stage: its own elapsed time
+            self.progress.reset(self._status, total=None, description=text)
 
     def event(self, kind: str, **f: Any) -> None:
         text = self.lines.text(kind, f)

@@ -104,3 +104,32 @@ def test_cli_run_writes_each_line_once_without_ansi_codes(tiny_config, tmp_path)
     twice = {e: n for e, n in Counter(events).items() if n > 1}
     assert not twice, f"lines written more than once: {twice}\n--- stdout\n{out}\n--- stderr\n{err[-6000:]}"
     assert any("fedpersona run 'demo'" in msg for _, msg in events), "info logs are on with -v"
+
+
+def test_live_display_on_a_terminal_keeps_one_line_per_finished_round():
+    from rich.console import Console
+
+    from simulations.progress import LiveDisplay
+
+    buf = io.StringIO()
+    with LiveDisplay(Console(file=buf, force_terminal=True, width=220)) as d:
+        for done in (1, 2, 3, 4):
+            d.event("prepare", done=done, total=4, what="users")
+        d.event("prepare-end", users=4, source="chats.jsonl", seconds=0.1)
+        d.event("run-start", run="demo", rounds=2, nodes=4, cohort=3, aggregation="secagg+", dp=True,
+                **{"start-round": 0})
+        for r in (1, 2):
+            d.event("round-start", round=r, rounds=2, cohort=3)
+            for stage in ("advertise", "train", "unmask"):
+                d.event("stage", round=r, stage=stage, nodes=3)
+                d.event("stage-end", round=r, stage=stage, nodes=3, replies=3, errors=0, seconds=0.5)
+            d.event("round-end", round=r, rounds=2, cohort=3, trained=3, declined=0, failed=0, applied=True,
+                    seconds=1.5, epsilon=1.0)
+        d.event("eval-start", nodes=4)
+        d.event("eval-end", users=4, failed=0, seconds=1.0, summary={"base": 5.0, "personal": 4.9})
+    text = ANSI.sub("", buf.getvalue())
+    assert "\x1b[" in buf.getvalue(), "a terminal gets the live display"
+    for line in ("round 1/2 | cohort 3: trained 3", "round 2/2 | cohort 3: trained 3", "final evaluation: 4 users",
+                 "prepared 4 users from chats.jsonl"):
+        assert text.count(line) == 1, (line, text)
+    assert "rounds" in text and "2/2" in text and "training + masked input" in text
