@@ -50,7 +50,7 @@ def device_keys(store: DeviceStore, *, create: bool = False) -> ClientKeys:
         raise SecAggInputError("this device holds no secure-aggregation keys: it was never asked to advertise them")
     keys = ClientKeys()
     store.save_text(KEYS, keys.to_bytes().hex())
-    logger.info("created this device's secure-aggregation keys")
+    logger.info("created the secure-aggregation keys of the device in %s", store.state_dir)
     return keys
 
 

@@ -256,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--poll-interval", type=float, default=float(os.environ.get(_POLL_ENV, "0.1")))
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from fedpersona.output import configure
+
+    configure(logging.DEBUG if args.verbose else logging.INFO)  # one handler: each line once, no ANSI codes
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     for var, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
                        ("TOKENIZERS_PARALLELISM", "false")):

@@ -1,6 +1,6 @@
 """The ``fedpersona`` console script.
 
-    fedpersona run [SCENARIO] [--set key=value ...]     federated simulation (default scenario: demo)
+    fedpersona run [SCENARIO] [--set key=value ...] [-q|-v]   federated simulation (default scenario: demo)
     fedpersona generate --user "ROLE (Play)" --prompt "..."   reply in a user's voice
     fedpersona bench dp-step                             DP vs non-DP step cost, side by side
     fedpersona bench utility [SCENARIO] [--epsilons 1,4,8] [--quick]   what users get under the privacy guarantee
@@ -33,13 +33,19 @@ def _overrides(pairs: list[str]) -> dict:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from server.run_report import summary_table
+    from simulations.progress import make_display
     from simulations.runner import run
 
     policy = {}
     for text in args.device_policy:
         k, v = _overrides([text]).popitem()
         policy[k] = v
-    metrics = run(args.scenario, _overrides(args.set), cpus=args.cpus, device_policy=policy)
+    display = make_display(quiet=args.quiet)
+    if display is None:
+        metrics = run(args.scenario, _overrides(args.set), cpus=args.cpus, device_policy=policy)
+    else:
+        with display:
+            metrics = run(args.scenario, _overrides(args.set), cpus=args.cpus, device_policy=policy, progress=display)
     final = metrics.get("final")
     print()
     print(f"Run '{metrics['run']}' finished in {metrics['wall_seconds']:.0f} s "
@@ -126,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "non-private run (README: Device policy)")
     r.add_argument("--allow-failures", action="store_true",
                    help="exit 0 (with a warning) even when devices failed; by default any failure exits 1")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress display; only warnings, errors and the result")
+    r.add_argument("-v", "--verbose", dest="run_verbose", action="count", default=0,
+                   help="also the log lines (-v: info, -vv: debug); default: progress + warnings")
     r.set_defaults(func=_cmd_run)
 
     g = sub.add_parser("generate", help="write a reply in one user's voice with that user's personal head")
@@ -193,12 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedpersona.output import configure
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    if args.verbose:
+        level = logging.DEBUG
+    elif args.command == "run":  # the progress display tells what happens; logs only when asked for
+        level = {0: logging.WARNING, 1: logging.INFO}.get(args.run_verbose, logging.DEBUG)
+        if args.quiet and args.run_verbose:
+            print("fedpersona: error: --quiet and --verbose exclude each other", file=sys.stderr)
+            return 2
+    else:
+        level = logging.INFO
+    configure(level)  # one handler, one line per event, no ANSI codes (fedpersona/output.py)
     try:
         return args.func(args)
     except ValueError as exc:

@@ -32,6 +32,9 @@ CLIENT_OPTIMIZERS = ("sgd", "adam")
 ACCOUNTANTS = ("rdp", "prv")
 PERSONAL_HEADS = ("local", "dp")
 MODEL_DTYPES = ("float32", "bfloat16")
+SHAKESPEARE = "shakespeare"
+#: Deprecated config keys -> the keys that replaced them (accepted with a warning).
+RENAMED_KEYS = {"data.min-speeches": "data.min-examples"}
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -74,14 +77,48 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    min_speeches: int = 40
+    """Where a simulation's users come from and how many examples each keeps (``docs/data.md``).
+
+    ``source``: ``shakespeare`` (the built-in corpus), a ``*.jsonl`` / ``*.json`` / ``*.csv`` /
+    ``*.parquet`` file or a Hugging Face ``save_to_disk`` folder (read by
+    :mod:`simulations.sources`); ``*_column``: the columns of such a source. Deployed devices read
+    their own folders (``client/data.py``) and ignore these keys.
+    """
+
+    source: str = SHAKESPEARE
+    user_column: str = "user"
+    cue_column: str = "cue"
+    reply_column: str = "reply"
+    text_column: str = ""
+    order_column: str = ""
+    thread_column: str = ""
+    min_examples: int = 40
     max_users: int = 20
     max_examples: int = 48
     eval_fraction: float = 0.25
 
+    @property
+    def min_speeches(self) -> int:
+        """The former name of :attr:`min_examples` (config key ``data.min-speeches``, deprecated)."""
+        return self.min_examples
+
     def __post_init__(self) -> None:
-        if self.min_speeches < 2:
-            raise _bad("data.min-speeches", self.min_speeches, "must be at least 2 (train and held-out)")
+        if not self.source.strip():
+            raise _bad("data.source", self.source, f"must be '{SHAKESPEARE}', a data file or a saved dataset folder")
+        if not self.user_column:
+            raise _bad("data.user-column", self.user_column, "must name the column holding each row's user")
+        if not self.text_column and not self.reply_column:
+            raise _bad("data.reply-column", self.reply_column, "must name a column (or set data.text-column)")
+        for key, value in (("data.order-column", self.order_column), ("data.thread-column", self.thread_column)):
+            if value and not self.text_column:
+                raise _bad(key, value, "applies to chat logs only: set data.text-column too")
+        named = [c for c in (self.user_column, self.text_column or self.reply_column,
+                             "" if self.text_column else self.cue_column) if c]
+        if len(set(named)) != len(named):
+            raise _bad("data.user-column", self.user_column,
+                       f"the user, cue and reply (or text) columns must differ; they are {named}")
+        if self.min_examples < 2:
+            raise _bad("data.min-examples", self.min_examples, "must be at least 2 (train and held-out)")
         if self.max_users < 1:
             raise _bad("data.max-users", self.max_users, "must be at least 1")
         if self.max_examples < 2:
@@ -362,6 +399,12 @@ def load_config(raw: Mapping[str, Any] | None = None, *, env: bool = True) -> Co
         if not isinstance(overlay, dict):
             raise ValueError(f"${CONFIG_ENV} must hold a JSON object of config keys")
         merged.update(overlay)
+    for old, new in RENAMED_KEYS.items():
+        if old in merged:
+            value = merged.pop(old)
+            warnings.warn(f"The config key '{old}' is deprecated: use '{new}' (the value {value!r} is used).",
+                          FutureWarning, stacklevel=2)
+            merged[new] = value
     types = _section_types()
     values: dict[str, dict[str, Any]] = {s: {} for s in types}
     unknown = []

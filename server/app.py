@@ -9,15 +9,23 @@ from fedpersona.config import load_config
 from privacy.secagg.settings import secagg_params
 from server.federation import run_federation
 from server.grid import FastPollGrid
+from server.progress import Progress
 from server.secagg import build_aggregator
 
-app = ServerApp()
+
+def make_app(progress: Progress | None = None) -> ServerApp:
+    """A ServerApp whose round loop reports to ``progress`` (:mod:`server.progress`; default: nothing)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = load_config(context.run_config)
+        secagg_params(cfg)  # the protocol's own check of secagg.* (ValueError naming the key), before any round
+        # SecAgg+ unless secagg.enabled = false (plain aggregation, with warnings in the log and metrics.json)
+        grid = FastPollGrid(grid)  # replies are picked up within 0.2 s, not Flower's 3 s (server/grid.py)
+        run_federation(grid, cfg, aggregator=build_aggregator(cfg, run_id=context.run_id), progress=progress)
+
+    return server_app
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    cfg = load_config(context.run_config)
-    secagg_params(cfg)  # the protocol's own check of secagg.* (ValueError naming the key), before any round
-    # SecAgg+ unless secagg.enabled = false (plain aggregation, with warnings in the log and metrics.json)
-    grid = FastPollGrid(grid)  # replies are picked up within 0.2 s, not Flower's 3 s (server/grid.py)
-    run_federation(grid, cfg, aggregator=build_aggregator(cfg, run_id=context.run_id))
+app = make_app()

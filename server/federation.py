@@ -25,6 +25,7 @@ from server.aggregation import Aggregator, send_and_collect
 from server.checkpoint import latest_checkpoint, save_checkpoint
 from server.flow_log import ServerInventory
 from server.optim import ServerOptimizer
+from server.progress import NoProgress, Progress, ProgressGrid, report
 from server.run_report import read_json, summarize_users, summary_table, write_outputs
 from server.secagg import build_aggregator
 
@@ -65,7 +66,12 @@ def _run_id(grid: Grid) -> int:
         return 0
 
 
-def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = None) -> dict:
+def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = None,
+                   progress: Progress | None = None) -> dict:
+    """Run the rounds left and the final evaluation; ``progress`` gets the events of :mod:`server.progress`."""
+    shown = progress is not None  # whoever passed a display shows the results table itself
+    progress = progress or NoProgress()
+    grid = ProgressGrid(grid, progress)  # type: ignore[assignment]  # any Grid: reports each message stage
     if aggregator is None:
         aggregator = build_aggregator(cfg, run_id=_run_id(grid))
     run_dir = Path(cfg.run.results_dir) / cfg.run.name
@@ -114,10 +120,14 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
         metrics["secagg"] = aggregator.run_info()
     timeout = cfg.server.round_timeout or None
     t_run = time.perf_counter()
+    report(progress, "run-start", run=cfg.run.name, rounds=cfg.server.num_rounds, **{"start-round": start_round},
+           nodes=len(list(grid.get_node_ids())), cohort=cfg.server.clients_per_round, aggregation=aggregator.name,
+           dp=p.enabled, **{"shared-params": counts["shared"]})
     for server_round in range(start_round + 1, cfg.server.num_rounds + 1):
         t0 = time.perf_counter()
         nodes = wait_for_nodes(grid, cfg.server.min_clients)
         cohort = sample_cohort(nodes, cfg.server.clients_per_round, seed=cfg.run.seed, server_round=server_round)
+        report(progress, "round-start", round=server_round, rounds=cfg.server.num_rounds, cohort=len(cohort))
         content = RecordDict(
             {**pack_shared(shared), "config": ConfigRecord({"server-round": server_round})}
         )
@@ -164,6 +174,11 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
         }
         history.append(row)
         write_outputs(run_dir, metrics)
+        report(progress, "round-end", rounds=cfg.server.num_rounds, trained=row["contributors"],
+               **{k: row[k] for k in ("round", "cohort", "declined", "failed", "applied", "seconds")},
+               **{k: row[m] for k, m in (("shared-loss", "heldout-shared-loss"), ("personal-loss", "heldout-personal-loss"),
+                                         ("train-loss", "train-loss"), ("epsilon", "epsilon"), ("aborted", "aborted"))
+                  if m in row})
         log(
             INFO,
             "[round %d/%d] cohort %d: trained %d, declined %d, failed %d | held-out loss shared %.3f, "
@@ -177,15 +192,23 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
         log(WARNING, "No round of run '%s' was applied: the shared adapter never changed", cfg.run.name)
         run_warnings.append("no round was applied: the shared adapter never changed")
     if cfg.eval.final:
+        report(progress, "eval-start", nodes=len(list(grid.get_node_ids())))
         metrics["final"] = final_evaluation(grid, cfg, shared)
+        summary = metrics["final"]["summary"]
+        report(progress, "eval-end", users=len(metrics["final"]["users"]), failed=len(metrics["final"]["failures"]),
+               seconds=metrics["final"]["seconds"],
+               summary={k: summary[f"{k}-loss"]["mean"] for k in ("base", "shared", "personal", "local")
+                        if f"{k}-loss" in summary})
         ServerInventory(run_dir).evaluation(metrics["final"], server_round=cfg.server.num_rounds + 1)
         metrics["total_seconds"] = time.perf_counter() - t_run
     paths = write_outputs(run_dir, metrics)
     if "final" in metrics:
-        log(INFO, "Final held-out evaluation (%d users):\n%s", len(metrics["final"]["users"]),
-            summary_table(metrics["final"]["users"], metrics["final"]["summary"]))
+        if not shown:
+            log(INFO, "Final held-out evaluation (%d users):\n%s", len(metrics["final"]["users"]),
+                summary_table(metrics["final"]["users"], metrics["final"]["summary"]))
         (run_dir / "summary.txt").write_text(summary_table(metrics["final"]["users"], metrics["final"]["summary"]) + "\n")
     log(INFO, "Results: %s", ", ".join(str(p) for p in paths.values()))
+    report(progress, "run-end", seconds=time.perf_counter() - t_run, rounds=len(history))
     return metrics
 
 

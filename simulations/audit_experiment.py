@@ -63,7 +63,7 @@ from privacy.audit.onerun import one_run_audit
 from privacy.ledger import PrivacyLedger
 from server.checkpoint import latest_checkpoint
 from server.federation import run_federation
-from simulations.corpus import load_users
+from simulations.sources import load_source
 from simulations.inprocess import InProcessGrid
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class _UserPlan:
 
 def _plant(flat: dict, cfg, settings: AuditSettings, model, state_root: Path) -> tuple[dict, list[_UserPlan], dict]:
     rng = np.random.default_rng(settings.seed)
-    users = load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)
+    users = load_source(cfg.data, cfg.run.seed)
     if cfg.server.clients_per_round > len(users):
         raise ValueError(f"Invalid config value for 'server.clients-per-round': only {len(users)} users qualify. "
                          f"You passed: {cfg.server.clients_per_round}")

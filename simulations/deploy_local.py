@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run config override")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from fedpersona.output import configure
+
+    configure(logging.INFO)  # one handler: each line once, no ANSI codes
 
     tmp = None
     root = Path(args.root) if args.root else Path(tmp := tempfile.mkdtemp(prefix="fedpersona-deploy-"))

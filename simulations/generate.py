@@ -13,12 +13,12 @@ from client.node_data import slug
 from client.store import DeviceStore
 from fedpersona.model import adapted_model
 from server.checkpoint import latest_checkpoint
-from simulations.corpus import load_users
+from simulations.sources import load_source
 from simulations.runner import resolve
 
 
 def find_user(user: str, cfg) -> str:
-    users = [u.user_id for u in load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)]
+    users = [u.user_id for u in load_source(cfg.data, cfg.run.seed)]
     for u in users:
         if u == user or u.lower() == user.lower():
             return u

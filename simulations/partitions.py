@@ -5,7 +5,8 @@ corpus user with its ``(cue, reply)`` examples as ``examples.jsonl`` (the format
 :func:`client.data.read_user_folder`), and the manifest (:mod:`client.node_data`) that maps a
 Flower ``partition-id`` to that folder, the user id and the device's state folder
 ``<run.state-dir>/<run.name>/<user slug>``. Partition ``i`` is the ``i``-th user of
-:func:`simulations.corpus.load_users` for ``data.*`` and ``run.seed``, as before.
+:func:`simulations.sources.load_source` for ``data.*`` and ``run.seed`` (the Shakespeare corpus by
+default, as before; or the user's own dataset, ``docs/data.md``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from client.node_data import SIMULATED, NodeData, manifest_path, read_manifest, slug, write_manifest
 from fedpersona.config import Config
-from simulations.corpus import UserCorpus, load_users
+from simulations.corpus import UserCorpus
+from simulations.sources import load_source
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +31,12 @@ EXAMPLES_FILE = "examples.jsonl"
 
 def _source(cfg: Config) -> dict:
     """What the partitions depend on: a manifest written for other values is stale."""
-    return {"corpus": "shakespeare", "data.min-speeches": cfg.data.min_speeches, "data.max-users": cfg.data.max_users,
-            "run.seed": cfg.run.seed, "run.state-dir": str(cfg.run.state_dir), "run.name": cfg.run.name}
+    d = cfg.data
+    return {"data.source": d.source, "data.user-column": d.user_column, "data.cue-column": d.cue_column,
+            "data.reply-column": d.reply_column, "data.text-column": d.text_column, "data.order-column": d.order_column,
+            "data.thread-column": d.thread_column, "data.min-examples": d.min_examples,
+            "data.max-users": d.max_users, "run.seed": cfg.run.seed, "run.state-dir": str(cfg.run.state_dir),
+            "run.name": cfg.run.name}
 
 
 def _write_examples(folder: Path, user: UserCorpus) -> None:
@@ -50,7 +56,7 @@ def simulated_state_dir(cfg: Config, user_id: str) -> Path:
 def prepare_partitions(cfg: Config, users: list[UserCorpus] | None = None) -> list[UserCorpus]:
     """Write every simulated user's data folder and the manifest; returns the users (partition order)."""
     if users is None:
-        users = load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)
+        users = load_source(cfg.data, cfg.run.seed)
     run_root = Path(cfg.run.state_dir) / cfg.run.name
     nodes = {}
     for pid, user in enumerate(users):

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from client.policy import POLICY_FILE, PREFIX, DevicePolicy
-from fedpersona.config import CONFIG_ENV, Config, load_config, read_scenario
+from fedpersona.config import CONFIG_ENV, RENAMED_KEYS, Config, load_config, read_scenario
 from privacy.secagg.settings import secagg_params
-from simulations.corpus import load_users
 from simulations.failures import device_failures, mark_failed, rewrite_outputs
+from simulations.progress import timed_prepare
 from simulations.partitions import prepare_partitions, simulated_state_dir
+from simulations.sources import load_source
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ def resolve(scenario: str | None, overrides: dict[str, Any]) -> tuple[dict[str, 
     flat: dict[str, Any] = read_scenario(scenario_path(scenario)) if scenario else {}
     flat.update(overrides)
     cfg = load_config(flat, env=False)
+    for old, new in RENAMED_KEYS.items():  # warned once here, not again in every app process
+        if old in flat:
+            flat[new] = flat.pop(old)
     # Absolute folders: Ray workers may not share the launcher's working directory.
     flat["run.results-dir"] = str(Path(cfg.run.results_dir).resolve())
     flat["run.state-dir"] = str(Path(cfg.run.state_dir).resolve())
@@ -78,23 +82,25 @@ def write_device_policies(cfg: Config, user_ids: list[str], policy: dict[str, An
 
 
 def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *, cpus: int | None = None,
-        device_policy: dict[str, Any] | None = None) -> dict:
+        device_policy: dict[str, Any] | None = None, progress=None) -> dict:
     """Run the scenario to completion; returns the run's metrics.json content.
 
     ``device_policy``: ``policy.*`` keys every simulated device holds as its own (a
     ``policy.toml`` in its state folder; see :func:`write_device_policies`). The result has
     ``failure_count`` and ``failed_users`` (user -> error class, message and round).
+    ``progress`` receives the events of :mod:`server.progress` (``simulations.progress`` displays them).
     """
     from flwr.simulation import run_simulation
 
     from fedpersona.model import resolve_model_dir
 
     flat, cfg = resolve(scenario, dict(overrides or {}))
-    users = load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)
+    t_prepare = time.perf_counter()
+    users = load_source(cfg.data, cfg.run.seed, on_user=timed_prepare(progress))
     if cfg.server.clients_per_round > len(users):
         raise ValueError(
             f"Invalid config value for 'server.clients-per-round': only {len(users)} users qualify "
-            f"(data.min-speeches={cfg.data.min_speeches}). You passed: {cfg.server.clients_per_round}"
+            f"(data.min-examples={cfg.data.min_examples}). You passed: {cfg.server.clients_per_round}"
         )
     if cfg.privacy.enabled:
         smallest = min(min(len(u.examples), cfg.data.max_examples) for u in users)
@@ -106,6 +112,8 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
             )
     write_device_policies(cfg, [u.user_id for u in users], device_policy)
     resolve_model_dir(cfg.model.path)  # convert the default model once, before workers start
+    if progress is not None:
+        progress.event("prepare-end", users=len(users), source=cfg.data.source, seconds=time.perf_counter() - t_prepare)
     prepare_partitions(cfg, users)  # each simulated device reads its user's data folder (simulations/partitions.py)
     cpus = cpus or os.cpu_count() or 1
     os.environ[CONFIG_ENV] = json.dumps(flat)
@@ -116,8 +124,11 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
         "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False},
     }
-    from client.app import app as client_app  # torch, transformers: loaded when a run starts
-    from server.app import app as server_app
+    from client.app import app as client_app
+    from server.app import make_app
+
+    server_app = make_app(progress)
+    _init_ray(cpus)
 
     metrics_path = Path(cfg.run.results_dir) / cfg.run.name / "metrics.json"
     # Rounds of an earlier invocation (a resumed run): their failures were reported by that one.
@@ -143,3 +154,24 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
                        "; ".join(f"{u}: {e}" for u, e in metrics["failed_users"].items()) or "see rounds.csv")
     metrics["wall_seconds"] = time.perf_counter() - t0
     return metrics
+
+
+def _init_ray(cpus: int) -> None:
+    """Start Ray as Flower's backend would, plus a setup hook giving each worker one log handler.
+
+    (Flower starts Ray only when it is not running yet; :func:`fedpersona.output.configure_worker`
+    removes the duplicate of every Flower line in the workers: see :mod:`fedpersona.output`.)
+    """
+    import sys
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath},
+                          "worker_process_setup_hook": "fedpersona.output.configure_worker"},
+             num_cpus=cpus, num_gpus=0, include_dashboard=False, logging_level="WARNING", log_to_driver=True)

@@ -56,6 +56,7 @@ from fedpersona.model import adapted_model
 from server.federation import sample_cohort
 from server.optim import ServerOptimizer
 from server.run_report import distribution
+from simulations.sources import load_source
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +83,8 @@ class FederatedRun:
 # ----------------------------------------------------------------------------- population
 def population(cfg: Config, root: Path) -> list[User]:
     """The scenario's users, each with a data folder (deployment format) and its examples prepared once."""
-    from simulations.corpus import load_users
-
     model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
-    users = load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)
+    users = load_source(cfg.data, cfg.run.seed)
     out = []
     for u in users:
         folder = root / "data" / slug(u.user_id)

@@ -62,7 +62,7 @@ def tiny_config(tiny_model_dir, tmp_path):
         "adapter.personal-layers": 1,
         "adapter.rank": 2,
         "data.max-users": 4,
-        "data.min-speeches": 40,
+        "data.min-examples": 40,
         "data.max-examples": 16,
         "client.local-steps": 2,
         "client.batch-size": 4,

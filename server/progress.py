@@ -1,0 +1,89 @@
+"""Progress events of a run, for whoever shows them: ``progress.event(kind, **fields)``.
+
+The round loop (:func:`server.federation.run_federation`) reports what happens to an object
+passed in; it does not know how (or whether) it is shown. A console script hands it a live
+display (``simulations/progress.py``); ``flwr run`` and deployments get :class:`NoProgress`
+and the log lines the loop writes anyway. Any Grid works: the message stages are seen by
+:class:`ProgressGrid`, which wraps the Grid the loop was given.
+
+Events and their fields (more may be added; a receiver ignores what it does not know):
+
+* ``run-start``: ``run``, ``rounds``, ``start-round`` (rounds already done, when resuming),
+  ``nodes``, ``cohort``, ``aggregation``, ``dp`` (bool), ``shared-params``;
+* ``round-start``: ``round``, ``rounds``, ``cohort``;
+* ``stage`` / ``stage-end``: ``round``, ``stage`` (``advertise``, ``train``, ``unmask``,
+  ``evaluate`` or the message type), ``nodes``; ``stage-end`` adds ``replies``, ``errors``,
+  ``seconds``;
+* ``round-end``: ``round``, ``rounds``, ``cohort``, ``trained``, ``declined``, ``failed``,
+  ``applied``, ``seconds``, and when known ``shared-loss``, ``personal-loss``, ``train-loss``,
+  ``epsilon``, ``aborted``;
+* ``eval-start``: ``nodes``; ``eval-end``: ``users``, ``failed``, ``seconds``, ``summary``
+  (mean losses by model);
+* ``run-end``: ``seconds``, ``rounds`` (rows of this run).
+
+Callers before the loop (a simulation runner) may send ``prepare`` (``done``, ``total``, ``what``)
+and ``prepare-end`` (``users``, ``source``, ``seconds``) to the same object.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from flwr.app import Message
+
+logger = logging.getLogger(__name__)
+
+#: Message types -> the stage names of progress events.
+STAGES = {"query.advertise": "advertise", "train": "train", "query.unmask": "unmask", "evaluate": "evaluate"}
+
+
+class Progress(Protocol):
+    def event(self, kind: str, **fields: Any) -> None:
+        """One thing that happened; must not raise and must return quickly."""
+
+
+class NoProgress:
+    """Shows nothing (the round loop's own log lines remain)."""
+
+    def event(self, kind: str, **fields: Any) -> None:
+        pass
+
+
+def report(progress: Progress, kind: str, **fields: Any) -> None:
+    """``progress.event(...)``; a failing display is logged, never allowed to stop the run."""
+    try:
+        progress.event(kind, **fields)
+    except Exception:  # noqa: BLE001 - a display bug must not cost a federated round
+        logger.exception("progress display failed on event %r", kind)
+
+
+class ProgressGrid:
+    """Wraps any Grid: reports ``stage`` / ``stage-end`` around each ``send_and_receive``."""
+
+    def __init__(self, grid: Any, progress: Progress) -> None:
+        self._grid = grid
+        self._progress = progress
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if not messages:
+            return self._grid.send_and_receive(messages, timeout=timeout)
+        meta = messages[0].metadata
+        stage = STAGES.get(meta.message_type, meta.message_type)
+        try:
+            server_round = int(meta.group_id)
+        except (TypeError, ValueError):
+            server_round = 0
+        report(self._progress, "stage", round=server_round, stage=stage, nodes=len(messages))
+        t0 = time.perf_counter()
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        errors = sum(1 for r in replies if r.has_error())
+        report(self._progress, "stage-end", round=server_round, stage=stage, nodes=len(messages),
+               replies=len(replies), errors=errors, seconds=time.perf_counter() - t0)
+        return replies

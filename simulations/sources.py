@@ -1,0 +1,255 @@
+"""Where a simulation's users come from: the built-in Shakespeare corpus, or a per-user dataset file.
+
+``data.source`` picks it (the format is in ``docs/data.md``):
+
+* ``shakespeare`` (default): :mod:`simulations.corpus`, one user per (play, role);
+* a file ``*.jsonl`` / ``*.json`` / ``*.csv`` / ``*.parquet``, or a folder written by Hugging Face
+  ``datasets``' ``save_to_disk``: one row per example (or per chat message), read with Hugging Face
+  ``datasets`` and partitioned into users with Flower Datasets' ``NaturalIdPartitioner`` on
+  ``data.user-column``.
+
+Columns: ``data.user-column`` (required) names the user of a row; then either ``data.reply-column``
+(required) with ``data.cue-column`` (optional: a missing default column means empty cues), or, for
+chat logs, ``data.text-column``: every message is a reply of its author, and its cue is the
+messages of other users just before it (at most :data:`CUE_MESSAGES`, since the author's own
+previous message, in ``data.order-column`` order, within one ``data.thread-column`` value).
+
+Filters, as for the corpus: users with at least ``data.min-examples`` examples; at most
+``data.max-users`` of them, drawn with ``run.seed`` (``random.Random(seed).sample`` of the
+(-examples, user id) order), returned sorted by user id. ``data.max-examples`` (a seeded subset
+per user) and the per-user train / held-out split (:func:`client.data.split_examples`) are
+applied by the device, whatever the source.
+
+Bad data raises ``ValueError`` naming the file, the column (and its config key) and the row
+(rows count from 1 in file order; a CSV file's header line is not a row).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import tempfile
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpersona.config import SHAKESPEARE, DataConfig
+from simulations.corpus import Example, load_users
+
+logger = logging.getLogger(__name__)
+
+#: File suffix -> the Hugging Face ``datasets`` builder that reads it.
+BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+#: Chat logs: a message's cue holds at most this many messages of other users before it.
+CUE_MESSAGES = 4
+_USER = "user"
+
+
+@dataclass(frozen=True)
+class User:
+    """One simulated user: an id and its examples (``.cue``, ``.reply``) in source order."""
+
+    user_id: str
+    examples: tuple[Example, ...]
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.examples)
+
+
+def load_source(data: DataConfig, seed: int, *, on_user: Callable[[int, int], None] | None = None) -> list:
+    """The users of ``data.source`` after the filters (module docstring); sorted by user id.
+
+    ``on_user(done, total)`` is called as users are partitioned (for a progress display).
+    """
+    if data.source == SHAKESPEARE:
+        users = load_users(min_speeches=data.min_examples, max_users=data.max_users, seed=seed)
+        if on_user is not None:
+            on_user(len(users), len(users))
+        return users
+    path = Path(data.source).expanduser()
+    columns = (data.user_column, data.cue_column, data.reply_column, data.text_column, data.order_column,
+               data.thread_column)
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise ValueError(f"Invalid config value for 'data.source': cannot read {str(path)!r} ({exc.strerror}). "
+                         f"You passed: {data.source!r}") from None
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, columns)
+    users = _CACHE.get(key)
+    if users is None:
+        users = _CACHE[key] = _all_users(key[0], columns, on_user)
+        while len(_CACHE) > 4:
+            _CACHE.pop(next(iter(_CACHE)))
+    elif on_user is not None:
+        on_user(len(users), len(users))
+    return select_users(users, min_examples=data.min_examples, max_users=data.max_users, seed=seed, where=str(path))
+
+
+def select_users(users: Sequence[User], *, min_examples: int, max_users: int | None, seed: int, where: str) -> list[User]:
+    """The users with at least ``min_examples`` examples; at most ``max_users``, drawn with ``seed``."""
+    ranked = sorted(users, key=lambda u: (-len(u.examples), u.user_id))
+    eligible = [u for u in ranked if len(u.examples) >= min_examples]
+    if not eligible:
+        most = len(ranked[0].examples) if ranked else 0
+        raise ValueError(
+            f"{where}: no user has at least data.min-examples={min_examples} examples: the source has "
+            f"{len(ranked)} users, the most examples of any is {most}"
+        )
+    if max_users is not None and max_users < len(eligible):
+        eligible = random.Random(seed).sample(eligible, max_users)
+    return sorted(eligible, key=lambda u: u.user_id)
+
+
+# --------------------------------------------------------------------------------------------- reading
+#: Every user of a source, parsed once per process (and again when the file changes): simulated
+#: devices of one process load the same source.
+_CACHE: dict[tuple, tuple[User, ...]] = {}
+
+
+def _all_users(path: str, columns: tuple[str, ...], on_user: Callable[[int, int], None] | None) -> tuple[User, ...]:
+    user_col, cue_col, reply_col, text_col, order_col, thread_col = columns
+    table, is_csv = _read(Path(path))
+    where = path
+    get = functools.partial(_column, table, where)
+    users = _user_ids(get(user_col, "data.user-column"), user_col, where)
+    if text_col:
+        texts = _texts(get(text_col, "data.text-column"), text_col, "data.text-column", where, is_csv, required=True)
+        order = _order(get(order_col, "data.order-column"), order_col, where) if order_col else list(range(len(texts)))
+        threads = get(thread_col, "data.thread-column") if thread_col else None
+        cues, replies, owners = _chat_examples(users, texts, order, threads)
+    else:
+        replies = _texts(get(reply_col, "data.reply-column"), reply_col, "data.reply-column", where, is_csv,
+                         required=True)
+        if cue_col and cue_col in table.column_names:
+            cues = _texts(get(cue_col, "data.cue-column"), cue_col, "data.cue-column", where, is_csv, required=False)
+        elif cue_col and cue_col != DataConfig.cue_column:
+            raise _missing(table, where, cue_col, "data.cue-column")
+        else:
+            logger.info("%s: no cue column %r: every cue is empty", where, cue_col)
+            cues = [""] * len(replies)
+        owners = users
+    return _partition(owners, cues, replies, on_user)
+
+
+def _read(path: Path):
+    """(a Hugging Face ``Dataset`` of the file or saved folder, whether it is CSV)."""
+    import datasets
+
+    if path.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
+        except FileNotFoundError as exc:
+            raise ValueError(f"{path}: not a Hugging Face dataset folder written by save_to_disk, and data.source "
+                             f"must be 'shakespeare', such a folder or a {'/'.join(BUILDERS)} file ({exc})") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            parts = [loaded[name] for name in sorted(loaded)]
+            try:
+                loaded = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+            except ValueError as exc:
+                raise ValueError(f"{path}: its splits {sorted(loaded)} do not have the same columns ({exc})") from None
+        return loaded, False
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ValueError(f"Invalid config value for 'data.source': {str(path)!r} is not a {'/'.join(BUILDERS)} file "
+                         f"nor a saved dataset folder. You passed: {str(path)!r}")
+    options: dict[str, Any] = {"na_filter": False} if builder == "csv" else {}  # empty CSV cells are "", not NaN
+    with tempfile.TemporaryDirectory(prefix="fedpersona-source-") as cache:  # no cache left behind
+        try:
+            table = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache,
+                                          keep_in_memory=True, **options)
+        except Exception as exc:  # noqa: BLE001 - pyarrow / pandas parse errors of the user's file
+            raise ValueError(f"{path}: cannot read it as {builder.upper()} ({type(exc).__name__}: {exc})") from None
+    return table, builder == "csv"
+
+
+def _missing(table, where: str, name: str, key: str) -> ValueError:
+    return ValueError(f"{where}: no column {name!r} ({key}); the columns are {table.column_names}. You passed: {name!r}")
+
+
+def _column(table, where: str, name: str, key: str) -> list:
+    if name not in table.column_names:
+        raise _missing(table, where, name, key)
+    return list(table[name])
+
+
+def _user_ids(values: list, column: str, where: str) -> list[str]:
+    out = []
+    for row, v in enumerate(values, start=1):
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise ValueError(f"{where}, row {row}: column {column!r} (data.user-column) must hold a user id (text or "
+                             f"an integer). You passed: {v!r}")
+        text = str(v).strip()
+        if not text:
+            raise ValueError(f"{where}, row {row}: empty user id in column {column!r} (data.user-column)")
+        out.append(text)
+    return out
+
+
+def _texts(values: list, column: str, key: str, where: str, is_csv: bool, *, required: bool) -> list[str]:
+    out = []
+    for row, v in enumerate(values, start=1):
+        if v is None and not required:
+            v = ""
+        if is_csv and isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)  # CSV has no types: a column of numbers is text too
+        if not isinstance(v, str):
+            raise ValueError(f"{where}, row {row}: column {column!r} ({key}) must hold text. You passed: {v!r} "
+                             f"({type(v).__name__})")
+        if required and not v.strip():
+            raise ValueError(f"{where}, row {row}: empty text in column {column!r} ({key})")
+        out.append(v)
+    return out
+
+
+def _order(values: list, column: str, where: str) -> list[int]:
+    for row, v in enumerate(values, start=1):
+        if v is None or (isinstance(v, float) and v != v):
+            raise ValueError(f"{where}, row {row}: no value in column {column!r} (data.order-column)")
+    try:
+        return sorted(range(len(values)), key=values.__getitem__)  # stable: ties keep file order
+    except TypeError as exc:
+        raise ValueError(f"{where}: column {column!r} (data.order-column) mixes values that cannot be ordered "
+                         f"({exc})") from None
+
+
+def _chat_examples(users: list[str], texts: list[str], order: list[int], threads: list | None):
+    """Chat log -> (cues, replies, owners) in ``order``: each message answers the others' messages before it."""
+    recent: dict[Any, deque] = {}
+    cues, replies, owners = [], [], []
+    for i in order:
+        author = users[i]
+        history = recent.setdefault(threads[i] if threads is not None else None, deque(maxlen=CUE_MESSAGES))
+        said = []
+        for who, text in reversed(history):
+            if who == author:
+                break
+            said.append(text)
+        cues.append("\n".join(reversed(said)))
+        replies.append(texts[i])
+        owners.append(author)
+        history.append((author, texts[i]))
+    return cues, replies, owners
+
+
+def _partition(owners: list[str], cues: list[str], replies: list[str],
+               on_user: Callable[[int, int], None] | None) -> tuple[User, ...]:
+    """One :class:`User` per distinct owner, with Flower Datasets' ``NaturalIdPartitioner``."""
+    import datasets
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    table = datasets.Dataset.from_dict({_USER: owners, "cue": cues, "reply": replies})
+    partitioner = NaturalIdPartitioner(partition_by=_USER)
+    partitioner.dataset = table
+    users = []
+    for pid in range(partitioner.num_partitions):
+        part = partitioner.load_partition(pid)
+        examples = tuple(Example(cue=c, reply=r) for c, r in zip(part["cue"], part["reply"]))
+        users.append(User(str(partitioner.partition_id_to_natural_id[pid]), examples))
+        if on_user is not None:
+            on_user(pid + 1, partitioner.num_partitions)
+    logger.debug("Partitioned %d rows into %d users", len(owners), len(users))
+    return tuple(users)
