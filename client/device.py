@@ -5,7 +5,11 @@ The device keeps, in its own state folder (never in a message):
 * ``personal`` — the personal head (tensors of the personal adapter),
 * ``ledger`` — the privacy ledger: every DP-SGD step it ever took,
 * ``local-baseline`` / ``ledger-local-baseline`` — the local-only model used
-  for evaluation in simulations, with its own ledger.
+  for evaluation in simulations, with its own ledger,
+* ``shared-received`` / ``shared-received-config`` — the shared adapter (and run config) of the
+  last round, for ``fedpersona chat`` on the device,
+* ``feedback`` / ``feedback-used`` / ``profile`` — chat feedback that grows the training set and
+  the user's profile (:mod:`client.feedback`, :mod:`client.profile`).
 
 What leaves the device in a round is built by :meth:`Device.train_round`: the
 change of the *shared* adapter tensors (times the example weight), the weight,
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import math
 import re
@@ -25,6 +30,8 @@ from pathlib import Path
 import torch
 
 from client.data import encode_examples, read_user_folder, split_examples
+from client.feedback import noise_for_remaining_budget, pairs_of, training_feedback
+from client.profile import compute_profile, save_profile
 from client.store import DeviceStore
 from client.train import CachedExample, evaluate, trainer_for
 from fedpersona.config import Config
@@ -37,6 +44,8 @@ LEDGER = "ledger"
 PERSONAL = "personal"
 BASELINE = "local-baseline"
 BASELINE_LEDGER = "ledger-local-baseline"
+RECEIVED_SHARED = "shared-received"
+RECEIVED_CONFIG = "shared-received-config"
 
 
 class BudgetExhausted(RuntimeError):
@@ -70,12 +79,14 @@ def prepare_user(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tup
             f"1/{len(train_pairs)} for user {user_id!r}. You passed: {cfg.privacy.delta}"
         )
 
-    def cached(ps):
-        enc = encode_examples(model.tokenizer, ps, seq_len=cfg.model.seq_len, cue_tokens=cfg.model.cue_tokens)
-        hiddens = lower_hidden(model, [e.input_ids for e in enc])
-        return [CachedExample(h, tuple(labels_for(e.input_ids, e.target_mask))) for h, e in zip(hiddens, enc)]
+    return UserData(user_id, cache_examples(model, cfg, train_pairs), cache_examples(model, cfg, held_pairs))
 
-    return UserData(user_id, cached(train_pairs), cached(held_pairs))
+
+def cache_examples(model: AdaptedModel, cfg: Config, pairs: list[tuple[str, str]]) -> list[CachedExample]:
+    """Tokenize (cue, reply) pairs and run the frozen lower blocks once per example."""
+    enc = encode_examples(model.tokenizer, pairs, seq_len=cfg.model.seq_len, cue_tokens=cfg.model.cue_tokens)
+    hiddens = lower_hidden(model, [e.input_ids for e in enc])
+    return [CachedExample(h, tuple(labels_for(e.input_ids, e.target_mask))) for h, e in zip(hiddens, enc)]
 
 
 def load_pairs_for_node(cfg: Config, node_config: dict) -> tuple[str, list[tuple[str, str]], Path]:
@@ -133,19 +144,48 @@ class Device:
         self.store = DeviceStore(state_dir)
         self.data = prepare_user(self.model, cfg, user_id, pairs)
         self.user_id = user_id
+        self.pairs = pairs
+        self.base_train = list(self.data.train)
+        self.feedback_examples = 0
+        self._feedback_cache: dict[str, CachedExample] = {}
         n = len(self.data.train)
         self.sample_rate = min(1.0, cfg.client.batch_size / n)
         self.noise_multiplier = self._noise_multiplier()
 
     # ------------------------------------------------------------ privacy
-    def _noise_multiplier(self) -> float:
+    def _noise_multiplier(self, ledger: PrivacyLedger | None = None) -> float:
+        """Sigma for this round's steps at the current sample rate.
+
+        Calibrated once for all planned steps at a fixed q, as long as every past step had that very
+        (sigma, q); after the dataset grew (q changed), the noise is picked so that the ledger's past
+        steps composed with the remaining planned steps at the new q stay within the budget.
+        """
         p = self.cfg.privacy
         if not p.enabled:
             return 0.0
         if p.noise_multiplier > 0:
             return p.noise_multiplier
         planned = self.cfg.planned_rounds * self.cfg.client.local_steps
-        return _calibrated(p.target_epsilon, p.delta, self.sample_rate, planned, p.accountant)
+        sigma = _calibrated(p.target_epsilon, p.delta, self.sample_rate, planned, p.accountant)
+        if ledger is None or all((s, q) == (sigma, self.sample_rate) for s, q, _ in ledger.history):
+            return sigma
+        remaining = max(self.cfg.client.local_steps, planned - ledger.total_steps)
+        adjusted = noise_for_remaining_budget(ledger, target_epsilon=p.target_epsilon, delta=p.delta,
+                                              sample_rate=self.sample_rate, remaining_steps=remaining)
+        return adjusted if adjusted is not None else sigma  # budget spent: train_round declines
+
+    def _grow_training_set(self, server_round: int, ledger: PrivacyLedger) -> None:
+        """The round's training set: the device's data + accepted/edited chat feedback (client.feedback)."""
+        fb = training_feedback(self.store, server_round=server_round, max_new=self.cfg.client.max_new_examples)
+        new = [e for e in fb if e.id not in self._feedback_cache]
+        if new:
+            for e, ex in zip(new, cache_examples(self.model, self.cfg, pairs_of(new))):
+                self._feedback_cache[e.id] = ex
+        self.data = UserData(self.user_id, self.base_train + [self._feedback_cache[e.id] for e in fb], self.data.held_out)
+        self.feedback_examples = len(fb)
+        self.sample_rate = min(1.0, self.cfg.client.batch_size / len(self.data.train))
+        self.noise_multiplier = self._noise_multiplier(ledger)
+        save_profile(self.store, compute_profile(self.pairs + pairs_of(fb), tokenizer=self.model.tokenizer).text())
 
     def load_ledger(self, name: str = LEDGER) -> PrivacyLedger:
         text = self.store.load_text(name)
@@ -168,6 +208,7 @@ class Device:
         """Train one round; returns (weighted shared update, summable metrics)."""
         cfg = self.cfg
         ledger = self.load_ledger()
+        self._grow_training_set(server_round, ledger)
         steps = cfg.client.local_steps
         if cfg.privacy.enabled:
             eps_next = ledger.epsilon_if(
@@ -180,6 +221,8 @@ class Device:
                     f"budget {cfg.privacy.target_epsilon} (spent {self.epsilon(ledger):.3f}); not training"
                 )
         self.model.load_shared_state(shared)
+        self.store.save_tensors(RECEIVED_SHARED, shared)  # for `fedpersona chat` on the device
+        self.store.save_text(RECEIVED_CONFIG, json.dumps(cfg.to_flat(), sort_keys=True))
         self.model.load_personal_state(self._personal())
         metrics: dict[str, float] = {}
         if cfg.eval.per_round:

@@ -122,8 +122,11 @@ class ClientConfig:
     batch_size: int = 8
     lr: float = 0.02
     optimizer: str = "adam"
+    max_new_examples: int = 0  # device policy: new chat-feedback examples a round may add (0 = no cap)
 
     def __post_init__(self) -> None:
+        if self.max_new_examples < 0:
+            raise _bad("client.max-new-examples", self.max_new_examples, "must be >= 0 (0 = no cap)")
         if self.local_steps < 1:
             raise _bad("client.local-steps", self.local_steps, "must be at least 1")
         if self.batch_size < 1:
