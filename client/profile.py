@@ -78,7 +78,8 @@ class Profile:
 
 
 def _words(text: str) -> list[str]:
-    return _WORD.findall(text)
+    """Words, a possessive 's dropped (father's -> father)."""
+    return [w[:-2] if w.lower().endswith("'s") and len(w) > 3 else w for w in _WORD.findall(text)]
 
 
 def document_frequencies(texts: Iterable[str]) -> tuple[Counter, int]:
