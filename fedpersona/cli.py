@@ -96,7 +96,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "newcomer":
         from simulations.newcomer import main as newcomer_main
 
-        return newcomer_main(quick=args.quick, scenario=args.scenario, overrides=_overrides(args.set))
+        return newcomer_main(quick=args.quick, initial=args.initial, scenario=args.scenario,
+                             overrides=_overrides(args.set))
     from simulations.bench import main as bench_main
 
     return bench_main(args.what, steps=args.steps, model=args.model)
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--model", default="smollm2", help="model.path to benchmark")
     b.add_argument("--quick", action="store_true", help="newcomer: a tiny model and the initial adapter (< 1 min)")
+    b.add_argument("--initial", action="store_true", help="newcomer: start from the initial shared adapter, not a checkpoint")
     b.add_argument("--scenario", default="demo", help="newcomer: the run whose newest checkpoint is the shared adapter")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     b.set_defaults(func=_cmd_bench)
