@@ -40,6 +40,8 @@ from client.profile import compute_profile, load_profile, save_profile, system_p
 logger = logging.getLogger(__name__)
 
 PROFILE_TOKENS = 64
+#: A small model loops ("I will. I will. ...") without it.
+REPETITION_PENALTY = 1.2
 HELP = """commands: /accept  /edit TEXT  /reject  /profile  /stats  /help  /quit   (other lines: a message to answer)"""
 
 
@@ -122,7 +124,8 @@ class ChatSession:
         sample = self.temperature > 0
         out = self.model.peft.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
-            min_new_tokens=1, suppress_tokens=self._suppress or None, do_sample=sample, temperature=self.temperature if sample else None, top_p=0.9 if sample else None,
+            min_new_tokens=1, suppress_tokens=self._suppress or None, repetition_penalty=REPETITION_PENALTY,
+            do_sample=sample, temperature=self.temperature if sample else None, top_p=0.9 if sample else None,
             eos_token_id=self._end, pad_token_id=tok.pad_token_id,
         )
         return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -1,5 +1,6 @@
 """The user profile: computed from the user's own replies, stored on the device, never in a message."""
 
+import io
 import warnings
 from pathlib import Path
 
@@ -143,3 +144,19 @@ def test_no_message_of_a_federation_carries_a_profile(tiny_model_dir, tmp_path):
     assert check.ok, check.violations
     train_lines = [ln for ls in inventories.values() for ln in ls if ln["message_type"] == "train"]
     assert train_lines and all(ln["profile_checked"] for ln in train_lines)
+
+    # `fedpersona chat --user`: the run's newest checkpoint + the simulated user's head, feedback into its store.
+    from client.chat import ChatSession, device_profile
+    from client.feedback import load_feedback
+    from simulations.chat import simulated_user
+
+    cfg2, model, store, pairs = simulated_user(users[0].user_id.lower(), None, flat)
+    assert store.state_dir == state / slug(users[0].user_id) and len(pairs) == len(users[0].examples)
+    out = io.StringIO()
+    session = ChatSession(model, cfg2, store, profile=device_profile(store, pairs=pairs, tokenizer=model.tokenizer),
+                          max_new_tokens=4, temperature=1.0, seed=1)
+    counts = session.run(["Who's there?", "/accept", "/profile", "/quit"], out)
+    assert counts.accepted == 1 and "profile: " + profiles[users[0].user_id] in out.getvalue()
+    assert [e.origin for e in load_feedback(store)] == ["accepted"]
+    with pytest.raises(ValueError, match="Unknown user"):
+        simulated_user("NOBODY (Nowhere)", None, flat)
