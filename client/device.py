@@ -240,7 +240,8 @@ class Device:
                 sample_rate=self.sample_rate, delta=cfg.privacy.delta,
             )
         after = self.model.shared_state()
-        weight = float(len(self.data.train))
+        # Feedback may grow n past data.max-examples: the weight stays capped there (secure sum: n / max <= 1).
+        weight = float(min(len(self.data.train), cfg.data.max_examples))
         update = {n: (after[n] - shared[n].to(after[n].dtype)) * weight for n in after}
         # Persist before replying: a lost reply must never hand back privacy budget.
         self.store.save_text(LEDGER, ledger.to_json())
