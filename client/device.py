@@ -8,7 +8,11 @@ The device keeps, in its own state folder (never in a message):
 * ``participation`` — the rounds it trained in and their step counts (what the
   local-only baseline replays),
 * ``local-baseline`` / ``ledger-local-baseline`` — the local-only model used
-  for evaluation in simulations, with its own ledger.
+  for evaluation in simulations, with its own ledger,
+* ``shared-received`` / ``shared-received-config`` — the shared adapter (and run config) of the
+  last round, for ``fedpersona chat`` on the device,
+* ``feedback`` / ``feedback-used`` / ``profile`` — chat feedback that grows the training set and
+  the user's profile (:mod:`client.feedback`, :mod:`client.profile`).
 
 A round (:meth:`Device.train_round`), Ditto / FedRep style:
 
@@ -40,6 +44,8 @@ import torch
 from client.data import encode_examples, read_user_folder, split_examples
 from client.node_data import node_data
 from client.policy import DevicePolicy, PolicyViolation
+from client.feedback import noise_for_remaining_budget, pairs_of, training_feedback
+from client.profile import compute_profile, save_profile
 from client.store import DeviceStore
 from client.train import CachedExample, TrainResult, evaluate, train_head, train_shared, trainer_for
 from fedpersona.config import Config
@@ -55,6 +61,8 @@ PARTICIPATION = "participation"
 BASELINE = "local-baseline"
 BASELINE_LEDGER = "ledger-local-baseline"
 BASELINE_HEAD_LEDGER = "ledger-local-baseline-head"
+RECEIVED_SHARED = "shared-received"
+RECEIVED_CONFIG = "shared-received-config"
 
 
 class BudgetExhausted(RuntimeError):
@@ -87,12 +95,14 @@ def prepare_user(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tup
     train_pairs, held_pairs = split_examples(pairs, eval_fraction=cfg.data.eval_fraction, seed=cfg.run.seed, key=user_id)
     _check_delta(cfg, user_id, len(train_pairs))
 
-    def cached(ps):
-        enc = encode_examples(model.tokenizer, ps, seq_len=cfg.model.seq_len, cue_tokens=cfg.model.cue_tokens)
-        hiddens = lower_hidden(model, [e.input_ids for e in enc])
-        return [CachedExample(h, tuple(labels_for(e.input_ids, e.target_mask))) for h, e in zip(hiddens, enc)]
+    return UserData(user_id, cache_examples(model, cfg, train_pairs), cache_examples(model, cfg, held_pairs))
 
-    return UserData(user_id, cached(train_pairs), cached(held_pairs))
+
+def cache_examples(model: AdaptedModel, cfg: Config, pairs: list[tuple[str, str]]) -> list[CachedExample]:
+    """Tokenize (cue, reply) pairs and run the frozen lower blocks once per example."""
+    enc = encode_examples(model.tokenizer, pairs, seq_len=cfg.model.seq_len, cue_tokens=cfg.model.cue_tokens)
+    hiddens = lower_hidden(model, [e.input_ids for e in enc])
+    return [CachedExample(h, tuple(labels_for(e.input_ids, e.target_mask))) for h, e in zip(hiddens, enc)]
 
 
 def load_pairs_for_node(cfg: Config, node_config: dict) -> tuple[str, list[tuple[str, str]], Path]:
@@ -135,6 +145,10 @@ class Device:
             _check_delta(cfg, user_id, len(prepared.train))
             self.data = prepared
         self.user_id = user_id
+        self.pairs = pairs
+        self.base_train = list(self.data.train)
+        self.feedback_examples = 0
+        self._feedback_cache: dict[str, CachedExample] = {}
         n = len(self.data.train)
         self.sample_rate = min(1.0, cfg.client.batch_size / n)
         self.noise_multiplier = self._noise_multiplier()
@@ -151,14 +165,39 @@ class Device:
     def head_dp(self) -> bool:
         return self.cfg.privacy.enabled and self.cfg.privacy.personal_head == "dp" and not self.joint
 
-    def _noise_multiplier(self) -> float:
+    def _noise_multiplier(self, ledger: PrivacyLedger | None = None) -> float:
+        """Sigma for this round's steps at the current sample rate.
+
+        Calibrated once for all planned steps at a fixed q, as long as every past step had that very
+        (sigma, q); after the dataset grew (q changed), the noise is picked so that the ledger's past
+        steps composed with the remaining planned steps at the new q stay within the budget.
+        """
         p = self.cfg.privacy
         if not p.enabled:
             return 0.0
         if p.noise_multiplier > 0:
             return p.noise_multiplier
         planned = self.cfg.planned_rounds * self.cfg.client.local_steps
-        return _calibrated(p.target_epsilon, p.delta, self.sample_rate, planned, p.accountant)
+        sigma = _calibrated(p.target_epsilon, p.delta, self.sample_rate, planned, p.accountant)
+        if ledger is None or all((s, q) == (sigma, self.sample_rate) for s, q, _ in ledger.history):
+            return sigma
+        remaining = max(self.cfg.client.local_steps, planned - ledger.total_steps)
+        adjusted = noise_for_remaining_budget(ledger, target_epsilon=p.target_epsilon, delta=p.delta,
+                                              sample_rate=self.sample_rate, remaining_steps=remaining)
+        return adjusted if adjusted is not None else sigma  # budget spent: train_round declines
+
+    def _grow_training_set(self, server_round: int, ledger: PrivacyLedger) -> None:
+        """The round's training set: the device's data + accepted/edited chat feedback (client.feedback)."""
+        fb = training_feedback(self.store, server_round=server_round, max_new=self.cfg.client.max_new_examples)
+        new = [e for e in fb if e.id not in self._feedback_cache]
+        if new:
+            for e, ex in zip(new, cache_examples(self.model, self.cfg, pairs_of(new))):
+                self._feedback_cache[e.id] = ex
+        self.data = UserData(self.user_id, self.base_train + [self._feedback_cache[e.id] for e in fb], self.data.held_out)
+        self.feedback_examples = len(fb)
+        self.sample_rate = min(1.0, self.cfg.client.batch_size / len(self.data.train))
+        self.noise_multiplier = self._noise_multiplier(ledger)
+        save_profile(self.store, compute_profile(self.pairs + pairs_of(fb), tokenizer=self.model.tokenizer).text())
 
     def _head_noise_multiplier(self) -> float:
         """The head's own DP-SGD noise (``privacy.personal-head = dp``), for its own budget."""
@@ -239,6 +278,7 @@ class Device:
             logger.warning("round %d refused by this device's privacy policy (%s): %s", server_round, self.policy.source, exc)
             raise
         ledger = self.load_ledger()
+        self._grow_training_set(server_round, ledger)
         steps = cfg.client.local_steps
         if cfg.privacy.enabled and math.isinf(self.epsilon(ledger)):
             raise BudgetExhausted(
@@ -256,6 +296,8 @@ class Device:
                     f"budget {cfg.privacy.target_epsilon} (spent {self.epsilon(ledger):.3f}); not training"
                 )
         self.model.load_shared_state(shared)
+        self.store.save_tensors(RECEIVED_SHARED, shared)  # for `fedpersona chat` on the device
+        self.store.save_text(RECEIVED_CONFIG, json.dumps(cfg.to_flat(), sort_keys=True))
         self.model.load_personal_state(self._personal())
         metrics: dict[str, float] = {}
         if cfg.eval.per_round:
@@ -271,7 +313,8 @@ class Device:
             sample_rate=self.sample_rate, delta=cfg.privacy.delta, settings=settings,
         )
         after = self.model.shared_state()
-        weight = float(len(self.data.train))
+        # Feedback may grow n past data.max-examples: the weight stays capped there (secure sum: n / max <= 1).
+        weight = float(min(len(self.data.train), cfg.data.max_examples))
         update = {n: (after[n] - shared[n].to(after[n].dtype)) * weight for n in after}
         # The head, on top of the new shared adapter; it never enters the update above.
         head_ledger = self.load_ledger(HEAD_LEDGER) if self.head_dp else None

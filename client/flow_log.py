@@ -12,7 +12,11 @@ sees every reply exactly as it leaves the device, whatever the handler or the mo
 never values), plus, for arrays, ``masked`` (a secure-aggregation masked vector: a ``uint8``
 (b-bit packed) array named like ``masked`` in a record whose name contains ``secagg``) and
 ``protocol`` (a ``uint64`` array of that record: share-holder and owner ids), and ``type`` for config and metric
-entries (``str``, ``bytes``, ``int`` ...). An error reply records its code and reason. The check that nothing
+entries (``str``, ``bytes``, ``int`` ...). An error reply records its code and reason. The device also
+scans each reply for its user profile (:mod:`client.profile`: the whole text and each sentence, in
+every string, bytes value and array's raw bytes, and in an error's reason): the line gets
+``"profile_checked": true`` when the device had a profile, and a row that carries it ``"profile": true``
+(an error reason that does: ``"error_profile": true``). The check that nothing
 personal left the device is :func:`privacy.audit.inventory.verify_inventory`.
 
 On by default; the cost is one SHA-256 pass over the reply's arrays and one appended line.
@@ -78,6 +82,44 @@ def describe(content: RecordDict) -> list[dict]:
             if isinstance(value, list):
                 row["bytes"] = 8 * len(value)
     return rows
+
+
+def _contains(value, needles: list[str], raw: list[bytes]) -> bool:
+    if isinstance(value, str):
+        return any(n in value for n in needles)
+    if isinstance(value, (bytes, bytearray)):
+        return any(b in value for b in raw)
+    if isinstance(value, list):
+        return any(_contains(v, needles, raw) for v in value)
+    return False
+
+
+def mark_profile(reply: Message, entry: dict, needles: list[str]) -> dict:
+    """Flag the rows of ``entry`` (the line of ``reply``) whose value carries the user profile."""
+    entry["profile_checked"] = bool(needles)
+    if not needles:
+        return entry
+    raw = [n.encode("utf-8") for n in needles]
+    if reply.has_error():
+        entry["error_profile"] = _contains(str(reply.error.reason), needles, raw)
+        return entry
+    if not reply.has_content():
+        return entry
+    content = reply.content
+    for row in entry["rows"]:
+        if row["kind"] == "array":
+            data = content.array_records[row["record"]][row["name"]].data
+            row["profile"] = any(b in data for b in raw)
+        elif row["kind"] == "config":
+            row["profile"] = _contains(content.config_records[row["record"]][row["name"]], needles, raw)
+    return entry
+
+
+def _profile_needles(state_dir: Path) -> list[str]:
+    from client.profile import load_profile, profile_needles
+    from client.store import DeviceStore
+
+    return profile_needles(load_profile(DeviceStore(state_dir)))
 
 
 def entry_for(reply: Message, *, run_id: int, node_id: int) -> dict:
@@ -148,7 +190,14 @@ def inventory_mod(message: Message, context: Context, call_next: ClientAppCallab
         warnings.warn(f"${INVENTORY_ENV} is off: this device's replies are not inventoried", stacklevel=2)
         return reply
     try:
-        append_entry(_state_dir(context), entry_for(reply, run_id=context.run_id, node_id=context.node_id))
+        state_dir = _state_dir(context)
+        entry = entry_for(reply, run_id=context.run_id, node_id=context.node_id)
+        try:
+            needles = _profile_needles(state_dir)
+        except Exception as exc:  # an unreadable store: the line says the profile was not checked
+            logger.warning("node %s: profile not checked (%s: %s)", context.node_id, type(exc).__name__, exc)
+            needles = []
+        append_entry(state_dir, mark_profile(reply, entry, needles))
     except Exception as exc:  # the inventory must never break a reply; the audit sees the gap
         logger.error("node %s: could not record the data-flow inventory: %s: %s",
                      context.node_id, type(exc).__name__, exc)

@@ -2,9 +2,11 @@
 
     fedpersona run [SCENARIO] [--set key=value ...] [-q|-v]   federated simulation (default scenario: demo)
     fedpersona generate --user "ROLE (Play)" --prompt "..."   reply in a user's voice
+    fedpersona chat --state-dir S [--data-dir D] | --user "ROLE (Play)"   the assistant in the terminal, with feedback
     fedpersona bench dp-step                             DP vs non-DP step cost, side by side
     fedpersona bench utility [SCENARIO] [--epsilons 1,4,8] [--quick]   what users get under the privacy guarantee
     fedpersona bench engine [--quick]                    cohort engine vs sequential Opacus path
+    fedpersona bench newcomer [--quick]                  a user who joins late: head, profile, Reptile-style
     fedpersona certs --out DIR --supernodes 4 [--san IP:10.0.0.5]   CA, SuperLink TLS cert, SuperNode keys
     fedpersona supernode --superlink HOST:PORT --data-dir D --state-dir S ...   one device (docs/deployment.md)
     fedpersona audit RUN_FOLDER | --device STATE_DIR       privacy report: epsilon, data flow, attacks (docs/audit.md)
@@ -79,12 +81,45 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from client.chat import ChatSession, device_profile, load_device_model
+
+    if (args.user is None) == (args.state_dir is None):
+        raise ValueError("fedpersona chat needs exactly one of --state-dir (a device) or --user (a simulation run)")
+    if args.user is not None:
+        from simulations.chat import simulated_user
+
+        cfg, model, store, pairs = simulated_user(args.user, args.scenario, _overrides(args.set))
+    else:
+        from client.data import read_user_folder
+        from client.store import DeviceStore
+
+        store = DeviceStore(args.state_dir)
+        cfg, model = load_device_model(store, _overrides(args.set))
+        pairs = read_user_folder(args.data_dir) if args.data_dir else None
+    profile = "" if args.no_profile else device_profile(store, pairs=pairs, tokenizer=model.tokenizer)
+    session = ChatSession(model, cfg, store, profile=profile, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, seed=args.seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        from client.chat import HELP
+
+        print(HELP)
+    session.run(sys.stdin, sys.stdout, prompt="you> " if interactive else "")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "utility":
         from simulations.utility import main as utility_main
 
         return utility_main(args.scenario, epsilons=args.epsilons, quick=args.quick, overrides=_overrides(args.set),
                             vary=args.vary)
+    if args.what == "newcomer":
+        from simulations.newcomer import main as newcomer_main
+
+        return newcomer_main(quick=args.quick, initial=args.initial, scenario=args.scenario,
+                             overrides=_overrides(args.set))
     from simulations.bench import main as bench_main
 
     cohorts = tuple(int(c) for c in args.cohorts.split(",")) if args.cohorts else None
@@ -147,11 +182,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_cmd_generate)
 
+    h = sub.add_parser("chat", help="chat with a user's assistant; accept / edit / reject replies (they become local data)")
+    h.add_argument("--state-dir", help="a device's state folder (shared adapter of its last round + its head)")
+    h.add_argument("--data-dir", help="the device's own *.jsonl data (for the user profile; optional)")
+    h.add_argument("--user", help='a simulated user of a run, e.g. "HAMLET (Hamlet)"')
+    h.add_argument("--scenario", default="demo", help="with --user: the run's scenario (default: demo)")
+    h.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    h.add_argument("--no-profile", action="store_true", help="write without the profile prefix")
+    h.add_argument("--max-new-tokens", type=int, default=48)
+    h.add_argument("--temperature", type=float, default=0.7)
+    h.add_argument("--seed", type=int, default=0)
+    h.set_defaults(func=_cmd_chat)
+
     b = sub.add_parser("bench", help="print benchmark figures")
-    b.add_argument("what", choices=["dp-step", "engine", "utility"],
+    b.add_argument("what", choices=["dp-step", "engine", "utility", "newcomer"],
                    help="dp-step: DP vs non-DP step on the same batches; engine: cohort engine vs sequential Opacus; "
-                        "utility: the utility study (simulations/utility.py)")
-    b.add_argument("scenario", nargs="?", default="demo", help="utility: scenario name or TOML path (default: demo)")
+                        "utility: the utility study (simulations/utility.py); newcomer: a user who joins after training")
+    b.add_argument("scenario", nargs="?", default="demo",
+                   help="utility: scenario name or TOML path; newcomer: the run whose newest checkpoint is the shared "
+                        "adapter (default: demo)")
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--quick", action="store_true", help="engine: tiny model on the CPU, 16 clients (about a minute); "
                    "utility: fewer users and rounds (a smoke run)")
@@ -167,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="utility: override a config key")
     b.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
                    help="utility: one more DP federated row per value (at the largest epsilon)")
+    b.add_argument("--initial", action="store_true", help="newcomer: start from the initial shared adapter, not a checkpoint")
     b.set_defaults(func=_cmd_bench)
 
     c = sub.add_parser("certs", help="create a CA, the SuperLink TLS certificate and SuperNode key pairs (docs/deployment.md)")

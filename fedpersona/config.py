@@ -171,6 +171,7 @@ class ClientConfig:
     head_steps: int = 12
     head_batch_size: int = 8
     head_lr: float = 0.003
+    max_new_examples: int = 0  # device policy: new chat-feedback examples a round may add (0 = no cap)
 
     def __post_init__(self) -> None:
         if self.head_steps < 0:
@@ -179,6 +180,8 @@ class ClientConfig:
             raise _bad("client.head-batch-size", self.head_batch_size, "must be at least 1")
         if not self.head_lr > 0:
             raise _bad("client.head-lr", self.head_lr, "must be positive")
+        if self.max_new_examples < 0:
+            raise _bad("client.max-new-examples", self.max_new_examples, "must be >= 0 (0 = no cap)")
         if self.local_steps < 1:
             raise _bad("client.local-steps", self.local_steps, "must be at least 1")
         if self.batch_size < 1:

@@ -14,6 +14,8 @@ row by row:
    ``status.detail``: a device declining; ``identity.user-id``: the user label of the final
    evaluation), bytes only inside ``secagg`` records (encrypted secret shares), no string arrays.
 4. With ``shared_names``: every unmasked array is a shared-adapter tensor.
+5. **No user profile**: no row (and no error reason) that the device found to carry its user profile
+   (:mod:`client.profile`; the device scans every reply for it, since only it knows the profile).
 
 :func:`check_completeness` compares the devices' lines with the server's: a reply the server
 received but no device recorded is an unrecorded data flow.
@@ -71,6 +73,8 @@ def _row_violations(row: dict, personal: set[str], digests: set[str], shared: se
         return [f"malformed {kind} row: missing {missing}"]
     record, name = str(row["record"]), str(row["name"])
     out = []
+    if row.get("profile"):
+        out.append(f"the user profile left the device in {kind} {record}/{name}")
     if kind == "array":
         dtype = str(row["dtype"])
         masked = is_masked(record, name, dtype)
@@ -130,6 +134,8 @@ def verify_inventory(
             if line.get("reply") not in ("content", "error") or not isinstance(line.get("rows"), list):
                 violations.append({**where, "problem": "malformed inventory line (no reply kind or rows)"})
                 continue
+            if line.get("error_profile"):
+                violations.append({**where, "problem": "the user profile left the device in an error reason"})
             for row in line["rows"]:
                 rows += 1
                 for problem in _row_violations(row, personal, digests, shared):

@@ -10,11 +10,11 @@ import csv
 import json
 from pathlib import Path
 
-from simulations.partitions import simulated_state_dir
 from client.store import DeviceStore
 from fedpersona.cli import main
 from fedpersona.config import load_config
 from simulations.corpus import load_users
+from simulations.partitions import simulated_state_dir
 
 
 def _scenario(tmp_path, tiny_config) -> Path:

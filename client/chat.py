@@ -1,0 +1,241 @@
+"""``fedpersona chat``: the assistant in the terminal, with the user's feedback kept as local training data.
+
+The model is the base model + the shared adapter + this device's personal head; on a device the
+shared adapter is the one it last received in a round (saved in its store at train time), in a
+simulation run the run's newest checkpoint. Each plain input line is a message to the user; the
+assistant drafts the user's reply (in the user's voice), with the conversation so far as context:
+the latest turns that fit in ``model.seq-len`` tokens (older turns are dropped whole; a message
+longer than that keeps its last tokens). The user profile (:mod:`client.profile`) comes before it,
+as a ChatML system turn of at most :data:`PROFILE_TOKENS` tokens.
+
+Commands (a line that starts with ``/``)::
+
+    /accept        the draft is what I would have said: keep it as a new example
+    /edit TEXT     what I would have said is TEXT: keep (message, TEXT) as a new example
+    /reject        the draft is wrong: keep it as a negative example (evaluation only)
+    /profile       show the profile the assistant writes with
+    /stats         loss of the model on the kept examples and on the rejected drafts
+    /help          this list
+    /quit          leave (end of input does the same)
+
+A draft left without a command stays in the context and is not kept. Accepted and edited replies
+join the training set at the device's next round (:mod:`client.feedback`). Input is read line by
+line, so a session can be scripted: ``printf 'Good morrow\\n/accept\\n/quit\\n' | fedpersona chat ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TextIO
+
+import torch
+
+from client.data import ASSISTANT_HEADER, IM_END, USER_HEADER
+from client.device import HEAD_FILE, RECEIVED_CONFIG, RECEIVED_SHARED, cache_examples
+from client.feedback import load_feedback, pairs_of, record_feedback
+from client.profile import compute_profile, load_profile, save_profile, system_prefix
+from client.store import DeviceStore
+from client.train import evaluate
+from fedpersona.config import load_config
+from fedpersona.devices import resolve_device
+from fedpersona.model import adapted_model
+
+logger = logging.getLogger(__name__)
+
+
+def feedback_losses(model, cfg, store: DeviceStore) -> dict[str, float]:
+    """Held-out-style loss (nats/token) of the model as it stands on the positive and on the rejected examples."""
+    examples = load_feedback(store)
+    out: dict[str, float] = {}
+    for label, chosen in (("positive", [e for e in examples if e.positive]),
+                          ("rejected", [e for e in examples if not e.positive])):
+        out[f"{label}-examples"] = float(len(chosen))
+        out[f"{label}-loss"] = (evaluate(model, cache_examples(model, cfg, [(e.cue, e.reply) for e in chosen]))["loss"]
+                                if chosen else math.nan)
+    return out
+
+PROFILE_TOKENS = 64
+#: A small model loops ("I will. I will. ...") without it.
+REPETITION_PENALTY = 1.2
+HELP = """commands: /accept  /edit TEXT  /reject  /profile  /stats  /help  /quit   (other lines: a message to answer)"""
+
+
+@dataclass
+class SessionCounts:
+    drafts: int = 0
+    accepted: int = 0
+    edited: int = 0
+    rejected: int = 0
+    turns: list[tuple[str, str]] = field(default_factory=list)
+
+
+def device_profile(store, *, pairs: list[tuple[str, str]] | None, tokenizer) -> str:
+    """The profile to write with: recomputed from ``pairs`` + kept feedback when the data is at hand, else the stored one."""
+    kept = pairs_of([e for e in load_feedback(store) if e.positive])
+    if pairs is not None:
+        text = compute_profile(list(pairs) + kept, tokenizer=tokenizer).text()
+        save_profile(store, text)
+        return text
+    stored = load_profile(store)
+    if stored is not None:
+        return stored
+    return compute_profile(kept, tokenizer=tokenizer).text()
+
+
+class ChatSession:
+    """One conversation with the personalized model (already loaded with the shared adapter and the head)."""
+
+    def __init__(self, model, cfg, store, *, profile: str = "", max_new_tokens: int = 48, temperature: float = 0.7,
+                 seed: int = 0) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1. You passed: {max_new_tokens!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0. You passed: {temperature!r}")
+        self.model, self.cfg, self.store = model, cfg, store
+        self.profile = profile
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.generator_seed = seed
+        self.device = resolve_device(cfg.model.device)
+        if self.device.type != "cpu":
+            model.peft.to(self.device)
+        tok = model.tokenizer
+        self._end = tok.convert_tokens_to_ids(IM_END)
+        # A draft is one reply: it never opens another turn or ends the text before it starts.
+        self._suppress = sorted(set(tok.all_special_ids) - {self._end})
+        prefix = self._ids(system_prefix(profile))
+        if len(prefix) > PROFILE_TOKENS:  # keep the closing of the system turn
+            prefix = prefix[: PROFILE_TOKENS - 2] + self._ids(f"{IM_END}\n")
+        self._prefix = prefix
+        torch.manual_seed(seed)
+
+    def _ids(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return list(self.model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def context_ids(self, turns: list[tuple[str, str]], message: str) -> list[int]:
+        """Profile prefix + the latest turns and the message that fit in ``model.seq-len`` tokens."""
+        budget = self.cfg.model.seq_len
+        head, tail = self._ids(USER_HEADER), self._ids(ASSISTANT_HEADER)
+        msg = self._ids(message)
+        room = budget - len(head) - len(tail)
+        if len(msg) > room:
+            msg = msg[len(msg) - room:] if room > 0 else []
+        current = head + msg + tail
+        context: list[int] = []
+        used = len(current)
+        for cue, reply in reversed(turns):
+            turn = self._ids(f"{USER_HEADER}{cue}{ASSISTANT_HEADER}{reply}{IM_END}\n")
+            if used + len(turn) > budget:
+                break
+            context = turn + context
+            used += len(turn)
+        return self._prefix + context + current
+
+    @torch.no_grad()
+    def draft(self, turns: list[tuple[str, str]], message: str) -> str:
+        ids = torch.tensor([self.context_ids(turns, message)], dtype=torch.long, device=self.device)
+        tok = self.model.tokenizer
+        sample = self.temperature > 0
+        out = self.model.peft.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
+            min_new_tokens=1, suppress_tokens=self._suppress or None, repetition_penalty=REPETITION_PENALTY,
+            do_sample=sample, temperature=self.temperature if sample else None, top_p=0.9 if sample else None,
+            eos_token_id=self._end, pad_token_id=tok.pad_token_id,
+        )
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    def run(self, lines: Iterable[str], out: TextIO = sys.stdout, *, prompt: str = "") -> SessionCounts:
+        """Read messages and commands line by line; print drafts and what was kept."""
+        counts = SessionCounts()
+        pending: tuple[str, str] | None = None
+
+        def say(text: str) -> None:
+            print(text, file=out, flush=True)
+
+        if prompt:
+            out.write(prompt)
+            out.flush()
+        for raw in lines:
+            line = raw.strip()
+            if not line:
+                pass
+            elif not line.startswith("/"):
+                if pending is not None:
+                    counts.turns.append(pending)  # no feedback: stays in the context, is not kept
+                pending = (line, self.draft(counts.turns, line))
+                counts.drafts += 1
+                say(f"assistant: {pending[1] or '(empty draft)'}")
+            else:
+                command, _, arg = line.partition(" ")
+                arg = arg.strip()
+                if command == "/quit":
+                    break
+                if command == "/help":
+                    say(HELP)
+                elif command == "/profile":
+                    say(f"profile: {self.profile or '(none yet: no examples)'}")
+                elif command == "/stats":
+                    s = feedback_losses(self.model, self.cfg, self.store)
+                    say(f"kept examples: {int(s['positive-examples'])} (loss {s['positive-loss']:.3f}); "
+                        f"rejected drafts: {int(s['rejected-examples'])} (loss {s['rejected-loss']:.3f})")
+                elif command in ("/accept", "/edit", "/reject"):
+                    if pending is None:
+                        say(f"{command}: there is no draft to give feedback on")
+                    elif command == "/accept" and not pending[1]:
+                        say("/accept: the draft is empty; use /edit TEXT or /reject")
+                    elif command == "/edit" and not arg:
+                        say("/edit needs the text you would have said: /edit TEXT")
+                    else:
+                        cue, draft = pending
+                        if command == "/accept":
+                            record_feedback(self.store, cue=cue, reply=draft, origin="accepted")
+                            counts.accepted += 1
+                            counts.turns.append((cue, draft))
+                            say("[accepted: kept as a new example for the next round]")
+                        elif command == "/edit":
+                            record_feedback(self.store, cue=cue, reply=arg, origin="edited", proposed=draft)
+                            counts.edited += 1
+                            counts.turns.append((cue, arg))
+                            say("[edited: your text is kept as a new example for the next round]")
+                        else:
+                            record_feedback(self.store, cue=cue, reply=draft or "(empty)", origin="rejected")
+                            counts.rejected += 1
+                            say("[rejected: kept as a negative example, never trained on]")
+                        pending = None
+                else:
+                    say(f"unknown command {command!r}; {HELP}")
+            if prompt:
+                out.write(prompt)
+                out.flush()
+        say(f"session: {counts.drafts} draft(s), {counts.accepted} accepted, {counts.edited} edited, "
+            f"{counts.rejected} rejected; kept examples join the training set at the next round")
+        return counts
+
+
+def load_device_model(store, overrides: dict | None = None):
+    """(config, model) of a device from what its last round left in its store (shared adapter, config, head)."""
+    text = store.load_text(RECEIVED_CONFIG)
+    shared = store.load_tensors(RECEIVED_SHARED)
+    if text is None or shared is None:
+        raise ValueError(f"state folder {str(store.state_dir)!r} holds no shared adapter yet: the device has not "
+                         f"taken part in a round (or its state predates `fedpersona chat`)")
+    flat = json.loads(text)
+    flat.update(overrides or {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the run's settings were warned about when it trained
+        cfg = load_config(flat, env=False)
+    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
+    model.load_shared_state(shared)
+    head = store.load_tensors(HEAD_FILE)
+    if head is None:
+        logger.warning("no personal head in %s: chatting with the shared adapter and a fresh head", store.state_dir)
+        head = model.fresh_personal_state()
+    model.load_personal_state(head)
+    return cfg, model
