@@ -5,7 +5,12 @@ The device keeps, in its own state folder (never in a message):
 * ``personal`` — the personal head (tensors of the personal adapter),
 * ``ledger`` — the privacy ledger: every DP-SGD step it ever took,
 * ``local-baseline`` / ``ledger-local-baseline`` — the local-only model used
-  for evaluation in simulations, with its own ledger.
+  for evaluation in simulations only, with its own ledger (its epsilon is reported beside the
+  federated one: it covers the local-only model, which never leaves the device; the federated
+  epsilon covers the shared updates the device sent),
+* ``evaluation`` — the device's own final-evaluation row (user id and figures); it never leaves
+  the device: the server gets only sums (:mod:`privacy.secagg.eval_figures`); a simulation reads
+  the rows from the devices' stores on its own machine.
 
 What leaves the device in a round is built by :meth:`Device.train_round`: the
 change of the *shared* adapter tensors (times the example weight), the weight,
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -37,6 +43,7 @@ LEDGER = "ledger"
 HEAD_FILE = "personal"
 BASELINE = "local-baseline"
 BASELINE_LEDGER = "ledger-local-baseline"
+EVALUATION = "evaluation"
 
 
 class BudgetExhausted(RuntimeError):
@@ -101,6 +108,9 @@ class Device:
         self.trainer = trainer_for(self.model)
         user_id, pairs, state_dir = load_pairs_for_node(cfg, node_config)
         self.store = DeviceStore(state_dir)
+        # A deployment device (its own data folder) never trains the local-only baseline: a second DP
+        # model of the same data whose ledger the device's epsilon does not cover.
+        self.simulated = "data-dir" not in node_config
         self.data = prepare_user(self.model, cfg, user_id, pairs)
         self.user_id = user_id
         n = len(self.data.train)
@@ -190,20 +200,25 @@ class Device:
         )
         return update, metrics
 
-    def final_evaluation(self, shared: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Base, shared only, personalized and local-only on the held-out split."""
+    def final_evaluation(self, shared: dict[str, torch.Tensor], *, run_id: int = 0) -> dict[str, float]:
+        """Base, shared only, personalized and (simulation) local-only on the held-out split.
+
+        The row is written to the device's own store (``evaluation``, with the user id); only its
+        summable figures are sent (:mod:`privacy.secagg.eval_figures`).
+        """
         cfg = self.cfg
         self.model.load_shared_state(shared)
         self.model.load_personal_state(self._personal())
         out: dict[str, float] = {}
         with self.model.adapters_disabled():
             r = self._heldout()
-        out["base-loss"], out["base-accuracy"] = r["loss"], r["accuracy"]
+        out["base-loss"], out["base-accuracy"], out["base-tokens"] = r["loss"], r["accuracy"], float(r["tokens"])
         with self.model.personal_zeroed():
             r = self._heldout()
-        out["shared-loss"], out["shared-accuracy"] = r["loss"], r["accuracy"]
+        out["shared-loss"], out["shared-accuracy"], out["shared-tokens"] = r["loss"], r["accuracy"], float(r["tokens"])
         r = self._heldout()
         out["personal-loss"], out["personal-accuracy"] = r["loss"], r["accuracy"]
+        out["personal-tokens"] = float(r["tokens"])
         ledger = self.load_ledger()
         eps = self.epsilon(ledger)
         out["epsilon"] = eps if math.isfinite(eps) else -1.0
@@ -212,7 +227,14 @@ class Device:
         out["held-out-examples"] = float(len(self.data.held_out))
         out["train-examples"] = float(len(self.data.train))
         if cfg.eval.local_baseline:
-            out.update(self._local_baseline(shared, steps=ledger.total_steps))
+            if self.simulated:
+                out.update(self._local_baseline(shared, steps=ledger.total_steps))
+            else:
+                logger.warning("eval.local-baseline = true refused: the local-only baseline trains a second DP model "
+                               "of this user's data and runs in simulations only")
+        row = {"run_id": int(run_id), "user": self.user_id,
+               **{k: (v if math.isfinite(v) else None) for k, v in out.items()}}
+        self.store.save_text(EVALUATION, json.dumps(row, sort_keys=True))
         return out
 
     def _local_baseline(self, shared: dict[str, torch.Tensor], *, steps: int) -> dict[str, float]:
@@ -244,4 +266,5 @@ class Device:
         # Leave the federated state loaded again.
         self.model.load_shared_state(shared)
         self.model.load_personal_state(self._personal())
-        return {"local-loss": r["loss"], "local-accuracy": r["accuracy"], "local-epsilon": eps if math.isfinite(eps) else -1.0}
+        return {"local-loss": r["loss"], "local-accuracy": r["accuracy"], "local-tokens": float(r["tokens"]),
+                "local-epsilon": eps if math.isfinite(eps) else -1.0}

@@ -95,6 +95,9 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
     if not metrics_path.is_file():
         raise RuntimeError(f"The simulation ended without writing {metrics_path}; see the log above")
     metrics = json.loads(metrics_path.read_text())
+    from simulations.user_table import attach_user_table, simulated_state_dirs
+
+    attach_user_table(metrics_path.parent, metrics, simulated_state_dirs(cfg))
     metrics["wall_seconds"] = time.perf_counter() - t0
     failed = sum(r.get("failed", 0) for r in metrics.get("rounds", []))
     if failed:

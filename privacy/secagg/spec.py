@@ -106,7 +106,7 @@ from privacy.secagg.crypto import SEAL_OVERHEAD, ClientKeys, derive, ecdh, encod
 from privacy.secagg.graph import build_graph, default_degree, default_threshold
 from privacy.secagg.quantize import ExtraSpec, Quantizer
 
-__all__ = ["SecAggAbort", "SecAggParams", "SecAggInputError", "payload_nbytes", "round_digest"]
+__all__ = ["SecAggAbort", "SecAggParams", "SecAggInputError", "payload_nbytes", "request_digest", "round_digest"]
 
 _U64 = 2**64
 
@@ -190,6 +190,11 @@ def round_digest(*, run_id: int, round: int, cohort: Sequence[int], graph_seed: 
     enc = encode_fields("round", run_id, round, degree, threshold, min_survivors, modulus_bits, length, num_extras,
                         graph_seed, *sorted(int(c) for c in cohort))
     return hashlib.sha256(enc).digest()
+
+
+def request_digest(request: Mapping[str, Any], *, what: str = "request") -> bytes:
+    """The round digest of a masked-input or unmask request (SecAggInputError if its setup is malformed)."""
+    return _RoundSetup.from_fields(request, what=what).digest
 
 
 def _pair_seed(keys: ClientKeys, me: int, peer: int, peer_mask_pk: bytes, digest: bytes) -> int:
