@@ -64,7 +64,8 @@ def _message_bytes(message) -> bytes:
 
 
 @pytest.fixture
-def run(tiny_config, tmp_path, monkeypatch):
+def run(tiny_config, tmp_path, monkeypatch, request):
+    secure = getattr(request, "param", True)  # secure aggregation on, unless a test asks for it off
     from flwr.supercore.task_identity import TaskIdentity
 
     for attr, value in (("task_id", 1), ("run_id", RUN_ID), ("node_id", 1)):
@@ -74,7 +75,7 @@ def run(tiny_config, tmp_path, monkeypatch):
     client_inventory._STATE_DIRS.clear()
     flat = dict(tiny_config, **{"privacy.delta": 1e-2, "data.max-examples": 12, "server.clients-per-round": 3,
                                 "server.num-rounds": 1, "privacy.noise-multiplier": 1.0, "eval.final": True,
-                                "eval.local-baseline": True})
+                                "eval.local-baseline": True, "secagg.enabled": secure})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cfg = load_config(flat, env=False)
@@ -82,13 +83,15 @@ def run(tiny_config, tmp_path, monkeypatch):
                              node_config={"data-dir": str(_folder(tmp_path / f"d{nid}", uid, broken=nid == BROKEN)),
                                           "state-dir": str(tmp_path / f"s{nid}"), "user-id": uid})
                 for nid, uid in USERS.items()}
-    yield cfg, FakeGrid(contexts)
+    yield cfg, FakeGrid(contexts), secure
     client_app._DEVICES.clear()
     client_inventory._STATE_DIRS.clear()
 
 
+@pytest.mark.parametrize("run", [True, False], ids=["secure", "plain"], indirect=True)
 def test_no_user_text_or_id_in_any_message_or_server_file(run, caplog):
-    cfg, grid = run
+    """Also with secure aggregation off: the figures are then in the clear, but still no user id or text."""
+    cfg, grid, secure = run
     with caplog.at_level(logging.INFO):
         metrics = run_federation(grid, cfg)
     needles = _needles()
@@ -103,7 +106,7 @@ def test_no_user_text_or_id_in_any_message_or_server_file(run, caplog):
                 assert n not in blob, (msg.metadata.message_type, n)
         if not reply.has_error():
             assert "identity" not in reply.content.config_records
-    assert {"train", "evaluate", "query.unmask", "query.advertise"} <= kinds
+    assert ({"train", "evaluate", "query.unmask", "query.advertise"} if secure else {"train", "evaluate"}) <= kinds
     errors = [r for _, r in grid.log if r.has_error()]
     assert errors and all(r.metadata.src_node_id == BROKEN for r in errors)  # the broken device failed, quietly
     # Every file the server wrote.
@@ -130,7 +133,8 @@ def test_no_user_text_or_id_in_any_message_or_server_file(run, caplog):
 
 
 def test_the_secure_sum_equals_the_devices_own_rows(run):
-    cfg, grid = run
+    cfg, grid, secure = run
+    assert secure
     metrics = run_federation(grid, cfg)
     from client.device import EVALUATION
     from client.store import DeviceStore

@@ -107,6 +107,15 @@ def test_unmask_for_an_older_round_than_the_latest_masked_input_is_refused(feder
         assert reply.has_error() and reply.error.reason.startswith("ReplayRefused: ")
 
 
+def test_device_floor_from_node_config():
+    from client.secagg import min_contributors_floor
+
+    assert min_contributors_floor({}) == 3 and min_contributors_floor({"policy.min-contributors": "5"}) == 5
+    for bad in (1, "x", 2.5, True):
+        with pytest.raises(ValueError, match=r"policy.min-contributors.*You passed"):
+            min_contributors_floor({"policy.min-contributors": bad})
+
+
 @pytest.mark.parametrize("floor", [4, 6])
 def test_device_floor_refuses_small_sums(federation, floor):  # noqa: F811
     cfg, grid = federation()

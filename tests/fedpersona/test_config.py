@@ -96,3 +96,11 @@ def test_parse_override():
     assert parse_override("privacy.enabled=false") == ("privacy.enabled", False)
     with pytest.raises(ValueError, match="key=value"):
         parse_override("nothing")
+
+
+def test_min_contributors_range():
+    assert load_config({}, env=False).secagg.min_contributors == 3
+    with pytest.raises(ValueError, match=r"secagg.min-contributors.*>= 2.*You passed: 1"):
+        load_config({"secagg.min-contributors": 1}, env=False)
+    with pytest.raises(ValueError, match=r"secagg.min-contributors.*clients-per-round=4.*You passed: 5"):
+        load_config({"secagg.min-contributors": 5, "server.clients-per-round": 4}, env=False)
