@@ -42,7 +42,9 @@ from flwr.clientapp.typing import Mod
 
 from client import secagg
 from client.device import LEDGER, BudgetExhausted, Device, state_dir_for
+from client.failures import failure_mod
 from client.flow_log import inventory_mod
+from client.policy import PolicyViolation
 from client.store import DeviceStore, StateError
 from fedpersona.config import Config, load_config
 from fedpersona.secagg_wire import from_records, has_request, to_records
@@ -92,7 +94,20 @@ def _error(message: Message, exc: BaseException) -> Message:
 
 
 def _floor(context: Context) -> int:
-    return secagg.min_contributors_floor(dict(context.node_config))
+    """The device policy's floor on the contributors of any sum this device helps unmask."""
+    policy = getattr(_DEVICES.get((context.run_id, context.node_id)), "policy", None)
+    if policy is not None:
+        return policy.min_contributors
+    _, store = _store(context)
+    return secagg.min_contributors_floor(dict(context.node_config), state_dir=store.state_dir)
+
+
+def _refuse(message: Message, exc: PolicyViolation) -> Message:
+    """A round the device's privacy policy refuses: fixed text naming the setting, the server's value, the floor."""
+    reason = f"{type(exc).__name__}: {exc}"
+    logger.warning("node %s refused a %s request: %s", message.metadata.dst_node_id, message.metadata.message_type,
+                   reason)
+    return Message(Error(code=CLIENT_ERROR, reason=reason), reply_to=message)
 
 
 def train(message: Message, context: Context) -> Message:
@@ -111,6 +126,8 @@ def train(message: Message, context: Context) -> Message:
             logger.info("%s", exc)
             status = ConfigRecord({"status": "budget-exhausted", "detail": "privacy budget spent; not training"})
             return Message(RecordDict({"status": status, "metrics": MetricRecord({"weight": 0.0, "trained": 0.0})}), reply_to=message)
+    except PolicyViolation as exc:  # before training: nothing trained, nothing sent but the refusal
+        return _refuse(message, exc)
     except (StateError, ValueError, FloatingPointError, KeyError, SecAggAbort, secagg.Refused) as exc:
         return _error(message, exc)
     content = RecordDict({"update": to_record(update), "metrics": MetricRecord(metrics)})
@@ -177,8 +194,9 @@ def evaluate(message: Message, context: Context) -> Message:
 
 
 def build_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
-    """The ClientApp: the flow log outermost (it records each reply as it leaves), then ``mods``, then the handlers."""
-    client_app = ClientApp(mods=[inventory_mod, *mods])
+    """The ClientApp: the flow log outermost (it records each reply as it leaves), then the device's own
+    failure log, then ``mods``, then the handlers."""
+    client_app = ClientApp(mods=[inventory_mod, failure_mod, *mods])
     client_app.train()(train)
     client_app.query("advertise")(advertise)
     client_app.query("unmask")(unmask)

@@ -3,7 +3,10 @@
 The device keeps, in its own state folder (never in a message):
 
 * ``personal`` — the personal head (tensors of the personal adapter),
-* ``ledger`` — the privacy ledger: every DP-SGD step it ever took,
+* ``ledger`` — the privacy ledger: every DP-SGD step of the released (shared) pass,
+* ``ledger-head`` — with ``privacy.personal-head = dp``: the head's DP-SGD steps,
+* ``participation`` — the rounds it trained in and their step counts (what the
+  local-only baseline replays),
 * ``local-baseline`` / ``ledger-local-baseline`` — the local-only model used
   for evaluation in simulations only, with its own ledger (its epsilon is reported beside the
   federated one: it covers the local-only model, which never leaves the device; the federated
@@ -12,9 +15,19 @@ The device keeps, in its own state folder (never in a message):
   the device: the server gets only sums (:mod:`privacy.secagg.eval_figures`); a simulation reads
   the rows from the devices' stores on its own machine.
 
-What leaves the device in a round is built by :meth:`Device.train_round`: the
-change of the *shared* adapter tensors (times the example weight), the weight,
-and summable metrics. Nothing else.
+A round (:meth:`Device.train_round`), Ditto / FedRep style:
+
+1. the shared adapter alone is trained with DP-SGD, the head switched off
+   (:func:`client.train.train_shared`): the released update never depends on the head;
+2. the head alone is trained on top of the new shared adapter for
+   ``client.head-steps`` steps: without noise by default (``privacy.personal-head =
+   local``: the head and its outputs stay with its owner, joint DP), or with DP-SGD and
+   its own ledger (``dp``). With ``adapter.split = fedsa`` the head (B) is inside the
+   shared adapter: A and B are trained together in the one DP pass, one ledger, and
+   there is no separate head pass.
+
+What leaves the device in a round: the change of the *shared* adapter tensors
+(times the example weight), the weight, and summable metrics. Nothing else.
 """
 
 from __future__ import annotations
@@ -31,8 +44,9 @@ import torch
 
 from client.data import encode_examples, read_user_folder, split_examples
 from client.node_data import node_data
+from client.policy import DevicePolicy, PolicyViolation
 from client.store import DeviceStore
-from client.train import CachedExample, evaluate, trainer_for
+from client.train import CachedExample, TrainResult, evaluate, train_head, train_shared, trainer_for
 from fedpersona.config import Config
 from fedpersona.model import AdaptedModel, adapted_model, labels_for, lower_hidden
 from privacy.ledger import PrivacyLedger, calibrate_noise
@@ -41,8 +55,11 @@ logger = logging.getLogger(__name__)
 
 LEDGER = "ledger"
 HEAD_FILE = "personal"
+HEAD_LEDGER = "ledger-head"
+PARTICIPATION = "participation"
 BASELINE = "local-baseline"
 BASELINE_LEDGER = "ledger-local-baseline"
+BASELINE_HEAD_LEDGER = "ledger-local-baseline-head"
 EVALUATION = "evaluation"
 
 
@@ -57,6 +74,14 @@ class UserData:
     held_out: list[CachedExample]
 
 
+def _check_delta(cfg: Config, user_id: str, n_train: int) -> None:
+    if cfg.privacy.enabled and cfg.privacy.delta >= 1.0 / n_train:
+        # The device's own log may say how many examples it holds; the reply to the server does not.
+        logger.warning("privacy.delta = %g is not below 1/%d (this device's training examples): refusing",
+                       cfg.privacy.delta, n_train)
+        raise PolicyViolation("privacy.delta", cfg.privacy.delta, "must be below 1/(this device's training examples)")
+
+
 def prepare_user(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tuple[str, str]]) -> UserData:
     """Cap, split, tokenize, and run the frozen lower blocks once per example."""
     if len(pairs) < 2:
@@ -66,11 +91,7 @@ def prepare_user(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tup
         keep = sorted(torch.randperm(len(pairs), generator=gen)[: cfg.data.max_examples].tolist())
         pairs = [pairs[i] for i in keep]
     train_pairs, held_pairs = split_examples(pairs, eval_fraction=cfg.data.eval_fraction, seed=cfg.run.seed, key=user_id)
-    if cfg.privacy.enabled and cfg.privacy.delta >= 1.0 / len(train_pairs):
-        raise ValueError(
-            f"Invalid config value for 'privacy.delta': must be below 1/number-of-examples = "
-            f"1/{len(train_pairs)} for user {user_id!r}. You passed: {cfg.privacy.delta}"
-        )
+    _check_delta(cfg, user_id, len(train_pairs))
 
     def cached(ps):
         enc = encode_examples(model.tokenizer, ps, seq_len=cfg.model.seq_len, cue_tokens=cfg.model.cue_tokens)
@@ -102,7 +123,10 @@ def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: 
 class Device:
     """The device-side logic; built once per (process, node) and cached by the ClientApp."""
 
-    def __init__(self, cfg: Config, node_config: dict) -> None:
+    def __init__(self, cfg: Config, node_config: dict, *, prepared: UserData | None = None) -> None:
+        """``prepared``: this user's examples already run through the frozen lower blocks by
+        :func:`prepare_user` with the same model, adapter layout and data settings (a study
+        that builds devices for several configurations computes them once)."""
         self.cfg = cfg
         self.model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
         self.trainer = trainer_for(self.model)
@@ -111,13 +135,31 @@ class Device:
         # A deployment device (its own data folder) never trains the local-only baseline: a second DP
         # model of the same data whose ledger the device's epsilon does not cover.
         self.simulated = "data-dir" not in node_config
-        self.data = prepare_user(self.model, cfg, user_id, pairs)
+        self.policy = DevicePolicy.load(node_config, state_dir=state_dir)  # the device's own floors
+        if prepared is None:
+            self.data = prepare_user(self.model, cfg, user_id, pairs)
+        else:
+            if prepared.user_id != user_id:
+                raise ValueError(f"prepared data of {prepared.user_id!r} handed to the device of {user_id!r}")
+            _check_delta(cfg, user_id, len(prepared.train))
+            self.data = prepared
         self.user_id = user_id
         n = len(self.data.train)
         self.sample_rate = min(1.0, cfg.client.batch_size / n)
         self.noise_multiplier = self._noise_multiplier()
+        self.head_sample_rate = min(1.0, cfg.client.head_batch_size / n)
+        self.head_noise_multiplier = self._head_noise_multiplier()
 
     # ------------------------------------------------------------ privacy
+    @property
+    def joint(self) -> bool:
+        """``fedsa``: the head (B) is part of the shared adapter; one joint DP pass, no head pass."""
+        return self.cfg.adapter.split == "fedsa"
+
+    @property
+    def head_dp(self) -> bool:
+        return self.cfg.privacy.enabled and self.cfg.privacy.personal_head == "dp" and not self.joint
+
     def _noise_multiplier(self) -> float:
         p = self.cfg.privacy
         if not p.enabled:
@@ -126,6 +168,16 @@ class Device:
             return p.noise_multiplier
         planned = self.cfg.planned_rounds * self.cfg.client.local_steps
         return _calibrated(p.target_epsilon, p.delta, self.sample_rate, planned, p.accountant)
+
+    def _head_noise_multiplier(self) -> float:
+        """The head's own DP-SGD noise (``privacy.personal-head = dp``), for its own budget."""
+        p = self.cfg.privacy
+        if not self.head_dp or self.cfg.client.head_steps == 0:
+            return 0.0
+        if p.noise_multiplier > 0:
+            return p.noise_multiplier
+        planned = self.cfg.planned_rounds * self.cfg.client.head_steps
+        return _calibrated(p.target_epsilon, p.delta, self.head_sample_rate, planned, p.accountant)
 
     def load_ledger(self, name: str = LEDGER) -> PrivacyLedger:
         text = self.store.load_text(name)
@@ -144,11 +196,64 @@ class Device:
     def _heldout(self) -> dict[str, float]:
         return evaluate(self.model, self.data.held_out)
 
-    def train_round(self, shared: dict[str, torch.Tensor], *, server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Train one round; returns (weighted shared update, summable metrics)."""
+    def _participation(self) -> list[dict]:
+        text = self.store.load_text(PARTICIPATION)
+        return json.loads(text) if text else []
+
+    def _shared_pass(self, steps: int, ledger: PrivacyLedger | None) -> TrainResult:
+        """The released pass (head switched off; ``fedsa``: A and B together)."""
         cfg = self.cfg
+        kw = dict(
+            steps=steps, batch_size=cfg.client.batch_size, lr=cfg.client.lr, optimizer=cfg.client.optimizer,
+            noise_multiplier=self.noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
+            dp=cfg.privacy.enabled, ledger=ledger,
+        )
+        if self.joint:
+            return self.trainer.train(self.data.train, group="all", **kw)
+        return train_shared(self.trainer, self.data.train, **kw)
+
+    def _head_pass(self, ledger: PrivacyLedger | None) -> TrainResult | None:
+        """The head alone on top of the shared adapter as loaded; None when there is no head pass."""
+        cfg = self.cfg
+        steps = cfg.client.head_steps
+        if self.joint or steps == 0:
+            return None
+        if self.head_dp:
+            if ledger is None:
+                raise RuntimeError("a DP head pass needs the head's ledger")
+            eps_next = ledger.epsilon_if(
+                noise_multiplier=self.head_noise_multiplier, sample_rate=self.head_sample_rate, num_steps=steps,
+                delta=cfg.privacy.delta,
+            )
+            if eps_next > cfg.privacy.target_epsilon * (1 + 1e-9):
+                logger.info("%s: the head's budget is spent (%.3f next); head not trained", self.user_id, eps_next)
+                return None
+        return train_head(
+            self.trainer, self.data.train, steps=steps, batch_size=cfg.client.head_batch_size, lr=cfg.client.head_lr,
+            optimizer=cfg.client.optimizer, noise_multiplier=self.head_noise_multiplier,
+            max_grad_norm=cfg.privacy.max_grad_norm, dp=self.head_dp, ledger=ledger if self.head_dp else None,
+        )
+
+    def train_round(self, shared: dict[str, torch.Tensor], *, server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Train one round; returns (weighted shared update, summable metrics).
+
+        Raises :class:`~client.policy.PolicyViolation` (nothing trained, nothing recorded) when the
+        server's settings would weaken the device's policy, :class:`BudgetExhausted` when the round
+        would take it past its budget.
+        """
+        cfg = self.cfg
+        try:
+            settings = self.policy.check(cfg, train_examples=len(self.data.train), noise_multiplier=self.noise_multiplier)
+        except PolicyViolation as exc:
+            logger.warning("round %d refused by this device's privacy policy (%s): %s", server_round, self.policy.source, exc)
+            raise
         ledger = self.load_ledger()
         steps = cfg.client.local_steps
+        if cfg.privacy.enabled and math.isinf(self.epsilon(ledger)):
+            raise BudgetExhausted(
+                f"{self.user_id}: this device already released an update without DP noise (recorded as epsilon = "
+                f"infinity): no DP round can be claimed from it any more; not training"
+            )
         if cfg.privacy.enabled:
             eps_next = ledger.epsilon_if(
                 noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, num_steps=steps,
@@ -166,22 +271,33 @@ class Device:
             with self.model.personal_zeroed():
                 metrics["heldout-shared-loss"] = self._heldout()["loss"]
             metrics["heldout-personal-loss"] = self._heldout()["loss"]
-        result = self.trainer.train(
-            self.data.train, steps=steps, batch_size=cfg.client.batch_size, lr=cfg.client.lr,
-            optimizer=cfg.client.optimizer, noise_multiplier=self.noise_multiplier,
-            max_grad_norm=cfg.privacy.max_grad_norm, dp=cfg.privacy.enabled, ledger=ledger,
+        result = self._shared_pass(steps, ledger if cfg.privacy.enabled else None)
+        if not cfg.privacy.enabled:
+            # A release without noise (the policy allowed it): epsilon is infinite from now on, for good.
+            ledger.step(noise_multiplier=0.0, sample_rate=self.sample_rate, num_steps=max(1, steps))
+        ledger.record_round(
+            round=server_round, steps=steps, noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate, delta=cfg.privacy.delta, settings=settings,
         )
-        if cfg.privacy.enabled:
-            ledger.record_round(
-                round=server_round, steps=steps, noise_multiplier=self.noise_multiplier,
-                sample_rate=self.sample_rate, delta=cfg.privacy.delta,
-            )
         after = self.model.shared_state()
         weight = float(len(self.data.train))
         update = {n: (after[n] - shared[n].to(after[n].dtype)) * weight for n in after}
+        # The head, on top of the new shared adapter; it never enters the update above.
+        head_ledger = self.load_ledger(HEAD_LEDGER) if self.head_dp else None
+        head = self._head_pass(head_ledger)
+        if head is not None and head_ledger is not None:
+            head_ledger.record_round(
+                round=server_round, steps=head.steps, noise_multiplier=self.head_noise_multiplier,
+                sample_rate=self.head_sample_rate, delta=cfg.privacy.delta,
+            )
+        participation = self._participation()
+        participation.append({"round": server_round, "steps": steps, "head-steps": head.steps if head else 0})
         # Persist before replying: a lost reply must never hand back privacy budget.
         self.store.save_text(LEDGER, ledger.to_json())
+        if head_ledger is not None:
+            self.store.save_text(HEAD_LEDGER, head_ledger.to_json())
         self.store.save_tensors(HEAD_FILE, self.model.personal_state())
+        self.store.save_text(PARTICIPATION, json.dumps(participation))
         eps = self.epsilon(ledger)
         metrics.update(
             {
@@ -190,13 +306,15 @@ class Device:
                 "train-loss": result.mean_loss if math.isfinite(result.mean_loss) else 0.0,
                 "epsilon": eps if math.isfinite(eps) else -1.0,
                 "empty-steps": float(result.empty_steps),
-                "train-seconds": result.seconds,
+                "train-seconds": result.seconds + (head.seconds if head else 0.0),
             }
         )
         logger.info(
-            "%s round %d: %d steps (%d empty) loss %.3f sigma %.3f q %.3f epsilon %.3f in %.1fs",
+            "%s round %d: %d steps (%d empty) loss %.3f sigma %.3f q %.3f epsilon %.3f in %.1fs; head %s",
             self.user_id, server_round, steps, result.empty_steps, result.mean_loss, self.noise_multiplier,
             self.sample_rate, eps, result.seconds,
+            f"{head.steps} steps loss {head.mean_loss:.3f} ({'DP' if self.head_dp else 'local, no noise'})"
+            if head else "not trained",
         )
         return update, metrics
 
@@ -222,13 +340,18 @@ class Device:
         ledger = self.load_ledger()
         eps = self.epsilon(ledger)
         out["epsilon"] = eps if math.isfinite(eps) else -1.0
-        out["rounds"] = float(len(ledger.rounds)) if cfg.privacy.enabled else float("nan")
-        out["steps"] = float(ledger.total_steps)
+        if self.head_dp:
+            head_eps = self.epsilon(self.load_ledger(HEAD_LEDGER))
+            out["head-epsilon"] = head_eps if math.isfinite(head_eps) else -1.0
+        participation = self._participation()
+        out["rounds"] = float(len(participation))
+        out["steps"] = float(sum(r["steps"] for r in participation))
+        out["head-steps"] = float(sum(r["head-steps"] for r in participation))
         out["held-out-examples"] = float(len(self.data.held_out))
         out["train-examples"] = float(len(self.data.train))
         if cfg.eval.local_baseline:
             if self.simulated:
-                out.update(self._local_baseline(shared, steps=ledger.total_steps))
+                out.update(self._local_baseline(shared, participation))
             else:
                 logger.warning("eval.local-baseline = true refused: the local-only baseline trains a second DP model "
                                "of this user's data and runs in simulations only")
@@ -237,32 +360,45 @@ class Device:
         self.store.save_text(EVALUATION, json.dumps(row, sort_keys=True))
         return out
 
-    def _local_baseline(self, shared: dict[str, torch.Tensor], *, steps: int) -> dict[str, float]:
-        """Local-only model: the same number of DP steps (hence the same epsilon), no federation."""
+    def _local_baseline(self, shared: dict[str, torch.Tensor], participation: list[dict]) -> dict[str, float]:
+        """Local-only model: exactly what this device trained for itself, without federation.
+
+        From the public initialisation of the shared adapter and a fresh head, it replays the
+        device's rounds: each round the same shared-adapter steps under the same DP (head
+        switched off; its own ledger, hence the same epsilon), then the same head steps. The
+        only difference from the federated model is that no other device's update is ever
+        averaged in, so personalized vs local-only isolates what federation adds.
+        """
+        cfg = self.cfg
+        key = hashlib.sha256(json.dumps(participation, sort_keys=True).encode()).hexdigest()[:16]
         baseline = self.store.load_tensors(BASELINE)
-        if baseline is None or int(baseline.get("__steps__", torch.tensor(-1)).item()) != steps:
-            init = self.model.fresh_personal_state()
-            self.model.load_personal_state(init)
+        if baseline is None or self.store.load_text(BASELINE + "-key") != key:
+            self.model.load_personal_state(self.model.fresh_personal_state())
             # The shared adapter starts from the same public initialisation the server used.
-            initial = self.model.initial_shared_state()
-            self.model.load_shared_state(initial)
-            ledger = PrivacyLedger(accountant=self.cfg.privacy.accountant)
-            if steps > 0:
-                self.trainer.train(
-                    self.data.train, steps=steps, batch_size=self.cfg.client.batch_size, lr=self.cfg.client.lr,
-                    optimizer=self.cfg.client.optimizer, noise_multiplier=self.noise_multiplier,
-                    max_grad_norm=self.cfg.privacy.max_grad_norm, dp=self.cfg.privacy.enabled, ledger=ledger,
-                )
+            self.model.load_shared_state(self.model.initial_shared_state())
+            ledger = PrivacyLedger(accountant=cfg.privacy.accountant)
+            head_ledger = PrivacyLedger(accountant=cfg.privacy.accountant) if self.head_dp else None
+            for r in participation:
+                self._shared_pass(int(r["steps"]), ledger if cfg.privacy.enabled else None)
+                if r["head-steps"]:
+                    head = self._head_pass(head_ledger)
+                    if head is not None and head_ledger is not None:
+                        head_ledger.record_round(
+                            round=int(r["round"]), steps=head.steps, noise_multiplier=self.head_noise_multiplier,
+                            sample_rate=self.head_sample_rate, delta=cfg.privacy.delta,
+                        )
             baseline = {f"shared::{k}": v for k, v in self.model.shared_state().items()}
             baseline.update({f"personal::{k}": v for k, v in self.model.personal_state().items()})
-            baseline["__steps__"] = torch.tensor(steps)
             self.store.save_tensors(BASELINE, baseline)
             self.store.save_text(BASELINE_LEDGER, ledger.to_json())
+            if head_ledger is not None:
+                self.store.save_text(BASELINE_HEAD_LEDGER, head_ledger.to_json())
+            self.store.save_text(BASELINE + "-key", key)
         self.model.load_shared_state({k[8:]: v for k, v in baseline.items() if k.startswith("shared::")})
         self.model.load_personal_state({k[10:]: v for k, v in baseline.items() if k.startswith("personal::")})
         r = self._heldout()
         eps_text = self.store.load_text(BASELINE_LEDGER)
-        eps = PrivacyLedger.from_json(eps_text).epsilon(self.cfg.privacy.delta) if eps_text else 0.0
+        eps = PrivacyLedger.from_json(eps_text).epsilon(cfg.privacy.delta) if eps_text else 0.0
         # Leave the federated state loaded again.
         self.model.load_shared_state(shared)
         self.model.load_personal_state(self._personal())

@@ -71,16 +71,12 @@ class ReplayRefused(Refused):
                      "not for the round of its latest masked input")
 
 
-def min_contributors_floor(node_config: Mapping[str, Any]) -> int:
-    """The device's own floor: node config ``policy.min-contributors`` (default 3, at least 2)."""
-    raw = node_config.get(FLOOR_KEY, DEFAULT_MIN_CONTRIBUTORS)
-    try:
-        value = int(str(raw).strip()) if not isinstance(raw, (bool, float)) else -1
-    except ValueError:
-        value = -1
-    if value < 2:
-        raise ValueError(f"Invalid node config value for '{FLOOR_KEY}': must be an integer >= 2. You passed: {raw!r}")
-    return value
+def min_contributors_floor(node_config: Mapping[str, Any], *, state_dir=None) -> int:
+    """The device's own floor: its privacy policy's ``policy.min-contributors`` (node config and
+    ``policy.toml`` in its state folder, the stricter wins; default 3, at least 2: :mod:`client.policy`)."""
+    from client.policy import DevicePolicy
+
+    return DevicePolicy.load(node_config, state_dir=state_dir).min_contributors
 
 
 class RevealLog:

@@ -1,4 +1,13 @@
-"""DP-SGD on a device: Opacus per-sample clipping + Gaussian noise over the shared and personal parameters.
+"""DP-SGD on a device: Opacus per-sample clipping + Gaussian noise over a chosen parameter group.
+
+* A pass trains one group of the model's trainable tensors: ``"shared"`` (the
+  shared adapter: what is released), ``"personal"`` (the head, which stays on the
+  device) or ``"all"``. The other group is frozen for the pass (no gradient, no
+  per-sample gradient, not in the optimizer), so its tensors cannot move.
+* :func:`train_shared` is the round's released pass: the shared group only, with
+  the personal head switched off (zeroed), so the released update never depends
+  on what the head holds (joint DP). :func:`train_head` then trains the head on
+  top of the new shared adapter, without noise unless asked.
 
 * Poisson sampling: every example joins a step's batch independently with
   probability ``q = batch_size / n`` (the sampling the RDP/PRV accountants assume).
@@ -14,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 import time
 import warnings
 from collections.abc import Sequence
@@ -24,6 +32,9 @@ import torch
 from torch import nn
 
 from fedpersona.model import AdaptedModel, collate
+from privacy import dpstep
+from privacy.dpstep import flat_noise
+from privacy.noise import SECURE, NoiseSource
 
 logger = logging.getLogger(__name__)
 
@@ -51,25 +62,77 @@ class TrainResult:
     sample_rate: float
 
 
+
 def _make_optimizer(params: list[nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     return torch.optim.SGD(params, lr=lr)
 
 
+def _sourced_dp_optimizer(base: torch.optim.Optimizer, source: NoiseSource, **kwargs):
+    """Opacus's DPOptimizer (its clipping, summing and scaling) with the noise of
+    :func:`privacy.dpstep.flat_noise`, drawn from the step's generator set in ``step_gen``."""
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    class SourcedDPOptimizer(DPOptimizer):
+        step_gen: torch.Generator | None = None
+
+        def add_noise(self) -> None:
+            if self.step_gen is None:
+                raise RuntimeError("SourcedDPOptimizer: no generator set for this step")
+            ref = self.params[0]
+            noise = flat_noise(source, self.step_gen, sum(p.numel() for p in self.params),
+                               std=self.noise_multiplier * self.max_grad_norm, device=ref.device)
+            offset = 0
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                chunk = noise[offset : offset + p.numel()].view_as(p.summed_grad).to(p.summed_grad.dtype)
+                offset += p.numel()
+                p.grad = (p.summed_grad + chunk).view_as(p)
+                _mark_as_processed(p.summed_grad)
+            self.step_gen = None
+
+    return SourcedDPOptimizer(base, **kwargs)
+
+
 def _batch(examples: Sequence[CachedExample], idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return collate([examples[i].hidden for i in idx], [examples[i].labels for i in idx])
+
+
+GROUPS = ("all", "shared", "personal")
+
+
+def _group_grad_sample_module(stack: nn.Module):
+    """Opacus's GradSampleModule, built once, for passes that freeze one parameter group.
+
+    Opacus records a module's activations only while one of its own parameters requires a
+    gradient, but its backward hook fires whenever a gradient flows through the module and
+    then fails for want of activations. Frozen modules are skipped on the way back too.
+    """
+    from opacus import GradSampleModule
+    from opacus.utils.module_utils import requires_grad
+
+    class GroupGradSampleModule(GradSampleModule):
+        def capture_backprops_hook(self, module, *args, **kwargs):
+            if not requires_grad(module):
+                return None
+            return super().capture_backprops_hook(module, *args, **kwargs)
+
+    return GroupGradSampleModule(stack, batch_first=True, loss_reduction="mean", strict=False)
 
 
 class DPTrainer:
     """Owns the Opacus wrapper around the model's :class:`TopStack` (built once per process)."""
 
     def __init__(self, model: AdaptedModel) -> None:
-        from opacus import GradSampleModule
-
         self.model = model
         self.params = model.trainable_parameters()
-        self.gsm = GradSampleModule(model.stack, batch_first=True, loss_reduction="mean", strict=False)
+        n_shared = len(model.shared_names)
+        self.groups: dict[str, list[nn.Parameter]] = {
+            "all": self.params, "shared": self.params[:n_shared], "personal": self.params[n_shared:],
+        }
+        self.gsm = _group_grad_sample_module(model.stack)
 
     def train(
         self,
@@ -85,32 +148,71 @@ class DPTrainer:
         ledger=None,
         seed: int | None = None,
         noise_generator: torch.Generator | None = None,
+        noise_source: NoiseSource | None = None,
+        group: str = "all",
+        params: Sequence[str] | None = None,
     ) -> TrainResult:
         """Run ``steps`` DP-SGD steps (or plain SGD with ``dp=False``) on ``examples``.
 
-        ``seed`` fixes Poisson sampling (tests, reproducible baselines); by default the
-        batches are drawn from the OS's secure randomness, as DP assumes them secret.
-        """
-        from opacus.optimizers import DPOptimizer
+        Only the tensors of ``group`` (``"all"``, ``"shared"`` or ``"personal"``), or the
+        tensors named in ``params``, are trained (clipped jointly); the others are frozen
+        for the pass.
 
+        Randomness (DP assumes both the batches and the noise secret): every step draws, in
+        the order of :mod:`privacy.dpstep` (the cohort engine's order), one generator from
+        ``noise_source`` (``None``: :data:`privacy.noise.SECURE`, seeded from ``os.urandom``
+        per step; torch's global MT19937 generator is never used), the Poisson mask from it,
+        then the noise. Explicit opt-ins for tests and reproducible baselines: ``seed`` fixes
+        the Poisson masks, ``noise_generator`` hands the noise to Opacus's own draw, or a
+        ``NoiseSource(generator=...)`` fixes both (such a source reports ``secure = False``).
+        """
+        if group not in GROUPS:
+            raise ValueError(f"group must be one of {GROUPS}. You passed: {group!r}")
         n = len(examples)
         if n == 0:
             raise ValueError("No training examples on this device")
+        if params is None:
+            train_params = self.groups[group]
+        else:
+            named = dict(self.model.peft.named_parameters())
+            unknown = [p for p in params if p not in named or all(named[p] is not t for t in self.params)]
+            if unknown or not params:
+                raise ValueError(f"params must name trainable adapter tensors. You passed: {list(params)[:3]}")
+            train_params = [named[p] for p in params]
+        frozen = [p for p in self.params if not any(p is q for q in train_params)]
+        was = [p.requires_grad for p in frozen]
+        for p in frozen:
+            p.requires_grad_(False)  # Opacus computes per-sample gradients only where requires_grad
+        try:
+            return self._train(examples, train_params, steps=steps, batch_size=batch_size, lr=lr,
+                               optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                               dp=dp, ledger=ledger, seed=seed, noise_generator=noise_generator,
+                               source=noise_source if noise_source is not None else SECURE)
+        finally:
+            for p, r in zip(frozen, was):
+                p.requires_grad_(r)
+
+    def _train(self, examples, params, *, steps, batch_size, lr, optimizer, noise_multiplier, max_grad_norm, dp,
+               ledger, seed, noise_generator, source: NoiseSource) -> TrainResult:
+        from opacus.optimizers import DPOptimizer
+
+        n = len(examples)
         q = min(1.0, batch_size / n)
-        gen = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
-        base_opt = _make_optimizer(self.params, optimizer, lr)
-        opt = (
-            DPOptimizer(
-                base_opt,
-                noise_multiplier=noise_multiplier,
-                max_grad_norm=max_grad_norm,
-                expected_batch_size=max(1, round(q * n)),
-                loss_reduction="mean",
-                generator=noise_generator,
-            )
-            if dp
-            else base_opt
-        )
+        if not source.secure or seed is not None or noise_generator is not None:
+            logger.debug("DP-SGD randomness injected (seed=%s, noise generator %s, noise source secure=%s): "
+                         "reproducible, for tests only", seed, "set" if noise_generator is not None else "unset",
+                         source.secure)
+        mask_gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        base_opt = _make_optimizer(params, optimizer, lr)
+        dp_kwargs = dict(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=max(1, round(q * n)), loss_reduction="mean")
+        sourced = dp and noise_generator is None
+        if not dp:
+            opt = base_opt
+        elif sourced:
+            opt = _sourced_dp_optimizer(base_opt, source, **dp_kwargs)
+        else:
+            opt = DPOptimizer(base_opt, generator=noise_generator, secure_mode=dpstep.ROBUST_NOISE, **dp_kwargs)
         model = self.gsm if dp else self.model.stack
         if dp:
             self.gsm.enable_hooks()
@@ -122,13 +224,18 @@ class DPTrainer:
         seen = 0
         empty = 0
         for _ in range(steps):
-            mask = torch.rand(n, generator=gen) < q
-            idx = mask.nonzero().flatten().tolist()
+            step_gen = dpstep.step_generator(source)
+            if mask_gen is not None:
+                idx = (torch.rand(n, generator=mask_gen) < q).nonzero().flatten().tolist()
+            else:
+                idx = dpstep.poisson_batch(source, step_gen, n, q).tolist()
+            if sourced:
+                opt.step_gen = step_gen  # this step's noise: from the same generator, after the mask
             opt.zero_grad(set_to_none=True)
             if not idx:
                 empty += 1
                 if dp:
-                    for p in self.params:
+                    for p in params:
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                     opt.step()
             else:
@@ -143,7 +250,7 @@ class DPTrainer:
                 seen += len(idx)
             if dp and ledger is not None:
                 ledger.step(noise_multiplier=noise_multiplier, sample_rate=q)
-            for p in self.params:
+            for p in params:
                 if not torch.isfinite(p).all():
                     raise FloatingPointError(
                         "A trainable tensor became non-finite during DP training; the update is discarded"
@@ -163,6 +270,27 @@ class DPTrainer:
             noise_multiplier=noise_multiplier if dp else 0.0,
             sample_rate=q,
         )
+
+
+def train_shared(trainer: DPTrainer, examples: Sequence[CachedExample], **kw) -> TrainResult:
+    """The released pass: the shared group only, with the personal head switched off.
+
+    The head's tensors are zeroed for the pass (its LoRA B = 0: it adds exactly nothing
+    to any activation), so neither the forward pass nor a gradient of the shared tensors
+    depends on what the head holds; the head is restored afterwards, untouched.
+    """
+    if trainer.model.layout.split == "fedsa":
+        raise ValueError(
+            "adapter.split = 'fedsa' keeps B (personal) inside the shared adapter: a shared pass with the head "
+            "switched off has no gradient. You passed: adapter.split='fedsa' (train group 'all' under DP)"
+        )
+    with trainer.model.personal_zeroed():
+        return trainer.train(examples, group="shared", **kw)
+
+
+def train_head(trainer: DPTrainer, examples: Sequence[CachedExample], **kw) -> TrainResult:
+    """The personal head only, on top of the shared adapter as it stands (plain with ``dp=False``)."""
+    return trainer.train(examples, group="personal", **kw)
 
 
 def trainer_for(model: AdaptedModel) -> DPTrainer:

@@ -3,6 +3,8 @@
     fedpersona run [SCENARIO] [--set key=value ...]     federated simulation (default scenario: demo)
     fedpersona generate --user "ROLE (Play)" --prompt "..."   reply in a user's voice
     fedpersona bench dp-step                             DP vs non-DP step cost, side by side
+    fedpersona bench utility [SCENARIO] [--epsilons 1,4,8] [--quick]   what users get under the privacy guarantee
+    fedpersona bench engine [--quick]                    cohort engine vs sequential Opacus path
     fedpersona certs --out DIR --supernodes 4 [--san IP:10.0.0.5]   CA, SuperLink TLS cert, SuperNode keys
     fedpersona supernode --superlink HOST:PORT --data-dir D --state-dir S ...   one device (docs/deployment.md)
     fedpersona audit RUN_FOLDER | --device STATE_DIR       privacy report: epsilon, data flow, attacks (docs/audit.md)
@@ -15,7 +17,6 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
@@ -34,7 +35,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from server.run_report import summary_table
     from simulations.runner import run
 
-    metrics = run(args.scenario, _overrides(args.set), cpus=args.cpus)
+    policy = {}
+    for text in args.device_policy:
+        k, v = _overrides([text]).popitem()
+        policy[k] = v
+    metrics = run(args.scenario, _overrides(args.set), cpus=args.cpus, device_policy=policy)
     final = metrics.get("final")
     print()
     print(f"Run '{metrics['run']}' finished in {metrics['wall_seconds']:.0f} s "
@@ -44,6 +49,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         s = final["summary"]
         keys = [k for k in ("base", "shared", "personal", "local") if f"{k}-loss" in s]
         print("mean held-out loss: " + ", ".join(f"{k} {s[k + '-loss']['mean']:.3f}" for k in keys))
+    failures = int(metrics.get("failure_count", 0))
+    if failures:
+        users = metrics.get("failed_users", {})
+        detail = "".join(f"\n  {u}: {e}" for u, e in users.items())
+        what = f"{failures} failure(s) in run '{metrics['run']}', {len(users)} user(s) failed{detail or ' (see rounds.csv)'}"
+        if args.allow_failures:
+            print(f"fedpersona: warning: {what} (--allow-failures: exit status 0)", file=sys.stderr)
+            return 0
+        print(f"fedpersona: error: {what}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -59,9 +74,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "utility":
+        from simulations.utility import main as utility_main
+
+        return utility_main(args.scenario, epsilons=args.epsilons, quick=args.quick, overrides=_overrides(args.set),
+                            vary=args.vary)
     from simulations.bench import main as bench_main
 
-    return bench_main(args.what, steps=args.steps, model=args.model)
+    cohorts = tuple(int(c) for c in args.cohorts.split(",")) if args.cohorts else None
+    methods = tuple(args.methods.split(",")) if args.methods else None
+    return bench_main(args.what, steps=args.steps, model=args.model, quick=args.quick, preset=args.preset,
+                      cohorts=cohorts, engine_steps=args.engine_steps, methods=methods)
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
@@ -98,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("scenario", nargs="?", default="demo", help="scenario name under simulations/conf or a TOML path")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     r.add_argument("--cpus", type=int, default=None, help="CPUs for the simulation (default: all)")
+    r.add_argument("--device-policy", action="append", default=[], metavar="KEY=VALUE",
+                   help="a policy key every simulated device holds as its own, e.g. allow-no-dp=true for a "
+                        "non-private run (README: Device policy)")
+    r.add_argument("--allow-failures", action="store_true",
+                   help="exit 0 (with a warning) even when devices failed; by default any failure exits 1")
     r.set_defaults(func=_cmd_run)
 
     g = sub.add_parser("generate", help="write a reply in one user's voice with that user's personal head")
@@ -111,9 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate)
 
     b = sub.add_parser("bench", help="print benchmark figures")
-    b.add_argument("what", choices=["dp-step"], help="dp-step: DP vs non-DP step on the same batches")
+    b.add_argument("what", choices=["dp-step", "engine", "utility"],
+                   help="dp-step: DP vs non-DP step on the same batches; engine: cohort engine vs sequential Opacus; "
+                        "utility: the utility study (simulations/utility.py)")
+    b.add_argument("scenario", nargs="?", default="demo", help="utility: scenario name or TOML path (default: demo)")
     b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--quick", action="store_true", help="engine: tiny model on the CPU, 16 clients (about a minute); "
+                   "utility: fewer users and rounds (a smoke run)")
+    b.add_argument("--preset", choices=["quick", "demo", "anchor"], default=None,
+                   help="engine: quick | demo (SmolLM2-135M shape, CPU) | anchor (all 30 blocks, bf16, CUDA); "
+                        "default anchor with CUDA, else demo")
+    b.add_argument("--cohorts", default=None, metavar="N,N,...", help="engine: cohort sizes (default: the preset's)")
+    b.add_argument("--engine-steps", type=int, default=None, help="engine: steps per client (default: the preset's)")
+    b.add_argument("--methods", default=None, metavar="M,M", help="engine: expanded,vmap (default: both; the first "
+                   "gives the speedup line)")
     b.add_argument("--model", default="smollm2", help="model.path to benchmark")
+    b.add_argument("--epsilons", default="1,4,8", help="utility: epsilons of the DP federated rows (default 1,4,8)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="utility: override a config key")
+    b.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
+                   help="utility: one more DP federated row per value (at the largest epsilon)")
     b.set_defaults(func=_cmd_bench)
 
     c = sub.add_parser("certs", help="create a CA, the SuperLink TLS certificate and SuperNode key pairs (docs/deployment.md)")
@@ -155,7 +199,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
     try:
         return args.func(args)
     except ValueError as exc:

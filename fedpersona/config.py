@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tomllib
 import warnings
 from collections.abc import Mapping
@@ -29,6 +30,8 @@ SPLITS = ("ffa", "fedsa", "fedper")
 SERVER_OPTIMIZERS = ("fedavg", "fedadam")
 CLIENT_OPTIMIZERS = ("sgd", "adam")
 ACCOUNTANTS = ("rdp", "prv")
+PERSONAL_HEADS = ("local", "dp")
+MODEL_DTYPES = ("float32", "bfloat16")
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -53,8 +56,14 @@ class ModelConfig:
     path: str = "smollm2"
     seq_len: int = 64
     cue_tokens: int = 24
+    device: str = "auto"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
+            raise _bad("model.device", self.device, "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if self.dtype not in MODEL_DTYPES:
+            raise _bad("model.dtype", self.dtype, f"must be one of {MODEL_DTYPES} (the frozen base; adapters stay float32)")
         if not self.path:
             raise _bad("model.path", self.path, "must be 'smollm2' or a model folder")
         if self.seq_len < 16:
@@ -122,8 +131,17 @@ class ClientConfig:
     batch_size: int = 8
     lr: float = 0.02
     optimizer: str = "adam"
+    head_steps: int = 12
+    head_batch_size: int = 8
+    head_lr: float = 0.003
 
     def __post_init__(self) -> None:
+        if self.head_steps < 0:
+            raise _bad("client.head-steps", self.head_steps, "must be >= 0 (0: the head is not trained)")
+        if self.head_batch_size < 1:
+            raise _bad("client.head-batch-size", self.head_batch_size, "must be at least 1")
+        if not self.head_lr > 0:
+            raise _bad("client.head-lr", self.head_lr, "must be positive")
         if self.local_steps < 1:
             raise _bad("client.local-steps", self.local_steps, "must be at least 1")
         if self.batch_size < 1:
@@ -143,8 +161,16 @@ class PrivacyConfig:
     noise_multiplier: float = 0.0
     planned_rounds: int = 0
     accountant: str = "rdp"
+    personal_head: str = "local"
 
     def __post_init__(self) -> None:
+        if self.personal_head not in PERSONAL_HEADS:
+            raise _bad(
+                "privacy.personal-head",
+                self.personal_head,
+                f"must be one of {PERSONAL_HEADS} (local: the head never leaves the device and is trained without "
+                "noise; dp: DP-SGD for the head too, with its own ledger)",
+            )
         if not self.target_epsilon > 0 or not math.isfinite(self.target_epsilon):
             raise _bad("privacy.target-epsilon", self.target_epsilon, "must be a positive finite number")
         if not 0.0 < self.delta < 1.0:
@@ -364,6 +390,7 @@ def load_config(raw: Mapping[str, Any] | None = None, *, env: bool = True) -> Co
     for sf in fields(Config):
         sections[sf.name] = sf.default_factory(**values[sf.name])  # type: ignore[misc]
     cfg = Config(**sections)
+    _check_personal_head(cfg)
     _check_secagg(cfg)
     if not cfg.secagg.enabled:
         warnings.warn(
@@ -378,6 +405,18 @@ def load_config(raw: Mapping[str, Any] | None = None, *, env: bool = True) -> Co
             stacklevel=2,
         )
     return cfg
+
+
+def _check_personal_head(cfg: Config) -> None:
+    """``fedsa`` keeps B personal inside the shared adapter: the released pass depends on it, so it needs DP."""
+    if cfg.adapter.split == "fedsa" and cfg.privacy.enabled and cfg.privacy.personal_head != "dp":
+        raise _bad(
+            "privacy.personal-head",
+            cfg.privacy.personal_head,
+            "with adapter.split = 'fedsa' the personal B is part of the shared adapter, so the released update "
+            "depends on it: set privacy.personal-head = 'dp' (A and B are then trained together under DP-SGD, "
+            "counted in the one ledger)",
+        )
 
 
 def _check_secagg(cfg: Config) -> None:

@@ -36,6 +36,8 @@ STATE_VERSION = 1
 _MAX_SIGMA = 1e6
 
 _ROUND_KEYS = {"round", "steps", "noise_multiplier", "sample_rate", "epsilon", "time"}
+#: Optional fields of a round entry (ledgers written before they existed stay valid).
+_ROUND_OPTIONAL = {"settings"}
 _USER_LEVEL_KEYS = {"round", "epsilon", "delta", "mechanism", "time"}
 
 
@@ -180,10 +182,14 @@ class PrivacyLedger:
         _merge(history, sigma, q, n)
         return _epsilon_of(history, delta, self._accountant)
 
-    def record_round(self, *, round: int, steps: int, noise_multiplier: float, sample_rate: float, delta: float) -> dict:
+    def record_round(self, *, round: int, steps: int, noise_multiplier: float, sample_rate: float, delta: float,
+                     settings: dict[str, Any] | None = None) -> dict:
         """Append a summary of a finished round (its steps already recorded with :meth:`step`).
 
-        Returns the summary, whose ``epsilon`` is the total spent after the round.
+        ``settings``: the round's settings the device accepted (its policy check's result), kept
+        with the entry: flat keys to strings, booleans, integers or finite floats.
+        Returns the summary, whose ``epsilon`` is the total spent after the round (``inf`` from
+        the first release without noise on: a noise multiplier of 0 is recorded, never skipped).
         """
         if not _is_int(round) or round < 0:
             raise ValueError(f"round must be an integer >= 0. You passed: round={round!r}")
@@ -192,6 +198,8 @@ class PrivacyLedger:
         sigma, q, _ = _check_step_args(noise_multiplier, sample_rate, 1)
         eps = self.epsilon(delta)
         entry = {"round": round, "steps": steps, "noise_multiplier": sigma, "sample_rate": q, "epsilon": eps, "time": _now()}
+        if settings is not None:
+            entry["settings"] = _check_settings(settings, "settings")
         self._rounds.append(entry)
         logger.debug("privacy ledger: round %d, %d steps, sigma %.4f, q %.4f, epsilon %.4f", round, steps, sigma, q, eps)
         return dict(entry)
@@ -293,7 +301,7 @@ def _validate_state(state: Any) -> tuple[str, list[list], list[dict], list[dict]
             raise LedgerError(f"{where}: num_steps must be an integer >= 1, got {n!r}")
         _merge(history, float(sigma), float(q), int(n))
 
-    rounds = [_validate_entry(e, f"rounds[{i}]", _ROUND_KEYS) for i, e in enumerate(_as_list(state, "rounds"))]
+    rounds = [_validate_entry(e, f"rounds[{i}]", _ROUND_KEYS, _ROUND_OPTIONAL) for i, e in enumerate(_as_list(state, "rounds"))]
     user_level = [_validate_entry(e, f"user_level[{i}]", _USER_LEVEL_KEYS) for i, e in enumerate(_as_list(state, "user_level"))]
     return accountant, history, rounds, user_level
 
@@ -304,15 +312,31 @@ def _as_list(state: dict, key: str) -> list:
     return state[key]
 
 
-def _validate_entry(entry: Any, where: str, keys: set[str]) -> dict:
+def _check_settings(settings: Any, where: str, error: type[Exception] = ValueError) -> dict:
+    """A round's accepted settings: a flat dict of str -> str | bool | int | finite float."""
+    if not isinstance(settings, dict):
+        raise error(f"{where} must be a dict of setting -> value. You passed: {settings!r}")
+    out = {}
+    for k, v in settings.items():
+        ok = isinstance(k, str) and (isinstance(v, (str, bool, int)) or (isinstance(v, float) and math.isfinite(v)))
+        if not ok:
+            raise error(f"{where}[{k!r}] must be a string, boolean, integer or finite float. You passed: {v!r}")
+        out[k] = v
+    return out
+
+
+def _validate_entry(entry: Any, where: str, keys: set[str], optional: set[str] = frozenset()) -> dict:
     where = f"ledger state: {where}"
     if not isinstance(entry, dict):
         raise LedgerError(f"{where} must be a dict, got {type(entry).__name__}")
-    if entry.keys() != keys:
+    if not keys <= entry.keys() <= keys | optional:
         raise LedgerError(
-            f"{where} has the wrong fields: missing {sorted(keys - entry.keys())}, unknown {sorted(entry.keys() - keys)}"
+            f"{where} has the wrong fields: missing {sorted(keys - entry.keys())}, "
+            f"unknown {sorted(entry.keys() - keys - optional)}"
         )
     out = dict(entry)
+    if "settings" in entry:
+        out["settings"] = _check_settings(entry["settings"], f"{where}: 'settings'", LedgerError)
     for key in ("round", "steps"):
         if key in keys and (not _is_int(entry[key]) or entry[key] < 0):
             raise LedgerError(f"{where}: {key!r} must be an integer >= 0, got {entry[key]!r}")

@@ -202,7 +202,7 @@ def final_evaluation(grid: Grid, cfg: Config, shared: dict[str, torch.Tensor], *
     t0 = time.perf_counter()
     if aggregator is None:
         aggregator = build_aggregator(cfg, run_id=_run_id(grid))
-    nodes = sorted(grid.get_node_ids())
+    nodes = wait_for_nodes(grid, cfg.server.min_clients)  # a resumed, finished run gets here before any node joined
     log(INFO, "Final evaluation on %d nodes (base, shared, personalized%s), %s...", len(nodes),
         ", local-only in simulation" if cfg.eval.local_baseline else "",
         "summed under secure aggregation" if aggregator.name != "plain" else "summed in the clear")

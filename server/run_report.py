@@ -4,7 +4,7 @@
 ``results/<run>/rounds.csv``    one row per round
 ``results/<run>/users.csv``     one row per user (held-out loss/accuracy of each model, epsilon)
 ``results/<run>/rounds.png``    held-out and training loss per round
-``results/<run>/users.png``     per-user held-out loss of base / shared / personalized / local-only
+``results/<run>/users.png``     per-user paired gain over the base model: personalized, local-only, shared (sorted bars)
 """
 
 from __future__ import annotations
@@ -109,23 +109,46 @@ def plot_rounds(run_dir: Path, rounds: list[dict]) -> Path | None:
 
 
 def plot_users(run_dir: Path, users: list[dict]) -> Path | None:
-    if not users:
+    """Per-user paired gain over the base model (%, higher is better), users sorted by personalized gain."""
+    rows = [u for u in users if u.get("base-loss") is not None and math.isfinite(u["base-loss"])]
+    if not rows:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    present = [(k, label) for k, label in MODELS if any(f"{k}-loss" in u for u in users)]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    data = [[u[f"{k}-loss"] for u in users if u.get(f"{k}-loss") is not None] for k, _ in present]
-    ax.boxplot(data, showmeans=True)
-    ax.set_xticks(range(1, len(present) + 1), [label for _, label in present])
-    for i, vals in enumerate(data, start=1):
-        ax.scatter([i] * len(vals), vals, s=8, alpha=0.5, color="k")
-    ax.set_ylabel("held-out loss per user (nats / token)")
-    ax.set_title(f"{run_dir.name}: {len(users)} users, held-out loss by model")
+    def gain(u: dict, k: str) -> float:
+        v = u.get(f"{k}-loss")
+        return 100.0 * (u["base-loss"] - v) / u["base-loss"] if v is not None and math.isfinite(v) else math.nan
+
+    has_local = any("local-loss" in u for u in rows)
+    rows = sorted(rows, key=lambda u: gain(u, "personal"))
+    xs = list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.38 * len(rows) + 2), 4.6))
+    width = 0.4 if has_local else 0.7
+    ax.bar([x - (width / 2 if has_local else 0) for x in xs], [gain(u, "personal") for u in rows], width,
+           color="tab:blue", label="personalized (shared + own head)")
+    if has_local:
+        ax.bar([x + width / 2 for x in xs], [gain(u, "local") for u in rows], width, color="tab:orange", alpha=0.8,
+               label="local-only (same training, no federation)")
+    ax.scatter(xs, [gain(u, "shared") for u in rows], marker="D", s=14, color="black", zorder=3,
+               label="shared adapter alone")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(xs, [str(u.get("user", u.get("user-id", i)))[:22] for i, u in enumerate(rows)], rotation=70, ha="right", fontsize=6)
+    ax.set_ylabel("held-out loss gain over the base model (%)")
+
+    def mean_gain(k: str) -> float:
+        vals = [gain(u, k) for u in rows if math.isfinite(gain(u, k))]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    title = f"{run_dir.name}: per-user gain over base; mean personalized {mean_gain('personal'):+.1f}%"
+    if has_local:
+        beats = sum(1 for u in rows if u.get("local-loss") is not None and u["personal-loss"] < u["local-loss"])
+        title += f", local-only {mean_gain('local'):+.1f}%; personalized beats local-only for {beats}/{len(rows)}"
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     out = run_dir / "users.png"
     fig.savefig(out, dpi=110)
@@ -158,6 +181,7 @@ def summary_table(users: list[dict], summary: dict) -> str:
         lines.append(
             f"{u['user'][:37]:<38}{r_s:>7}{eps_s:>7}" + (f"{leps_s:>10}" if local else "")
             + "".join(f"{_num(u.get(c + '-loss')):>14.3f}" for c in cols)
+            + (f"  FAILED: {u.get('error', '')}" if u.get("status") == "failed" else "")
         )
     lines.append("-" * len(head))
     pad = 52 + (10 if local else 0)

@@ -254,7 +254,10 @@ def run_audit(
                 len(plants["secrets"]), settings.exposure_repeats)
 
     run_id = int(hashlib.sha256(f"audit:{run_dir}".encode()).hexdigest()[:12], 16)
-    nodes = {p.node_id: {"data-dir": str(p.data_dir), "state-dir": str(p.state_dir), "user-id": p.user_id} for p in plans}
+    # The DP-off side of the audit is a non-private run the user asked for: its devices' own policy must allow it.
+    nopriv = {} if dp else {"policy.allow-no-dp": True}
+    nodes = {p.node_id: {"data-dir": str(p.data_dir), "state-dir": str(p.state_dir), "user-id": p.user_id, **nopriv}
+             for p in plans}
     t_train = time.perf_counter()
     try:
         with InProcessGrid(client_app.app, nodes, flat, run_id=run_id) as grid:

@@ -1,5 +1,8 @@
 """Benchmarks that print ratios measured side by side in one run (not timed tests).
 
+``fedpersona bench engine [--quick | --preset demo|anchor]``: the cohort engine
+against the sequential Opacus path (:mod:`simulations.engine.bench`).
+
 ``fedpersona bench dp-step``: the cost of a DP-SGD step (Opacus per-sample
 gradients, clipping, noise) against a plain step on the very same Poisson
 batches, alternating the two so machine noise hits both alike.
@@ -13,7 +16,39 @@ import time
 import torch
 
 
+class _GlobalMT:
+    """The predictable baseline: noise from torch's process-wide MT19937 (what Opacus does without a generator)."""
+
+    secure = False
+
+    def generator(self, device=None):
+        return torch.default_generator
+
+    def poisson_mask(self, n, rate, *, generator=None):
+        return torch.rand(n) < rate
+
+
+def _noise_alone(shapes, *, reps: int = 200) -> dict[str, float]:
+    """One step's noise for these parameter shapes, by itself (median CPU seconds of ``reps``)."""
+    from privacy.dpstep import flat_noise
+    from privacy.noise import SECURE
+
+    numel = sum(int(torch.Size(s).numel()) for s in shapes)
+    mt = _GlobalMT()
+    cases = {"noise_mt19937": (mt, False), "noise_csprng": (SECURE, False), "noise_csprng_secure_mode": (SECURE, True)}
+    out = {}
+    for name, (source, robust) in cases.items():
+        ts = []
+        for _ in range(reps):
+            t0 = time.process_time()
+            flat_noise(source, source.generator("cpu"), numel, std=1.0, robust=robust)
+            ts.append(time.process_time() - t0)
+        out[name] = statistics.median(ts)
+    return out
+
+
 def dp_step(*, steps: int = 10, model: str = "smollm2") -> dict:
+    from privacy import dpstep
     from client.train import CachedExample, DPTrainer
     from fedpersona.config import load_config
     from fedpersona.model import adapted_model, labels_for, lower_hidden
@@ -29,24 +64,56 @@ def dp_step(*, steps: int = 10, model: str = "smollm2") -> dict:
     trainer = DPTrainer(m)
     common = dict(steps=1, batch_size=cfg.client.batch_size, lr=cfg.client.lr, optimizer=cfg.client.optimizer,
                   noise_multiplier=1.0, max_grad_norm=cfg.privacy.max_grad_norm)
-    times = {True: [], False: []}
-    for i in range(steps + 1):
-        for dp in (False, True):
-            t0 = time.perf_counter()
-            trainer.train(ex, dp=dp, seed=1000 + i, **common)
-            if i > 0:  # first pair warms up
-                times[dp].append(time.perf_counter() - t0)
-    dp_s, plain_s = statistics.median(times[True]), statistics.median(times[False])
-    return {"dp_step_s": dp_s, "plain_step_s": plain_s, "ratio": dp_s / plain_s, "threads": torch.get_num_threads(),
-            "batch": cfg.client.batch_size, "seq_len": seq, "adapter_layers": cfg.adapter.layers}
+    # The same Poisson batches for every variant (seeded masks); only the noise's source differs.
+    variants = {
+        "plain": dict(dp=False),
+        "dp_mt19937": dict(dp=True, noise_source=_GlobalMT(), secure_mode=False),
+        "dp_csprng": dict(dp=True, noise_source=None, secure_mode=False),
+        "dp_csprng_secure_mode": dict(dp=True, noise_source=None, secure_mode=True),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    saved = dpstep.ROBUST_NOISE
+    try:
+        for i in range(steps + 1):
+            for name, v in variants.items():  # alternating, so machine noise hits all alike
+                dpstep.ROBUST_NOISE = v.get("secure_mode", saved)
+                t0 = time.perf_counter()
+                trainer.train(ex, dp=v["dp"], seed=1000 + i, noise_source=v.get("noise_source"), **common)
+                if i > 0:  # the first pass warms up
+                    times[name].append(time.perf_counter() - t0)
+    finally:
+        dpstep.ROBUST_NOISE = saved
+    med = {k: statistics.median(v) for k, v in times.items()}
+    med.update(_noise_alone([p.shape for p in m.trainable_parameters()]))
+    return {**{f"{k}_s": v for k, v in med.items()}, "threads": torch.get_num_threads(),
+            "batch": cfg.client.batch_size, "seq_len": seq, "adapter_layers": cfg.adapter.layers,
+            "shipped": "dp_csprng_secure_mode" if saved else "dp_csprng",
+            "trainable": sum(p.numel() for p in m.trainable_parameters())}
 
 
-def main(what: str, *, steps: int = 10, model: str = "smollm2") -> int:
+def main(what: str, *, steps: int = 10, model: str = "smollm2", quick: bool = False, preset: str | None = None,
+         cohorts: tuple[int, ...] | None = None, engine_steps: int | None = None,
+         methods: tuple[str, ...] | None = None) -> int:
+    if what == "engine":
+        from simulations.engine.bench import main as engine_main
+
+        return engine_main(quick=quick, preset=preset, cohorts=cohorts, steps=engine_steps, methods=methods)
     if what == "dp-step":
         r = dp_step(steps=steps, model=model)
+        plain = r["plain_s"]
         print(f"DP-SGD step vs plain step, same Poisson batches (expected batch {r['batch']} x {r['seq_len']} tokens, "
-              f"LoRA on the top {r['adapter_layers']} blocks, {r['threads']} threads, median of {steps}):")
-        print(f"  plain step {r['plain_step_s'] * 1000:8.1f} ms")
-        print(f"  DP step    {r['dp_step_s'] * 1000:8.1f} ms")
-        print(f"  ratio DP / plain: {r['ratio']:.2f}x (target <= 1.5x)")
+              f"LoRA on the top {r['adapter_layers']} blocks, {r['trainable']} noised parameters, {r['threads']} "
+              f"threads, median of {steps}):")
+        rows = [("plain step (no DP)", "plain_s"),
+                ("DP step, noise from torch's MT19937 (predictable)", "dp_mt19937_s"),
+                ("DP step, noise from the CSPRNG (os.urandom per step)", "dp_csprng_s"),
+                ("DP step, CSPRNG + Opacus secure_mode", "dp_csprng_secure_mode_s")]
+        for label, key in rows:
+            print(f"  {label:<54} {r[key] * 1000:8.1f} ms   {r[key] / plain:5.2f}x plain")
+        print(f"  noise alone for the {r['trainable']} parameters (CPU time, median of 200): MT19937 "
+              f"{r['noise_mt19937_s'] * 1000:.2f} ms, CSPRNG {r['noise_csprng_s'] * 1000:.2f} ms, CSPRNG + secure_mode "
+              f"{r['noise_csprng_secure_mode_s'] * 1000:.2f} ms")
+        shipped = r["shipped"] + "_s"
+        print(f"  secure noise costs {r[shipped] / r['dp_mt19937_s']:.2f}x the MT19937 DP step "
+              f"(shipped: {r['shipped']}); DP / plain {r[shipped] / plain:.2f}x (target <= 1.5x)")
     return 0

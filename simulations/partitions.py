@@ -42,6 +42,11 @@ def _write_examples(folder: Path, user: UserCorpus) -> None:
     os.replace(tmp, folder / EXAMPLES_FILE)
 
 
+def simulated_state_dir(cfg: Config, user_id: str) -> Path:
+    """A simulated device's state folder: ``<run.state-dir>/<run.name>/<user slug>``."""
+    return Path(cfg.run.state_dir) / cfg.run.name / slug(user_id)
+
+
 def prepare_partitions(cfg: Config, users: list[UserCorpus] | None = None) -> list[UserCorpus]:
     """Write every simulated user's data folder and the manifest; returns the users (partition order)."""
     if users is None:
@@ -51,7 +56,7 @@ def prepare_partitions(cfg: Config, users: list[UserCorpus] | None = None) -> li
     for pid, user in enumerate(users):
         data_dir = run_root / SIMULATED / slug(user.user_id)
         _write_examples(data_dir, user)
-        nodes[pid] = NodeData(user.user_id, data_dir, run_root / slug(user.user_id))
+        nodes[pid] = NodeData(user.user_id, data_dir, simulated_state_dir(cfg, user.user_id))
     path = write_manifest(manifest_path(cfg), nodes, source=_source(cfg))
     logger.info("Simulated users' data for %d partitions in %s", len(nodes), path.parent)
     return list(users)

@@ -12,13 +12,17 @@ import json
 import logging
 import os
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from client.policy import POLICY_FILE, PREFIX, DevicePolicy
 from fedpersona.config import CONFIG_ENV, Config, load_config, read_scenario
 from privacy.secagg.settings import secagg_params
 from simulations.corpus import load_users
-from simulations.partitions import prepare_partitions
+from simulations.failures import device_failures, mark_failed, rewrite_outputs
+from simulations.partitions import prepare_partitions, simulated_state_dir
+from simulations.user_table import attach_user_table
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +52,40 @@ def resolve(scenario: str | None, overrides: dict[str, Any]) -> tuple[dict[str, 
     return flat, cfg
 
 
-def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *, cpus: int | None = None) -> dict:
-    """Run the scenario to completion; returns the run's metrics.json content."""
+POLICY_HEADER = "# written by `fedpersona run --device-policy` for this simulated device (deleted by a run without it)\n"
+
+
+def write_device_policies(cfg: Config, user_ids: list[str], policy: dict[str, Any] | None) -> None:
+    """Give the simulated devices a ``policy.toml`` (``--device-policy``), or remove the one a run gave them.
+
+    The simulated devices' own floors: by default (no file) the safe defaults of
+    :class:`client.policy.DevicePolicy`; a non-private simulation (``privacy.enabled = false``)
+    needs ``--device-policy allow-no-dp=true``, plain aggregation ``allow-no-secagg=true``.
+    A ``policy.toml`` the runner did not write is never touched.
+    """
+    values = {(k if k.startswith(PREFIX) else PREFIX + k): v for k, v in (policy or {}).items()}
+    DevicePolicy.from_mapping(values, source="--device-policy")  # ValueError naming a bad key or value
+    for user in user_ids:
+        path = simulated_state_dir(cfg, user) / POLICY_FILE
+        ours = path.is_file() and path.read_text().startswith(POLICY_HEADER)
+        if values:
+            if path.is_file() and not ours:
+                raise ValueError(f"{path} exists and was not written by the runner; edit it, or drop --device-policy")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lines = [f"{k[len(PREFIX):]} = {json.dumps(v)}" for k, v in sorted(values.items())]
+            path.write_text(POLICY_HEADER + "\n".join(lines) + "\n")
+        elif ours:
+            path.unlink()
+
+
+def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *, cpus: int | None = None,
+        device_policy: dict[str, Any] | None = None) -> dict:
+    """Run the scenario to completion; returns the run's metrics.json content.
+
+    ``device_policy``: ``policy.*`` keys every simulated device holds as its own (a
+    ``policy.toml`` in its state folder; see :func:`write_device_policies`). The result has
+    ``failure_count`` and ``failed_users`` (user -> error class, message and round).
+    """
     from flwr.simulation import run_simulation
 
     from fedpersona.model import resolve_model_dir
@@ -69,6 +105,7 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
                 f"Invalid config value for 'privacy.delta': must be below 1/number-of-examples = 1/{n_train} "
                 f"(the smallest user's training split). You passed: {cfg.privacy.delta}"
             )
+    write_device_policies(cfg, [u.user_id for u in users], device_policy)
     resolve_model_dir(cfg.model.path)  # convert the default model once, before workers start
     prepare_partitions(cfg, users)  # each simulated device reads its user's data folder (simulations/partitions.py)
     cpus = cpus or os.cpu_count() or 1
@@ -83,7 +120,12 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
     from client.app import app as client_app  # torch, transformers: loaded when a run starts
     from server.app import app as server_app
 
+    metrics_path = Path(cfg.run.results_dir) / cfg.run.name / "metrics.json"
+    # Rounds of an earlier invocation (a resumed run): their failures were reported by that one.
+    earlier = json.loads(metrics_path.read_text()).get("rounds", []) if metrics_path.is_file() else []
+    after_round = max((int(r.get("round", 0)) for r in earlier), default=0)
     t0 = time.perf_counter()
+    started = datetime.now(timezone.utc)
     logger.info("Simulating %d users (%d per round, %d rounds) on %d CPU(s)", len(users),
                 cfg.server.clients_per_round, cfg.server.num_rounds, cpus)
     try:
@@ -91,15 +133,16 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
                        backend_config=backend_config)
     finally:
         os.environ.pop(CONFIG_ENV, None)
-    metrics_path = Path(cfg.run.results_dir) / cfg.run.name / "metrics.json"
     if not metrics_path.is_file():
         raise RuntimeError(f"The simulation ended without writing {metrics_path}; see the log above")
     metrics = json.loads(metrics_path.read_text())
-    from simulations.user_table import attach_user_table, simulated_state_dirs
-
-    attach_user_table(metrics_path.parent, metrics, simulated_state_dirs(cfg))
-    metrics["wall_seconds"] = time.perf_counter() - t0
-    failed = sum(r.get("failed", 0) for r in metrics.get("rounds", []))
+    # The per-user table, from the devices' own stores on this machine (the server has only the secure sum).
+    attach_user_table(metrics_path.parent, metrics, {u.user_id: simulated_state_dir(cfg, u.user_id) for u in users})
+    failed_users = device_failures(cfg, [u.user_id for u in users], since=started)
+    failed = mark_failed(metrics, failed_users, after_round=after_round)
     if failed:
-        logger.warning("%d client failure(s) over the run; see rounds.csv", failed)
+        rewrite_outputs(cfg, metrics)
+        logger.warning("%d failure(s) over the run, %d user(s) failed: %s", failed, len(failed_users),
+                       "; ".join(f"{u}: {e}" for u, e in metrics["failed_users"].items()) or "see rounds.csv")
+    metrics["wall_seconds"] = time.perf_counter() - t0
     return metrics

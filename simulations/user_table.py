@@ -16,20 +16,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from client.device import EVALUATION
-from client.node_data import manifest_path, read_manifest
 from client.store import DeviceStore, StateError
-from fedpersona.config import Config
 from server.run_report import summary_table, write_outputs
 
-__all__ = ["attach_user_table", "read_user_rows", "simulated_state_dirs"]
+__all__ = ["attach_user_table", "read_user_rows"]
 
 logger = logging.getLogger(__name__)
-
-
-def simulated_state_dirs(cfg: Config) -> dict[str, Path]:
-    """User id -> state folder of every simulated node (the simulation manifest)."""
-    nodes = read_manifest(manifest_path(cfg))["nodes"]
-    return {str(n["user-id"]): Path(n["state-dir"]) for n in nodes.values()}
 
 
 def read_user_rows(state_dirs: Mapping[str, Path] | Iterable[Path]) -> list[dict]:

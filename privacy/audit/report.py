@@ -71,6 +71,8 @@ def _independent_epsilon(history: list[tuple[float, float, int]], delta: float) 
     """Epsilon of a ledger history with :mod:`privacy.rdp` (not Opacus): the cross-check."""
     if not history:
         return 0.0
+    if any(sigma == 0 for sigma, _, _ in history):
+        return None  # a release without noise: infinite, whatever the rest
     rdp = np.zeros(len(DEFAULT_ORDERS))
     for sigma, q, steps in history:
         rdp = rdp + rdp_subsampled_gaussian(q=q, sigma=sigma, steps=steps)
@@ -93,6 +95,9 @@ def device_summary(rec: DeviceRecords, *, delta: float, target_epsilon: float | 
             "epsilon": _finite(eps),
             "epsilon_independent": _independent_epsilon(ledger.history, delta) if ledger.accountant == "rdp" and dp else None,
             "user_level": [{**u, "epsilon": _finite(u["epsilon"])} for u in ledger.user_level_entries],
+            # Rounds released without DP noise (a policy that allowed it): epsilon is infinite from then on.
+            "released_without_noise": [r["round"] for r in ledger.rounds if r["noise_multiplier"] == 0]
+                                      or ([None] if any(s == 0 for s, _, _ in ledger.history) else []),
         })
         budget = {"target": target_epsilon, "exhausted": False, "after_round": None}
         if dp and target_epsilon is not None and ledger.rounds:
@@ -130,6 +135,7 @@ def build_audit(devices: list[DeviceRecords], run: RunRecords | None = None, *, 
     ckpts = run.checkpoints if run is not None else []
 
     eps = [d["epsilon"] for d in devices if d.get("epsilon") is not None]
+    no_noise = {d["device"]: d["released_without_noise"] for d in devices if d.get("released_without_noise")}
     audit = {
         "version": VERSION,
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -139,7 +145,9 @@ def build_audit(devices: list[DeviceRecords], run: RunRecords | None = None, *, 
         "guarantee": _guarantee(config, devices, metrics, dp=dp, delta=delta, checkpoints=ckpts),
         "users": [_user_row(d) for d in devices],
         "epsilon_summary": {"devices": len(devices), "max": max(eps) if eps else None, "mean": float(np.mean(eps)) if eps else None,
-                            "min": min(eps) if eps else None, "delta": delta, "target": _finite(target)},
+                            "min": min(eps) if eps else None, "delta": delta, "target": _finite(target),
+                            "infinite": sorted(no_noise)},
+        "released_without_noise": no_noise,
         "budget_exhausted": [{"user": d["device"], "after_round": d["budget"]["after_round"], "epsilon": d["epsilon"]}
                              for d in devices if d.get("budget", {}).get("exhausted")],
         "accountant_check": _accountant_check(devices),
@@ -181,23 +189,55 @@ def _accountant_check(devices: list[dict]) -> dict:
             "method": "each ledger's history re-accounted with privacy/rdp.py (an independent RDP implementation)"}
 
 
+def _personal_head_statement(head_mode: str, split: str) -> str:
+    """What holds for the personal head in this run (``privacy.personal-head``)."""
+    common = ("The personalized model (shared adapter + personal head) is never aggregated, so no user-level "
+              "protection applies to it. Its membership inference is measured separately below.")
+    if split == "fedsa":
+        return ("privacy.personal-head = dp (split fedsa): the head (B) is part of the shared adapter and is trained in "
+                "the same DP-SGD pass; the device's record-level bound covers it. " + common)
+    if head_mode == "local":
+        return ("privacy.personal-head = local: joint DP. The head is trained on the device WITHOUT noise, on top of the "
+                "shared adapter; the released update never depends on it (the shared pass runs with the head switched "
+                "off), so the guarantee above covers everything that leaves the device. The head itself and the "
+                "personalized model's outputs are NOT covered by any differential-privacy guarantee: anyone who can "
+                "query the device's model queries a model trained on the user's data without noise. " + common)
+    return ("privacy.personal-head = dp: the head is trained with DP-SGD too, with its own ledger (ledger-head) and "
+            "epsilon (head-epsilon), reported beside the shared one; the personalized model is covered by the "
+            "composition of both. " + common)
+
+
 def _guarantee(config: dict, devices: list[dict], metrics: dict, *, dp: bool, delta: float, checkpoints: list[int]) -> dict:
     accountants = sorted({d["accountant"] for d in devices if d.get("accountant")}) or [config.get("privacy.accountant", "rdp")]
     user_level = [u for d in devices for u in d.get("user_level", [])]
     ckpts = checkpoints
     clip = config.get("privacy.max-grad-norm")
+    head_mode = config.get("privacy.personal-head", "dp")
+    split = config.get("adapter.split", "ffa")
     g = {
         "dp_enabled": dp,
         "unit": "one training example (cue, reply) of one user",
         "adjacency": ("record-level, per user: two datasets of a user that differ by adding or removing one of its "
-                      "examples; each user's epsilon covers everything computed from that user's data"),
+                      "training examples; a user's epsilon covers what its DP-SGD steps released (the shared-adapter "
+                      "updates and everything computed from them), not every figure computed from its data: see "
+                      "'what leaves a device' for what each release is covered by"),
         "mechanism": (f"DP-SGD on the device (Opacus): per-sample gradient clipping at {clip}, Gaussian noise of "
-                      "standard deviation noise_multiplier x clip per step, over the shared and personal adapters"),
+                      "standard deviation noise_multiplier x clip per step, over "
+                      + ("the shared adapter (A and B, the personal B inside it: split fedsa)" if split == "fedsa" else
+                         "the shared adapter only, with the personal head switched off in that pass, so the released "
+                         "update never depends on the head")),
         "accountant": ", ".join(a.upper() for a in accountants) + " (Opacus); cross-checked with privacy/rdp.py",
         "delta": delta,
         "sampling": ("Poisson sampling: every example joins each step's batch independently with probability "
-                     "q = batch-size / examples, from the OS's secure randomness, the batches never leaving the "
-                     "device; empty batches are noise-only steps and are counted"),
+                     "q = batch-size / examples; each step's mask is drawn from a torch generator seeded with 64 "
+                     "bits read from os.urandom (the kernel's CSPRNG) for that step (privacy/noise.py NoiseSource), "
+                     "never from torch's global MT19937; the batches never leave the device; empty batches are "
+                     "noise-only steps and are counted"),
+        "noise": ("the Gaussian noise of each step from a fresh os.urandom-seeded generator (the same NoiseSource) "
+                  "handed to Opacus's DPOptimizer before the step, with Opacus's secure_mode (each coordinate the "
+                  "mean of 4 draws, against floating-point attacks on the sampler); seeding torch does not "
+                  "reproduce it (tests/adversarial/test_noise_predictability.py)"),
+        "leaves_device": _releases(config, metrics, user_level=bool(user_level)),
         "composition": "over every round the device ever trained in, across restarts (the ledger file on the device)",
         "checkpoints": (f"covers every released checkpoint ({len(ckpts)} of them: rounds {ckpts[0]}-{ckpts[-1]})" if ckpts
                         else "covers every released checkpoint") + ": each is a function of the devices' DP-SGD outputs "
@@ -214,11 +254,9 @@ def _guarantee(config: dict, devices: list[dict], metrics: dict, *, dp: bool, de
             {"present": False,
              "statement": "no user-level guarantee: no distributed-DP entries in the ledgers. A user's whole "
                           "dataset is protected only through the record-level bound (group privacy)"}),
-        "personal_head": ("NOT covered against someone who can query the device: the personalized model (shared "
-                          "adapter + personal head) is trained on the user's data and never aggregated, so no "
-                          "user-level protection applies to it; only the record-level DP-SGD bound of that user "
-                          "does (and none if DP is off). Its membership inference is measured separately below."),
+        "personal_head": _personal_head_statement(head_mode, split),
     }
+    infinite = sorted(d["device"] for d in devices if d.get("released_without_noise"))
     if not dp:
         g["statement"] = "NO DIFFERENTIAL-PRIVACY GUARANTEE: privacy.enabled = false for this run."
         g["mechanism"] = "none: the devices trained without DP-SGD (no clipping, no noise)"
@@ -228,7 +266,54 @@ def _guarantee(config: dict, devices: list[dict], metrics: dict, *, dp: bool, de
         eps = [d["epsilon"] for d in devices if d.get("epsilon") is not None]
         g["statement"] = (f"Each user's training examples are ({max(eps) if eps else 0:.3g}, {delta:g})-DP at worst "
                           f"(record-level, per user; per-user epsilons below), for every checkpoint the server released.")
+        if infinite:
+            g["statement"] = (f"NO DP GUARANTEE for {len(infinite)} device(s) that released an update without DP noise "
+                              f"(epsilon infinite from then on: {', '.join(infinite)}). For the others: "
+                              + g["statement"])
     return g
+
+
+def _releases(config: dict, metrics: dict, *, user_level: bool) -> list[dict]:
+    """Each thing that leaves a device in this run's configuration, and the guarantee that covers it."""
+    secagg = metrics.get("aggregation", "secagg+" if config.get("secagg.enabled", True) else "plain") != "plain"
+    dp = bool(config.get("privacy.enabled", True))
+    sum_only = ("secure aggregation: the server learns only the cohort's sum (SecAgg+, honest-but-curious server, "
+                "at most t - 1 colluding share holders)") if secagg else "none against the server: sent in the clear"
+    dp_cover = "record-level DP-SGD (the user's epsilon)" if dp else "NO DP (privacy.enabled = false)"
+    out = [
+        {"what": "shared-adapter update (weighted change of the shared tensors)",
+         "covered_by": f"{dp_cover}; {sum_only}" + ("; user-level distributed DP noise (ledger user-level entries)"
+                                                   if user_level else "")},
+        {"what": "example count, trained / clipped flags, empty-step count, training seconds",
+         "covered_by": f"{sum_only}; NOT covered by DP (the count and the timing are not noised)"},
+        {"what": "training loss and the epsilon spent (per round)",
+         "covered_by": f"{sum_only}; the loss is computed on the DP-SGD batches but is not itself noised: NOT covered "
+                       "by the user's epsilon"},
+    ]
+    if config.get("eval.per-round", True):
+        out.append({"what": "held-out losses before each round (shared, personalized)",
+                    "covered_by": f"{sum_only}; computed on held-out examples that DP-SGD never used and not "
+                                  "noised: NOT covered by DP"})
+    if metrics.get("final") or config.get("eval.final", True):
+        out.append({"what": "final evaluation: held-out loss and accuracy of base, shared, personalized"
+                            + (" and local-only" if config.get("eval.local-baseline", True) else "")
+                            + " models, epsilon, rounds, steps, example counts, and the user label",
+                    "covered_by": "NONE: sent in the clear to the server, outside secure aggregation and DP"})
+    if config.get("eval.local-baseline", True):
+        out.append({"what": "the local-only baseline (trained on the device for evaluation; its figures leave in "
+                            "the final evaluation)",
+                    "covered_by": "its own ledger (ledger-local-baseline), NOT composed into the user's epsilon: "
+                                  "the user's data is used by two DP mechanisms and the reported epsilon covers "
+                                  "only the federated one"})
+    if secagg:
+        out.append({"what": "secure-aggregation protocol data: public keys, encrypted shares, unmask shares",
+                    "covered_by": "the SecAgg+ protocol (docs/secagg.md): reveals no more than the sum when the "
+                                  "server is honest-but-curious"})
+    out.append({"what": "error replies (failed or refused requests)",
+                "covered_by": "none: an error class and text; a policy refusal names only the setting, the server's "
+                              "value and the device's floor"})
+    out.append({"what": "the personal head", "covered_by": "never leaves the device (data-flow inventory, section 3)"})
+    return out
 
 
 def _server_view(metrics: dict, server: list[dict]) -> dict:
@@ -291,6 +376,10 @@ def _status(audit: dict, *, dp: bool) -> dict:
         "violation": False,
         "flags": [],
     }
+    infinite = audit["epsilon_summary"].get("infinite") or []
+    if dp and infinite:
+        status["guarantee"] = (f"NO DP GUARANTEE for {len(infinite)} device(s) (released without noise); the others: "
+                               + status["guarantee"])
     if comp is not None and not comp["complete"]:
         status["flags"].append("inventory incomplete: the server received replies that no device recorded")
     if audit["inventory"]["unrecorded_devices"]:
@@ -301,6 +390,10 @@ def _status(audit: dict, *, dp: bool) -> dict:
         status["flags"].append("the ledgers' epsilon disagrees with the independent RDP implementation")
     if not dp:
         status["flags"].append("privacy.enabled = false: no differential-privacy guarantee")
+    for device, rounds in sorted(audit.get("released_without_noise", {}).items()):
+        status["flags"].append(f"{device} released an update without DP noise (round(s) "
+                               f"{', '.join(str(r) for r in rounds if r is not None) or '?'}): its epsilon is "
+                               "infinite and no DP claim holds for it")
     if emp:
         ver = emp["verdict"]
         status["violation"] = bool(ver["violation"])

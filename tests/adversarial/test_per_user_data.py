@@ -81,7 +81,8 @@ def run(tiny_config, tmp_path, monkeypatch, request):
         cfg = load_config(flat, env=False)
     contexts = {nid: Context(run_id=RUN_ID, node_id=nid, state=RecordDict(), run_config=flat,
                              node_config={"data-dir": str(_folder(tmp_path / f"d{nid}", uid, broken=nid == BROKEN)),
-                                          "state-dir": str(tmp_path / f"s{nid}"), "user-id": uid})
+                                          "state-dir": str(tmp_path / f"s{nid}"), "user-id": uid,
+                                          **({} if secure else {"policy.allow-no-secagg": True})})
                 for nid, uid in USERS.items()}
     yield cfg, FakeGrid(contexts), secure
     client_app._DEVICES.clear()

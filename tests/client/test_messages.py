@@ -41,7 +41,7 @@ def device_context(tiny_config, tmp_path, monkeypatch):
     monkeypatch.setenv(CONFIG_ENV, json.dumps(flat))
     client_app._DEVICES.clear()
     node_config = {"data-dir": str(_user_folder(tmp_path / "alice")), "state-dir": str(tmp_path / "alice-state"),
-                   "user-id": "alice"}
+                   "user-id": "alice", "policy.allow-no-secagg": True}  # this device's owner accepts plain aggregation
     ctx = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
     return ctx, load_config(flat, env=False)
 

@@ -114,3 +114,83 @@ def test_evaluate_reports_loss_and_accuracy(model):
     r = evaluate(model, ex)
     assert r["tokens"] == sum(e.num_targets for e in ex)
     assert r["loss"] > 0 and 0 <= r["accuracy"] <= 1
+
+
+def _shared_params(model):
+    return {n: p.detach().clone() for n, p in zip(model.shared_names, model.trainable_parameters())}
+
+
+def _personal_params(model):
+    k = len(model.shared_names)
+    return {n: p.detach().clone() for n, p in zip(model.personal_names, model.trainable_parameters()[k:])}
+
+
+@pytest.mark.parametrize("group", ["shared", "personal"])
+def test_a_pass_trains_only_its_group(model, group):
+    ex = _examples(model)
+    shared0, personal0 = _shared_params(model), _personal_params(model)
+    trainer_for(model).train(ex, steps=2, batch_size=6, lr=0.05, optimizer="adam", noise_multiplier=1.0,
+                             max_grad_norm=1.0, seed=0, group=group)
+    moved, still = (_shared_params(model), shared0), (_personal_params(model), personal0)
+    if group == "personal":
+        moved, still = still, moved
+    assert all(not torch.equal(moved[0][n], moved[1][n]) for n in moved[0]), "the trained group must move"
+    assert all(torch.equal(still[0][n], still[1][n]) for n in still[0]), "the other group must not move"
+    assert all(p.requires_grad for p in model.trainable_parameters()), "requires_grad is restored"
+    assert all(getattr(p, "grad_sample", None) is None for p in model.trainable_parameters())
+
+
+def test_shared_pass_is_bit_identical_whatever_the_head_holds(model):
+    """Joint DP as a test: the released (shared) update does not depend on the personal head at all."""
+    from client.train import train_shared
+
+    ex = _examples(model, n=16)
+    start = _params(model)
+    results = []
+    for head_seed in (1, 2):
+        _restore(model, start)
+        with torch.no_grad():  # two very different heads
+            g = torch.Generator().manual_seed(head_seed)
+            for p in model.trainable_parameters()[len(model.shared_names):]:
+                p.copy_(torch.randn(p.shape, generator=g) * head_seed)
+        head = _personal_params(model)
+        train_shared(trainer_for(model), ex, steps=3, batch_size=6, lr=0.05, optimizer="adam", noise_multiplier=1.0,
+                     max_grad_norm=0.5, seed=7, noise_generator=torch.Generator().manual_seed(11))
+        after_head = _personal_params(model)
+        assert all(torch.equal(after_head[n], head[n]) for n in head), "the head is restored untouched"
+        results.append(_shared_params(model))
+    first, second = results
+    assert any(not torch.equal(first[n], start[n]) for n in first), "the shared adapter must be trained"
+    for n in first:
+        assert torch.equal(first[n], second[n]), f"shared tensor {n} depends on the head"
+
+
+def test_joint_pass_does_depend_on_the_head(model):
+    """The control for the test above: training both groups at once lets the head reach the shared update."""
+    ex = _examples(model, n=16)
+    start = _params(model)
+    results = []
+    for head_seed in (1, 2):
+        _restore(model, start)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(head_seed)
+            for p in model.trainable_parameters()[len(model.shared_names):]:
+                p.copy_(torch.randn(p.shape, generator=g) * head_seed)
+        trainer_for(model).train(ex, steps=3, batch_size=6, lr=0.05, optimizer="adam", noise_multiplier=1.0,
+                                 max_grad_norm=0.5, seed=7, noise_generator=torch.Generator().manual_seed(11))
+        results.append(_shared_params(model))
+    assert any(not torch.equal(results[0][n], results[1][n]) for n in results[0])
+
+
+def test_fedsa_has_no_head_free_shared_pass(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from client.train import DPTrainer, train_shared
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base.requires_grad_(False)
+    m = AdaptedModel(base, AutoTokenizer.from_pretrained(tiny_model_dir), AdapterConfig(split="fedsa", rank=2, layers=2),
+                     seed=0)
+    with pytest.raises(ValueError, match="fedsa"):
+        train_shared(DPTrainer(m), _examples(m), steps=1, batch_size=4, lr=0.1, optimizer="sgd", noise_multiplier=1.0,
+                     max_grad_norm=1.0)

@@ -98,6 +98,34 @@ def test_parse_override():
         parse_override("nothing")
 
 
+def test_personal_head_keys():
+    from fedpersona.config import load_config
+
+    cfg = load_config({"privacy.personal-head": "dp", "client.head-steps": 0}, env=False)
+    assert cfg.privacy.personal_head == "dp" and cfg.client.head_steps == 0
+    with pytest.raises(ValueError, match="privacy.personal-head.*You passed: 'noisy'"):
+        load_config({"privacy.personal-head": "noisy"}, env=False)
+    with pytest.raises(ValueError, match="client.head-steps"):
+        load_config({"client.head-steps": -1}, env=False)
+    with pytest.raises(ValueError, match="client.head-lr"):
+        load_config({"client.head-lr": 0}, env=False)
+    with pytest.raises(ValueError, match="privacy.personal-head.*fedsa"):
+        load_config({"adapter.split": "fedsa"}, env=False)
+    assert load_config({"adapter.split": "fedsa", "privacy.personal-head": "dp"}, env=False).adapter.split == "fedsa"
+
+
+def test_model_device_and_dtype_keys():
+    from fedpersona.config import load_config
+
+    cfg = load_config({"model.device": "cuda:1", "model.dtype": "bfloat16"}, env=False)
+    assert (cfg.model.device, cfg.model.dtype) == ("cuda:1", "bfloat16")
+    assert load_config({}, env=False).model.device == "auto"
+    with pytest.raises(ValueError, match="model.device.*You passed: 'gpu'"):
+        load_config({"model.device": "gpu"}, env=False)
+    with pytest.raises(ValueError, match="model.dtype.*You passed: 'float16'"):
+        load_config({"model.dtype": "float16"}, env=False)
+
+
 def test_min_contributors_range():
     assert load_config({}, env=False).secagg.min_contributors == 3
     with pytest.raises(ValueError, match=r"secagg.min-contributors.*>= 2.*You passed: 1"):

@@ -1,0 +1,109 @@
+"""The device's own failure log: one JSON line per request it failed, in its state folder.
+
+A ClientApp mod (:func:`failure_mod`) sees every reply: when the handler answers with an error,
+or raises, it appends to ``<state_dir>/failures.jsonl``::
+
+    {"v": 1, "time": "2026-12-01T08:00:00.123+00:00", "run_id": ..., "node_id": ...,
+     "message_type": "train", "round": 2, "error": "StateError"}
+
+Only the error *class* is kept, never the error text (which could quote the user's data), and
+the file sits beside the encrypted state in plain JSON, so that it stays readable when the
+state itself is what failed (a tampered or rolled-back store). On a simulated device the runner
+reads these files on this machine to list the failed users (:mod:`simulations.runner`); on a
+real device they are its owner's log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
+
+logger = logging.getLogger(__name__)
+
+FAILURES_FILE = "failures.jsonl"
+VERSION = 1
+_CLASS = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*:")
+
+
+def error_class(reason: str) -> str:
+    """The error class a reply's reason starts with (``"StateError: ..."`` -> ``"StateError"``)."""
+    m = _CLASS.match(str(reason))
+    return m.group(1) if m else "Error"
+
+
+def record_failure(state_dir: str | os.PathLike, *, run_id: int, node_id: int, message_type: str,
+                   server_round: int | None, error: str) -> Path:
+    """Append one failure line (a single ``write`` on an ``O_APPEND`` file)."""
+    folder = Path(state_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / FAILURES_FILE
+    entry = {"v": VERSION, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+             "run_id": int(run_id), "node_id": int(node_id), "message_type": str(message_type),
+             "round": server_round, "error": str(error)}
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
+    finally:
+        os.close(fd)
+    return path
+
+
+def read_failures(state_dir: str | os.PathLike, *, since: datetime | None = None) -> list[dict]:
+    """The device's failure lines (``[]`` if none), those at or after ``since`` when given."""
+    path = Path(state_dir) / FAILURES_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            when = datetime.fromisoformat(entry["time"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            logger.warning("%s line %d is not a failure entry; skipped", path, i)
+            continue
+        if since is None or when >= since:
+            out.append(entry)
+    return out
+
+
+def _state_dir(context: Context) -> Path:
+    from client.device import state_dir_for
+    from fedpersona.config import load_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the device itself warns about its settings
+        cfg = load_config(context.run_config)
+    return state_dir_for(cfg, dict(context.node_config))
+
+
+def _note(message: Message, context: Context, error: str) -> None:
+    group = message.metadata.group_id
+    try:
+        record_failure(_state_dir(context), run_id=context.run_id, node_id=context.node_id,
+                       message_type=message.metadata.message_type,
+                       server_round=int(group) if str(group).isdigit() else None, error=error)
+    except Exception as exc:  # the log must never hide the failure itself
+        logger.error("node %s: could not record its failure (%s): %s: %s", context.node_id, error,
+                     type(exc).__name__, exc)
+
+
+def failure_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """ClientApp mod: record each error reply (or exception) of this device in its failure log."""
+    try:
+        reply = call_next(message, context)
+    except Exception as exc:
+        _note(message, context, type(exc).__name__)
+        raise
+    if reply.has_error():
+        _note(message, context, error_class(reply.error.reason))
+    return reply

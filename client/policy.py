@@ -1,0 +1,331 @@
+"""The device's own privacy policy: floors that no server setting can lower.
+
+The run config comes from the server. A dishonest or misconfigured server could set
+``privacy.enabled = false``, ``privacy.target-epsilon = 1000``, ``privacy.noise-multiplier =
+0.01``, ``secagg.enabled = false`` or ``secagg.threshold = 1``; a device that simply obeyed would
+release its user's data without the guarantee its owner expects. So each device holds a
+:class:`DevicePolicy` of its own, and before it trains a round it checks the server's settings
+against it (:meth:`DevicePolicy.check`). A round whose settings would weaken the policy is
+refused: the device replies with an error naming the setting, the server's value and the floor
+(:class:`PolicyViolation`; never anything of the user's data) and logs a warning. The settings it
+accepted are written into its privacy ledger with the round.
+
+Where the policy comes from (keys, defaults):
+
+====================================  =========  ==================================================
+key                                   default    meaning
+====================================  =========  ==================================================
+``policy.allow-no-dp``                ``false``  accept rounds with ``privacy.enabled = false``
+                                                 (warns loudly; the release is recorded in the
+                                                 ledger as epsilon = infinity, for good)
+``policy.max-epsilon``                ``8.0``    largest ``privacy.target-epsilon`` accepted: the
+                                                 device's lifetime budget; a round whose noise alone
+                                                 would spend more is refused too
+``policy.max-delta``                  ``0``      largest ``privacy.delta`` (``0``: no floor but the
+                                                 rule that always holds: below 1/n, n the device's
+                                                 training examples)
+``policy.min-noise-multiplier``       ``0``      smallest noise multiplier accepted (``0``: unset)
+``policy.allow-no-secagg``            ``false``  accept ``secagg.enabled = false`` (plain
+                                                 aggregation: the update in the clear; warns)
+``policy.min-threshold-fraction``     ``0.5``    the Shamir threshold t must exceed this fraction of
+                                                 the k + 1 share holders (0.5: a strict majority)
+``policy.min-contributors``           ``3``      fewest trained contributors in any sum this device
+                                                 helps unmask (enforced by the secure-aggregation
+                                                 unmask stage)
+====================================  =========  ==================================================
+
+Two sources, both on the device: the node config (``flower-supernode --node-config
+"policy.max-epsilon=4"``, or the ``nodes`` of an in-process federation) and ``policy.toml`` in
+the device's state folder (``max-epsilon = 4``, top level or under ``[policy]``). When both set
+a key, **the stricter value wins** (the smaller maximum, the larger minimum, ``false`` over
+``true`` for the ``allow-*`` keys): neither source can loosen what the other asks for. Unknown
+``policy.*`` keys and bad values raise ``ValueError`` naming the key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedpersona.config import Config
+from privacy.ledger import calibrate_noise
+from privacy.secagg.settings import secagg_params
+
+__all__ = ["DevicePolicy", "PolicyViolation", "POLICY_FILE", "PREFIX"]
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "policy."
+POLICY_FILE = "policy.toml"
+
+# How two sources combine, per field: the stricter value wins.
+_STRICTER = {
+    "allow_no_dp": lambda a, b: a and b,
+    "max_epsilon": min,
+    "max_delta": lambda a, b: min(x for x in (a, b) if x > 0) if (a > 0 or b > 0) else 0.0,
+    "min_noise_multiplier": max,
+    "allow_no_secagg": lambda a, b: a and b,
+    "min_threshold_fraction": max,
+    "min_contributors": max,
+}
+
+
+class PolicyViolation(ValueError):
+    """The server's settings would weaken this device's privacy policy; the round is refused.
+
+    The message names the setting, the server's value and the floor; it never carries the
+    user's data (not even the number of training examples).
+    """
+
+    def __init__(self, setting: str, value: Any, requirement: str) -> None:
+        self.setting, self.value, self.requirement = setting, value, requirement
+        super().__init__(f"the device's privacy policy refuses {setting} = {value!r}: {requirement}")
+
+
+def _key(attr: str) -> str:
+    return PREFIX + attr.replace("_", "-")
+
+
+def _bad(key: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"Invalid device policy value for {key!r}: {why}. You passed: {value!r}")
+
+
+def _as_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise _bad(key, value, "must be true or false")
+
+
+def _as_float(key: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise _bad(key, value, "must be a number")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _bad(key, value, "must be a number") from None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(key, value, "must be a finite number")
+    return float(value)
+
+
+def _as_int(key: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise _bad(key, value, "must be an integer")
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise _bad(key, value, "must be an integer") from None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int):
+        raise _bad(key, value, "must be an integer")
+    return value
+
+
+@functools.lru_cache(maxsize=64)
+def _one_round_epsilon(sigma: float, q: float, steps: int, delta: float, accountant: str) -> float:
+    from privacy.ledger import PrivacyLedger
+
+    return PrivacyLedger(accountant=accountant).epsilon_if(noise_multiplier=sigma, sample_rate=q, num_steps=steps,
+                                                           delta=delta)
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    """A device's privacy floors (safe defaults); see the module docstring for the keys."""
+
+    allow_no_dp: bool = False
+    max_epsilon: float = 8.0
+    max_delta: float = 0.0
+    min_noise_multiplier: float = 0.0
+    allow_no_secagg: bool = False
+    min_threshold_fraction: float = 0.5
+    min_contributors: int = 3
+    #: where the values came from (for the log and the audit), not part of the policy itself
+    source: str = field(default="defaults", compare=False)
+
+    def __post_init__(self) -> None:
+        for attr in ("allow_no_dp", "allow_no_secagg"):
+            if not isinstance(getattr(self, attr), bool):
+                raise _bad(_key(attr), getattr(self, attr), "must be true or false")
+        e = self.max_epsilon
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not (0 < e < math.inf):
+            raise _bad(_key("max_epsilon"), e, "must be a finite number > 0")
+        d = self.max_delta
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
+            raise _bad(_key("max_delta"), d, "must be in [0, 1) (0: only the below-1/n rule)")
+        s = self.min_noise_multiplier
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < math.inf:
+            raise _bad(_key("min_noise_multiplier"), s, "must be a finite number >= 0 (0: unset)")
+        f = self.min_threshold_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.5 <= f < 1:
+            raise _bad(_key("min_threshold_fraction"), f,
+                       "must be in [0.5, 1): at least a strict majority of the share holders")
+        c = self.min_contributors
+        if isinstance(c, bool) or not isinstance(c, int) or c < 2:
+            raise _bad(_key("min_contributors"), c,
+                       "must be an integer >= 2 (a sum of one contributor is that contributor's update)")
+
+    # ------------------------------------------------------------------ reading
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [_key(f.name) for f in dataclasses.fields(cls) if f.name != "source"]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, source: str = "node config") -> "DevicePolicy":
+        """A policy from ``policy.*`` keys (other keys are ignored: the node config holds more)."""
+        return cls(source=source, **cls._parse(values, where=source))
+
+    @classmethod
+    def _parse(cls, values: Mapping[str, Any], *, where: str) -> dict[str, Any]:
+        types = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "source"}
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            if not str(key).startswith(PREFIX):
+                continue
+            attr = str(key)[len(PREFIX):].replace("-", "_")
+            if attr not in types or "_" in str(key)[len(PREFIX):]:
+                raise ValueError(f"Unknown device policy key {key!r} in {where}. Known keys: {', '.join(cls.keys())}")
+            kind = types[attr]
+            if kind == "bool":
+                out[attr] = _as_bool(key, value)
+            elif kind == "int":
+                out[attr] = _as_int(key, value)
+            else:
+                out[attr] = _as_float(key, value)
+        return out
+
+    @classmethod
+    def read_file(cls, path: str | Path) -> dict[str, Any]:
+        """The ``policy.*`` keys of a ``policy.toml`` (top-level keys or a ``[policy]`` table)."""
+        p = Path(path)
+        try:
+            doc = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"Device policy file {p} is not valid TOML: {exc}") from None
+        flat: dict[str, Any] = {}
+        for key, value in doc.items():
+            if key == "policy" and isinstance(value, dict):
+                flat.update({PREFIX + k: v for k, v in value.items()})
+            elif isinstance(value, dict):
+                raise ValueError(f"Unknown table [{key}] in device policy file {p}: only [policy] or top-level keys")
+            else:
+                flat[PREFIX + key] = value
+        return flat
+
+    @classmethod
+    def load(cls, node_config: Mapping[str, Any], *, state_dir: str | Path | None = None) -> "DevicePolicy":
+        """The device's policy: defaults, its node config and ``<state_dir>/policy.toml``, the stricter wins."""
+        sources = []
+        parsed = []
+        node = cls._parse(node_config, where="node config")
+        if node:
+            sources.append("node config")
+            parsed.append(node)
+        path = Path(state_dir) / POLICY_FILE if state_dir is not None else None
+        if path is not None and path.is_file():
+            fvals = cls._parse(cls.read_file(path), where=str(path))
+            sources.append(str(path))
+            parsed.append(fvals)
+        merged: dict[str, Any] = {}
+        for values in parsed:
+            for attr, v in values.items():
+                merged[attr] = _STRICTER[attr](merged[attr], v) if attr in merged else v
+        policy = cls(source=" + ".join(sources) or "defaults", **merged)
+        if policy.allow_no_dp:
+            logger.warning("device policy (%s): policy.allow-no-dp = true: this device will train and release "
+                           "WITHOUT differential privacy when the server asks; such a release is recorded as "
+                           "epsilon = infinity and no DP claim holds for this device afterwards", policy.source)
+        if policy.allow_no_secagg:
+            logger.warning("device policy (%s): policy.allow-no-secagg = true: this device will send its update in "
+                           "the clear when the server turns secure aggregation off", policy.source)
+        return policy
+
+    def as_dict(self) -> dict[str, Any]:
+        return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
+
+    # ------------------------------------------------------------------ checking
+    def check(self, cfg: Config, *, train_examples: int, noise_multiplier: float | None = None) -> dict[str, Any]:
+        """The settings of a round the device accepts, or :class:`PolicyViolation` naming the first bad one.
+
+        ``noise_multiplier``: the one the device will train with (``None``: ``privacy.noise-multiplier``,
+        or, when that is 0, the one calibrated from the target over the planned rounds).
+        """
+        if isinstance(train_examples, bool) or not isinstance(train_examples, int) or train_examples < 1:
+            raise ValueError(f"train_examples must be an integer >= 1. You passed: {train_examples!r}")
+        p, s = cfg.privacy, cfg.secagg
+        settings: dict[str, Any] = {"privacy.enabled": bool(p.enabled)}
+        if not p.enabled:
+            if not self.allow_no_dp:
+                raise PolicyViolation("privacy.enabled", False,
+                                      "this device trains only with differential privacy (policy.allow-no-dp = false)")
+            logger.warning("privacy.enabled = false accepted (policy.allow-no-dp = true): this round is released "
+                           "WITHOUT DP noise; the ledger records epsilon = infinity")
+        else:
+            if p.target_epsilon > self.max_epsilon:
+                raise PolicyViolation("privacy.target-epsilon", p.target_epsilon,
+                                      f"above this device's lifetime budget policy.max-epsilon = {self.max_epsilon:g}")
+            if p.delta >= 1.0 / train_examples:
+                raise PolicyViolation("privacy.delta", p.delta, "must be below 1/(this device's training examples)")
+            if self.max_delta > 0 and p.delta > self.max_delta:
+                raise PolicyViolation("privacy.delta", p.delta, f"above policy.max-delta = {self.max_delta:g}")
+            q = min(1.0, cfg.client.batch_size / train_examples)
+            sigma = noise_multiplier if noise_multiplier is not None else self._noise(cfg, q)
+            explicit = p.noise_multiplier > 0
+            if self.min_noise_multiplier > 0 and sigma < self.min_noise_multiplier:
+                raise PolicyViolation("privacy.noise-multiplier", p.noise_multiplier if explicit else sigma,
+                                      f"below policy.min-noise-multiplier = {self.min_noise_multiplier:g}")
+            one_round = _one_round_epsilon(float(sigma), q, cfg.client.local_steps, p.delta, p.accountant)
+            if not one_round <= self.max_epsilon:
+                setting = "privacy.noise-multiplier" if explicit else "privacy.target-epsilon"
+                raise PolicyViolation(setting, p.noise_multiplier if explicit else p.target_epsilon,
+                                      f"one round of client.local-steps = {cfg.client.local_steps} at this noise "
+                                      f"would spend more than policy.max-epsilon = {self.max_epsilon:g}")
+            settings.update({"privacy.target-epsilon": p.target_epsilon, "privacy.delta": p.delta,
+                             "privacy.noise-multiplier": float(sigma), "privacy.sample-rate": q,
+                             "privacy.accountant": p.accountant, "privacy.max-grad-norm": p.max_grad_norm})
+        settings["client.local-steps"] = cfg.client.local_steps
+        settings["secagg.enabled"] = bool(s.enabled)
+        if not s.enabled:
+            if not self.allow_no_secagg:
+                raise PolicyViolation("secagg.enabled", False, "this device sends its update only under secure "
+                                      "aggregation (policy.allow-no-secagg = false)")
+            logger.warning("secagg.enabled = false accepted (policy.allow-no-secagg = true): this round's update "
+                           "goes to the server in the clear")
+        else:
+            k, t = self._graph(cfg)
+            need = math.floor(self.min_threshold_fraction * (k + 1)) + 1
+            if t < need:
+                raise PolicyViolation("secagg.threshold", t if s.threshold else f"0 (t = {t})",
+                                      f"with k + 1 = {k + 1} share holders (secagg.degree = {s.degree or 'auto'}) "
+                                      f"the threshold must be at least {need} (more than "
+                                      f"policy.min-threshold-fraction = {self.min_threshold_fraction:g} of them)")
+            settings.update({"secagg.degree": k, "secagg.threshold": t, "secagg.ddp": bool(s.ddp)})
+        settings.update({k: v for k, v in self.as_dict().items()})
+        return settings
+
+    @staticmethod
+    def _noise(cfg: Config, q: float) -> float:
+        p = cfg.privacy
+        if p.noise_multiplier > 0:
+            return float(p.noise_multiplier)
+        return calibrate_noise(target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=q,
+                               steps=cfg.planned_rounds * cfg.client.local_steps, accountant=p.accountant)
+
+    @staticmethod
+    def _graph(cfg: Config) -> tuple[int, int]:
+        """(k, t) of the largest cohort the config allows: the weakest threshold relative to k + 1."""
+        n = max(2, cfg.server.clients_per_round)
+        k, t, _ = secagg_params(cfg).round_params(n)
+        return k, t

@@ -1,0 +1,89 @@
+"""A device's round (shared DP pass with the head off, then the head) and the local-only baseline that replays it."""
+
+import json
+
+import pytest
+import torch
+
+from client.device import BASELINE_LEDGER, HEAD_LEDGER, LEDGER, PARTICIPATION, Device
+from fedpersona.config import load_config
+from privacy.ledger import PrivacyLedger
+
+REPLIES = [
+    "Nay, answer me: stand, and unfold yourself.",
+    "Long live the king!",
+    "You come most carefully upon your hour.",
+    "For this relief much thanks: 'tis bitter cold.",
+    "Not a mouse stirring.",
+    "Well, good night.",
+]
+
+
+def _device(tiny_config, tmp_path, **overrides):
+    folder = tmp_path / "alice"
+    folder.mkdir(exist_ok=True)
+    lines = [json.dumps({"cue": f"Who's there? number {i}", "reply": r}) for i, r in enumerate(REPLIES * 2)]
+    (folder / "lines.jsonl").write_text("\n".join(lines) + "\n")
+    flat = dict(tiny_config, **{"privacy.delta": 1e-2, "data.max-examples": 12, "secagg.enabled": False,
+                                "client.head-steps": 3, "client.head-batch-size": 4}, **overrides)
+    cfg = load_config(flat, env=False)
+    tag = "-".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "default"
+    # These tests drive the round itself (plain aggregation, DP on or off): the device's policy allows both.
+    return Device(cfg, {"data-dir": str(folder), "state-dir": str(tmp_path / f"state-{tag}"), "user-id": "alice",
+                        "policy.allow-no-secagg": True, "policy.allow-no-dp": True})
+
+
+def test_round_trains_shared_then_head_and_the_update_ignores_the_head(tiny_config, tmp_path):
+    dev = _device(tiny_config, tmp_path)
+    shared0 = dev.model.initial_shared_state()
+    update, metrics = dev.train_round(shared0, server_round=1)
+    head1 = dev.store.load_tensors("personal")
+    fresh = dev.model.fresh_personal_state()
+    assert any(not torch.equal(head1[n], fresh[n]) for n in fresh), "the head is trained in the round"
+    assert set(update) == set(dev.model.shared_names)
+    assert any(float(u.abs().max()) > 0 for u in update.values())
+    assert json.loads(dev.store.load_text(PARTICIPATION)) == [{"round": 1, "steps": 2, "head-steps": 3}]
+    ledger = PrivacyLedger.from_json(dev.store.load_text(LEDGER))
+    assert ledger.total_steps == dev.cfg.client.local_steps, "only the shared pass is in the ledger (head: local)"
+    assert dev.store.load_text(HEAD_LEDGER) is None
+    assert metrics["epsilon"] > 0
+
+
+def test_dp_head_has_its_own_ledger(tiny_config, tmp_path):
+    dev = _device(tiny_config, tmp_path, **{"privacy.personal-head": "dp"})
+    dev.train_round(dev.model.initial_shared_state(), server_round=1)
+    head_ledger = PrivacyLedger.from_json(dev.store.load_text(HEAD_LEDGER))
+    assert head_ledger.total_steps == 3
+    assert PrivacyLedger.from_json(dev.store.load_text(LEDGER)).total_steps == 2
+    out = dev.final_evaluation(dev.model.initial_shared_state())
+    assert 0 < out["head-epsilon"] <= dev.cfg.privacy.target_epsilon + 1e-9
+    assert out["steps"] == 2 and out["head-steps"] == 3
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_local_baseline_replays_the_devices_own_training(tiny_config, tmp_path, dp):
+    """Local-only: the same shared steps (and DP) and the same head steps, from the public start, no federation."""
+    dev = _device(tiny_config, tmp_path, **{"privacy.enabled": dp})
+    dev.simulated = True  # the local-only baseline runs in simulations only (a data-dir device refuses it)
+    shared = dev.model.initial_shared_state()
+    for r in (1, 2):
+        dev.train_round(shared, server_round=r)  # the server never moves: federation adds nothing here
+    out = dev.final_evaluation(shared)
+    assert out["steps"] == 4 and out["head-steps"] == 6 and out["rounds"] == 2
+    with dev.model.adapters_disabled():
+        base = dev._heldout()["loss"]
+    assert out["local-loss"] != pytest.approx(base, abs=1e-6), "the baseline must be trained, with DP on or off"
+    if dp:
+        local = PrivacyLedger.from_json(dev.store.load_text(BASELINE_LEDGER))
+        assert local.total_steps == 4
+        assert out["local-epsilon"] == pytest.approx(out["epsilon"], rel=1e-9)
+    # The federated state is left loaded.
+    assert all(torch.equal(v, shared[k]) for k, v in dev.model.shared_state().items())
+
+
+def test_no_participation_means_local_baseline_is_the_base(tiny_config, tmp_path):
+    dev = _device(tiny_config, tmp_path)
+    dev.simulated = True  # as a simulation builds it
+    out = dev.final_evaluation(dev.model.initial_shared_state())
+    assert out["steps"] == 0 and out["rounds"] == 0
+    assert out["local-loss"] == pytest.approx(out["base-loss"], rel=1e-6)

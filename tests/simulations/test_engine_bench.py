@@ -1,0 +1,25 @@
+"""`fedpersona bench engine` end to end on a very small preset: the table and, last, the speedup line."""
+
+from dataclasses import replace
+
+import pytest
+
+from simulations.engine.bench import PRESETS, run
+
+
+def test_bench_prints_table_and_speedup_last():
+    lines = []
+    tiny = replace(PRESETS["quick"], cohorts=(2, 3), steps=1, examples=6, sequential_clients=2)
+    r = run(tiny, out=lines.append)
+    assert lines[-1].startswith("engine speedup: ") and lines[-1].endswith("x")
+    assert float(lines[-1].split()[-1][:-1]) == pytest.approx(r["speedup"][(3, "expanded")], abs=0.006)
+    table = [ln for ln in lines if ln.startswith("| ")]
+    assert len(table) == 1 + 1 + 2 * 2  # header, sequential, 2 cohorts x 2 methods
+    assert any("torch " in ln and "opacus " in ln for ln in lines)
+    for key, figures in r["engine"].items():
+        assert figures[True]["tokens"] > 0 and figures[True]["wall"] > 0
+
+
+def test_bench_refuses_unknown_preset():
+    with pytest.raises(ValueError, match="preset must be one of"):
+        run("huge")
