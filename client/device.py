@@ -123,10 +123,13 @@ def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: 
 class Device:
     """The device-side logic; built once per (process, node) and cached by the ClientApp."""
 
-    def __init__(self, cfg: Config, node_config: dict, *, prepared: UserData | None = None) -> None:
+    def __init__(self, cfg: Config, node_config: dict, *, prepared: UserData | None = None,
+                 simulated: bool | None = None) -> None:
         """``prepared``: this user's examples already run through the frozen lower blocks by
         :func:`prepare_user` with the same model, adapter layout and data settings (a study
-        that builds devices for several configurations computes them once)."""
+        that builds devices for several configurations computes them once). ``simulated``: the
+        device is part of a simulation on this machine (default: it has no ``data-dir`` in its node
+        config); only a simulated device trains the local-only baseline."""
         self.cfg = cfg
         self.model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
         self.trainer = trainer_for(self.model)
@@ -134,7 +137,7 @@ class Device:
         self.store = DeviceStore(state_dir)
         # A deployment device (its own data folder) never trains the local-only baseline: a second DP
         # model of the same data whose ledger the device's epsilon does not cover.
-        self.simulated = "data-dir" not in node_config
+        self.simulated = "data-dir" not in node_config if simulated is None else bool(simulated)
         self.policy = DevicePolicy.load(node_config, state_dir=state_dir)  # the device's own floors
         if prepared is None:
             self.data = prepare_user(self.model, cfg, user_id, pairs)
