@@ -6,7 +6,8 @@ Message types:
   ``config`` (``server-round``), and, under secure aggregation (``secagg.enabled``, the
   default), the masked-input request (``secagg`` / ``secagg-arrays``). Out: only the masked
   payload (``secagg`` / ``secagg-arrays``: the masked vector of the weighted update, example
-  count and metrics, and encrypted shares; a declining device sends a masked zero vector).
+  count and metrics, and encrypted shares). A device that does not train (budget spent) replies
+  with a decline (``secagg``: ``declined``), no vector and no shares: it takes no part in the sum.
   With ``secagg.enabled = false``: ``update`` (ArrayRecord, the example-weighted change of the
   shared tensors) and ``metrics`` (MetricRecord of summable values), or a ``status``
   ConfigRecord when the device declines (privacy budget spent). A device with secure
@@ -14,8 +15,17 @@ Message types:
 * ``query.advertise`` — out: ``secagg``: the device's long-term public keys (once per run).
 * ``query.unmask`` — in: ``secagg`` / ``secagg-arrays`` (survivors, forwarded shares).
   Out: the shares the server needs to unmask the survivors' sum (:mod:`client.secagg`).
-* ``evaluate`` — in: ``shared``. Out: ``metrics`` with the device's held-out
-  figures (base, shared, personalized, local-only) and ``identity`` (the user label).
+* ``evaluate`` — in: ``shared`` and, under secure aggregation, a masked-input request for the
+  evaluation sum. Out: only the masked vector of the device's summable evaluation figures
+  (:mod:`privacy.secagg.eval_figures`: loss sums, token and correct counts per model, one-hot
+  loss and gain histograms; no user id); its unmask follows as ``query.unmask``. With
+  ``secagg.enabled = false``: the same figures in the clear (``evaluation`` ArrayRecord), still no
+  user id. The device keeps its own evaluation row in its store (``evaluation``), where a
+  simulation on the same machine reads it.
+
+Error replies carry the error class and a fixed text (:func:`_error`), never the exception's
+message: that can hold the user's data (a malformed line of their data, a path named after them).
+The device's own log has the details.
 """
 
 from __future__ import annotations
@@ -24,8 +34,9 @@ import logging
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
@@ -39,6 +50,8 @@ from fedpersona.config import Config, load_config
 from fedpersona.secagg_wire import from_records, has_request, to_records
 from fedpersona.wire import to_record, unpack_shared
 from privacy.secagg import SecAggAbort
+from privacy.secagg.eval_figures import encode as encode_evaluation
+from privacy.secagg.eval_figures import extras_specs as eval_extras
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +82,24 @@ def _store(context: Context) -> tuple[Config, DeviceStore]:
     return cfg, DeviceStore(state_dir_for(cfg, dict(context.node_config)))
 
 
+#: What an error reply says besides the error class: fixed text (see the module docstring).
+ERROR_TEXT = "the device could not answer this {kind} request; the details are in the device's own log"
+
+
 def _error(message: Message, exc: BaseException) -> Message:
-    reason = f"{type(exc).__name__}: {exc}"
-    logger.error("node %s: %s", message.metadata.dst_node_id, reason)
-    return Message(Error(code=CLIENT_ERROR, reason=reason), reply_to=message)
+    kind = message.metadata.message_type
+    public = getattr(exc, "public_reason", None) or ERROR_TEXT.format(kind=kind)
+    logger.error("node %s: %s request failed: %s: %s", message.metadata.dst_node_id, kind, type(exc).__name__, exc)
+    return Message(Error(code=CLIENT_ERROR, reason=f"{type(exc).__name__}: {public}"), reply_to=message)
+
+
+def _floor(context: Context) -> int:
+    """The device policy's floor on the contributors of any sum this device helps unmask."""
+    policy = getattr(_DEVICES.get((context.run_id, context.node_id)), "policy", None)
+    if policy is not None:
+        return policy.min_contributors
+    _, store = _store(context)
+    return secagg.min_contributors_floor(dict(context.node_config), state_dir=store.state_dir)
 
 
 def _refuse(message: Message, exc: PolicyViolation) -> Message:
@@ -96,27 +123,28 @@ def train(message: Message, context: Context) -> Message:
         try:
             update, metrics = device.train_round(shared, server_round=server_round)
         except BudgetExhausted as exc:
-            status = ConfigRecord({"status": "budget-exhausted", "detail": str(exc)})
+            logger.info("%s", exc)
+            status = ConfigRecord({"status": "budget-exhausted", "detail": "privacy budget spent; not training"})
             return Message(RecordDict({"status": status, "metrics": MetricRecord({"weight": 0.0, "trained": 0.0})}), reply_to=message)
     except PolicyViolation as exc:  # before training: nothing trained, nothing sent but the refusal
         return _refuse(message, exc)
-    except (StateError, ValueError, FloatingPointError, KeyError) as exc:
+    except (StateError, ValueError, FloatingPointError, KeyError, SecAggAbort, secagg.Refused) as exc:
         return _error(message, exc)
     content = RecordDict({"update": to_record(update), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=message)
 
 
 def _secure_train(message: Message, context: Context, device: Device, shared: dict, server_round: int) -> Message:
-    """Train, then reply with only the masked payload (a declining device masks a zero vector)."""
+    """Train, then reply with only the masked payload; a declining device says so and masks nothing."""
     request = from_records(message.content)
-    client = secagg.check_request(device.store, device.cfg, context.node_id, request, shared)
+    client = secagg.check_request(device.store, device.cfg, context.node_id, request, shared, floor=_floor(context))
     try:
         update, metrics = device.train_round(shared, server_round=server_round)
     except BudgetExhausted as exc:
-        logger.info("%s (sending a masked zero update)", exc)
-        update, metrics = None, None
-    payload = secagg.masked_input(client, device.cfg, request, update, metrics)
-    if device.cfg.secagg.ddp and update is not None:
+        logger.info("%s (declining: this device takes no part in this round's sum)", exc)
+        return Message(RecordDict(to_records(secagg.decline(context.node_id, request))), reply_to=message)
+    payload = secagg.masked_input(client, device.cfg, request, update, metrics, store=device.store)
+    if device.cfg.secagg.ddp:
         ledger = device.load_ledger()
         entry = secagg.record_user_level(ledger, device.cfg, dim=int(request["length"]), server_round=server_round)
         device.store.save_text(LEDGER, ledger.to_json())  # before replying, like the DP-SGD ledger
@@ -139,21 +167,29 @@ def unmask(message: Message, context: Context) -> Message:
     """Second stage of secure aggregation: the shares for the survivors' sum."""
     try:
         cfg, store = _store(context)
-        payload = secagg.unmask(store, cfg, context.node_id, from_records(message.content))
-    except (StateError, ValueError, KeyError, SecAggAbort) as exc:
+        payload = secagg.unmask(store, cfg, context.node_id, from_records(message.content), floor=_floor(context))
+    except (StateError, ValueError, KeyError, SecAggAbort, secagg.Refused) as exc:
         return _error(message, exc)
     return Message(RecordDict(to_records(payload)), reply_to=message)
 
 
 def evaluate(message: Message, context: Context) -> Message:
+    """Evaluate on the held-out split; reply with the figures as a masked vector of sums (no user id)."""
     try:
         device = _device(context)
-        metrics = device.final_evaluation(unpack_shared(message.content))
-    except (StateError, ValueError, FloatingPointError, KeyError) as exc:
+        row = device.final_evaluation(unpack_shared(message.content), run_id=context.run_id)
+        if has_request(message.content):
+            payload = secagg.eval_masked_input(device.store, device.cfg, context.node_id,
+                                               from_records(message.content), row, floor=_floor(context))
+            return Message(RecordDict(to_records(payload)), reply_to=message)
+        if device.cfg.secagg.enabled:
+            raise ValueError("secagg.enabled = true but the evaluate request carries no secure-aggregation request; "
+                             "refusing to send evaluation figures in the clear")
+        vec, extras = encode_evaluation(device.cfg, row)
+        sums = np.asarray([extras[e.name] for e in eval_extras(device.cfg)], dtype=np.float64)
+        content = RecordDict({"evaluation": ArrayRecord({"histograms": Array(vec), "sums": Array(sums)})})
+    except (StateError, ValueError, FloatingPointError, KeyError, SecAggAbort, secagg.Refused) as exc:
         return _error(message, exc)
-    content = RecordDict(
-        {"metrics": MetricRecord(metrics), "identity": ConfigRecord({"user-id": device.user_id})}
-    )
     return Message(content, reply_to=message)
 
 

@@ -8,7 +8,12 @@ The device keeps, in its own state folder (never in a message):
 * ``participation`` — the rounds it trained in and their step counts (what the
   local-only baseline replays),
 * ``local-baseline`` / ``ledger-local-baseline`` — the local-only model used
-  for evaluation in simulations, with its own ledger,
+  for evaluation in simulations only, with its own ledger (its epsilon is reported beside the
+  federated one: it covers the local-only model, which never leaves the device; the federated
+  epsilon covers the shared updates the device sent),
+* ``evaluation`` — the device's own final-evaluation row (user id and figures); it never leaves
+  the device: the server gets only sums (:mod:`privacy.secagg.eval_figures`); a simulation reads
+  the rows from the devices' stores on its own machine,
 * ``shared-received`` / ``shared-received-config`` — the shared adapter (and run config) of the
   last round, for ``fedpersona chat`` on the device,
 * ``feedback`` / ``feedback-used`` / ``profile`` — chat feedback that grows the training set and
@@ -63,6 +68,7 @@ BASELINE_LEDGER = "ledger-local-baseline"
 BASELINE_HEAD_LEDGER = "ledger-local-baseline-head"
 RECEIVED_SHARED = "shared-received"
 RECEIVED_CONFIG = "shared-received-config"
+EVALUATION = "evaluation"
 
 
 class BudgetExhausted(RuntimeError):
@@ -127,15 +133,21 @@ def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: 
 class Device:
     """The device-side logic; built once per (process, node) and cached by the ClientApp."""
 
-    def __init__(self, cfg: Config, node_config: dict, *, prepared: UserData | None = None) -> None:
+    def __init__(self, cfg: Config, node_config: dict, *, prepared: UserData | None = None,
+                 simulated: bool | None = None) -> None:
         """``prepared``: this user's examples already run through the frozen lower blocks by
         :func:`prepare_user` with the same model, adapter layout and data settings (a study
-        that builds devices for several configurations computes them once)."""
+        that builds devices for several configurations computes them once). ``simulated``: the
+        device is part of a simulation on this machine (default: it has no ``data-dir`` in its node
+        config); only a simulated device trains the local-only baseline."""
         self.cfg = cfg
         self.model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
         self.trainer = trainer_for(self.model)
         user_id, pairs, state_dir = load_pairs_for_node(cfg, node_config)
         self.store = DeviceStore(state_dir)
+        # A deployment device (its own data folder) never trains the local-only baseline: a second DP
+        # model of the same data whose ledger the device's epsilon does not cover.
+        self.simulated = "data-dir" not in node_config if simulated is None else bool(simulated)
         self.policy = DevicePolicy.load(node_config, state_dir=state_dir)  # the device's own floors
         if prepared is None:
             self.data = prepare_user(self.model, cfg, user_id, pairs)
@@ -352,20 +364,25 @@ class Device:
         )
         return update, metrics
 
-    def final_evaluation(self, shared: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Base, shared only, personalized and local-only on the held-out split."""
+    def final_evaluation(self, shared: dict[str, torch.Tensor], *, run_id: int = 0) -> dict[str, float]:
+        """Base, shared only, personalized and (simulation) local-only on the held-out split.
+
+        The row is written to the device's own store (``evaluation``, with the user id); only its
+        summable figures are sent (:mod:`privacy.secagg.eval_figures`).
+        """
         cfg = self.cfg
         self.model.load_shared_state(shared)
         self.model.load_personal_state(self._personal())
         out: dict[str, float] = {}
         with self.model.adapters_disabled():
             r = self._heldout()
-        out["base-loss"], out["base-accuracy"] = r["loss"], r["accuracy"]
+        out["base-loss"], out["base-accuracy"], out["base-tokens"] = r["loss"], r["accuracy"], float(r["tokens"])
         with self.model.personal_zeroed():
             r = self._heldout()
-        out["shared-loss"], out["shared-accuracy"] = r["loss"], r["accuracy"]
+        out["shared-loss"], out["shared-accuracy"], out["shared-tokens"] = r["loss"], r["accuracy"], float(r["tokens"])
         r = self._heldout()
         out["personal-loss"], out["personal-accuracy"] = r["loss"], r["accuracy"]
+        out["personal-tokens"] = float(r["tokens"])
         ledger = self.load_ledger()
         eps = self.epsilon(ledger)
         out["epsilon"] = eps if math.isfinite(eps) else -1.0
@@ -379,7 +396,14 @@ class Device:
         out["held-out-examples"] = float(len(self.data.held_out))
         out["train-examples"] = float(len(self.data.train))
         if cfg.eval.local_baseline:
-            out.update(self._local_baseline(shared, participation))
+            if self.simulated:
+                out.update(self._local_baseline(shared, participation))
+            else:
+                logger.warning("eval.local-baseline = true refused: the local-only baseline trains a second DP model "
+                               "of this user's data and runs in simulations only")
+        row = {"run_id": int(run_id), "user": self.user_id,
+               **{k: (v if math.isfinite(v) else None) for k, v in out.items()}}
+        self.store.save_text(EVALUATION, json.dumps(row, sort_keys=True))
         return out
 
     def _local_baseline(self, shared: dict[str, torch.Tensor], participation: list[dict]) -> dict[str, float]:
@@ -424,4 +448,5 @@ class Device:
         # Leave the federated state loaded again.
         self.model.load_shared_state(shared)
         self.model.load_personal_state(self._personal())
-        return {"local-loss": r["loss"], "local-accuracy": r["accuracy"], "local-epsilon": eps if math.isfinite(eps) else -1.0}
+        return {"local-loss": r["loss"], "local-accuracy": r["accuracy"], "local-tokens": float(r["tokens"]),
+                "local-epsilon": eps if math.isfinite(eps) else -1.0}

@@ -274,6 +274,10 @@ class SecAggSettings:
     ``ddp``: each client adds discrete Gaussian noise before masking so the released sum has
     noise stddev ``ddp_noise_multiplier * clip_norm`` whenever at least ``ddp_min_clients``
     (0: ``server.min-clients``) clients are in it; the round is refused with fewer.
+    ``min_contributors``: the fewest devices that actually trained whose masked inputs must survive
+    before the server asks anyone to unmask (a device that declines takes no part in masking); a
+    round with fewer aborts before any share is requested, and a device refuses to unmask a sum of
+    fewer survivors than its own floor (node config ``policy.min-contributors``, default 3).
     """
 
     enabled: bool = True
@@ -285,8 +289,12 @@ class SecAggSettings:
     ddp_noise_multiplier: float = 1.0
     ddp_min_clients: int = 0
     ddp_delta: float = 1e-5
+    min_contributors: int = 3
 
     def __post_init__(self) -> None:
+        if self.min_contributors < 2:
+            raise _bad("secagg.min-contributors", self.min_contributors,
+                       "must be >= 2 (a sum of one device is that device's update)")
         if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
             raise _bad("secagg.clip-norm", self.clip_norm, "must be a positive finite number")
         if not (math.isfinite(self.scale) and (self.scale >= 1 or self.scale == 0)):
@@ -465,6 +473,8 @@ def _check_secagg(cfg: Config) -> None:
         raise _bad("secagg.ddp-min-clients", s.ddp_min_clients, f"must be at most server.clients-per-round={n}")
     if s.threshold > n:
         raise _bad("secagg.threshold", s.threshold, f"must be at most server.clients-per-round={n}")
+    if s.enabled and s.min_contributors > n:
+        raise _bad("secagg.min-contributors", s.min_contributors, f"must be at most server.clients-per-round={n}")
 
 
 def read_scenario(path: str | Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -37,6 +38,18 @@ class RoundSum:
     info: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class EvalSum:
+    """The final evaluation's totals (:mod:`privacy.secagg.eval_figures`): histograms and exact sums, no row."""
+
+    histograms: np.ndarray | None
+    sums: dict[str, float]
+    devices: int
+    failures: list[str] = field(default_factory=list)
+    aborted: str = ""
+    info: dict[str, float] = field(default_factory=dict)
+
+
 class Aggregator(Protocol):
     name: str
 
@@ -44,6 +57,12 @@ class Aggregator(Protocol):
         self, grid: Grid, cohort: Sequence[int], content: RecordDict, *, server_round: int, timeout: float | None
     ) -> RoundSum:
         """Send the round's train message to ``cohort`` and return only the sums."""
+        ...
+
+    def evaluate(
+        self, grid: Grid, nodes: Sequence[int], content: RecordDict, *, server_round: int, timeout: float | None
+    ) -> EvalSum:
+        """Send the evaluate message to ``nodes`` and return only the totals of their evaluation figures."""
         ...
 
 
@@ -73,6 +92,9 @@ class PlainAggregator:
 
     name = "plain"
 
+    def __init__(self, cfg=None) -> None:
+        self.cfg = cfg
+
     def collect(
         self, grid: Grid, cohort: Sequence[int], content: RecordDict, *, server_round: int, timeout: float | None
     ) -> RoundSum:
@@ -94,3 +116,25 @@ class PlainAggregator:
                 metrics[key] = metrics.get(key, 0.0) + float(value)
             contributors += 1
         return RoundSum(total, metrics.get("weight", 0.0), metrics, contributors, declined, failures)
+
+    def evaluate(
+        self, grid: Grid, nodes: Sequence[int], content: RecordDict, *, server_round: int, timeout: float | None
+    ) -> EvalSum:
+        """Sum the devices' evaluation figures in the clear (each device's figures are visible, no user id)."""
+        from privacy.secagg.eval_figures import extras_specs
+
+        replies, failures = send_and_collect(
+            grid, nodes, content, message_type="evaluate", server_round=server_round, timeout=timeout
+        )
+        names = [e.name for e in extras_specs(self.cfg)] if self.cfg is not None else []
+        hist, sums = None, np.zeros(len(names))
+        for reply in replies:
+            rec = reply.content["evaluation"]
+            h, v = rec["histograms"].numpy(), rec["sums"].numpy()
+            if v.shape != sums.shape:
+                failures.append(f"node {reply.metadata.src_node_id}: evaluation figures of the wrong length")
+                continue
+            hist = h.astype(np.float64) if hist is None else hist + h
+            sums = sums + v
+        return EvalSum(hist, dict(zip(names, sums.tolist())), len(replies) - sum("wrong length" in f for f in failures),
+                       failures)

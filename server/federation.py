@@ -21,12 +21,13 @@ from flwr.serverapp import Grid
 from fedpersona.config import Config
 from fedpersona.model import adapted_model
 from fedpersona.wire import pack_shared
-from server.aggregation import Aggregator, send_and_collect
+from privacy.secagg.eval_figures import summarize as summarize_evaluation
+from server.aggregation import Aggregator
 from server.checkpoint import latest_checkpoint, save_checkpoint
 from server.flow_log import ServerInventory
 from server.optim import ServerOptimizer
 from server.progress import NoProgress, Progress, ProgressGrid, report
-from server.run_report import read_json, summarize_users, summary_table, write_outputs
+from server.run_report import read_json, summary_table, write_outputs
 from server.secagg import build_aggregator
 
 logger = logging.getLogger(__name__)
@@ -169,7 +170,8 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
             "update-norm": norm,
             **({"aborted": rs.aborted} if rs.aborted else {}),
             **rs.info,
-            **_cohort_means(rs.metrics, rs.contributors),
+            # Cohort figures only of a sum that was revealed and applied: never of an aborted round.
+            **(_cohort_means(rs.metrics, rs.contributors) if applied else {}),
             "seconds": time.perf_counter() - t0,
         }
         history.append(row)
@@ -193,46 +195,56 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
         run_warnings.append("no round was applied: the shared adapter never changed")
     if cfg.eval.final:
         report(progress, "eval-start", nodes=len(list(grid.get_node_ids())))
-        metrics["final"] = final_evaluation(grid, cfg, shared)
+        metrics["final"] = final_evaluation(grid, cfg, shared, aggregator=aggregator)
         summary = metrics["final"]["summary"]
-        report(progress, "eval-end", users=len(metrics["final"]["users"]), failed=len(metrics["final"]["failures"]),
+        report(progress, "eval-end", users=metrics["final"]["devices"], failed=len(metrics["final"]["failures"]),
                seconds=metrics["final"]["seconds"],
                summary={k: summary[f"{k}-loss"]["mean"] for k in ("base", "shared", "personal", "local")
                         if f"{k}-loss" in summary})
-        ServerInventory(run_dir).evaluation(metrics["final"], server_round=cfg.server.num_rounds + 1)
+        ServerInventory(run_dir).evaluation(metrics["final"], server_round=cfg.server.num_rounds + 1,
+                                            aggregation=aggregator.name)
         metrics["total_seconds"] = time.perf_counter() - t_run
     paths = write_outputs(run_dir, metrics)
     if "final" in metrics:
+        table = summary_table(metrics["final"]["users"], metrics["final"]["summary"])
         if not shown:
-            log(INFO, "Final held-out evaluation (%d users):\n%s", len(metrics["final"]["users"]),
-                summary_table(metrics["final"]["users"], metrics["final"]["summary"]))
-        (run_dir / "summary.txt").write_text(summary_table(metrics["final"]["users"], metrics["final"]["summary"]) + "\n")
+            log(INFO, "Final held-out evaluation (sum over %d devices):\n%s", metrics["final"]["devices"], table)
+        (run_dir / "summary.txt").write_text(table + "\n")
     log(INFO, "Results: %s", ", ".join(str(p) for p in paths.values()))
     report(progress, "run-end", seconds=time.perf_counter() - t_run, rounds=len(history))
     return metrics
 
 
-def final_evaluation(grid: Grid, cfg: Config, shared: dict[str, torch.Tensor]) -> dict:
-    """Every node evaluates on its held-out split; per-user rows plus the distribution summary."""
+def final_evaluation(grid: Grid, cfg: Config, shared: dict[str, torch.Tensor], *,
+                     aggregator: Aggregator | None = None) -> dict:
+    """Every node evaluates on its held-out split; the server gets only the totals (secure sum) and the summary.
+
+    ``users`` stays empty here: no per-user row reaches the server. A simulation fills it from the
+    devices' own stores on its machine (:mod:`simulations.user_table`).
+    """
     t0 = time.perf_counter()
+    if aggregator is None:
+        aggregator = build_aggregator(cfg, run_id=_run_id(grid))
     nodes = wait_for_nodes(grid, cfg.server.min_clients)  # a resumed, finished run gets here before any node joined
-    log(INFO, "Final evaluation on %d nodes (base, shared, personalized%s)...", len(nodes),
-        ", local-only" if cfg.eval.local_baseline else "")
+    log(INFO, "Final evaluation on %d nodes (base, shared, personalized%s), %s...", len(nodes),
+        ", local-only in simulation" if cfg.eval.local_baseline else "",
+        "summed under secure aggregation" if aggregator.name != "plain" else "summed in the clear")
     content = RecordDict(pack_shared(shared))
-    replies, failures = send_and_collect(
-        grid, nodes, content, message_type="evaluate", server_round=cfg.server.num_rounds + 1,
-        timeout=cfg.server.round_timeout or None,
-    )
-    users = []
-    for reply in replies:
-        row = {"user": str(reply.content["identity"]["user-id"])}
-        row.update({k: float(v) for k, v in reply.content["metrics"].items()})
-        users.append(row)
-    for reason in failures:
+    es = aggregator.evaluate(grid, nodes, content, server_round=cfg.server.num_rounds + 1,
+                             timeout=cfg.server.round_timeout or None)
+    for reason in es.failures:
         log(WARNING, "Evaluation failure: %s", reason)
+    if es.aborted or es.histograms is None:
+        log(WARNING, "Final evaluation: no sum revealed (%s)", es.aborted or "no device answered")
+        summary: dict = {}
+    else:
+        summary = summarize_evaluation(es.histograms, es.sums)
     return {
-        "users": sorted(users, key=lambda u: u["user"]),
-        "summary": summarize_users(users),
-        "failures": failures,
+        "users": [],
+        "devices": es.devices,
+        "summary": summary,
+        "failures": es.failures,
+        **({"aborted": es.aborted} if es.aborted else {}),
+        **es.info,
         "seconds": time.perf_counter() - t0,
     }

@@ -68,18 +68,19 @@ class ServerInventory:
         self._append(entry)
         return entry
 
-    def evaluation(self, final: dict, *, server_round: int) -> dict:
-        """Record the final evaluation: per-user metrics and user labels reach the server in the clear."""
-        users = final.get("users", [])
+    def evaluation(self, final: dict, *, server_round: int, aggregation: str = "secagg+") -> dict:
+        """Record the final evaluation: the totals of the devices' figures (no user label, no per-user row)."""
         entry = {
             "stage": "evaluate",
             "time": _now(),
             "round": int(server_round),
-            "replies": len(users),
-            "error_replies": len(final.get("failures", [])),
-            "per_client_metrics_visible": True,
-            "user_labels_visible": any("user" in u for u in users),
-            "metric_names": sorted({k for u in users for k in u if k != "user"}),
+            "aggregation": aggregation,
+            "replies": int(final.get("devices", 0)),
+            "error_replies": sum(1 for f in final.get("failures", []) if f.startswith("node ")),
+            "per_client_metrics_visible": aggregation == "plain",
+            "user_labels_visible": False,
+            "aborted": bool(final.get("aborted")),
+            "metric_names": sorted(final.get("summary", {})),
         }
         self._append(entry)
         return entry

@@ -156,30 +156,49 @@ def plot_users(run_dir: Path, users: list[dict]) -> Path | None:
     return out
 
 
+EPSILON_NOTE = ("eps: the device's federated DP-SGD ledger (covers the shared updates it sent); local eps: the "
+                "local-only baseline's own ledger (simulation only; covers that model, which never leaves the device)")
+
+
 def summary_table(users: list[dict], summary: dict) -> str:
-    """Per-user table plus the distribution rows, as fixed-width text."""
-    cols = [k for k, _ in MODELS if any(f"{k}-loss" in u for u in users)]
-    head = f"{'user':<38}{'rounds':>7}{'eps':>7}" + "".join(f"{c + ' loss':>14}" for c in cols)
+    """Per-user table (simulation: rows read from the devices' stores) plus the distribution rows, as fixed-width text.
+
+    The distribution rows come from ``summary``: under secure aggregation the totals of the
+    devices' figures (mean exact; median and worst decile from fixed-width histogram bins).
+    """
+    cols = [k for k, _ in MODELS if any(f"{k}-loss" in u for u in users) or f"{k}-loss" in summary]
+    local = any("local-epsilon" in u for u in users)
+    head = f"{'user':<38}{'rounds':>7}{'eps':>7}" + (f"{'local eps':>10}" if local else "") + "".join(
+        f"{c + ' loss':>14}" for c in cols)
     lines = [head, "-" * len(head)]
     for u in sorted(users, key=lambda u: u["user"]):
         eps = u.get("epsilon")
         eps_s = "inf" if eps is None or eps < 0 else f"{eps:.2f}"
+        leps = u.get("local-epsilon")
+        leps_s = ("-" if leps is None else "inf" if leps < 0 else f"{leps:.2f}") if local else ""
         rounds = u.get("rounds")
         r_s = "-" if rounds is None or not math.isfinite(rounds) else f"{int(rounds)}"
         lines.append(
-            f"{u['user'][:37]:<38}{r_s:>7}{eps_s:>7}"
-            + "".join(f"{u.get(c + '-loss', math.nan):>14.3f}" for c in cols)
+            f"{u['user'][:37]:<38}{r_s:>7}{eps_s:>7}" + (f"{leps_s:>10}" if local else "")
+            + "".join(f"{_num(u.get(c + '-loss')):>14.3f}" for c in cols)
             + (f"  FAILED: {u.get('error', '')}" if u.get("status") == "failed" else "")
         )
     lines.append("-" * len(head))
+    pad = 52 + (10 if local else 0)
     for stat in ("mean", "median", "worst_decile"):
         label = stat.replace("_", " ")
         lines.append(
-            f"{label:<52}" + "".join(f"{summary.get(c + '-loss', {}).get(stat, math.nan):>14.3f}" for c in cols)
+            f"{label:<{pad}}" + "".join(f"{_num(summary.get(c + '-loss', {}).get(stat)):>14.3f}" for c in cols)
         )
-    acc = "".join(f"{summary.get(c + '-accuracy', {}).get('mean', math.nan):>14.3f}" for c in cols)
-    lines.append(f"{'mean next-token accuracy':<52}" + acc)
+    acc = "".join(f"{_num(summary.get(c + '-accuracy', {}).get('mean')):>14.3f}" for c in cols)
+    lines.append(f"{'mean next-token accuracy':<{pad}}" + acc)
+    if local:
+        lines.append(EPSILON_NOTE)
     return "\n".join(lines)
+
+
+def _num(x) -> float:
+    return math.nan if x is None else float(x)
 
 
 def write_outputs(run_dir: Path, metrics: dict) -> dict[str, Path]:

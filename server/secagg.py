@@ -12,6 +12,12 @@ of :mod:`privacy.secagg`. Per round it exchanges, with each node:
   example count, no plain metrics;
 * ``query.unmask`` to the survivors -> the shares the server needs to remove the masks.
 
+A device that does not train answers the train message with a decline (no vector, no shares): it
+is dropped before masking, so the survivors are the devices that trained, and the server sends no
+unmask request unless at least ``secagg.min-contributors`` (and ``server.min-clients``) of them
+survive. :meth:`SecureAggregator.evaluate` runs the final evaluation the same way (message type
+``evaluate``, the figures of :mod:`privacy.secagg.eval_figures`), over every node.
+
 So 2 exchanges per round plus 1 per node per run, where Flower's SecAgg+ workflow needs 4
 per round (see ``docs/secagg.md``). The server learns the cohort sum of the updates and of
 the extras, nothing per client. If too few clients survive either stage, or shares are
@@ -36,17 +42,22 @@ from fedpersona.config import Config
 from fedpersona.secagg_wire import ADVERTISE, SELF_ENC_PK, SELF_MASK_PK, UNMASK, from_records, to_records, unflatten
 from fedpersona.wire import unpack_shared
 from privacy.secagg import SecAggAbort, SecAggInputError, SecAggServer, SecureRNG
+from privacy.secagg.eval_figures import eval_params, histogram_length
 from privacy.secagg.settings import ddp_min_clients, ddp_user_epsilon, secagg_params
-from server.aggregation import Aggregator, PlainAggregator, RoundSum
+from server.aggregation import Aggregator, EvalSum, PlainAggregator, RoundSum
 
 __all__ = ["SecureAggregator", "build_aggregator"]
 
 logger = logging.getLogger(__name__)
 
+#: One line per device that declined a round: the server learns how many declined, not why.
+DECLINED = "a device declined this round (it took no part in the sum)"
+
+
 def build_aggregator(cfg: Config, *, run_id: int) -> Aggregator:
     """The aggregator the config asks for: SecAgg+ unless ``secagg.enabled = false``."""
     if not cfg.secagg.enabled:
-        return PlainAggregator()
+        return PlainAggregator(cfg)
     return SecureAggregator(cfg, run_id=run_id)
 
 
@@ -59,6 +70,9 @@ class SecureAggregator:
         self.cfg = cfg
         self.config = secagg_params(cfg)
         self.server = SecAggServer(self.config, run_id=int(run_id), rng=rng)
+        self.eval_config = eval_params(cfg)
+        self._eval_server: SecAggServer | None = None
+        self._rng = rng
         self._keys: dict[int, tuple[bytes, bytes]] = {}
 
     def run_info(self) -> dict[str, Any]:
@@ -67,6 +81,7 @@ class SecureAggregator:
         info: dict[str, Any] = {"clip-norm": s.clip_norm, "scale": c.scale, "modulus-bits": c.modulus_bits,
                                 "max-cohort": c.max_cohort, "degree": s.degree or "auto",
                                 "threshold": s.threshold or "auto", "extras": [e.name for e in c.extras],
+                                "min-contributors": s.min_contributors, "min-survivors": c.round_params(c.max_cohort)[2],
                                 "ddp": s.ddp}
         if s.ddp:
             info.update({"ddp-noise-multiplier": s.ddp_noise_multiplier, "ddp-min-clients": ddp_min_clients(self.cfg),
@@ -87,9 +102,10 @@ class SecureAggregator:
                          receive=register)
 
     # ------------------------------------------------------------------ a round
-    def collect(
-        self, grid: Grid, cohort: Sequence[int], content: RecordDict, *, server_round: int, timeout: float | None
-    ) -> RoundSum:
+    def _secure_sum(self, server: SecAggServer, grid: Grid, cohort: Sequence[int], content: RecordDict, *,
+                    length: int, message_type: str, server_round: int, timeout: float | None, info: dict,
+                    failures: list[str]):
+        """Advertise (new nodes), stage 1 on ``message_type``, stage 2; the SecAggResult, or the abort reason."""
         cpu = 0.0
 
         def timed(fn: Callable, *args):
@@ -100,49 +116,52 @@ class SecureAggregator:
             finally:
                 cpu += time.process_time() - t0
 
-        failures: list[str] = []
-        info: dict[str, float] = {}
         new = [n for n in cohort if n not in self._keys]
         t0 = time.perf_counter()
         if new:
             failures += self._advertise(grid, new, server_round=server_round, timeout=timeout)
         info["secagg-advertise-seconds"] = time.perf_counter() - t0
         members = [n for n in cohort if n in self._keys]
-        like = unpack_shared(content)
-        length = sum(t.numel() for t in like.values())
+        for n in members:
+            if n not in server.registered:
+                enc, mask = self._keys[n]
+                server.register({"client_id": n, "enc_pk": enc, "mask_pk": mask})
 
-        def finish(aborted: str = "", result=None) -> RoundSum:
+        def done(aborted: str = "", result=None):
             info["secagg-server-cpu-seconds"] = cpu
-            info["secagg-seconds"] = (cpu + info["secagg-advertise-seconds"] + info.get("secagg-unmask-seconds", 0.0))
-            if self.cfg.secagg.ddp:
-                # Upper bound for any user: one who was sent a masked-input request in every round so far.
-                info["ddp-epsilon-max"] = ddp_user_epsilon(self.cfg, dim=length, rounds=server_round)
-            if aborted:
-                logger.warning("secure aggregation round %d aborted: %s", server_round, aborted)
-                return RoundSum({}, 0.0, {}, 0, [], failures, aborted=aborted, info=info)
-            return self._round_sum(result, like, failures, info, server_round)
+            info["secagg-seconds"] = cpu + info["secagg-advertise-seconds"] + info.get("secagg-unmask-seconds", 0.0)
+            return result, aborted
 
         try:
-            rnd = timed(self.server.start_round, server_round, members, length)
+            rnd = timed(server.start_round, server_round, members, length)
         except SecAggInputError as exc:
-            return finish(f"cannot start the round with {len(members)} of {len(cohort)} sampled nodes: {exc}")
+            return done(f"cannot start the round with {len(members)} of {len(cohort)} sampled nodes: {exc}")
 
-        # ---- stage 1: the masked input rides on the train message
+        # ---- stage 1: the masked input rides on the train (or evaluate) message; a decliner says so
         requests = timed(rnd.masked_input_requests)
         messages = []
         for n in members:
             req = dict(requests[n])
             req[SELF_ENC_PK], req[SELF_MASK_PK] = self._keys[n]
             body = RecordDict({**dict(content), **to_records(req)})
-            messages.append(Message(content=body, dst_node_id=n, message_type="train", group_id=str(server_round)))
-        failures += _exchange(grid, messages, timeout=timeout, prefix="", what="masked input",
-                              receive=lambda src, payload: timed(rnd.receive_masked, _from(src, payload)))
+            messages.append(Message(content=body, dst_node_id=n, message_type=message_type,
+                                    group_id=str(server_round)))
 
-        # ---- stage 2: unmasking by the survivors
+        def receive(src: int, payload: dict) -> None:
+            payload = _from(src, payload)
+            if payload.get("declined"):
+                timed(rnd.receive_decline, payload)
+            else:
+                timed(rnd.receive_masked, payload)
+
+        failures += _exchange(grid, messages, timeout=timeout, prefix="", what="masked input", receive=receive)
+        info["secagg-declined"] = float(len(rnd.declined))
+
+        # ---- stage 2: unmasking by the survivors, only if enough devices that trained survive
         try:
             unmask = timed(rnd.unmask_requests)
         except SecAggAbort as exc:
-            return finish(str(exc))
+            return done(str(exc))
         t0 = time.perf_counter()
         messages = [Message(content=RecordDict(to_records(req)), dst_node_id=n, message_type=UNMASK,
                             group_id=str(server_round)) for n, req in unmask.items()]
@@ -152,30 +171,65 @@ class SecureAggregator:
         try:
             result = timed(rnd.finish)
         except SecAggAbort as exc:
-            return finish(str(exc))
-        return finish(result=result)
+            return done(str(exc))
+        return done(result=result)
+
+    def collect(
+        self, grid: Grid, cohort: Sequence[int], content: RecordDict, *, server_round: int, timeout: float | None
+    ) -> RoundSum:
+        failures: list[str] = []
+        info: dict[str, float] = {}
+        like = unpack_shared(content)
+        length = sum(t.numel() for t in like.values())
+        result, aborted = self._secure_sum(self.server, grid, cohort, content, length=length, message_type="train",
+                                           server_round=server_round, timeout=timeout, info=info, failures=failures)
+        if self.cfg.secagg.ddp:
+            # Upper bound for any user: one who was sent a masked-input request in every round so far.
+            info["ddp-epsilon-max"] = ddp_user_epsilon(self.cfg, dim=length, rounds=server_round)
+        declined = int(info.get("secagg-declined", 0))
+        if aborted:
+            logger.warning("secure aggregation round %d aborted: %s", server_round, aborted)
+            return RoundSum({}, 0.0, {}, 0, [DECLINED] * declined, failures, aborted=aborted, info=info)
+        return self._round_sum(result, like, failures, info, server_round)
+
+    def evaluate(self, grid: Grid, nodes: Sequence[int], content: RecordDict, *, server_round: int,
+                 timeout: float | None) -> EvalSum:
+        """The final evaluation as one secure sum over ``nodes`` (every node, sampled in a round or not)."""
+        failures: list[str] = []
+        info: dict[str, float] = {}
+        if self._eval_server is None:
+            self._eval_server = SecAggServer(self.eval_config, run_id=self.server.run_id, rng=self._rng)
+        result, aborted = self._secure_sum(self._eval_server, grid, nodes, content, length=histogram_length(),
+                                           message_type="evaluate", server_round=server_round, timeout=timeout,
+                                           info=info, failures=failures)
+        if aborted:
+            logger.warning("secure evaluation sum aborted: %s", aborted)
+            return EvalSum(None, {}, 0, failures, aborted=aborted, info=info)
+        return EvalSum(result.total, dict(result.extras), len(result.survivors), failures, info=info)
 
     def _round_sum(self, result, like: dict[str, torch.Tensor], failures: list[str], info: dict[str, float],
                    server_round: int) -> RoundSum:
         ex = dict(result.extras)
         survivors = len(result.survivors)
         trained = int(round(ex.get("trained", 0.0)))
-        declined = max(0, survivors - trained)
+        declined = len(result.declined)
         weight = ex.get("examples", 0.0) / self.cfg.data.max_examples
         clipped = int(round(ex.get("clipped", 0.0)))
         info.update({"secagg-survivors": float(survivors),
-                     "secagg-dropped-masking": float(len(result.dropped_before_masking)),
+                     "secagg-dropped-masking": float(len(result.dropped_before_masking) - declined),
                      "secagg-dropped-unmasking": float(len(result.dropped_before_unmasking)),
                      "secagg-clipped": float(clipped)})
+        if trained != survivors:
+            logger.warning("round %d: %d survivors but the masked 'trained' total is %d", server_round, survivors,
+                           trained)
         if clipped:
             logger.warning("round %d: %d of %d clients' weighted updates exceeded secagg.clip-norm=%g and were clipped",
                            server_round, clipped, trained, self.cfg.secagg.clip_norm)
-        logger.info("secure aggregation round %d: sum of %d clients (%d trained, %d declined; dropped %d before "
-                    "masking, %d before unmasking)", server_round, survivors, trained, declined,
-                    len(result.dropped_before_masking), len(result.dropped_before_unmasking))
+        logger.info("secure aggregation round %d: sum of %d clients (%d declined; dropped %d before masking, %d "
+                    "before unmasking)", server_round, survivors, declined,
+                    len(result.dropped_before_masking) - declined, len(result.dropped_before_unmasking))
         metrics = {**ex, "weight": weight}
-        hidden = "a device declined (privacy budget spent); secure aggregation hides which"
-        return RoundSum(unflatten(result.total, like), weight, metrics, trained, [hidden] * declined, failures,
+        return RoundSum(unflatten(result.total, like), weight, metrics, survivors, [DECLINED] * declined, failures,
                         info=info)
 
 

@@ -64,6 +64,7 @@ from privacy.ledger import PrivacyLedger
 from server.checkpoint import latest_checkpoint
 from server.federation import run_federation
 from simulations.sources import load_source
+from simulations.user_table import attach_user_table
 from simulations.inprocess import InProcessGrid
 
 logger = logging.getLogger(__name__)
@@ -261,6 +262,7 @@ def run_audit(
     try:
         with InProcessGrid(client_app.app, nodes, flat, run_id=run_id) as grid:
             run_metrics = run_federation(grid, cfg)
+        attach_user_table(run_dir, run_metrics, [p.state_dir for p in plans])
         train_seconds = time.perf_counter() - t_train
         failures = sum(r.get("failed", 0) for r in run_metrics.get("rounds", []))
         if failures:

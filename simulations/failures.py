@@ -72,7 +72,8 @@ def rewrite_outputs(cfg: Config, metrics: dict) -> None:
     run_dir = Path(cfg.run.results_dir) / cfg.run.name
     final = metrics.get("final")
     if final is not None:
-        final["summary"] = summarize_users(final["users"])  # rows without a figure are left out of its distribution
+        if not final.get("summary"):  # the secure sum's summary stands; failed devices are in no sum
+            final["summary"] = summarize_users(final["users"])  # rows without a figure are left out of it
     write_outputs(run_dir, {k: v for k, v in metrics.items() if k != "wall_seconds"})
     if final is not None:
         (run_dir / "summary.txt").write_text(summary_table(final["users"], final["summary"]) + "\n")

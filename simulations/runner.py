@@ -23,6 +23,7 @@ from simulations.failures import device_failures, mark_failed, rewrite_outputs
 from simulations.progress import timed_prepare
 from simulations.partitions import prepare_partitions, simulated_state_dir
 from simulations.sources import load_source
+from simulations.user_table import attach_user_table
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,8 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
     if not metrics_path.is_file():
         raise RuntimeError(f"The simulation ended without writing {metrics_path}; see the log above")
     metrics = json.loads(metrics_path.read_text())
+    # The per-user table, from the devices' own stores on this machine (the server has only the secure sum).
+    attach_user_table(metrics_path.parent, metrics, {u.user_id: simulated_state_dir(cfg, u.user_id) for u in users})
     failed_users = device_failures(cfg, [u.user_id for u in users], since=started)
     failed = mark_failed(metrics, failed_users, after_round=after_round)
     if failed:

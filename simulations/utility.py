@@ -115,7 +115,7 @@ def federate(cfg: Config, users: list[User], state_root: Path) -> FederatedRun:
     policy = {"policy.allow-no-dp": not cfg.privacy.enabled}
     devices = [
         Device(cfg, {"data-dir": str(u.folder), "state-dir": str(state_root / slug(u.user_id)), "user-id": u.user_id,
-                     **policy}, prepared=u.data)
+                     **policy}, prepared=u.data, simulated=True)
         for u in users
     ]
     model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)

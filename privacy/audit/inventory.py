@@ -11,11 +11,15 @@ row by row:
    of a ``secagg`` record: masked vectors (``uint8``, b-bit packed, or ``uint64``), uniformly
    random without the masks, and ``uint64`` protocol ids (share holders, owners of the shares), listed in the report.
 3. **No text**: string config entries only where the protocol defines them (``status.status``,
-   ``status.detail``: a device declining; ``identity.user-id``: the user label of the final
-   evaluation), bytes only inside ``secagg`` records (encrypted secret shares), no string arrays.
+   ``status.detail``: a device declining under plain aggregation; no user label: the final
+   evaluation sends only sums), bytes only inside ``secagg`` records (encrypted secret shares), no
+   string arrays.
 4. With ``shared_names``: every unmasked array is a shared-adapter tensor.
 5. **No user profile**: no row (and no error reason) that the device found to carry its user profile
    (:mod:`client.profile`; the device scans every reply for it, since only it knows the profile).
+6. **One unmask per round**: a device answered at most one ``query.unmask`` request (with content)
+   per run and round; a second answer hands the server more shares of the same masks (with another
+   claimed dropout set, a survivor's self-mask and its pair seeds: its update).
 
 :func:`check_completeness` compares the devices' lines with the server's: a reply the server
 received but no device recorded is an unrecorded data flow.
@@ -31,7 +35,8 @@ __all__ = ["ALLOWED_TEXT", "InventoryCheck", "verify_inventory", "check_complete
            "personal_digests", "is_masked", "is_protocol_array"]
 
 #: (record, name) of the string fields the protocol sends.
-ALLOWED_TEXT = frozenset({("status", "status"), ("status", "detail"), ("identity", "user-id")})
+ALLOWED_TEXT = frozenset({("status", "status"), ("status", "detail")})
+UNMASK_TYPE = "query.unmask"
 _FLOAT_DTYPES = {"float16", "float32", "float64", "bfloat16"}
 _REQUIRED = {"array": ("record", "name", "shape", "dtype", "bytes"), "config": ("record", "name", "type"),
              "metric": ("record", "name")}
@@ -128,6 +133,7 @@ def verify_inventory(
     for device, lines in inventories.items():
         personal = per_device(personal_names, device)
         digests = per_device(personal_digests, device)
+        answered: dict[tuple, int] = {}
         for i, line in enumerate(lines):
             messages += 1
             where = {"device": device, "line": i + 1, "round": line.get("round"), "message_type": line.get("message_type")}
@@ -136,6 +142,12 @@ def verify_inventory(
                 continue
             if line.get("error_profile"):
                 violations.append({**where, "problem": "the user profile left the device in an error reason"})
+            if line.get("message_type") == UNMASK_TYPE and line.get("reply") == "content":
+                key = (line.get("run_id"), line.get("round"), line.get("group_id"))
+                answered[key] = answered.get(key, 0) + 1
+                if answered[key] > 1:
+                    violations.append({**where, "problem": f"repeated unmask: answer {answered[key]} to an unmask "
+                                                           f"request of run {key[0]} round {key[1]}"})
             for row in line["rows"]:
                 rows += 1
                 for problem in _row_violations(row, personal, digests, shared):

@@ -295,23 +295,29 @@ def _releases(config: dict, metrics: dict, *, user_level: bool) -> list[dict]:
                     "covered_by": f"{sum_only}; computed on held-out examples that DP-SGD never used and not "
                                   "noised: NOT covered by DP"})
     if metrics.get("final") or config.get("eval.final", True):
-        out.append({"what": "final evaluation: held-out loss and accuracy of base, shared, personalized"
-                            + (" and local-only" if config.get("eval.local-baseline", True) else "")
-                            + " models, epsilon, rounds, steps, example counts, and the user label",
-                    "covered_by": "NONE: sent in the clear to the server, outside secure aggregation and DP"})
+        floor = config.get("secagg.min-contributors", 3)
+        out.append({"what": "final evaluation: summable figures of the base, shared, personalized"
+                            + (" and (simulations only) local-only" if config.get("eval.local-baseline", True) else "")
+                            + " models (sums of per-user and per-token held-out losses, accuracies, token counts, "
+                              "epsilons; histograms of per-user loss and gain in fixed bins); no user label",
+                    "covered_by": (f"secure aggregation: only the totals over at least {floor} devices "
+                                   "(privacy/secagg/eval_figures.py); not noised: NOT covered by DP")
+                    if secagg else "none against the server: each device's figures in the clear (no user label); "
+                                   "NOT covered by DP"})
     if config.get("eval.local-baseline", True):
-        out.append({"what": "the local-only baseline (trained on the device for evaluation; its figures leave in "
-                            "the final evaluation)",
+        out.append({"what": "the local-only baseline (simulations only: a deployment device refuses it; trained on "
+                            "the device for evaluation, its figures leave only inside the final evaluation's figures)",
                     "covered_by": "its own ledger (ledger-local-baseline), NOT composed into the user's epsilon: "
-                                  "the user's data is used by two DP mechanisms and the reported epsilon covers "
-                                  "only the federated one"})
+                                  "the user's data is used by two DP mechanisms; users.csv shows both epsilons "
+                                  "(epsilon: the federated updates, local-epsilon: the local-only model)"})
     if secagg:
         out.append({"what": "secure-aggregation protocol data: public keys, encrypted shares, unmask shares",
                     "covered_by": "the SecAgg+ protocol (docs/secagg.md): reveals no more than the sum when the "
                                   "server is honest-but-curious"})
     out.append({"what": "error replies (failed or refused requests)",
-                "covered_by": "none: an error class and text; a policy refusal names only the setting, the server's "
-                              "value and the device's floor"})
+                "covered_by": "none needed: the error class and a fixed text (never the exception's message, which "
+                              "can hold the user's data); a policy refusal names only the setting, the server's value "
+                              "and the device's floor"})
     out.append({"what": "the personal head", "covered_by": "never leaves the device (data-flow inventory, section 3)"})
     return out
 
@@ -328,8 +334,14 @@ def _server_view(metrics: dict, server: list[dict]) -> dict:
         lines.append("per round, only the cohort's sums: the summed shared update, summed weight and summed metrics "
                      "(secure aggregation); each device's masked vector is uniformly random without the masks")
     if evals:
-        names = ", ".join(evals[-1].get("metric_names", []))
-        lines.append(f"at the final evaluation, each device's metrics and user label in the clear ({names})")
+        e = evals[-1]
+        names = ", ".join(e.get("metric_names", []))
+        if e.get("per_client_metrics_visible") or e.get("user_labels_visible"):
+            lines.append(f"at the final evaluation, each device's figures in the clear"
+                         f"{' and its user label' if e.get('user_labels_visible') else ''} ({names})")
+        else:
+            lines.append(f"at the final evaluation, only the totals of {e.get('replies', 0)} devices' figures "
+                         f"(secure sum; summary: {names})")
     sa = metrics.get("secagg")
     if sa:
         lines.append(f"secure aggregation settings: clip norm {sa.get('clip-norm')}, {sa.get('modulus-bits')}-bit modulus, "

@@ -33,6 +33,7 @@ class SecAggResult:
     dropped_before_masking: tuple[int, ...]
     dropped_before_unmasking: tuple[int, ...]
     modulus_bits: int
+    declined: tuple[int, ...] = ()       # said so in stage 1 (counted in dropped_before_masking)
 
     @property
     def num_clients(self) -> int:
@@ -97,6 +98,7 @@ class SecAggRound:
         width = setup.length + setup.num_extras
         self._acc = np.zeros(width, dtype=np.uint64)
         self._received: set[int] = set()
+        self._declined: set[int] = set()
         self._cts: dict[int, dict[int, bytes]] = {}   # holder -> sender -> ciphertext
         self._survivors: tuple[int, ...] = ()
         self._forwarded: dict[int, tuple[int, ...]] = {}
@@ -126,13 +128,31 @@ class SecAggRound:
                                    f"{self.setup.run_id} round {self.setup.round}")
         return cid
 
+    def receive_decline(self, reply: Mapping[str, Any]) -> None:
+        """A client that says in stage 1 that it takes no part (it sent no vector and no shares): dropped."""
+        what = "decline"
+        if self._stage != 1:
+            raise SecAggInputError(f"{what}: stage 1 is closed; late message rejected")
+        cid = self._check_sender(reply, what)
+        if cid in self._received or cid in self._declined:
+            raise SecAggInputError(f"{what}: duplicated message from client {cid}")
+        self._declined.add(cid)
+
+    @property
+    def declined(self) -> tuple[int, ...]:
+        return tuple(sorted(self._declined))
+
+    @property
+    def received(self) -> tuple[int, ...]:
+        return tuple(sorted(self._received))
+
     def receive_masked(self, reply: Mapping[str, Any]) -> None:
         """Add a client's masked vector to the running sum and keep its ciphertexts for forwarding."""
         what = "masked input"
         if self._stage != 1:
             raise SecAggInputError(f"{what}: stage 1 is closed; late message rejected")
         cid = self._check_sender(reply, what)
-        if cid in self._received:
+        if cid in self._received or cid in self._declined:
             raise SecAggInputError(f"{what}: duplicated message from client {cid}")
         s = self.setup
         packed = reply.get("masked")
@@ -172,7 +192,7 @@ class SecAggRound:
         if len(surv) < s.min_survivors:
             self._stage = 0
             raise SecAggAbort(f"round {s.round}: only {len(surv)} of {len(s.cohort)} clients sent masked inputs "
-                              f"(< min_survivors={s.min_survivors}); aborted, nothing revealed")
+                              f"(< min_survivors={s.min_survivors}); aborted before any unmask request, nothing revealed")
         if not is_connected(s.graph, surv):
             self._stage = 0
             raise SecAggAbort(f"round {s.round}: the survivors' graph is disconnected; aborted, nothing revealed")
@@ -251,4 +271,4 @@ class SecAggRound:
         return SecAggResult(run_id=s.run_id, round=s.round, total=total, extras=extras, int_sum=signed,
                             survivors=surv, dropped_before_masking=tuple(c for c in s.cohort if c not in survset),
                             dropped_before_unmasking=tuple(c for c in surv if c not in self._responded),
-                            modulus_bits=s.modulus_bits)
+                            modulus_bits=s.modulus_bits, declined=self.declined)

@@ -108,9 +108,10 @@ def _derive(cfg: Config) -> SecAggParams:
     s = cfg.secagg
     scale = quantization_scale(cfg)
     noise = 0.0
-    # The smallest sum the server may learn: server.min-clients (and n_min under distributed DP);
-    # clients refuse to unmask fewer. (The Shamir threshold t is a floor in any case.)
-    smallest = cfg.server.min_clients
+    # The smallest sum the server may learn: secagg.min-contributors and server.min-clients (and n_min
+    # under distributed DP); declining devices take no part in masking, so survivors are devices that
+    # trained; the server aborts before any unmask request with fewer, and clients refuse to unmask fewer. (The Shamir threshold t is a floor in any case.)
+    smallest = max(cfg.server.min_clients, s.min_contributors)
     if s.ddp:
         noise = _ddp_stddev(cfg, scale)
         if not 0.5 <= noise <= MAX_DDP_STDDEV:

@@ -106,7 +106,7 @@ from privacy.secagg.crypto import SEAL_OVERHEAD, ClientKeys, derive, ecdh, encod
 from privacy.secagg.graph import build_graph, default_degree, default_threshold
 from privacy.secagg.quantize import ExtraSpec, Quantizer
 
-__all__ = ["SecAggAbort", "SecAggParams", "SecAggInputError", "payload_nbytes", "round_digest"]
+__all__ = ["SecAggAbort", "SecAggParams", "SecAggInputError", "payload_nbytes", "request_digest", "round_digest"]
 
 _U64 = 2**64
 
@@ -134,7 +134,7 @@ class SecAggParams:
         rounding_beta: conditional rounding parameter used with noise.
         degree: graph degree k (None: ``2 ceil(1.5 log2 n)``); rounded up to even, capped at n - 1.
         threshold: Shamir threshold t (None: strict majority of the k + 1 holders).
-        min_survivors: fewest stage-1 survivors the round accepts (None: t).
+        min_survivors: fewest stage-1 survivors the round accepts (None: t; never fewer than t).
     """
 
     clip_norm: float
@@ -179,7 +179,9 @@ class SecAggParams:
         t = self.threshold or default_threshold(k)
         if not 1 <= t <= k + 1:
             raise SecAggInputError(f"threshold t={t} must be in [1, k + 1 = {k + 1}] for a cohort of {n}")
-        m = self.min_survivors or max(t, 2)
+        # Fewer than t survivors can never give t shares of a self-mask: a lower minimum only lets a
+        # round run into an abort after the unmask requests went out.
+        m = max(self.min_survivors or 0, t, 2)
         if not 2 <= m <= n:
             raise SecAggInputError(f"min_survivors={m} must be in [2, n={n}]")
         return k, t, m
@@ -190,6 +192,11 @@ def round_digest(*, run_id: int, round: int, cohort: Sequence[int], graph_seed: 
     enc = encode_fields("round", run_id, round, degree, threshold, min_survivors, modulus_bits, length, num_extras,
                         graph_seed, *sorted(int(c) for c in cohort))
     return hashlib.sha256(enc).digest()
+
+
+def request_digest(request: Mapping[str, Any], *, what: str = "request") -> bytes:
+    """The round digest of a masked-input or unmask request (SecAggInputError if its setup is malformed)."""
+    return _RoundSetup.from_fields(request, what=what).digest
 
 
 def _pair_seed(keys: ClientKeys, me: int, peer: int, peer_mask_pk: bytes, digest: bytes) -> int:

@@ -64,6 +64,7 @@ def test_dp_head_has_its_own_ledger(tiny_config, tmp_path):
 def test_local_baseline_replays_the_devices_own_training(tiny_config, tmp_path, dp):
     """Local-only: the same shared steps (and DP) and the same head steps, from the public start, no federation."""
     dev = _device(tiny_config, tmp_path, **{"privacy.enabled": dp})
+    dev.simulated = True  # the local-only baseline runs in simulations only (a data-dir device refuses it)
     shared = dev.model.initial_shared_state()
     for r in (1, 2):
         dev.train_round(shared, server_round=r)  # the server never moves: federation adds nothing here
@@ -82,6 +83,7 @@ def test_local_baseline_replays_the_devices_own_training(tiny_config, tmp_path, 
 
 def test_no_participation_means_local_baseline_is_the_base(tiny_config, tmp_path):
     dev = _device(tiny_config, tmp_path)
+    dev.simulated = True  # as a simulation builds it
     out = dev.final_evaluation(dev.model.initial_shared_state())
     assert out["steps"] == 0 and out["rounds"] == 0
     assert out["local-loss"] == pytest.approx(out["base-loss"], rel=1e-6)

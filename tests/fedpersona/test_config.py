@@ -124,3 +124,11 @@ def test_model_device_and_dtype_keys():
         load_config({"model.device": "gpu"}, env=False)
     with pytest.raises(ValueError, match="model.dtype.*You passed: 'float16'"):
         load_config({"model.dtype": "float16"}, env=False)
+
+
+def test_min_contributors_range():
+    assert load_config({}, env=False).secagg.min_contributors == 3
+    with pytest.raises(ValueError, match=r"secagg.min-contributors.*>= 2.*You passed: 1"):
+        load_config({"secagg.min-contributors": 1}, env=False)
+    with pytest.raises(ValueError, match=r"secagg.min-contributors.*clients-per-round=4.*You passed: 5"):
+        load_config({"secagg.min-contributors": 5, "server.clients-per-round": 4}, env=False)

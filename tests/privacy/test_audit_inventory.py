@@ -39,8 +39,8 @@ CLEAN = {
                _array("share_holders", record="secagg-arrays", dtype="uint64", protocol=True),
                {"record": "secagg", "kind": "config", "name": "ciphertexts", "bytes": 368, "type": "bytes"}], round_=2),
         _line([{"record": "status", "kind": "config", "name": "detail", "bytes": 40, "type": "str"}], round_=3),
-        _line([{"record": "identity", "kind": "config", "name": "user-id", "bytes": 5, "type": "str"}],
-              message_type="evaluate", round_=4),
+        _line([_array("masked", record="secagg-arrays", dtype="uint8", masked=True)], message_type="evaluate",
+              round_=4),
         _line([], reply="error", round_=5),
     ]
 }
@@ -71,6 +71,9 @@ DOCTORED = {
         {"record": "blob", "kind": "config", "name": "data", "bytes": 30, "type": "bytes"}), "bytes field"),
     "unknown float tensor": (lambda ls: ls[0]["rows"].append(_array("embed_tokens.weight")), "not a shared-adapter"),
     "malformed line": (lambda ls: ls.append({"round": 9}), "malformed"),
+    "user label": (lambda ls: ls[3]["rows"].append(
+        {"record": "identity", "kind": "config", "name": "user-id", "bytes": 5, "type": "str"}), "text field"),
+    "repeated unmask": (lambda ls: ls.extend([_line([], message_type="query.unmask", round_=2)] * 2), "repeated unmask"),
 }
 
 

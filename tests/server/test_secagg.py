@@ -259,17 +259,21 @@ def test_server_receives_no_plain_update_weight_or_metrics(federation):
         assert set(reply.content.config_records[RECORD]) == {"client_id", "run_id", "round", "b_shares", "pair_shares"}
 
 
-def test_declined_devices_hide_among_contributors(federation):
+def test_declined_devices_take_no_part_in_the_sum(federation):
     cfg, grid = federation()
     FakeDevice.declined = {"u12"}
     cohort = sorted(grid.contexts)
     rs = SecureAggregator(cfg, run_id=RUN_ID).collect(grid, cohort, _content(), server_round=1, timeout=None)
-    assert rs.contributors == 4 and len(rs.declined) == 1 and "hides which" in rs.declined[0]
+    assert rs.contributors == 4 and len(rs.declined) == 1 and "took no part" in rs.declined[0]
+    assert rs.info["secagg-declined"] == 1 and rs.info["secagg-survivors"] == 4 and rs.metrics["trained"] == 4
     expected = _expected_sum(cfg, grid, [c for c in cohort if c != 12])
     for k in SHARED:
         assert float((rs.update_sum[k].double() - expected[k]).abs().max()) < 5 / secagg_params(cfg).scale
-    shapes = {tuple((k, v.numpy().shape) for k, v in r.content.array_records[ARRAYS].items()) for r in grid.replies("train")}
-    assert len(shapes) == 1, "a declining device's reply has the same records and sizes as the others"
+    # The decliner sent no vector and no shares, and was not asked to unmask.
+    (decline,) = [r for m, r in grid.log if m.metadata.message_type == "train" and m.metadata.dst_node_id == 12]
+    assert not decline.content.array_records.get(ARRAYS) and set(decline.content[RECORD]) == {
+        "client_id", "run_id", "round", "declined"}
+    assert 12 not in {m.metadata.dst_node_id for m, _ in grid.log if m.metadata.message_type == "query.unmask"}
 
 
 def test_keys_advertised_once_per_run_and_new_nodes_when_first_sampled(federation):
