@@ -123,9 +123,9 @@ class ClientConfig:
     batch_size: int = 8
     lr: float = 0.02
     optimizer: str = "adam"
-    head_steps: int = 12
+    head_steps: int = 6
     head_batch_size: int = 8
-    head_lr: float = 0.003
+    head_lr: float = 0.01
 
     def __post_init__(self) -> None:
         if self.head_steps < 0:
