@@ -42,6 +42,7 @@ def audits(expressive_model_dir, tmp_path_factory):
         "adapter.layers": 2, "adapter.personal-layers": 1, "adapter.rank": 8,
         "data.max-users": 3, "data.min-speeches": 40, "data.max-examples": 16,
         "client.local-steps": 30, "client.batch-size": 8, "client.lr": 0.05,
+        "client.head-steps": 30, "client.head-lr": 0.05,  # the head trains as much as the shared adapter
         "server.num-rounds": 2, "server.clients-per-round": 3, "server.min-clients": 2,
         # DP run: a fixed noise multiplier (no calibration, fast); its ledgers give epsilon 0.6-0.8 at delta 1e-5.
         "privacy.delta": 1e-5, "privacy.target-epsilon": 1.0, "privacy.noise-multiplier": 16.0,
