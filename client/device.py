@@ -445,6 +445,8 @@ class Device:
         r = self._heldout()
         eps_text = self.store.load_text(BASELINE_LEDGER)
         eps = PrivacyLedger.from_json(eps_text).epsilon(cfg.privacy.delta) if eps_text else 0.0
+        if not cfg.privacy.enabled and participation:
+            eps = math.inf  # trained without DP
         # Leave the federated state loaded again.
         self.model.load_shared_state(shared)
         self.model.load_personal_state(self._personal())

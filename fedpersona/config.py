@@ -168,9 +168,9 @@ class ClientConfig:
     batch_size: int = 8
     lr: float = 0.02
     optimizer: str = "adam"
-    head_steps: int = 12
+    head_steps: int = 6
     head_batch_size: int = 8
-    head_lr: float = 0.003
+    head_lr: float = 0.01
     max_new_examples: int = 0  # device policy: new chat-feedback examples a round may add (0 = no cap)
 
     def __post_init__(self) -> None:

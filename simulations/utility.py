@@ -197,6 +197,12 @@ def _row(name: str, losses: list[float], accs: list[float], **extra) -> dict[str
             "accuracy": statistics.fmean(accs) if accs else math.nan, "users": d["n"], **extra}
 
 
+def _eps(values) -> float:
+    """The largest epsilon spent (-1 in a device's row means infinite: trained without DP)."""
+    vals = list(values)
+    return math.inf if any(v < 0 for v in vals) else max(vals, default=0.0)
+
+
 def _share(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else math.nan
 
@@ -214,13 +220,13 @@ def rows_of_run(label: str, run: FederatedRun, base: dict[str, float]) -> list[d
              personalization_helps=_share([p < s for p, s in zip(personal, shared)]),
              personalization_hurts=_share([p > s for p, s in zip(personal, shared)]),
              beats_local=_share([r["personal-loss"] < r["local-loss"] for r in rows]) if "local-loss" in rows[0] else None,
-             epsilon=max(r["epsilon"] for r in rows), seconds=run.seconds, declined=run.declined),
+             epsilon=_eps(r["epsilon"] for r in rows), seconds=run.seconds, declined=run.declined),
     ]
     if "local-loss" in rows[0]:
         local = [r["local-loss"] for r in rows]
         out.append(_row(f"{label}: local-only", local, [r["local-accuracy"] for r in rows],
                         better_than_base=_share([x < y for x, y in zip(local, b)]),
-                        epsilon=max(r["local-epsilon"] for r in rows)))
+                        epsilon=_eps(r["local-epsilon"] for r in rows)))
     return out
 
 
@@ -319,6 +325,8 @@ COLUMNS = ("row", "mean", "median", "worst_decile", "accuracy", "gain", "recover
 def _fmt(v: Any, pct: bool = False) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
     if isinstance(v, float):
         return f"{100 * v:.1f}%" if pct else f"{v:.3f}"
     return str(v)
@@ -339,9 +347,20 @@ def format_table(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _finite(x: Any) -> Any:
+    """JSON without NaN / Infinity: a non-finite number becomes null (epsilon null = no DP)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def write_outputs(run_dir: Path, result: dict[str, Any]) -> dict[str, str]:
     files = {"json": run_dir / "utility.json", "csv": run_dir / "utility.csv"}
-    files["json"].write_text(json.dumps(result, indent=1, default=str))
+    files["json"].write_text(json.dumps(_finite(result), indent=1, default=str, allow_nan=False))
     with files["csv"].open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(COLUMNS), extrasaction="ignore")
         w.writeheader()

@@ -191,8 +191,8 @@ def _accountant_check(devices: list[dict]) -> dict:
 
 def _personal_head_statement(head_mode: str, split: str) -> str:
     """What holds for the personal head in this run (``privacy.personal-head``)."""
-    common = ("The personalized model (shared adapter + personal head) is never aggregated, so no user-level "
-              "protection applies to it. Its membership inference is measured separately below.")
+    common = ("The personalized model (shared adapter + personal head) is never aggregated: it is NOT covered by "
+              "any user-level protection. Its membership inference is measured separately below.")
     if split == "fedsa":
         return ("privacy.personal-head = dp (split fedsa): the head (B) is part of the shared adapter and is trained in "
                 "the same DP-SGD pass; the device's record-level bound covers it. " + common)

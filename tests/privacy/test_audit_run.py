@@ -48,6 +48,9 @@ def audits(expressive_model_dir, tmp_path_factory):
         "server.num-rounds": 2, "server.clients-per-round": 3, "server.min-clients": 2,
         # DP run: a fixed noise multiplier (no calibration, fast); its ledgers give epsilon 0.6-0.8 at delta 1e-5.
         "privacy.delta": 1e-5, "privacy.target-epsilon": 1.0, "privacy.noise-multiplier": 16.0,
+        # The head under DP-SGD too, so that the personalized model is covered (the default, a local head
+        # trained without noise, is not: joint DP covers only what leaves the device).
+        "privacy.personal-head": "dp",
         "eval.local-baseline": False, "eval.per-round": False,
         "run.results-dir": str(tmp / "results"), "run.state-dir": str(tmp / "state"),
     }

@@ -9,11 +9,11 @@ from simulations.utility import format_table, study
 
 def test_quick_study_writes_every_row(tiny_config):
     overrides = dict(tiny_config, **{"client.head-steps": 2, "data.max-examples": 12, "privacy.delta": 1e-2,
-                                     "data.max-users": 4})
-    result = study(None, overrides, epsilons=(2.0, 8.0), quick=True, central_steps=2)
+                                     "data.max-users": 4, "privacy.noise-multiplier": 1.0})  # no calibration: fast
+    result = study(None, overrides, epsilons=(8.0,), quick=True, central_steps=2)
     names = [r["row"] for r in result["table"]]
     for expected in ("base", "central (pooled, no DP)", "federated, no DP: shared", "federated, no DP: personalized",
-                     "federated, no DP: local-only", "DP federated, eps=2: personalized", "DP federated, eps=8: shared",
+                     "federated, no DP: local-only", "DP federated, eps=8: personalized", "DP federated, eps=8: shared",
                      "DP federated, eps=8: local-only"):
         assert expected in names
     rows = {r["row"]: r for r in result["table"]}
@@ -22,7 +22,7 @@ def test_quick_study_writes_every_row(tiny_config):
     for r in result["table"]:
         assert math.isfinite(r["mean"]) and r["users"] == len(result["users"])
     # Each DP row stays within its budget; local-only spends the same epsilon as the device.
-    for eps in (2.0, 8.0):
+    for eps in (8.0,):
         row = rows[f"DP federated, eps={eps:g}: personalized"]
         assert 0 < row["epsilon"] <= eps + 1e-6
         assert 0 < rows[f"DP federated, eps={eps:g}: local-only"]["epsilon"] <= eps + 1e-6
