@@ -9,12 +9,12 @@ import torch
 
 from client.data import format_prompt
 from client.device import HEAD_FILE
-from client.node_data import slug
 from client.store import DeviceStore
 from fedpersona.model import adapted_model
 from server.checkpoint import latest_checkpoint
-from simulations.sources import load_source
+from simulations.partitions import simulated_state_dir
 from simulations.runner import resolve
+from simulations.sources import load_source
 
 
 def find_user(user: str, cfg) -> str:
@@ -24,6 +24,25 @@ def find_user(user: str, cfg) -> str:
             return u
     sample = ", ".join(users[:8])
     raise ValueError(f"Unknown user {user!r} in run '{cfg.run.name}'. Users look like: {sample}, ...")
+
+
+def personalized_model(user: str, scenario: str | None, overrides: dict[str, Any] | None = None):
+    """(config, user id, model, store, checkpoint round) of a simulated user of a run: the run's newest
+    shared adapter and that user's personal head, loaded."""
+    _, cfg = resolve(scenario, dict(overrides or {}))
+    user_id = find_user(user, cfg)
+    run_dir = Path(cfg.run.results_dir) / cfg.run.name
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        raise ValueError(f"No checkpoint in {run_dir / 'checkpoints'}: run `fedpersona run {scenario}` first")
+    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
+    model.load_shared_state(ckpt[1])
+    store = DeviceStore(simulated_state_dir(cfg, user_id))
+    head = store.load_tensors(HEAD_FILE)
+    if head is None:
+        raise ValueError(f"{user_id} has no personal head yet (never sampled in run '{cfg.run.name}')")
+    model.load_personal_state(head)
+    return cfg, user_id, model, store, ckpt[0]
 
 
 def generate(
@@ -36,19 +55,7 @@ def generate(
     temperature: float = 0.7,
     seed: int = 0,
 ) -> str:
-    _, cfg = resolve(scenario, dict(overrides or {}))
-    user_id = find_user(user, cfg)
-    run_dir = Path(cfg.run.results_dir) / cfg.run.name
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
-    if ckpt is None:
-        raise ValueError(f"No checkpoint in {run_dir / 'checkpoints'}: run `fedpersona run {scenario}` first")
-    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
-    model.load_shared_state(ckpt[1])
-    store = DeviceStore(Path(cfg.run.state_dir) / cfg.run.name / slug(user_id))
-    head = store.load_tensors(HEAD_FILE)
-    if head is None:
-        raise ValueError(f"{user_id} has no personal head yet (never sampled in run '{cfg.run.name}')")
-    model.load_personal_state(head)
+    _, _, model, _, _ = personalized_model(user, scenario, overrides)
     tok = model.tokenizer
     ids = tok(format_prompt(prompt), add_special_tokens=False, return_tensors="pt")["input_ids"]
     end = tok.convert_tokens_to_ids("<|im_end|>")
