@@ -1,0 +1,150 @@
+"""The cohort engine below the ServerApp (EngineGrid) against the sequential ClientApp path (InProcessGrid)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import re
+import tracemalloc
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from client import app as client_app
+from client.node_data import slug
+from client.store import DeviceStore
+from privacy.ledger import PrivacyLedger
+from privacy.noise import NoiseSource
+from server.federation import run_federation
+from simulations.engine_grid import EngineGrid
+from simulations.inprocess import InProcessGrid
+from simulations.partitions import prepare_partitions, simulated_state_dir
+from simulations.runner import resolve
+from simulations.sources import load_source
+
+
+def _setup(tiny_config, root: Path, **over):
+    flat, cfg = resolve(None, dict(tiny_config, **{"run.results-dir": str(root / "results"),
+                                                   "run.state-dir": str(root / "state"), **over}))
+    users = load_source(cfg.data, cfg.run.seed)
+    prepare_partitions(cfg, users)
+    return flat, cfg, users
+
+
+def _inject_sources(grid, seed: int) -> None:
+    """Test-only: every device of the grid draws batches and noise from its own seeded source."""
+    for i, nid in enumerate(sorted(grid.get_node_ids())):
+        client_app.cached_device(grid._contexts[nid]).noise_source = NoiseSource(
+            generator=torch.Generator().manual_seed(seed + i))
+
+
+def _federate(grid_cls, tiny_config, root: Path, *, refuse: int | None = None, spent: int | None = None, **over):
+    flat, cfg, users = _setup(tiny_config, root, **over)
+    if spent is not None:
+        ledger = PrivacyLedger(accountant=cfg.privacy.accountant)
+        ledger.step(noise_multiplier=0.0, sample_rate=0.5)  # a release without noise: epsilon is infinite
+        DeviceStore(simulated_state_dir(cfg, users[spent].user_id)).save_text("ledger", ledger.to_json())
+    nodes = {100 + i: {"partition-id": i} for i in range(len(users))}
+    if refuse is not None:
+        nodes[100 + refuse]["policy.max-epsilon"] = 4.0  # below privacy.target-epsilon = 8: refuses every round
+    run_id = uuid.uuid4().int % 2**62
+    try:
+        with grid_cls(client_app.app, nodes, flat, run_id=run_id) as grid:
+            _inject_sources(grid, seed=500)
+            metrics = run_federation(grid, cfg)
+    finally:
+        for nid in nodes:
+            client_app._DEVICES.pop((run_id, nid), None)
+    return metrics, cfg, users, grid
+
+
+def _untimed(ledger_json: str | None) -> str | None:
+    """A ledger's JSON without the wall-clock times of its rounds."""
+    return None if ledger_json is None else re.sub(r'"\d{4}-\d\d-\d\dT[^"]*"', '"T"', ledger_json)
+
+
+def _final_shared(cfg) -> dict[str, torch.Tensor]:
+    ckpt = Path(cfg.run.results_dir) / cfg.run.name / "checkpoints" / f"round-{cfg.server.num_rounds:04d}"
+    return load_file(str(ckpt / "shared" / "adapter_model.safetensors"))
+
+
+def test_engine_grid_equals_the_sequential_clientapp_path(tiny_config, tmp_path, caplog):
+    """8 clients, 2 rounds, secure aggregation on; one device refuses by policy, one has its budget spent,
+    batch size 1 so that some Poisson batches are empty: same adapter, heads and ledgers on both paths."""
+    over = {"data.max-users": 8, "server.clients-per-round": 8, "client.batch-size": 1, "client.local-steps": 3,
+            "eval.local-baseline": False}
+    caplog.set_level(logging.INFO, logger="client.device")
+    m_seq, cfg_seq, users, _ = _federate(InProcessGrid, tiny_config, tmp_path / "seq", refuse=2, spent=5, **over)
+    seq_lines = [r.getMessage() for r in caplog.records if r.name == "client.device"]
+    caplog.clear()
+    m_eng, cfg_eng, _, grid = _federate(EngineGrid, tiny_config, tmp_path / "eng", refuse=2, spent=5, **over)
+    eng_lines = [r.getMessage() for r in caplog.records if r.name == "client.device"]
+
+    assert len(users) == 8
+    assert grid.cohorts == 2 and grid.fallbacks == 0
+    assert m_eng["aggregation"] == m_seq["aggregation"] == "secagg+"
+    for r_seq, r_eng in zip(m_seq["rounds"], m_eng["rounds"], strict=True):
+        assert r_eng["applied"] and r_seq["applied"]
+        assert (r_eng["contributors"], r_eng["declined"], r_eng["failed"]) == (6, 1, 1)
+        assert (r_seq["contributors"], r_seq["declined"], r_seq["failed"]) == (6, 1, 1)
+        assert r_eng["update-norm"] == pytest.approx(r_seq["update-norm"], rel=1e-4)
+    trained_eng = [line for line in eng_lines if re.search(r"round \d: \d+ steps", line)]
+    assert len(trained_eng) == 12 and all("(cohort engine)" in line for line in trained_eng)
+    assert not any("(cohort engine)" in line for line in seq_lines)
+    assert any(int(x) > 0 for x in re.findall(r"\((\d+) empty\)", " ".join(trained_eng))), "no empty Poisson batch"
+
+    a, b = _final_shared(cfg_seq), _final_shared(cfg_eng)
+    assert set(a) == set(b)
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-5)
+    for i, u in enumerate(users):
+        s_seq = DeviceStore(simulated_state_dir(cfg_seq, u.user_id))
+        s_eng = DeviceStore(simulated_state_dir(cfg_eng, u.user_id))
+        assert _untimed(s_eng.load_text("ledger")) == _untimed(s_seq.load_text("ledger")), u.user_id
+        h_seq, h_eng = s_seq.load_tensors("personal"), s_eng.load_tensors("personal")
+        if i in (2, 5):
+            assert h_seq is None and h_eng is None  # never trained
+            continue
+        for n in h_seq:
+            torch.testing.assert_close(h_eng[n], h_seq[n], rtol=1e-4, atol=1e-5)
+    eps = {u["user"]: u["epsilon"] for u in m_eng["final"]["users"]}
+    assert eps == pytest.approx({u["user"]: u["epsilon"] for u in m_seq["final"]["users"]})
+
+
+def test_engine_grid_bounds_its_devices_and_memory(tiny_config, tmp_path):
+    """10 rounds, 3 of 7 devices per round, at most 4 cached: devices are evicted and rebuilt, memory flat."""
+    flat, cfg, users = _setup(tiny_config, tmp_path, **{"data.max-users": 7, "server.clients-per-round": 3,
+                                                        "server.num-rounds": 10, "client.local-steps": 1,
+                                                        "eval.local-baseline": False, "eval.per-round": False})
+    nodes = {100 + i: {"partition-id": i} for i in range(len(users))}
+    run_id = uuid.uuid4().int % 2**62
+    sizes, peaks = [], []
+
+    class Probe(EngineGrid):
+        def _train_ahead(self, messages):
+            super()._train_ahead(messages)
+            if any(m.metadata.message_type == "train" for m in messages):
+                gc.collect()
+                sizes.append(len(client_app.cached_devices(self.run_id)))
+                peaks.append(tracemalloc.get_traced_memory()[0])
+
+    tracemalloc.start()
+    try:
+        with Probe(client_app.app, nodes, flat, run_id=run_id, max_devices=4) as grid:
+            metrics = run_federation(grid, cfg)
+    finally:
+        tracemalloc.stop()
+        for nid in nodes:
+            client_app._DEVICES.pop((run_id, nid), None)
+    assert [r["round"] for r in metrics["rounds"]] == list(range(1, 11))
+    assert all(r["applied"] and r["contributors"] == 3 for r in metrics["rounds"])
+    assert grid.cohorts == 10 and max(sizes) <= 4 and len(grid._packed) <= 4
+    assert client_app._MAX_DEVICES is None, "the bound is the grid's, for its lifetime"
+    # Rounds 3..10 against round 3 (after the first evictions): no growth beyond noise.
+    assert max(peaks[2:]) - peaks[2] < 8 * 2**20, peaks
+    states = [DeviceStore(simulated_state_dir(cfg, u.user_id)).load_text("participation") for u in users]
+    assert sum(len(json.loads(s)) for s in states if s) == 30  # 10 rounds x 3: nothing lost on eviction
