@@ -77,6 +77,14 @@ def cached_devices(run_id: int) -> dict[int, Device]:
     return {nid: d for (rid, nid), d in _DEVICES.items() if rid == run_id}
 
 
+def release_devices(run_id: int) -> int:
+    """Drop a finished run's devices from memory (their state stays in their stores); returns how many."""
+    keys = [k for k in _DEVICES if k[0] == run_id]
+    for k in keys:
+        del _DEVICES[k]
+    return len(keys)
+
+
 def _device(context: Context) -> Device:
     key = (context.run_id, context.node_id)
     if key in _DEVICES:

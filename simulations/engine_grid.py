@@ -80,6 +80,8 @@ class EngineGrid(InProcessGrid):
         return self
 
     def __exit__(self, *exc) -> None:
+        client_module.release_devices(self.run_id)  # the run is over: its devices live in their stores only
+        self._packed.clear()
         client_module.limit_cached_devices(self._saved_limit)
         super().__exit__(*exc)
 
