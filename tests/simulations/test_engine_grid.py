@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file
 
 from client import app as client_app
-from client.node_data import slug
 from client.store import DeviceStore
 from privacy.ledger import PrivacyLedger
 from privacy.noise import NoiseSource
