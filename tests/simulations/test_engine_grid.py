@@ -180,3 +180,32 @@ def test_cli_run_goes_through_the_cohort_engine(tiny_config, tmp_path):
     assert all(r["applied"] and r["contributors"] == 3 and r["failed"] == 0 for r in metrics["rounds"])
     users_csv = (run_dir / "users.csv").read_text().splitlines()
     assert len(users_csv) == 1 + 4
+
+
+@pytest.mark.parametrize("over", [{"adapter.split": "fedsa", "privacy.personal-head": "dp"}, {"privacy.personal-head": "dp"}],
+                         ids=["fedsa-joint-pass", "dp-head"])
+def test_engine_grid_equals_sequential_for_the_other_layouts(tiny_config, tmp_path, over, caplog):
+    """One joint DP pass (fedsa), and a DP head with its own ledger: the same through both grids."""
+    over = dict(over, **{"eval.local-baseline": False, "eval.per-round": False, "server.num-rounds": 1})
+    m_seq, cfg_seq, users, _ = _federate(InProcessGrid, tiny_config, tmp_path / "seq", **over)
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="client.device")
+    m_eng, cfg_eng, _, grid = _federate(EngineGrid, tiny_config, tmp_path / "eng", **over)
+    assert grid.cohorts == 1 and grid.fallbacks == 0
+    trained = [r.getMessage() for r in caplog.records if r.name == "client.device" and " steps (" in r.getMessage()]
+    assert len(trained) == 3 and all("(cohort engine)" in line for line in trained), trained
+    assert m_eng["rounds"][0]["contributors"] == m_seq["rounds"][0]["contributors"] == 3
+    a, b = _final_shared(cfg_seq), _final_shared(cfg_eng)
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-5)
+    for u in users:
+        s_seq = DeviceStore(simulated_state_dir(cfg_seq, u.user_id))
+        s_eng = DeviceStore(simulated_state_dir(cfg_eng, u.user_id))
+        for name in ("ledger", "ledger-head"):
+            assert _untimed(s_eng.load_text(name)) == _untimed(s_seq.load_text(name)), (u.user_id, name)
+        h_seq, h_eng = s_seq.load_tensors("personal"), s_eng.load_tensors("personal")
+        assert (h_seq is None) == (h_eng is None)
+        for n in h_seq or {}:
+            torch.testing.assert_close(h_eng[n], h_seq[n], rtol=1e-3, atol=1e-4)
+    if over.get("adapter.split") != "fedsa":
+        assert any(DeviceStore(simulated_state_dir(cfg_eng, u.user_id)).load_text("ledger-head") for u in users)
