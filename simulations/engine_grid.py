@@ -112,6 +112,13 @@ class EngineGrid(InProcessGrid):
 
     def _train_ahead(self, messages: list[Message]) -> None:
         planned: list[tuple[int, Device, RoundPlan]] = []
+        n_train = sum(1 for m in messages if m.metadata.message_type == "train")
+        if n_train > self.max_devices:
+            # Planned devices would be evicted before their messages arrive: train them one by one instead.
+            logger.warning("a cohort of %d exceeds this grid's device cache (max_devices=%d): trained sequentially",
+                           n_train, self.max_devices)
+            self.fallbacks += n_train
+            return
         for m in messages:
             if m.metadata.message_type != "train" or m.metadata.dst_node_id not in self._contexts:
                 continue
@@ -126,9 +133,6 @@ class EngineGrid(InProcessGrid):
                 logger.debug("node %s not planned: %s: %s", m.metadata.dst_node_id, type(exc).__name__, exc)
                 continue
             planned.append((int(m.metadata.dst_node_id), device, plan))
-        if len(planned) > self.max_devices:
-            raise ValueError(f"A cohort of {len(planned)} devices exceeds the device cache bound of this grid. "
-                             f"You passed: max_devices={self.max_devices}")
         if not planned:
             return
         t0 = time.perf_counter()

@@ -209,3 +209,15 @@ def test_engine_grid_equals_sequential_for_the_other_layouts(tiny_config, tmp_pa
             torch.testing.assert_close(h_eng[n], h_seq[n], rtol=1e-3, atol=1e-4)
     if over.get("adapter.split") != "fedsa":
         assert any(DeviceStore(simulated_state_dir(cfg_eng, u.user_id)).load_text("ledger-head") for u in users)
+
+
+def test_a_cohort_larger_than_the_device_cache_trains_sequentially(tiny_config, tmp_path, caplog):
+    flat, cfg, users = _setup(tiny_config, tmp_path, **{"server.num-rounds": 1, "eval.local-baseline": False,
+                                                        "eval.final": False})
+    nodes = {100 + i: {"partition-id": i} for i in range(len(users))}
+    run_id = uuid.uuid4().int % 2**62
+    with EngineGrid(client_app.app, nodes, flat, run_id=run_id, max_devices=2) as grid:
+        metrics = run_federation(grid, cfg)
+    assert grid.cohorts == 0 and grid.fallbacks == 3
+    assert metrics["rounds"][0]["contributors"] == 3 and metrics["rounds"][0]["applied"]
+    assert "exceeds this grid's device cache" in caplog.text
