@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,13 +56,53 @@ from privacy.secagg.eval_figures import extras_specs as eval_extras
 
 logger = logging.getLogger(__name__)
 
-_DEVICES: dict[tuple[int, int], Device] = {}
+_DEVICES: OrderedDict[tuple[int, int], Device] = OrderedDict()  # least recently used first
+_MAX_DEVICES: int | None = None  # None: every device built stays cached (one per SuperNode in a deployment)
 CLIENT_ERROR = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+def limit_cached_devices(maximum: int | None) -> None:
+    """Keep at most ``maximum`` simulated devices in memory (least recently used go first; ``None``: no bound).
+
+    An evicted device loses nothing: its head, ledgers, participation and keys are in its
+    encrypted state folder; building it again only recomputes its lower-block activations.
+    """
+    global _MAX_DEVICES
+    if maximum is not None and (isinstance(maximum, bool) or not isinstance(maximum, int) or maximum < 1):
+        raise ValueError(f"the device cache bound must be a positive integer or None. You passed: {maximum!r}")
+    _MAX_DEVICES = maximum
+    _evict()
+
+
+def _evict() -> None:
+    while _MAX_DEVICES is not None and len(_DEVICES) > _MAX_DEVICES:
+        key, _ = _DEVICES.popitem(last=False)
+        logger.debug("device of node %s evicted from memory (its state stays in its store)", key[1])
+
+
+def cached_device(context: Context) -> Device:
+    """The node's :class:`~client.device.Device` as the handlers use it (built on first use, then cached)."""
+    return _device(context)
+
+
+def cached_devices(run_id: int) -> dict[int, Device]:
+    """The devices of a run now in memory, by node id."""
+    return {nid: d for (rid, nid), d in _DEVICES.items() if rid == run_id}
+
+
+def release_devices(run_id: int) -> int:
+    """Drop a finished run's devices from memory (their state stays in their stores); returns how many."""
+    keys = [k for k in _DEVICES if k[0] == run_id]
+    for k in keys:
+        del _DEVICES[k]
+    return len(keys)
 
 
 def _device(context: Context) -> Device:
     key = (context.run_id, context.node_id)
-    if key not in _DEVICES:
+    if key in _DEVICES:
+        _DEVICES.move_to_end(key)
+    else:
         threads = int(os.environ.get("FEDPERSONA_TORCH_THREADS", "0"))
         if threads > 0:
             torch.set_num_threads(threads)
@@ -70,6 +111,7 @@ def _device(context: Context) -> Device:
             logger.warning("secagg.enabled = false: this device's update, example count and metrics go to the "
                            "server in the clear (plain aggregation)")
         _DEVICES[key] = Device(cfg, dict(context.node_config))
+        _evict()
     return _DEVICES[key]
 
 

@@ -56,6 +56,7 @@ from client.train import CachedExample, TrainResult, evaluate, train_head, train
 from fedpersona.config import Config
 from fedpersona.model import AdaptedModel, adapted_model, labels_for, lower_hidden
 from privacy.ledger import PrivacyLedger, calibrate_noise
+from privacy.noise import SECURE, NoiseSource
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,48 @@ EVALUATION = "evaluation"
 
 class BudgetExhausted(RuntimeError):
     """The next round would take the device past its privacy budget."""
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """A digest of named tensors (names, shapes, dtypes, values)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class RoundPlan:
+    """What a round will train, decided before anything is trained (:meth:`Device.plan_round`).
+
+    ``ledger`` / ``head_ledger``: the device's ledgers as loaded for the round (not yet stepped);
+    ``shared`` / ``personal``: the state the round starts from. :attr:`key` names the plan:
+    a result trained for another key is never used.
+    """
+
+    server_round: int
+    shared_digest: str
+    personal_digest: str
+    train_examples: int
+    steps: int
+    noise_multiplier: float
+    sample_rate: float
+    head_steps: int
+    head_noise_multiplier: float
+    head_sample_rate: float
+    settings: dict
+    ledger: PrivacyLedger
+    head_ledger: PrivacyLedger | None
+    shared: dict[str, torch.Tensor]
+    personal: dict[str, torch.Tensor]
+
+    @property
+    def key(self) -> tuple:
+        return (self.server_round, self.shared_digest, self.personal_digest, self.train_examples, self.steps,
+                self.noise_multiplier, self.sample_rate, self.head_steps, self.head_noise_multiplier,
+                self.head_sample_rate)
 
 
 @dataclass
@@ -166,6 +209,9 @@ class Device:
         self.noise_multiplier = self._noise_multiplier()
         self.head_sample_rate = min(1.0, cfg.client.head_batch_size / n)
         self.head_noise_multiplier = self._head_noise_multiplier()
+        # Where the DP-SGD passes draw their batches and noise: the CSPRNG; a seeded source only from tests.
+        self.noise_source: NoiseSource = SECURE
+        self._offered: tuple[tuple, object] | None = None
 
     # ------------------------------------------------------------ privacy
     @property
@@ -248,7 +294,7 @@ class Device:
         kw = dict(
             steps=steps, batch_size=cfg.client.batch_size, lr=cfg.client.lr, optimizer=cfg.client.optimizer,
             noise_multiplier=self.noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
-            dp=cfg.privacy.enabled, ledger=ledger,
+            dp=cfg.privacy.enabled, ledger=ledger, noise_source=self.noise_source,
         )
         if self.joint:
             return self.trainer.train(self.data.train, group="all", **kw)
@@ -274,20 +320,24 @@ class Device:
             self.trainer, self.data.train, steps=steps, batch_size=cfg.client.head_batch_size, lr=cfg.client.head_lr,
             optimizer=cfg.client.optimizer, noise_multiplier=self.head_noise_multiplier,
             max_grad_norm=cfg.privacy.max_grad_norm, dp=self.head_dp, ledger=ledger if self.head_dp else None,
+            noise_source=self.noise_source,
         )
 
-    def train_round(self, shared: dict[str, torch.Tensor], *, server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Train one round; returns (weighted shared update, summable metrics).
+    def plan_round(self, shared: dict[str, torch.Tensor], *, server_round: int, log_refusal: bool = True) -> RoundPlan:
+        """Every check that can refuse the round, and what the round will train from.
 
-        Raises :class:`~client.policy.PolicyViolation` (nothing trained, nothing recorded) when the
-        server's settings would weaken the device's policy, :class:`BudgetExhausted` when the round
-        would take it past its budget.
+        Raises :class:`~client.policy.PolicyViolation` when the server's settings would weaken the
+        device's policy, :class:`BudgetExhausted` when the round would take it past its budget
+        (nothing trained, nothing recorded). Grows the training set by the round's chat feedback
+        (the same examples each time it is asked for the same round).
         """
         cfg = self.cfg
         try:
             settings = self.policy.check(cfg, train_examples=len(self.data.train), noise_multiplier=self.noise_multiplier)
         except PolicyViolation as exc:
-            logger.warning("round %d refused by this device's privacy policy (%s): %s", server_round, self.policy.source, exc)
+            if log_refusal:
+                logger.warning("round %d refused by this device's privacy policy (%s): %s", server_round,
+                               self.policy.source, exc)
             raise
         ledger = self.load_ledger()
         self._grow_training_set(server_round, ledger)
@@ -307,30 +357,86 @@ class Device:
                     f"{self.user_id}: a round of {steps} steps would bring epsilon to {eps_next:.3f} > "
                     f"budget {cfg.privacy.target_epsilon} (spent {self.epsilon(ledger):.3f}); not training"
                 )
+        head_ledger = self.load_ledger(HEAD_LEDGER) if self.head_dp else None
+        personal = self._personal()
+        return RoundPlan(
+            server_round=int(server_round), shared_digest=state_digest(shared), personal_digest=state_digest(personal),
+            train_examples=len(self.data.train), steps=steps, noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate, head_steps=self._head_steps(head_ledger, log=log_refusal),
+            head_noise_multiplier=self.head_noise_multiplier, head_sample_rate=self.head_sample_rate,
+            settings=settings, ledger=ledger, head_ledger=head_ledger, shared=shared, personal=personal,
+        )
+
+    def _head_steps(self, head_ledger: PrivacyLedger | None, *, log: bool = True) -> int:
+        """The head pass's steps this round: 0 without a head pass, or when the DP head's budget is spent."""
+        cfg = self.cfg
+        steps = cfg.client.head_steps
+        if self.joint or steps == 0:
+            return 0
+        if self.head_dp:
+            if head_ledger is None:
+                raise RuntimeError("a DP head pass needs the head's ledger")
+            eps_next = head_ledger.epsilon_if(
+                noise_multiplier=self.head_noise_multiplier, sample_rate=self.head_sample_rate, num_steps=steps,
+                delta=cfg.privacy.delta,
+            )
+            if eps_next > cfg.privacy.target_epsilon * (1 + 1e-9):
+                if log:
+                    logger.info("%s: the head's budget is spent (%.3f next); head not trained", self.user_id, eps_next)
+                return 0
+        return steps
+
+    def offer_result(self, plan: RoundPlan, result) -> None:
+        """A result trained elsewhere (the cohort engine) for exactly ``plan``; :meth:`train_round` uses it
+        when the plan it makes itself matches, and otherwise trains the round here. ``result``: a
+        :class:`simulations.engine.jobs.ClientResult`."""
+        self._offered = (plan.key, result)
+
+    def train_round(self, shared: dict[str, torch.Tensor], *, server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Train one round; returns (weighted shared update, summable metrics).
+
+        Raises :class:`~client.policy.PolicyViolation` (nothing trained, nothing recorded) when the
+        server's settings would weaken the device's policy, :class:`BudgetExhausted` when the round
+        would take it past its budget (:meth:`plan_round`). The passes are the result offered for
+        this very plan (:meth:`offer_result`) or, without one, trained here; the ledger, the
+        persistence and the reply are the same code either way.
+        """
+        cfg = self.cfg
+        plan = self.plan_round(shared, server_round=server_round)
+        offered, self._offered = self._offered, None
+        if offered is not None and offered[0] != plan.key:
+            logger.warning("%s round %d: the result offered was trained for another plan; training here",
+                           self.user_id, server_round)
+            offered = None
+        ledger, steps = plan.ledger, plan.steps
         self.model.load_shared_state(shared)
         self.store.save_tensors(RECEIVED_SHARED, shared)  # for `fedpersona chat` on the device
         self.store.save_text(RECEIVED_CONFIG, json.dumps(cfg.to_flat(), sort_keys=True))
-        self.model.load_personal_state(self._personal())
+        self.model.load_personal_state(plan.personal)
         metrics: dict[str, float] = {}
         if cfg.eval.per_round:
             with self.model.personal_zeroed():
                 metrics["heldout-shared-loss"] = self._heldout()["loss"]
             metrics["heldout-personal-loss"] = self._heldout()["loss"]
-        result = self._shared_pass(steps, ledger if cfg.privacy.enabled else None)
+        if offered is None:
+            result = self._shared_pass(steps, ledger if cfg.privacy.enabled else None)
+            head_ledger = plan.head_ledger
+            head = self._head_pass(head_ledger) if plan.head_steps else None
+        else:
+            result, head = self._apply_offered(plan, offered[1])
+            head_ledger = plan.head_ledger
         if not cfg.privacy.enabled:
             # A release without noise (the policy allowed it): epsilon is infinite from now on, for good.
             ledger.step(noise_multiplier=0.0, sample_rate=self.sample_rate, num_steps=max(1, steps))
         ledger.record_round(
             round=server_round, steps=steps, noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate, delta=cfg.privacy.delta, settings=settings,
+            sample_rate=self.sample_rate, delta=cfg.privacy.delta, settings=plan.settings,
         )
+        # The head has trained on top of the new shared adapter by now; it never enters the update.
         after = self.model.shared_state()
         # Feedback may grow n past data.max-examples: the weight stays capped there (secure sum: n / max <= 1).
         weight = float(min(len(self.data.train), cfg.data.max_examples))
         update = {n: (after[n] - shared[n].to(after[n].dtype)) * weight for n in after}
-        # The head, on top of the new shared adapter; it never enters the update above.
-        head_ledger = self.load_ledger(HEAD_LEDGER) if self.head_dp else None
-        head = self._head_pass(head_ledger)
         if head is not None and head_ledger is not None:
             head_ledger.record_round(
                 round=server_round, steps=head.steps, noise_multiplier=self.head_noise_multiplier,
@@ -356,13 +462,39 @@ class Device:
             }
         )
         logger.info(
-            "%s round %d: %d steps (%d empty) loss %.3f sigma %.3f q %.3f epsilon %.3f in %.1fs; head %s",
+            "%s round %d: %d steps (%d empty) loss %.3f sigma %.3f q %.3f epsilon %.3f in %.1fs%s; head %s",
             self.user_id, server_round, steps, result.empty_steps, result.mean_loss, self.noise_multiplier,
-            self.sample_rate, eps, result.seconds,
+            self.sample_rate, eps, result.seconds, "" if offered is None else " (cohort engine)",
             f"{head.steps} steps loss {head.mean_loss:.3f} ({'DP' if self.head_dp else 'local, no noise'})"
             if head else "not trained",
         )
         return update, metrics
+
+    def _apply_offered(self, plan: RoundPlan, res) -> tuple[TrainResult, TrainResult | None]:
+        """Step the ledgers with the DP steps the engine took, load its tensors: as the passes here would."""
+        cfg = self.cfg
+        phases = list(res.phases)
+        shared_phase = phases[0]
+        if cfg.privacy.enabled:
+            for sigma, q in shared_phase.ledger_steps:
+                plan.ledger.step(noise_multiplier=sigma, sample_rate=q)
+        head_phase = phases[1] if len(phases) > 1 and plan.head_steps else None
+        if head_phase is not None and plan.head_ledger is not None:
+            for sigma, q in head_phase.ledger_steps:
+                plan.head_ledger.step(noise_multiplier=sigma, sample_rate=q)
+        if res.error is not None:
+            raise FloatingPointError(res.error)
+        self.model.load_shared_state(res.shared)
+        self.model.load_personal_state(res.personal)
+
+        def as_train(p, noise_multiplier: float) -> TrainResult:
+            return TrainResult(steps=p.steps, empty_steps=p.empty_steps, examples_seen=p.examples_seen,
+                               mean_loss=p.mean_loss, seconds=p.seconds, noise_multiplier=noise_multiplier,
+                               sample_rate=p.sample_rate)
+
+        shared_result = as_train(shared_phase, self.noise_multiplier if cfg.privacy.enabled else 0.0)
+        head = as_train(head_phase, self.head_noise_multiplier) if head_phase is not None else None
+        return shared_result, head
 
     def final_evaluation(self, shared: dict[str, torch.Tensor], *, run_id: int = 0) -> dict[str, float]:
         """Base, shared only, personalized and (simulation) local-only on the held-out split.

@@ -1,6 +1,7 @@
 """The ``fedpersona`` console script.
 
-    fedpersona run [SCENARIO] [--set key=value ...] [-q|-v]   federated simulation (default scenario: demo)
+    fedpersona run [SCENARIO] [--set key=value ...] [-q|-v] [--engine cohort|flower]
+                                                         federated simulation (default scenario: demo)
     fedpersona generate --user "ROLE (Play)" --prompt "..."   reply in a user's voice
     fedpersona chat --state-dir S [--data-dir D] | --user "ROLE (Play)"   the assistant in the terminal, with feedback
     fedpersona bench dp-step                             DP vs non-DP step cost, side by side
@@ -44,10 +45,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         policy[k] = v
     display = make_display(quiet=args.quiet)
     if display is None:
-        metrics = run(args.scenario, _overrides(args.set), cpus=args.cpus, device_policy=policy)
+        metrics = run(args.scenario, _overrides(args.set), cpus=args.cpus, device_policy=policy, engine=args.engine)
     else:
         with display:
-            metrics = run(args.scenario, _overrides(args.set), cpus=args.cpus, device_policy=policy, progress=display)
+            metrics = run(args.scenario, _overrides(args.set), cpus=args.cpus, device_policy=policy, progress=display,
+                          engine=args.engine)
     final = metrics.get("final")
     print()
     print(f"Run '{metrics['run']}' finished in {metrics['wall_seconds']:.0f} s "
@@ -162,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("scenario", nargs="?", default="demo", help="scenario name under simulations/conf or a TOML path")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     r.add_argument("--cpus", type=int, default=None, help="CPUs for the simulation (default: all)")
+    r.add_argument("--engine", choices=["cohort", "flower"], default="cohort",
+                   help="cohort (default): each round's cohort trained together by the cohort engine below the "
+                        "ServerApp, in this process; flower: Flower's Simulation Engine (Ray), one client at a time")
     r.add_argument("--device-policy", action="append", default=[], metavar="KEY=VALUE",
                    help="a policy key every simulated device holds as its own, e.g. allow-no-dp=true for a "
                         "non-private run (README: Device policy)")

@@ -307,8 +307,12 @@ class AdaptedModel:
 
 @functools.lru_cache(maxsize=2)
 def adapted_model(path: str, adapter_cfg: AdapterConfig, seed: int) -> AdaptedModel:
-    """The process-wide adapted model for (model, adapter layout, seed); built once."""
-    base, tokenizer = load_base(path)
+    """The process-wide adapted model for (model, adapter layout, seed); built once.
+
+    Each one wraps a base of its own: peft injects its LoRA layers into the module it is given, so
+    two layouts over one base module would share (and break) each other's layers.
+    """
+    base, tokenizer = load_base.__wrapped__(path)
     model = AdaptedModel(base, tokenizer, adapter_cfg, seed=seed)
     counts = model.parameter_counts()
     logger.info(

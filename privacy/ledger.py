@@ -16,6 +16,7 @@ two from RDP and PRV (and from Google's dp_accounting).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -95,6 +96,13 @@ def _merge(history: list[list], noise_multiplier: float, sample_rate: float, num
 
 def _epsilon_of(history: list[list], delta: float, accountant: str) -> float:
     """Epsilon of a (merged) history under Opacus's accountant."""
+    return _epsilon_memo(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon_memo(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    """A pure function of its arguments, memoized: the devices of a simulation share their histories,
+    and each round asks for the same epsilon several times (plan, budget check, report)."""
     if not history:
         return 0.0  # Opacus's PRV accountant fails on an empty history, RDP returns the int 0
     if any(sigma == 0.0 for sigma, _, _ in history):
@@ -102,7 +110,7 @@ def _epsilon_of(history: list[list], delta: float, accountant: str) -> float:
     acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
     # Opacus's accountants keep their whole state in ``history``: a list of
     # (noise_multiplier, sample_rate, num_steps) tuples, one per run of identical steps.
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    acc.history = list(history)
     with warnings.catch_warnings(record=True) as caught, np.errstate(all="ignore"):
         warnings.simplefilter("always")
         eps = float(acc.get_epsilon(delta=delta))

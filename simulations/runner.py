@@ -1,9 +1,13 @@
-"""Run a scenario as a Flower simulation (Message API apps on the Simulation Engine).
+"""Run a scenario as a simulation of the real Message API apps, one simulated SuperNode per user.
 
 The scenario (a ``simulations/conf/*.toml`` file plus ``key=value`` overrides) is
-validated here, before anything starts, then handed to the ServerApp and the
-ClientApps through ``$FEDPERSONA_RUN_CONFIG`` (Ray workers inherit the
-environment). One simulated SuperNode per user.
+validated here, before anything starts. Two engines:
+
+* ``cohort`` (default): in this process, the ServerApp's round loop over an
+  :class:`~simulations.engine_grid.EngineGrid`: each round's cohort is trained in one
+  cohort-engine call, every message still goes to the real ClientApp (no Ray).
+* ``flower``: Flower's Simulation Engine (Ray); the config reaches the apps through
+  ``$FEDPERSONA_RUN_CONFIG`` (Ray workers inherit the environment).
 """
 
 from __future__ import annotations
@@ -82,19 +86,25 @@ def write_device_policies(cfg: Config, user_ids: list[str], policy: dict[str, An
             path.unlink()
 
 
+ENGINES = ("cohort", "flower")
+
+
 def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *, cpus: int | None = None,
-        device_policy: dict[str, Any] | None = None, progress=None) -> dict:
+        device_policy: dict[str, Any] | None = None, progress=None, engine: str = "cohort") -> dict:
     """Run the scenario to completion; returns the run's metrics.json content.
+
+    ``engine``: ``cohort`` (the cohort engine below the ServerApp, in this process) or
+    ``flower`` (Flower's Simulation Engine on Ray).
 
     ``device_policy``: ``policy.*`` keys every simulated device holds as its own (a
     ``policy.toml`` in its state folder; see :func:`write_device_policies`). The result has
     ``failure_count`` and ``failed_users`` (user -> error class, message and round).
     ``progress`` receives the events of :mod:`server.progress` (``simulations.progress`` displays them).
     """
-    from flwr.simulation import run_simulation
-
     from fedpersona.model import resolve_model_dir
 
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}. You passed: {engine!r}")
     flat, cfg = resolve(scenario, dict(overrides or {}))
     t_prepare = time.perf_counter()
     users = load_source(cfg.data, cfg.run.seed, on_user=timed_prepare(progress))
@@ -117,33 +127,16 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
         progress.event("prepare-end", users=len(users), source=cfg.data.source, seconds=time.perf_counter() - t_prepare)
     prepare_partitions(cfg, users)  # each simulated device reads its user's data folder (simulations/partitions.py)
     cpus = cpus or os.cpu_count() or 1
-    os.environ[CONFIG_ENV] = json.dumps(flat)
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FEDPERSONA_TORCH_THREADS", str(cpus))
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    backend_config = {
-        "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False},
-    }
-    from client.app import app as client_app
-    from server.app import make_app
-
-    server_app = make_app(progress)
-    _init_ray(cpus)
-
     metrics_path = Path(cfg.run.results_dir) / cfg.run.name / "metrics.json"
     # Rounds of an earlier invocation (a resumed run): their failures were reported by that one.
     earlier = json.loads(metrics_path.read_text()).get("rounds", []) if metrics_path.is_file() else []
     after_round = max((int(r.get("round", 0)) for r in earlier), default=0)
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc)
-    logger.info("Simulating %d users (%d per round, %d rounds) on %d CPU(s)", len(users),
-                cfg.server.clients_per_round, cfg.server.num_rounds, cpus)
-    try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(users),
-                       backend_config=backend_config)
-    finally:
-        os.environ.pop(CONFIG_ENV, None)
+    if engine == "cohort":
+        _run_cohort(flat, cfg, len(users), cpus, progress)
+    else:
+        _run_flower(flat, cfg, len(users), cpus, progress)
     if not metrics_path.is_file():
         raise RuntimeError(f"The simulation ended without writing {metrics_path}; see the log above")
     metrics = json.loads(metrics_path.read_text())
@@ -157,6 +150,52 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
                        "; ".join(f"{u}: {e}" for u, e in metrics["failed_users"].items()) or "see rounds.csv")
     metrics["wall_seconds"] = time.perf_counter() - t0
     return metrics
+
+
+def _run_cohort(flat: dict[str, Any], cfg: Config, n_users: int, cpus: int, progress) -> None:
+    """The ServerApp's round loop over an EngineGrid, in this process (no Ray, no deprecated API)."""
+    import uuid
+
+    import torch
+
+    from client.app import app as client_app
+    from server.federation import run_federation
+    from simulations.engine_grid import EngineGrid
+
+    torch.set_num_threads(max(1, cpus))
+    nodes = {100 + i: {"partition-id": i} for i in range(n_users)}  # simulated devices: data from the manifest
+    logger.info("Simulating %d users (%d per round, %d rounds) with the cohort engine in this process "
+                "(model.device = %s, %d CPU thread(s))", n_users, cfg.server.clients_per_round,
+                cfg.server.num_rounds, cfg.model.device, cpus)
+    with EngineGrid(client_app, nodes, flat, run_id=uuid.uuid4().int % 2**62) as grid:
+        run_federation(grid, cfg, progress=progress)
+    logger.info("Cohort engine: %d cohorts trained in %.1f s of engine time", grid.cohorts, grid.engine_seconds)
+
+
+def _run_flower(flat: dict[str, Any], cfg: Config, n_users: int, cpus: int, progress) -> None:
+    """Flower's Simulation Engine (Ray): one simulated SuperNode per user."""
+    from flwr.simulation import run_simulation
+
+    os.environ[CONFIG_ENV] = json.dumps(flat)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FEDPERSONA_TORCH_THREADS", str(cpus))
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    backend_config = {
+        "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False},
+    }
+    from client.app import app as client_app
+    from server.app import make_app
+
+    server_app = make_app(progress)
+    _init_ray(cpus)
+    logger.info("Simulating %d users (%d per round, %d rounds) on Flower's Simulation Engine (Ray, %d CPU(s))",
+                n_users, cfg.server.clients_per_round, cfg.server.num_rounds, cpus)
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_users,
+                       backend_config=backend_config)
+    finally:
+        os.environ.pop(CONFIG_ENV, None)
 
 
 def _init_ray(cpus: int) -> None:

@@ -16,7 +16,7 @@ from simulations.audit_experiment import AuditSettings, run_audit
 from simulations.audit_gather import build_audit
 from tests.privacy.audit_helpers import one_thread
 
-SETTINGS = AuditSettings(onerun_canaries=64, exposure_users=2, exposure_secrets=1, exposure_repeats=8, candidates=128)
+SETTINGS = AuditSettings(onerun_canaries=64, exposure_users=2, exposure_secrets=1, exposure_repeats=8, candidates=512)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""End to end through the real Flower Simulation Engine: tiny model, 4 Shakespeare users, 2 rounds, then a resume."""
+"""End to end through the real Flower Simulation Engine (`--engine flower`): tiny model, 4 Shakespeare users, 2 rounds, then a resume."""
 
 import json
 from pathlib import Path
@@ -14,7 +14,7 @@ from simulations.runner import run
 
 def test_simulation_four_users_two_rounds_then_resume(tiny_config):
     flat = dict(tiny_config, **{"eval.local-baseline": True})
-    metrics = run(None, flat, cpus=1)
+    metrics = run(None, flat, cpus=1, engine="flower")
     rounds = metrics["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert metrics["aggregation"] == "secagg+" and metrics["warnings"] == []  # secure aggregation is the default
@@ -44,7 +44,7 @@ def test_simulation_four_users_two_rounds_then_resume(tiny_config):
 
     # Resume: one more round continues from the round-2 checkpoint and composes epsilon.
     before = {u["user"]: u["epsilon"] for u in users}
-    metrics2 = run(None, dict(flat, **{"server.num-rounds": 3}), cpus=1)
+    metrics2 = run(None, dict(flat, **{"server.num-rounds": 3}), cpus=1, engine="flower")
     assert [r["round"] for r in metrics2["rounds"]] == [1, 2, 3]
     after = {u["user"]: u["epsilon"] for u in metrics2["final"]["users"]}
     assert all(after[u] >= before[u] for u in before)

@@ -1,0 +1,183 @@
+"""The cohort engine below the ServerApp: a Grid that trains a round's whole cohort in one engine call.
+
+:class:`EngineGrid` is an :class:`~simulations.inprocess.InProcessGrid`: every message still
+goes to the real ``ClientApp`` (its mods, the device's policy checks, secure-aggregation
+masking, ledger and persistence), and the replies are the ClientApp's own. Before a batch of
+``train`` messages is delivered, the grid
+
+1. builds each addressed simulated device (the very :class:`~client.device.Device` objects
+   the ClientApp's handlers use, :func:`client.app.cached_device`) and asks it to plan its
+   round (:meth:`~client.device.Device.plan_round`: its policy, budget and delta checks; a
+   device that refuses is skipped here and refuses again when its message is delivered),
+2. trains every planned device in ONE :meth:`~simulations.engine.CohortEngine.train_cohort`
+   (each job's batches and noise from the device's own :class:`~privacy.noise.NoiseSource`,
+   the CSPRNG unless a test injected a seeded one),
+3. offers each device its result (:meth:`~client.device.Device.offer_result`); the handler
+   uses it only for exactly the plan it was trained for, and otherwise trains sequentially.
+
+Other message types (key advertisement, unmasking, evaluation) pass straight through. The
+ServerApp, the strategy, secure aggregation and the audit cannot tell which path trained the
+clients. The engine has a model of its own (the devices' model carries Opacus hooks), built
+once per grid on ``model.device`` / ``model.dtype``; the clients' packed examples stay on that
+device while their device is cached.
+
+Memory: at most ``max_devices`` devices stay cached (default: two cohorts,
+:func:`client.app.limit_cached_devices`); the others live in their state folders only.
+
+    with EngineGrid(client_app, {node_id: {"partition-id": i}}, flat, run_id=7) as grid:
+        run_federation(grid, cfg)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+
+from flwr.app import Message
+
+from client import app as client_module
+from client.device import BudgetExhausted, Device, RoundPlan
+from client.policy import PolicyViolation
+from fedpersona.config import load_config
+from fedpersona.wire import unpack_shared
+from simulations.engine.jobs import ClientJob, Phase, joint_phases
+from simulations.inprocess import InProcessGrid
+
+logger = logging.getLogger(__name__)
+
+
+def _engine_model(cfg):
+    """A model of the engine's own (never the process-wide one the devices hook Opacus into)."""
+    from fedpersona.model import AdaptedModel, load_base
+
+    base, tokenizer = load_base.__wrapped__(cfg.model.path)  # a base of its own, not the process-wide one
+    return AdaptedModel(base, tokenizer, cfg.adapter, seed=cfg.run.seed)
+
+
+class EngineGrid(InProcessGrid):
+    """An in-process Grid whose ``train`` rounds run through one :class:`~simulations.engine.CohortEngine` call."""
+
+    def __init__(self, app, nodes: Mapping[int, dict], run_config: Mapping, *, run_id: int,
+                 max_devices: int | None = None, method: str = "expanded") -> None:
+        super().__init__(app, nodes, run_config, run_id=run_id)
+        self.cfg = load_config(dict(run_config), env=False)
+        if max_devices is None:
+            max_devices = max(2 * self.cfg.server.clients_per_round, 1)
+        self.max_devices = max_devices
+        self.method = method
+        self._engine = None
+        self._packed: OrderedDict[int, tuple[tuple, object]] = OrderedDict()
+        self.cohorts = 0
+        self.engine_seconds = 0.0
+        self.fallbacks = 0  # planned devices whose round the engine could not train (trained sequentially)
+
+    def __enter__(self) -> "EngineGrid":
+        super().__enter__()
+        self._saved_limit = client_module._MAX_DEVICES
+        client_module.limit_cached_devices(self.max_devices)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        client_module.release_devices(self.run_id)  # the run is over: its devices live in their stores only
+        self._packed.clear()
+        client_module.limit_cached_devices(self._saved_limit)
+        super().__exit__(*exc)
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            from simulations.engine import CohortEngine
+
+            self._engine = CohortEngine(_engine_model(self.cfg), device=self.cfg.model.device,
+                                        dtype=self.cfg.model.dtype, method=self.method)
+        return self._engine
+
+    # ------------------------------------------------------------------ Grid API
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        self._train_ahead(messages)
+        return super().push_messages(messages)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        self._train_ahead(messages)
+        return super().send_and_receive(messages, timeout=timeout)
+
+    # ------------------------------------------------------------------ the cohort
+    def device(self, node_id: int) -> Device:
+        """The node's cached Device (built when not in memory)."""
+        return client_module.cached_device(self._contexts[int(node_id)])
+
+    def _train_ahead(self, messages: list[Message]) -> None:
+        planned: list[tuple[int, Device, RoundPlan]] = []
+        n_train = sum(1 for m in messages if m.metadata.message_type == "train")
+        if n_train > self.max_devices:
+            # Planned devices would be evicted before their messages arrive: train them one by one instead.
+            logger.warning("a cohort of %d exceeds this grid's device cache (max_devices=%d): trained sequentially",
+                           n_train, self.max_devices)
+            self.fallbacks += n_train
+            return
+        for m in messages:
+            if m.metadata.message_type != "train" or m.metadata.dst_node_id not in self._contexts:
+                continue
+            try:
+                device = self.device(m.metadata.dst_node_id)
+                shared = unpack_shared(m.content)
+                plan = device.plan_round(shared, server_round=int(m.content["config"]["server-round"]),
+                                         log_refusal=False)
+            except (PolicyViolation, BudgetExhausted):
+                continue  # the handler refuses or declines when the message is delivered
+            except Exception as exc:  # noqa: BLE001 - the handler meets the same error and replies with it
+                logger.debug("node %s not planned: %s: %s", m.metadata.dst_node_id, type(exc).__name__, exc)
+                continue
+            planned.append((int(m.metadata.dst_node_id), device, plan))
+        if not planned:
+            return
+        t0 = time.perf_counter()
+        try:
+            results = self.engine.train_cohort([self._job(n, d, p) for n, d, p in planned])
+        except Exception:  # noqa: BLE001 - no result offered: every device trains its round itself
+            logger.exception("the cohort engine failed on a cohort of %d; the devices train sequentially", len(planned))
+            self.fallbacks += len(planned)
+            return
+        self.engine_seconds += time.perf_counter() - t0
+        self.cohorts += 1
+        for (_, device, plan), result in zip(planned, results):
+            device.offer_result(plan, result)
+        logger.debug("cohort engine: %d devices trained in %.2f s", len(planned), time.perf_counter() - t0)
+
+    def _job(self, node_id: int, device: Device, plan: RoundPlan) -> ClientJob:
+        cfg = device.cfg
+        p, c = cfg.privacy, cfg.client
+        src = device.noise_source
+        if device.joint:
+            phases = joint_phases(steps=plan.steps, batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
+                                  dp=p.enabled, noise_multiplier=plan.noise_multiplier,
+                                  max_grad_norm=p.max_grad_norm, noise_source=src)
+        else:
+            # As the device's own passes (client.train): the shared pass with the head off, then the head,
+            # both Poisson-sampled (the head's pass without noise unless privacy.personal-head = dp).
+            phases = (
+                Phase("shared", plan.steps, c.batch_size, c.lr, c.optimizer, p.enabled, plan.noise_multiplier,
+                      p.max_grad_norm, src, "poisson", personal_off=True),
+                Phase("personal", plan.head_steps, c.head_batch_size, c.head_lr, c.optimizer, device.head_dp,
+                      plan.head_noise_multiplier, p.max_grad_norm, src, "poisson"),
+            )
+        return ClientJob(self._examples(node_id, device), plan.shared, plan.personal, phases, client_id=device.user_id)
+
+    def _examples(self, node_id: int, device: Device):
+        """The device's training examples packed on the engine's device, kept while the device is cached."""
+        train = device.data.train
+        key = (id(device), tuple(map(id, train)))
+        hit = self._packed.get(node_id)
+        if hit is not None and hit[0] == key:
+            self._packed.move_to_end(node_id)
+            return hit[1]
+        packed = self.engine.pack(train)
+        self._packed[node_id] = (key, packed)
+        live = client_module.cached_devices(self.run_id)
+        for n in [n for n in self._packed if n not in live]:
+            del self._packed[n]  # the device was evicted: so are its packed examples
+        return packed
