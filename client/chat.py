@@ -43,7 +43,6 @@ from client.profile import compute_profile, load_profile, save_profile, system_p
 from client.store import DeviceStore
 from client.train import evaluate
 from fedpersona.config import load_config
-from fedpersona.devices import resolve_device
 from fedpersona.model import adapted_model
 
 logger = logging.getLogger(__name__)
@@ -101,9 +100,7 @@ class ChatSession:
         self.profile = profile
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.generator_seed = seed
-        self.device = resolve_device(cfg.model.device)
-        if self.device.type != "cpu":
-            model.peft.to(self.device)
+        self.device = model.device  # placed where model.device / model.dtype say (fedpersona.model.adapted_model)
         tok = model.tokenizer
         self._end = tok.convert_tokens_to_ids(IM_END)
         # A draft is one reply: it never opens another turn or ends the text before it starts.
@@ -231,7 +228,7 @@ def load_device_model(store, overrides: dict | None = None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the run's settings were warned about when it trained
         cfg = load_config(flat, env=False)
-    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
+    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)
     model.load_shared_state(shared)
     head = store.load_tensors(HEAD_FILE)
     if head is None:

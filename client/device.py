@@ -184,7 +184,8 @@ class Device:
         device is part of a simulation on this machine (default: it has no ``data-dir`` in its node
         config); only a simulated device trains the local-only baseline."""
         self.cfg = cfg
-        self.model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
+        self.model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed,
+                                   device=cfg.model.device, dtype=cfg.model.dtype)
         self.trainer = trainer_for(self.model)
         user_id, pairs, state_dir = load_pairs_for_node(cfg, node_config)
         self.store = DeviceStore(state_dir)
@@ -197,6 +198,12 @@ class Device:
         else:
             if prepared.user_id != user_id:
                 raise ValueError(f"prepared data of {prepared.user_id!r} handed to the device of {user_id!r}")
+            first = next(iter(prepared.train + prepared.held_out), None)
+            h = first.hidden if first is not None else None
+            if h is not None and (h.device, h.dtype) != (self.model.device, self.model.dtype):
+                raise ValueError(f"prepared data of {user_id!r} lives on {h.device} in {h.dtype}, the model on "
+                                 f"{self.model.device} in {self.model.dtype}: prepare it with the same "
+                                 f"model.device / model.dtype")
             _check_delta(cfg, user_id, len(prepared.train))
             self.data = prepared
         self.user_id = user_id

@@ -17,6 +17,15 @@
 * The loss is per sample (:class:`fedpersona.model.TopStack`), never the Hugging Face
   batch-token mean, which couples samples and breaks the sensitivity bound.
 * The ledger is stepped once per optimizer step with the step's (sigma, q).
+* Devices and dtypes (``model.device`` / ``model.dtype``): the model, the cached
+  examples and every batch live on the model's device; the frozen base may be
+  bfloat16, the trained LoRA tensors, their per-sample gradients, the noise and the
+  optimizer state are float32 there. A step reads back one flag (finite or not);
+  losses are read once per pass. Opacus hooks only the LoRA layers, whose inputs
+  peft casts to float32, so per-sample gradients are float32 with a bfloat16 base.
+  A pass runs with autocast off, even inside a caller's autocast: under bfloat16
+  autocast Opacus's per-sample gradients (and so the clipping) would be bfloat16, and
+  their noised sum could not be assigned to the float32 tensors' gradients.
 """
 
 from __future__ import annotations
@@ -220,42 +229,44 @@ class DPTrainer:
             self.gsm.disable_hooks()
         self.model.stack.train()  # Opacus captures activations only in training mode
         t0 = time.perf_counter()
-        losses: list[float] = []
+        losses: list[torch.Tensor] = []
         seen = 0
         empty = 0
-        for _ in range(steps):
-            step_gen = dpstep.step_generator(source)
-            if mask_gen is not None:
-                idx = (torch.rand(n, generator=mask_gen) < q).nonzero().flatten().tolist()
-            else:
-                idx = dpstep.poisson_batch(source, step_gen, n, q).tolist()
-            if sourced:
-                opt.step_gen = step_gen  # this step's noise: from the same generator, after the mask
-            opt.zero_grad(set_to_none=True)
-            if not idx:
-                empty += 1
-                if dp:
-                    for p in params:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        # Autocast off, even inside a caller's: per-sample gradients, clipping and noise in float32.
+        with torch.autocast(self.model.device.type, enabled=False):
+            for _ in range(steps):
+                step_gen = dpstep.step_generator(source)
+                if mask_gen is not None:
+                    idx = (torch.rand(n, generator=mask_gen) < q).nonzero().flatten().tolist()
+                else:
+                    idx = dpstep.poisson_batch(source, step_gen, n, q).tolist()
+                if sourced:
+                    opt.step_gen = step_gen  # this step's noise: from the same generator, after the mask
+                opt.zero_grad(set_to_none=True)
+                if not idx:
+                    empty += 1
+                    if dp:
+                        for p in params:
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                        opt.step()
+                else:
+                    hidden, labels = _batch(examples, idx)
+                    per_sample = model(hidden, labels)
+                    with warnings.catch_warnings():
+                        # Inputs are cached activations that need no gradient; Opacus's hooks still fire.
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                        per_sample.mean().backward()
                     opt.step()
-            else:
-                hidden, labels = _batch(examples, idx)
-                per_sample = model(hidden, labels)
-                with warnings.catch_warnings():
-                    # Inputs are cached activations that need no gradient; Opacus's hooks still fire.
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    per_sample.mean().backward()
-                opt.step()
-                losses.append(float(per_sample.detach().mean()))
-                seen += len(idx)
-            if dp and ledger is not None:
-                ledger.step(noise_multiplier=noise_multiplier, sample_rate=q)
-            for p in params:
-                if not torch.isfinite(p).all():
+                    losses.append(per_sample.detach().mean())  # read once after the pass (no per-step sync)
+                    seen += len(idx)
+                if dp and ledger is not None:
+                    ledger.step(noise_multiplier=noise_multiplier, sample_rate=q)
+                if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one flag per step
                     raise FloatingPointError(
                         "A trainable tensor became non-finite during DP training; the update is discarded"
                     )
         self.model.stack.eval()
+        loss_values = torch.stack(losses).tolist() if losses else []
         if dp:
             for p in self.params:
                 p.grad_sample = None
@@ -265,7 +276,7 @@ class DPTrainer:
             steps=steps,
             empty_steps=empty,
             examples_seen=seen,
-            mean_loss=sum(losses) / len(losses) if losses else math.nan,
+            mean_loss=sum(loss_values) / len(loss_values) if loss_values else math.nan,
             seconds=time.perf_counter() - t0,
             noise_multiplier=noise_multiplier if dp else 0.0,
             sample_rate=q,

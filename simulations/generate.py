@@ -1,4 +1,7 @@
-"""Write a reply in one user's voice: base model + latest shared adapter + that user's personal head."""
+"""Write a reply in one user's voice: base model + latest shared adapter + that user's personal head.
+
+The model runs where ``model.device`` / ``model.dtype`` say (:func:`fedpersona.model.adapted_model`).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ from client.store import DeviceStore
 from fedpersona.model import adapted_model
 from server.checkpoint import latest_checkpoint
 from simulations.partitions import simulated_state_dir
-from simulations.runner import resolve
 from simulations.sources import load_source
 
 
@@ -29,13 +31,15 @@ def find_user(user: str, cfg) -> str:
 def personalized_model(user: str, scenario: str | None, overrides: dict[str, Any] | None = None):
     """(config, user id, model, store, checkpoint round) of a simulated user of a run: the run's newest
     shared adapter and that user's personal head, loaded."""
+    from simulations.runner import resolve  # the runner (and Flower) only where a scenario is resolved
+
     _, cfg = resolve(scenario, dict(overrides or {}))
     user_id = find_user(user, cfg)
     run_dir = Path(cfg.run.results_dir) / cfg.run.name
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
         raise ValueError(f"No checkpoint in {run_dir / 'checkpoints'}: run `fedpersona run {scenario}` first")
-    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
+    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)
     model.load_shared_state(ckpt[1])
     store = DeviceStore(simulated_state_dir(cfg, user_id))
     head = store.load_tensors(HEAD_FILE)
@@ -43,6 +47,21 @@ def personalized_model(user: str, scenario: str | None, overrides: dict[str, Any
         raise ValueError(f"{user_id} has no personal head yet (never sampled in run '{cfg.run.name}')")
     model.load_personal_state(head)
     return cfg, user_id, model, store, ckpt[0]
+
+
+def reply(model, prompt: str, *, max_new_tokens: int = 48, temperature: float = 0.7, seed: int = 0) -> str:
+    """The model's reply to ``prompt`` (sampled with ``temperature``, greedy at 0), on the model's device."""
+    tok = model.tokenizer
+    ids = tok(format_prompt(prompt), add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.peft.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_p=0.9,
+            eos_token_id=end, pad_token_id=tok.pad_token_id,
+        )
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 def generate(
@@ -56,14 +75,4 @@ def generate(
     seed: int = 0,
 ) -> str:
     _, _, model, _, _ = personalized_model(user, scenario, overrides)
-    tok = model.tokenizer
-    ids = tok(format_prompt(prompt), add_special_tokens=False, return_tensors="pt")["input_ids"]
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model.peft.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_p=0.9,
-            eos_token_id=end, pad_token_id=tok.pad_token_id,
-        )
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return reply(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)

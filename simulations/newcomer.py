@@ -265,7 +265,7 @@ def run_bench(*, quick: bool = False, initial: bool = False, scenario: str | Non
                     raise ValueError(f"No checkpoint in {run_dir / 'checkpoints'}: run `fedpersona run {scenario}` "
                                      f"first, or pass --initial (the initial adapter) or --quick")
                 shared, source = ckpt[1], f"checkpoint round {ckpt[0]} of run '{cfg.run.name}'"
-        model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
+        model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)
         if shared is None:
             shared = model.initial_shared_state()
         users = pick_newcomers(cfg, s.newcomers)

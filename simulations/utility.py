@@ -83,7 +83,7 @@ class FederatedRun:
 # ----------------------------------------------------------------------------- population
 def population(cfg: Config, root: Path) -> list[User]:
     """The scenario's users, each with a data folder (deployment format) and its examples prepared once."""
-    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
+    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)
     users = load_source(cfg.data, cfg.run.seed)
     out = []
     for u in users:
@@ -118,7 +118,7 @@ def federate(cfg: Config, users: list[User], state_root: Path) -> FederatedRun:
                      **policy}, prepared=u.data, simulated=True)
         for u in users
     ]
-    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
+    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)
     shared = model.initial_shared_state()
     opt = ServerOptimizer(cfg.server.optimizer, cfg.server.lr)
     declined = 0
@@ -152,7 +152,7 @@ def federate(cfg: Config, users: list[User], state_root: Path) -> FederatedRun:
 
 def centralized(cfg: Config, users: list[User], *, steps: int, batch_size: int, lr: float, seed: int) -> list[dict]:
     """The same adapters trained without DP on all users' training examples pooled (the upper bound)."""
-    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
+    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)
     model.load_shared_state(model.initial_shared_state())
     model.load_personal_state(model.fresh_personal_state())
     pooled = [e for u in users for e in u.data.train]
@@ -261,7 +261,8 @@ def study(scenario: str | None = "demo", overrides: dict[str, Any] | None = None
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     users = population(base_cfg, state_root)
-    model = adapted_model(base_cfg.model.path, base_cfg.adapter, base_cfg.run.seed)
+    model = adapted_model(base_cfg.model.path, base_cfg.adapter, base_cfg.run.seed,
+                          device=base_cfg.model.device, dtype=base_cfg.model.dtype)
     base: dict[str, float] = {}
     base_acc: list[float] = []
     for u in users:
