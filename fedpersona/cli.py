@@ -45,11 +45,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         policy[k] = v
     display = make_display(quiet=args.quiet)
     if display is None:
-        metrics = run(args.scenario, _overrides(args.set), cpus=args.cpus, device_policy=policy, engine=args.engine)
+        metrics = run(args.scenario, _overrides(args.set), cpus=args.cpus, device_policy=policy, engine=args.engine,
+                      engines=args.engines)
     else:
         with display:
             metrics = run(args.scenario, _overrides(args.set), cpus=args.cpus, device_policy=policy, progress=display,
-                          engine=args.engine)
+                          engine=args.engine, engines=args.engines)
     final = metrics.get("final")
     print()
     print(f"Run '{metrics['run']}' finished in {metrics['wall_seconds']:.0f} s "
@@ -167,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--engine", choices=["cohort", "flower"], default="cohort",
                    help="cohort (default): each round's cohort trained together by the cohort engine below the "
                         "ServerApp, in this process; flower: Flower's Simulation Engine (Ray), one client at a time")
+    r.add_argument("--engines", type=int, default=1, metavar="N",
+                   help="cohort engine: split each round's cohort over N engines on Ray actors, one GPU each "
+                        "(CPU actors without CUDA); default 1: one engine in this process, no Ray")
     r.add_argument("--device-policy", action="append", default=[], metavar="KEY=VALUE",
                    help="a policy key every simulated device holds as its own, e.g. allow-no-dp=true for a "
                         "non-private run (README: Device policy)")

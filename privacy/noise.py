@@ -10,6 +10,12 @@ and torch's global generator is never used.
 Tests (never the default) may inject a seeded ``torch.Generator`` to make noise and
 batches reproducible: ``NoiseSource(generator=torch.Generator().manual_seed(0))``; such a
 source reports ``secure = False`` so that callers can refuse or flag it.
+
+Pickled (to a Ray actor of :mod:`simulations.engine.shards`, or any other process), a
+secure source arrives as a new secure source: the receiving process seeds every step's
+generator from its own ``os.urandom``; no generator state ever travels. An injected
+source travels with its generator's current state (tests compare sharded and
+in-process training with it).
 """
 
 from __future__ import annotations
@@ -29,6 +35,11 @@ class NoiseSource:
     def secure(self) -> bool:
         """True when every draw is seeded from ``os.urandom`` (the default)."""
         return self._injected is None
+
+    def __reduce__(self):
+        if self._injected is None:
+            return (NoiseSource, ())  # nothing but "secure": the receiver draws from its own CSPRNG
+        return (_injected_source, (str(self._injected.device), self._injected.get_state()))
 
     def generator(self, device: torch.device | str | None = None) -> torch.Generator:
         """A generator for one step's draws: fresh from the OS's CSPRNG, or the injected one."""
@@ -52,6 +63,13 @@ class NoiseSource:
             raise ValueError(f"Poisson sample rate must be in [0, 1]. You passed: {rate!r}")
         gen = generator if generator is not None else self.generator("cpu")
         return torch.rand(n, generator=gen) < rate
+
+
+def _injected_source(device: str, state: torch.Tensor) -> NoiseSource:
+    """An unpickled injected source: its generator at the state it was pickled with."""
+    gen = torch.Generator(device=device)
+    gen.set_state(state)
+    return NoiseSource(generator=gen)
 
 
 SECURE = NoiseSource()

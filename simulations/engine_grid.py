@@ -21,6 +21,11 @@ clients. The engine has a model of its own (the devices' model carries Opacus ho
 once per grid on ``model.device`` / ``model.dtype``; the clients' packed examples stay on that
 device while their device is cached.
 
+Past one GPU: ``engines=N`` (``fedpersona run --engines N``) splits each cohort over N
+engines on Ray actors, one per GPU (:class:`~simulations.engine.shards.ShardedEngine`); their
+results merge before any device sees them. ``engines=1`` (the default) is the in-process
+engine, and no Ray is started.
+
 Memory: at most ``max_devices`` devices stay cached (default: two cohorts,
 :func:`client.app.limit_cached_devices`); the others live in their state folders only.
 
@@ -60,9 +65,15 @@ class EngineGrid(InProcessGrid):
     """An in-process Grid whose ``train`` rounds run through one :class:`~simulations.engine.CohortEngine` call."""
 
     def __init__(self, app, nodes: Mapping[int, dict], run_config: Mapping, *, run_id: int,
-                 max_devices: int | None = None, method: str = "expanded") -> None:
+                 max_devices: int | None = None, method: str = "expanded", engines: int = 1,
+                 cpus: int | None = None) -> None:
+        from simulations.engine.shards import check_engines
+
         super().__init__(app, nodes, run_config, run_id=run_id)
         self.cfg = load_config(dict(run_config), env=False)
+        self._run_config = dict(run_config)
+        self.engines = check_engines(engines, self.cfg.server.clients_per_round)
+        self.cpus = cpus
         if max_devices is None:
             max_devices = max(2 * self.cfg.server.clients_per_round, 1)
         self.max_devices = max_devices
@@ -74,6 +85,8 @@ class EngineGrid(InProcessGrid):
         self.fallbacks = 0  # planned devices whose round the engine could not train (trained sequentially)
 
     def __enter__(self) -> "EngineGrid":
+        if self.engines > 1:
+            self.engine  # noqa: B018 - the actors build their engines while the first round is prepared
         super().__enter__()
         self._saved_limit = client_module._MAX_DEVICES
         client_module.limit_cached_devices(self.max_devices)
@@ -83,11 +96,17 @@ class EngineGrid(InProcessGrid):
         client_module.release_devices(self.run_id)  # the run is over: its devices live in their stores only
         self._packed.clear()
         client_module.limit_cached_devices(self._saved_limit)
+        if self._engine is not None and hasattr(self._engine, "close"):
+            self._engine.close()  # the sharded engine's actors (and Ray, when it started it)
         super().__exit__(*exc)
 
     @property
     def engine(self):
-        if self._engine is None:
+        if self._engine is None and self.engines > 1:
+            from simulations.engine.shards import ShardedEngine
+
+            self._engine = ShardedEngine(self._run_config, self.engines, cpus=self.cpus, method=self.method)
+        elif self._engine is None:
             from simulations.engine import CohortEngine
 
             self._engine = CohortEngine(_engine_model(self.cfg), device=self.cfg.model.device,

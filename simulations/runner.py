@@ -5,7 +5,9 @@ validated here, before anything starts. Two engines:
 
 * ``cohort`` (default): in this process, the ServerApp's round loop over an
   :class:`~simulations.engine_grid.EngineGrid`: each round's cohort is trained in one
-  cohort-engine call, every message still goes to the real ClientApp (no Ray).
+  cohort-engine call, every message still goes to the real ClientApp (no Ray). With
+  ``engines = N > 1`` each cohort is split over N engines on Ray actors, one per GPU
+  (:mod:`simulations.engine.shards`).
 * ``flower``: Flower's Simulation Engine (Ray); the config reaches the apps through
   ``$FEDPERSONA_RUN_CONFIG`` (Ray workers inherit the environment).
 """
@@ -90,11 +92,13 @@ ENGINES = ("cohort", "flower")
 
 
 def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *, cpus: int | None = None,
-        device_policy: dict[str, Any] | None = None, progress=None, engine: str = "cohort") -> dict:
+        device_policy: dict[str, Any] | None = None, progress=None, engine: str = "cohort",
+        engines: int = 1) -> dict:
     """Run the scenario to completion; returns the run's metrics.json content.
 
     ``engine``: ``cohort`` (the cohort engine below the ServerApp, in this process) or
-    ``flower`` (Flower's Simulation Engine on Ray).
+    ``flower`` (Flower's Simulation Engine on Ray). ``engines``: with ``cohort``, the number of
+    engines (Ray actors, one per GPU) a round's cohort is split over; 1 trains it in this process.
 
     ``device_policy``: ``policy.*`` keys every simulated device holds as its own (a
     ``policy.toml`` in its state folder; see :func:`write_device_policies`). The result has
@@ -106,6 +110,12 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}. You passed: {engine!r}")
     flat, cfg = resolve(scenario, dict(overrides or {}))
+    if engines != 1 and engine != "cohort":
+        raise ValueError(f"engines (--engines) splits the cohort engine's rounds; it needs engine 'cohort'. "
+                         f"You passed: --engine {engine} --engines {engines}")
+    from simulations.engine.shards import check_engines
+
+    check_engines(engines, cfg.server.clients_per_round)
     t_prepare = time.perf_counter()
     users = load_source(cfg.data, cfg.run.seed, on_user=timed_prepare(progress))
     if cfg.server.clients_per_round > len(users):
@@ -134,7 +144,7 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc)
     if engine == "cohort":
-        _run_cohort(flat, cfg, len(users), cpus, progress)
+        _run_cohort(flat, cfg, len(users), cpus, progress, engines=engines)
     else:
         _run_flower(flat, cfg, len(users), cpus, progress)
     if not metrics_path.is_file():
@@ -152,8 +162,9 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
     return metrics
 
 
-def _run_cohort(flat: dict[str, Any], cfg: Config, n_users: int, cpus: int, progress) -> None:
-    """The ServerApp's round loop over an EngineGrid, in this process (no Ray, no deprecated API)."""
+def _run_cohort(flat: dict[str, Any], cfg: Config, n_users: int, cpus: int, progress, *, engines: int = 1) -> None:
+    """The ServerApp's round loop over an EngineGrid, in this process (no deprecated API; Ray only for
+    ``engines > 1``, where the grid's sharded engine starts it and shuts it down)."""
     import uuid
 
     import torch
@@ -164,10 +175,15 @@ def _run_cohort(flat: dict[str, Any], cfg: Config, n_users: int, cpus: int, prog
 
     torch.set_num_threads(max(1, cpus))
     nodes = {100 + i: {"partition-id": i} for i in range(n_users)}  # simulated devices: data from the manifest
-    logger.info("Simulating %d users (%d per round, %d rounds) with the cohort engine in this process "
-                "(model.device = %s, %d CPU thread(s))", n_users, cfg.server.clients_per_round,
-                cfg.server.num_rounds, cfg.model.device, cpus)
-    with EngineGrid(client_app, nodes, flat, run_id=uuid.uuid4().int % 2**62) as grid:
+    if engines == 1:
+        logger.info("Simulating %d users (%d per round, %d rounds) with the cohort engine in this process "
+                    "(model.device = %s, %d CPU thread(s))", n_users, cfg.server.clients_per_round,
+                    cfg.server.num_rounds, cfg.model.device, cpus)
+    else:
+        logger.info("Simulating %d users (%d per round, %d rounds) with the cohort engine split over %d engines "
+                    "on Ray actors (model.device = %s, %d CPU(s))", n_users, cfg.server.clients_per_round,
+                    cfg.server.num_rounds, engines, cfg.model.device, cpus)
+    with EngineGrid(client_app, nodes, flat, run_id=uuid.uuid4().int % 2**62, engines=engines, cpus=cpus) as grid:
         run_federation(grid, cfg, progress=progress)
     logger.info("Cohort engine: %d cohorts trained in %.1f s of engine time", grid.cohorts, grid.engine_seconds)
 
@@ -204,16 +220,10 @@ def _init_ray(cpus: int) -> None:
     (Flower starts Ray only when it is not running yet; :func:`fedpersona.output.configure_worker`
     removes the duplicate of every Flower line in the workers: see :mod:`fedpersona.output`.)
     """
-    import sys
-
     import ray
+
+    from simulations.engine.shards import ray_runtime_env
 
     if ray.is_initialized():
         return
-    pythonpath = os.pathsep.join(sys.path)
-    if os.environ.get("PYTHONPATH"):
-        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-    os.environ["PYTHONPATH"] = pythonpath
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath},
-                          "worker_process_setup_hook": "fedpersona.output.configure_worker"},
-             num_cpus=cpus, num_gpus=0, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+    ray.init(runtime_env=ray_runtime_env(), num_cpus=cpus, num_gpus=0, include_dashboard=False, logging_level="WARNING", log_to_driver=True)

@@ -37,3 +37,24 @@ def test_poisson_mask_rate_and_bounds():
 
 def test_zero_std_gives_zeros():
     assert torch.count_nonzero(NoiseSource().normal((4, 4), std=0.0)) == 0
+
+
+def test_a_pickled_secure_source_stays_secure_and_ships_no_state():
+    import pickle
+
+    data = pickle.dumps(NoiseSource())
+    src = pickle.loads(data)
+    assert src.secure
+    assert b"torch" not in data and len(data) < 100, data  # the class reference only: no generator, no state
+    a, b = pickle.loads(data), pickle.loads(data)
+    assert not torch.equal(a.normal((64,), std=1.0), b.normal((64,), std=1.0))  # fresh os.urandom seeds
+
+
+def test_a_pickled_injected_source_continues_from_its_state():
+    import pickle
+
+    src = NoiseSource(generator=torch.Generator().manual_seed(7))
+    src.normal((5,), std=1.0)  # advance it
+    copy = pickle.loads(pickle.dumps(src))
+    assert not copy.secure and copy.generator() is not src.generator()
+    assert torch.equal(copy.normal((16,), std=1.0), src.normal((16,), std=1.0))
