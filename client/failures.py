@@ -19,12 +19,13 @@ import json
 import logging
 import os
 import re
-import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
+
+from client.node_data import context_state_dir, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -58,32 +59,15 @@ def record_failure(state_dir: str | os.PathLike, *, run_id: int, node_id: int, m
 
 def read_failures(state_dir: str | os.PathLike, *, since: datetime | None = None) -> list[dict]:
     """The device's failure lines (``[]`` if none), those at or after ``since`` when given."""
-    path = Path(state_dir) / FAILURES_FILE
-    if not path.is_file():
-        return []
-    out = []
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            when = datetime.fromisoformat(entry["time"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            logger.warning("%s line %d is not a failure entry; skipped", path, i)
-            continue
-        if since is None or when >= since:
-            out.append(entry)
-    return out
+    def keep(entry: dict) -> bool:
+        when = datetime.fromisoformat(entry["time"])
+        return since is None or when >= since
+
+    return read_jsonl(Path(state_dir) / FAILURES_FILE, keep=keep)
 
 
 def _state_dir(context: Context) -> Path:
-    from client.device import state_dir_for
-    from fedpersona.config import load_config
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the device itself warns about its settings
-        cfg = load_config(context.run_config)
-    return state_dir_for(cfg, dict(context.node_config))
+    return context_state_dir(context.run_id, context.node_id, context.run_config, context.node_config)
 
 
 def _note(message: Message, context: Context, error: str) -> None:

@@ -36,8 +36,7 @@ from pathlib import Path
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.node_data import node_data
-from fedpersona.config import load_config
+from client.node_data import context_state_dir, read_jsonl
 from fedpersona.wire import inventory
 from privacy.audit.inventory import is_masked, is_protocol_array
 
@@ -47,7 +46,6 @@ INVENTORY_FILE = "inventory.jsonl"
 INVENTORY_ENV = "FEDPERSONA_INVENTORY"
 VERSION = 1
 
-_STATE_DIRS: dict[tuple[int, int], Path] = {}
 
 
 def _value_type(value) -> str:
@@ -159,28 +157,11 @@ def append_entry(state_dir: Path, entry: dict) -> Path:
 
 def read_inventory(state_dir: str | os.PathLike) -> list[dict]:
     """Every line of a device's inventory (``[]`` if it has none); a torn last line is skipped."""
-    path = Path(state_dir) / INVENTORY_FILE
-    if not path.is_file():
-        return []
-    out = []
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            logger.warning("%s line %d is not valid JSON; skipped", path, i)
-    return out
+    return read_jsonl(Path(state_dir) / INVENTORY_FILE)
 
 
 def _state_dir(context: Context) -> Path:
-    key = (context.run_id, context.node_id)
-    if key not in _STATE_DIRS:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the device itself warns about its settings
-            cfg = load_config(context.run_config)
-        _STATE_DIRS[key] = node_data(cfg, dict(context.node_config)).state_dir
-    return _STATE_DIRS[key]
+    return context_state_dir(context.run_id, context.node_id, context.run_config, context.node_config)
 
 
 def inventory_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:

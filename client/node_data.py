@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpersona.config import Config
+from fedpersona.config import Config, load_config
 
 __all__ = ["MANIFEST_VERSION", "NodeData", "manifest_path", "node_data", "read_manifest", "slug", "write_manifest"]
 
@@ -96,3 +98,42 @@ def node_data(cfg: Config, node_config: Mapping[str, Any]) -> NodeData:
     if entry is None:
         raise ValueError(f"partition-id {pid} has no user: the simulation manifest {path} lists {len(nodes)} users")
     return NodeData(str(entry["user-id"]), Path(entry["data-dir"]), Path(entry["state-dir"]))
+
+
+_CONTEXT_STATE_DIRS: dict[tuple[int, int], Path] = {}
+
+
+def context_state_dir(run_id: int, node_id: int, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Path:
+    """The state folder of the device a ClientApp context addresses (cached per run and node)."""
+    key = (int(run_id), int(node_id))
+    if key not in _CONTEXT_STATE_DIRS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the device itself warns about its settings
+            cfg = load_config(dict(run_config))
+        _CONTEXT_STATE_DIRS[key] = node_data(cfg, dict(node_config)).state_dir
+    return _CONTEXT_STATE_DIRS[key]
+
+
+def read_jsonl(path: str | os.PathLike, *, keep=None) -> list[dict]:
+    """The JSON objects of a JSON-lines file (``[]`` if it does not exist).
+
+    A line that is not JSON (a torn last line after a crash), or that ``keep(entry)`` rejects by
+    raising ``KeyError`` / ``TypeError`` / ``ValueError``, is skipped with a warning naming the
+    file and line; ``keep`` returning False drops the entry silently.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            if keep is not None and not keep(entry):
+                continue
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            logging.getLogger(__name__).warning("%s line %d is not a valid entry; skipped", path, i)
+            continue
+        out.append(entry)
+    return out

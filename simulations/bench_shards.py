@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedpersona.model import labels_for, lower_hidden
     from simulations.engine import ClientJob, CohortEngine, joint_phases
     from simulations.engine.shards import ShardedEngine, start_ray
-    from simulations.engine_grid import _engine_model
+    from simulations.engine.engine import engine_model
 
     ap = argparse.ArgumentParser(prog="python -m simulations.bench_shards", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="model.path (a model folder)")
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     flat = {"model.path": args.model, "server.clients-per-round": args.clients, **parse_overrides(args.set)}
     cfg = load_config(flat, env=False)
     torch.set_num_threads(max(1, args.cpus // args.engines))
-    local = CohortEngine(_engine_model(cfg), device="cpu")
+    local = CohortEngine(engine_model(cfg), device="cpu")
     gen = torch.Generator().manual_seed(0)
     vocab = local.model.peft.get_input_embeddings().weight.shape[0]
     clients = []

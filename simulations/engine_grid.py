@@ -47,18 +47,11 @@ from client.device import BudgetExhausted, Device, RoundPlan
 from client.policy import PolicyViolation
 from fedpersona.config import load_config
 from fedpersona.wire import unpack_shared
+from simulations.engine.engine import engine_model
 from simulations.engine.jobs import ClientJob, Phase, joint_phases
 from simulations.inprocess import InProcessGrid
 
 logger = logging.getLogger(__name__)
-
-
-def _engine_model(cfg):
-    """A model of the engine's own (never the process-wide one the devices hook Opacus into)."""
-    from fedpersona.model import AdaptedModel, load_base
-
-    base, tokenizer = load_base.__wrapped__(cfg.model.path)  # a base of its own, not the process-wide one
-    return AdaptedModel(base, tokenizer, cfg.adapter, seed=cfg.run.seed)
 
 
 class EngineGrid(InProcessGrid):
@@ -109,7 +102,7 @@ class EngineGrid(InProcessGrid):
         elif self._engine is None:
             from simulations.engine import CohortEngine
 
-            self._engine = CohortEngine(_engine_model(self.cfg), device=self.cfg.model.device,
+            self._engine = CohortEngine(engine_model(self.cfg), device=self.cfg.model.device,
                                         dtype=self.cfg.model.dtype, method=self.method)
         return self._engine
 

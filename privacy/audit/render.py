@@ -18,18 +18,11 @@ import markupsafe
 import numpy as np
 
 from privacy.audit.mia import roc_curve
+from privacy.audit.report import _finite
 
 __all__ = ["write_report"]
 
 TEMPLATES = Path(__file__).parent / "templates"
-
-
-def _finite(x: Any) -> float | None:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 # ------------------------------------------------------------------------------------ plots

@@ -41,6 +41,14 @@ logger = logging.getLogger(__name__)
 METHODS = {"expanded": ExpandedGrad, "vmap": VmapGrad}
 
 
+def engine_model(cfg):
+    """A model of the engine's own (never the process-wide one the devices hook Opacus into)."""
+    from fedpersona.model import AdaptedModel, load_base
+
+    base, tokenizer = load_base.__wrapped__(cfg.model.path)  # a base of its own, not the process-wide one
+    return AdaptedModel(base, tokenizer, cfg.adapter, seed=cfg.run.seed)
+
+
 class CohortEngine:
     """Trains a cohort of clients on one :class:`fedpersona.model.AdaptedModel` (placed on the device once)."""
 

@@ -187,12 +187,12 @@ class ShardWorker:
                  method: str = "expanded") -> None:
         from fedpersona.config import load_config
         from simulations.engine import CohortEngine
-        from simulations.engine_grid import _engine_model
+        from simulations.engine.engine import engine_model
 
         if threads:
             torch.set_num_threads(threads)
         cfg = load_config(dict(run_config), env=False)
-        self.engine = CohortEngine(_engine_model(cfg), device=device, dtype=cfg.model.dtype, method=method)
+        self.engine = CohortEngine(engine_model(cfg), device=device, dtype=cfg.model.dtype, method=method)
         self.examples: dict[int, object] = {}
 
     def ready(self) -> str:

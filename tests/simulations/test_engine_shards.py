@@ -15,7 +15,8 @@ from client.store import DeviceStore
 from server.federation import run_federation
 from simulations.engine import ClientJob, CohortEngine, split_phases
 from simulations.engine.shards import ShardedEngine, check_engines, split_shards, start_ray
-from simulations.engine_grid import EngineGrid, _engine_model
+from simulations.engine.engine import engine_model
+from simulations.engine_grid import EngineGrid
 from simulations.partitions import simulated_state_dir
 from simulations.runner import resolve, run
 from tests.simulations.engine_helpers import examples, random_states, source
@@ -83,7 +84,7 @@ def test_sharded_engine_equals_one_engine(tiny_config, ray_session):
     """5 clients of different sizes, split phases with a DP head, two rounds: the same tensors, ledgers and
     source states as one in-process engine, results in the jobs' order, examples sent to the actors once."""
     flat, cfg = resolve(None, dict(tiny_config, **{"server.clients-per-round": 5}))
-    local = CohortEngine(_engine_model(cfg), device="cpu")
+    local = CohortEngine(engine_model(cfg), device="cpu")
     clients = [(examples(local.model, n, seed=10 + c), *random_states(local.model, seed=20 + c))
                for c, n in enumerate(SIZES)]
 
