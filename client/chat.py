@@ -140,8 +140,8 @@ class ChatSession:
         ids = torch.tensor([self.context_ids(turns, message)], dtype=torch.long, device=self.device)
         tok = self.model.tokenizer
         sample = self.temperature > 0
-        out = self.model.peft.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
+        out = self.model.generate(  # a prompt head: its prefix runs at the cache boundary (fedpersona.model)
+            ids, max_new_tokens=self.max_new_tokens,
             min_new_tokens=1, suppress_tokens=self._suppress or None, repetition_penalty=REPETITION_PENALTY,
             do_sample=sample, temperature=self.temperature if sample else None, top_p=0.9 if sample else None,
             eos_token_id=self._end, pad_token_id=tok.pad_token_id,

@@ -2,7 +2,8 @@
 
 The device keeps, in its own state folder (never in a message):
 
-* ``personal`` — the personal head (tensors of the personal adapter),
+* ``personal`` — the personal head (tensors of the personal adapter, or the soft prompt's offset
+  with ``adapter.head = prompt``),
 * ``ledger`` — the privacy ledger: every DP-SGD step of the released (shared) pass,
 * ``ledger-head`` — with ``privacy.personal-head = dp``: the head's DP-SGD steps,
 * ``participation`` — the rounds it trained in and their step counts (what the

@@ -5,9 +5,14 @@
   device) or ``"all"``. The other group is frozen for the pass (no gradient, no
   per-sample gradient, not in the optimizer), so its tensors cannot move.
 * :func:`train_shared` is the round's released pass: the shared group only, with
-  the personal head switched off (zeroed), so the released update never depends
-  on what the head holds (joint DP). :func:`train_head` then trains the head on
-  top of the new shared adapter, without noise unless asked.
+  the personal head switched off (a LoRA head zeroed, a soft prompt not prepended at
+  all), so the released update never depends on what the head holds (joint DP).
+  :func:`train_head` then trains the head on top of the new shared adapter, without
+  noise unless asked.
+* A soft-prompt head (``adapter.head = "prompt"``, :class:`fedpersona.model.PromptHead`)
+  gets its per-sample gradients from :func:`_prompt_grad_sample`, registered with Opacus:
+  the gradient of the prompt module's output at the prefix positions, per sample (times
+  the prefix's fixed per-position scale).
 
 * Poisson sampling: every example joins a step's batch independently with
   probability ``q = batch_size / n`` (the sampling the RDP/PRV accountants assume).
@@ -112,6 +117,29 @@ def _batch(examples: Sequence[CachedExample], idx: list[int]) -> tuple[torch.Ten
 GROUPS = ("all", "shared", "personal")
 
 
+def _prompt_grad_sample(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor):
+    """Per-sample gradient of :class:`fedpersona.model.PromptHead`'s trainable offset.
+
+    The module's output is ``cat([anchor + scale * prompt expanded over the batch, hidden], dim=1)``, so
+    sample i's gradient of ``prompt`` is ``scale`` times the gradient of its output at the first P
+    positions (``backprops`` is already scaled by Opacus for the ``mean`` loss reduction).
+    """
+    prompt = layer.prompt
+    if not prompt.requires_grad:
+        return {}
+    return {prompt: backprops[:, : prompt.shape[0]].to(prompt.dtype) * layer.scale}
+
+
+def _register_prompt_grad_sampler() -> None:
+    from opacus.grad_sample import register_grad_sampler
+    from opacus.grad_sample.grad_sample_module import GradSampleModule
+
+    from fedpersona.model import PromptHead
+
+    if GradSampleModule.GRAD_SAMPLERS.get(PromptHead) is not _prompt_grad_sample:
+        register_grad_sampler(PromptHead)(_prompt_grad_sample)
+
+
 def _group_grad_sample_module(stack: nn.Module):
     """Opacus's GradSampleModule, built once, for passes that freeze one parameter group.
 
@@ -121,6 +149,8 @@ def _group_grad_sample_module(stack: nn.Module):
     """
     from opacus import GradSampleModule
     from opacus.utils.module_utils import requires_grad
+
+    _register_prompt_grad_sampler()  # before the hooks are added: a soft prompt's own grad sampler
 
     class GroupGradSampleModule(GradSampleModule):
         def capture_backprops_hook(self, module, *args, **kwargs):
@@ -183,7 +213,7 @@ class DPTrainer:
         if params is None:
             train_params = self.groups[group]
         else:
-            named = dict(self.model.peft.named_parameters())
+            named = self.model.named_trainable()
             unknown = [p for p in params if p not in named or all(named[p] is not t for t in self.params)]
             if unknown or not params:
                 raise ValueError(f"params must name trainable adapter tensors. You passed: {list(params)[:3]}")
@@ -286,9 +316,10 @@ class DPTrainer:
 def train_shared(trainer: DPTrainer, examples: Sequence[CachedExample], **kw) -> TrainResult:
     """The released pass: the shared group only, with the personal head switched off.
 
-    The head's tensors are zeroed for the pass (its LoRA B = 0: it adds exactly nothing
-    to any activation), so neither the forward pass nor a gradient of the shared tensors
-    depends on what the head holds; the head is restored afterwards, untouched.
+    A LoRA head's tensors are zeroed for the pass (its LoRA B = 0: it adds exactly nothing
+    to any activation); a soft prompt is not prepended at all. So neither the forward pass
+    nor a gradient of the shared tensors depends on what the head holds; the head is
+    restored afterwards, untouched.
     """
     if trainer.model.layout.split == "fedsa":
         raise ValueError(

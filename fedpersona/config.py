@@ -31,6 +31,7 @@ SERVER_OPTIMIZERS = ("fedavg", "fedadam")
 CLIENT_OPTIMIZERS = ("sgd", "adam")
 ACCOUNTANTS = ("rdp", "prv")
 PERSONAL_HEADS = ("local", "dp")
+HEADS = ("lora", "prompt")
 MODEL_DTYPES = ("float32", "bfloat16")
 SHAKESPEARE = "shakespeare"
 #: Deprecated config keys -> the keys that replaced them (accepted with a warning).
@@ -135,10 +136,23 @@ class AdapterConfig:
     layers: int = 2
     personal_layers: int = 1
     targets: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "down_proj")
+    #: ``lora``: a personal LoRA adapter on the top ``personal_layers`` blocks; ``prompt``: a per-user
+    #: soft prompt of ``prompt_tokens`` vectors prepended to the hidden states entering the first adapted block.
+    head: str = "lora"
+    prompt_tokens: int = 8
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
             raise _bad("adapter.split", self.split, f"must be one of {SPLITS}")
+        if self.head not in HEADS:
+            raise _bad("adapter.head", self.head, f"must be one of {HEADS} (lora: a personal LoRA adapter on the top "
+                       "adapter.personal-layers blocks; prompt: a per-user soft prompt at the cached lower blocks' output)")
+        if self.prompt_tokens < 1:
+            raise _bad("adapter.prompt-tokens", self.prompt_tokens, "must be at least 1 (the soft prompt's length)")
+        if self.head == "prompt" and self.split == "fedsa":
+            raise _bad("adapter.head", self.head,
+                       "adapter.split = 'fedsa' keeps the personal part (B) inside the shared adapter, so it has no "
+                       "separate head to replace by a prompt: use adapter.split = 'ffa' or 'fedper' with a prompt head")
         if self.rank < 1:
             raise _bad("adapter.rank", self.rank, "must be at least 1")
         if self.alpha <= 0:
@@ -147,13 +161,13 @@ class AdapterConfig:
             raise _bad("adapter.layers", self.layers, "must be at least 1")
         if self.personal_layers < 1:
             raise _bad("adapter.personal-layers", self.personal_layers, "must be at least 1")
-        if self.split == "fedper" and self.personal_layers >= self.layers:
+        if self.head == "lora" and self.split == "fedper" and self.personal_layers >= self.layers:
             raise _bad(
                 "adapter.personal-layers",
                 self.personal_layers,
                 f"with split 'fedper' the personal top blocks must be fewer than adapter.layers={self.layers}",
             )
-        if self.split != "fedsa" and self.personal_layers > self.layers:
+        if self.head == "lora" and self.split != "fedsa" and self.personal_layers > self.layers:
             raise _bad("adapter.personal-layers", self.personal_layers, f"must be at most adapter.layers={self.layers}")
         if not self.targets:
             raise _bad("adapter.targets", self.targets, "must name at least one module")

@@ -19,6 +19,12 @@ Client and server both use this module:
   frozen lower blocks produced once per example (:func:`lower_hidden`), and
   returns a per-sample loss (mean over each sample's target tokens), so that
   DP-SGD's per-sample clipping sees independent samples.
+* ``adapter.head``: the personal head is a LoRA adapter on the top
+  ``adapter.personal-layers`` blocks (``lora``), or a per-user soft prompt
+  (``prompt``, :class:`PromptHead`): ``adapter.prompt-tokens`` float32 vectors prepended
+  to the hidden states *entering the first adapted block*. The prefix sits at the cache
+  boundary, so the cached lower-block activations stay valid (a prompt at the input
+  embeddings would change every lower block's output and force recomputing them each step).
 """
 
 from __future__ import annotations
@@ -51,6 +57,10 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHARED = "shared"
 PERSONAL = "personal"
 IGNORE = -100
+#: The name of the soft prompt (``adapter.head = "prompt"``) in the personal state.
+PROMPT = "personal.prompt"
+#: Where a fresh soft prompt starts: the hidden states of this text's first tokens (a system turn).
+ANCHOR_TEXT = "<|im_start|>system\nYou are a helpful assistant. You answer in the voice of the user you write for."
 
 
 def cache_root() -> Path:
@@ -154,6 +164,41 @@ def _seeded_uniform_(tensor: torch.Tensor, seed: int, name: str) -> None:
         tensor.copy_(torch.empty(tensor.shape).uniform_(-bound, bound, generator=gen))
 
 
+class PromptHead(nn.Module):
+    """A per-user soft prompt: ``P`` vectors in hidden space, prepended at the cache boundary.
+
+    The prefix is ``anchor + scale * prompt``: ``anchor`` ``[P, D]`` is the frozen lower blocks' output
+    for the first P tokens of :data:`ANCHOR_TEXT` (public: the same on every device of the run),
+    ``scale`` ``[P, 1]`` its RMS per position, and ``prompt`` the trainable float32 offset (the
+    personal state), zero for a fresh head. So a fresh head is a plain text prefix (hidden states the
+    top blocks have seen), and the head's learning rate is relative to the hidden states' own scale
+    (they are ~20 per coordinate at SmolLM2's cache boundary, ~1000 at an attention-sink position).
+
+    ``forward(hidden)`` prepends the same prefix to every sample: ``[B, T, D] -> [B, P + T, D]`` (in
+    ``hidden``'s dtype). Its per-sample gradient is ``scale`` times the gradient of the output at the
+    prefix positions (registered with Opacus in :mod:`client.train`).
+    """
+
+    def __init__(self, anchor: torch.Tensor) -> None:
+        super().__init__()
+        anchor = anchor.detach().to(torch.float32)
+        self.register_buffer("anchor", anchor.clone())
+        self.register_buffer("scale", anchor.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-3))
+        self.prompt = nn.Parameter(torch.zeros_like(anchor))
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt.shape[0]
+
+    def vectors(self) -> torch.Tensor:
+        """The prefix in hidden space ``[P, D]`` (float32)."""
+        return self.anchor + self.scale * self.prompt
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        prefix = self.vectors().to(hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
+        return torch.cat([prefix, hidden], dim=1)
+
+
 @dataclass(frozen=True)
 class SplitLayout:
     """Which blocks carry which adapter, and which tensors are shared or personal."""
@@ -163,6 +208,7 @@ class SplitLayout:
     first_layer: int
     shared_layers: tuple[int, ...]
     personal_layers: tuple[int, ...]
+    head: str = "lora"
 
     @classmethod
     def from_config(cls, cfg: AdapterConfig, num_layers: int) -> SplitLayout:
@@ -172,6 +218,12 @@ class SplitLayout:
                 f"You passed: {cfg.layers}"
             )
         top = tuple(range(num_layers - cfg.layers, num_layers))
+        if cfg.head == "prompt":
+            if cfg.split == "fedsa":
+                raise ValueError("Invalid config value for 'adapter.head': a prompt head needs adapter.split "
+                                 "'ffa' or 'fedper' (fedsa keeps B personal). You passed: 'prompt'")
+            # No personal LoRA: the shared adapter covers every adapted block, the head is the prompt.
+            return cls(cfg.split, num_layers, top[0], top, (), "prompt")
         if cfg.split == "ffa":
             return cls("ffa", num_layers, top[0], top, top[-cfg.personal_layers :])
         if cfg.split == "fedsa":
@@ -228,20 +280,41 @@ class AdaptedModel:
             if role is None:
                 p.requires_grad_(False)
                 continue
-            if ".lora_A." in name and f".{SHARED}." in name:
+            if ".lora_A." in name:
+                # Shared and personal A from (seed, name): every model built for a run starts from the
+                # same public initialisation (peft would draw the personal A from torch's global generator).
                 _seeded_uniform_(p, seed, name)
             {SHARED: self.shared_names, PERSONAL: self.personal_names, "frozen": self.frozen_lora_names}[
                 role
             ].append(name)
             p.requires_grad_(role != "frozen")
+        prompt = None
+        if self.layout.head == "prompt":
+            prompt = PromptHead(self._anchor(cfg.prompt_tokens))
+            self.personal_names.append(PROMPT)
         overlap = set(self.shared_names) & set(self.personal_names)
         if overlap or not self.shared_names or not self.personal_names:
             raise RuntimeError(f"Broken shared/personal split: overlap={sorted(overlap)[:3]}")
-        self._params = dict(self.peft.named_parameters())
+        self.stack = TopStack(self.peft.base_model.model, self.layout.first_layer, prompt=prompt)
+        self._params = self._named_params()
         self.seed = seed
         self._personal_init = {n: self._params[n].detach().clone() for n in self.personal_names}
         self._shared_init = {n: self._params[n].detach().clone() for n in self.shared_names}
-        self.stack = TopStack(self.peft.base_model.model, self.layout.first_layer)
+
+    def _anchor(self, tokens: int) -> torch.Tensor:
+        """The frozen lower blocks' output for the first ``tokens`` tokens of :data:`ANCHOR_TEXT` (repeated
+        as needed): where a fresh soft prompt sits. Deterministic and public (the base model and the text)."""
+        ids = list(self.tokenizer(ANCHOR_TEXT, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise ValueError("The tokenizer gives no tokens for the soft prompt's anchor text")
+        ids = (ids * (tokens // len(ids) + 1))[:tokens]
+        return lower_hidden(self, [ids])[0].to("cpu", torch.float32)
+
+    def _named_params(self) -> dict[str, nn.Parameter]:
+        params = dict(self.peft.named_parameters())
+        if self.stack.prompt is not None:
+            params[PROMPT] = self.stack.prompt.prompt
+        return params
 
     # ---------------------------------------------------------------- state
     @property
@@ -257,7 +330,18 @@ class AdaptedModel:
     def place(self, device: torch.device, dtype: torch.dtype) -> None:
         """Move the model to ``device``: the frozen base in ``dtype``, the LoRA tensors float32."""
         place_model(self.peft, device=device, dtype=dtype)
-        self._params = dict(self.peft.named_parameters())
+        if self.stack.prompt is not None:
+            self.stack.prompt.to(device=device, dtype=torch.float32)  # the prompt stays float32, like the LoRA tensors
+        self._params = self._named_params()
+
+    @property
+    def head(self) -> str:
+        """``adapter.head``: ``lora`` or ``prompt``."""
+        return self.layout.head
+
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        """The trained tensors by name: shared, then personal (the prompt, with a prompt head)."""
+        return {n: self._params[n] for n in self.shared_names + self.personal_names}
 
     def _state(self, names: list[str]) -> dict[str, torch.Tensor]:
         return {n: self._params[n].detach().to("cpu", torch.float32, copy=True) for n in names}
@@ -312,13 +396,20 @@ class AdaptedModel:
 
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
-        """The plain base model (every adapter off)."""
-        with self.peft.disable_adapter():
+        """The plain base model (every adapter off, no prompt)."""
+        with self.peft.disable_adapter(), self.stack.prompt_off():
             yield
 
     @contextlib.contextmanager
     def personal_zeroed(self) -> Iterator[None]:
-        """Shared adapter alone: the personal contribution zeroed (B = 0 or the head switched off)."""
+        """Shared adapter alone: the personal contribution zeroed (B = 0 or the head switched off).
+
+        A prompt head is switched off: no prefix at all (a zero prefix would still take attention).
+        """
+        if self.stack.prompt is not None:
+            with self.stack.prompt_off():
+                yield
+            return
         with torch.no_grad():
             saved = {n: self._params[n].detach().clone() for n in self.personal_names}  # stays on the device
             for n in self.personal_names:
@@ -329,6 +420,81 @@ class AdaptedModel:
             with torch.no_grad():
                 for n in self.personal_names:
                     self._params[n].copy_(saved[n])
+
+    # ------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Continue ``input_ids`` ``[B, T]`` (unpadded) with the model as it stands; returns ``[B, T + new]``.
+
+        A LoRA head (or the prompt switched off): Hugging Face ``generate`` of the peft model with the
+        keyword arguments as given. An active prompt head: :meth:`_generate_with_prefix`, which runs
+        the prefix at the cache boundary on every step.
+        """
+        if self.stack.prompt is None or not self.stack.prompt_enabled:
+            return self.peft.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+        return self._generate_with_prefix(input_ids, **kwargs)
+
+    def next_token_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``[B, vocab]`` at the last position: the frozen lower blocks, then :class:`TopStack`."""
+        inner = self.peft.base_model.model.model
+        hidden = _run_layers(list(inner.layers)[: self.layout.first_layer], inner.rotary_emb,
+                             inner.embed_tokens(input_ids))
+        return self.stack.lm_head(self.stack.hidden(hidden)[:, -1]).float()
+
+    def _generate_with_prefix(self, input_ids: torch.Tensor, *, max_new_tokens: int = 20, min_new_tokens: int = 0,
+                              do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
+                              top_k: int | None = None, eos_token_id: int | None = None,
+                              pad_token_id: int | None = None, repetition_penalty: float | None = None,
+                              suppress_tokens: Sequence[int] | None = None) -> torch.Tensor:
+        """Sampling or greedy decoding with the soft prompt, a full forward per new token (no KV cache).
+
+        The lower blocks are recomputed on the whole sequence at each step (replies are short: at most
+        ``max_new_tokens`` forwards of at most ``seq-len + max_new_tokens`` tokens). The logits go through
+        transformers' processors in ``generate``'s order: repetition penalty, minimum length, suppressed
+        tokens, then temperature, top-k and top-p; sampling uses torch's global generator, as ``generate``.
+        """
+        from transformers.generation.logits_process import (
+            LogitsProcessorList,
+            MinNewTokensLengthLogitsProcessor,
+            RepetitionPenaltyLogitsProcessor,
+            SuppressTokensLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        device = input_ids.device
+        procs = LogitsProcessorList()
+        if repetition_penalty is not None and repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(penalty=repetition_penalty))
+        if min_new_tokens and eos_token_id is not None:
+            procs.append(MinNewTokensLengthLogitsProcessor(input_ids.shape[1], min_new_tokens, eos_token_id,
+                                                           device=device))
+        if suppress_tokens:
+            procs.append(SuppressTokensLogitsProcessor(list(suppress_tokens), device=device))
+        if do_sample:
+            if temperature is not None and temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                procs.append(TopKLogitsWarper(top_k))
+            if top_p is not None and top_p < 1.0:
+                procs.append(TopPLogitsWarper(top_p))
+        ids = input_ids
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+        pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+        for _ in range(max_new_tokens):
+            scores = procs(ids, self.next_token_logits(ids))
+            if do_sample:
+                nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                nxt = scores.argmax(dim=-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if eos_token_id is not None:
+                done = done | (nxt == eos_token_id)
+                if bool(done.all()):
+                    break
+        return ids
 
 
 def adapted_model(path: str, adapter_cfg: AdapterConfig, seed: int, *, device: str = "cpu",
@@ -356,9 +522,10 @@ def _adapted_model(path: str, adapter_cfg: AdapterConfig, seed: int, device: str
     model.place(torch.device(device), resolve_dtype(dtype))
     counts = model.parameter_counts()
     logger.info(
-        "Adapters (%s, rank %d, top %d blocks): shared %d trainable params, personal %d, frozen LoRA %d; "
+        "Adapters (%s, rank %d, top %d blocks): shared %d trainable params, personal %d (%s), frozen LoRA %d; "
         "model on %s, base %s, adapters float32",
         adapter_cfg.split, adapter_cfg.rank, adapter_cfg.layers, counts["shared"], counts["personal"],
+        f"soft prompt of {adapter_cfg.prompt_tokens} tokens" if model.head == "prompt" else "LoRA head",
         counts["frozen_lora"], device, dtype,
     )
     return model
@@ -381,18 +548,40 @@ class TopStack(nn.Module):
     over that sample's target positions (``labels != -100``). Logits are computed
     only at target positions. Attention is causal and batches are right-padded, so
     padding never influences a real position.
+
+    With a soft prompt (``prompt``, switched on): the prompt's P vectors are prepended to
+    every sample before the first adapted block, at positions 0..P-1 (the real tokens
+    move to P..P+T-1; rotary attention depends on relative positions only, so the real
+    tokens' positions relative to each other are unchanged). Causal attention lets every
+    real token attend to the whole prefix; the prefix positions' outputs are dropped
+    after the last block, so they never carry a label and ``labels`` stay aligned with
+    the real tokens. Switched off (:meth:`prompt_off`), the prompt is not used at all.
     """
 
-    def __init__(self, causal_lm: nn.Module, first_layer: int) -> None:
+    def __init__(self, causal_lm: nn.Module, first_layer: int, *, prompt: PromptHead | None = None) -> None:
         super().__init__()
         inner = causal_lm.model
         self.layers = nn.ModuleList(list(inner.layers)[first_layer:])
         self.norm = inner.norm
         self.rotary_emb = inner.rotary_emb
         self.lm_head = causal_lm.lm_head
+        self.prompt = prompt
+        self.prompt_enabled = prompt is not None
+
+    @contextlib.contextmanager
+    def prompt_off(self) -> Iterator[None]:
+        """No prefix for the duration (a no-op without a prompt)."""
+        was, self.prompt_enabled = self.prompt_enabled, False
+        try:
+            yield
+        finally:
+            self.prompt_enabled = was
 
     def hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.norm(_run_layers(self.layers, self.rotary_emb, hidden))
+        if self.prompt is None or not self.prompt_enabled:
+            return self.norm(_run_layers(self.layers, self.rotary_emb, hidden))
+        out = _run_layers(self.layers, self.rotary_emb, self.prompt(hidden))
+        return self.norm(out[:, self.prompt.tokens :])
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         h = self.hidden(hidden)

@@ -82,9 +82,9 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
     p = cfg.privacy
     log(
         INFO,
-        "fedpersona run '%s': split %s, shared %d params, personal %d params (never sent); "
+        "fedpersona run '%s': split %s, head %s, shared %d params, personal %d params (never sent); "
         "DP-SGD %s (target epsilon %.2f, delta %g, clip %.2f, accountant %s); aggregation: %s",
-        cfg.run.name, cfg.adapter.split, counts["shared"], counts["personal"],
+        cfg.run.name, cfg.adapter.split, cfg.adapter.head, counts["shared"], counts["personal"],
         "ON" if p.enabled else "OFF", p.target_epsilon, p.delta, p.max_grad_norm, p.accountant, aggregator.name,
     )
     run_warnings: list[str] = []

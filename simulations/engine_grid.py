@@ -76,6 +76,7 @@ class EngineGrid(InProcessGrid):
         self.cohorts = 0
         self.engine_seconds = 0.0
         self.fallbacks = 0  # planned devices whose round the engine could not train (trained sequentially)
+        self._head_fallback_logged = False
 
     def __enter__(self) -> "EngineGrid":
         if self.engines > 1:
@@ -125,6 +126,14 @@ class EngineGrid(InProcessGrid):
     def _train_ahead(self, messages: list[Message]) -> None:
         planned: list[tuple[int, Device, RoundPlan]] = []
         n_train = sum(1 for m in messages if m.metadata.message_type == "train")
+        if n_train and self.cfg.adapter.head != "lora":
+            # The engine trains LoRA heads only: each device trains its round itself (client.train).
+            if not self._head_fallback_logged:
+                logger.warning("adapter.head = %r: the cohort engine trains LoRA heads only; every device trains its "
+                               "round sequentially (client.train)", self.cfg.adapter.head)
+                self._head_fallback_logged = True
+            self.fallbacks += n_train
+            return
         if n_train > self.max_devices:
             # Planned devices would be evicted before their messages arrive: train them one by one instead.
             logger.warning("a cohort of %d exceeds this grid's device cache (max_devices=%d): trained sequentially",

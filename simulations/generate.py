@@ -1,6 +1,9 @@
 """Write a reply in one user's voice: base model + latest shared adapter + that user's personal head.
 
 The model runs where ``model.device`` / ``model.dtype`` say (:func:`fedpersona.model.adapted_model`).
+With ``adapter.head = "prompt"`` the user's soft prompt is prepended at the first adapted block on
+every decoding step (:meth:`fedpersona.model.AdaptedModel.generate`: a full forward per new token,
+without a KV cache).
 """
 
 from __future__ import annotations
@@ -56,8 +59,8 @@ def reply(model, prompt: str, *, max_new_tokens: int = 48, temperature: float = 
     end = tok.convert_tokens_to_ids("<|im_end|>")
     torch.manual_seed(seed)
     with torch.no_grad():
-        out = model.peft.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+        out = model.generate(  # a prompt head: its prefix runs at the cache boundary (fedpersona.model)
+            ids, max_new_tokens=max_new_tokens,
             do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_p=0.9,
             eos_token_id=end, pad_token_id=tok.pad_token_id,
         )

@@ -108,7 +108,7 @@ def pick_newcomers(cfg: Config, count: int) -> list[Newcomer]:
 @contextlib.contextmanager
 def _only(model: AdaptedModel, names: list[str]):
     """Only these adapter tensors get gradients; the rest are frozen for the duration."""
-    params = dict(model.peft.named_parameters())
+    params = model.named_trainable()
     trainable = model.shared_names + model.personal_names
     before = {n: params[n].requires_grad for n in trainable}
     trainer = getattr(model, "_dp_trainer", None)

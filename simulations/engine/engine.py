@@ -54,6 +54,9 @@ class CohortEngine:
 
     def __init__(self, model, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32",
                  ce_budget: int = 1 << 26, token_budget: int | None = None, method: str = "expanded") -> None:
+        if getattr(model, "head", "lora") != "lora":
+            raise ValueError("The cohort engine trains LoRA heads only; a soft-prompt head (adapter.head = 'prompt') "
+                             f"trains on its device (client.train). You passed: adapter.head = {model.head!r}")
         self.model = model
         self._check_hooks()
         self.device = device if isinstance(device, torch.device) else resolve_device(device)

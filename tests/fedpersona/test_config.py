@@ -114,6 +114,29 @@ def test_personal_head_keys():
     assert load_config({"adapter.split": "fedsa", "privacy.personal-head": "dp"}, env=False).adapter.split == "fedsa"
 
 
+def test_head_keys():
+    cfg = load_config({}, env=False)
+    assert cfg.adapter.head == "lora" and cfg.adapter.prompt_tokens == 8
+    cfg = load_config({"adapter.head": "prompt", "adapter.prompt-tokens": 4}, env=False)
+    assert cfg.adapter.head == "prompt" and cfg.adapter.prompt_tokens == 4
+    assert load_config(cfg.to_flat(), env=False) == cfg
+    with pytest.raises(ValueError, match="'adapter.head'.*You passed: 'prefix'"):
+        load_config({"adapter.head": "prefix"}, env=False)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match=f"'adapter.prompt-tokens'.*You passed: {bad}"):
+            load_config({"adapter.head": "prompt", "adapter.prompt-tokens": bad}, env=False)
+    with pytest.raises(ValueError, match="'adapter.prompt-tokens'.*must be an integer"):
+        load_config({"adapter.prompt-tokens": 2.5}, env=False)
+    for head_mode in ("dp", "local"):
+        with pytest.raises(ValueError, match="'adapter.head'.*fedsa.*You passed: 'prompt'"):
+            load_config({"adapter.head": "prompt", "adapter.split": "fedsa", "privacy.personal-head": head_mode},
+                        env=False)
+    # A prompt head has no personal blocks: fedper's body/head block count does not apply to it.
+    cfg = load_config({"adapter.head": "prompt", "adapter.split": "fedper", "adapter.layers": 2,
+                       "adapter.personal-layers": 2}, env=False)
+    assert cfg.adapter.split == "fedper"
+
+
 def test_model_device_and_dtype_keys():
     from fedpersona.config import load_config
 

@@ -245,3 +245,58 @@ def test_a_cohort_larger_than_the_device_cache_trains_sequentially(tiny_config, 
     assert grid.cohorts == 0 and grid.fallbacks == 3
     assert metrics["rounds"][0]["contributors"] == 3 and metrics["rounds"][0]["applied"]
     assert "exceeds this grid's device cache" in caplog.text
+
+
+def test_a_prompt_head_trains_sequentially_below_the_engine_grid(tiny_config, tmp_path, caplog):
+    """The cohort engine trains LoRA heads only: with adapter.head = prompt every device trains its own round
+    (one log line, no error), and the result is the sequential grid's."""
+    over = {"adapter.head": "prompt", "adapter.prompt-tokens": 2, "eval.local-baseline": False,
+            "eval.per-round": False}
+    m_seq, cfg_seq, users, _ = _federate(InProcessGrid, tiny_config, tmp_path / "seq", **over)
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    m_eng, cfg_eng, _, grid = _federate(EngineGrid, tiny_config, tmp_path / "eng", **over)
+    assert grid.cohorts == 0 and grid.fallbacks == 6  # 2 rounds x 3 devices
+    lines = [r.getMessage() for r in caplog.records if "trains LoRA heads only" in r.getMessage()]
+    assert len(lines) == 1 and "adapter.head = 'prompt'" in lines[0]
+    assert grid._engine is None, "no engine model is built"
+    assert [r["contributors"] for r in m_eng["rounds"]] == [r["contributors"] for r in m_seq["rounds"]] == [3, 3]
+    a, b = _final_shared(cfg_seq), _final_shared(cfg_eng)
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-5)  # up to the secure sum's quantization
+    heads = 0
+    for u in users:
+        h_seq = DeviceStore(simulated_state_dir(cfg_seq, u.user_id)).load_tensors("personal")
+        h_eng = DeviceStore(simulated_state_dir(cfg_eng, u.user_id)).load_tensors("personal")
+        assert (h_seq is None) == (h_eng is None)
+        if h_seq is not None:
+            heads += 1
+            assert list(h_seq) == ["personal.prompt"]
+            torch.testing.assert_close(h_eng["personal.prompt"], h_seq["personal.prompt"], rtol=1e-4, atol=1e-5)
+    assert heads >= 3
+
+
+def test_cli_run_with_a_prompt_head(tiny_config, tmp_path):
+    """`fedpersona run --set adapter.head=prompt` end to end, local-only baseline included: exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    flat = dict(tiny_config, **{"adapter.head": "prompt", "adapter.prompt-tokens": 4})
+    args = [a for k, v in flat.items() for a in ("--set", f"{k}={json.dumps(v) if isinstance(v, str) else v}")]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", FLWR_TELEMETRY_ENABLED="0",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    env.pop("FEDPERSONA_RUN_CONFIG", None)
+    proc = subprocess.run([sys.executable, "-m", "fedpersona.cli", "run", "--cpus", "1", "-v", *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("the cohort engine trains LoRA heads only") == 1
+    assert "Cohort engine: 0 cohorts trained" in proc.stderr
+    assert "head prompt" in proc.stderr
+    metrics = json.loads((Path(flat["run.results-dir"]) / "demo" / "metrics.json").read_text())
+    assert all(r["applied"] and r["contributors"] == 3 and r["failed"] == 0 for r in metrics["rounds"])
+    summary = metrics["final"]["summary"]
+    for key in ("base-loss", "shared-loss", "personal-loss", "local-loss"):
+        assert summary[key]["mean"] > 0, key
+    assert summary["personal-loss"]["mean"] != summary["shared-loss"]["mean"]

@@ -36,3 +36,18 @@ def test_quick_study_writes_every_row(tiny_config):
         assert [r["row"] for r in csv.DictReader(fh)] == names
     assert open(files["png"], "rb").read(4) == b"\x89PNG"
     assert "DP federated, eps=8: personalized" in format_table(result["table"])
+
+
+def test_the_prompt_head_is_a_row_of_the_study(tiny_config):
+    """`--vary adapter.head=prompt`: the soft-prompt head measured beside the LoRA head, on the same users."""
+    overrides = dict(tiny_config, **{"client.head-steps": 2, "data.max-examples": 12, "privacy.delta": 1e-2,
+                                     "data.max-users": 4, "privacy.noise-multiplier": 1.0})
+    result = study(None, overrides, epsilons=(8.0,), quick=True, central_steps=1, vary=["adapter.head=prompt"],
+                   attribution_users=False)
+    rows = {r["row"]: r for r in result["table"]}
+    label = "DP federated, eps=8, adapter.head=prompt"
+    assert result["varied"] == [{"key": "adapter.head", "value": "prompt", "label": label}]
+    for part in ("shared", "personalized", "local-only"):
+        assert math.isfinite(rows[f"{label}: {part}"]["mean"]), part
+    assert rows[f"{label}: personalized"]["mean"] != rows["DP federated, eps=8: personalized"]["mean"]
+    assert 0 < rows[f"{label}: personalized"]["epsilon"] <= 8.0 + 1e-6
