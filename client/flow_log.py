@@ -36,6 +36,7 @@ from pathlib import Path
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.node_data import _CONTEXT_STATE_DIRS as _STATE_DIRS  # noqa: F401 - the lookup's cache (tests clear it)
 from client.node_data import context_state_dir, read_jsonl
 from fedpersona.wire import inventory
 from privacy.audit.inventory import is_masked, is_protocol_array
