@@ -308,22 +308,9 @@ class Device:
             return self.trainer.train(self.data.train, group="all", **kw)
         return train_shared(self.trainer, self.data.train, **kw)
 
-    def _head_pass(self, ledger: PrivacyLedger | None) -> TrainResult | None:
-        """The head alone on top of the shared adapter as loaded; None when there is no head pass."""
+    def _head_pass(self, ledger: PrivacyLedger | None, steps: int) -> TrainResult:
+        """The head alone on top of the shared adapter as loaded, ``steps`` steps (:meth:`_head_steps`)."""
         cfg = self.cfg
-        steps = cfg.client.head_steps
-        if self.joint or steps == 0:
-            return None
-        if self.head_dp:
-            if ledger is None:
-                raise RuntimeError("a DP head pass needs the head's ledger")
-            eps_next = ledger.epsilon_if(
-                noise_multiplier=self.head_noise_multiplier, sample_rate=self.head_sample_rate, num_steps=steps,
-                delta=cfg.privacy.delta,
-            )
-            if eps_next > cfg.privacy.target_epsilon * (1 + 1e-9):
-                logger.info("%s: the head's budget is spent (%.3f next); head not trained", self.user_id, eps_next)
-                return None
         return train_head(
             self.trainer, self.data.train, steps=steps, batch_size=cfg.client.head_batch_size, lr=cfg.client.head_lr,
             optimizer=cfg.client.optimizer, noise_multiplier=self.head_noise_multiplier,
@@ -429,7 +416,7 @@ class Device:
         if offered is None:
             result = self._shared_pass(steps, ledger if cfg.privacy.enabled else None)
             head_ledger = plan.head_ledger
-            head = self._head_pass(head_ledger) if plan.head_steps else None
+            head = self._head_pass(head_ledger, plan.head_steps) if plan.head_steps else None
         else:
             result, head = self._apply_offered(plan, offered[1])
             head_ledger = plan.head_ledger
@@ -566,9 +553,10 @@ class Device:
             head_ledger = PrivacyLedger(accountant=cfg.privacy.accountant) if self.head_dp else None
             for r in participation:
                 self._shared_pass(int(r["steps"]), ledger if cfg.privacy.enabled else None)
-                if r["head-steps"]:
-                    head = self._head_pass(head_ledger)
-                    if head is not None and head_ledger is not None:
+                head_steps = self._head_steps(head_ledger) if r["head-steps"] else 0
+                if head_steps:
+                    head = self._head_pass(head_ledger, head_steps)
+                    if head_ledger is not None:
                         head_ledger.record_round(
                             round=int(r["round"]), steps=head.steps, noise_multiplier=self.head_noise_multiplier,
                             sample_rate=self.head_sample_rate, delta=cfg.privacy.delta,

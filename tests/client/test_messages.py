@@ -12,14 +12,7 @@ from fedpersona.config import CONFIG_ENV, load_config
 from fedpersona.model import adapted_model
 from fedpersona.wire import inventory, to_record
 
-REPLIES = [
-    "Nay, answer me: stand, and unfold yourself.",
-    "Long live the king!",
-    "You come most carefully upon your hour.",
-    "For this relief much thanks: 'tis bitter cold.",
-    "Not a mouse stirring.",
-    "Well, good night.",
-]
+from tests.client.device_helpers import REPLIES
 
 
 def _user_folder(path):

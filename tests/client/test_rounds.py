@@ -9,14 +9,7 @@ from client.device import BASELINE_LEDGER, HEAD_LEDGER, LEDGER, PARTICIPATION, D
 from fedpersona.config import load_config
 from privacy.ledger import PrivacyLedger
 
-REPLIES = [
-    "Nay, answer me: stand, and unfold yourself.",
-    "Long live the king!",
-    "You come most carefully upon your hour.",
-    "For this relief much thanks: 'tis bitter cold.",
-    "Not a mouse stirring.",
-    "Well, good night.",
-]
+from tests.client.device_helpers import REPLIES
 
 
 def _device(tiny_config, tmp_path, **overrides):
