@@ -12,6 +12,9 @@ The device keeps, in its own state folder (never in a message):
   for evaluation in simulations only, with its own ledger (its epsilon is reported beside the
   federated one: it covers the local-only model, which never leaves the device; the federated
   epsilon covers the shared updates the device sent),
+* ``lower-activations`` — the frozen lower blocks' outputs for the device's examples, keyed by
+  the model and the examples (``client.cache-activations``): a device built again (the next
+  round, a restart, the final evaluation) reads them instead of running the lower blocks again,
 * ``evaluation`` — the device's own final-evaluation row (user id and figures); it never leaves
   the device: the server gets only sums (:mod:`privacy.secagg.eval_figures`); a simulation reads
   the rows from the devices' stores on its own machine,
@@ -65,6 +68,7 @@ LEDGER = "ledger"
 HEAD_FILE = "personal"
 HEAD_LEDGER = "ledger-head"
 PARTICIPATION = "participation"
+ACTIVATIONS = "lower-activations"
 BASELINE = "local-baseline"
 BASELINE_LEDGER = "ledger-local-baseline"
 BASELINE_HEAD_LEDGER = "ledger-local-baseline-head"
@@ -134,8 +138,14 @@ def _check_delta(cfg: Config, user_id: str, n_train: int) -> None:
         raise PolicyViolation("privacy.delta", cfg.privacy.delta, "must be below 1/(this device's training examples)")
 
 
-def prepare_user(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tuple[str, str]]) -> UserData:
-    """Cap, split, tokenize, and run the frozen lower blocks once per example."""
+def prepare_user(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tuple[str, str]], *,
+                 store: DeviceStore | None = None) -> UserData:
+    """Cap, split, tokenize, and run the frozen lower blocks once per example.
+
+    With a ``store`` (and ``client.cache-activations``), the lower blocks' outputs are kept in
+    the device's encrypted store (:data:`ACTIVATIONS`) and read back the next time the device is
+    built for the same model, layout and examples, instead of being computed again.
+    """
     if len(pairs) < 2:
         raise ValueError(f"User {user_id!r} has only {len(pairs)} example(s); at least 2 are needed")
     if len(pairs) > cfg.data.max_examples:
@@ -145,7 +155,18 @@ def prepare_user(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tup
     train_pairs, held_pairs = split_examples(pairs, eval_fraction=cfg.data.eval_fraction, seed=cfg.run.seed, key=user_id)
     _check_delta(cfg, user_id, len(train_pairs))
 
-    return UserData(user_id, cache_examples(model, cfg, train_pairs), cache_examples(model, cfg, held_pairs))
+    if store is None or not cfg.client.cache_activations:
+        return UserData(user_id, cache_examples(model, cfg, train_pairs), cache_examples(model, cfg, held_pairs))
+    enc = {part: encode_examples(model.tokenizer, ps, seq_len=cfg.model.seq_len, cue_tokens=cfg.model.cue_tokens)
+           for part, ps in (("train", train_pairs), ("held-out", held_pairs))}
+    seqs = {part: [e.input_ids for e in es] for part, es in enc.items()}
+    hiddens = _stored_activations(model, store, seqs)
+    if hiddens is None:
+        hiddens = {part: lower_hidden(model, s) for part, s in seqs.items()}
+        _store_activations(model, store, seqs, hiddens)
+    cached = {part: [CachedExample(h, tuple(labels_for(e.input_ids, e.target_mask))) for h, e in zip(hiddens[part], es)]
+              for part, es in enc.items()}
+    return UserData(user_id, cached["train"], cached["held-out"])
 
 
 def cache_examples(model: AdaptedModel, cfg: Config, pairs: list[tuple[str, str]]) -> list[CachedExample]:
@@ -153,6 +174,49 @@ def cache_examples(model: AdaptedModel, cfg: Config, pairs: list[tuple[str, str]
     enc = encode_examples(model.tokenizer, pairs, seq_len=cfg.model.seq_len, cue_tokens=cfg.model.cue_tokens)
     hiddens = lower_hidden(model, [e.input_ids for e in enc])
     return [CachedExample(h, tuple(labels_for(e.input_ids, e.target_mask))) for h, e in zip(hiddens, enc)]
+
+
+def _activations_key(model: AdaptedModel, seqs: dict[str, list[list[int]]]) -> str:
+    """What the lower blocks' outputs depend on: the base's weights below the cache boundary (a
+    fingerprint), where that boundary is, the dtype, and every example's token ids."""
+    lm = model.peft.base_model.model
+    first = model.layout.first_layer
+    probe = [lm.model.embed_tokens.weight[:4, :16]]
+    if first > 0:
+        probe.append(next(iter(lm.model.layers[first - 1].parameters())).flatten()[:64])
+    h = hashlib.sha256(json.dumps({"version": 1, "first-layer": first, "dtype": str(model.dtype),
+                                   "seqs": seqs}, sort_keys=True).encode())
+    for t in probe:
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _stored_activations(model: AdaptedModel, store: DeviceStore,
+                        seqs: dict[str, list[list[int]]]) -> dict[str, list[torch.Tensor]] | None:
+    blob = store.load_tensors(ACTIVATIONS)
+    if blob is None or "key" not in blob:
+        return None
+    if bytes(blob["key"].tolist()).hex() != _activations_key(model, seqs):
+        return None  # another model, layout or set of examples: computed afresh (and replaced)
+    out: dict[str, list[torch.Tensor]] = {}
+    for part, s in seqs.items():
+        lengths = blob.get(f"{part}-lengths")
+        if lengths is None or lengths.tolist() != [len(x) for x in s]:
+            return None
+        flat = blob[part].to(device=model.device, dtype=model.dtype)
+        out[part] = list(torch.split(flat, lengths.tolist())) if s else []
+    return out
+
+
+def _store_activations(model: AdaptedModel, store: DeviceStore, seqs: dict[str, list[list[int]]],
+                       hiddens: dict[str, list[torch.Tensor]]) -> None:
+    """One blob, key inside: a crash between two writes cannot pair a key with other activations."""
+    dim = model.peft.base_model.model.config.hidden_size
+    blob = {"key": torch.tensor(list(bytes.fromhex(_activations_key(model, seqs))), dtype=torch.uint8)}
+    for part, hs in hiddens.items():
+        blob[part] = torch.cat(hs) if hs else torch.zeros(0, dim, dtype=model.dtype)
+        blob[f"{part}-lengths"] = torch.tensor([h.shape[0] for h in hs], dtype=torch.long)
+    store.save_tensors(ACTIVATIONS, blob)
 
 
 def load_pairs_for_node(cfg: Config, node_config: dict) -> tuple[str, list[tuple[str, str]], Path]:
@@ -195,7 +259,7 @@ class Device:
         self.simulated = "data-dir" not in node_config if simulated is None else bool(simulated)
         self.policy = DevicePolicy.load(node_config, state_dir=state_dir)  # the device's own floors
         if prepared is None:
-            self.data = prepare_user(self.model, cfg, user_id, pairs)
+            self.data = prepare_user(self.model, cfg, user_id, pairs, store=self.store)
         else:
             if prepared.user_id != user_id:
                 raise ValueError(f"prepared data of {prepared.user_id!r} handed to the device of {user_id!r}")

@@ -28,6 +28,7 @@ CONFIG_ENV = "FEDPERSONA_RUN_CONFIG"
 
 SPLITS = ("ffa", "fedsa", "fedper")
 SERVER_OPTIMIZERS = ("fedavg", "fedadam")
+SAMPLINGS = ("uniform", "balanced")
 CLIENT_OPTIMIZERS = ("sgd", "adam")
 ACCOUNTANTS = ("rdp", "prv")
 PERSONAL_HEADS = ("local", "dp")
@@ -186,6 +187,7 @@ class ClientConfig:
     head_batch_size: int = 8
     head_lr: float = 0.01
     max_new_examples: int = 0  # device policy: new chat-feedback examples a round may add (0 = no cap)
+    cache_activations: bool = True  # keep the frozen lower blocks' outputs in the encrypted store
 
     def __post_init__(self) -> None:
         if self.head_steps < 0:
@@ -255,8 +257,11 @@ class ServerConfig:
     optimizer: str = "fedavg"
     lr: float = 1.0
     round_timeout: float = 0.0
+    sampling: str = "uniform"
 
     def __post_init__(self) -> None:
+        if self.sampling not in SAMPLINGS:
+            raise _bad("server.sampling", self.sampling, f"must be one of {SAMPLINGS}")
         if self.num_rounds < 1:
             raise _bad("server.num-rounds", self.num_rounds, "must be at least 1")
         if self.clients_per_round < 1:

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedpersona.config import Config
+from fedpersona.config import SAMPLINGS, Config
 from fedpersona.model import adapted_model
 from fedpersona.wire import pack_shared
 from privacy.secagg.eval_figures import summarize as summarize_evaluation
@@ -44,9 +44,42 @@ def wait_for_nodes(grid: Grid, minimum: int, *, timeout: float = 600.0) -> list[
         time.sleep(1.0)
 
 
-def sample_cohort(nodes: list[int], size: int, *, seed: int, server_round: int) -> list[int]:
-    rng = random.Random(f"{seed}:{server_round}")
-    return sorted(rng.sample(nodes, min(size, len(nodes))))
+def sample_cohort(nodes: list[int], size: int, *, seed: int, server_round: int,
+                  sampling: str = "uniform") -> list[int]:
+    """The round's cohort, seeded by (``seed``, ``server_round``): the same cohort on a resumed run.
+
+    ``uniform``: ``size`` nodes drawn uniformly without replacement, each round afresh (a node
+    may wait many rounds). ``balanced``: the rounds walk through seeded permutations of the
+    nodes, one permutation after the other, taking the next ``size`` distinct nodes; so every
+    node takes part once before any node takes part a third time, and in the first
+    ``ceil(len(nodes) / size)`` rounds every node takes part. The walk is recomputed from round 1
+    over the current nodes (no server state), so it stays deterministic across restarts.
+    No privacy accounting here depends on the choice: each device's record-level ledger and the
+    distributed-DP user-level entries count every round a device takes part in, without any
+    amplification by client sampling.
+    """
+    size = min(size, len(nodes))
+    if sampling == "uniform":
+        rng = random.Random(f"{seed}:{server_round}")
+        return sorted(rng.sample(nodes, size))
+    if sampling != "balanced":
+        raise ValueError(f"server.sampling must be one of {SAMPLINGS}. You passed: {sampling!r}")
+    ordered = sorted(nodes)
+    stream: list[int] = []
+    epoch, pos = 0, 0
+    cohort: list[int] = []
+    for _ in range(server_round):
+        cohort = []
+        while len(cohort) < size:
+            if pos == len(stream):
+                stream = ordered[:]
+                random.Random(f"{seed}:balanced:{epoch}").shuffle(stream)
+                epoch, pos = epoch + 1, 0
+            node = stream[pos]
+            pos += 1
+            if node not in cohort:  # at a permutation boundary: already in this round; its next turn is spent
+                cohort.append(node)
+    return sorted(cohort)
 
 
 def _cohort_means(rs_metrics: dict[str, float], contributors: int) -> dict[str, float]:
@@ -127,7 +160,8 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
     for server_round in range(start_round + 1, cfg.server.num_rounds + 1):
         t0 = time.perf_counter()
         nodes = wait_for_nodes(grid, cfg.server.min_clients)
-        cohort = sample_cohort(nodes, cfg.server.clients_per_round, seed=cfg.run.seed, server_round=server_round)
+        cohort = sample_cohort(nodes, cfg.server.clients_per_round, seed=cfg.run.seed, server_round=server_round,
+                               sampling=cfg.server.sampling)
         report(progress, "round-start", round=server_round, rounds=cfg.server.num_rounds, cohort=len(cohort))
         content = RecordDict(
             {**pack_shared(shared), "config": ConfigRecord({"server-round": server_round})}

@@ -124,7 +124,7 @@ def federate(cfg: Config, users: list[User], state_root: Path) -> FederatedRun:
     declined = 0
     for server_round in range(1, cfg.server.num_rounds + 1):
         cohort = sample_cohort(list(range(len(devices))), cfg.server.clients_per_round, seed=cfg.run.seed,
-                               server_round=server_round)
+                               server_round=server_round, sampling=cfg.server.sampling)
         total: dict[str, torch.Tensor] | None = None
         weight, contributors = 0.0, 0
         for i in cohort:

@@ -39,6 +39,7 @@ def test_shipped_scenarios_are_valid(path):
         ("privacy.target-epsilon", 0, "privacy.target-epsilon"),
         ("adapter.rank", 0, "adapter.rank"),
         ("server.clients-per-round", 0, "cohort cannot be empty"),
+        ("server.sampling", "round-robin", "uniform.*balanced"),
         ("adapter.split", "lora", "adapter.split"),
         ("privacy.accountant", "gdp", "off by about 2x"),
         ("adapter.targets", "q_proj,foo", "'foo'"),

@@ -55,6 +55,26 @@ def test_cohort_sampling_is_seeded():
     assert len(sample_cohort(nodes[:3], 8, seed=0, server_round=1)) == 3
 
 
+def test_balanced_sampling_serves_every_node_before_any_twice():
+    for n, k in [(20, 8), (7, 3), (10, 10), (13, 4), (5, 8)]:
+        nodes = list(range(1000, 1000 + n))
+        rounds = [sample_cohort(nodes, k, seed=3, server_round=r, sampling="balanced") for r in range(1, 25)]
+        assert all(len(set(c)) == min(k, n) and set(c) <= set(nodes) for c in rounds)
+        first = -(-n // min(k, n))
+        assert set().union(*rounds[:first]) == set(nodes), (n, k)  # every node within ceil(n / k) rounds
+        for r in range(1, len(rounds) + 1):
+            counts = [sum(node in c for c in rounds[:r]) for node in nodes]
+            assert max(counts) - min(counts) <= 2, (n, k, r, counts)
+        assert rounds[2] == sample_cohort(nodes, k, seed=3, server_round=3, sampling="balanced")  # stateless
+    nodes = list(range(20))
+    walk = [sample_cohort(nodes, 8, seed=0, server_round=r, sampling="balanced") for r in (1, 2, 3)]
+    uniform = [sample_cohort(nodes, 8, seed=0, server_round=r) for r in (1, 2, 3)]
+    assert len(set().union(*walk)) == 20 and len(set().union(*uniform)) < 20  # the demo's 3 rounds of 8 of 20
+    assert walk != [sample_cohort(nodes, 8, seed=1, server_round=r, sampling="balanced") for r in (1, 2, 3)]
+    with pytest.raises(ValueError, match="server.sampling"):
+        sample_cohort(nodes, 8, seed=0, server_round=1, sampling="round-robin")
+
+
 def test_distribution_worst_decile():
     d = distribution([float(x) for x in range(1, 21)])
     assert d["mean"] == 10.5 and d["median"] == 10.5

@@ -1,0 +1,82 @@
+"""The frozen lower blocks' outputs kept in the device's encrypted store and read back when it is built again."""
+
+import json
+
+import pytest
+import torch
+
+import client.device as device_mod
+from client.device import ACTIVATIONS, Device
+from fedpersona.config import load_config
+
+from tests.client.device_helpers import REPLIES
+
+
+def _device(tiny_config, tmp_path, replies=REPLIES * 2, **overrides):
+    folder = tmp_path / "alice"
+    folder.mkdir(exist_ok=True)
+    lines = [json.dumps({"cue": f"Who's there? number {i}", "reply": r}) for i, r in enumerate(replies)]
+    (folder / "lines.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = load_config(dict(tiny_config, **{"privacy.delta": 1e-2, "data.max-examples": 12, "secagg.enabled": False},
+                           **overrides), env=False)
+    return Device(cfg, {"data-dir": str(folder), "state-dir": str(tmp_path / "state"), "user-id": "alice",
+                        "policy.allow-no-secagg": True})
+
+
+@pytest.fixture
+def lower_calls(monkeypatch):
+    calls = []
+    real = device_mod.lower_hidden
+
+    def counting(model, seqs, **kw):
+        calls.append(len(seqs))
+        return real(model, seqs, **kw)
+
+    monkeypatch.setattr(device_mod, "lower_hidden", counting)
+    return calls
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(torch.equal(x.hidden, y.hidden) and x.labels == y.labels for x, y in zip(a, b))
+
+
+def test_a_device_built_again_reads_its_activations_instead_of_running_the_lower_blocks(tiny_config, tmp_path,
+                                                                                          lower_calls):
+    first = _device(tiny_config, tmp_path)
+    assert lower_calls == [len(first.data.train), len(first.data.held_out)]
+    assert first.store.exists(ACTIVATIONS)
+    raw = (tmp_path / "state").glob("*")
+    assert not any(b"Who's there" in p.read_bytes() for p in raw if p.is_file()), "the blob is encrypted"
+    again = _device(tiny_config, tmp_path)
+    assert len(lower_calls) == 2, "the second build ran no lower block"
+    assert _same(first.data.train, again.data.train) and _same(first.data.held_out, again.data.held_out)
+    # and the device trains from them as before
+    again.train_round(again.model.initial_shared_state(), server_round=1)
+
+
+def test_other_examples_or_another_model_are_computed_afresh(tiny_config, tmp_path, lower_calls):
+    _device(tiny_config, tmp_path)
+    assert len(lower_calls) == 2
+    changed = _device(tiny_config, tmp_path, replies=[r + " Ay." for r in REPLIES * 2])
+    assert len(lower_calls) == 4, "new examples: new activations"
+    fresh_data = device_mod.prepare_user(changed.model, changed.cfg, "alice", changed.pairs)  # without a store
+    assert _same(changed.data.train, fresh_data.train)
+    _device(tiny_config, tmp_path, **{"adapter.layers": 1})  # another cache boundary
+    assert len(lower_calls) == 8
+
+
+def test_a_stored_blob_that_does_not_fit_is_recomputed(tiny_config, tmp_path, lower_calls):
+    dev = _device(tiny_config, tmp_path)
+    blob = dev.store.load_tensors(ACTIVATIONS)
+    blob["train-lengths"] = blob["train-lengths"] + 1  # a key that matches, lengths that do not
+    dev.store.save_tensors(ACTIVATIONS, blob)
+    again = _device(tiny_config, tmp_path)
+    assert len(lower_calls) == 4
+    assert _same(dev.data.train, again.data.train)
+
+
+def test_turned_off_nothing_is_stored(tiny_config, tmp_path, lower_calls):
+    dev = _device(tiny_config, tmp_path, **{"client.cache-activations": False})
+    _device(tiny_config, tmp_path, **{"client.cache-activations": False})
+    assert not dev.store.exists(ACTIVATIONS)
+    assert len(lower_calls) == 4
