@@ -164,15 +164,17 @@ def prepare_user(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tup
     if hiddens is None:
         hiddens = {part: lower_hidden(model, s) for part, s in seqs.items()}
         _store_activations(model, store, seqs, hiddens)
-    cached = {part: [CachedExample(h, tuple(labels_for(e.input_ids, e.target_mask))) for h, e in zip(hiddens[part], es)]
-              for part, es in enc.items()}
-    return UserData(user_id, cached["train"], cached["held-out"])
+    train, held_out = (_with_labels(hiddens[part], enc[part]) for part in ("train", "held-out"))
+    return UserData(user_id, train, held_out)
 
 
 def cache_examples(model: AdaptedModel, cfg: Config, pairs: list[tuple[str, str]]) -> list[CachedExample]:
     """Tokenize (cue, reply) pairs and run the frozen lower blocks once per example."""
     enc = encode_examples(model.tokenizer, pairs, seq_len=cfg.model.seq_len, cue_tokens=cfg.model.cue_tokens)
-    hiddens = lower_hidden(model, [e.input_ids for e in enc])
+    return _with_labels(lower_hidden(model, [e.input_ids for e in enc]), enc)
+
+
+def _with_labels(hiddens: list[torch.Tensor], enc: list) -> list[CachedExample]:
     return [CachedExample(h, tuple(labels_for(e.input_ids, e.target_mask))) for h, e in zip(hiddens, enc)]
 
 
@@ -372,14 +374,28 @@ class Device:
             return self.trainer.train(self.data.train, group="all", **kw)
         return train_shared(self.trainer, self.data.train, **kw)
 
-    def _head_pass(self, ledger: PrivacyLedger | None, steps: int) -> TrainResult:
+    def head_source(self, server_round: int) -> NoiseSource:
+        """Where the head pass of ``server_round`` draws its batches.
+
+        A DP head (``privacy.personal-head = dp``): the device's noise source, the CSPRNG, as every
+        DP pass. A local head (no noise; it never leaves the device, nor does anything computed from
+        it but the final evaluation's secure sums): a generator seeded by (``run.seed``, user, round).
+        Its batches protect nothing, and the local-only replay of that round draws the very same
+        ones, so personalized and local-only differ only by the shared adapter they were trained on.
+        """
+        if self.head_dp:
+            return self.noise_source
+        digest = hashlib.sha256(f"{self.cfg.run.seed}:head-batches:{self.user_id}:{int(server_round)}".encode())
+        return NoiseSource(generator=torch.Generator().manual_seed(int(digest.hexdigest()[:15], 16)))
+
+    def _head_pass(self, ledger: PrivacyLedger | None, steps: int, server_round: int) -> TrainResult:
         """The head alone on top of the shared adapter as loaded, ``steps`` steps (:meth:`_head_steps`)."""
         cfg = self.cfg
         return train_head(
             self.trainer, self.data.train, steps=steps, batch_size=cfg.client.head_batch_size, lr=cfg.client.head_lr,
             optimizer=cfg.client.optimizer, noise_multiplier=self.head_noise_multiplier,
             max_grad_norm=cfg.privacy.max_grad_norm, dp=self.head_dp, ledger=ledger if self.head_dp else None,
-            noise_source=self.noise_source,
+            noise_source=self.head_source(server_round),
         )
 
     def plan_round(self, shared: dict[str, torch.Tensor], *, server_round: int, log_refusal: bool = True) -> RoundPlan:
@@ -480,7 +496,7 @@ class Device:
         if offered is None:
             result = self._shared_pass(steps, ledger if cfg.privacy.enabled else None)
             head_ledger = plan.head_ledger
-            head = self._head_pass(head_ledger, plan.head_steps) if plan.head_steps else None
+            head = self._head_pass(head_ledger, plan.head_steps, server_round) if plan.head_steps else None
         else:
             result, head = self._apply_offered(plan, offered[1])
             head_ledger = plan.head_ledger
@@ -619,7 +635,7 @@ class Device:
                 self._shared_pass(int(r["steps"]), ledger if cfg.privacy.enabled else None)
                 head_steps = self._head_steps(head_ledger) if r["head-steps"] else 0
                 if head_steps:
-                    head = self._head_pass(head_ledger, head_steps)
+                    head = self._head_pass(head_ledger, head_steps, int(r["round"]))
                     if head_ledger is not None:
                         head_ledger.record_round(
                             round=int(r["round"]), steps=head.steps, noise_multiplier=self.head_noise_multiplier,

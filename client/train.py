@@ -237,7 +237,7 @@ class DPTrainer:
 
         n = len(examples)
         q = min(1.0, batch_size / n)
-        if not source.secure or seed is not None or noise_generator is not None:
+        if dp and (not source.secure or seed is not None or noise_generator is not None):
             logger.debug("DP-SGD randomness injected (seed=%s, noise generator %s, noise source secure=%s): "
                          "reproducible, for tests only", seed, "set" if noise_generator is not None else "unset",
                          source.secure)

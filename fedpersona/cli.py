@@ -1,6 +1,6 @@
 """The ``fedpersona`` console script.
 
-    fedpersona run [SCENARIO] [--set key=value ...] [-q|-v] [--engine cohort|flower]
+    fedpersona run [SCENARIO] [--set key=value ...] [-q|-v] [--engine auto|cohort|devices|flower]
                                                          federated simulation (default scenario: demo)
     fedpersona generate --user "ROLE (Play)" --prompt "..."   reply in a user's voice
     fedpersona chat --state-dir S [--data-dir D] | --user "ROLE (Play)"   the assistant in the terminal, with feedback
@@ -165,9 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("scenario", nargs="?", default="demo", help="scenario name under simulations/conf or a TOML path")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     r.add_argument("--cpus", type=int, default=None, help="CPUs for the simulation (default: all)")
-    r.add_argument("--engine", choices=["cohort", "flower"], default="cohort",
-                   help="cohort (default): each round's cohort trained together by the cohort engine below the "
-                        "ServerApp, in this process; flower: Flower's Simulation Engine (Ray), one client at a time")
+    r.add_argument("--engine", choices=["auto", "cohort", "devices", "flower"], default="auto",
+                   help="auto (default): cohort on a GPU or for a small model, devices for a real model on the CPU; "
+                        "cohort: each round's cohort trained together by the cohort engine below the ServerApp, in "
+                        "this process; devices: the same in-process grid, each device training its own round "
+                        "(client.train); flower: Flower's Simulation Engine (Ray), one client at a time")
     r.add_argument("--engines", type=int, default=1, metavar="N",
                    help="cohort engine: split each round's cohort over N engines on Ray actors, one GPU each "
                         "(CPU actors without CUDA); default 1: one engine in this process, no Ray")

@@ -59,7 +59,7 @@ class EngineGrid(InProcessGrid):
 
     def __init__(self, app, nodes: Mapping[int, dict], run_config: Mapping, *, run_id: int,
                  max_devices: int | None = None, method: str = "expanded", engines: int = 1,
-                 cpus: int | None = None) -> None:
+                 cpus: int | None = None, on_devices: bool = False) -> None:
         from simulations.engine.shards import check_engines
 
         super().__init__(app, nodes, run_config, run_id=run_id)
@@ -71,6 +71,7 @@ class EngineGrid(InProcessGrid):
             max_devices = max(2 * self.cfg.server.clients_per_round, 1)
         self.max_devices = max_devices
         self.method = method
+        self.on_devices = on_devices  # every device trains its round itself (no engine is built)
         self._engine = None
         self._packed: OrderedDict[int, tuple[tuple, object]] = OrderedDict()
         self.cohorts = 0
@@ -126,6 +127,8 @@ class EngineGrid(InProcessGrid):
     def _train_ahead(self, messages: list[Message]) -> None:
         planned: list[tuple[int, Device, RoundPlan]] = []
         n_train = sum(1 for m in messages if m.metadata.message_type == "train")
+        if self.on_devices:
+            return  # each train message reaches its ClientApp, whose device trains the round (client.train)
         if n_train and self.cfg.adapter.head != "lora":
             # The engine trains LoRA heads only: each device trains its round itself (client.train).
             if not self._head_fallback_logged:
@@ -184,7 +187,7 @@ class EngineGrid(InProcessGrid):
                 Phase("shared", plan.steps, c.batch_size, c.lr, c.optimizer, p.enabled, plan.noise_multiplier,
                       p.max_grad_norm, src, "poisson", personal_off=True),
                 Phase("personal", plan.head_steps, c.head_batch_size, c.head_lr, c.optimizer, device.head_dp,
-                      plan.head_noise_multiplier, p.max_grad_norm, src, "poisson"),
+                      plan.head_noise_multiplier, p.max_grad_norm, device.head_source(plan.server_round), "poisson"),
             )
         return ClientJob(self._examples(node_id, device), plan.shared, plan.personal, phases, client_id=device.user_id)
 

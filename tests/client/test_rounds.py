@@ -80,3 +80,34 @@ def test_no_participation_means_local_baseline_is_the_base(tiny_config, tmp_path
     out = dev.final_evaluation(dev.model.initial_shared_state())
     assert out["steps"] == 0 and out["rounds"] == 0
     assert out["local-loss"] == pytest.approx(out["base-loss"], rel=1e-6)
+
+
+def test_a_local_head_draws_the_batches_its_local_only_replay_draws(tiny_config, tmp_path, monkeypatch):
+    """Personalized vs local-only: the same head batches each round, so only the shared adapter differs."""
+    import privacy.dpstep as dpstep
+
+    drawn = []
+    real = dpstep.poisson_batch
+
+    def recording(source, gen, n, q):
+        idx = real(source, gen, n, q)
+        drawn.append((source.secure, idx.tolist()))
+        return idx
+
+    monkeypatch.setattr(dpstep, "poisson_batch", recording)
+    dev = _device(tiny_config, tmp_path, **{"client.batch-size": 4})
+    dev.simulated = True
+    shared = dev.model.initial_shared_state()
+    for r in (1, 2):
+        dev.train_round(shared, server_round=r)
+    federated = list(drawn)
+    dev.final_evaluation(shared)
+    replay = drawn[len(federated):]
+    # each round: 2 shared DP steps (CSPRNG), then 3 head steps (the head's seeded batches)
+    assert [s for s, _ in federated] == [True, True, False, False, False] * 2
+    assert [s for s, _ in replay] == [s for s, _ in federated]
+    heads = [i for (s, i) in federated if not s]
+    assert heads == [i for (s, i) in replay if not s], "the replay's head batches are the federated head's"
+    assert heads[:3] != heads[3:], "each round its own batches"
+    other = _device(tiny_config, tmp_path, **{"privacy.personal-head": "dp"})
+    assert other.head_source(1) is other.noise_source and other.noise_source.secure, "a DP head: the CSPRNG"

@@ -23,3 +23,15 @@ def test_bench_prints_table_and_speedup_last():
 def test_bench_refuses_unknown_preset():
     with pytest.raises(ValueError, match="preset must be one of"):
         run("huge")
+
+
+def test_devices_vs_engine_round_on_real_devices(tiny_config):
+    """`python -m simulations.bench_devices`: the same round both ways, on prepared users of a scenario."""
+    from simulations.bench_devices import compare
+
+    r = compare("demo", dict(tiny_config, **{"data.max-users": 4}), users=4)
+    assert r["devices"] == 4
+    assert r["own_path_seconds"] > 0 and r["engine_seconds"] > 0
+    assert r["engine_over_own"] == pytest.approx(r["engine_seconds"] / r["own_path_seconds"])
+    with pytest.raises(ValueError, match="adapter.head"):
+        compare("demo", dict(tiny_config, **{"adapter.head": "prompt"}), users=4)

@@ -22,3 +22,37 @@ def test_delta_must_be_below_one_over_examples(tiny_config):
 def test_cohort_larger_than_the_users(tiny_config):
     with pytest.raises(ValueError, match="server.clients-per-round"):
         run(None, dict(tiny_config, **{"server.clients-per-round": 5, "data.max-users": 4}))
+
+
+def test_auto_engine_picks_by_where_the_model_runs(tiny_config, tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from fedpersona.config import load_config
+    from simulations.runner import AUTO_ENGINE_MAX_CPU_HIDDEN, resolve_engine
+
+    cfg = load_config(tiny_config, env=False)
+    assert resolve_engine("auto", cfg)[0] == "cohort", "a tiny model on the CPU: the engine"
+    wide = tmp_path / "wide-model"
+    shutil.copytree(tiny_model_dir, wide)
+    conf = json.loads((wide / "config.json").read_text())
+    assert conf["hidden_size"] < AUTO_ENGINE_MAX_CPU_HIDDEN
+    (wide / "config.json").write_text(json.dumps(dict(conf, hidden_size=576)))  # SmolLM2-135M's width
+    engine, why = resolve_engine("auto", load_config(dict(tiny_config, **{"model.path": str(wide)}), env=False))
+    assert engine == "devices" and "CPU" in why
+    assert resolve_engine("auto", cfg, engines=2)[0] == "cohort"
+    assert resolve_engine("flower", cfg) == ("flower", "as asked")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        resolve_engine("ray", cfg)
+
+
+def test_devices_engine_trains_each_round_on_the_device(tiny_config, caplog):
+    import logging
+
+    flat = dict(tiny_config, **{"server.num-rounds": 1, "eval.local-baseline": False})
+    caplog.set_level(logging.INFO, logger="client.device")
+    metrics = run(None, flat, cpus=1, engine="devices")
+    assert metrics["rounds"][0]["applied"] and metrics["rounds"][0]["contributors"] == 3
+    trained = [r.getMessage() for r in caplog.records if r.name == "client.device" and " steps (" in r.getMessage()]
+    assert len(trained) == 3 and not any("(cohort engine)" in line for line in trained), trained
+    assert len(metrics["final"]["users"]) == 4
