@@ -155,15 +155,16 @@ def prepare_user(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tup
     train_pairs, held_pairs = split_examples(pairs, eval_fraction=cfg.data.eval_fraction, seed=cfg.run.seed, key=user_id)
     _check_delta(cfg, user_id, len(train_pairs))
 
-    if store is None or not cfg.client.cache_activations:
-        return UserData(user_id, cache_examples(model, cfg, train_pairs), cache_examples(model, cfg, held_pairs))
     enc = {part: encode_examples(model.tokenizer, ps, seq_len=cfg.model.seq_len, cue_tokens=cfg.model.cue_tokens)
            for part, ps in (("train", train_pairs), ("held-out", held_pairs))}
     seqs = {part: [e.input_ids for e in es] for part, es in enc.items()}
-    hiddens = _stored_activations(model, store, seqs)
+    kept = store is not None and cfg.client.cache_activations
+    key = _activations_key(model, seqs) if kept else ""
+    hiddens = _stored_activations(model, store, seqs, key) if kept else None
     if hiddens is None:
         hiddens = {part: lower_hidden(model, s) for part, s in seqs.items()}
-        _store_activations(model, store, seqs, hiddens)
+        if kept:
+            _store_activations(model, store, key, hiddens)
     train, held_out = (_with_labels(hiddens[part], enc[part]) for part in ("train", "held-out"))
     return UserData(user_id, train, held_out)
 
@@ -193,12 +194,12 @@ def _activations_key(model: AdaptedModel, seqs: dict[str, list[list[int]]]) -> s
     return h.hexdigest()
 
 
-def _stored_activations(model: AdaptedModel, store: DeviceStore,
-                        seqs: dict[str, list[list[int]]]) -> dict[str, list[torch.Tensor]] | None:
+def _stored_activations(model: AdaptedModel, store: DeviceStore, seqs: dict[str, list[list[int]]],
+                        key: str) -> dict[str, list[torch.Tensor]] | None:
     blob = store.load_tensors(ACTIVATIONS)
     if blob is None or "key" not in blob:
         return None
-    if bytes(blob["key"].tolist()).hex() != _activations_key(model, seqs):
+    if bytes(blob["key"].tolist()).hex() != key:
         return None  # another model, layout or set of examples: computed afresh (and replaced)
     out: dict[str, list[torch.Tensor]] = {}
     for part, s in seqs.items():
@@ -210,11 +211,11 @@ def _stored_activations(model: AdaptedModel, store: DeviceStore,
     return out
 
 
-def _store_activations(model: AdaptedModel, store: DeviceStore, seqs: dict[str, list[list[int]]],
+def _store_activations(model: AdaptedModel, store: DeviceStore, key: str,
                        hiddens: dict[str, list[torch.Tensor]]) -> None:
     """One blob, key inside: a crash between two writes cannot pair a key with other activations."""
     dim = model.peft.base_model.model.config.hidden_size
-    blob = {"key": torch.tensor(list(bytes.fromhex(_activations_key(model, seqs))), dtype=torch.uint8)}
+    blob = {"key": torch.tensor(list(bytes.fromhex(key)), dtype=torch.uint8)}
     for part, hs in hiddens.items():
         blob[part] = torch.cat(hs) if hs else torch.zeros(0, dim, dtype=model.dtype)
         blob[f"{part}-lengths"] = torch.tensor([h.shape[0] for h in hs], dtype=torch.long)

@@ -125,10 +125,10 @@ class EngineGrid(InProcessGrid):
         return client_module.cached_device(self._contexts[int(node_id)])
 
     def _train_ahead(self, messages: list[Message]) -> None:
-        planned: list[tuple[int, Device, RoundPlan]] = []
-        n_train = sum(1 for m in messages if m.metadata.message_type == "train")
         if self.on_devices:
             return  # each train message reaches its ClientApp, whose device trains the round (client.train)
+        planned: list[tuple[int, Device, RoundPlan]] = []
+        n_train = sum(1 for m in messages if m.metadata.message_type == "train")
         if n_train and self.cfg.adapter.head != "lora":
             # The engine trains LoRA heads only: each device trains its round itself (client.train).
             if not self._head_fallback_logged:

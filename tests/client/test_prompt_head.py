@@ -139,8 +139,8 @@ def test_switched_off_the_prompt_is_not_used_at_all(model):
 
 
 # ------------------------------------------------------------------------------ training
-def test_shared_pass_is_bit_identical_whatever_the_prompt_holds(model):
-    """Joint DP as a test: the released (shared) update does not depend on the soft prompt at all."""
+def _shared_after_two_prompts(model, train_pass, check=None):
+    """The shared tensors after the same seeded pass from the same start, under two different prompts."""
     ex = _examples(model, n=16)
     shared0 = _state(model, model.shared_names)
     results = []
@@ -150,12 +150,22 @@ def test_shared_pass_is_bit_identical_whatever_the_prompt_holds(model):
                 model.named_trainable()[n].copy_(v)
         _set_prompt(model, torch.randn(3, 32, generator=torch.Generator().manual_seed(head_seed)) * head_seed)
         prompt = _state(model, [PROMPT])
-        train_shared(trainer_for(model), ex, steps=3, batch_size=6, lr=0.05, optimizer="adam", noise_multiplier=1.0,
-                     max_grad_norm=0.5, seed=7, noise_generator=torch.Generator().manual_seed(11))
+        train_pass(ex, steps=3, batch_size=6, lr=0.05, optimizer="adam", noise_multiplier=1.0, max_grad_norm=0.5,
+                   seed=7, noise_generator=torch.Generator().manual_seed(11))
+        if check is not None:
+            check(prompt)
+        results.append(_state(model, model.shared_names))
+    return shared0, results
+
+
+def test_shared_pass_is_bit_identical_whatever_the_prompt_holds(model):
+    """Joint DP as a test: the released (shared) update does not depend on the soft prompt at all."""
+    def untouched(prompt):
         assert torch.equal(_state(model, [PROMPT])[PROMPT], prompt[PROMPT]), "the prompt is untouched"
         assert model.stack.prompt_enabled, "the prompt is switched on again after the pass"
-        results.append(_state(model, model.shared_names))
-    first, second = results
+
+    shared0, (first, second) = _shared_after_two_prompts(
+        model, lambda ex, **kw: train_shared(trainer_for(model), ex, **kw), untouched)
     assert any(not torch.equal(first[n], shared0[n]) for n in first), "the shared adapter must be trained"
     for n in first:
         assert torch.equal(first[n], second[n]), f"shared tensor {n} depends on the prompt"
@@ -163,19 +173,9 @@ def test_shared_pass_is_bit_identical_whatever_the_prompt_holds(model):
 
 def test_a_shared_pass_with_the_prompt_on_does_depend_on_it(model):
     """The control for the test above: with the prefix on, the prompt reaches the shared update."""
-    ex = _examples(model, n=16)
-    shared0 = _state(model, model.shared_names)
-    results = []
-    for head_seed in (1, 2):
-        with torch.no_grad():
-            for n, v in shared0.items():
-                model.named_trainable()[n].copy_(v)
-        _set_prompt(model, torch.randn(3, 32, generator=torch.Generator().manual_seed(head_seed)) * head_seed)
-        trainer_for(model).train(ex, steps=3, batch_size=6, lr=0.05, optimizer="adam", noise_multiplier=1.0,
-                                 max_grad_norm=0.5, seed=7, noise_generator=torch.Generator().manual_seed(11),
-                                 group="shared")
-        results.append(_state(model, model.shared_names))
-    assert any(not torch.equal(results[0][n], results[1][n]) for n in results[0])
+    _, (first, second) = _shared_after_two_prompts(
+        model, lambda ex, **kw: trainer_for(model).train(ex, group="shared", **kw))
+    assert any(not torch.equal(first[n], second[n]) for n in first)
 
 
 def test_plain_head_pass_trains_only_the_prompt_and_lowers_the_loss(model):

@@ -180,20 +180,25 @@ def test_engine_grid_bounds_its_devices_and_memory(tiny_config, tmp_path):
     assert sum(len(json.loads(s)) for s in states if s) == 30  # 10 rounds x 3: nothing lost on eviction
 
 
-def test_cli_run_goes_through_the_cohort_engine(tiny_config, tmp_path):
-    """`fedpersona run` (default engine) on the tiny model: exit 0, metrics.json and users.csv, no Ray."""
+def _cli_run(flat: dict, cwd: Path):
+    """`fedpersona run --cpus 1 -v` in a subprocess with every key of ``flat`` as ``--set``."""
     import os
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[2]
-    flat = dict(tiny_config, **{"eval.local-baseline": False})
     args = [a for k, v in flat.items() for a in ("--set", f"{k}={json.dumps(v) if isinstance(v, str) else v}")]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", FLWR_TELEMETRY_ENABLED="0",
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     env.pop("FEDPERSONA_RUN_CONFIG", None)
-    proc = subprocess.run([sys.executable, "-m", "fedpersona.cli", "run", "--cpus", "1", "-v", *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "fedpersona.cli", "run", "--cpus", "1", "-v", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_run_goes_through_the_cohort_engine(tiny_config, tmp_path):
+    """`fedpersona run` (default engine) on the tiny model: exit 0, metrics.json and users.csv, no Ray."""
+    flat = dict(tiny_config, **{"eval.local-baseline": False})
+    proc = _cli_run(flat, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "with the cohort engine in this process" in proc.stderr
     assert "Cohort engine: 2 cohorts trained" in proc.stderr
@@ -280,18 +285,8 @@ def test_a_prompt_head_trains_sequentially_below_the_engine_grid(tiny_config, tm
 
 def test_cli_run_with_a_prompt_head(tiny_config, tmp_path):
     """`fedpersona run --set adapter.head=prompt` end to end, local-only baseline included: exit 0."""
-    import os
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[2]
     flat = dict(tiny_config, **{"adapter.head": "prompt", "adapter.prompt-tokens": 4})
-    args = [a for k, v in flat.items() for a in ("--set", f"{k}={json.dumps(v) if isinstance(v, str) else v}")]
-    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
-    env.pop("FEDPERSONA_RUN_CONFIG", None)
-    proc = subprocess.run([sys.executable, "-m", "fedpersona.cli", "run", "--cpus", "1", "-v", *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = _cli_run(flat, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("the cohort engine trains LoRA heads only") == 1
     assert "Cohort engine: 0 cohorts trained" in proc.stderr
