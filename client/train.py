@@ -190,12 +190,14 @@ class DPTrainer:
         noise_source: NoiseSource | None = None,
         group: str = "all",
         params: Sequence[str] | None = None,
+        stack: nn.Module | None = None,
     ) -> TrainResult:
         """Run ``steps`` DP-SGD steps (or plain SGD with ``dp=False``) on ``examples``.
 
         Only the tensors of ``group`` (``"all"``, ``"shared"`` or ``"personal"``), or the
         tensors named in ``params``, are trained (clipped jointly); the others are frozen
-        for the pass.
+        for the pass. ``stack``: a plain pass (``dp=False``) through these modules instead of
+        the model's whole stack (the head pass's upper blocks, :func:`train_head`).
 
         Randomness (DP assumes both the batches and the noise secret): every step draws, in
         the order of :mod:`privacy.dpstep` (the cohort engine's order), one generator from
@@ -218,6 +220,8 @@ class DPTrainer:
             if unknown or not params:
                 raise ValueError(f"params must name trainable adapter tensors. You passed: {list(params)[:3]}")
             train_params = [named[p] for p in params]
+        if stack is not None and dp:
+            raise ValueError("a DP pass runs through the model's Opacus-wrapped stack; stack= is for plain passes")
         frozen = [p for p in self.params if not any(p is q for q in train_params)]
         was = [p.requires_grad for p in frozen]
         for p in frozen:
@@ -226,13 +230,14 @@ class DPTrainer:
             return self._train(examples, train_params, steps=steps, batch_size=batch_size, lr=lr,
                                optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                dp=dp, ledger=ledger, seed=seed, noise_generator=noise_generator,
-                               source=noise_source if noise_source is not None else SECURE)
+                               source=noise_source if noise_source is not None else SECURE,
+                               stack=stack if stack is not None else self.model.stack)
         finally:
             for p, r in zip(frozen, was):
                 p.requires_grad_(r)
 
     def _train(self, examples, params, *, steps, batch_size, lr, optimizer, noise_multiplier, max_grad_norm, dp,
-               ledger, seed, noise_generator, source: NoiseSource) -> TrainResult:
+               ledger, seed, noise_generator, source: NoiseSource, stack: nn.Module) -> TrainResult:
         from opacus.optimizers import DPOptimizer
 
         n = len(examples)
@@ -252,12 +257,12 @@ class DPTrainer:
             opt = _sourced_dp_optimizer(base_opt, source, **dp_kwargs)
         else:
             opt = DPOptimizer(base_opt, generator=noise_generator, secure_mode=dpstep.ROBUST_NOISE, **dp_kwargs)
-        model = self.gsm if dp else self.model.stack
+        model = self.gsm if dp else stack
         if dp:
             self.gsm.enable_hooks()
         else:
             self.gsm.disable_hooks()
-        self.model.stack.train()  # Opacus captures activations only in training mode
+        stack.train()  # Opacus captures activations only in training mode
         t0 = time.perf_counter()
         losses: list[torch.Tensor] = []
         seen = 0
@@ -295,7 +300,7 @@ class DPTrainer:
                     raise FloatingPointError(
                         "A trainable tensor became non-finite during DP training; the update is discarded"
                     )
-        self.model.stack.eval()
+        stack.eval()
         loss_values = torch.stack(losses).tolist() if losses else []
         if dp:
             for p in self.params:
@@ -331,8 +336,20 @@ def train_shared(trainer: DPTrainer, examples: Sequence[CachedExample], **kw) ->
 
 
 def train_head(trainer: DPTrainer, examples: Sequence[CachedExample], **kw) -> TrainResult:
-    """The personal head only, on top of the shared adapter as it stands (plain with ``dp=False``)."""
-    return trainer.train(examples, group="personal", **kw)
+    """The personal head only, on top of the shared adapter as it stands (plain with ``dp=False``).
+
+    A plain pass of a LoRA head whose blocks start above the stack's first block runs those lower
+    blocks (the shared adapter alone, fixed for the pass) once per example, then trains on their
+    output through the head's blocks only (:attr:`fedpersona.model.AdaptedModel.head_stack`): the
+    same function of the same tensors, about half the compute per step with the demo's 2 of 4.
+    A DP head pass keeps the whole stack (its Opacus hooks).
+    """
+    model = trainer.model
+    offset = model.head_offset
+    if kw.get("dp", True) or not offset:
+        return trainer.train(examples, group="personal", **kw)
+    lifted = [CachedExample(model.stack.lower(ex.hidden.unsqueeze(0), offset)[0], ex.labels) for ex in examples]
+    return trainer.train(lifted, group="personal", stack=model.head_stack, **kw)
 
 
 def trainer_for(model: AdaptedModel) -> DPTrainer:

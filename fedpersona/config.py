@@ -183,9 +183,9 @@ class ClientConfig:
     batch_size: int = 8
     lr: float = 0.02
     optimizer: str = "adam"
-    head_steps: int = 6
+    head_steps: int = 12
     head_batch_size: int = 8
-    head_lr: float = 0.01
+    head_lr: float = 0.005
     max_new_examples: int = 0  # device policy: new chat-feedback examples a round may add (0 = no cap)
     cache_activations: bool = True  # keep the frozen lower blocks' outputs in the encrypted store
 

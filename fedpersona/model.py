@@ -296,6 +296,13 @@ class AdaptedModel:
         if overlap or not self.shared_names or not self.personal_names:
             raise RuntimeError(f"Broken shared/personal split: overlap={sorted(overlap)[:3]}")
         self.stack = TopStack(self.peft.base_model.model, self.layout.first_layer, prompt=prompt)
+        #: Blocks of the stack below the first one that carries a personal LoRA (0 with a prompt head).
+        self.head_offset = (min(self.layout.personal_layers) - self.layout.first_layer
+                            if self.layout.head == "lora" and self.layout.personal_layers else 0)
+        #: The blocks from the first personal one up, sharing every module with ``stack``: a plain head
+        #: pass trains on the output of the blocks below it, computed once per pass (client.train).
+        self.head_stack = (TopStack(self.peft.base_model.model, self.layout.first_layer + self.head_offset)
+                           if self.head_offset else self.stack)
         self._params = self._named_params()
         self.seed = seed
         self._personal_init = {n: self._params[n].detach().clone() for n in self.personal_names}
@@ -576,6 +583,11 @@ class TopStack(nn.Module):
             yield
         finally:
             self.prompt_enabled = was
+
+    @torch.no_grad()
+    def lower(self, hidden: torch.Tensor, blocks: int) -> torch.Tensor:
+        """The output of the stack's first ``blocks`` blocks (no prompt, no norm), without gradients."""
+        return _run_layers(self.layers[:blocks], self.rotary_emb, hidden)
 
     def hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.prompt is None or not self.prompt_enabled:

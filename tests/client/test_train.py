@@ -194,3 +194,35 @@ def test_fedsa_has_no_head_free_shared_pass(tiny_model_dir):
     with pytest.raises(ValueError, match="fedsa"):
         train_shared(DPTrainer(m), _examples(m), steps=1, batch_size=4, lr=0.1, optimizer="sgd", noise_multiplier=1.0,
                      max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_plain_head_pass_on_the_upper_blocks_equals_the_whole_stack(model, optimizer):
+    """The head pass runs the blocks below the head once per example, then trains the head's blocks only."""
+    from client.train import train_head
+
+    ex = _examples(model)
+    start = _params(model)
+    assert model.head_offset == 1 and len(model.head_stack.layers) == 1
+    assert model.head_stack.layers[0] is model.stack.layers[1], "the head's blocks are the stack's own modules"
+    kw = dict(steps=4, batch_size=6, lr=0.05, optimizer=optimizer, noise_multiplier=0.0, max_grad_norm=1.0,
+              dp=False, seed=3)
+    whole = trainer_for(model).train(ex, group="personal", **kw)
+    want = _personal_params(model)
+    _restore(model, start)
+    calls = []
+    hook = model.stack.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        got = train_head(trainer_for(model), ex, **kw)
+    finally:
+        hook.remove()
+    assert len(calls) == len(ex), "the lower block ran once per example, not at every step"
+    assert got.examples_seen == whole.examples_seen and got.steps == whole.steps
+    after = _personal_params(model)
+    for n in want:
+        torch.testing.assert_close(after[n], want[n], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(after[n], start[n]) for n in after), "the head moved"
+    shared = _shared_params(model)
+    assert all(torch.equal(shared[n], start[n]) for n in shared), "the shared adapter did not"
+    with pytest.raises(ValueError, match="plain passes"):
+        trainer_for(model).train(ex, group="personal", stack=model.head_stack, **dict(kw, dp=True))

@@ -35,3 +35,21 @@ def test_devices_vs_engine_round_on_real_devices(tiny_config):
     assert r["engine_over_own"] == pytest.approx(r["engine_seconds"] / r["own_path_seconds"])
     with pytest.raises(ValueError, match="adapter.head"):
         compare("demo", dict(tiny_config, **{"adapter.head": "prompt"}), users=4)
+
+
+def test_head_sweep_trains_each_users_head_apart(tiny_config):
+    """`python -m simulations.bench_head`: every grid point trains fresh heads; more steps move the loss."""
+    from simulations.bench_head import parse_grid, sweep
+
+    rows = sweep("demo", dict(tiny_config, **{"data.max-users": 3}), grid=[(1, 1e-6), (8, 0.05)])
+    assert [(r["steps"], r["lr"], r["users"]) for r in rows] == [(1, 1e-6, 3), (8, 0.05, 3)]
+    # One step at lr 1e-6 leaves the head at the identity: the base model's loss, to float precision.
+    assert abs(rows[0]["gain"]) < 1e-4
+    assert abs(rows[1]["gain"]) > 10 * abs(rows[0]["gain"]), "8 steps at lr 0.05 move the held-out loss"
+    assert all(0 <= r["better"] <= 3 for r in rows)
+    assert parse_grid("6:0.01, 12:5e-3") == [(6, 0.01), (12, 0.005)]
+    for bad in ("6", "6:x", "0:0.01", "6:0", "6:0.01,"):
+        with pytest.raises(ValueError, match="STEPS:LR"):
+            parse_grid(bad)
+    with pytest.raises(ValueError, match="adapter.head"):
+        sweep("demo", dict(tiny_config, **{"adapter.head": "prompt"}), grid=[(1, 0.01)])
