@@ -6,7 +6,9 @@ simulation run the run's newest checkpoint. Each plain input line is a message t
 assistant drafts the user's reply (in the user's voice), with the conversation so far as context:
 the latest turns that fit in ``model.seq-len`` tokens (older turns are dropped whole; a message
 longer than that keeps its last tokens). The user profile (:mod:`client.profile`) comes before it,
-as a ChatML system turn of at most :data:`PROFILE_TOKENS` tokens.
+as a ChatML system turn of at most :data:`PROFILE_TOKENS` tokens. With ``exemplars = K`` the user's
+own turns most like the message (:mod:`client.exemplars`: the device's data and kept feedback, at
+most :data:`EXEMPLAR_TOKENS` tokens) come between the profile and the conversation.
 
 Commands (a line that starts with ``/``)::
 
@@ -38,6 +40,7 @@ import torch
 
 from client.data import ASSISTANT_HEADER, IM_END, USER_HEADER
 from client.device import HEAD_FILE, RECEIVED_CONFIG, RECEIVED_SHARED, cache_examples
+from client.exemplars import exemplar_text, pick_exemplars
 from client.feedback import load_feedback, pairs_of, record_feedback
 from client.profile import compute_profile, load_profile, save_profile, system_prefix
 from client.store import DeviceStore
@@ -60,6 +63,7 @@ def feedback_losses(model, cfg, store: DeviceStore) -> dict[str, float]:
     return out
 
 PROFILE_TOKENS = 64
+EXEMPLAR_TOKENS = 192
 #: A small model loops ("I will. I will. ...") without it.
 REPETITION_PENALTY = 1.2
 HELP = """commands: /accept  /edit TEXT  /reject  /profile  /stats  /help  /quit   (other lines: a message to answer)"""
@@ -91,7 +95,7 @@ class ChatSession:
     """One conversation with the personalized model (already loaded with the shared adapter and the head)."""
 
     def __init__(self, model, cfg, store, *, profile: str = "", max_new_tokens: int = 48, temperature: float = 0.7,
-                 seed: int = 0) -> None:
+                 seed: int = 0, pairs: Iterable[tuple[str, str]] | None = None, exemplars: int = 0) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1. You passed: {max_new_tokens!r}")
         if temperature < 0:
@@ -100,6 +104,8 @@ class ChatSession:
         self.profile = profile
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.generator_seed = seed
+        pick_exemplars([], "", exemplars)  # a bad count fails here, not at the first draft
+        self.pairs, self.exemplars = list(pairs or ()), exemplars
         self.device = model.device  # placed where model.device / model.dtype say (fedpersona.model.adapted_model)
         tok = model.tokenizer
         self._end = tok.convert_tokens_to_ids(IM_END)
@@ -133,7 +139,19 @@ class ChatSession:
                 break
             context = turn + context
             used += len(turn)
-        return self._prefix + context + current
+        return self._prefix + self.exemplar_ids(message) + context + current
+
+    def exemplar_ids(self, message: str) -> list[int]:
+        """The user's own turns most like ``message`` (its data and kept feedback), at most EXEMPLAR_TOKENS."""
+        if not self.exemplars:
+            return []
+        kept = pairs_of([e for e in load_feedback(self.store) if e.positive])
+        ids: list[int] = []
+        for pair in pick_exemplars(self.pairs + kept, message, self.exemplars, seed=self.generator_seed):
+            turn = self._ids(exemplar_text([pair]))
+            if len(ids) + len(turn) <= EXEMPLAR_TOKENS:  # a turn that does not fit is left out
+                ids += turn
+        return ids
 
     @torch.no_grad()
     def draft(self, turns: list[tuple[str, str]], message: str) -> str:

@@ -78,7 +78,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     text = generate(
         user=args.user, prompt=args.prompt, scenario=args.scenario, overrides=_overrides(args.set),
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, exemplars=args.exemplars,
     )
     print(text)
     return 0
@@ -102,7 +102,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         pairs = read_user_folder(args.data_dir) if args.data_dir else None
     profile = "" if args.no_profile else device_profile(store, pairs=pairs, tokenizer=model.tokenizer)
     session = ChatSession(model, cfg, store, profile=profile, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, seed=args.seed)
+                          temperature=args.temperature, seed=args.seed, pairs=pairs, exemplars=args.exemplars)
     interactive = sys.stdin.isatty()
     if interactive:
         from client.chat import HELP
@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=48)
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--exemplars", type=int, default=3, metavar="K",
+                   help="show K of the user's own (cue, reply) pairs first, as earlier turns, picked on the device by "
+                        "the words they share with the prompt (0: none; default: 3)")
     g.set_defaults(func=_cmd_generate)
 
     h = sub.add_parser("chat", help="chat with a user's assistant; accept / edit / reject replies (they become local data)")
@@ -203,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--max-new-tokens", type=int, default=48)
     h.add_argument("--temperature", type=float, default=0.7)
     h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--exemplars", type=int, default=3, metavar="K",
+                   help="before the conversation, K of the user's own turns most like the message (its data and kept "
+                        "feedback; 0: none; default: 3)")
     h.set_defaults(func=_cmd_chat)
 
     b = sub.add_parser("bench", help="print benchmark figures")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from simulations.generate import personalized_model
-from simulations.sources import load_source
+from simulations.generate import personalized_model, user_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -14,7 +13,6 @@ logger = logging.getLogger(__name__)
 def simulated_user(user: str, scenario: str | None, overrides: dict[str, Any] | None = None):
     """(config, model, store, the user's own (cue, reply) pairs) of a simulated user of a run."""
     cfg, user_id, model, store, ckpt_round = personalized_model(user, scenario, overrides)
-    users = load_source(cfg.data, cfg.run.seed)
-    pairs = [(e.cue, e.reply) for e in next(u for u in users if u.user_id == user_id).examples]
+    pairs = user_pairs(cfg, user_id)
     logger.info("chat as %s: shared adapter of round %d, head from %s", user_id, ckpt_round, store.state_dir)
     return cfg, model, store, pairs

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 
 from client.data import format_prompt
+from client.chat import REPETITION_PENALTY
 from client.device import HEAD_FILE
+from client.exemplars import exemplar_text, pick_exemplars
 from client.store import DeviceStore
 from fedpersona.model import adapted_model
 from server.checkpoint import latest_checkpoint
@@ -29,6 +31,11 @@ def find_user(user: str, cfg) -> str:
             return u
     sample = ", ".join(users[:8])
     raise ValueError(f"Unknown user {user!r} in run '{cfg.run.name}'. Users look like: {sample}, ...")
+
+
+def user_pairs(cfg, user_id: str) -> list[tuple[str, str]]:
+    """A simulated user's own (cue, reply) pairs, as the user's device holds them."""
+    return [(e.cue, e.reply) for e in next(u for u in load_source(cfg.data, cfg.run.seed) if u.user_id == user_id).examples]
 
 
 def personalized_model(user: str, scenario: str | None, overrides: dict[str, Any] | None = None):
@@ -52,17 +59,20 @@ def personalized_model(user: str, scenario: str | None, overrides: dict[str, Any
     return cfg, user_id, model, store, ckpt[0]
 
 
-def reply(model, prompt: str, *, max_new_tokens: int = 48, temperature: float = 0.7, seed: int = 0) -> str:
-    """The model's reply to ``prompt`` (sampled with ``temperature``, greedy at 0), on the model's device."""
+def reply(model, prompt: str, *, max_new_tokens: int = 48, temperature: float = 0.7, seed: int = 0,
+          exemplars: list[tuple[str, str]] = ()) -> str:
+    """The model's reply to ``prompt`` (sampled with ``temperature``, greedy at 0), on the model's device;
+    ``exemplars``: the user's own (cue, reply) pairs shown first as earlier turns (:mod:`client.exemplars`)."""
     tok = model.tokenizer
-    ids = tok(format_prompt(prompt), add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+    text = exemplar_text(exemplars) + format_prompt(prompt)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
     end = tok.convert_tokens_to_ids("<|im_end|>")
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(  # a prompt head: its prefix runs at the cache boundary (fedpersona.model)
             ids, max_new_tokens=max_new_tokens,
             do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_p=0.9,
-            eos_token_id=end, pad_token_id=tok.pad_token_id,
+            repetition_penalty=REPETITION_PENALTY, eos_token_id=end, pad_token_id=tok.pad_token_id,
         )
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
@@ -76,6 +86,8 @@ def generate(
     max_new_tokens: int = 48,
     temperature: float = 0.7,
     seed: int = 0,
+    exemplars: int = 0,
 ) -> str:
-    _, _, model, _, _ = personalized_model(user, scenario, overrides)
-    return reply(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    cfg, user_id, model, _, _ = personalized_model(user, scenario, overrides)
+    shown = pick_exemplars(user_pairs(cfg, user_id), prompt, exemplars, seed=seed) if exemplars else []
+    return reply(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, exemplars=shown)

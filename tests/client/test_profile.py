@@ -160,5 +160,19 @@ def test_no_message_of_a_federation_carries_a_profile(tiny_model_dir, tmp_path):
     counts = session.run(["Who's there?", "/accept", "/profile", "/quit"], out)
     assert counts.accepted == 1 and "profile: " + profiles[users[0].user_id] in out.getvalue()
     assert [e.origin for e in load_feedback(store)] == ["accepted"]
+    # With exemplars: the user's own turn most like the message comes before it, within the budget.
+    from client.chat import EXEMPLAR_TOKENS
+    from client.exemplars import MAX_EXEMPLAR_WORDS, exemplar_text
+
+    cue, own = next((c, r) for c, r in pairs if 3 <= len(r.split()) <= MAX_EXEMPLAR_WORDS)
+    ex_session = ChatSession(model, cfg2, store, pairs=pairs, exemplars=2, seed=1)
+    shown = ex_session.exemplar_ids(f"{cue} {own}")
+    turn = model.tokenizer(exemplar_text([(cue, own)]), add_special_tokens=False)["input_ids"]
+    assert shown[: len(turn)] == list(turn) and len(shown) <= EXEMPLAR_TOKENS
+    before, hello = len(ex_session._prefix), ex_session.exemplar_ids("Hello")
+    assert hello and ex_session.context_ids([], "Hello")[before : before + len(hello)] == hello
+    assert session.exemplar_ids("Hello") == [], "no exemplars unless asked for"
+    with pytest.raises(ValueError, match="number of exemplars"):
+        ChatSession(model, cfg2, store, exemplars=-1)
     with pytest.raises(ValueError, match="Unknown user"):
         simulated_user("NOBODY (Nowhere)", None, flat)
