@@ -118,6 +118,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         return utility_main(args.scenario, epsilons=args.epsilons, quick=args.quick, overrides=_overrides(args.set),
                             vary=args.vary)
+    if args.what == "attribution":
+        from simulations.utility import finished_run_attribution
+
+        r = finished_run_attribution(args.scenario, _overrides(args.set))
+        ranks = sorted(r["ranks"].items(), key=lambda kv: (kv[1], kv[0]))
+        print(f"user attribution, run '{r['run']}' (round {r['round']}): top-1 {r['top1']:.0%} of {len(ranks)} users "
+              f"against chance {r['chance']:.1%} ({r['ratio_to_chance']:.1f}x), mean rank {r['mean_rank']:.2f}"
+              + (f"; {r['without_head']} user(s) without a head" if r["without_head"] else ""))
+        for user, rank in ranks:
+            print(f"  {rank:3d}  {user}")
+        return 0
     if args.what == "newcomer":
         from simulations.newcomer import main as newcomer_main
 
@@ -212,12 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(func=_cmd_chat)
 
     b = sub.add_parser("bench", help="print benchmark figures")
-    b.add_argument("what", choices=["dp-step", "engine", "utility", "newcomer"],
+    b.add_argument("what", choices=["dp-step", "engine", "utility", "newcomer", "attribution"],
                    help="dp-step: DP vs non-DP step on the same batches; engine: cohort engine vs sequential Opacus; "
-                        "utility: the utility study (simulations/utility.py); newcomer: a user who joins after training")
+                        "utility: the utility study (simulations/utility.py); newcomer: a user who joins after training; "
+                        "attribution: a finished run's user attribution (does each user's model rank its own held-out "
+                        "replies first?)")
     b.add_argument("scenario", nargs="?", default="demo",
-                   help="utility: scenario name or TOML path; newcomer: the run whose newest checkpoint is the shared "
-                        "adapter (default: demo)")
+                   help="utility: scenario name or TOML path; newcomer / attribution: the run whose newest checkpoint "
+                        "is the shared adapter (default: demo)")
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--quick", action="store_true", help="engine: tiny model on the CPU, 16 clients (about a minute); "
                    "utility: fewer users and rounds (a smoke run)")

@@ -50,12 +50,15 @@ import torch
 
 from client.device import HEAD_FILE, BudgetExhausted, Device, UserData, prepare_user
 from client.node_data import slug
+from client.store import DeviceStore
 from client.train import evaluate, train_shared, trainer_for
 from fedpersona.config import Config, load_config
 from fedpersona.model import adapted_model
 from server.federation import sample_cohort
+from server.checkpoint import latest_checkpoint
 from server.optim import ServerOptimizer
 from server.run_report import distribution
+from simulations.partitions import simulated_state_dir
 from simulations.sources import load_source
 
 logger = logging.getLogger(__name__)
@@ -170,24 +173,60 @@ def attribution(run: FederatedRun) -> dict[str, Any]:
     """Does each user's own personalized model rank the user's held-out replies above the others' models?"""
     devices = run.devices
     model = devices[0].model
-    model.load_shared_state(run.shared)
-    heads = []
-    for dev in devices:
-        h = dev.store.load_tensors(HEAD_FILE)
-        heads.append(h if h is not None else model.fresh_personal_state())
-    n = len(devices)
+    heads = [dev.store.load_tensors(HEAD_FILE) for dev in devices]
+    return attribution_of(model, run.shared, heads, [dev.data.held_out for dev in devices],
+                          [dev.user_id for dev in devices])
+
+
+def attribution_of(model, shared: dict[str, torch.Tensor], heads: list, held_out: list, user_ids: list[str],
+                   progress=None) -> dict[str, Any]:
+    """User attribution: user u's held-out replies scored (mean loss) by every user's model, the shared
+    adapter + that user's head (a fresh head where there is none); u's rank is 1 + the number of other
+    models that score them at least as well as u's own. Top-1 against the 1/N chance."""
+    model.load_shared_state(shared)
+    n = len(user_ids)
     losses = [[0.0] * n for _ in range(n)]
     for m, head in enumerate(heads):
-        model.load_personal_state(head)
-        for u, dev in enumerate(devices):
-            losses[u][m] = evaluate(model, dev.data.held_out)["loss"]
+        model.load_personal_state(head if head is not None else model.fresh_personal_state())
+        for u in range(n):
+            losses[u][m] = evaluate(model, held_out[u])["loss"]
+        if progress is not None:
+            progress(m + 1, n)
     ranks = []
     for u in range(n):
         own = losses[u][u]
         ranks.append(1 + sum(1 for m in range(n) if m != u and losses[u][m] <= own))
     top1 = sum(1 for r in ranks if r == 1) / n
     return {"top1": top1, "chance": 1.0 / n, "ratio_to_chance": top1 * n, "mean_rank": statistics.fmean(ranks),
-            "ranks": {dev.user_id: r for dev, r in zip(devices, ranks)}}
+            "ranks": dict(zip(user_ids, ranks))}
+
+
+def finished_run_attribution(scenario: str | None = "demo", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """User attribution of a finished ``fedpersona run``: its newest checkpoint and every simulated user's head.
+
+    Writes ``results/<run.name>/attribution.json``. The users' held-out examples are prepared again
+    from the scenario's source and split (the same seeded split as the run's)."""
+    from simulations.runner import resolve  # Flower is loaded only where a scenario is resolved
+
+    _, cfg = resolve(scenario, dict(overrides or {}))
+    run_dir = Path(cfg.run.results_dir) / cfg.run.name
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        raise ValueError(f"No checkpoint in {run_dir / 'checkpoints'}: run `fedpersona run {scenario or ''}` first")
+    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)
+    users = load_source(cfg.data, cfg.run.seed)
+    held_out, heads = [], []
+    for i, u in enumerate(users, 1):
+        store = DeviceStore(simulated_state_dir(cfg, u.user_id))
+        heads.append(store.load_tensors(HEAD_FILE))
+        held_out.append(prepare_user(model, cfg, u.user_id, [(e.cue, e.reply) for e in u.examples],
+                                     store=store).held_out)
+        logger.info("prepared %d/%d users", i, len(users))
+    result = attribution_of(model, ckpt[1], heads, held_out, [u.user_id for u in users],
+                            progress=lambda m, n: logger.info("scored with %d/%d heads", m, n))
+    result.update(run=cfg.run.name, round=ckpt[0], without_head=sum(h is None for h in heads))
+    (run_dir / "attribution.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 # ----------------------------------------------------------------------------------- rows

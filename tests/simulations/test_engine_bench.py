@@ -53,3 +53,25 @@ def test_head_sweep_trains_each_users_head_apart(tiny_config):
             parse_grid(bad)
     with pytest.raises(ValueError, match="adapter.head"):
         sweep("demo", dict(tiny_config, **{"adapter.head": "prompt"}), grid=[(1, 0.01)])
+
+
+def test_snr_diagnostic_cosines(tiny_config):
+    """`python -m simulations.bench_snr`: per-example gradients, the device's sigma, cosines in [-1, 1]."""
+    import torch
+
+    from simulations.bench_snr import cohort_cosines, measure
+
+    r = measure("demo", dict(tiny_config, **{"data.max-users": 3}), cohorts=[1, 2, 5], trials=4)
+    assert r["users"] == 3 and r["d"] > 0 and r["sigma"] > 0
+    assert set(r["cosines"]) == {1, 2, 5}
+    assert all(-1.0 <= c <= 1.0 for pair in r["cosines"].values() for c in pair)
+    # Synthetic: every example's gradient is the same unit vector; without noise the sum points along it.
+    g = [torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 6) for _ in range(4)]
+    cos = cohort_cosines(g, [1.0] * 4, sigma=0.0, clip=1.0, cohorts=[1, 4], trials=3)
+    assert cos[1] == pytest.approx((1.0, 1.0)) and cos[4] == pytest.approx((1.0, 1.0))
+    # Noise far above the signal in 4,000 dimensions: the cosine falls to near 0, and a larger cohort helps.
+    g = [torch.nn.functional.pad(x, (0, 3996)) for x in g]
+    cos = cohort_cosines(g, [1.0] * 4, sigma=5.0, clip=1.0, cohorts=[1, 400], trials=20)
+    assert cos[1][0] < 0.1 < cos[400][0] and cos[1][1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="privacy.enabled"):
+        measure("demo", dict(tiny_config, **{"privacy.enabled": False}), cohorts=[1])
