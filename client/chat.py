@@ -40,7 +40,7 @@ import torch
 
 from client.data import ASSISTANT_HEADER, IM_END, USER_HEADER
 from client.device import HEAD_FILE, RECEIVED_CONFIG, RECEIVED_SHARED, cache_examples
-from client.exemplars import exemplar_text, pick_exemplars
+from client.exemplars import check_count, exemplar_text, pick_exemplars
 from client.feedback import load_feedback, pairs_of, record_feedback
 from client.profile import compute_profile, load_profile, save_profile, system_prefix
 from client.store import DeviceStore
@@ -104,8 +104,7 @@ class ChatSession:
         self.profile = profile
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.generator_seed = seed
-        pick_exemplars([], "", exemplars)  # a bad count fails here, not at the first draft
-        self.pairs, self.exemplars = list(pairs or ()), exemplars
+        self.pairs, self.exemplars = list(pairs or ()), check_count(exemplars)
         self.device = model.device  # placed where model.device / model.dtype say (fedpersona.model.adapted_model)
         tok = model.tokenizer
         self._end = tok.convert_tokens_to_ids(IM_END)

@@ -18,22 +18,27 @@ import random
 from collections.abc import Sequence
 
 from client.data import ASSISTANT_HEADER, IM_END, USER_HEADER
-from client.profile import STOPWORDS, _words
+from client.profile import STOPWORDS, words
 
 #: A reply longer than this (in words) is not used as an exemplar.
 MAX_EXEMPLAR_WORDS = 40
 
 
 def _content(text: str) -> set[str]:
-    return {w for w in _words(text) if w not in STOPWORDS and len(w) > 2}
+    return {w for w in words(text) if w not in STOPWORDS and len(w) > 2}
+
+
+def check_count(k: object) -> int:
+    """``k`` if it is a valid number of exemplars (an integer >= 0), else a ValueError."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"the number of exemplars must be an integer >= 0. You passed: {k!r}")
+    return k
 
 
 def pick_exemplars(pairs: Sequence[tuple[str, str]], prompt: str, k: int, *, seed: int = 0,
                    max_words: int = MAX_EXEMPLAR_WORDS) -> list[tuple[str, str]]:
     """Up to ``k`` of ``pairs`` to show before ``prompt``: most content words shared with it first."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"the number of exemplars must be an integer >= 0. You passed: {k!r}")
-    if k == 0 or not pairs:
+    if check_count(k) == 0 or not pairs:
         return []
     wanted = _content(prompt)
     short = [(c, r) for c, r in pairs if r.strip() and len(r.split()) <= max_words]

@@ -77,7 +77,7 @@ class Profile:
         return sentence
 
 
-def _words(text: str) -> list[str]:
+def words(text: str) -> list[str]:
     """Words, a possessive 's dropped (father's -> father)."""
     return [w[:-2] if w.lower().endswith("'s") and len(w) > 3 else w for w in _WORD.findall(text)]
 
@@ -88,7 +88,7 @@ def document_frequencies(texts: Iterable[str]) -> tuple[Counter, int]:
     n = 0
     for t in texts:
         n += 1
-        df.update({w.lower() for w in _words(t)})
+        df.update({w.lower() for w in words(t)})
     return df, n
 
 
@@ -116,7 +116,7 @@ def compute_profile(
     replies = [r for _, r in pairs if r.strip()]
     if not replies:
         return Profile(0, 0.0, None, (), ())
-    words_per = [_words(r) for r in replies]
+    words_per = [words(r) for r in replies]
     median_words = float(statistics.median(len(w) for w in words_per))
     lower = [w.lower() for ws in words_per for w in ws]
     thou = sum(1 for w in lower if w in THOU)
@@ -126,7 +126,7 @@ def compute_profile(
     names: Counter = Counter()
     for r in replies:
         for sentence in re.split(r"(?<=[.!?;:])\s+", r):
-            ws = _words(sentence)
+            ws = words(sentence)
             for w in ws[1:]:
                 if w[0].isupper() and w.lower() not in STOPWORDS and not w.isupper() and len(w) > 2:
                     names[w] += 1

@@ -20,18 +20,11 @@ import time
 from pathlib import Path
 
 from client.device import Device
-from client.node_data import slug
-from fedpersona.config import load_config, parse_override
+from fedpersona.config import parse_override
 from simulations.engine import CohortEngine
 from simulations.engine.engine import engine_model
 from simulations.engine.jobs import ClientJob, Phase
-from simulations.runner import resolve
-from simulations.utility import population
-
-
-def _devices(cfg, users, root: Path) -> list[Device]:
-    return [Device(cfg, {"data-dir": str(u.folder), "state-dir": str(root / slug(u.user_id)), "user-id": u.user_id},
-                   prepared=u.data, simulated=True) for u in users]
+from simulations.utility import require_split_lora_head, scenario_population, simulated_devices
 
 
 def _job(engine: CohortEngine, device: Device, shared, server_round: int) -> ClientJob:
@@ -50,24 +43,19 @@ def _job(engine: CohortEngine, device: Device, shared, server_round: int) -> Cli
 def compare(scenario: str = "demo", overrides: dict | None = None, *, users: int = 8) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-devices-") as tmp:
         root = Path(tmp)
-        flat, _ = resolve(scenario, {"data.max-users": users, "run.state-dir": str(root / "state"),
-                                     "run.results-dir": str(root / "results"), **(overrides or {})})
-        cfg = load_config(flat, env=False)
-        if cfg.adapter.head != "lora" or cfg.adapter.split == "fedsa":
-            raise ValueError("the comparison trains the split round (LoRA head, shared pass then head pass). "
-                             f"You passed: adapter.head={cfg.adapter.head!r}, adapter.split={cfg.adapter.split!r}")
-        people = population(cfg, root / "population")
-        own = _devices(cfg, people, root / "own")
+        cfg, people = scenario_population(scenario, {"data.max-users": users, **(overrides or {})}, root)
+        require_split_lora_head(cfg, "the comparison (the split round: shared pass, then head pass)")
+        own = simulated_devices(cfg, people, root / "own")
         shared = own[0].model.initial_shared_state()
         t0 = time.perf_counter()
         for d in own:
             d.train_round(shared, server_round=1)
         t_own = time.perf_counter() - t0
         engine = CohortEngine(engine_model(cfg), device=cfg.model.device, dtype=cfg.model.dtype)
-        together = _devices(cfg, people, root / "engine")
+        together = simulated_devices(cfg, people, root / "engine")
         jobs = [_job(engine, d, shared, 1) for d in together]
         engine.train_cohort(jobs[:1])  # warm-up: the first call builds the engine's buffers
-        jobs = [_job(engine, d, shared, 1) for d in _devices(cfg, people, root / "engine-timed")]
+        jobs = [_job(engine, d, shared, 1) for d in simulated_devices(cfg, people, root / "engine-timed")]
         t0 = time.perf_counter()
         engine.train_cohort(jobs)
         t_engine = time.perf_counter() - t0

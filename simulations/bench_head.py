@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 from client.train import evaluate, train_head, trainer_for
-from fedpersona.config import load_config, parse_overrides
+from fedpersona.config import parse_overrides
 from fedpersona.model import adapted_model
-from simulations.runner import resolve
-from simulations.utility import population
+from simulations.utility import require_split_lora_head, scenario_population
 
 
 def parse_grid(spec: str) -> list[tuple[int, float]]:
@@ -47,13 +46,8 @@ def parse_grid(spec: str) -> list[tuple[int, float]]:
 def sweep(scenario: str = "demo", overrides: dict | None = None, *,
           grid: list[tuple[int, float]], seed: int = 1) -> list[dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix="bench-head-") as tmp:
-        flat, _ = resolve(scenario, {"run.state-dir": str(Path(tmp) / "state"),
-                                     "run.results-dir": str(Path(tmp) / "results"), **(overrides or {})})
-        cfg = load_config(flat, env=False)
-        if cfg.adapter.head != "lora" or cfg.adapter.split == "fedsa":
-            raise ValueError("the sweep trains a LoRA head apart from the shared adapter. "
-                             f"You passed: adapter.head={cfg.adapter.head!r}, adapter.split={cfg.adapter.split!r}")
-        users = population(cfg, Path(tmp) / "population")
+        cfg, users = scenario_population(scenario, overrides, Path(tmp))
+        require_split_lora_head(cfg, "the sweep")
         model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)
         model.load_shared_state(model.initial_shared_state())  # the model may be a cached one, trained before
         trainer = trainer_for(model)

@@ -31,13 +31,10 @@ from pathlib import Path
 
 import torch
 
-from client.device import Device
-from client.node_data import slug
 from client.train import trainer_for
-from fedpersona.config import load_config, parse_overrides
+from fedpersona.config import parse_overrides
 from fedpersona.model import adapted_model, collate
-from simulations.runner import resolve
-from simulations.utility import population
+from simulations.utility import scenario_population, simulated_devices
 
 
 def per_example_gradients(model, examples) -> torch.Tensor:
@@ -86,14 +83,10 @@ def cohort_cosines(grads: list[torch.Tensor], rates: list[float], *, sigma: floa
 def measure(scenario: str = "demo", overrides: dict | None = None, *, cohorts: list[int], trials: int = 30) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-snr-") as tmp:
         root = Path(tmp)
-        flat, _ = resolve(scenario, {"run.state-dir": str(root / "state"), "run.results-dir": str(root / "results"),
-                                     **(overrides or {})})
-        cfg = load_config(flat, env=False)
+        cfg, users = scenario_population(scenario, overrides, root)
         if not cfg.privacy.enabled:
             raise ValueError("the diagnostic needs the device's DP noise: privacy.enabled = false has none")
-        users = population(cfg, root / "population")
-        devices = [Device(cfg, {"data-dir": str(u.folder), "state-dir": str(root / "dev" / slug(u.user_id)),
-                                "user-id": u.user_id}, prepared=u.data, simulated=True) for u in users]
+        devices = simulated_devices(cfg, users, root / "dev")
         sigmas = {round(d.noise_multiplier, 6) for d in devices}
         sigma = max(sigmas)  # devices with fewer examples get more noise; report the noisiest
         model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)

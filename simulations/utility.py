@@ -98,6 +98,29 @@ def population(cfg: Config, root: Path) -> list[User]:
     return out
 
 
+def scenario_population(scenario: str | None, overrides: dict[str, Any] | None, root: Path) -> tuple[Config, list[User]]:
+    """A scenario's config, with its state and results under ``root``, and its users prepared once (the benches)."""
+    from simulations.runner import resolve  # Flower is loaded only where a scenario is resolved
+
+    flat, _ = resolve(scenario, {"run.state-dir": str(root / "state"), "run.results-dir": str(root / "results"),
+                                 **(overrides or {})})
+    cfg = load_config(flat, env=False)
+    return cfg, population(cfg, root / "population")
+
+
+def simulated_devices(cfg: Config, users: list[User], state_root: Path, **node: Any) -> list[Device]:
+    """One real device per prepared user, its state under ``state_root`` (``node``: more node-config keys)."""
+    return [Device(cfg, {"data-dir": str(u.folder), "state-dir": str(state_root / slug(u.user_id)),
+                         "user-id": u.user_id, **node}, prepared=u.data, simulated=True) for u in users]
+
+
+def require_split_lora_head(cfg: Config, what: str) -> None:
+    """A ValueError unless the head is a LoRA adapter apart from the shared one (``what`` trains the two apart)."""
+    if cfg.adapter.head != "lora" or cfg.adapter.split == "fedsa":
+        raise ValueError(f"{what} trains a LoRA head apart from the shared adapter. "
+                         f"You passed: adapter.head={cfg.adapter.head!r}, adapter.split={cfg.adapter.split!r}")
+
+
 def _weighted_clipped(update: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
     """What the secure sum adds for a device: ``update / max-examples``, clipped to ``secagg.clip-norm``."""
     scaled = {n: u / cfg.data.max_examples for n, u in update.items()}
@@ -115,12 +138,7 @@ def federate(cfg: Config, users: list[User], state_root: Path) -> FederatedRun:
     t0 = time.perf_counter()
     # A non-private row is one the user asked the study for: the simulated devices' policy allows it
     # (the device still records such a release as epsilon = infinity).
-    policy = {"policy.allow-no-dp": not cfg.privacy.enabled}
-    devices = [
-        Device(cfg, {"data-dir": str(u.folder), "state-dir": str(state_root / slug(u.user_id)), "user-id": u.user_id,
-                     **policy}, prepared=u.data, simulated=True)
-        for u in users
-    ]
+    devices = simulated_devices(cfg, users, state_root, **{"policy.allow-no-dp": not cfg.privacy.enabled})
     model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)
     shared = model.initial_shared_state()
     opt = ServerOptimizer(cfg.server.optimizer, cfg.server.lr)
