@@ -4,68 +4,70 @@ The sequential trainer (:mod:`client.train`) and the cohort engine
 (:mod:`simulations.engine`) both draw a client's step like this, so that with the
 same :class:`~privacy.noise.NoiseSource` they train the same model:
 
-1. one generator per step: :func:`step_generator` (fresh from the OS's CSPRNG by
-   default; the injected one in tests);
+1. one source of draws per step: :func:`step_generator` (a fresh AES-256-CTR stream
+   keyed from ``os.urandom`` by default, :class:`~privacy.noise.CsprngStream`; the
+   injected torch generator in tests);
 2. the batch from it: a Poisson mask over the ``n`` examples (DP-SGD), or a
    uniform minibatch without replacement (local, non-private training);
 3. then, for a DP step, the Gaussian noise of every trained tensor as ONE flat
    float32 noise vector of their total size, in the trainer's parameter order, split
    into the tensors afterwards (:func:`flat_noise`). With :data:`ROBUST_NOISE` (the
-   default) each coordinate is the sum of 4 Gaussian draws divided by 2, after one
-   discarded draw (the construction of Opacus's ``secure_mode``, Holohan et al. 2021),
-   which defeats the floating-point attacks on a sampled Gaussian (Mironov 2012); it
-   does not choose the generator: the CSPRNG-seeded one of step 1 does.
+   default) each coordinate is the sum of 4 Gaussian draws divided by 2 (the
+   construction Opacus's ``secure_mode`` uses, Holohan et al. 2021), which defeats the
+   floating-point attacks on a sampled Gaussian (Mironov 2012); the draws themselves
+   come from the step's source of step 1.
 
 One flat draw per client and step keeps the kernel launches of a cohort of many
 clients low; its values equal per-tensor draws in distribution, not bit for bit.
+A secure source draws on the CPU and the noise is moved to the model's device.
 """
 
 from __future__ import annotations
 
 import torch
 
-from privacy.noise import NoiseSource
+from privacy.noise import CsprngStream, NoiseSource, StepRandomness
 
 #: Noise robust to floating-point attacks (see the module docstring); the benchmark turns it off to price it.
 ROBUST_NOISE = True
 
 
-def step_generator(source: NoiseSource) -> torch.Generator:
-    """The CPU generator of one step's batch draw (and of its noise on the CPU)."""
+def step_generator(source: NoiseSource) -> StepRandomness:
+    """The draws of one step: its batch, then its noise (a fresh CSPRNG stream, or the injected generator)."""
     return source.generator("cpu")
 
 
-def poisson_batch(source: NoiseSource, gen: torch.Generator, n: int, rate: float) -> torch.Tensor:
+def poisson_batch(source: NoiseSource, gen: StepRandomness, n: int, rate: float) -> torch.Tensor:
     """Indices of the examples that joined this step's Poisson batch (sorted, possibly empty)."""
     return source.poisson_mask(n, rate, generator=gen).nonzero().flatten()
 
 
-def uniform_batch(gen: torch.Generator, n: int, size: int) -> torch.Tensor:
+def uniform_batch(gen: StepRandomness, n: int, size: int) -> torch.Tensor:
     """``min(size, n)`` distinct indices drawn uniformly (sorted)."""
     if size < 1:
         raise ValueError(f"A uniform minibatch needs a size of at least 1. You passed: {size}")
+    if isinstance(gen, CsprngStream):  # a uniformly random permutation: the order of n uniform keys
+        return torch.from_numpy(gen.uniform(n).argsort(kind="stable")[: min(size, n)]).sort().values
     return torch.randperm(n, generator=gen)[: min(size, n)].sort().values
 
 
-def flat_noise(source: NoiseSource, gen: torch.Generator, numel: int, *, std: float,
+def flat_noise(source: NoiseSource, gen: StepRandomness, numel: int, *, std: float,
                device: torch.device | str = "cpu", robust: bool | None = None) -> torch.Tensor:
     """N(0, std^2) noise for all of a step's trained coordinates, float32 on ``device``.
 
-    A secure source draws on ``device`` itself (a fresh CSPRNG-seeded generator for
-    a CUDA device); an injected generator draws where it lives (the CPU) and the
-    values are moved, so a test's noise does not depend on the device.
+    Drawn where ``gen`` draws (the CPU: a CSPRNG stream, or an injected CPU generator) and
+    moved, so a test's noise does not depend on the device.
     """
     device = torch.device(device)
     if std == 0:
         return torch.zeros(numel, dtype=torch.float32, device=device)
-    if source.secure and device.type != "cpu":
-        where, draw_gen = device, source.generator(device)
-    else:
-        where, draw_gen = gen.device, gen
     if not (ROBUST_NOISE if robust is None else robust):
-        return source.normal((numel,), std=std, device=where, generator=draw_gen).to(device)
-    source.normal((1,), std=std, device=where, generator=draw_gen)  # discarded, as Opacus's secure_mode does
-    total = source.normal((numel,), std=std, device=where, generator=draw_gen)
+        return source.normal((numel,), std=std, generator=gen).to(device)
+    if isinstance(gen, CsprngStream):  # the 4 draws summed in float64, then one cast
+        total = gen.normal(4 * numel).reshape(4, numel).sum(axis=0) * (float(std) / 2)
+        return torch.from_numpy(total).to(device=device, dtype=torch.float32)
+    source.normal((1,), std=std, generator=gen)  # discarded (the injected generators' draw order since 2026-11)
+    total = source.normal((numel,), std=std, generator=gen)
     for _ in range(3):
-        total += source.normal((numel,), std=std, device=where, generator=draw_gen)
+        total += source.normal((numel,), std=std, generator=gen)
     return (total / 2).to(device)
