@@ -5,23 +5,27 @@ Message types:
 * ``train`` — in: ``shared`` (ArrayRecord, the current shared adapter) and
   ``config`` (``server-round``), and, under secure aggregation (``secagg.enabled``, the
   default), the masked-input request (``secagg`` / ``secagg-arrays``). Out: only the masked
-  payload (``secagg`` / ``secagg-arrays``: the masked vector of the weighted update, example
-  count and metrics, and encrypted shares). A device that does not train (budget spent) replies
-  with a decline (``secagg``: ``declined``), no vector and no shares: it takes no part in the sum.
-  With ``secagg.enabled = false``: ``update`` (ArrayRecord, the example-weighted change of the
-  shared tensors) and ``metrics`` (MetricRecord of summable values), or a ``status``
+  payload (``secagg`` / ``secagg-arrays``: the masked vector of the update, weight 1, with
+  ``trained`` as its only extra, and encrypted shares). A device that does not train (budget
+  spent) replies with a decline (``secagg``: ``declined``), no vector and no shares: it takes no
+  part in the sum. With ``secagg.enabled = false``: ``update`` (ArrayRecord, the change of the
+  shared tensors) and ``metrics`` (``weight`` 1 and ``trained`` 1), or a ``status``
   ConfigRecord when the device declines (privacy budget spent). A device with secure
   aggregation on refuses a train request without the masked-input request.
 * ``query.advertise`` — out: ``secagg``: the device's long-term public keys (once per run).
 * ``query.unmask`` — in: ``secagg`` / ``secagg-arrays`` (survivors, forwarded shares).
   Out: the shares the server needs to unmask the survivors' sum (:mod:`client.secagg`).
 * ``evaluate`` — in: ``shared`` and, under secure aggregation, a masked-input request for the
-  evaluation sum. Out: only the masked vector of the device's summable evaluation figures
-  (:mod:`privacy.secagg.eval_figures`: loss sums, token and correct counts per model, one-hot
-  loss and gain histograms; no user id); its unmask follows as ``query.unmask``. With
-  ``secagg.enabled = false``: the same figures in the clear (``evaluation`` ArrayRecord), still no
-  user id. The device keeps its own evaluation row in its store (``evaluation``), where a
-  simulation on the same machine reads it.
+  evaluation sum. Out: only the masked vector of the device's bounded evaluation figures with its
+  share of the evaluation noise (:mod:`privacy.secagg.eval_figures`: per-model loss and accuracy,
+  one-hot loss and gain histograms; no user id); its unmask follows as ``query.unmask``. With
+  ``secagg.enabled = false``: the same figures with the device's whole noise (``evaluation``
+  ArrayRecord ``figures``). Either way the device records the release's user-level epsilon in its
+  ledger before replying, and refuses it when that epsilon would exceed its ``policy.max-epsilon``.
+  The device keeps its own evaluation row in its store (``evaluation``), where a simulation on
+  the same machine reads it.
+
+:data:`privacy.audit.message_table.TABLE` lists every field of every reply and what covers it.
 
 Error replies carry the error class and a fixed text (:func:`_error`), never the exception's
 message: that can hold the user's data (a malformed line of their data, a path named after them).
@@ -35,7 +39,6 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -51,8 +54,7 @@ from fedpersona.config import Config, load_config
 from fedpersona.secagg_wire import from_records, has_request, to_records
 from fedpersona.wire import to_record, unpack_shared
 from privacy.secagg import SecAggAbort
-from privacy.secagg.eval_figures import encode as encode_evaluation
-from privacy.secagg.eval_figures import extras_specs as eval_extras
+from privacy.secagg.eval_figures import eval_epsilon, noised_plain, record_eval
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +110,7 @@ def _device(context: Context) -> Device:
             torch.set_num_threads(threads)
         cfg = load_config(context.run_config)
         if not cfg.secagg.enabled:
-            logger.warning("secagg.enabled = false: this device's update, example count and metrics go to the "
+            logger.warning("secagg.enabled = false: this device's update and its noised evaluation figures go to the "
                            "server in the clear (plain aggregation)")
         _DEVICES[key] = Device(cfg, dict(context.node_config))
         _evict()
@@ -215,21 +217,45 @@ def unmask(message: Message, context: Context) -> Message:
     return Message(RecordDict(to_records(payload)), reply_to=message)
 
 
+def _record_evaluation(device: Device, message: Message, *, min_clients: int | None = None) -> None:
+    """The evaluation release's user-level entry in the device's ledger, saved before the reply leaves."""
+    group = message.metadata.group_id
+    ledger = device.load_ledger()
+    entry = record_eval(ledger, device.cfg, round=int(group) if group.isdigit() else 0, min_clients=min_clients)
+    device.store.save_text(LEDGER, ledger.to_json())
+    logger.info("%s: final evaluation sent with noise: user-level epsilon %.3f (delta %g)", device.user_id,
+                entry["epsilon"], entry["delta"])
+
+
+def _check_evaluation_noise(device: Device, *, min_clients: int | None = None) -> None:
+    """The device's own bound: no release, the evaluation's included, beyond its ``policy.max-epsilon``."""
+    eps = eval_epsilon(device.cfg, min_clients=min_clients)
+    if eps > device.policy.max_epsilon:
+        raise PolicyViolation("eval.noise-multiplier", device.cfg.eval.noise_multiplier,
+                              f"the evaluation's user-level epsilon {eps:.3g} would exceed policy.max-epsilon "
+                              f"{device.policy.max_epsilon:g}")
+
+
 def evaluate(message: Message, context: Context) -> Message:
-    """Evaluate on the held-out split; reply with the figures as a masked vector of sums (no user id)."""
+    """Evaluate on the held-out split; reply with the noised figures as a masked vector of sums (no user id)."""
     try:
         device = _device(context)
+        secure = has_request(message.content)
+        if not secure and device.cfg.secagg.enabled:
+            raise ValueError("secagg.enabled = true but the evaluate request carries no secure-aggregation request; "
+                             "refusing to send evaluation figures outside a secure sum")
+        _check_evaluation_noise(device, min_clients=None if secure else 1)
         row = device.final_evaluation(unpack_shared(message.content), run_id=context.run_id)
-        if has_request(message.content):
+        if secure:
             payload = secagg.eval_masked_input(device.store, device.cfg, context.node_id,
                                                from_records(message.content), row, floor=_floor(context))
+            _record_evaluation(device, message)
             return Message(RecordDict(to_records(payload)), reply_to=message)
-        if device.cfg.secagg.enabled:
-            raise ValueError("secagg.enabled = true but the evaluate request carries no secure-aggregation request; "
-                             "refusing to send evaluation figures in the clear")
-        vec, extras = encode_evaluation(device.cfg, row)
-        sums = np.asarray([extras[e.name] for e in eval_extras(device.cfg)], dtype=np.float64)
-        content = RecordDict({"evaluation": ArrayRecord({"histograms": Array(vec), "sums": Array(sums)})})
+        vec = noised_plain(device.cfg, row)  # no sum to hide in: the device's whole noise (local DP)
+        _record_evaluation(device, message, min_clients=1)
+        content = RecordDict({"evaluation": ArrayRecord({"figures": Array(vec)})})
+    except PolicyViolation as exc:
+        return _refuse(message, exc)
     except (StateError, ValueError, FloatingPointError, KeyError, SecAggAbort, secagg.Refused) as exc:
         return _error(message, exc)
     return Message(content, reply_to=message)

@@ -9,9 +9,11 @@ The device keeps, in its own state folder (never in a message):
 * ``participation`` — the rounds it trained in and their step counts (what the
   local-only baseline replays),
 * ``local-baseline`` / ``ledger-local-baseline`` — the local-only model used
-  for evaluation in simulations only, with its own ledger (its epsilon is reported beside the
-  federated one: it covers the local-only model, which never leaves the device; the federated
-  epsilon covers the shared updates the device sent),
+  for evaluation in simulations only, with its own ledger. It is a second DP mechanism on the
+  user's records, so one budget covers both: such a device plans its noise and checks every round
+  for the two ledgers composed (:attr:`Device.budget_passes`), and its evaluation row's
+  ``epsilon`` is their composition (``epsilon-federated``: the shared updates it sent alone;
+  ``local-epsilon``: the baseline's),
 * ``lower-activations`` — the frozen lower blocks' outputs for the device's examples, keyed by
   the model and the examples (``client.cache-activations``): a device built again (the next
   round, a restart, the final evaluation) reads them instead of running the lower blocks again,
@@ -34,8 +36,10 @@ A round (:meth:`Device.train_round`), Ditto / FedRep style:
    shared adapter: A and B are trained together in the one DP pass, one ledger, and
    there is no separate head pass.
 
-What leaves the device in a round: the change of the *shared* adapter tensors
-(times the example weight), the weight, and summable metrics. Nothing else.
+What leaves the device in a round: the change of the *shared* adapter tensors (weight 1 for
+every device) and the constant ``trained``; at the end, the noised evaluation figures
+(:mod:`privacy.secagg.eval_figures`). Every field of every reply, with what covers it:
+:data:`privacy.audit.message_table.TABLE`.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from client.store import DeviceStore
 from client.train import CachedExample, TrainResult, evaluate, train_head, train_shared, trainer_for
 from fedpersona.config import Config
 from fedpersona.model import AdaptedModel, adapted_model, labels_for, lower_hidden
+from privacy.budget import composed
 from privacy.ledger import PrivacyLedger, calibrate_noise
 from privacy.noise import SECURE, NoiseSource
 
@@ -287,6 +292,8 @@ class Device:
         # Where the DP-SGD passes draw their batches and noise: the CSPRNG; a seeded source only from tests.
         self.noise_source: NoiseSource = SECURE
         self._offered: tuple[tuple, object] | None = None
+        #: The last round's figures for the device's own log and tests (loss, epsilon, timings): never sent.
+        self.last_round: dict[str, float] = {}
 
     # ------------------------------------------------------------ privacy
     @property
@@ -297,6 +304,26 @@ class Device:
     @property
     def head_dp(self) -> bool:
         return self.cfg.privacy.enabled and self.cfg.privacy.personal_head == "dp" and not self.joint
+
+    @property
+    def budget_passes(self) -> int:
+        """DP passes over this user's records per planned step: 2 on a simulated device that also trains the
+        local-only baseline (it replays every DP step the device took), else 1.
+
+        One budget per user: the noise is planned, and every round checked, so that the federated
+        ledger and the baseline's, composed, stay within ``privacy.target-epsilon``.
+        """
+        c = self.cfg
+        return 2 if (self.simulated and c.privacy.enabled and c.eval.final and c.eval.local_baseline) else 1
+
+    def spent(self, ledger: PrivacyLedger) -> PrivacyLedger:
+        """``ledger`` as the budget counts it: every step :attr:`budget_passes` times (a copy; the file is untouched)."""
+        if self.budget_passes == 1:
+            return ledger
+        out = PrivacyLedger(accountant=ledger.accountant)
+        for sigma, q, n in ledger.history:
+            out.step(noise_multiplier=sigma, sample_rate=q, num_steps=n * self.budget_passes)
+        return out
 
     def _noise_multiplier(self, ledger: PrivacyLedger | None = None) -> float:
         """Sigma for this round's steps at the current sample rate.
@@ -311,12 +338,13 @@ class Device:
         if p.noise_multiplier > 0:
             return p.noise_multiplier
         planned = self.cfg.planned_rounds * self.cfg.client.local_steps
-        sigma = _calibrated(p.target_epsilon, p.delta, self.sample_rate, planned, p.accountant)
+        passes = self.budget_passes
+        sigma = _calibrated(p.target_epsilon, p.delta, self.sample_rate, planned * passes, p.accountant)
         if ledger is None or all((s, q) == (sigma, self.sample_rate) for s, q, _ in ledger.history):
             return sigma
         remaining = max(self.cfg.client.local_steps, planned - ledger.total_steps)
-        adjusted = noise_for_remaining_budget(ledger, target_epsilon=p.target_epsilon, delta=p.delta,
-                                              sample_rate=self.sample_rate, remaining_steps=remaining)
+        adjusted = noise_for_remaining_budget(self.spent(ledger), target_epsilon=p.target_epsilon, delta=p.delta,
+                                              sample_rate=self.sample_rate, remaining_steps=remaining * passes)
         return adjusted if adjusted is not None else sigma  # budget spent: train_round declines
 
     def _grow_training_set(self, server_round: int, ledger: PrivacyLedger) -> None:
@@ -339,7 +367,7 @@ class Device:
             return 0.0
         if p.noise_multiplier > 0:
             return p.noise_multiplier
-        planned = self.cfg.planned_rounds * self.cfg.client.head_steps
+        planned = self.cfg.planned_rounds * self.cfg.client.head_steps * self.budget_passes
         return _calibrated(p.target_epsilon, p.delta, self.head_sample_rate, planned, p.accountant)
 
     def load_ledger(self, name: str = LEDGER) -> PrivacyLedger:
@@ -408,6 +436,9 @@ class Device:
         (the same examples each time it is asked for the same round).
         """
         cfg = self.cfg
+        ledger = self.load_ledger()
+        # The training set first: a grown set re-picks sigma, and the policy checks the sigma that will be used.
+        self._grow_training_set(server_round, ledger)
         try:
             settings = self.policy.check(cfg, train_examples=len(self.data.train), noise_multiplier=self.noise_multiplier)
         except PolicyViolation as exc:
@@ -415,8 +446,6 @@ class Device:
                 logger.warning("round %d refused by this device's privacy policy (%s): %s", server_round,
                                self.policy.source, exc)
             raise
-        ledger = self.load_ledger()
-        self._grow_training_set(server_round, ledger)
         steps = cfg.client.local_steps
         if cfg.privacy.enabled and math.isinf(self.epsilon(ledger)):
             raise BudgetExhausted(
@@ -424,14 +453,15 @@ class Device:
                 f"infinity): no DP round can be claimed from it any more; not training"
             )
         if cfg.privacy.enabled:
-            eps_next = ledger.epsilon_if(
-                noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, num_steps=steps,
-                delta=cfg.privacy.delta,
+            eps_next = self.spent(ledger).epsilon_if(
+                noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
+                num_steps=steps * self.budget_passes, delta=cfg.privacy.delta,
             )
             if eps_next > cfg.privacy.target_epsilon * (1 + 1e-9):
                 raise BudgetExhausted(
                     f"{self.user_id}: a round of {steps} steps would bring epsilon to {eps_next:.3f} > "
-                    f"budget {cfg.privacy.target_epsilon} (spent {self.epsilon(ledger):.3f}); not training"
+                    f"budget {cfg.privacy.target_epsilon} (spent {self.epsilon(self.spent(ledger)):.3f}"
+                    f"{', with the local-only baseline' if self.budget_passes > 1 else ''}); not training"
                 )
         head_ledger = self.load_ledger(HEAD_LEDGER) if self.head_dp else None
         personal = self._personal()
@@ -452,9 +482,9 @@ class Device:
         if self.head_dp:
             if head_ledger is None:
                 raise RuntimeError("a DP head pass needs the head's ledger")
-            eps_next = head_ledger.epsilon_if(
-                noise_multiplier=self.head_noise_multiplier, sample_rate=self.head_sample_rate, num_steps=steps,
-                delta=cfg.privacy.delta,
+            eps_next = self.spent(head_ledger).epsilon_if(
+                noise_multiplier=self.head_noise_multiplier, sample_rate=self.head_sample_rate,
+                num_steps=steps * self.budget_passes, delta=cfg.privacy.delta,
             )
             if eps_next > cfg.privacy.target_epsilon * (1 + 1e-9):
                 if log:
@@ -469,7 +499,9 @@ class Device:
         self._offered = (plan.key, result)
 
     def train_round(self, shared: dict[str, torch.Tensor], *, server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Train one round; returns (weighted shared update, summable metrics).
+        """Train one round; returns (the shared update, what the reply carries beside it: ``weight`` 1, ``trained`` 1).
+
+        The round's loss, epsilon and timings stay on the device (:attr:`last_round`, its log).
 
         Raises :class:`~client.policy.PolicyViolation` (nothing trained, nothing recorded) when the
         server's settings would weaken the device's policy, :class:`BudgetExhausted` when the round
@@ -489,11 +521,11 @@ class Device:
         self.store.save_tensors(RECEIVED_SHARED, shared)  # for `fedpersona chat` on the device
         self.store.save_text(RECEIVED_CONFIG, json.dumps(cfg.to_flat(), sort_keys=True))
         self.model.load_personal_state(plan.personal)
-        metrics: dict[str, float] = {}
+        local: dict[str, float] = {}  # figures for the device's own log: never sent
         if cfg.eval.per_round:
             with self.model.personal_zeroed():
-                metrics["heldout-shared-loss"] = self._heldout()["loss"]
-            metrics["heldout-personal-loss"] = self._heldout()["loss"]
+                local["heldout-shared-loss"] = self._heldout()["loss"]
+            local["heldout-personal-loss"] = self._heldout()["loss"]
         if offered is None:
             result = self._shared_pass(steps, ledger if cfg.privacy.enabled else None)
             head_ledger = plan.head_ledger
@@ -510,9 +542,8 @@ class Device:
         )
         # The head has trained on top of the new shared adapter by now; it never enters the update.
         after = self.model.shared_state()
-        # Feedback may grow n past data.max-examples: the weight stays capped there (secure sum: n / max <= 1).
-        weight = float(min(len(self.data.train), cfg.data.max_examples))
-        update = {n: (after[n] - shared[n].to(after[n].dtype)) * weight for n in after}
+        # Weight 1 for every device (public): nothing sent depends on how many examples it holds.
+        update = {n: after[n] - shared[n].to(after[n].dtype) for n in after}
         if head is not None and head_ledger is not None:
             head_ledger.record_round(
                 round=server_round, steps=head.steps, noise_multiplier=self.head_noise_multiplier,
@@ -527,24 +558,25 @@ class Device:
         self.store.save_tensors(HEAD_FILE, self.model.personal_state())
         self.store.save_text(PARTICIPATION, json.dumps(participation))
         eps = self.epsilon(ledger)
-        metrics.update(
+        local.update(
             {
-                "weight": weight,
-                "trained": 1.0,
                 "train-loss": result.mean_loss if math.isfinite(result.mean_loss) else 0.0,
                 "epsilon": eps if math.isfinite(eps) else -1.0,
                 "empty-steps": float(result.empty_steps),
                 "train-seconds": result.seconds + (head.seconds if head else 0.0),
             }
         )
+        self.last_round = local
         logger.info(
-            "%s round %d: %d steps (%d empty) loss %.3f sigma %.3f q %.3f epsilon %.3f in %.1fs%s; head %s",
+            "%s round %d: %d steps (%d empty) loss %.3f sigma %.3f q %.3f epsilon %.3f in %.1fs%s; head %s%s",
             self.user_id, server_round, steps, result.empty_steps, result.mean_loss, self.noise_multiplier,
             self.sample_rate, eps, result.seconds, "" if offered is None else " (cohort engine)",
             f"{head.steps} steps loss {head.mean_loss:.3f} ({'DP' if self.head_dp else 'local, no noise'})"
             if head else "not trained",
+            "".join(f"; {k} {v:.3f}" for k, v in local.items() if k.startswith("heldout-")),
         )
-        return update, metrics
+        # What the reply carries besides the update: the public weight and a constant (privacy.audit.message_table).
+        return update, {"weight": 1.0, "trained": 1.0}
 
     def _apply_offered(self, plan: RoundPlan, res) -> tuple[TrainResult, TrainResult | None]:
         """Step the ledgers with the DP steps the engine took, load its tensors: as the passes here would."""
@@ -593,7 +625,7 @@ class Device:
         out["personal-tokens"] = float(r["tokens"])
         ledger = self.load_ledger()
         eps = self.epsilon(ledger)
-        out["epsilon"] = eps if math.isfinite(eps) else -1.0
+        out["epsilon"] = out["epsilon-federated"] = eps if math.isfinite(eps) else -1.0
         if self.head_dp:
             head_eps = self.epsilon(self.load_ledger(HEAD_LEDGER))
             out["head-epsilon"] = head_eps if math.isfinite(head_eps) else -1.0
@@ -606,6 +638,13 @@ class Device:
         if cfg.eval.local_baseline:
             if self.simulated:
                 out.update(self._local_baseline(shared, participation))
+                # One budget per user: "epsilon" is the federated ledger and the baseline's, composed.
+                total = self.epsilon(composed([ledger, self.load_ledger(BASELINE_LEDGER)]))
+                out["epsilon"] = total if math.isfinite(total) else -1.0
+                if self.head_dp:
+                    head_total = self.epsilon(composed([self.load_ledger(HEAD_LEDGER),
+                                                        self.load_ledger(BASELINE_HEAD_LEDGER)]))
+                    out["head-epsilon"] = head_total if math.isfinite(head_total) else -1.0
             else:
                 logger.warning("eval.local-baseline = true refused: the local-only baseline trains a second DP model "
                                "of this user's data and runs in simulations only")

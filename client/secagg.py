@@ -7,10 +7,10 @@ message). Per round (:mod:`server.secagg` drives the exchanges):
 * :func:`check_request`, *before* training: the masked-input request is addressed to this
   node, is for a vector of the shared adapter's length, and names the public keys this device
   holds; a request that would fail costs no privacy budget;
-* :func:`masked_input`, after training: the update ``weight * (new - old)`` with
-  ``weight = n / data.max-examples``, flattened in sorted-name order, clipped to
-  ``secagg.clip-norm``, quantized (plus the device's distributed-DP noise share when
-  ``secagg.ddp`` is on) and masked, with the example count and the metrics as masked extras;
+* :func:`masked_input`, after training: the update ``new - old`` (weight 1 for every device),
+  flattened in sorted-name order, clipped to ``secagg.clip-norm``, quantized (plus the device's
+  distributed-DP noise share when ``secagg.ddp`` is on) and masked, with ``trained`` (1) as the
+  only masked extra: no example count, loss, epsilon or timing;
 * :func:`decline`: a device that does not train (privacy budget spent, or it refuses the round)
   takes no part in masking: it says so in stage 1 (no vector, no shares) and the server treats it
   as dropped before masking, so a sum never counts a device that did not train;
@@ -18,8 +18,8 @@ message). Per round (:mod:`server.secagg` drives the exchanges):
   never for fewer survivors than its floor (:func:`min_contributors_floor`), at most once per
   round digest, and only for the round of its latest masked input (:class:`RevealLog`, kept in
   the encrypted store, so a restart forgets nothing);
-* :func:`eval_masked_input`: the final evaluation's figures as one masked vector of sums
-  (:mod:`privacy.secagg.eval_figures`), through the same protocol.
+* :func:`eval_masked_input`: the final evaluation's figures as one masked vector of sums with the
+  device's share of the evaluation noise (:mod:`privacy.secagg.eval_figures`), through the same protocol.
 """
 
 from __future__ import annotations
@@ -185,14 +185,11 @@ def masked_input(client: SecAggClient, cfg: Config, request: dict[str, Any],
                  store: DeviceStore) -> dict[str, Any]:
     """The masked reply to the train request (a device that trained; one that did not calls :func:`decline`)."""
     specs = extras_specs(cfg)
-    # Device.train_round weights by n; the secure sum weights by n / max-examples (<= 1).
-    vec = flatten(update) / cfg.data.max_examples
+    vec = flatten(update)  # weight 1: the server divides the sum by the number of survivors
     norm = float(np.linalg.norm(vec))
+    if norm > cfg.secagg.clip_norm:  # the device's own log only: the flag is not sent
+        logger.info("update norm %.4f > secagg.clip-norm %g: clipped", norm, cfg.secagg.clip_norm)
     m = dict(metrics or {})
-    m["examples"] = m.pop("weight", 0.0)
-    m["clipped"] = 1.0 if norm > cfg.secagg.clip_norm else 0.0
-    if m["clipped"]:
-        logger.info("weighted update norm %.4f > secagg.clip-norm %g: clipped", norm, cfg.secagg.clip_norm)
     extras = {e.name: float(m.get(e.name, 0.0)) for e in specs}
     dropped = sorted(set(m) - set(extras))
     if dropped:

@@ -332,9 +332,21 @@ class SecAggSettings:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """``final``: every device evaluates at the end; the server gets only the noised secure sum of its figures
+    (:mod:`privacy.secagg.eval_figures`), whose noise has standard deviation ``noise_multiplier`` x the figures'
+    L2 sensitivity (user-level DP, recorded in each device's ledger). ``per_round``: each device also evaluates
+    on its held-out split before every round, for its own log only (nothing of it is sent).
+    ``local_baseline``: simulations only, see :meth:`client.device.Device.final_evaluation`."""
+
     final: bool = True
     local_baseline: bool = True
-    per_round: bool = True
+    per_round: bool = False
+    noise_multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_multiplier) and 0.5 <= self.noise_multiplier <= 50):
+            raise _bad("eval.noise-multiplier", self.noise_multiplier,
+                       "must be in [0.5, 50] (the final evaluation's figures are always noised)")
 
 
 @dataclass(frozen=True)
@@ -459,8 +471,8 @@ def load_config(raw: Mapping[str, Any] | None = None, *, env: bool = True) -> Co
     _check_secagg(cfg)
     if not cfg.secagg.enabled:
         warnings.warn(
-            "secagg.enabled = false: plain aggregation; the server sees each client's update, "
-            "example count and metrics in the clear.",
+            "secagg.enabled = false: plain aggregation; the server sees each client's update in the clear "
+            "(and its evaluation figures, noised by the client alone).",
             stacklevel=2,
         )
     if not cfg.privacy.enabled:

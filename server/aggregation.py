@@ -40,7 +40,7 @@ class RoundSum:
 
 @dataclass
 class EvalSum:
-    """The final evaluation's totals (:mod:`privacy.secagg.eval_figures`): histograms and exact sums, no row."""
+    """The final evaluation's noised totals (:mod:`privacy.secagg.eval_figures`): one vector, no row."""
 
     histograms: np.ndarray | None
     sums: dict[str, float]
@@ -115,26 +115,24 @@ class PlainAggregator:
             for key, value in reply.content["metrics"].items():
                 metrics[key] = metrics.get(key, 0.0) + float(value)
             contributors += 1
-        return RoundSum(total, metrics.get("weight", 0.0), metrics, contributors, declined, failures)
+        # Every device's weight is 1 (public): the sum's weight is the number of contributors.
+        return RoundSum(total, float(contributors), metrics, contributors, declined, failures)
 
     def evaluate(
         self, grid: Grid, nodes: Sequence[int], content: RecordDict, *, server_round: int, timeout: float | None
     ) -> EvalSum:
-        """Sum the devices' evaluation figures in the clear (each device's figures are visible, no user id)."""
-        from privacy.secagg.eval_figures import extras_specs
+        """Sum the devices' evaluation figures, each with the device's whole noise (visible one by one, no user id)."""
+        from privacy.secagg.eval_figures import histogram_length
 
         replies, failures = send_and_collect(
             grid, nodes, content, message_type="evaluate", server_round=server_round, timeout=timeout
         )
-        names = [e.name for e in extras_specs(self.cfg)] if self.cfg is not None else []
-        hist, sums = None, np.zeros(len(names))
+        total, devices = None, 0
         for reply in replies:
-            rec = reply.content["evaluation"]
-            h, v = rec["histograms"].numpy(), rec["sums"].numpy()
-            if v.shape != sums.shape:
+            v = reply.content["evaluation"]["figures"].numpy()
+            if v.shape != (histogram_length(),):
                 failures.append(f"node {reply.metadata.src_node_id}: evaluation figures of the wrong length")
                 continue
-            hist = h.astype(np.float64) if hist is None else hist + h
-            sums = sums + v
-        return EvalSum(hist, dict(zip(names, sums.tolist())), len(replies) - sum("wrong length" in f for f in failures),
-                       failures)
+            total = v.astype(np.float64) if total is None else total + v
+            devices += 1
+        return EvalSum(total, {}, devices, failures)

@@ -3,7 +3,7 @@
 ``results/<run>/metrics.json``  config, per-round cohort figures, final per-user evaluation, summary
 ``results/<run>/rounds.csv``    one row per round
 ``results/<run>/users.csv``     one row per user (held-out loss/accuracy of each model, epsilon)
-``results/<run>/rounds.png``    held-out and training loss per round
+``results/<run>/rounds.png``    contributors, declines and the applied update's norm per round
 ``results/<run>/users.png``     per-user paired gain over the base model: personalized, local-only, shared (sorted bars)
 """
 
@@ -74,6 +74,10 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def plot_rounds(run_dir: Path, rounds: list[dict]) -> Path | None:
+    """What the server has per round: contributors and declines, and the norm of the applied mean update.
+
+    (No device sends a loss, an epsilon or a timing: privacy.audit.message_table.)
+    """
     if not rounds:
         return None
     import matplotlib
@@ -83,24 +87,18 @@ def plot_rounds(run_dir: Path, rounds: list[dict]) -> Path | None:
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
     xs = [r["round"] for r in rounds]
-    for key, label in (
-        ("heldout-shared-loss", "held-out, shared adapter (before round)"),
-        ("heldout-personal-loss", "held-out, personalized (before round)"),
-        ("train-loss", "training loss (DP batches)"),
-    ):
-        ys = [r.get(key) for r in rounds]
-        if any(y is not None for y in ys):
-            ax[0].plot(xs, [y if y is not None else math.nan for y in ys], marker="o", label=label)
+    for key, label in (("contributors", "contributors (trained, in the sum)"), ("declined", "declined"),
+                       ("failed", "failed")):
+        ax[0].plot(xs, [r.get(key, 0) for r in rounds], marker="o", label=label)
     ax[0].set_xlabel("round")
-    ax[0].set_ylabel("loss (nats / token), cohort mean")
+    ax[0].set_ylabel("devices")
     ax[0].legend(fontsize=8)
     ax[0].grid(alpha=0.3)
-    eps = [r.get("epsilon") for r in rounds]
-    ax[1].plot(xs, [e if e is not None else math.nan for e in eps], marker="o", color="tab:red")
+    ax[1].plot(xs, [r.get("update-norm", math.nan) for r in rounds], marker="o", color="tab:red")
     ax[1].set_xlabel("round")
-    ax[1].set_ylabel("epsilon spent, cohort mean")
+    ax[1].set_ylabel("L2 norm of the applied mean update")
     ax[1].grid(alpha=0.3)
-    fig.suptitle(f"{run_dir.name}: per-round cohort figures")
+    fig.suptitle(f"{run_dir.name}: per-round server figures")
     fig.tight_layout()
     out = run_dir / "rounds.png"
     fig.savefig(out, dpi=110)
@@ -156,15 +154,17 @@ def plot_users(run_dir: Path, users: list[dict]) -> Path | None:
     return out
 
 
-EPSILON_NOTE = ("eps: the device's federated DP-SGD ledger (covers the shared updates it sent); local eps: the "
-                "local-only baseline's own ledger (simulation only; covers that model, which never leaves the device)")
+EPSILON_NOTE = ("eps: the user's one budget: the device's federated DP-SGD ledger and (simulations) the local-only "
+                "baseline's, composed; local eps: the baseline's ledger alone (epsilon-federated in users.csv: the "
+                "shared updates the device sent, alone)")
 
 
 def summary_table(users: list[dict], summary: dict) -> str:
     """Per-user table (simulation: rows read from the devices' stores) plus the distribution rows, as fixed-width text.
 
-    The distribution rows come from ``summary``: under secure aggregation the totals of the
-    devices' figures (mean exact; median and worst decile from fixed-width histogram bins).
+    The distribution rows come from the per-user rows when there are any (a simulation reads them from
+    the devices' stores on its own machine) and otherwise from ``summary``, the server's noised secure
+    sum of the devices' figures (:mod:`privacy.secagg.eval_figures`); the last line says which.
     """
     cols = [k for k, _ in MODELS if any(f"{k}-loss" in u for u in users) or f"{k}-loss" in summary]
     local = any("local-epsilon" in u for u in users)
@@ -184,14 +184,19 @@ def summary_table(users: list[dict], summary: dict) -> str:
             + (f"  FAILED: {u.get('error', '')}" if u.get("status") == "failed" else "")
         )
     lines.append("-" * len(head))
+    rows = [u for u in users if u.get("status") != "failed" and any(f"{c}-loss" in u for c in cols)]
+    dist = summarize_users(rows) if rows else summary
     pad = 52 + (10 if local else 0)
     for stat in ("mean", "median", "worst_decile"):
         label = stat.replace("_", " ")
         lines.append(
-            f"{label:<{pad}}" + "".join(f"{_num(summary.get(c + '-loss', {}).get(stat)):>14.3f}" for c in cols)
+            f"{label:<{pad}}" + "".join(f"{_num(dist.get(c + '-loss', {}).get(stat)):>14.3f}" for c in cols)
         )
-    acc = "".join(f"{_num(summary.get(c + '-accuracy', {}).get('mean')):>14.3f}" for c in cols)
+    acc = "".join(f"{_num(dist.get(c + '-accuracy', {}).get('mean')):>14.3f}" for c in cols)
     lines.append(f"{'mean next-token accuracy':<{pad}}" + acc)
+    lines.append(f"distribution rows: the {len(rows)} per-user rows above (the devices' own stores, this machine)"
+                 if rows else "distribution rows: the server's noised secure sum of the devices' figures "
+                              "(eval.noise-multiplier; coarse with few devices)")
     if local:
         lines.append(EPSILON_NOTE)
     return "\n".join(lines)

@@ -7,9 +7,8 @@ of :mod:`privacy.secagg`. Per round it exchanges, with each node:
   long-term X25519 public keys (the device keeps the private halves in its encrypted store);
 * ``train``: the usual content (shared adapter, round config) plus the node's masked-input
   request (records ``secagg`` / ``secagg-arrays``: round setup, neighbours' public keys) ->
-  the masked vector (clipped, weighted, quantized update and the masked extras: example
-  count, ``trained``, metrics) and the encrypted secret shares. No plain update, no plain
-  example count, no plain metrics;
+  the masked vector (clipped, quantized update, weight 1, and the masked extra ``trained``)
+  and the encrypted secret shares. No plain update, no example count, no metrics;
 * ``query.unmask`` to the survivors -> the shares the server needs to remove the masks.
 
 A device that does not train answers the train message with a decline (no vector, no shares): it
@@ -213,18 +212,13 @@ class SecureAggregator:
         survivors = len(result.survivors)
         trained = int(round(ex.get("trained", 0.0)))
         declined = len(result.declined)
-        weight = ex.get("examples", 0.0) / self.cfg.data.max_examples
-        clipped = int(round(ex.get("clipped", 0.0)))
+        weight = float(survivors)  # every device's weight is 1: the server divides by the survivors it knows
         info.update({"secagg-survivors": float(survivors),
                      "secagg-dropped-masking": float(len(result.dropped_before_masking) - declined),
-                     "secagg-dropped-unmasking": float(len(result.dropped_before_unmasking)),
-                     "secagg-clipped": float(clipped)})
+                     "secagg-dropped-unmasking": float(len(result.dropped_before_unmasking))})
         if trained != survivors:
             logger.warning("round %d: %d survivors but the masked 'trained' total is %d", server_round, survivors,
                            trained)
-        if clipped:
-            logger.warning("round %d: %d of %d clients' weighted updates exceeded secagg.clip-norm=%g and were clipped",
-                           server_round, clipped, trained, self.cfg.secagg.clip_norm)
         logger.info("secure aggregation round %d: sum of %d clients (%d declined; dropped %d before masking, %d "
                     "before unmasking)", server_round, survivors, declined,
                     len(result.dropped_before_masking) - declined, len(result.dropped_before_unmasking))

@@ -122,8 +122,8 @@ def require_split_lora_head(cfg: Config, what: str) -> None:
 
 
 def _weighted_clipped(update: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
-    """What the secure sum adds for a device: ``update / max-examples``, clipped to ``secagg.clip-norm``."""
-    scaled = {n: u / cfg.data.max_examples for n, u in update.items()}
+    """What the secure sum adds for a device: its update (weight 1), clipped to ``secagg.clip-norm``."""
+    scaled = dict(update)
     if cfg.secagg.enabled:
         norm = math.sqrt(sum(float((u * u).sum()) for u in scaled.values()))
         if norm > cfg.secagg.clip_norm:
@@ -157,7 +157,7 @@ def federate(cfg: Config, users: list[User], state_root: Path) -> FederatedRun:
                 declined += 1
                 continue
             scaled = _weighted_clipped(update, cfg)
-            w = metrics["weight"] / cfg.data.max_examples
+            w = metrics["weight"]  # 1 for every device: the mean over contributors
             total = scaled if total is None else {n: total[n] + scaled[n] for n in total}
             weight += w
             contributors += 1

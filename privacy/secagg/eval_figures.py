@@ -1,18 +1,29 @@
-"""The final evaluation as a secure sum: the figures each device adds, and the summary read from their totals.
+"""The final evaluation as a noised secure sum: the figures each device adds, their guarantee, and the summary.
 
-No per-user figure leaves a device. Each device turns its evaluation row (held-out loss,
-accuracy and token counts of the base, shared, personalized and local-only models, its epsilon)
-into one vector of *summable* figures (:func:`encode`), masked with the same SecAgg+ machinery
-as a training round (message type ``evaluate``); the server learns only the totals over at
-least ``secagg.min-contributors`` devices and derives the report from them (:func:`summarize`):
+No per-user figure leaves a device, and no exact one either. Each device turns its evaluation
+row (held-out loss and accuracy of the base, shared, personalized and local-only models) into
+one vector of bounded *summable* figures (:func:`encode`):
 
-* extras (exact sums): devices evaluated; per model the number of devices with a figure, the sum
-  of per-user mean losses and accuracies (-> the mean over users), the sum of token losses,
-  token counts and correct predictions (-> the token-weighted loss and accuracy); the sums of
-  epsilons (federated DP-SGD ledger, and the local-only baseline's own ledger);
-* the vector: one-hot histograms in fixed bins of each model's per-user loss and of the gain
-  ``base-loss - model-loss`` of the shared, personalized and local-only models, from which the
-  median and the worst decile are read (bin centres: exact to half a bin width).
+* ``users`` (1), and per model: ``{m}-users`` (1 if the device has that model's figures),
+  ``{m}-loss`` (its per-user mean held-out loss, clipped to ``[0, LOSS_CAP]``, divided by
+  ``LOSS_CAP``) and ``{m}-accuracy`` (in ``[0, 1]``);
+* one-hot histograms in fixed bins of each model's per-user loss and of the gain
+  ``base-loss - model-loss`` of the shared, personalized and local-only models, from which
+  the median and the worst decile are read.
+
+Every coordinate is in ``[0, 1]``, so one device's vector has L2 norm at most
+:func:`sensitivity` (``sqrt(20)``). It is summed with the same SecAgg+ machinery as a
+training round (message type ``evaluate``), and every device adds discrete Gaussian noise
+before masking (:mod:`privacy.secagg.ddp`): the sum of at least :func:`eval_min_clients`
+devices carries noise of standard deviation ``eval.noise-multiplier x sensitivity`` on every
+coordinate, so the release is user-level (epsilon, delta)-DP (whole-user adjacency: one device's
+figures in or out of the sum) with the epsilon of :func:`eval_epsilon` at ``secagg.ddp-delta``,
+which each device records in its ledger (:func:`record_eval`) before its reply leaves. With
+secure aggregation off, each device adds the whole noise itself (local DP, ``min-clients`` 1).
+
+The server derives the summary from the noised totals (:func:`summarize`): means of the
+per-user figures, and the median and worst decile from the noised histograms (counts rounded,
+negatives read as 0), so with few devices they are coarse.
 
 The layout depends only on the run config, so both sides derive it (:func:`eval_params`).
 """
@@ -21,23 +32,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
 from fedpersona.config import Config
-from privacy.secagg.quantize import ExtraSpec
+from privacy.secagg.ddp import ddp_epsilon, local_noise_stddev
+from privacy.secagg.quantize import ExtraSpec, Quantizer
 from privacy.secagg.spec import SecAggParams
 
-__all__ = ["EVAL_MAX_COHORT", "GAINS", "MODELS", "HISTOGRAMS", "encode", "eval_params", "extras_specs",
-           "histogram_length", "summarize"]
+if TYPE_CHECKING:  # the ledger module loads Opacus and torch; only its type is named here
+    from privacy.ledger import PrivacyLedger
+
+__all__ = ["EVAL_MAX_COHORT", "EVAL_MECHANISM", "FIGURES", "GAINS", "HISTOGRAMS", "LOSS_CAP", "MODELS", "encode",
+           "eval_epsilon", "eval_mechanism", "eval_min_clients", "eval_params", "extras_specs", "histogram_length",
+           "noised_plain", "record_eval", "sensitivity", "summarize", "vector_fields"]
 
 MODELS = ("base", "shared", "personal", "local")
 GAINS = ("shared", "personal", "local")
 #: The largest number of devices in one evaluation sum (fixes its modulus; every device derives it).
 EVAL_MAX_COHORT = 2**16
-_LOSS_BOUND = 100.0
-_METRIC_SCALE = 2.0**12
+#: Per-user mean losses are clipped to [0, LOSS_CAP] nats per token and sent as loss / LOSS_CAP.
+LOSS_CAP = 20.0
+#: Quantized units per unit of a figure (the rounding error of a total is < devices / 2^12).
+EVAL_SCALE = 2.0**12
+#: Mechanism label of the evaluation's entries in a device's privacy ledger.
+EVAL_MECHANISM = "secagg-eval-ddg"
 
 
 @dataclass(frozen=True)
@@ -72,36 +92,84 @@ class Histogram:
         return self.lo + (i - 0.5) * self.width
 
 
-HISTOGRAMS = tuple([Histogram(f"{m}-loss", 0.0, 0.05, 300) for m in MODELS]
-                   + [Histogram(f"{m}-gain", -1.0, 0.01, 200) for m in GAINS])
+#: Per-user loss in 0.1-nat bins up to 10 nats; gain over the base in 0.02-nat bins in [-1, 1).
+HISTOGRAMS = tuple([Histogram(f"{m}-loss", 0.0, 0.1, 100) for m in MODELS]
+                   + [Histogram(f"{m}-gain", -1.0, 0.02, 100) for m in GAINS])
+#: The scalar figures, in vector order, before the histograms.
+FIGURES = ("users",) + tuple(f"{m}-{k}" for m in MODELS for k in ("users", "loss", "accuracy"))
 
 
 def histogram_length() -> int:
-    return sum(h.size for h in HISTOGRAMS)
+    """Length of a device's evaluation vector: the figures, then the histograms."""
+    return len(FIGURES) + sum(h.size for h in HISTOGRAMS)
+
+
+def vector_fields() -> tuple[tuple[str, int], ...]:
+    """The named parts of a device's evaluation vector, in order, with their lengths (what the message table lists)."""
+    return tuple((f, 1) for f in FIGURES) + tuple((f"{h.name} histogram", h.size) for h in HISTOGRAMS)
+
+
+def sensitivity() -> float:
+    """L2 bound of one device's vector: every figure and one bin per histogram at most 1."""
+    return math.sqrt(len(FIGURES) + len(HISTOGRAMS))
 
 
 def extras_specs(cfg: Config) -> tuple[ExtraSpec, ...]:
-    """The exact sums of the evaluation (names as :func:`encode` fills them)."""
-    tokens = float(cfg.data.max_examples * cfg.model.seq_len)
-    specs = [ExtraSpec("users", bound=1.0, scale=1.0)]
-    for m in MODELS:
-        specs += [ExtraSpec(f"{m}-users", bound=1.0, scale=1.0),
-                  ExtraSpec(f"{m}-loss", bound=_LOSS_BOUND, scale=_METRIC_SCALE),
-                  ExtraSpec(f"{m}-accuracy", bound=1.0, scale=2.0**16),
-                  ExtraSpec(f"{m}-token-loss", bound=_LOSS_BOUND * tokens, scale=2.0**6),
-                  ExtraSpec(f"{m}-tokens", bound=tokens, scale=1.0),
-                  ExtraSpec(f"{m}-correct", bound=tokens, scale=1.0)]
-    for e in ("epsilon", "local-epsilon"):
-        specs += [ExtraSpec(f"{e}-users", bound=1.0, scale=1.0), ExtraSpec(e, bound=1000.0, scale=_METRIC_SCALE)]
-    specs += [ExtraSpec("trained-users", bound=1.0, scale=1.0), ExtraSpec("rounds", bound=2.0**20, scale=1.0)]
-    return tuple(specs)
+    """No exact extras: every figure is in the noised vector."""
+    return ()
 
 
-def eval_params(cfg: Config) -> SecAggParams:
-    """SecAgg+ settings of the evaluation sum: histograms in the vector (exact counts), figures as extras."""
-    h = len(HISTOGRAMS)
-    return SecAggParams(clip_norm=math.sqrt(h) * (1 + 1e-9), scale=1.0, max_cohort=EVAL_MAX_COHORT,
-                        extras=extras_specs(cfg), min_survivors=max(cfg.secagg.min_contributors, cfg.server.min_clients, 2))
+def eval_min_clients(cfg: Config) -> int:
+    """The fewest devices whose noise is in a released evaluation sum (the server aborts, devices refuse, below it)."""
+    return max(cfg.secagg.min_contributors, cfg.server.min_clients, 2)
+
+
+def _total_stddev(cfg: Config) -> float:
+    """Standard deviation of the noise on each coordinate of the released total, in quantized units."""
+    return cfg.eval.noise_multiplier * sensitivity() * EVAL_SCALE
+
+
+def eval_params(cfg: Config, *, min_clients: int | None = None) -> SecAggParams:
+    """SecAgg+ settings of the evaluation sum (``min_clients`` 1: a device's noise without secure aggregation)."""
+    t = eval_min_clients(cfg) if min_clients is None else int(min_clients)
+    return SecAggParams(clip_norm=sensitivity() * (1 + 1e-9), scale=EVAL_SCALE, max_cohort=EVAL_MAX_COHORT,
+                        extras=(), noise_stddev=local_noise_stddev(_total_stddev(cfg), t),
+                        min_survivors=max(t, 2))
+
+
+def eval_epsilon(cfg: Config, *, releases: int = 1, min_clients: int | None = None) -> float:
+    """User-level epsilon (at ``secagg.ddp-delta``) of ``releases`` evaluation sums of this config."""
+    t = eval_min_clients(cfg) if min_clients is None else int(min_clients)
+    q = eval_params(cfg, min_clients=t).quantizer
+    dim = histogram_length()
+    return ddp_epsilon(noise_stddev_quantized=q.noise_stddev, l2_sensitivity_quantized=q.l2_sensitivity(dim),
+                       num_clients=t, dim=dim, delta=cfg.secagg.ddp_delta, rounds=releases)
+
+
+def eval_mechanism(cfg: Config, *, min_clients: int | None = None) -> str:
+    """Ledger label: the mechanism and every parameter its epsilon depends on."""
+    t = eval_min_clients(cfg) if min_clients is None else int(min_clients)
+    return (f"{EVAL_MECHANISM}(noise-multiplier={cfg.eval.noise_multiplier:g}, sensitivity={sensitivity():.4g}, "
+            f"scale={EVAL_SCALE:g}, min-clients={t}, dim={histogram_length()})")
+
+
+def record_eval(ledger: PrivacyLedger, cfg: Config, *, round: int, min_clients: int | None = None) -> dict:
+    """Add this evaluation's user-level entry to ``ledger``: the epsilon over every evaluation this device sent.
+
+    Releases of the same mechanism compose in RDP; entries of other settings add their last epsilon
+    (basic composition, conservative) and their delta.
+    """
+    label = eval_mechanism(cfg, min_clients=min_clients)
+    entries = ledger.user_level_entries
+    same = sum(1 for e in entries if e["mechanism"] == label)
+    others: dict[str, dict] = {}
+    for e in entries:
+        if e["mechanism"].startswith(EVAL_MECHANISM) and e["mechanism"] != label:
+            others[e["mechanism"]] = e
+    eps = eval_epsilon(cfg, releases=same + 1, min_clients=min_clients) + sum(e["epsilon"] for e in others.values())
+    delta = cfg.secagg.ddp_delta + sum(e["delta"] for e in others.values())
+    return ledger.record_user_level(round=round, epsilon=float(eps) if math.isfinite(eps) else 1e9,
+                                    delta=min(delta, 0.999999), mechanism=label)
 
 
 def _finite(row: Mapping[str, float], key: str) -> float | None:
@@ -113,86 +181,80 @@ def _finite(row: Mapping[str, float], key: str) -> float | None:
 
 
 def encode(cfg: Config, row: Mapping[str, float]) -> tuple[np.ndarray, dict[str, float]]:
-    """(histogram vector, extras) of one device's evaluation row (keys ``base-loss``, ``base-accuracy``, ...)."""
-    vec = np.zeros(histogram_length(), dtype=np.float64)
-    extras = {e.name: 0.0 for e in extras_specs(cfg)}
-    extras["users"] = 1.0
-    offset = 0
+    """(vector, no extras) of one device's evaluation row (keys ``base-loss``, ``base-accuracy``, ...), un-noised."""
+    fig = dict.fromkeys(FIGURES, 0.0)
+    fig["users"] = 1.0
     values: dict[str, float | None] = {f"{m}-loss": _finite(row, f"{m}-loss") for m in MODELS}
     base = values["base-loss"]
     for m in GAINS:
         v = values[f"{m}-loss"]
         values[f"{m}-gain"] = None if base is None or v is None else base - v
-    for hist in HISTOGRAMS:
-        v = values[hist.name]
-        if v is not None:
-            vec[offset + hist.index(v)] = 1.0
-        offset += hist.size
     for m in MODELS:
-        loss, acc, tokens = values[f"{m}-loss"], _finite(row, f"{m}-accuracy"), _finite(row, f"{m}-tokens")
+        loss, acc = values[f"{m}-loss"], _finite(row, f"{m}-accuracy")
         if loss is None or acc is None:
             continue
-        extras[f"{m}-users"] = 1.0
-        extras[f"{m}-loss"] = loss
-        extras[f"{m}-accuracy"] = acc
-        if tokens:
-            extras[f"{m}-token-loss"] = loss * tokens
-            extras[f"{m}-tokens"] = tokens
-            extras[f"{m}-correct"] = float(round(acc * tokens))
-    for e in ("epsilon", "local-epsilon"):
-        v = _finite(row, e)
-        if v is not None and v >= 0:
-            extras[f"{e}-users"] = 1.0
-            extras[e] = v
-    rounds = _finite(row, "rounds")
-    if rounds:
-        extras["trained-users"] = 1.0
-        extras["rounds"] = rounds
-    return vec, extras
+        fig[f"{m}-users"] = 1.0
+        fig[f"{m}-loss"] = min(max(loss, 0.0), LOSS_CAP) / LOSS_CAP
+        fig[f"{m}-accuracy"] = min(max(acc, 0.0), 1.0)
+    hist = []
+    for h in HISTOGRAMS:
+        part = np.zeros(h.size)
+        v = values[h.name]
+        if v is not None:
+            part[h.index(v)] = 1.0
+        hist.append(part)
+    vec = np.concatenate([np.asarray([fig[k] for k in FIGURES], dtype=np.float64), *hist])
+    return vec, {}
+
+
+def noised_plain(cfg: Config, row: Mapping[str, float]) -> np.ndarray:
+    """The vector with this device's whole noise added (secure aggregation off: nothing hides it in a sum)."""
+    from privacy.secagg.crypto import SecureRNG
+    from privacy.secagg.quantize import from_ring
+
+    vec, _ = encode(cfg, row)
+    q: Quantizer = eval_params(cfg, min_clients=1).quantizer
+    return from_ring(q.encode(vec, {}, SecureRNG()), q.bits).astype(np.float64) / q.scale
 
 
 def _quantile_from(hist: Histogram, counts: np.ndarray) -> dict[str, float]:
-    n = int(round(float(counts.sum())))
+    counts = np.maximum(np.rint(counts), 0).astype(np.int64)  # noised counts: rounded, negatives read as 0
+    n = int(counts.sum())
     if n == 0:
         return {"median": math.nan, "worst_decile": math.nan, "n": 0}
-    counts = np.rint(counts).astype(np.int64)
     centres = np.array([hist.centre(i) for i in range(hist.size)])
-    values = np.repeat(centres, np.maximum(counts, 0))  # the sorted per-bin centres, no device order
+    values = np.repeat(centres, counts)  # the sorted per-bin centres, no device order
     mid = values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
     k = max(1, math.ceil(n / 10))
     worst = values[:k] if hist.name.endswith("-gain") else values[-k:]  # worst: highest loss, lowest gain
     return {"median": float(mid), "worst_decile": float(worst.mean()), "n": n}
 
 
-def summarize(vec: np.ndarray, extras: Mapping[str, float]) -> dict[str, dict[str, float]]:
-    """The report's summary from the totals alone (mean: exact; median and worst decile: from the bins)."""
+def summarize(vec: np.ndarray, extras: Mapping[str, float] | None = None) -> dict[str, dict[str, float]]:
+    """The report's summary from the noised totals alone (``extras``: unused, kept for the interface)."""
     vec = np.asarray(vec, dtype=np.float64)
+    if vec.size != histogram_length():
+        raise ValueError(f"an evaluation total has {histogram_length()} coordinates. You passed: {vec.size}")
+    fig = dict(zip(FIGURES, vec[:len(FIGURES)].tolist()))
     hist = {}
-    offset = 0
+    offset = len(FIGURES)
     for h in HISTOGRAMS:
         hist[h.name] = (h, vec[offset:offset + h.size])
         offset += h.size
     out: dict[str, dict[str, float]] = {}
     for m in MODELS:
-        n = int(round(extras.get(f"{m}-users", 0.0)))
-        if n == 0:
+        n = fig[f"{m}-users"]
+        if n < 0.5:  # no device (or noise alone) holds this model
             continue
         h, counts = hist[f"{m}-loss"]
-        tokens = extras.get(f"{m}-tokens", 0.0)
-        out[f"{m}-loss"] = {"mean": extras[f"{m}-loss"] / n, **_quantile_from(h, counts), "n": n,
-                            "token_mean": extras[f"{m}-token-loss"] / tokens if tokens else math.nan}
-        out[f"{m}-accuracy"] = {"mean": extras[f"{m}-accuracy"] / n, "n": n,
-                                "token_mean": extras[f"{m}-correct"] / tokens if tokens else math.nan}
+        out[f"{m}-loss"] = {"mean": fig[f"{m}-loss"] * LOSS_CAP / n, **_quantile_from(h, counts), "n": int(round(n))}
+        out[f"{m}-accuracy"] = {"mean": fig[f"{m}-accuracy"] / n, "n": int(round(n))}
     for m in GAINS:
         h, counts = hist[f"{m}-gain"]
-        if counts.sum() > 0:
-            n = int(round(float(counts.sum())))
-            out[f"{m}-gain"] = {"mean": out.get("base-loss", {}).get("mean", math.nan)
-                                - out.get(f"{m}-loss", {}).get("mean", math.nan), **_quantile_from(h, counts),
-                                "better": int(round(float(counts[h.index(1e-12):].sum()))), "n": n}
-    for e in ("epsilon", "local-epsilon"):
-        n = int(round(extras.get(f"{e}-users", 0.0)))
-        out[e] = {"mean": extras.get(e, 0.0) / n if n else math.nan, "n": n}
-    out["users"] = {"n": int(round(extras.get("users", 0.0))), "trained": int(round(extras.get("trained-users", 0.0))),
-                    "rounds_mean": extras.get("rounds", 0.0) / max(1.0, extras.get("trained-users", 0.0))}
+        q = _quantile_from(h, counts)
+        if q["n"] > 0 and f"{m}-loss" in out and "base-loss" in out:
+            better = np.maximum(np.rint(counts[h.index(1e-12):]), 0).sum()
+            out[f"{m}-gain"] = {"mean": out["base-loss"]["mean"] - out[f"{m}-loss"]["mean"], **q,
+                                "better": int(better)}
+    out["users"] = {"n": int(max(0, round(fig["users"])))}
     return out

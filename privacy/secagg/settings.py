@@ -6,14 +6,15 @@ is negotiated over the wire (and a client checks the server's round parameters a
 * :func:`secagg_params`: the protocol settings: clip norm, scale, the modulus (fixed by the
   largest cohort, ``server.clients-per-round``), graph degree and threshold, and the per-client
   distributed-DP noise when ``secagg.ddp`` is on;
-* :func:`extras_specs`: the scalars masked together with the update (example count, ``trained``,
-  ``clipped``, the training metrics): the server learns only their cohort totals;
+* :func:`extras_specs`: the scalars masked together with the update: ``trained`` (1 for every device
+  that sends a masked input, so its total is the number of survivors, which the server knows anyway),
+  nothing else: no example count, loss, epsilon or timing rides in the sum (:mod:`privacy.audit.message_table`);
 * :func:`ddp_user_epsilon` / :func:`record_ddp`: the user-level epsilon of the distributed
   discrete Gaussian, and its entry in a device's privacy ledger.
 
-A client's weight is ``n / data.max-examples`` (``n`` its training examples), so what it adds to
-the sum, ``weight * (new - old)``, has norm ``<= secagg.clip-norm`` after clipping and the
-server's mean ``sum / sum(weight)`` is the example-weighted FedAvg mean.
+Every device's weight is 1, public: what it adds to the sum is its update ``new - old``, clipped to
+``secagg.clip-norm``, and the server divides the sum by the number of survivors (which it knows), so
+no figure of the release depends on a device's example count.
 
 The vector layout and the record codec are :mod:`fedpersona.secagg_wire`.
 """
@@ -38,25 +39,13 @@ __all__ = ["DDP_MECHANISM", "ddp_mechanism", "ddp_min_clients", "ddp_user_epsilo
 #: Mechanism label of distributed-DP entries in a device's privacy ledger.
 DDP_MECHANISM = "secagg-ddg"
 
-_METRIC_SCALE = 2.0**12  # losses and epsilons: per-client rounding error < 2.5e-4
-_LOSS_BOUND = 100.0
-
-
 def extras_specs(cfg: Config) -> tuple[ExtraSpec, ...]:
-    """The named scalars each client masks with its update (names as :meth:`Device.train_round` returns them)."""
-    specs = [
-        ExtraSpec("examples", bound=float(cfg.data.max_examples), scale=1.0),
-        ExtraSpec("trained", bound=1.0, scale=1.0),
-        ExtraSpec("clipped", bound=1.0, scale=1.0),
-        ExtraSpec("train-loss", bound=_LOSS_BOUND, scale=_METRIC_SCALE),
-        ExtraSpec("epsilon", bound=1000.0, scale=_METRIC_SCALE),
-        ExtraSpec("empty-steps", bound=float(cfg.client.local_steps), scale=1.0),
-        ExtraSpec("train-seconds", bound=86400.0, scale=2.0**6),
-    ]
-    if cfg.eval.per_round:
-        specs += [ExtraSpec("heldout-shared-loss", bound=_LOSS_BOUND, scale=_METRIC_SCALE),
-                  ExtraSpec("heldout-personal-loss", bound=_LOSS_BOUND, scale=_METRIC_SCALE)]
-    return tuple(specs)
+    """The named scalars each client masks with its update: ``trained`` only (a constant 1 per sender).
+
+    Each row of :data:`privacy.audit.message_table.TABLE` for ``train`` names one of them; a scalar
+    added here without its row fails ``tests/privacy/test_message_table.py``.
+    """
+    return (ExtraSpec("trained", bound=1.0, scale=1.0),)
 
 
 def ddp_min_clients(cfg: Config) -> int:

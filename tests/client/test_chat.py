@@ -172,3 +172,31 @@ def test_noise_for_remaining_budget():
     spent.step(noise_multiplier=0.3, sample_rate=0.5, num_steps=50)
     assert not math.isfinite(spent.epsilon(1e-3)) or spent.epsilon(1e-3) > 8
     assert noise_for_remaining_budget(spent, target_epsilon=8.0, delta=1e-3, sample_rate=0.2, remaining_steps=1) is None
+
+
+def test_the_policy_floor_is_checked_on_the_noise_a_grown_set_re_picks(tiny_model_dir, tmp_path, device_dirs):
+    """A grown training set lowers q, so the device re-picks a smaller sigma: its policy.min-noise-multiplier is
+    checked against that sigma, the one the round would train with (before: against the old one, so a round
+    could train below the floor)."""
+    from client.policy import PolicyViolation
+
+    data, state = device_dirs
+    cfg = _flat(tiny_model_dir, tmp_path)
+    node = {"data-dir": str(data), "state-dir": str(state), "user-id": "bernardo"}
+    dev = Device(cfg, node)
+    dev.train_round(dev.model.initial_shared_state(), server_round=1)
+    sigma1 = dev.noise_multiplier
+    store = DeviceStore(state)
+    for i in range(6):
+        record_feedback(store, cue=f"cue {i}", reply=f"a reply the user kept, number {i}", origin="accepted")
+    probe = Device(cfg, node)
+    probe._grow_training_set(2, probe.load_ledger())  # what round 2 will train with (the same examples each time)
+    sigma2 = probe.noise_multiplier
+    assert sigma2 < sigma1
+    floor = (sigma1 + sigma2) / 2
+    guarded = Device(cfg, {**node, "policy.min-noise-multiplier": floor})
+    assert guarded.noise_multiplier == pytest.approx(sigma1)  # before the round: the set as it was
+    with pytest.raises(PolicyViolation, match="policy.min-noise-multiplier"):
+        guarded.train_round(store.load_tensors(RECEIVED_SHARED), server_round=2)
+    ledger = PrivacyLedger.from_json(store.load_text("ledger"))
+    assert [r["round"] for r in ledger.rounds] == [1] and min(s for s, _, _ in ledger.history) >= floor

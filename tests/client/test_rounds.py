@@ -39,7 +39,7 @@ def test_round_trains_shared_then_head_and_the_update_ignores_the_head(tiny_conf
     ledger = PrivacyLedger.from_json(dev.store.load_text(LEDGER))
     assert ledger.total_steps == dev.cfg.client.local_steps, "only the shared pass is in the ledger (head: local)"
     assert dev.store.load_text(HEAD_LEDGER) is None
-    assert metrics["epsilon"] > 0
+    assert dev.last_round["epsilon"] > 0 and metrics == {"weight": 1.0, "trained": 1.0}  # the epsilon stays here
 
 
 def test_dp_head_has_its_own_ledger(tiny_config, tmp_path):

@@ -38,15 +38,17 @@ def test_simulation_four_users_two_rounds_then_resume(tiny_config):
         assert 0 <= u["epsilon"] <= 8.0
         if u["rounds"] > 0:
             assert u["epsilon"] > 0
-            assert abs(u["local-epsilon"] - u["epsilon"]) < 1e-6, "local-only baseline spends the same budget"
+            assert abs(u["local-epsilon"] - u["epsilon-federated"]) < 1e-6, "the baseline replays the same DP steps"
+            # One budget per user: the two mechanisms composed, within the budget the device planned for both.
+            assert u["epsilon-federated"] < u["epsilon"] <= 8.0 + 1e-9
     for name in ("metrics.json", "rounds.csv", "users.csv", "rounds.png", "users.png", "summary.txt"):
         assert (run_dir / name).is_file(), name
 
     # Resume: one more round continues from the round-2 checkpoint and composes epsilon.
-    before = {u["user"]: u["epsilon"] for u in users}
+    before = {u["user"]: u["epsilon-federated"] for u in users}
     metrics2 = run(None, dict(flat, **{"server.num-rounds": 3}), cpus=1, engine="flower")
     assert [r["round"] for r in metrics2["rounds"]] == [1, 2, 3]
-    after = {u["user"]: u["epsilon"] for u in metrics2["final"]["users"]}
+    after = {u["user"]: u["epsilon-federated"] for u in metrics2["final"]["users"]}
     assert all(after[u] >= before[u] for u in before)
     assert any(after[u] > before[u] for u in before)
     for u in expected:
