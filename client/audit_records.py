@@ -1,16 +1,19 @@
 """What a device's state folder holds for the privacy audit, as :class:`privacy.audit.report.DeviceRecords`.
 
 Read-only: the privacy ledger (the same encrypted file the device composes; read with the
-device's key), the names and digests of the personal head (never its values), and the
-inventory of every reply the device sent (:mod:`client.flow_log`). A part that cannot be read
+device's key) and its other ledgers (a DP head's, the local-only baseline's), the run config the
+device recorded with its last round (so that a device audited alone is described by its own
+settings, never by a default), the names and digests of the personal head (never its values), and
+the inventory of every reply the device sent (:mod:`client.flow_log`). A part that cannot be read
 is reported in ``errors``, not raised: the audit says what it could not check.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from client.device import HEAD_FILE, LEDGER
+from client.device import BASELINE_HEAD_LEDGER, BASELINE_LEDGER, HEAD_FILE, HEAD_LEDGER, LEDGER, RECEIVED_CONFIG
 from client.flow_log import INVENTORY_FILE, read_inventory
 from client.store import DeviceStore
 from privacy.audit.inventory import personal_digests
@@ -41,6 +44,18 @@ def read_device_records(state_dir: str | Path, *, label: str | None = None) -> D
             rec.ledger = PrivacyLedger.from_json(text)
         except ValueError as exc:
             rec.errors.append(f"ledger invalid: {exc}")
+    for name in (HEAD_LEDGER, BASELINE_LEDGER, BASELINE_HEAD_LEDGER):
+        try:
+            other = store.load_text(name)
+            if other is not None:
+                rec.other_ledgers[name] = PrivacyLedger.from_json(other)
+        except Exception as exc:  # StateError or an invalid ledger: reported, not raised
+            rec.errors.append(f"{name} unreadable: {type(exc).__name__}: {exc}")
+    try:
+        config = store.load_text(RECEIVED_CONFIG)
+        rec.config = json.loads(config) if config else {}
+    except Exception as exc:
+        rec.errors.append(f"recorded run config unreadable: {type(exc).__name__}: {exc}")
     try:
         head = store.load_tensors(HEAD_FILE)
     except Exception as exc:

@@ -18,6 +18,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 DEFAULT_SCENARIO = "audit"
+DEFAULT_CANARIES = 1000
 
 
 def add_audit_parsers(sub) -> None:
@@ -38,7 +39,9 @@ def add_audit_parsers(sub) -> None:
     r.add_argument("--dp", choices=["on", "off", "both"], default="both",
                    help="DP-SGD on, off, or both runs side by side (default: both)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    r.add_argument("--canaries", type=int, default=128, help="one-run canaries m (each planted with probability 1/2)")
+    r.add_argument("--canaries", type=int, default=DEFAULT_CANARIES,
+                   help=f"one-run canaries m, each planted with probability 1/2 (default {DEFAULT_CANARIES}: enough for "
+                        "a bound above 8 when the attack guesses them all right)")
     r.add_argument("--exposure-users", type=int, default=2, help="users that get secret canaries")
     r.add_argument("--repeats", type=int, default=8, help="copies of each secret canary")
     r.add_argument("--candidates", type=int, default=256, help="random secrets each canary is ranked against")
@@ -123,10 +126,16 @@ def cmd_audit_run(args: argparse.Namespace) -> int:
 def _print_summary(res: dict) -> None:
     v = res["verdict"]
     th = v["theoretical_epsilon"]
-    print(f"theoretical epsilon (max over canary owners): {'inf (no DP)' if th is None else f'{th:.3f}'}")
+    print(f"theoretical epsilon of the shared adapter (max over canary owners): {'inf (no DP)' if th is None else f'{th:.3f}'}"
+          f"; personal head: {res['theoretical'].get('personal_head', 'unknown')}")
     for target, r in res["one_run"].items():
-        print(f"one-run audit vs {target:12s}: {r['v']}/{r['r']} correct guesses of {r['m']} canaries -> "
-              f"epsilon >= {r['epsilon_lower_bound']:.3f} (95%)")
+        judged = "" if r.get("judged", True) else "  [not judged: no guarantee covers it]"
+        f = r.get("fdp") or {}
+        print(f"one-run audit vs {target:12s}: {r['v']}/{r['r']} correct of {r['m']} canaries -> epsilon >= "
+              f"{r.get('steinke_epsilon_lower_bound', r['epsilon_lower_bound']):.3f} (Steinke, ceiling "
+              f"{r.get('steinke_ceiling', r['ceiling']):.2f})"
+              + (f"; f-DP: {f['v']}/{f['r']} -> mu >= {f['mu_lower_bound']:.3f}, epsilon >= "
+                 f"{f['epsilon_lower_bound']:.3f} (ceiling {f['ceiling']:.2f})" if f else "") + judged)
     for c in res["exposure"]["canaries"]:
         print(f"exposure of a secret x{c['repeats']} ({c['user']}): shared {c['shared']['exposure']:.2f} bits, "
               f"personalized {c['personalized']['exposure']:.2f} bits (chance threshold {res['exposure']['threshold']:.2f})")
@@ -134,7 +143,10 @@ def _print_summary(res: dict) -> None:
         print(f"MIA {name:26s}: AUC {r['auc']:.3f} [{r['auc_low']:.3f}, {r['auc_high']:.3f}], "
               f"TPR@FPR<=0.1% {r['tpr_at_fpr']:.3f}")
     print("verdict: " + ("VIOLATION" if v["violation"] else "no violation")
+          + f" (shared adapter: epsilon >= {v['empirical_epsilon_lower_bound']:.3f}, ceiling "
+          + (f"{v['ceiling']:.2f})" if v.get("ceiling") is not None else "?)")
           + ("; leakage detected" if v["leakage_detected"] else "")
           + (f"; lower bound {'exceeds' if v['exceeds_reference'] else 'does not exceed'} the DP run's epsilon "
              f"{v['reference_epsilon']:.3f}" if "reference_epsilon" in v else ""))
-
+    if v.get("device_outputs"):
+        print("device outputs (no guarantee covers the local head; not judged): " + "; ".join(v["device_outputs"]))

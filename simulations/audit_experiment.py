@@ -57,9 +57,11 @@ from client.train import CachedExample
 from fedpersona.config import load_config
 from fedpersona.model import IGNORE, adapted_model, collate, labels_for, lower_hidden, resolve_model_dir
 from privacy.audit.canary import SECRET_CUE, exposure, random_secrets, secret_reply, word_canaries, word_pool
-from privacy.audit.empirical import EMPIRICAL_FILE, VERSION, verdict
+from privacy.audit.empirical import EMPIRICAL_FILE, VERSION, head_mode, verdict
 from privacy.audit.mia import attack_summary
+from privacy.audit.fdp import fdp_one_run_audit
 from privacy.audit.onerun import one_run_audit
+from privacy.budget import composed
 from privacy.ledger import PrivacyLedger
 from server.checkpoint import latest_checkpoint
 from server.federation import run_federation
@@ -200,10 +202,12 @@ def _device_for(cfg, plan: _UserPlan, run_id: int):
     return client_app._DEVICES.get((run_id, plan.node_id)) or Device(cfg, node_config)
 
 
-def _ledger_epsilon(store, delta: float, *, dp: bool) -> tuple[float, int]:
-    """(epsilon, DP steps) of a device's ledger; infinite when DP-SGD was off."""
-    text = store.load_text("ledger")
-    ledger = PrivacyLedger.from_json(text) if text is not None else None
+def _ledger_epsilon(store, delta: float, *, dp: bool, head: bool = False) -> tuple[float, int]:
+    """(epsilon, DP steps) of a device's ledger (``head``: composed with its head's ledger); infinite when DP-SGD
+    was off."""
+    ledgers = [PrivacyLedger.from_json(t) for t in (store.load_text(n) for n in (("ledger", "ledger-head") if head
+                                                                                else ("ledger",))) if t is not None]
+    ledger = composed(ledgers) if ledgers else None
     steps = ledger.total_steps if ledger is not None else 0
     if not dp:
         return math.inf, steps
@@ -259,6 +263,9 @@ def run_audit(
     nodes = {p.node_id: {"data-dir": str(p.data_dir), "state-dir": str(p.state_dir), "user-id": p.user_id, **nopriv}
              for p in plans}
     t_train = time.perf_counter()
+    releases: dict[str, dict] = {}
+    built = client_app.Device
+    client_app.Device = _recording_device(releases)  # the auditor watches what each device releases
     try:
         with InProcessGrid(client_app.app, nodes, flat, run_id=run_id) as grid:
             run_metrics = run_federation(grid, cfg)
@@ -267,8 +274,9 @@ def run_audit(
         failures = sum(r.get("failed", 0) for r in run_metrics.get("rounds", []))
         if failures:
             raise RuntimeError(f"{failures} client failure(s) in the audit run; see the log")
-        result = _attack(cfg, settings, model, plans, plants, run_dir, run_id)
+        result = _attack(cfg, settings, model, plans, plants, run_dir, run_id, releases)
     finally:
+        client_app.Device = built
         for p in plans:
             client_app._DEVICES.pop((run_id, p.node_id), None)
     result.update({
@@ -289,7 +297,22 @@ def run_audit(
     return result
 
 
-def _attack(cfg, settings: AuditSettings, model, plans: list[_UserPlan], plants: dict, run_dir: Path, run_id: int) -> dict:
+def _recording_device(releases: dict[str, dict]):
+    """The real Device, recording after each round the shared adapter it released: what it received plus the update
+    it sent (the auditor's view of one device's DP-SGD output, before any sum; the device code is unchanged)."""
+
+    class RecordingDevice(Device):
+        def train_round(self, shared, *, server_round):
+            update, metrics = super().train_round(shared, server_round=server_round)
+            releases[self.user_id] = {n: shared[n].detach().float().cpu() + update[n].detach().float().cpu()
+                                      for n in update}
+            return update, metrics
+
+    return RecordingDevice
+
+
+def _attack(cfg, settings: AuditSettings, model, plans: list[_UserPlan], plants: dict, run_dir: Path, run_id: int,
+            releases: dict[str, dict] | None = None) -> dict:
     t0 = time.perf_counter()
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
@@ -298,7 +321,7 @@ def _attack(cfg, settings: AuditSettings, model, plans: list[_UserPlan], plants:
     delta = cfg.privacy.delta
 
     # Examples: members (real training examples), non-members (held-out), canaries, candidates.
-    devices, members, nonmembers, heads, eps = {}, {}, {}, {}, {}
+    devices, members, nonmembers, heads, eps, head_eps = {}, {}, {}, {}, {}, {}
     for p in plans:
         dev = _device_for(cfg, p, run_id)
         devices[p.node_id] = dev
@@ -309,6 +332,7 @@ def _attack(cfg, settings: AuditSettings, model, plans: list[_UserPlan], plants:
         nonmembers[p.node_id] = list(dev.data.held_out)
         heads[p.node_id] = dev.store.load_tensors("personal") or model.fresh_personal_state()
         eps[p.node_id] = _ledger_epsilon(dev.store, delta, dp=cfg.privacy.enabled)
+        head_eps[p.node_id] = _ledger_epsilon(dev.store, delta, dp=cfg.privacy.enabled, head=True)
     words = _cache(model, cfg, plants["words"])
     secret_pairs = [(SECRET_CUE, secret_reply(s)) for s in plants["secrets"] + plants["controls"] + plants["candidates"]]
     secret_ex = _cache(model, cfg, secret_pairs)
@@ -342,21 +366,48 @@ def _attack(cfg, settings: AuditSettings, model, plans: list[_UserPlan], plants:
         if nid in exposure_users:
             loss["personal"][("secrets", nid)] = _losses(model, secret_ex)
     model.load_personal_state(model.fresh_personal_state())
+    # Each device's last release (the shared adapter it received plus the update it sent), on its own canaries.
+    release_words = None
+    if releases and all(p.user_id in releases for p in plans):
+        release_words = np.zeros(len(words))
+        with model.personal_zeroed():
+            for p in plans:
+                mine = [i for i in range(len(words)) if owners[i] == p.node_id]
+                if mine:
+                    model.load_shared_state(releases[p.user_id])
+                    release_words[mine] = _mean(_losses(model, [words[i] for i in mine]))
+        model.load_shared_state(shared)
 
-    # Theoretical epsilon: the canary owners' ledgers (DP-SGD is per record of each device).
+    # Theoretical epsilon: the canary owners' ledgers (DP-SGD is per record of each device). The released shared
+    # adapter is covered by the federated ledger; the personalized model by nothing with a local head (the
+    # default: no verdict, what the device's own outputs reveal), by the composition of the federated and the
+    # head's ledgers with a DP head, and by the one DP pass with split fedsa (the head is inside it).
     per_user_eps = {p.user_id: _finite(eps[p.node_id][0]) for p in plans}
     owner_ids = set(owners.tolist()) | set(exposure_users)
     theory = max((eps[n][0] for n in owner_ids), default=math.inf)
+    head = head_mode(cfg.adapter.split, cfg.privacy.personal_head)
+    theory_personal = {"local": None, "dp": max((head_eps[n][0] for n in owner_ids), default=math.inf),
+                       "in-shared": theory}[head]
 
-    # One-run audit.
+    # One-run audit: Steinke et al.'s bound (no assumption) and the f-DP bound with Gaussian curves; the larger.
     included = np.asarray(plants["included"], dtype=bool)
     base_words = _mean(loss["base"]["words"])
     one_run = {}
-    for target, attacked in (("shared", _mean(loss["shared"]["words"])), ("personalized", pers_words)):
+    targets = [("shared", _mean(loss["shared"]["words"]), theory)]
+    if release_words is not None:
+        targets.append(("device-release", release_words, theory))
+    targets.append(("personalized", pers_words, theory_personal))
+    for target, attacked, th in targets:
         scores = base_words - attacked
         res = one_run_audit(scores, included, delta=delta, confidence=settings.confidence).to_dict()
-        res.update(theoretical_epsilon=_finite(theory), scores=scores.tolist(), included=included.tolist(),
-                   violation=bool(res["epsilon_lower_bound"] > theory + 1e-9))
+        fdp = fdp_one_run_audit(scores, included, delta=delta, confidence=settings.confidence).to_dict()
+        judged = th is not None
+        res.update(steinke_epsilon_lower_bound=res["epsilon_lower_bound"], steinke_ceiling=res["ceiling"], fdp=fdp,
+                   epsilon_lower_bound=max(res["epsilon_lower_bound"], fdp["epsilon_lower_bound"]),
+                   ceiling=max(res["ceiling"], fdp["ceiling"]), judged=judged,
+                   theoretical_epsilon=_finite(th) if judged else None, scores=scores.tolist(),
+                   included=included.tolist())
+        res["violation"] = bool(judged and res["epsilon_lower_bound"] > th + 1e-9)
         one_run[target] = res
 
     # Exposure of the planted secrets and of the never-planted controls.
@@ -404,7 +455,8 @@ def _attack(cfg, settings: AuditSettings, model, plans: list[_UserPlan], plants:
         mia[name] = {**attack_summary(mem, non), "member_scores": mem, "nonmember_scores": non}
     return {
         "theoretical": {"epsilon_max": _finite(theory), "per_user": per_user_eps, "delta": delta,
-                        "accountant": cfg.privacy.accountant},
+                        "accountant": cfg.privacy.accountant, "personal_head": head,
+                        "personalized_epsilon_max": _finite(theory_personal) if theory_personal is not None else None},
         "one_run": one_run,
         "exposure": exposure_result,
         "mia": mia,

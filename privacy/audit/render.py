@@ -76,27 +76,30 @@ def _figures(audit: dict) -> dict[str, bytes]:
 
     emp = audit.get("_empirical_full")
     if emp:
-        fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
+        n = len(emp["one_run"])
+        fig, ax = plt.subplots(1, n + 1, figsize=(4.7 * (n + 1), 3.6))
         for i, (target, r) in enumerate(emp["one_run"].items()):
             s, inc = np.asarray(r["scores"]), np.asarray(r["included"], dtype=bool)
             bins = np.linspace(s.min(), s.max() + 1e-9, 25)
             ax[i].hist(s[inc], bins=bins, alpha=0.6, label="planted", color="#cc3311")
             ax[i].hist(s[~inc], bins=bins, alpha=0.6, label="not planted", color="#4477aa")
             th = r["theoretical_epsilon"]
+            judged = r.get("judged", True)
             ax[i].set_title(f"one-run ({target}): eps >= {r['epsilon_lower_bound']:.2f} "
-                            f"(theory {'inf' if th is None else f'{th:.2f}'})", fontsize=9)
+                            + (f"(theory {'inf' if th is None else f'{th:.2f}'})" if judged else "(not judged)"),
+                            fontsize=9)
             ax[i].set_xlabel("score: base loss - model loss")
             ax[i].legend(fontsize=8)
         for name, r in emp["mia"].items():
             fpr, tpr = roc_curve(r["member_scores"], r["nonmember_scores"])
-            ax[2].plot(np.maximum(fpr, 1e-3), np.maximum(tpr, 1e-3), label=f"{name} (AUC {r['auc']:.2f})", lw=1.2)
-        ax[2].plot([1e-3, 1], [1e-3, 1], color="grey", ls=":", lw=1)
-        ax[2].set_xscale("log")
-        ax[2].set_yscale("log")
-        ax[2].set_xlabel("false positive rate")
-        ax[2].set_ylabel("true positive rate")
-        ax[2].set_title("membership inference (train vs held-out)", fontsize=9)
-        ax[2].legend(fontsize=7)
+            ax[n].plot(np.maximum(fpr, 1e-3), np.maximum(tpr, 1e-3), label=f"{name} (AUC {r['auc']:.2f})", lw=1.2)
+        ax[n].plot([1e-3, 1], [1e-3, 1], color="grey", ls=":", lw=1)
+        ax[n].set_xscale("log")
+        ax[n].set_yscale("log")
+        ax[n].set_xlabel("false positive rate")
+        ax[n].set_ylabel("true positive rate")
+        ax[n].set_title("membership inference (train vs held-out)", fontsize=9)
+        ax[n].legend(fontsize=7)
         save("empirical", fig)
 
         ex = emp["exposure"]

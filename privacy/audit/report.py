@@ -24,7 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from privacy.audit.empirical import head_mode
 from privacy.audit.inventory import check_completeness, summarize_inventory, verify_inventory
+from privacy.audit.message_table import TABLE
+from privacy.budget import composed
 from privacy.ledger import PrivacyLedger
 from privacy.rdp import DEFAULT_ORDERS, epsilon_from_rdp, rdp_subsampled_gaussian
 
@@ -45,6 +48,10 @@ class DeviceRecords:
     personal_names: list[str] = field(default_factory=list)
     personal_digests: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    #: The run config the device recorded with its last round (flat keys; empty when it holds none).
+    config: dict = field(default_factory=dict)
+    #: Its other ledgers by file name: the DP head's (``ledger-head``), the local-only baseline's.
+    other_ledgers: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -99,6 +106,13 @@ def device_summary(rec: DeviceRecords, *, delta: float, target_epsilon: float | 
             "released_without_noise": [r["round"] for r in ledger.rounds if r["noise_multiplier"] == 0]
                                       or ([None] if any(s == 0 for s, _, _ in ledger.history) else []),
         })
+        others = {name: led for name, led in rec.other_ledgers.items() if led is not None}
+        if "ledger-local-baseline" in others:  # one budget per user: the federated ledger and the baseline's
+            total = composed([ledger, others["ledger-local-baseline"]]).epsilon(delta) if dp else math.inf
+            out["epsilon_total"] = _finite(total)
+            out["epsilon_local_baseline"] = _finite(others["ledger-local-baseline"].epsilon(delta)) if dp else None
+        if "ledger-head" in others:
+            out["head_epsilon"] = _finite(others["ledger-head"].epsilon(delta)) if dp else None
         budget = {"target": target_epsilon, "exhausted": False, "after_round": None}
         if dp and target_epsilon is not None and ledger.rounds:
             last = ledger.rounds[-1]
@@ -106,6 +120,8 @@ def device_summary(rec: DeviceRecords, *, delta: float, target_epsilon: float | 
                                     num_steps=max(1, last["steps"]), delta=delta)
             if nxt > target_epsilon * (1 + 1e-9):
                 budget.update(exhausted=True, after_round=last["round"], epsilon_next=_finite(nxt))
+        if dp and target_epsilon is not None and (out.get("epsilon_total") or 0) > target_epsilon * (1 + 1e-6):
+            budget["composed_over"] = out["epsilon_total"]
         out["budget"] = budget
     else:
         out.update({"steps": 0, "rounds": [], "epsilon": 0.0 if dp else None, "user_level": [], "history": []})
@@ -119,7 +135,11 @@ def build_audit(devices: list[DeviceRecords], run: RunRecords | None = None, *, 
     """Check the devices' ledgers and inventories against each other and the server's view."""
     metrics = run.metrics if run is not None else {}
     run_path = Path(run.run_dir) if run is not None else None
-    config = metrics.get("config", {})
+    config = dict(metrics.get("config", {}))
+    recorded = "run"
+    if not config:  # a device audited alone: the settings it recorded, never a default
+        config = next((dict(d.config) for d in devices if d.config), {})
+        recorded = "device" if config else "none"
     dp = bool(config.get("privacy.enabled", True))
     delta = float(delta if delta is not None else config.get("privacy.delta", DEFAULT_DELTA))
     target = target_epsilon if target_epsilon is not None else config.get("privacy.target-epsilon")
@@ -142,6 +162,9 @@ def build_audit(devices: list[DeviceRecords], run: RunRecords | None = None, *, 
         "scope": "device" if device_scope else "run",
         "run": metrics.get("run"),
         "run_dir": str(run_path) if run_path is not None else None,
+        "settings_source": {"run": "the run's metrics.json", "device": "the run config the device recorded with "
+                            "its last round", "none": "none recorded: the statements that depend on the run's "
+                            "settings say so"}[recorded],
         "guarantee": _guarantee(config, devices, metrics, dp=dp, delta=delta, checkpoints=ckpts),
         "users": [_user_row(d) for d in devices],
         "epsilon_summary": {"devices": len(devices), "max": max(eps) if eps else None, "mean": float(np.mean(eps)) if eps else None,
@@ -171,6 +194,8 @@ def build_audit(devices: list[DeviceRecords], run: RunRecords | None = None, *, 
 def _user_row(d: dict) -> dict:
     return {
         "user": d["device"], "epsilon": d.get("epsilon"), "epsilon_independent": d.get("epsilon_independent"),
+        "epsilon_total": d.get("epsilon_total"), "epsilon_local_baseline": d.get("epsilon_local_baseline"),
+        "head_epsilon": d.get("head_epsilon"),
         "rounds": [r["round"] for r in d.get("rounds", [])], "steps": d.get("steps", 0),
         "noise_multiplier": d["history"][-1][0] if d.get("history") else None,
         "sample_rate": d["history"][-1][1] if d.get("history") else None,
@@ -189,72 +214,100 @@ def _accountant_check(devices: list[dict]) -> dict:
             "method": "each ledger's history re-accounted with privacy/rdp.py (an independent RDP implementation)"}
 
 
-def _personal_head_statement(head_mode: str, split: str) -> str:
-    """What holds for the personal head in this run (``privacy.personal-head``)."""
-    common = ("The personalized model (shared adapter + personal head) is never aggregated: it is NOT covered by "
-              "any user-level protection. Its membership inference is measured separately below.")
-    if split == "fedsa":
-        return ("privacy.personal-head = dp (split fedsa): the head (B) is part of the shared adapter and is trained in "
-                "the same DP-SGD pass; the device's record-level bound covers it. " + common)
-    if head_mode == "local":
-        return ("privacy.personal-head = local: joint DP. The head is trained on the device WITHOUT noise, on top of the "
-                "shared adapter; the released update never depends on it (the shared pass runs with the head switched "
-                "off), so the guarantee above covers everything that leaves the device. The head itself and the "
-                "personalized model's outputs are NOT covered by any differential-privacy guarantee: anyone who can "
-                "query the device's model queries a model trained on the user's data without noise. " + common)
-    return ("privacy.personal-head = dp: the head is trained with DP-SGD too, with its own ledger (ledger-head) and "
-            "epsilon (head-epsilon), reported beside the shared one; the personalized model is covered by the "
-            "composition of both. " + common)
+def _personal_head_statement(mode: str) -> str:
+    """What holds for the personal head in this run (``privacy.personal-head``, ``adapter.split``)."""
+    if mode == "in-shared":
+        return ("adapter.split = fedsa: the head (B) is part of the shared adapter and is trained in the one DP-SGD "
+                "pass; the user's record-level epsilon covers it and the personalized model. It is never aggregated: "
+                "no user-level protection applies to it.")
+    if mode == "local":
+        return ("privacy.personal-head = local (the default): the head is trained on the device WITHOUT noise, on top "
+                "of the shared adapter, and never leaves it; the shared pass runs with the head switched off, so no "
+                "update the device sends depends on it, and its held-out figures leave only inside the noised final "
+                "evaluation. The head and the personalized model's outputs are covered by NO differential-privacy "
+                "guarantee: whoever can query the device's model queries a model trained on the user's data without "
+                "noise. The empirical audit reports their exposure and membership inference as what the device's own "
+                "outputs reveal, with no verdict against epsilon.")
+    if mode == "dp":
+        return ("privacy.personal-head = dp: the head is trained with DP-SGD too, with its own ledger (ledger-head) "
+                "and budget; the personalized model is covered by the composition of the federated and the head's "
+                "ledgers, and the empirical audit judges it against that composition.")
+    return ("unknown: no run config is at hand (the device recorded none), so this report cannot say how the head was "
+            "trained")
+
+
+def leaves_device_rows(*, secagg: bool) -> list[dict]:
+    """The message table's rows that apply: under secure aggregation the default ones, else the plain ones."""
+    rows = [r for r in TABLE if (r.when == "") == secagg or r.message == "*"]
+    return [{"reply": r.message, "field": f"{r.part} {r.record}/{r.name}", "what": r.what, "covered_by": r.covered_by}
+            for r in rows]
 
 
 def _guarantee(config: dict, devices: list[dict], metrics: dict, *, dp: bool, delta: float, checkpoints: list[int]) -> dict:
     accountants = sorted({d["accountant"] for d in devices if d.get("accountant")}) or [config.get("privacy.accountant", "rdp")]
     user_level = [u for d in devices for u in d.get("user_level", [])]
+    ddp_entries = [u for u in user_level if u["mechanism"].startswith("secagg-ddg")]
+    eval_entries = [u for u in user_level if u["mechanism"].startswith("secagg-eval-ddg")]
     ckpts = checkpoints
     clip = config.get("privacy.max-grad-norm")
-    head_mode = config.get("privacy.personal-head", "dp")
-    split = config.get("adapter.split", "ffa")
+    if clip is None:  # the devices' ledgers record the clip they accepted
+        clip = next((r.get("settings", {}).get("privacy.max-grad-norm") for d in devices for r in d.get("rounds", [])
+                     if r.get("settings", {}).get("privacy.max-grad-norm") is not None), None)
+    mode = head_mode(config.get("adapter.split"), config.get("privacy.personal-head"))
+    secagg = metrics.get("aggregation", "secagg+" if config.get("secagg.enabled", True) else "plain") != "plain"
+    eval_eps = max((u["epsilon"] for u in eval_entries if u["epsilon"] is not None), default=None)
     g = {
         "dp_enabled": dp,
         "unit": "one training example (cue, reply) of one user",
         "adjacency": ("record-level, per user: two datasets of a user that differ by adding or removing one of its "
-                      "training examples; a user's epsilon covers what its DP-SGD steps released (the shared-adapter "
-                      "updates and everything computed from them), not every figure computed from its data: see "
-                      "'what leaves a device' for what each release is covered by"),
-        "mechanism": (f"DP-SGD on the device (Opacus): per-sample gradient clipping at {clip}, Gaussian noise of "
+                      "training examples. A user's epsilon covers the shared-adapter updates its device sent (and so "
+                      "every checkpoint). The device's sample rate q = batch-size / n and the noise calibrated for it "
+                      "are set from its own example count n, as in every DP-SGD accountant; no message carries n. "
+                      "Every field of every reply, and what covers it: 'what leaves a device'"),
+        "mechanism": (f"DP-SGD on the device (Opacus): per-sample gradient clipping at "
+                      f"{clip if clip is not None else 'privacy.max-grad-norm (not recorded)'}, Gaussian noise of "
                       "standard deviation noise_multiplier x clip per step, over "
-                      + ("the shared adapter (A and B, the personal B inside it: split fedsa)" if split == "fedsa" else
-                         "the shared adapter only, with the personal head switched off in that pass, so the released "
-                         "update never depends on the head")),
+                      + ("the shared adapter (A and B, the personal B inside it: split fedsa)" if mode == "in-shared"
+                         else "the shared adapter only, with the personal head switched off in that pass, so the "
+                              "released update never depends on the head")),
         "accountant": ", ".join(a.upper() for a in accountants) + " (Opacus); cross-checked with privacy/rdp.py",
         "delta": delta,
         "sampling": ("Poisson sampling: every example joins each step's batch independently with probability "
-                     "q = batch-size / examples; each step's mask is drawn from a torch generator seeded with 64 "
-                     "bits read from os.urandom (the kernel's CSPRNG) for that step (privacy/noise.py NoiseSource), "
-                     "never from torch's global MT19937; the batches never leave the device; empty batches are "
-                     "noise-only steps and are counted"),
-        "noise": ("the Gaussian noise of each step from a fresh os.urandom-seeded generator (the same NoiseSource) "
-                  "handed to Opacus's DPOptimizer before the step, with Opacus's secure_mode (each coordinate the "
-                  "mean of 4 draws, against floating-point attacks on the sampler); seeding torch does not "
-                  "reproduce it (tests/adversarial/test_noise_predictability.py)"),
-        "leaves_device": _releases(config, metrics, user_level=bool(user_level)),
+                     "q = batch-size / examples, decided by 53-bit uniforms from an AES-256-CTR stream keyed with 32 "
+                     "bytes of os.urandom for that step (privacy/noise.py CsprngStream), never from a torch "
+                     "generator; the batches never leave the device; empty batches are noise-only steps and are "
+                     "counted"),
+        "noise": ("each coordinate of each step's Gaussian noise is (z1 + z2 + z3 + z4) / 2 times noise_multiplier "
+                  "x clip, the z standard normals by Box-Muller from the same step's AES-256-CTR stream (the sum of "
+                  "four, as Opacus's secure_mode, against floating-point attacks on a sampled Gaussian); seeding "
+                  "torch reproduces none of it (tests/adversarial/test_noise_predictability.py)"),
+        "leaves_device": leaves_device_rows(secagg=secagg),
         "composition": "over every round the device ever trained in, across restarts (the ledger file on the device)",
         "checkpoints": (f"covers every released checkpoint ({len(ckpts)} of them: rounds {ckpts[0]}-{ckpts[-1]})" if ckpts
                         else "covers every released checkpoint") + ": each is a function of the devices' DP-SGD outputs "
                        "(post-processing), and a user's epsilon bounds the whole sequence, not each checkpoint alone",
         "user_level": (
-            {"present": True, "entries": len(user_level),
-             "epsilon_max": max((u["epsilon"] for u in user_level if u["epsilon"] is not None), default=None),
-             "mechanisms": sorted({u["mechanism"] for u in user_level}),
-             "statement": "user-level (whole-user adjacency) guarantee from distributed DP noise under secure "
-                          "aggregation, as recorded in the ledgers; it holds against the server and the released "
-                          "adapter under the secure-aggregation assumptions (honest-but-curious server, enough "
+            {"present": True, "entries": len(ddp_entries),
+             "epsilon_max": max((u["epsilon"] for u in ddp_entries if u["epsilon"] is not None), default=None),
+             "mechanisms": sorted({u["mechanism"] for u in ddp_entries}),
+             "statement": "user-level (whole-user adjacency) guarantee of the shared-adapter sums from distributed DP "
+                          "noise under secure aggregation, as recorded in the ledgers; it covers everything in those "
+                          "sums (the update and the constant 'trained'). It holds against the server and the "
+                          "released adapter under the secure-aggregation assumptions (honest-but-curious server, enough "
                           "honest surviving clients per round)"}
-            if user_level else
+            if ddp_entries else
             {"present": False,
-             "statement": "no user-level guarantee: no distributed-DP entries in the ledgers. A user's whole "
-                          "dataset is protected only through the record-level bound (group privacy)"}),
-        "personal_head": _personal_head_statement(head_mode, split),
+             "statement": "no user-level guarantee for the shared-adapter updates: no distributed-DP entries in the "
+                          "ledgers. A user's whole dataset is protected there only through the record-level bound "
+                          "(group privacy)"}),
+        "evaluation": ({"present": True, "entries": len(eval_entries), "epsilon_max": eval_eps,
+                        "statement": f"the final evaluation's figures are user-level (epsilon {eval_eps:.3g}, delta "
+                                     f"{eval_entries[0]['delta']:g})-DP at worst, from the discrete Gaussian noise every "
+                                     "device adds before masking (secagg-eval-ddg entries in the ledgers), under the "
+                                     "same secure-aggregation assumptions"}
+                       if eval_entries and eval_eps is not None else
+                       {"present": False, "statement": "no evaluation release recorded in the ledgers"}),
+        "personal_head": _personal_head_statement(mode),
     }
     infinite = sorted(d["device"] for d in devices if d.get("released_without_noise"))
     if not dp:
@@ -265,61 +318,16 @@ def _guarantee(config: dict, devices: list[dict], metrics: dict, *, dp: bool, de
     else:
         eps = [d["epsilon"] for d in devices if d.get("epsilon") is not None]
         g["statement"] = (f"Each user's training examples are ({max(eps) if eps else 0:.3g}, {delta:g})-DP at worst "
-                          f"(record-level, per user; per-user epsilons below), for every checkpoint the server released.")
+                          f"(record-level, add or remove one example, per user; per-user epsilons below) for every "
+                          f"shared checkpoint the server released.")
+        if eval_entries and eval_eps is not None:
+            g["statement"] += (f" The final evaluation's figures are user-level ({eval_eps:.3g}, "
+                               f"{eval_entries[0]['delta']:g})-DP.")
         if infinite:
             g["statement"] = (f"NO DP GUARANTEE for {len(infinite)} device(s) that released an update without DP noise "
                               f"(epsilon infinite from then on: {', '.join(infinite)}). For the others: "
                               + g["statement"])
     return g
-
-
-def _releases(config: dict, metrics: dict, *, user_level: bool) -> list[dict]:
-    """Each thing that leaves a device in this run's configuration, and the guarantee that covers it."""
-    secagg = metrics.get("aggregation", "secagg+" if config.get("secagg.enabled", True) else "plain") != "plain"
-    dp = bool(config.get("privacy.enabled", True))
-    sum_only = ("secure aggregation: the server learns only the cohort's sum (SecAgg+, honest-but-curious server, "
-                "at most t - 1 colluding share holders)") if secagg else "none against the server: sent in the clear"
-    dp_cover = "record-level DP-SGD (the user's epsilon)" if dp else "NO DP (privacy.enabled = false)"
-    out = [
-        {"what": "shared-adapter update (weighted change of the shared tensors)",
-         "covered_by": f"{dp_cover}; {sum_only}" + ("; user-level distributed DP noise (ledger user-level entries)"
-                                                   if user_level else "")},
-        {"what": "example count, trained / clipped flags, empty-step count, training seconds",
-         "covered_by": f"{sum_only}; NOT covered by DP (the count and the timing are not noised)"},
-        {"what": "training loss and the epsilon spent (per round)",
-         "covered_by": f"{sum_only}; the loss is computed on the DP-SGD batches but is not itself noised: NOT covered "
-                       "by the user's epsilon"},
-    ]
-    if config.get("eval.per-round", True):
-        out.append({"what": "held-out losses before each round (shared, personalized)",
-                    "covered_by": f"{sum_only}; computed on held-out examples that DP-SGD never used and not "
-                                  "noised: NOT covered by DP"})
-    if metrics.get("final") or config.get("eval.final", True):
-        floor = config.get("secagg.min-contributors", 3)
-        out.append({"what": "final evaluation: summable figures of the base, shared, personalized"
-                            + (" and (simulations only) local-only" if config.get("eval.local-baseline", True) else "")
-                            + " models (sums of per-user and per-token held-out losses, accuracies, token counts, "
-                              "epsilons; histograms of per-user loss and gain in fixed bins); no user label",
-                    "covered_by": (f"secure aggregation: only the totals over at least {floor} devices "
-                                   "(privacy/secagg/eval_figures.py); not noised: NOT covered by DP")
-                    if secagg else "none against the server: each device's figures in the clear (no user label); "
-                                   "NOT covered by DP"})
-    if config.get("eval.local-baseline", True):
-        out.append({"what": "the local-only baseline (simulations only: a deployment device refuses it; trained on "
-                            "the device for evaluation, its figures leave only inside the final evaluation's figures)",
-                    "covered_by": "its own ledger (ledger-local-baseline), NOT composed into the user's epsilon: "
-                                  "the user's data is used by two DP mechanisms; users.csv shows both epsilons "
-                                  "(epsilon: the federated updates, local-epsilon: the local-only model)"})
-    if secagg:
-        out.append({"what": "secure-aggregation protocol data: public keys, encrypted shares, unmask shares",
-                    "covered_by": "the SecAgg+ protocol (docs/secagg.md): reveals no more than the sum when the "
-                                  "server is honest-but-curious"})
-    out.append({"what": "error replies (failed or refused requests)",
-                "covered_by": "none needed: the error class and a fixed text (never the exception's message, which "
-                              "can hold the user's data); a policy refusal names only the setting, the server's value "
-                              "and the device's floor"})
-    out.append({"what": "the personal head", "covered_by": "never leaves the device (data-flow inventory, section 3)"})
-    return out
 
 
 def _server_view(metrics: dict, server: list[dict]) -> dict:
@@ -337,11 +345,11 @@ def _server_view(metrics: dict, server: list[dict]) -> dict:
         e = evals[-1]
         names = ", ".join(e.get("metric_names", []))
         if e.get("per_client_metrics_visible") or e.get("user_labels_visible"):
-            lines.append(f"at the final evaluation, each device's figures in the clear"
+            lines.append(f"at the final evaluation, each device's figures with that device's own noise"
                          f"{' and its user label' if e.get('user_labels_visible') else ''} ({names})")
         else:
-            lines.append(f"at the final evaluation, only the totals of {e.get('replies', 0)} devices' figures "
-                         f"(secure sum; summary: {names})")
+            lines.append(f"at the final evaluation, only the noised totals of {e.get('replies', 0)} devices' figures "
+                         f"(secure sum with each device's share of the evaluation noise; summary: {names})")
     sa = metrics.get("secagg")
     if sa:
         lines.append(f"secure aggregation settings: clip norm {sa.get('clip-norm')}, {sa.get('modulus-bits')}-bit modulus, "
@@ -402,6 +410,11 @@ def _status(audit: dict, *, dp: bool) -> dict:
         status["flags"].append("the ledgers' epsilon disagrees with the independent RDP implementation")
     if not dp:
         status["flags"].append("privacy.enabled = false: no differential-privacy guarantee")
+    for row in audit["users"]:
+        over = (row.get("budget") or {}).get("composed_over")
+        if over is not None:
+            status["flags"].append(f"{row['user']}: the federated ledger and the local-only baseline's, composed, "
+                                   f"reach epsilon {over:.3f} > the budget {audit['epsilon_summary']['target']:g}")
     for device, rounds in sorted(audit.get("released_without_noise", {}).items()):
         status["flags"].append(f"{device} released an update without DP noise (round(s) "
                                f"{', '.join(str(r) for r in rounds if r is not None) or '?'}): its epsilon is "
@@ -410,14 +423,19 @@ def _status(audit: dict, *, dp: bool) -> dict:
         ver = emp["verdict"]
         status["violation"] = bool(ver["violation"])
         lb = ver["empirical_epsilon_lower_bound"]
+        ceiling = ver.get("ceiling")
+        cap = f", ceiling {ceiling:.2f}" if ceiling is not None else ""
         if ver["violation"]:
             status["empirical"] = f"VIOLATION: {'; '.join(ver['violations'])}"
         elif ver["theoretical_epsilon"] is None:
-            status["empirical"] = (f"no DP guarantee to check; measured leakage: epsilon >= {lb:.3f} (95%)"
-                                   + (" and attacks above chance" if ver["leakage_detected"] else ""))
+            status["empirical"] = (f"no DP guarantee to check; measured on the released shared adapter: epsilon >= "
+                                   f"{lb:.3f} (95%{cap})" + (" and attacks above chance" if ver["leakage_detected"] else ""))
         else:
-            status["empirical"] = (f"no violation: empirical epsilon lower bound {lb:.3f} (95%) <= theoretical "
-                                   f"{ver['theoretical_epsilon']:.3f}")
+            status["empirical"] = (f"no violation: on the released shared adapter, empirical epsilon lower bound "
+                                   f"{lb:.3f} (95%{cap}) <= theoretical {ver['theoretical_epsilon']:.3f}")
+        if ver.get("device_outputs"):
+            status["device_outputs"] = ("what the devices' own outputs reveal (no DP guarantee covers the local "
+                                        "head; no verdict against epsilon): " + "; ".join(ver["device_outputs"]))
         if ver["violation"]:
             status["flags"].extend(ver["violations"])
         if ver.get("exceeds_reference"):
