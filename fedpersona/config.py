@@ -284,8 +284,8 @@ class ServerConfig:
 class SecAggSettings:
     """Secure aggregation of the shared updates (SecAgg+, :mod:`privacy.secagg`), and distributed DP on top.
 
-    ``clip_norm`` bounds the L2 norm of what a client adds to the sum: its update times its
-    weight ``n / data.max-examples`` (the demo's weighted updates measure ~1.6). ``scale``: quantized
+    ``clip_norm`` bounds the L2 norm of what a client adds to the sum: its update (weight 1 for every
+    client; the demo's updates measure ~2.15, and the demo sets 3.0). ``scale``: quantized
     units per unit of update (the rounding error of the summed update is < cohort/scale per
     coordinate); 0 picks 2^20, or with ``ddp`` the largest power of two <= 2^20 that keeps each
     client's noise stddev <= 2^16 units. ``degree`` / ``threshold``: 0 picks SecAgg+'s defaults (degree
