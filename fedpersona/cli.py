@@ -59,7 +59,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(summary_table(final["users"], final["summary"]))
         s = final["summary"]
         keys = [k for k in ("base", "shared", "personal", "local") if f"{k}-loss" in s]
-        print("mean held-out loss: " + ", ".join(f"{k} {s[k + '-loss']['mean']:.3f}" for k in keys))
+        if not final["users"]:  # no per-user rows on this machine: the server's noised view is all there is
+            print("mean held-out loss (the server's noised sum): "
+                  + ", ".join(f"{k} {s[k + '-loss']['mean']:.3f}" for k in keys))
     failures = int(metrics.get("failure_count", 0))
     if failures:
         users = metrics.get("failed_users", {})

@@ -396,6 +396,12 @@ def _status(audit: dict, *, dp: bool) -> dict:
         "violation": False,
         "flags": [],
     }
+    totals = [u["epsilon_total"] for u in audit["users"] if u.get("epsilon_total") is not None]
+    if dp and totals:
+        status["guarantee"] += f"; with the local-only baseline, composed: <= {max(totals):.3g}"
+    ev = audit["guarantee"].get("evaluation", {})
+    if ev.get("present"):
+        status["guarantee"] += f"; the final evaluation: user-level epsilon <= {ev['epsilon_max']:.3g}"
     infinite = audit["epsilon_summary"].get("infinite") or []
     if dp and infinite:
         status["guarantee"] = (f"NO DP GUARANTEE for {len(infinite)} device(s) (released without noise); the others: "
