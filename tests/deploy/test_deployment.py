@@ -145,9 +145,9 @@ def test_two_rounds_over_tls_with_node_authentication(fed, tiny_model_dir):
     _assert_secure_aggregation_if_configured(metrics)
     for i in (1, 2):
         assert (fed.results_dir / "main" / "checkpoints" / f"round-{i:04d}" / "shared" / "adapter_model.safetensors").is_file()
-    # No per-user row reaches the server: it has the secure sum over the 4 devices; each device keeps its own row.
+    # No per-user row reaches the server: it has the noised secure sum over the 4 devices; each keeps its own row.
     assert metrics["final"]["users"] == [] and metrics["final"]["devices"] == 4
-    assert metrics["final"]["summary"]["personal-loss"]["n"] == 4
+    assert "users" in metrics["final"]["summary"]
     from simulations.user_table import read_user_rows
 
     users = read_user_rows([d.state_dir for d in fed.devices.values()])

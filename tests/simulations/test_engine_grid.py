@@ -293,7 +293,7 @@ def test_cli_run_with_a_prompt_head(tiny_config, tmp_path):
     assert "head prompt" in proc.stderr
     metrics = json.loads((Path(flat["run.results-dir"]) / "demo" / "metrics.json").read_text())
     assert all(r["applied"] and r["contributors"] == 3 and r["failed"] == 0 for r in metrics["rounds"])
-    summary = metrics["final"]["summary"]
+    users = metrics["final"]["users"]  # the devices' own rows (the server's summary is a noised sum)
     for key in ("base-loss", "shared-loss", "personal-loss", "local-loss"):
-        assert summary[key]["mean"] > 0, key
-    assert summary["personal-loss"]["mean"] != summary["shared-loss"]["mean"]
+        assert users and all(u[key] > 0 for u in users), key
+    assert any(u["personal-loss"] != u["shared-loss"] for u in users)
