@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from fedpersona.config import SAMPLINGS, Config
 from fedpersona.model import adapted_model
 from fedpersona.wire import pack_shared
+from privacy.secagg.eval_figures import noise_stddev as eval_noise_sd
 from privacy.secagg.eval_figures import summarize as summarize_evaluation
 from server.aggregation import Aggregator
 from server.checkpoint import latest_checkpoint, save_checkpoint
@@ -272,7 +273,7 @@ def final_evaluation(grid: Grid, cfg: Config, shared: dict[str, torch.Tensor], *
         log(WARNING, "Final evaluation: no sum revealed (%s)", es.aborted or "no device answered")
         summary: dict = {}
     else:
-        summary = summarize_evaluation(es.histograms, es.sums)
+        summary = summarize_evaluation(es.histograms, es.sums, noise_sd=eval_noise_sd(cfg))
     return {
         "users": [],
         "devices": es.devices,

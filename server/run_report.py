@@ -195,8 +195,8 @@ def summary_table(users: list[dict], summary: dict) -> str:
     acc = "".join(f"{_num(dist.get(c + '-accuracy', {}).get('mean')):>14.3f}" for c in cols)
     lines.append(f"{'mean next-token accuracy':<{pad}}" + acc)
     lines.append(f"distribution rows: the {len(rows)} per-user rows above (the devices' own stores, this machine)"
-                 if rows else "distribution rows: the server's noised secure sum of the devices' figures "
-                              "(eval.noise-multiplier; coarse with few devices)")
+                 if rows else "distribution rows: the server's noised secure sum of the devices' figures (a model is "
+                              "shown only when at least 3 noise standard deviations of devices hold it)")
     if local:
         lines.append(EPSILON_NOTE)
     return "\n".join(lines)

@@ -89,7 +89,7 @@ def _secagg_stage1(message: str) -> list[Row]:
 _EVAL_FIGURES = [
     ("users", "1 (a device that evaluated)"),
     ("*-users", "1 if the device has this model's figures (base, shared, personal; local: simulations only)"),
-    ("*-loss", "the model's per-user mean held-out loss, clipped to [0, 20] nats and divided by 20"),
+    ("*-loss", "the model's per-user mean held-out loss, clipped to [0, 10] nats and divided by 10"),
     ("*-accuracy", "the model's per-user next-token accuracy on the held-out split"),
     ("*-loss histogram", "one-hot: the bin of the model's per-user loss (0.1-nat bins up to 10)"),
     ("*-gain histogram", "one-hot: the bin of base-loss - model-loss (0.02-nat bins in [-1, 1))"),

@@ -5,7 +5,7 @@ row (held-out loss and accuracy of the base, shared, personalized and local-only
 one vector of bounded *summable* figures (:func:`encode`):
 
 * ``users`` (1), and per model: ``{m}-users`` (1 if the device has that model's figures),
-  ``{m}-loss`` (its per-user mean held-out loss, clipped to ``[0, LOSS_CAP]``, divided by
+  ``{m}-loss`` (its per-user mean held-out loss, clipped to ``[0, LOSS_CAP]`` (10 nats), divided by
   ``LOSS_CAP``) and ``{m}-accuracy`` (in ``[0, 1]``);
 * one-hot histograms in fixed bins of each model's per-user loss and of the gain
   ``base-loss - model-loss`` of the shared, personalized and local-only models, from which
@@ -46,14 +46,14 @@ if TYPE_CHECKING:  # the ledger module loads Opacus and torch; only its type is 
 
 __all__ = ["EVAL_MAX_COHORT", "EVAL_MECHANISM", "FIGURES", "GAINS", "HISTOGRAMS", "LOSS_CAP", "MODELS", "encode",
            "eval_epsilon", "eval_mechanism", "eval_min_clients", "eval_params", "extras_specs", "histogram_length",
-           "noised_plain", "record_eval", "sensitivity", "summarize", "vector_fields"]
+           "noise_stddev", "noised_plain", "record_eval", "sensitivity", "summarize", "vector_fields"]
 
 MODELS = ("base", "shared", "personal", "local")
 GAINS = ("shared", "personal", "local")
 #: The largest number of devices in one evaluation sum (fixes its modulus; every device derives it).
 EVAL_MAX_COHORT = 2**16
 #: Per-user mean losses are clipped to [0, LOSS_CAP] nats per token and sent as loss / LOSS_CAP.
-LOSS_CAP = 20.0
+LOSS_CAP = 10.0
 #: Quantized units per unit of a figure (the rounding error of a total is < devices / 2^12).
 EVAL_SCALE = 2.0**12
 #: Mechanism label of the evaluation's entries in a device's privacy ledger.
@@ -230,8 +230,18 @@ def _quantile_from(hist: Histogram, counts: np.ndarray) -> dict[str, float]:
     return {"median": float(mid), "worst_decile": float(worst.mean()), "n": n}
 
 
-def summarize(vec: np.ndarray, extras: Mapping[str, float] | None = None) -> dict[str, dict[str, float]]:
-    """The report's summary from the noised totals alone (``extras``: unused, kept for the interface)."""
+def noise_stddev(cfg: Config) -> float:
+    """Standard deviation of the noise on each released total, in figure units (at least this much)."""
+    return cfg.eval.noise_multiplier * sensitivity()
+
+
+def summarize(vec: np.ndarray, extras: Mapping[str, float] | None = None, *,
+              noise_sd: float = 0.0) -> dict[str, dict[str, float]]:
+    """The report's summary from the noised totals alone (``extras``: unused, kept for the interface).
+
+    A model is summarized only when its noised device count is at least 3 ``noise_sd`` (the noise's
+    standard deviation, :func:`noise_stddev`): below that its figures would be mostly noise.
+    """
     vec = np.asarray(vec, dtype=np.float64)
     if vec.size != histogram_length():
         raise ValueError(f"an evaluation total has {histogram_length()} coordinates. You passed: {vec.size}")
@@ -242,9 +252,10 @@ def summarize(vec: np.ndarray, extras: Mapping[str, float] | None = None) -> dic
         hist[h.name] = (h, vec[offset:offset + h.size])
         offset += h.size
     out: dict[str, dict[str, float]] = {}
+    floor = max(0.5, 3.0 * noise_sd)
     for m in MODELS:
         n = fig[f"{m}-users"]
-        if n < 0.5:  # no device (or noise alone) holds this model
+        if n < floor:  # too few devices hold this model for its noised figures to say anything
             continue
         h, counts = hist[f"{m}-loss"]
         out[f"{m}-loss"] = {"mean": fig[f"{m}-loss"] * LOSS_CAP / n, **_quantile_from(h, counts), "n": int(round(n))}
@@ -256,5 +267,5 @@ def summarize(vec: np.ndarray, extras: Mapping[str, float] | None = None) -> dic
             better = np.maximum(np.rint(counts[h.index(1e-12):]), 0).sum()
             out[f"{m}-gain"] = {"mean": out["base-loss"]["mean"] - out[f"{m}-loss"]["mean"], **q,
                                 "better": int(better)}
-    out["users"] = {"n": int(max(0, round(fig["users"])))}
+    out["users"] = {"n": int(max(0, round(fig["users"]))), "noise_sd": float(noise_sd), "reported_from": floor}
     return out
