@@ -143,7 +143,7 @@ def _print_summary(res: dict) -> None:
         print(f"MIA {name:26s}: AUC {r['auc']:.3f} [{r['auc_low']:.3f}, {r['auc_high']:.3f}], "
               f"TPR@FPR<=0.1% {r['tpr_at_fpr']:.3f}")
     print("verdict: " + ("VIOLATION" if v["violation"] else "no violation")
-          + f" (shared adapter: epsilon >= {v['empirical_epsilon_lower_bound']:.3f}, ceiling "
+          + f" ({v.get('headline_target', 'shared')}: epsilon >= {v['empirical_epsilon_lower_bound']:.3f}, ceiling "
           + (f"{v['ceiling']:.2f})" if v.get("ceiling") is not None else "?)")
           + ("; leakage detected" if v["leakage_detected"] else "")
           + (f"; lower bound {'exceeds' if v['exceeds_reference'] else 'does not exceed'} the DP run's epsilon "

@@ -263,7 +263,7 @@ def run_audit(
     nodes = {p.node_id: {"data-dir": str(p.data_dir), "state-dir": str(p.state_dir), "user-id": p.user_id, **nopriv}
              for p in plans}
     t_train = time.perf_counter()
-    releases: dict[str, dict] = {}
+    releases: dict[str, list] = {}
     built = client_app.Device
     client_app.Device = _recording_device(releases)  # the auditor watches what each device releases
     try:
@@ -297,22 +297,55 @@ def run_audit(
     return result
 
 
-def _recording_device(releases: dict[str, dict]):
-    """The real Device, recording after each round the shared adapter it released: what it received plus the update
-    it sent (the auditor's view of one device's DP-SGD output, before any sum; the device code is unchanged)."""
+def _recording_device(releases: dict[str, list]):
+    """The real Device, recording each round what it released: the shared adapter it received and the update it
+    sent (the auditor's view of one device's DP-SGD outputs, before any sum; the device code is unchanged)."""
 
     class RecordingDevice(Device):
         def train_round(self, shared, *, server_round):
             update, metrics = super().train_round(shared, server_round=server_round)
-            releases[self.user_id] = {n: shared[n].detach().float().cpu() + update[n].detach().float().cpu()
-                                      for n in update}
+            releases.setdefault(self.user_id, []).append(
+                ({n: t.detach().float().cpu().clone() for n, t in shared.items()},
+                 {n: t.detach().float().cpu().clone() for n, t in update.items()}))
             return update, metrics
 
     return RecordingDevice
 
 
+def _alignment_scores(model, rounds: list, canaries: list) -> np.ndarray:
+    """Per canary: the sum over the device's rounds of the cosine between the update it sent and the canary's
+    negative loss gradient at the shared adapter it received (white-box: what a server that saw the update can
+    compute). A canary the device trained on pulls its updates towards that direction."""
+    params = model.named_trainable()
+    names = list(model.shared_names)
+    scores = np.zeros(len(canaries))
+    was = [params[n].requires_grad for n in names]
+    for n in names:
+        params[n].requires_grad_(True)
+    try:
+        _align(model, params, names, rounds, canaries, scores)
+    finally:
+        for n, r in zip(names, was):
+            params[n].requires_grad_(r)
+    return scores
+
+
+def _align(model, params, names, rounds, canaries, scores) -> None:
+    with model.personal_zeroed():
+        for received, update in rounds:
+            model.load_shared_state(received)
+            u = torch.cat([update[n].reshape(-1) for n in names]).double()
+            for i, ex in enumerate(canaries):
+                hidden, labels = collate([ex.hidden], [ex.labels])
+                loss = model.stack(hidden, labels).mean()
+                grads = torch.autograd.grad(loss, [params[n] for n in names])
+                g = torch.cat([x.reshape(-1) for x in grads]).double().cpu()
+                denom = float(g.norm() * u.norm())
+                scores[i] += float(-(g @ u)) / denom if denom > 0 else 0.0
+
+
 def _attack(cfg, settings: AuditSettings, model, plans: list[_UserPlan], plants: dict, run_dir: Path, run_id: int,
-            releases: dict[str, dict] | None = None) -> dict:
+            releases: dict[str, list] | None = None) -> dict:
     t0 = time.perf_counter()
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
@@ -366,16 +399,14 @@ def _attack(cfg, settings: AuditSettings, model, plans: list[_UserPlan], plants:
         if nid in exposure_users:
             loss["personal"][("secrets", nid)] = _losses(model, secret_ex)
     model.load_personal_state(model.fresh_personal_state())
-    # Each device's last release (the shared adapter it received plus the update it sent), on its own canaries.
-    release_words = None
+    # Each device's releases (every update it sent), against its own canaries: the gradient-alignment score.
+    release_scores = None
     if releases and all(p.user_id in releases for p in plans):
-        release_words = np.zeros(len(words))
-        with model.personal_zeroed():
-            for p in plans:
-                mine = [i for i in range(len(words)) if owners[i] == p.node_id]
-                if mine:
-                    model.load_shared_state(releases[p.user_id])
-                    release_words[mine] = _mean(_losses(model, [words[i] for i in mine]))
+        release_scores = np.zeros(len(words))
+        for p in plans:
+            mine = [i for i in range(len(words)) if owners[i] == p.node_id]
+            if mine:
+                release_scores[mine] = _alignment_scores(model, releases[p.user_id], [words[i] for i in mine])
         model.load_shared_state(shared)
 
     # Theoretical epsilon: the canary owners' ledgers (DP-SGD is per record of each device). The released shared
@@ -393,12 +424,11 @@ def _attack(cfg, settings: AuditSettings, model, plans: list[_UserPlan], plants:
     included = np.asarray(plants["included"], dtype=bool)
     base_words = _mean(loss["base"]["words"])
     one_run = {}
-    targets = [("shared", _mean(loss["shared"]["words"]), theory)]
-    if release_words is not None:
-        targets.append(("device-release", release_words, theory))
-    targets.append(("personalized", pers_words, theory_personal))
-    for target, attacked, th in targets:
-        scores = base_words - attacked
+    targets = [("shared", base_words - _mean(loss["shared"]["words"]), theory)]
+    if release_scores is not None:
+        targets.append(("device-release", release_scores, theory))
+    targets.append(("personalized", base_words - pers_words, theory_personal))
+    for target, scores, th in targets:
         # The f-DP bound (Gaussian curves) is the one judged; Steinke et al.'s, which assumes no curve, is reported
         # beside it (each at the full confidence: only the first enters the verdict).
         res = one_run_audit(scores, included, delta=delta, confidence=settings.confidence).to_dict()

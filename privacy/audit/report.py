@@ -434,11 +434,13 @@ def _status(audit: dict, *, dp: bool) -> dict:
         if ver["violation"]:
             status["empirical"] = f"VIOLATION: {'; '.join(ver['violations'])}"
         elif ver["theoretical_epsilon"] is None:
-            status["empirical"] = (f"no DP guarantee to check; measured on the released shared adapter: epsilon >= "
-                                   f"{lb:.3f} (95%{cap})" + (" and attacks above chance" if ver["leakage_detected"] else ""))
+            status["empirical"] = (f"no DP guarantee to check; measured on what the devices released "
+                                   f"({ver.get('headline_target', 'shared')}): epsilon >= {lb:.3f} (95%{cap})"
+                                   + (" and attacks above chance" if ver["leakage_detected"] else ""))
         else:
-            status["empirical"] = (f"no violation: on the released shared adapter, empirical epsilon lower bound "
-                                   f"{lb:.3f} (95%{cap}) <= theoretical {ver['theoretical_epsilon']:.3f}")
+            status["empirical"] = (f"no violation: on what the devices released ({ver.get('headline_target', 'shared')}), "
+                                   f"empirical epsilon lower bound {lb:.3f} (95%{cap}) <= theoretical "
+                                   f"{ver['theoretical_epsilon']:.3f}")
         if ver.get("device_outputs"):
             status["device_outputs"] = ("what the devices' own outputs reveal (no DP guarantee covers the local "
                                         "head; no verdict against epsilon): " + "; ".join(ver["device_outputs"]))
