@@ -608,7 +608,7 @@ class Device:
         """Base, shared only, personalized and (simulation) local-only on the held-out split.
 
         The row is written to the device's own store (``evaluation``, with the user id); only its
-        summable figures are sent (:mod:`privacy.secagg.eval_figures`).
+        bounded figures are sent, with noise (:mod:`privacy.secagg.eval_figures`).
         """
         cfg = self.cfg
         self.model.load_shared_state(shared)

@@ -24,7 +24,7 @@ helps and hurts against the same run's shared adapter, and that beat local-only.
 Devices are the real :class:`client.device.Device` objects, driven in one process: the
 server's cohort sampling and optimizer, each device's own ``train_round`` and
 ``final_evaluation``. The summed update is formed in the clear, with the secure
-aggregation's per-client clip (``secagg.clip-norm`` on ``weight * update``) applied:
+aggregation's per-client clip (``secagg.clip-norm`` on each device's update, weight 1) applied:
 secure aggregation releases exactly this sum, up to its quantization, so utility is the same.
 
 User attribution (voice, measured): for each user's held-out (cue, reply) pairs, the
