@@ -12,23 +12,28 @@
    real ClientApp (mods included, so the inventory is recorded) through
    :class:`simulations.inprocess.InProcessGrid`: DP-SGD, ledgers, personal heads, checkpoints
    and the final evaluation are exactly those of a simulation.
-3. **Attack** the released shared adapter (last checkpoint) and every user's personalized model
-   (shared adapter + that device's personal head, read from its store):
+3. **Attack** what the devices released and what they keep:
 
-   * one-run audit (:mod:`privacy.audit.onerun`): score = base-model loss minus attacked-model
-     loss of each random-word canary; empirical epsilon lower bound at 95%, beside the run's
-     theoretical epsilon (the largest epsilon in the canary owners' ledgers);
+   * one-run audits (:mod:`privacy.audit.fdp`, judged; :mod:`privacy.audit.onerun`, reported beside it) of
+     the last checkpoint's shared adapter (score: base-model loss minus its loss on each random-word
+     canary), of each device's own releases (white-box, :func:`_alignment_scores`: the cosine of every
+     update the device sent with the canary's negative gradient at the adapter it received, summed over
+     its rounds; the auditor records them with a subclass of the real Device, the device code unchanged)
+     and of each user's personalized model (shared adapter + that device's personal head); each bound
+     beside its ceiling and the theoretical epsilon it is judged against (the canary owners' ledgers;
+     none for a local head);
    * exposure (:mod:`privacy.audit.canary`) of each planted secret, and of control secrets
      never planted (the chance level);
    * membership inference (:mod:`privacy.audit.mia`) on each user's real training examples vs
      its held-out examples: loss and base-calibrated attacks on the shared adapter and the
      personalized model, and the personal head alone (calibrated against the shared adapter).
 
-4. **Verdict.** A *violation* is an empirical lower bound above the theoretical epsilon (a broken
-   guarantee or accountant). *Leakage detected* means some attack is above chance at 95%.
-   With ``reference_epsilon`` (the epsilon of a DP run of the same configuration) the result also
-   says whether this run's lower bound exceeds it, i.e. whether the audit can tell this run from
-   an ``reference_epsilon``-DP one.
+4. **Verdict** (:func:`privacy.audit.empirical.verdict`). A *violation* is a lower bound on something
+   a guarantee covers above its epsilon (a broken guarantee or accountant). *Leakage detected* means
+   some attack on such a model is above chance at 95%; what a local head reveals is reported as the
+   device's own outputs, never judged. With ``reference_epsilon`` (the epsilon of a DP run of the same
+   configuration) the result also says whether this run's bound exceeds it, i.e. whether the audit can
+   tell this run from a ``reference_epsilon``-DP one.
 
 Results go to ``<run dir>/audit/empirical.json``; ``fedpersona audit <run dir>`` puts them in the report.
 """
