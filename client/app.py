@@ -12,6 +12,13 @@ Message types:
   shared tensors) and ``metrics`` (MetricRecord of summable values), or a ``status``
   ConfigRecord when the device declines (privacy budget spent). A device with secure
   aggregation on refuses a train request without the masked-input request.
+* ``train.dp_step`` — noise on the sum (``privacy.noise-on = sum``): in: ``shared``, ``config``
+  (``server-round``, ``step``), ``sum-context`` (the step's parameters, :class:`privacy.sumdp.SumContext`)
+  and the masked-input request. Out: only the masked payload of the device's clipped per-example gradient
+  sum plus its discrete Gaussian share (and ``trained``); or a decline. A plain ``train`` request is
+  refused in that mode (no local rounds with the sum's noise).
+* ``train.personalize`` — in: ``shared`` (the round's final shared adapter) and ``config``; out:
+  ``status`` (``personalized``: 1 or 0). The device trains its head on top, for a round it took steps of.
 * ``query.advertise`` — out: ``secagg``: the device's long-term public keys (once per run).
 * ``query.unmask`` — in: ``secagg`` / ``secagg-arrays`` (survivors, forwarded shares).
   Out: the shares the server needs to unmask the survivors' sum (:mod:`client.secagg`).
@@ -47,12 +54,14 @@ from client.failures import failure_mod
 from client.flow_log import inventory_mod
 from client.policy import PolicyViolation
 from client.store import DeviceStore, StateError
+from client.sumdp import StepRefused
 from fedpersona.config import Config, load_config
 from fedpersona.secagg_wire import from_records, has_request, to_records
 from fedpersona.wire import to_record, unpack_shared
 from privacy.secagg import SecAggAbort
 from privacy.secagg.eval_figures import encode as encode_evaluation
 from privacy.secagg.eval_figures import extras_specs as eval_extras
+from privacy.sumdp import SumContext, sum_context, sum_secagg_params
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +204,66 @@ def _secure_train(message: Message, context: Context, device: Device, shared: di
     return Message(RecordDict(to_records(payload)), reply_to=message)
 
 
+#: Message types of noise on the sum (``privacy.noise-on = sum``; :mod:`server.sumdp`).
+DP_STEP, PERSONALIZE = "train.dp_step", "train.personalize"
+
+
+def dp_step(message: Message, context: Context) -> Message:
+    """One step of a noisy sum: the clipped gradient sum, quantized, plus this device's discrete Gaussian
+    share, masked (:meth:`client.device.Device.sum_step`); a decline when the budget or the participation
+    cap is reached; a refusal naming the setting when the step's parameters or order do not hold."""
+    try:
+        device = _device(context)
+        shared = unpack_shared(message.content)
+        config = message.content["config"]
+        server_round, step = int(config["server-round"]), int(config["step"])
+        claimed = SumContext.from_record(dict(message.content["sum-context"]))
+        if not has_request(message.content):
+            raise PolicyViolation("secagg.enabled", False, "a step of a noisy sum is answered only under secure "
+                                  "aggregation: the request carries no masked-input request")
+        request = from_records(message.content)
+        cohort = request.get("cohort")
+        size = int(getattr(cohort, "size", 0))
+        own = sum_context(device.cfg, round=server_round, step=step, cohort=max(1, size), weights=shared)
+        if int(request.get("round", -1)) != own.secagg_round:
+            raise secagg.ReplayRefused(f"masked-input request for secure-aggregation round {request.get('round')!r}, "
+                                       f"not the round {own.secagg_round} of round {server_round} step {step}")
+        params = sum_secagg_params(device.cfg, cohort=size, dim=own.dim)
+        client = secagg.check_request(device.store, device.cfg, context.node_id, request, shared,
+                                      floor=_floor(context), params=params, length=own.dim)
+        try:
+            vec, _ = device.sum_step(shared, claimed, run_id=context.run_id, server_round=server_round, step=step,
+                                     cohort=size)
+        except BudgetExhausted as exc:
+            logger.info("%s (declining: this device takes no part in this step's sum)", exc)
+            return Message(RecordDict(to_records(secagg.decline(context.node_id, request))), reply_to=message)
+        payload = secagg.masked_step_input(client, request, vec, store=device.store)
+    except PolicyViolation as exc:
+        return _refuse(message, exc)
+    except (StateError, ValueError, FloatingPointError, KeyError, SecAggAbort, secagg.Refused) as exc:
+        return _error(message, exc)
+    return Message(RecordDict(to_records(payload)), reply_to=message)
+
+
+def personalize(message: Message, context: Context) -> Message:
+    """After a round of noisy sums: train the head on top of the round's final shared adapter.
+
+    The reply carries nothing but ``personalized`` (1: trained, 0: this device took no step of the round)."""
+    try:
+        device = _device(context)
+        shared = unpack_shared(message.content)
+        server_round = int(message.content["config"]["server-round"])
+        try:
+            device.personalize(shared, run_id=context.run_id, server_round=server_round)
+            done = 1
+        except StepRefused as exc:
+            logger.info("node %s: %s", context.node_id, exc)
+            done = 0
+    except (StateError, ValueError, FloatingPointError, KeyError) as exc:
+        return _error(message, exc)
+    return Message(RecordDict({"status": ConfigRecord({"personalized": done})}), reply_to=message)
+
+
 def advertise(message: Message, context: Context) -> Message:
     """The device's long-term secure-aggregation public keys (created on the first call)."""
     try:
@@ -240,6 +309,8 @@ def build_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
     failure log, then ``mods``, then the handlers."""
     client_app = ClientApp(mods=[inventory_mod, failure_mod, *mods])
     client_app.train()(train)
+    client_app.train("dp_step")(dp_step)
+    client_app.train("personalize")(personalize)
     client_app.query("advertise")(advertise)
     client_app.query("unmask")(unmask)
     client_app.evaluate()(evaluate)

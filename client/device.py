@@ -48,6 +48,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from client.data import encode_examples, read_user_folder, split_examples
@@ -56,11 +57,14 @@ from client.policy import DevicePolicy, PolicyViolation
 from client.feedback import noise_for_remaining_budget, pairs_of, training_feedback
 from client.profile import compute_profile, save_profile
 from client.store import DeviceStore
-from client.train import CachedExample, TrainResult, evaluate, train_head, train_shared, trainer_for
+from client.sumdp import StepLog, StepRefused, check_context, local_replay
+from client.train import CachedExample, TrainResult, clipped_grad_sum, evaluate, train_head, train_shared, trainer_for
+from fedpersona.secagg_wire import flatten
 from fedpersona.config import Config
 from fedpersona.model import AdaptedModel, adapted_model, labels_for, lower_hidden
 from privacy.ledger import PrivacyLedger, calibrate_noise
 from privacy.noise import SECURE, NoiseSource
+from privacy.sumdp import SumContext, sum_noise_multiplier
 
 logger = logging.getLogger(__name__)
 
@@ -308,9 +312,12 @@ class Device:
         p = self.cfg.privacy
         if not p.enabled:
             return 0.0
+        if p.noise_on == "sum":
+            return sum_noise_multiplier(self.cfg)  # the same for every device of a sum (privacy.sumdp)
         if p.noise_multiplier > 0:
             return p.noise_multiplier
-        planned = self.cfg.planned_rounds * self.cfg.client.local_steps
+        # Planned for the participations the device will accept, not every round of the server's plan.
+        planned = self.policy.participations(self.cfg) * self.cfg.client.local_steps
         sigma = _calibrated(p.target_epsilon, p.delta, self.sample_rate, planned, p.accountant)
         if ledger is None or all((s, q) == (sigma, self.sample_rate) for s, q, _ in ledger.history):
             return sigma
@@ -415,7 +422,16 @@ class Device:
                 logger.warning("round %d refused by this device's privacy policy (%s): %s", server_round,
                                self.policy.source, exc)
             raise
+        if cfg.privacy.noise_on == "sum":
+            raise PolicyViolation("privacy.noise-on", cfg.privacy.noise_on,
+                                  "with noise on the sum a device answers the steps of noisy sums only; a local "
+                                  "round (several steps with the sum's noise) is not allowed")
         ledger = self.load_ledger()
+        cap = self.policy.participations(cfg)
+        taken = len(self._participation())
+        if taken >= cap:
+            raise BudgetExhausted(f"{self.user_id}: {taken} participation(s) taken, the cap is {cap} "
+                                  "(client.max-participations / policy.max-participations); not training")
         self._grow_training_set(server_round, ledger)
         steps = cfg.client.local_steps
         if cfg.privacy.enabled and math.isinf(self.epsilon(ledger)):
@@ -508,6 +524,10 @@ class Device:
             round=server_round, steps=steps, noise_multiplier=self.noise_multiplier,
             sample_rate=self.sample_rate, delta=cfg.privacy.delta, settings=plan.settings,
         )
+        if cfg.privacy.enabled:
+            m = self.policy.participations(cfg)
+            ledger.set_plan(participations=m, steps=m * steps, noise_multiplier=self.noise_multiplier,
+                            sample_rate=self.sample_rate, delta=cfg.privacy.delta)
         # The head has trained on top of the new shared adapter by now; it never enters the update.
         after = self.model.shared_state()
         # Feedback may grow n past data.max-examples: the weight stays capped there (secure sum: n / max <= 1).
@@ -572,6 +592,102 @@ class Device:
         head = as_train(head_phase, self.head_noise_multiplier) if head_phase is not None else None
         return shared_result, head
 
+    # ------------------------------------------------------------- noise on the sum (client.sumdp)
+    def sum_step(self, shared: dict[str, torch.Tensor], claimed: SumContext, *, run_id: int, server_round: int,
+                 step: int, cohort: int) -> tuple[np.ndarray, SumContext]:
+        """One step of a noisy sum (``privacy.noise-on = sum``): the checks of :mod:`client.sumdp`, then the
+        clipped gradient sum, the ledger step and its persistence.
+
+        Returns (the clipped per-example gradient sum as a float64 vector in the shared tensors' sorted-name
+        order, no noise yet: the ClientApp quantizes it and adds the discrete Gaussian share while masking; the
+        step's context). Raises :class:`~client.policy.PolicyViolation` (a refusal naming the setting),
+        :class:`BudgetExhausted` (a decline) or :class:`~client.sumdp.StepRefused`; nothing is recorded then.
+        """
+        cfg = self.cfg
+        if cfg.privacy.noise_on != "sum":
+            raise PolicyViolation("privacy.noise-on", cfg.privacy.noise_on,
+                                  "this run's config puts the noise on each device: no step of a noisy sum")
+        ctx = check_context(cfg, claimed, server_round=server_round, step=step, cohort=cohort, shared=shared)
+        settings = self.policy.check(cfg, train_examples=len(self.data.train), noise_multiplier=ctx.noise_multiplier)
+        settings.update(self.policy.check_sum(cfg, ctx, train_examples=len(self.data.train)))
+        log = StepLog(self.store)
+        opens = log.check(run_id, server_round, step, steps=ctx.steps, rounds=cfg.server.num_rounds)
+        ledger = self.load_ledger()
+        participation = self._participation()
+        cap = self.policy.participations(cfg)
+        if opens:
+            if cfg.privacy.enabled and math.isinf(self.epsilon(ledger)):
+                raise BudgetExhausted(f"{self.user_id}: this device already released without DP noise (epsilon = "
+                                      "infinity): no DP round can be claimed from it any more; declining")
+            if len(participation) >= cap:
+                raise BudgetExhausted(f"{self.user_id}: {len(participation)} participation(s) taken, the cap is {cap} "
+                                      "(client.max-participations / policy.max-participations); declining")
+            self._grow_training_set(server_round, ledger)
+            if cfg.privacy.enabled:
+                eps_next = ledger.epsilon_if(noise_multiplier=ctx.noise_multiplier, sample_rate=self.sample_rate,
+                                             num_steps=ctx.steps, delta=cfg.privacy.delta, on_sum=True)
+                if eps_next > cfg.privacy.target_epsilon * (1 + 1e-9):
+                    raise BudgetExhausted(f"{self.user_id}: a round of {ctx.steps} steps would bring epsilon to "
+                                          f"{eps_next:.3f} > budget {cfg.privacy.target_epsilon}; declining")
+            participation.append({"round": int(server_round), "steps": 0, "head-steps": 0, "mode": "sum"})
+        elif not participation or participation[-1].get("round") != server_round:
+            raise StepRefused(f"round {server_round}: this device holds no participation of it")
+        self.model.load_shared_state(shared)  # the step's weights, as every device of the sum
+        g = clipped_grad_sum(self.trainer, self.data.train, sample_rate=self.sample_rate, max_grad_norm=ctx.clip,
+                             noise_source=self.noise_source)
+        q = self.sample_rate
+        ledger.step_on_sum(noise_multiplier=ctx.noise_multiplier, sample_rate=q, honest=ctx.honest)
+        participation[-1]["steps"] = int(participation[-1]["steps"]) + 1
+        if cfg.privacy.enabled:
+            ledger.set_plan(participations=cap, steps=cap * ctx.steps, noise_multiplier=ctx.noise_multiplier,
+                            sample_rate=q, delta=cfg.privacy.delta, noise_on="sum")
+        ledger.record_round(round=server_round, steps=participation[-1]["steps"],
+                            noise_multiplier=ctx.noise_multiplier, sample_rate=q, delta=cfg.privacy.delta,
+                            settings=settings, update=True)
+        # Persisted before the reply leaves: a lost reply never hands back budget; a repeat is refused.
+        self.store.save_text(LEDGER, ledger.to_json())
+        self.store.save_text(PARTICIPATION, json.dumps(participation))
+        log.record(run_id, server_round, step)
+        if opens:
+            self.store.save_text(RECEIVED_CONFIG, json.dumps(cfg.to_flat(), sort_keys=True))
+        eps = self.epsilon(ledger)
+        logger.info("%s round %d step %d/%d: batch %d (%d clipped) loss %.3f, sigma %.3f t %d q %.3f, epsilon %.3f "
+                    "in %.2fs", self.user_id, server_round, step, ctx.steps, g.batch, g.clipped, g.mean_loss,
+                    ctx.noise_multiplier, ctx.honest, q, eps, g.seconds)
+        return flatten(g.grads), ctx
+
+    def personalize(self, shared: dict[str, torch.Tensor], *, run_id: int, server_round: int) -> int:
+        """After a round of noisy sums: the head on top of the round's final shared adapter; the steps taken.
+
+        Only for a round this device answered at least one step of (in this run), once per round
+        (:class:`~client.sumdp.StepRefused` otherwise).
+        """
+        cfg = self.cfg
+        log = StepLog(self.store)
+        last = log.last(run_id)
+        participation = self._participation()
+        if last["round"] != server_round or last["personalized"] == server_round or not participation \
+                or participation[-1].get("round") != server_round:
+            raise StepRefused(f"round {server_round}: not a round this device answered steps of, or already "
+                              "personalized")
+        self.model.load_shared_state(shared)
+        self.model.load_personal_state(self._personal())
+        head_ledger = self.load_ledger(HEAD_LEDGER) if self.head_dp else None
+        steps = self._head_steps(head_ledger)
+        head = self._head_pass(head_ledger, steps, server_round) if steps else None
+        if head is not None and head_ledger is not None:
+            head_ledger.record_round(round=server_round, steps=head.steps, noise_multiplier=self.head_noise_multiplier,
+                                     sample_rate=self.head_sample_rate, delta=cfg.privacy.delta)
+            self.store.save_text(HEAD_LEDGER, head_ledger.to_json())
+        participation[-1]["head-steps"] = head.steps if head else 0
+        self.store.save_tensors(HEAD_FILE, self.model.personal_state())
+        self.store.save_tensors(RECEIVED_SHARED, shared)  # for `fedpersona chat` on the device
+        self.store.save_text(PARTICIPATION, json.dumps(participation))
+        log.record_personalized(run_id, server_round)
+        logger.info("%s round %d: head %s, on the round's final shared adapter", self.user_id, server_round,
+                    f"{head.steps} steps loss {head.mean_loss:.3f}" if head else "not trained")
+        return head.steps if head else 0
+
     def final_evaluation(self, shared: dict[str, torch.Tensor], *, run_id: int = 0) -> dict[str, float]:
         """Base, shared only, personalized and (simulation) local-only on the held-out split.
 
@@ -594,6 +710,10 @@ class Device:
         ledger = self.load_ledger()
         eps = self.epsilon(ledger)
         out["epsilon"] = eps if math.isfinite(eps) else -1.0
+        plan = ledger.plan
+        if plan is not None:  # what the device planned beside what it spent
+            out["planned-participations"] = float(plan["participations"])
+            out["planned-epsilon"] = plan["epsilon"] if math.isfinite(plan["epsilon"]) else -1.0
         if self.head_dp:
             head_eps = self.epsilon(self.load_ledger(HEAD_LEDGER))
             out["head-epsilon"] = head_eps if math.isfinite(head_eps) else -1.0
@@ -632,7 +752,9 @@ class Device:
             self.model.load_shared_state(self.model.initial_shared_state())
             ledger = PrivacyLedger(accountant=cfg.privacy.accountant)
             head_ledger = PrivacyLedger(accountant=cfg.privacy.accountant) if self.head_dp else None
-            for r in participation:
+            if any(r.get("mode") == "sum" for r in participation):
+                local_replay(self, participation, ledger, head_ledger)
+            for r in participation if not any(r.get("mode") == "sum" for r in participation) else ():
                 self._shared_pass(int(r["steps"]), ledger if cfg.privacy.enabled else None)
                 head_steps = self._head_steps(head_ledger) if r["head-steps"] else 0
                 if head_steps:

@@ -31,7 +31,12 @@ key                                   default    meaning
                                                  the k + 1 share holders (0.5: a strict majority)
 ``policy.min-contributors``           ``3``      fewest trained contributors in any sum this device
                                                  helps unmask (enforced by the secure-aggregation
-                                                 unmask stage)
+                                                 unmask stage); with noise on the sum also the
+                                                 fewest honest contributors t it accepts
+``policy.max-honest-fraction``        ``0.5``    with noise on the sum: the largest t it accepts, as
+                                                 a fraction of the announced cohort
+``policy.max-participations``         ``0``      rounds it takes part in and plans its noise for at
+                                                 most (``0``: the server's ``client.max-participations``)
 ====================================  =========  ==================================================
 
 Two sources, both on the device: the node config (``flower-supernode --node-config
@@ -74,6 +79,8 @@ _STRICTER = {
     "allow_no_secagg": lambda a, b: a and b,
     "min_threshold_fraction": max,
     "min_contributors": max,
+    "max_honest_fraction": min,
+    "max_participations": lambda a, b: min(x for x in (a, b) if x > 0) if (a > 0 or b > 0) else 0,
 }
 
 
@@ -134,11 +141,28 @@ def _as_int(key: str, value: Any) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _one_round_epsilon(sigma: float, q: float, steps: int, delta: float, accountant: str) -> float:
+def _one_round_epsilon(sigma: float, q: float, steps: int, delta: float, accountant: str,
+                       on_sum: bool = False) -> float:
     from privacy.ledger import PrivacyLedger
 
     return PrivacyLedger(accountant=accountant).epsilon_if(noise_multiplier=sigma, sample_rate=q, num_steps=steps,
-                                                           delta=delta)
+                                                           delta=delta, on_sum=on_sum)
+
+
+def _malicious_secure_ok(cfg: Config) -> tuple[bool, str]:
+    """Whether the secure sum is safe enough to carry noise added once for the whole cohort.
+
+    Noise on the sum (``privacy.noise-on = sum``) gives each device's records their guarantee only if the
+    server learns nothing but sums of at least t devices' shares. Against a server that deviates from the
+    protocol that needs secure aggregation itself, with every party checking what it signs (the survivor
+    set and the round's parameters, one view for all) and neighbour keys bound to identities the server
+    cannot forge. What this version of the device can check is that secure aggregation is on
+    (``secagg.enabled``); it returns ``(False, why)`` otherwise, and the device then refuses noise on the
+    sum by name.
+    """
+    if not cfg.secagg.enabled:
+        return False, "noise on the sum needs secure aggregation (secagg.enabled = true)"
+    return True, ""
 
 
 @dataclass(frozen=True)
@@ -152,6 +176,8 @@ class DevicePolicy:
     allow_no_secagg: bool = False
     min_threshold_fraction: float = 0.5
     min_contributors: int = 3
+    max_honest_fraction: float = 0.5
+    max_participations: int = 0
     #: where the values came from (for the log and the audit), not part of the policy itself
     source: str = field(default="defaults", compare=False)
 
@@ -176,6 +202,12 @@ class DevicePolicy:
         if isinstance(c, bool) or not isinstance(c, int) or c < 2:
             raise _bad(_key("min_contributors"), c,
                        "must be an integer >= 2 (a sum of one contributor is that contributor's update)")
+        h = self.max_honest_fraction
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 < h <= 1:
+            raise _bad(_key("max_honest_fraction"), h, "must be in (0, 1] (the largest t / announced cohort)")
+        m = self.max_participations
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise _bad(_key("max_participations"), m, "must be an integer >= 0 (0: the server's suggestion)")
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -315,13 +347,60 @@ class DevicePolicy:
         settings.update({k: v for k, v in self.as_dict().items()})
         return settings
 
-    @staticmethod
-    def _noise(cfg: Config, q: float) -> float:
+    def participations(self, cfg: Config) -> int:
+        """Participations the device plans its noise for and takes at most: the server's suggestion
+        (:attr:`~fedpersona.config.Config.planned_participations`), lowered by ``policy.max-participations``."""
+        own = self.max_participations
+        return min(cfg.planned_participations, own) if own > 0 else cfg.planned_participations
+
+    def _noise(self, cfg: Config, q: float) -> float:
         p = cfg.privacy
         if p.noise_multiplier > 0:
             return float(p.noise_multiplier)
         return calibrate_noise(target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=q,
-                               steps=cfg.planned_rounds * cfg.client.local_steps, accountant=p.accountant)
+                               steps=self.participations(cfg) * cfg.client.local_steps, accountant=p.accountant)
+
+    def check_sum(self, cfg: Config, ctx, *, train_examples: int) -> dict[str, Any]:
+        """The checks of a step on a noisy sum (``privacy.noise-on = sum``), on top of :meth:`check`.
+
+        ``ctx``: the step's :class:`privacy.sumdp.SumContext`, as the device derived it itself. Refused
+        (:class:`PolicyViolation` naming the setting) without secure aggregation safe against the server
+        (:func:`_malicious_secure_ok`), when t is below ``policy.min-contributors`` or above
+        ``policy.max-honest-fraction`` of the announced cohort, or when sigma at this device's own q over the
+        participations it plans would spend more than its budget. Returns the settings it accepted.
+        """
+        ok, why = _malicious_secure_ok(cfg)
+        if not ok:
+            raise PolicyViolation("privacy.noise-on", cfg.privacy.noise_on, why)
+        t, k = ctx.honest, ctx.cohort
+        if t < self.min_contributors:
+            raise PolicyViolation("privacy.honest-contributors", t,
+                                  f"below this device's floor policy.min-contributors = {self.min_contributors}")
+        if t > self.max_honest_fraction * k:
+            raise PolicyViolation("privacy.honest-contributors", t,
+                                  f"more than policy.max-honest-fraction = {self.max_honest_fraction:g} of the "
+                                  f"announced cohort of {k}")
+        settings: dict[str, Any] = {"privacy.noise-on": "sum", "privacy.honest-contributors": t, "sum.cohort": k,
+                                    "sum.scale": ctx.scale, "sum.bound": ctx.sum_bound}
+        if cfg.privacy.enabled:
+            sigma = ctx.noise_multiplier
+            q = min(1.0, cfg.client.batch_size / train_examples)
+            if self.min_noise_multiplier > 0 and sigma < self.min_noise_multiplier:
+                raise PolicyViolation("privacy.noise-multiplier", sigma,
+                                      f"below policy.min-noise-multiplier = {self.min_noise_multiplier:g}")
+            budget = min(cfg.privacy.target_epsilon, self.max_epsilon)
+            m = self.participations(cfg)
+            planned = _one_round_epsilon(float(sigma), q, m * cfg.client.local_steps, cfg.privacy.delta,
+                                         cfg.privacy.accountant, True)
+            if not planned <= budget * (1 + 1e-9):
+                raise PolicyViolation("privacy.noise-multiplier", sigma,
+                                      f"at this device's sample rate, {m} participation(s) of "
+                                      f"{cfg.client.local_steps} steps would spend epsilon {planned:.3f}, more than "
+                                      f"its budget {budget:g}")
+            settings["sum.planned-epsilon"] = planned
+        settings["policy.max-honest-fraction"] = self.max_honest_fraction
+        settings["policy.max-participations"] = self.max_participations
+        return settings
 
     @staticmethod
     def _graph(cfg: Config) -> tuple[int, int]:

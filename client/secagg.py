@@ -43,7 +43,7 @@ from privacy.secagg.spec import request_digest
 
 __all__ = ["KEYS", "REVEALS", "DEFAULT_MIN_CONTRIBUTORS", "FLOOR_KEY", "Refused", "ReplayRefused", "RevealLog",
            "SmallSumRefused", "advertise", "check_request", "decline", "device_keys", "eval_masked_input",
-           "masked_input", "min_contributors_floor", "unmask"]
+           "masked_input", "masked_step_input", "min_contributors_floor", "unmask"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ REVEALS = "secagg-reveals"
 FLOOR_KEY = "policy.min-contributors"
 DEFAULT_MIN_CONTRIBUTORS = 3
 #: Kinds of masked input a device sends (each selects the protocol settings of its unmask).
-TRAIN, EVALUATE = "train", "evaluate"
+TRAIN, EVALUATE, DP_STEP = "train", "evaluate", "dp-step"
 
 
 class Refused(RuntimeError):
@@ -200,6 +200,14 @@ def masked_input(client: SecAggClient, cfg: Config, request: dict[str, Any],
     return _send_masked(client, store, request, vec, extras, TRAIN)
 
 
+def masked_step_input(client: SecAggClient, request: dict[str, Any], vec: np.ndarray, *,
+                      store: DeviceStore) -> dict[str, Any]:
+    """The masked reply to a step of a noisy sum (``privacy.noise-on = sum``): the clipped gradient sum,
+    quantized, plus the device's discrete Gaussian share (``client``'s settings:
+    :func:`privacy.sumdp.sum_secagg_params`); only ``trained`` rides beside it."""
+    return _send_masked(client, store, request, vec, {"trained": 1.0}, DP_STEP)
+
+
 def eval_masked_input(store: DeviceStore, cfg: Config, client_id: int, request: dict[str, Any],
                       row: Mapping[str, float], *, floor: int = DEFAULT_MIN_CONTRIBUTORS) -> dict[str, Any]:
     """The final evaluation's figures (:mod:`privacy.secagg.eval_figures`) as a masked vector of sums."""
@@ -212,6 +220,17 @@ def eval_masked_input(store: DeviceStore, cfg: Config, client_id: int, request: 
 def record_user_level(ledger, cfg: Config, *, dim: int, server_round: int) -> dict:
     """The distributed-DP entry of a round this device sent its (noised) update in."""
     return record_ddp(ledger, cfg, dim=dim, round=server_round)
+
+
+def _unmask_params(cfg: Config, kind: str | None, *, cohort: int, length: int) -> SecAggParams:
+    """The protocol settings of the masked input being unmasked (by its kind)."""
+    if kind == EVALUATE:
+        return eval_params(cfg)
+    if kind == DP_STEP:
+        from privacy.sumdp import sum_secagg_params
+
+        return sum_secagg_params(cfg, cohort=cohort, dim=length)
+    return secagg_params(cfg)
 
 
 def unmask(store: DeviceStore, cfg: Config, client_id: int, request: Mapping[str, Any], *,
@@ -245,7 +264,7 @@ def unmask(store: DeviceStore, cfg: Config, client_id: int, request: Mapping[str
         logger.warning("%s: round %d already unmasked (survivor sets %s the first); refused", what, rnd,
                        "equal to" if same else "DIFFERENT from")
         raise ReplayRefused(f"{what}: round already unmasked")
-    params = eval_params(cfg) if latest.get("kind") == EVALUATE else secagg_params(cfg)
+    params = _unmask_params(cfg, latest.get("kind"), cohort=len(cohort), length=int(request["length"]))
     reply = SecAggClient(client_id, params, keys=device_keys(store)).unmask(request)
     dropped = sorted(set(cohort) - set(survivors))
     log.record_unmask(run_id, rnd, digest, survivors, dropped)  # before the reply leaves

@@ -318,6 +318,80 @@ class DPTrainer:
         )
 
 
+@dataclass(frozen=True)
+class GradSum:
+    """One device's contribution to a noisy sum: its clipped per-example gradients, summed (no noise yet)."""
+
+    grads: dict[str, torch.Tensor]  # shared tensor name -> summed clipped gradient (float32, CPU)
+    batch: int  # examples in the Poisson batch (never sent)
+    clipped: int  # of which clipped (never sent)
+    mean_loss: float  # their mean loss (never sent)
+    seconds: float
+
+
+def clipped_grad_sum(trainer: DPTrainer, examples: Sequence[CachedExample], *, sample_rate: float,
+                     max_grad_norm: float, noise_source: NoiseSource | None = None) -> GradSum:
+    """The sum of the clipped per-example gradients of the shared tensors over one Poisson sample.
+
+    The step of a noisy sum (``privacy.noise-on = sum``, :mod:`client.sumdp`): each example joins the batch
+    with probability ``sample_rate`` (drawn as :mod:`privacy.dpstep` draws a DP-SGD step's batch, from the
+    CSPRNG unless a test injects a source); the personal head is switched off (the gradient never depends
+    on it); per-example gradients from Opacus's hooks; each clipped to ``max_grad_norm`` in L2 over all
+    shared tensors jointly (Opacus's factor ``min(1, C / (norm + 1e-6))``) and summed. No noise here: the
+    device adds its discrete Gaussian share after quantizing (:mod:`privacy.sumdp`). An empty batch gives
+    zeros (the step still counts). No parameter moves.
+    """
+    model = trainer.model
+    if model.layout.split == "fedsa":
+        raise ValueError("adapter.split = 'fedsa' keeps B (personal) inside the shared adapter; a noisy sum of "
+                         "shared gradients needs the head switched off. You passed: adapter.split='fedsa'")
+    names = list(model.shared_names)
+    named = model.named_trainable()
+    params = [named[n] for n in names]
+    source = noise_source if noise_source is not None else SECURE
+    t0 = time.perf_counter()
+    gen = dpstep.step_generator(source)
+    idx = dpstep.poisson_batch(source, gen, len(examples), sample_rate).tolist()
+    zeros = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in zip(names, params)}
+    if not idx:
+        return GradSum(zeros, 0, 0, math.nan, time.perf_counter() - t0)
+    frozen = [p for p in trainer.params if not any(p is q for q in params)]
+    was = [p.requires_grad for p in frozen]
+    for p in frozen:
+        p.requires_grad_(False)
+    stack = model.stack
+    try:
+        with model.personal_zeroed(), torch.autocast(model.device.type, enabled=False):
+            trainer.gsm.enable_hooks()
+            stack.train()
+            hidden, labels = _batch(examples, idx)
+            per_sample = trainer.gsm(hidden, labels)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                per_sample.mean().backward()  # loss_reduction="mean": grad_sample holds each sample's own gradient
+            flat = torch.cat([p.grad_sample.reshape(len(idx), -1).float() for p in params], dim=1)
+            norms = flat.norm(2, dim=1)
+            factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            summed = (flat * factor.unsqueeze(1)).sum(0)
+            if not bool(torch.isfinite(summed).all()):
+                raise FloatingPointError("a clipped gradient sum is not finite; the step is not answered")
+            out, offset = {}, 0
+            for n, p in zip(names, params):
+                out[n] = summed[offset:offset + p.numel()].view(p.shape).detach().to("cpu", torch.float32).clone()
+                offset += p.numel()
+            loss = float(per_sample.detach().mean())
+            clipped = int((norms > max_grad_norm).sum())
+    finally:
+        stack.eval()
+        for p in trainer.params:
+            p.grad_sample = None
+            p.grad = None
+        trainer.gsm.zero_grad(set_to_none=True)
+        for p, r in zip(frozen, was):
+            p.requires_grad_(r)
+    return GradSum(out, len(idx), clipped, loss, time.perf_counter() - t0)
+
+
 def train_shared(trainer: DPTrainer, examples: Sequence[CachedExample], **kw) -> TrainResult:
     """The released pass: the shared group only, with the personal head switched off.
 

@@ -27,7 +27,9 @@ from typing import Any
 CONFIG_ENV = "FEDPERSONA_RUN_CONFIG"
 
 SPLITS = ("ffa", "fedsa", "fedper")
-SERVER_OPTIMIZERS = ("fedavg", "fedadam")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
+#: Where the DP-SGD noise of the shared adapter goes (``privacy.noise-on``).
+NOISE_PLACEMENTS = ("device", "sum")
 SAMPLINGS = ("uniform", "balanced")
 CLIENT_OPTIMIZERS = ("sgd", "adam")
 ACCOUNTANTS = ("rdp", "prv")
@@ -188,6 +190,9 @@ class ClientConfig:
     head_lr: float = 0.005
     max_new_examples: int = 0  # device policy: new chat-feedback examples a round may add (0 = no cap)
     cache_activations: bool = True  # keep the frozen lower blocks' outputs in the encrypted store
+    #: Participations (rounds) a device plans its noise for and accepts (0: privacy.planned-rounds /
+    #: server.num-rounds; ``fedpersona run`` fills in the scenario's expected participations).
+    max_participations: int = 0
 
     def __post_init__(self) -> None:
         if self.head_steps < 0:
@@ -198,6 +203,9 @@ class ClientConfig:
             raise _bad("client.head-lr", self.head_lr, "must be positive")
         if self.max_new_examples < 0:
             raise _bad("client.max-new-examples", self.max_new_examples, "must be >= 0 (0 = no cap)")
+        if self.max_participations < 0:
+            raise _bad("client.max-participations", self.max_participations,
+                       "must be >= 0 (0: every planned round, privacy.planned-rounds or server.num-rounds)")
         if self.local_steps < 1:
             raise _bad("client.local-steps", self.local_steps, "must be at least 1")
         if self.batch_size < 1:
@@ -218,8 +226,20 @@ class PrivacyConfig:
     planned_rounds: int = 0
     accountant: str = "rdp"
     personal_head: str = "local"
+    #: ``device``: every device noises its own DP-SGD steps; ``sum``: one DP-SGD step of the shared adapter is
+    #: one secure sum over the cohort, each device adding noise of variance sigma^2 C^2 / t (privacy/sumdp.py).
+    noise_on: str = "device"
+    #: t, the honest contributors a device counts on in each noisy sum (0: half of the round's announced cohort).
+    honest_contributors: int = 0
 
     def __post_init__(self) -> None:
+        if self.noise_on not in NOISE_PLACEMENTS:
+            raise _bad("privacy.noise-on", self.noise_on,
+                       f"must be one of {NOISE_PLACEMENTS} (device: each device noises its own DP-SGD steps; sum: "
+                       "the noise is added once to the cohort's secure sum of clipped gradients)")
+        if self.honest_contributors < 0 or self.honest_contributors == 1:
+            raise _bad("privacy.honest-contributors", self.honest_contributors,
+                       "must be 0 (half of the round's announced cohort) or >= 2")
         if self.personal_head not in PERSONAL_HEADS:
             raise _bad(
                 "privacy.personal-head",
@@ -258,8 +278,11 @@ class ServerConfig:
     lr: float = 1.0
     round_timeout: float = 0.0
     sampling: str = "uniform"
+    momentum: float = 0.9  # fedavgm's heavy-ball momentum
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.momentum < 1.0:
+            raise _bad("server.momentum", self.momentum, "must be in [0, 1) (fedavgm's momentum)")
         if self.sampling not in SAMPLINGS:
             raise _bad("server.sampling", self.sampling, f"must be one of {SAMPLINGS}")
         if self.num_rounds < 1:
@@ -353,6 +376,13 @@ class Config:
     def planned_rounds(self) -> int:
         """Rounds a client plans its privacy budget for (a client may be sampled in each)."""
         return self.privacy.planned_rounds or self.server.num_rounds
+
+    @property
+    def planned_participations(self) -> int:
+        """Participations the server suggests a device plans its noise for (and takes at most):
+        ``client.max-participations``, never more than the planned rounds; 0 means every planned round."""
+        cap = self.client.max_participations
+        return min(cap, self.planned_rounds) if cap > 0 else self.planned_rounds
 
     def to_flat(self) -> dict[str, Any]:
         """The config as flat kebab-case keys (the inverse of ``load_config``)."""
@@ -457,6 +487,7 @@ def load_config(raw: Mapping[str, Any] | None = None, *, env: bool = True) -> Co
     cfg = Config(**sections)
     _check_personal_head(cfg)
     _check_secagg(cfg)
+    _check_noise_on(cfg)
     if not cfg.secagg.enabled:
         warnings.warn(
             "secagg.enabled = false: plain aggregation; the server sees each client's update, "
@@ -494,6 +525,50 @@ def _check_secagg(cfg: Config) -> None:
         raise _bad("secagg.threshold", s.threshold, f"must be at most server.clients-per-round={n}")
     if s.enabled and s.min_contributors > n:
         raise _bad("secagg.min-contributors", s.min_contributors, f"must be at most server.clients-per-round={n}")
+
+
+def _check_noise_on(cfg: Config) -> None:
+    """Noise on the sum (``privacy.noise-on = sum``) is only as safe as the secure sum it is added to."""
+    p, n = cfg.privacy, cfg.server.clients_per_round
+    if p.honest_contributors > n:
+        raise _bad("privacy.honest-contributors", p.honest_contributors,
+                   f"must be at most server.clients-per-round={n}")
+    if p.noise_on != "sum":
+        return
+    if not cfg.secagg.enabled:
+        raise _bad("privacy.noise-on", p.noise_on, "noise on the sum needs secure aggregation (secagg.enabled = true): "
+                   "without it the server sees each device's gradient sum with a t-th of the noise")
+    if cfg.secagg.ddp:
+        raise _bad("privacy.noise-on", p.noise_on, "secagg.ddp (user-level noise on the whole update) is another "
+                   "mechanism: set secagg.ddp = false with noise on the sum")
+    if p.accountant != "rdp":
+        raise _bad("privacy.accountant", p.accountant, "noise on the sum is accounted with RDP at integer orders "
+                   "(where the discrete Gaussian's loss equals the Gaussian's): use 'rdp'")
+    if cfg.adapter.split == "fedsa":
+        raise _bad("privacy.noise-on", p.noise_on, "adapter.split = 'fedsa' keeps the personal B inside the shared "
+                   "adapter, so the released gradient would depend on it: use 'ffa' or 'fedper'")
+    if n < 2:
+        raise _bad("server.clients-per-round", n, "noise on the sum needs a cohort of at least 2")
+
+
+def expected_participations(*, rounds: int, cohort: int, users: int, sampling: str) -> int:
+    """Participations a device of a simulation can expect (``client.max-participations`` when left at 0).
+
+    ``balanced`` sampling gives every user ``ceil(rounds * cohort / users)`` at most; ``uniform`` sampling
+    the smallest m that a device exceeds with probability at most 10% (binomial, rounds draws of
+    cohort / users). Never more than ``rounds``.
+    """
+    if min(rounds, cohort, users) < 1:
+        raise ValueError(f"rounds, cohort and users must be >= 1. You passed: {rounds}, {cohort}, {users}")
+    p = min(1.0, cohort / users)
+    if sampling == "balanced" or p >= 1.0:
+        return min(rounds, math.ceil(rounds * cohort / users))
+    tail, m = 1.0, 0
+    for m in range(rounds + 1):
+        tail -= math.comb(rounds, m) * p**m * (1 - p) ** (rounds - m)
+        if tail <= 0.1:
+            break
+    return max(1, min(rounds, m))
 
 
 def read_scenario(path: str | Path) -> dict[str, Any]:

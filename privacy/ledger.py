@@ -11,6 +11,16 @@ cross-check it.
 
 Opacus's GDP accountant is refused: on these settings it is off by a factor of about
 two from RDP and PRV (and from Google's dp_accounting).
+
+Noise on the sum (``privacy.noise-on = sum``, :mod:`privacy.sumdp`): :meth:`PrivacyLedger.step_on_sum`
+records a step whose noise is the sum of the discrete Gaussian shares of at least ``honest`` devices.
+Such a ledger is accounted at integer RDP orders only (:data:`INTEGER_ORDERS`), where the Poisson-sampled
+discrete Gaussian with an integer shift has exactly the Gaussian's Renyi divergence (the proof and the
+bound on the sum of discrete Gaussians: :mod:`privacy.sumdp`); it also keeps ``(sigma, q, t, steps)``
+of those steps, so :meth:`PrivacyLedger.collusion` gives the epsilon that holds when ``j`` of the ``t``
+devices collude with the server (noise multiplier ``sigma sqrt((t - j) / t)``), down to the device's own
+share alone (``sigma / sqrt(t)``). :meth:`PrivacyLedger.set_plan` records what the device planned
+(participations, steps, noise, the epsilon of the whole plan) beside what it spent.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from typing import Any
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-__all__ = ["PrivacyLedger", "LedgerError", "calibrate_noise", "ACCOUNTANTS"]
+__all__ = ["PrivacyLedger", "LedgerError", "calibrate_noise", "ACCOUNTANTS", "INTEGER_ORDERS"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +45,11 @@ logger = logging.getLogger(__name__)
 ACCOUNTANTS = ("rdp", "prv")
 STATE_VERSION = 1
 _MAX_SIGMA = 1e6
+
+#: RDP orders of a ledger with steps on a noisy sum: integers only (see the module docstring).
+INTEGER_ORDERS: tuple[int, ...] = tuple(range(2, 64)) + (80, 96, 128, 192, 256)
+_ORDERS = ("all", "integer")
+_PLAN_KEYS = {"participations", "steps", "noise_multiplier", "sample_rate", "delta", "epsilon", "noise_on"}
 
 _ROUND_KEYS = {"round", "steps", "noise_multiplier", "sample_rate", "epsilon", "time"}
 #: Optional fields of a round entry (ledgers written before they existed stay valid).
@@ -94,13 +109,14 @@ def _merge(history: list[list], noise_multiplier: float, sample_rate: float, num
         history.append([noise_multiplier, sample_rate, num_steps])
 
 
-def _epsilon_of(history: list[list], delta: float, accountant: str) -> float:
-    """Epsilon of a (merged) history under Opacus's accountant."""
-    return _epsilon_memo(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta), accountant)
+def _epsilon_of(history: list[list], delta: float, accountant: str, orders: str = "all") -> float:
+    """Epsilon of a (merged) history under Opacus's accountant (``orders = integer``: RDP at integer orders)."""
+    return _epsilon_memo(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta), accountant, orders)
 
 
 @functools.lru_cache(maxsize=4096)
-def _epsilon_memo(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+def _epsilon_memo(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str,
+                  orders: str = "all") -> float:
     """A pure function of its arguments, memoized: the devices of a simulation share their histories,
     and each round asks for the same epsilon several times (plan, budget check, report)."""
     if not history:
@@ -113,7 +129,12 @@ def _epsilon_memo(history: tuple[tuple[float, float, int], ...], delta: float, a
     acc.history = list(history)
     with warnings.catch_warnings(record=True) as caught, np.errstate(all="ignore"):
         warnings.simplefilter("always")
-        eps = float(acc.get_epsilon(delta=delta))
+        if orders == "integer":
+            if accountant != "rdp":
+                raise ValueError(f"integer RDP orders need accountant 'rdp'. You passed: {accountant!r}")
+            eps = float(acc.get_epsilon(delta=delta, alphas=list(INTEGER_ORDERS)))
+        else:
+            eps = float(acc.get_epsilon(delta=delta))
     for w in caught:
         # e.g. "Optimal order is the largest alpha": the bound is still valid, only looser.
         logger.debug("opacus %s accountant: %s", accountant, w.message)
@@ -136,6 +157,8 @@ class PrivacyLedger:
         self._history: list[list] = []  # [noise_multiplier, sample_rate, num_steps]
         self._rounds: list[dict] = []
         self._user_level: list[dict] = []
+        self._sum_steps: list[list] = []  # [noise_multiplier, sample_rate, honest t, num_steps] of noisy-sum steps
+        self._plan: dict | None = None
         self._cache: tuple[Any, float] | None = None
 
     # ------------------------------------------------------------------ steps and epsilon
@@ -147,6 +170,21 @@ class PrivacyLedger:
     def history(self) -> list[tuple[float, float, int]]:
         """Merged ``(noise_multiplier, sample_rate, num_steps)`` entries (a copy)."""
         return [tuple(h) for h in self._history]
+
+    @property
+    def orders(self) -> str:
+        """``integer`` once the ledger holds a step on a noisy sum (RDP at integer orders), else ``all``."""
+        return "integer" if self._sum_steps else "all"
+
+    @property
+    def sum_steps(self) -> list[tuple[float, float, int, int]]:
+        """Merged ``(noise_multiplier, sample_rate, honest, num_steps)`` of the steps on a noisy sum (a copy)."""
+        return [tuple(h) for h in self._sum_steps]
+
+    @property
+    def plan(self) -> dict | None:
+        """What the device planned (:meth:`set_plan`), or None (a copy)."""
+        return dict(self._plan) if self._plan is not None else None
 
     @property
     def total_steps(self) -> int:
@@ -172,30 +210,102 @@ class PrivacyLedger:
             logger.warning("privacy ledger: %d step(s) with noise_multiplier=0: epsilon is now infinite", n)
         _merge(self._history, sigma, q, n)
 
+    def step_on_sum(self, *, noise_multiplier: float, sample_rate: float, honest: int, num_steps: int = 1) -> None:
+        """Record ``num_steps`` steps on a noisy secure sum: this device's ``sample_rate``, and a noise multiplier
+        ``noise_multiplier`` that holds as long as ``honest`` devices' noise shares are in the sum.
+
+        From then on the ledger is accounted at integer RDP orders (:data:`INTEGER_ORDERS`).
+        """
+        sigma, q, n = _check_step_args(noise_multiplier, sample_rate, num_steps)
+        if not _is_int(honest) or honest < 1:
+            raise ValueError(f"honest must be an integer >= 1. You passed: honest={honest!r}")
+        if self._accountant != "rdp":
+            raise ValueError(f"steps on a noisy sum are accounted with RDP at integer orders; this ledger uses "
+                             f"{self._accountant!r}")
+        self.step(noise_multiplier=sigma, sample_rate=q, num_steps=n)
+        last = self._sum_steps[-1] if self._sum_steps else None
+        if last is not None and (last[0], last[1], last[2]) == (sigma, q, honest):
+            last[3] += n
+        else:
+            self._sum_steps.append([sigma, q, int(honest), n])
+        self._cache = None
+
     def epsilon(self, delta: float) -> float:
         """Epsilon spent so far at this ``delta``: 0.0 before any step, ``inf`` after a noiseless step."""
         delta = _check_delta(delta)
-        key = (self._accountant, delta, tuple(tuple(h) for h in self._history))
+        key = (self._accountant, delta, self.orders, tuple(tuple(h) for h in self._history))
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        eps = _epsilon_of(self._history, delta, self._accountant)
+        eps = _epsilon_of(self._history, delta, self._accountant, self.orders)
         self._cache = (key, eps)
         return eps
 
-    def epsilon_if(self, *, noise_multiplier: float, sample_rate: float, num_steps: int, delta: float) -> float:
-        """Epsilon that would be spent if these steps were added; the ledger is not changed."""
+    def epsilon_if(self, *, noise_multiplier: float, sample_rate: float, num_steps: int, delta: float,
+                   on_sum: bool = False) -> float:
+        """Epsilon that would be spent if these steps were added (``on_sum``: steps on a noisy sum, which
+        switch the ledger to integer orders); the ledger is not changed."""
         sigma, q, n = _check_step_args(noise_multiplier, sample_rate, num_steps)
         delta = _check_delta(delta)
         history = [list(h) for h in self._history]
         _merge(history, sigma, q, n)
-        return _epsilon_of(history, delta, self._accountant)
+        orders = "integer" if on_sum or self._sum_steps else "all"
+        return _epsilon_of(history, delta, self._accountant, orders)
+
+    def collusion(self, delta: float) -> list[dict]:
+        """Epsilon when ``j`` devices of each noisy sum's ``t`` collude with the server, ``j = 0 .. t - 1``.
+
+        The noise that then remains guaranteed in a sum of ``t`` is ``t - j`` shares: noise multiplier
+        ``sigma sqrt((t - j) / t)``; at ``j = t - 1`` only the device's own share, ``sigma / sqrt(t)``.
+        Steps with the device's own noise (``privacy.noise-on = device``) keep their sigma. One row per ``j``
+        (``t`` the largest of the ledger's sums; a sum with fewer honest devices than ``j + 1`` counts its
+        device's own share alone): ``{"colluders", "noise_factor" (of the largest t), "epsilon"}``; [] without
+        steps on a sum.
+        """
+        delta = _check_delta(delta)
+        if not self._sum_steps:
+            return []
+        own = [list(h) for h in self._history]
+        for sigma, q, _t, n in self._sum_steps:  # the sum steps, taken out of the history to be re-noised
+            for h in own:
+                if h[0] == sigma and h[1] == q and h[2] > 0:
+                    take = min(h[2], n)
+                    h[2] -= take
+                    n -= take
+                if n == 0:
+                    break
+        own = [h for h in own if h[2] > 0]
+        t_max = max(t for _, _, t, _ in self._sum_steps)
+        rows = []
+        for j in range(t_max):
+            history = [list(h) for h in own]
+            for sigma, q, t, n in self._sum_steps:
+                _merge(history, sigma * math.sqrt(max(t - j, 1) / t), q, n)
+            rows.append({"colluders": j, "noise_factor": math.sqrt((t_max - j) / t_max),
+                         "epsilon": _epsilon_of(history, delta, self._accountant, "integer")})
+        return rows
+
+    def set_plan(self, *, participations: int, steps: int, noise_multiplier: float, sample_rate: float,
+                 delta: float, noise_on: str = "device") -> dict:
+        """Record what the device plans: ``participations`` rounds of ``steps`` steps in all at this noise and
+        sample rate; ``epsilon`` is what the whole plan spends from an empty ledger (:attr:`plan`)."""
+        if not _is_int(participations) or participations < 1:
+            raise ValueError(f"participations must be an integer >= 1. You passed: {participations!r}")
+        sigma, q, n = _check_step_args(noise_multiplier, sample_rate, steps)
+        delta = _check_delta(delta)
+        if noise_on not in ("device", "sum"):
+            raise ValueError(f"noise_on must be 'device' or 'sum'. You passed: {noise_on!r}")
+        eps = _epsilon_of([[sigma, q, n]], delta, self._accountant, "integer" if noise_on == "sum" else "all")
+        self._plan = {"participations": participations, "steps": n, "noise_multiplier": sigma, "sample_rate": q,
+                      "delta": delta, "epsilon": eps, "noise_on": noise_on}
+        return dict(self._plan)
 
     def record_round(self, *, round: int, steps: int, noise_multiplier: float, sample_rate: float, delta: float,
-                     settings: dict[str, Any] | None = None) -> dict:
+                     settings: dict[str, Any] | None = None, update: bool = False) -> dict:
         """Append a summary of a finished round (its steps already recorded with :meth:`step`).
 
         ``settings``: the round's settings the device accepted (its policy check's result), kept
-        with the entry: flat keys to strings, booleans, integers or finite floats.
+        with the entry: flat keys to strings, booleans, integers or finite floats. ``update``: replace
+        the last entry when it is of the same round (a round of noisy sums is summarized after each step).
         Returns the summary, whose ``epsilon`` is the total spent after the round (``inf`` from
         the first release without noise on: a noise multiplier of 0 is recorded, never skipped).
         """
@@ -208,7 +318,10 @@ class PrivacyLedger:
         entry = {"round": round, "steps": steps, "noise_multiplier": sigma, "sample_rate": q, "epsilon": eps, "time": _now()}
         if settings is not None:
             entry["settings"] = _check_settings(settings, "settings")
-        self._rounds.append(entry)
+        if update and self._rounds and self._rounds[-1]["round"] == round:
+            self._rounds[-1] = entry
+        else:
+            self._rounds.append(entry)
         logger.debug("privacy ledger: round %d, %d steps, sigma %.4f, q %.4f, epsilon %.4f", round, steps, sigma, q, eps)
         return dict(entry)
 
@@ -235,13 +348,19 @@ class PrivacyLedger:
                 out["epsilon"] = None
             return out
 
-        return {
+        state = {
             "version": STATE_VERSION,
             "accountant": self._accountant,
             "history": [[float(s), float(q), int(n)] for s, q, n in self._history],
             "rounds": [enc(r) for r in self._rounds],
             "user_level": [enc(u) for u in self._user_level],
         }
+        # Optional fields (ledgers without them stay valid).
+        if self._sum_steps:
+            state["sum_steps"] = [[float(s), float(q), int(t), int(n)] for s, q, t, n in self._sum_steps]
+        if self._plan is not None:
+            state["plan"] = enc(self._plan)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Replace this ledger's state after validating ``state`` strictly (raises :class:`LedgerError`)."""
@@ -251,7 +370,10 @@ class PrivacyLedger:
                 f"ledger state was kept with accountant {accountant!r}, this ledger uses {self._accountant!r}; "
                 f"use PrivacyLedger.from_json / PrivacyLedger(accountant={accountant!r})"
             )
+        sum_steps = _validate_sum_steps(state.get("sum_steps", []), history, accountant)
+        plan = _validate_plan(state["plan"]) if "plan" in state else None
         self._history, self._rounds, self._user_level = history, rounds, user_level
+        self._sum_steps, self._plan = sum_steps, plan
         self._cache = None
 
     def to_json(self) -> str:
@@ -284,7 +406,7 @@ def _validate_state(state: Any) -> tuple[str, list[list], list[dict], list[dict]
     missing = expected - state.keys()
     if missing:
         raise LedgerError(f"ledger state is missing field(s): {sorted(missing)}")
-    extra = state.keys() - expected
+    extra = state.keys() - expected - {"sum_steps", "plan"}
     if extra:
         raise LedgerError(f"ledger state has unknown field(s): {sorted(extra)}")
     if not _is_int(state["version"]) or state["version"] != STATE_VERSION:
@@ -312,6 +434,59 @@ def _validate_state(state: Any) -> tuple[str, list[list], list[dict], list[dict]
     rounds = [_validate_entry(e, f"rounds[{i}]", _ROUND_KEYS, _ROUND_OPTIONAL) for i, e in enumerate(_as_list(state, "rounds"))]
     user_level = [_validate_entry(e, f"user_level[{i}]", _USER_LEVEL_KEYS) for i, e in enumerate(_as_list(state, "user_level"))]
     return accountant, history, rounds, user_level
+
+
+def _validate_sum_steps(raw: Any, history: list[list], accountant: str) -> list[list]:
+    """The noisy-sum steps: ``[sigma, q, t, n]`` entries, each covered by the history's ``(sigma, q)`` steps."""
+    if not isinstance(raw, list):
+        raise LedgerError(f"ledger state: 'sum_steps' must be a list, got {type(raw).__name__}")
+    out: list[list] = []
+    counted: dict[tuple[float, float], int] = {}
+    for i, entry in enumerate(raw):
+        where = f"ledger state: sum_steps[{i}]"
+        if not isinstance(entry, (list, tuple)) or len(entry) != 4:
+            raise LedgerError(f"{where} must be [noise_multiplier, sample_rate, honest, num_steps], got {entry!r}")
+        sigma, q, t, n = entry
+        if not _is_real(sigma) or not (sigma >= 0 and math.isfinite(sigma)):
+            raise LedgerError(f"{where}: noise_multiplier must be a finite number >= 0, got {sigma!r}")
+        if not _is_real(q) or not 0 < q <= 1:
+            raise LedgerError(f"{where}: sample_rate must be in (0, 1], got {q!r}")
+        if not _is_int(t) or t < 1:
+            raise LedgerError(f"{where}: honest must be an integer >= 1, got {t!r}")
+        if not _is_int(n) or n < 1:
+            raise LedgerError(f"{where}: num_steps must be an integer >= 1, got {n!r}")
+        key = (float(sigma), float(q))
+        counted[key] = counted.get(key, 0) + int(n)
+        out.append([float(sigma), float(q), int(t), int(n)])
+    if out and accountant != "rdp":
+        raise LedgerError(f"ledger state: steps on a noisy sum need accountant 'rdp', got {accountant!r}")
+    have: dict[tuple[float, float], int] = {}
+    for sigma, q, n in history:
+        have[(sigma, q)] = have.get((sigma, q), 0) + n
+    for key, n in counted.items():
+        if have.get(key, 0) < n:
+            raise LedgerError(f"ledger state: {n} steps on a noisy sum at (sigma, q) = {key}, but the history holds "
+                              f"{have.get(key, 0)}")
+    return out
+
+
+def _validate_plan(raw: Any) -> dict:
+    if not isinstance(raw, dict) or set(raw) != _PLAN_KEYS:
+        raise LedgerError(f"ledger state: 'plan' must hold exactly {sorted(_PLAN_KEYS)}, got {raw!r}")
+    if not _is_int(raw["participations"]) or raw["participations"] < 1 or not _is_int(raw["steps"]) or raw["steps"] < 1:
+        raise LedgerError(f"ledger state: plan participations and steps must be integers >= 1, got {raw!r}")
+    if not _is_real(raw["noise_multiplier"]) or not (raw["noise_multiplier"] >= 0 and math.isfinite(raw["noise_multiplier"])):
+        raise LedgerError(f"ledger state: plan noise_multiplier must be a finite number >= 0, got {raw!r}")
+    if not _is_real(raw["sample_rate"]) or not 0 < raw["sample_rate"] <= 1:
+        raise LedgerError(f"ledger state: plan sample_rate must be in (0, 1], got {raw!r}")
+    if not _is_real(raw["delta"]) or not 0 < raw["delta"] < 1:
+        raise LedgerError(f"ledger state: plan delta must be in (0, 1), got {raw!r}")
+    if raw["noise_on"] not in ("device", "sum"):
+        raise LedgerError(f"ledger state: plan noise_on must be 'device' or 'sum', got {raw!r}")
+    eps = raw["epsilon"]
+    if eps is not None and (not _is_real(eps) or not eps >= 0):
+        raise LedgerError(f"ledger state: plan epsilon must be a number >= 0 or null, got {raw!r}")
+    return {**raw, "epsilon": math.inf if eps is None else float(eps)}
 
 
 def _as_list(state: dict, key: str) -> list:
@@ -387,8 +562,11 @@ def calibrate_noise(
     steps: int,
     accountant: str = "rdp",
     epsilon_tolerance: float = 0.01,
+    orders: str = "all",
 ) -> float:
     """Smallest noise multiplier (to ``epsilon_tolerance``) whose epsilon after ``steps`` steps is <= target.
+
+    ``orders = "integer"``: RDP at integer orders only (the accounting of steps on a noisy sum).
 
     Bisection on the noise multiplier with Opacus's accountant; the result always satisfies
     ``epsilon <= target_epsilon`` and ``epsilon > target_epsilon - epsilon_tolerance`` (unless the
@@ -404,9 +582,11 @@ def calibrate_noise(
     if not _is_real(epsilon_tolerance) or not epsilon_tolerance > 0:
         raise ValueError(f"epsilon_tolerance must be > 0. You passed: epsilon_tolerance={epsilon_tolerance!r}")
     _check_accountant(accountant)
+    if orders not in _ORDERS or (orders == "integer" and accountant != "rdp"):
+        raise ValueError(f"orders must be one of {_ORDERS} ('integer' with accountant 'rdp'). You passed: {orders!r}")
 
     def eps(sigma: float, acc: str = accountant) -> float:
-        return _epsilon_of([[sigma, float(sample_rate), steps]], delta, acc)
+        return _epsilon_of([[sigma, float(sample_rate), steps]], delta, acc, orders)
 
     if accountant == "rdp":
         low, high = 0.0, 1.0

@@ -29,6 +29,7 @@ from server.optim import ServerOptimizer
 from server.progress import NoProgress, Progress, ProgressGrid, report
 from server.run_report import read_json, summary_table, write_outputs
 from server.secagg import build_aggregator
+from server.sumdp import SumRounds
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,13 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
         log(WARNING, "Plain aggregation: %s", text)
         run_warnings.append(text)
 
-    opt = ServerOptimizer(cfg.server.optimizer, cfg.server.lr)
+    opt = ServerOptimizer(cfg.server.optimizer, cfg.server.lr, momentum=cfg.server.momentum)
+    # Noise on the sum: each DP-SGD step of the shared adapter is one secure sum over the cohort (server/sumdp.py).
+    sum_rounds = SumRounds(cfg, aggregator) if p.noise_on == "sum" else None
+    if sum_rounds is not None:
+        log(INFO, "noise on the sum: %d DP-SGD step(s) a round, each one secure sum; t = %s honest contributors "
+            "(privacy.honest-contributors; 0: half the cohort); server optimizer %s, lr %g", cfg.client.local_steps,
+            p.honest_contributors or "cohort / 2", cfg.server.optimizer, cfg.server.lr)
     previous = read_json(run_dir / "metrics.json")
     history: list[dict] = list(previous.get("rounds", []))
     resumed = latest_checkpoint(ckpt_root)
@@ -166,10 +173,20 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
         content = RecordDict(
             {**pack_shared(shared), "config": ConfigRecord({"server-round": server_round})}
         )
-        rs = aggregator.collect(grid, cohort, content, server_round=server_round, timeout=timeout)
+        extra: dict = {}
+        if sum_rounds is not None:
+            rs, shared, extra = sum_rounds.round(grid, cohort, shared, opt, server_round=server_round, timeout=timeout)
+            applied = extra["steps-applied"] > 0
+        else:
+            rs = aggregator.collect(grid, cohort, content, server_round=server_round, timeout=timeout)
+            applied = rs.contributors >= cfg.server.min_clients and rs.weight > 0
         ServerInventory(run_dir).round(server_round, cohort=cohort, rs=rs, aggregation=aggregator.name)
-        applied = rs.contributors >= cfg.server.min_clients and rs.weight > 0
-        if applied:
+        if sum_rounds is not None:
+            norm = extra.pop("update-norm")
+            if rs.aborted:
+                log(WARNING, "Round %d: %s", server_round, rs.aborted)
+                run_warnings.append(f"round {server_round}: a noisy sum aborted: {rs.aborted}")
+        elif applied:
             mean_update = {n: rs.update_sum[n] / rs.weight for n in shared}
             norm = math.sqrt(sum(float((u * u).sum()) for u in mean_update.values()))
             shared = opt.step(shared, mean_update)
@@ -204,6 +221,7 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
             "update-norm": norm,
             **({"aborted": rs.aborted} if rs.aborted else {}),
             **rs.info,
+            **extra,
             # Cohort figures only of a sum that was revealed and applied: never of an aborted round.
             **(_cohort_means(rs.metrics, rs.contributors) if applied else {}),
             "seconds": time.perf_counter() - t0,

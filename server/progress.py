@@ -37,7 +37,8 @@ from flwr.app import Message
 logger = logging.getLogger(__name__)
 
 #: Message types -> the stage names of progress events.
-STAGES = {"query.advertise": "advertise", "train": "train", "query.unmask": "unmask", "evaluate": "evaluate"}
+STAGES = {"query.advertise": "advertise", "train": "train", "query.unmask": "unmask", "evaluate": "evaluate",
+          "train.dp_step": "noisy-sum step", "train.personalize": "personalize"}
 
 
 class Progress(Protocol):

@@ -104,8 +104,11 @@ class SecureAggregator:
     # ------------------------------------------------------------------ a round
     def _secure_sum(self, server: SecAggServer, grid: Grid, cohort: Sequence[int], content: RecordDict, *,
                     length: int, message_type: str, server_round: int, timeout: float | None, info: dict,
-                    failures: list[str]):
-        """Advertise (new nodes), stage 1 on ``message_type``, stage 2; the SecAggResult, or the abort reason."""
+                    failures: list[str], secagg_round: int | None = None):
+        """Advertise (new nodes), stage 1 on ``message_type``, stage 2; the SecAggResult, or the abort reason.
+
+        ``secagg_round``: the protocol's round id when it is not ``server_round`` (a step of a noisy sum,
+        :func:`privacy.sumdp.step_round_id`); messages keep ``server_round`` as their group."""
         cpu = 0.0
 
         def timed(fn: Callable, *args):
@@ -133,7 +136,7 @@ class SecureAggregator:
             return result, aborted
 
         try:
-            rnd = timed(server.start_round, server_round, members, length)
+            rnd = timed(server.start_round, server_round if secagg_round is None else secagg_round, members, length)
         except SecAggInputError as exc:
             return done(f"cannot start the round with {len(members)} of {len(cohort)} sampled nodes: {exc}")
 

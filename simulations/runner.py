@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from client.policy import POLICY_FILE, PREFIX, DevicePolicy
-from fedpersona.config import CONFIG_ENV, RENAMED_KEYS, Config, load_config, read_scenario
+from fedpersona.config import CONFIG_ENV, RENAMED_KEYS, Config, expected_participations, load_config, read_scenario
 from privacy.secagg.settings import secagg_params
 from simulations.failures import device_failures, mark_failed, rewrite_outputs
 from simulations.progress import timed_prepare
@@ -165,6 +165,16 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
                 f"Invalid config value for 'privacy.delta': must be below 1/number-of-examples = 1/{n_train} "
                 f"(the smallest user's training split). You passed: {cfg.privacy.delta}"
             )
+    if cfg.client.max_participations == 0:
+        # Plan the noise for the participations a device can expect, not for every round (each device
+        # declines beyond them): ceil(rounds x cohort / users) with balanced sampling.
+        m = expected_participations(rounds=cfg.planned_rounds, cohort=cfg.server.clients_per_round, users=len(users),
+                                    sampling=cfg.server.sampling)
+        flat["client.max-participations"] = m
+        cfg = load_config(flat, env=False)
+        logger.info("client.max-participations = %d: each device plans its noise for the participations it can "
+                    "expect (%d users, %d per round, %d rounds, %s sampling)", m, len(users),
+                    cfg.server.clients_per_round, cfg.planned_rounds, cfg.server.sampling)
     write_device_policies(cfg, [u.user_id for u in users], device_policy)
     resolve_model_dir(cfg.model.path)  # convert the default model once, before workers start
     if progress is not None:
