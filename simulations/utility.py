@@ -141,11 +141,15 @@ def federate(cfg: Config, users: list[User], state_root: Path) -> FederatedRun:
     devices = simulated_devices(cfg, users, state_root, **{"policy.allow-no-dp": not cfg.privacy.enabled})
     model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)
     shared = model.initial_shared_state()
-    opt = ServerOptimizer(cfg.server.optimizer, cfg.server.lr)
+    opt = ServerOptimizer(cfg.server.optimizer, cfg.server.lr, momentum=cfg.server.momentum)
     declined = 0
     for server_round in range(1, cfg.server.num_rounds + 1):
         cohort = sample_cohort(list(range(len(devices))), cfg.server.clients_per_round, seed=cfg.run.seed,
                                server_round=server_round, sampling=cfg.server.sampling)
+        if cfg.privacy.noise_on == "sum":
+            shared, n_declined = _sum_round(cfg, [devices[i] for i in cohort], shared, opt, server_round)
+            declined += n_declined
+            continue
         total: dict[str, torch.Tensor] | None = None
         weight, contributors = 0.0, 0
         for i in cohort:
@@ -169,6 +173,46 @@ def federate(cfg: Config, users: list[User], state_root: Path) -> FederatedRun:
         row["user-id"] = dev.user_id
         rows.append(row)
     return FederatedRun(rows, shared, devices, time.perf_counter() - t0, declined)
+
+
+def _sum_round(cfg: Config, cohort: list[Device], shared: dict[str, torch.Tensor], opt: ServerOptimizer,
+               server_round: int) -> tuple[dict[str, torch.Tensor], int]:
+    """A round with noise on the sum (``privacy.noise-on = sum``): per step, each device's own checks and
+    clipped gradient sum (:meth:`Device.sum_step`), quantized with its discrete Gaussian share by the very
+    quantizer of the secure sum; the integer sum is what secure aggregation releases (masks cancel). Then
+    the server's step and each device's head. Returns (the new shared weights, devices that declined)."""
+    from client.policy import PolicyViolation
+    from client.sumdp import StepRefused
+    from fedpersona.secagg_wire import unflatten
+    from privacy.secagg.crypto import SecureRNG
+    from privacy.sumdp import normalizer, sum_context, sum_secagg_params
+
+    rng = SecureRNG()
+    declined: set[str] = set()
+    for step in range(1, cfg.client.local_steps + 1):
+        ctx = sum_context(cfg, round=server_round, step=step, cohort=len(cohort), weights=shared)
+        quantizer = sum_secagg_params(cfg, cohort=len(cohort), dim=ctx.dim).quantizer
+        total, survivors = None, 0
+        for dev in cohort:
+            try:
+                vec, _ = dev.sum_step(shared, ctx, run_id=0, server_round=server_round, step=step, cohort=len(cohort))
+            except (BudgetExhausted, PolicyViolation) as exc:  # a decline, or a refusal: not in the sum either way
+                logger.info("%s: %s", type(exc).__name__, exc)
+                declined.add(dev.user_id)
+                continue
+            q = quantizer.quantize(vec, rng)
+            total = q if total is None else total + q
+            survivors += 1
+        if total is None or survivors < max(ctx.honest, cfg.secagg.min_contributors, cfg.server.min_clients):
+            break  # the secure sum aborts before any unmask with fewer survivors
+        grads = unflatten(total.astype("float64") / ctx.scale, shared)
+        shared = opt.step(shared, {n: -grads[n] / normalizer(ctx, survivors) for n in shared})
+    for dev in cohort:
+        try:
+            dev.personalize(shared, run_id=0, server_round=server_round)
+        except StepRefused:
+            logger.info("%s took no step of round %d: no head trained", dev.user_id, server_round)
+    return shared, len(declined)
 
 
 def centralized(cfg: Config, users: list[User], *, steps: int, batch_size: int, lr: float, seed: int) -> list[dict]:

@@ -108,3 +108,27 @@ def test_a_round_summary_is_updated_after_each_step_of_the_same_round():
     ledger.step_on_sum(noise_multiplier=SIGMA, sample_rate=Q, honest=T)
     ledger.record_round(round=2, steps=1, noise_multiplier=SIGMA, sample_rate=Q, delta=DELTA, update=True)
     assert [(r["round"], r["steps"]) for r in ledger.rounds] == [(1, 2), (2, 1)]
+
+
+def test_the_audit_shows_planned_vs_spent_and_the_collusion_table(tmp_path):
+    from privacy.audit.render import write_report
+    from privacy.audit.report import DeviceRecords, RunRecords, build_audit
+
+    ledger = sum_ledger()
+    ledger.set_plan(participations=2, steps=2 * STEPS, noise_multiplier=SIGMA, sample_rate=Q, delta=DELTA,
+                    noise_on="sum")
+    ledger.record_round(round=1, steps=STEPS, noise_multiplier=SIGMA, sample_rate=Q, delta=DELTA)
+    run = RunRecords(str(tmp_path), {"run": "r", "config": {"privacy.delta": DELTA, "privacy.target-epsilon": 8.0,
+                                                             "privacy.noise-on": "sum",
+                                                             "privacy.honest-contributors": T}})
+    audit = build_audit([DeviceRecords("u1", str(tmp_path / "u1"), ledger=ledger)], run)
+    (user,) = audit["users"]
+    assert user["plan"]["participations_planned"] == 2 and user["plan"]["participations_taken"] == 1
+    assert user["plan"]["epsilon_spent"] == pytest.approx(PINNED[0], rel=1e-9)
+    assert user["plan"]["epsilon_planned"] > user["plan"]["epsilon_spent"]
+    assert [r["epsilon"] for r in user["collusion"]] == pytest.approx(PINNED, rel=1e-9)
+    # The independent re-accounting uses the ledger's integer orders: it agrees.
+    assert audit["accountant_check"]["ok"] and user["epsilon_independent"] == pytest.approx(PINNED[0], rel=1e-6)
+    assert "at least t devices that follow the protocol" in audit["guarantee"]["assumption"]
+    html = write_report(audit, tmp_path / "audit")["html"].read_text()
+    assert "epsilon at j = 0 / 1 / ... / t - 1 colluders" in html and "epsilon planned" in html
