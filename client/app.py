@@ -214,6 +214,9 @@ def dp_step(message: Message, context: Context) -> Message:
     cap is reached; a refusal naming the setting when the step's parameters or order do not hold."""
     try:
         device = _device(context)
+        if device.cfg.privacy.noise_on != "sum":
+            raise PolicyViolation("privacy.noise-on", device.cfg.privacy.noise_on,
+                                  "this run's config puts the noise on each device: no step of a noisy sum")
         shared = unpack_shared(message.content)
         config = message.content["config"]
         server_round, step = int(config["server-round"]), int(config["step"])

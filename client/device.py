@@ -57,7 +57,7 @@ from client.policy import DevicePolicy, PolicyViolation
 from client.feedback import noise_for_remaining_budget, pairs_of, training_feedback
 from client.profile import compute_profile, save_profile
 from client.store import DeviceStore
-from client.sumdp import StepLog, StepRefused, check_context, local_replay
+from client.sumdp import StepLog, StepRefused, check_context, local_optimizer, local_replay_round
 from client.train import CachedExample, TrainResult, clipped_grad_sum, evaluate, train_head, train_shared, trainer_for
 from fedpersona.secagg_wire import flatten
 from fedpersona.config import Config
@@ -752,10 +752,12 @@ class Device:
             self.model.load_shared_state(self.model.initial_shared_state())
             ledger = PrivacyLedger(accountant=cfg.privacy.accountant)
             head_ledger = PrivacyLedger(accountant=cfg.privacy.accountant) if self.head_dp else None
-            if any(r.get("mode") == "sum" for r in participation):
-                local_replay(self, participation, ledger, head_ledger)
-            for r in participation if not any(r.get("mode") == "sum" for r in participation) else ():
-                self._shared_pass(int(r["steps"]), ledger if cfg.privacy.enabled else None)
+            opt = local_optimizer(cfg)  # noise on the sum: the server's optimizer, on this device's own sums
+            for r in participation:
+                if r.get("mode") == "sum":
+                    local_replay_round(self, int(r["steps"]), ledger, opt)
+                else:
+                    self._shared_pass(int(r["steps"]), ledger if cfg.privacy.enabled else None)
                 head_steps = self._head_steps(head_ledger) if r["head-steps"] else 0
                 if head_steps:
                     head = self._head_pass(head_ledger, head_steps, int(r["round"]))

@@ -38,7 +38,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from client.node_data import _CONTEXT_STATE_DIRS as _STATE_DIRS  # noqa: F401 - the lookup's cache (tests clear it)
 from client.node_data import context_state_dir, read_jsonl
-from fedpersona.wire import inventory
+from fedpersona.wire import group_round, inventory
 from privacy.audit.inventory import is_masked, is_protocol_array
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def entry_for(reply: Message, *, run_id: int, node_id: int) -> dict:
         "run_id": int(run_id),
         "node_id": int(node_id),
         "group_id": group,
-        "round": int(group) if group.isdigit() else None,
+        "round": group_round(group),
         "message_type": md.message_type,
     }
     if reply.has_error():

@@ -25,7 +25,7 @@ then one ``train.personalize`` message with the round's final shared weights. Fo
    and mask the vector (:mod:`client.secagg`).
 
 :meth:`~client.device.Device.personalize` trains the personal head on top of the round's final shared adapter (the device
-answered at least one step of that round), once per round. :func:`local_replay` is the local-only
+answered at least one step of that round), once per round. :func:`local_replay_round` is the local-only
 baseline of a simulation: the device's own rounds as a federation of one (its own sums with t = 1, the
 whole noise ``sigma^2 C^2`` from the CSPRNG, the normalizer ``1 * client.batch-size``, the server's optimizer).
 """
@@ -47,7 +47,7 @@ from privacy import dpstep
 from privacy.ledger import PrivacyLedger
 from privacy.sumdp import SumContext, sum_context, sum_noise_multiplier
 
-__all__ = ["STEP_LOG", "StepLog", "StepRefused", "check_context", "local_replay"]
+__all__ = ["STEP_LOG", "StepLog", "StepRefused", "check_context", "local_optimizer", "local_replay_round"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,42 +115,37 @@ def check_context(cfg: Config, claimed: SumContext, *, server_round: int, step: 
     return own
 
 
-def local_replay(device, participation: list[dict], ledger: PrivacyLedger,
-                 head_ledger: PrivacyLedger | None) -> None:
-    """The local-only baseline's rounds with noise on the sum: a federation of this one device.
+def local_replay_round(device, steps: int, ledger: PrivacyLedger, opt: ServerOptimizer) -> None:
+    """One round of the local-only baseline with noise on the sum: a federation of this one device.
 
-    From the model as loaded (the public initial shared adapter, a fresh head), for each round the device
-    took part in: as many steps as it answered, each its own clipped gradient sum plus Gaussian noise of
-    stddev ``sigma * C`` (t = 1: the whole noise, from the CSPRNG), divided by ``client.batch-size`` (the
-    normalizer of a sum of one), stepped with the server's optimizer; ``ledger`` steps each with the same
-    (sigma, q) as the federated ledger, so the epsilon is the same. Then the head, as in the round.
+    ``steps`` steps from the shared adapter as loaded, each the device's own clipped gradient sum plus
+    Gaussian noise of stddev ``sigma * C`` (t = 1: the whole noise, from the CSPRNG), divided by
+    ``client.batch-size`` (the normalizer of a sum of one) and stepped with ``opt`` (the server's optimizer
+    and learning rate, its state carried from round to round); ``ledger`` steps each with the same
+    (sigma, q) as the federated ledger, so the epsilon is the same.
     """
     cfg = device.cfg
     sigma = sum_noise_multiplier(cfg)
     c = cfg.privacy.max_grad_norm
-    opt = ServerOptimizer(cfg.server.optimizer, cfg.server.lr, momentum=cfg.server.momentum)
-    for r in participation:
-        for _ in range(int(r["steps"])):
-            g = clipped_grad_sum(device.trainer, device.data.train, sample_rate=device.sample_rate, max_grad_norm=c,
-                                 noise_source=device.noise_source)
-            gen = dpstep.step_generator(device.noise_source)
-            numel = sum(t.numel() for t in g.grads.values())
-            noise = dpstep.flat_noise(device.noise_source, gen, numel, std=sigma * c)
-            shared = device.model.shared_state()
-            step, offset = {}, 0
-            for name in device.model.shared_names:
-                t = g.grads[name]
-                step[name] = -(t + noise[offset:offset + t.numel()].view(t.shape)) / cfg.client.batch_size
-                offset += t.numel()
-            device.model.load_shared_state(opt.step(shared, step))
-            if cfg.privacy.enabled:
-                ledger.step_on_sum(noise_multiplier=sigma, sample_rate=device.sample_rate, honest=1)
-            else:
-                ledger.step(noise_multiplier=0.0, sample_rate=device.sample_rate)
-        head_steps = device._head_steps(head_ledger) if r["head-steps"] else 0
-        if head_steps:
-            head = device._head_pass(head_ledger, head_steps, int(r["round"]))
-            if head_ledger is not None:
-                head_ledger.record_round(round=int(r["round"]), steps=head.steps,
-                                         noise_multiplier=device.head_noise_multiplier,
-                                         sample_rate=device.head_sample_rate, delta=cfg.privacy.delta)
+    for _ in range(int(steps)):
+        g = clipped_grad_sum(device.trainer, device.data.train, sample_rate=device.sample_rate, max_grad_norm=c,
+                             noise_source=device.noise_source)
+        gen = dpstep.step_generator(device.noise_source)
+        numel = sum(t.numel() for t in g.grads.values())
+        noise = dpstep.flat_noise(device.noise_source, gen, numel, std=sigma * c)
+        shared = device.model.shared_state()
+        step, offset = {}, 0
+        for name in device.model.shared_names:
+            t = g.grads[name]
+            step[name] = -(t + noise[offset:offset + t.numel()].view(t.shape)) / cfg.client.batch_size
+            offset += t.numel()
+        device.model.load_shared_state(opt.step(shared, step))
+        if cfg.privacy.enabled:
+            ledger.step_on_sum(noise_multiplier=sigma, sample_rate=device.sample_rate, honest=1)
+        else:
+            ledger.step(noise_multiplier=0.0, sample_rate=device.sample_rate)
+
+
+def local_optimizer(cfg: Config) -> ServerOptimizer:
+    """The optimizer a device's local-only baseline steps its own noisy sums with: the server's."""
+    return ServerOptimizer(cfg.server.optimizer, cfg.server.lr, momentum=cfg.server.momentum)

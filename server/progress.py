@@ -34,6 +34,8 @@ from typing import Any, Protocol
 
 from flwr.app import Message
 
+from fedpersona.wire import group_round
+
 logger = logging.getLogger(__name__)
 
 #: Message types -> the stage names of progress events.
@@ -77,10 +79,7 @@ class ProgressGrid:
             return self._grid.send_and_receive(messages, timeout=timeout)
         meta = messages[0].metadata
         stage = STAGES.get(meta.message_type, meta.message_type)
-        try:
-            server_round = int(meta.group_id)
-        except (TypeError, ValueError):
-            server_round = 0
+        server_round = group_round(meta.group_id) or 0
         report(self._progress, "stage", round=server_round, stage=stage, nodes=len(messages))
         t0 = time.perf_counter()
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))

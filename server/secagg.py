@@ -104,12 +104,14 @@ class SecureAggregator:
     # ------------------------------------------------------------------ a round
     def _secure_sum(self, server: SecAggServer, grid: Grid, cohort: Sequence[int], content: RecordDict, *,
                     length: int, message_type: str, server_round: int, timeout: float | None, info: dict,
-                    failures: list[str], secagg_round: int | None = None):
+                    failures: list[str], secagg_round: int | None = None, group_id: str | None = None):
         """Advertise (new nodes), stage 1 on ``message_type``, stage 2; the SecAggResult, or the abort reason.
 
-        ``secagg_round``: the protocol's round id when it is not ``server_round`` (a step of a noisy sum,
-        :func:`privacy.sumdp.step_round_id`); messages keep ``server_round`` as their group."""
+        ``secagg_round`` / ``group_id``: the protocol's round id and the stages' message group when they are
+        not ``server_round`` (a step of a noisy sum: :func:`privacy.sumdp.step_round_id`,
+        :func:`fedpersona.wire.step_group`)."""
         cpu = 0.0
+        group = str(server_round) if group_id is None else group_id
 
         def timed(fn: Callable, *args):
             nonlocal cpu
@@ -148,7 +150,7 @@ class SecureAggregator:
             req[SELF_ENC_PK], req[SELF_MASK_PK] = self._keys[n]
             body = RecordDict({**dict(content), **to_records(req)})
             messages.append(Message(content=body, dst_node_id=n, message_type=message_type,
-                                    group_id=str(server_round)))
+                                    group_id=group))
 
         def receive(src: int, payload: dict) -> None:
             payload = _from(src, payload)
@@ -167,7 +169,7 @@ class SecureAggregator:
             return done(str(exc))
         t0 = time.perf_counter()
         messages = [Message(content=RecordDict(to_records(req)), dst_node_id=n, message_type=UNMASK,
-                            group_id=str(server_round)) for n, req in unmask.items()]
+                            group_id=group) for n, req in unmask.items()]
         failures += _exchange(grid, messages, timeout=timeout, prefix="unmask: ", what="unmask reply",
                               receive=lambda src, payload: timed(rnd.receive_unmask, _from(src, payload)))
         info["secagg-unmask-seconds"] = time.perf_counter() - t0

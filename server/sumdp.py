@@ -34,7 +34,7 @@ from flwr.serverapp import Grid
 from fedpersona.config import Config
 from fedpersona.optim import ServerOptimizer
 from fedpersona.secagg_wire import unflatten
-from fedpersona.wire import pack_shared
+from fedpersona.wire import pack_shared, step_group
 from privacy.secagg import SecAggServer
 from privacy.sumdp import normalizer, sum_context, sum_secagg_params
 from server.aggregation import RoundSum, send_and_collect
@@ -95,7 +95,8 @@ class SumRounds:
             info: dict[str, float] = {}
             result, why = self.agg._secure_sum(self._server(params), grid, members, content, length=ctx.dim,
                                                message_type=DP_STEP, server_round=server_round, timeout=timeout,
-                                               info=info, failures=failures, secagg_round=ctx.secagg_round)
+                                               info=info, failures=failures, secagg_round=ctx.secagg_round,
+                                               group_id=step_group(server_round, step))
             seconds += info.get("secagg-seconds", 0.0)
             declined = max(declined, int(info.get("secagg-declined", 0)))
             if why:

@@ -127,9 +127,18 @@ def test_the_servers_sum_is_the_sum_of_the_devices_noised_quantized_gradient_sum
         assert ledger.plan["noise_on"] == "sum" and ledger.rounds[-1]["steps"] == 2
         part = json.loads(DeviceStore(nc["state-dir"]).load_text(PARTICIPATION))
         assert part == [{"round": 1, "steps": 2, "head-steps": cfg.client.head_steps, "mode": "sum"}]
+    # What left each device passes the data-flow inventory's checks: masked vectors, protocol fields, a status.
+    from client.flow_log import read_inventory
+    from privacy.audit.inventory import verify_inventory
+
+    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
+    check = verify_inventory({n: read_inventory(nc["state-dir"]) for n, nc in nodes.items()},
+                             personal_names=model.personal_names, shared_names=model.shared_names)
+    assert check.ok, check.violations[:3]
+    kinds = {ln["message_type"] for nc in nodes.values() for ln in read_inventory(nc["state-dir"])}
+    assert kinds == {"query.advertise", "train.dp_step", "query.unmask", "train.personalize"}
     # The head was trained on the round's final shared adapter, and the server stepped: the shared weights moved.
     _, shared, _ = latest_checkpoint(tmp_path / "results" / "sum" / "checkpoints")
-    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
     init = model.initial_shared_state()
     assert any(not torch.equal(shared[n], init[n]) for n in init)
 
