@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 
 import torch
 

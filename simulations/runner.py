@@ -65,6 +65,22 @@ def resolve(scenario: str | None, overrides: dict[str, Any]) -> tuple[dict[str, 
     return flat, cfg
 
 
+def fill_participations(flat: dict[str, Any], cfg: Config, users: int) -> Config:
+    """With ``client.max-participations = 0``: set it in ``flat`` to the participations a device of this
+    simulation can expect (:func:`fedpersona.config.expected_participations`: ``ceil(rounds x cohort /
+    users)`` with balanced sampling), so each device plans its noise for them, not for every round (and
+    declines beyond them). Returns the config of the updated ``flat``."""
+    if cfg.client.max_participations != 0:
+        return cfg
+    m = expected_participations(rounds=cfg.planned_rounds, cohort=min(cfg.server.clients_per_round, users),
+                                users=users, sampling=cfg.server.sampling)
+    flat["client.max-participations"] = m
+    logger.info("client.max-participations = %d: each device plans its noise for the participations it can expect "
+                "(%d users, %d per round, %d rounds, %s sampling)", m, users, cfg.server.clients_per_round,
+                cfg.planned_rounds, cfg.server.sampling)
+    return load_config(flat, env=False)
+
+
 POLICY_HEADER = "# written by `fedpersona run --device-policy` for this simulated device (deleted by a run without it)\n"
 
 
@@ -165,16 +181,7 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
                 f"Invalid config value for 'privacy.delta': must be below 1/number-of-examples = 1/{n_train} "
                 f"(the smallest user's training split). You passed: {cfg.privacy.delta}"
             )
-    if cfg.client.max_participations == 0:
-        # Plan the noise for the participations a device can expect, not for every round (each device
-        # declines beyond them): ceil(rounds x cohort / users) with balanced sampling.
-        m = expected_participations(rounds=cfg.planned_rounds, cohort=cfg.server.clients_per_round, users=len(users),
-                                    sampling=cfg.server.sampling)
-        flat["client.max-participations"] = m
-        cfg = load_config(flat, env=False)
-        logger.info("client.max-participations = %d: each device plans its noise for the participations it can "
-                    "expect (%d users, %d per round, %d rounds, %s sampling)", m, len(users),
-                    cfg.server.clients_per_round, cfg.planned_rounds, cfg.server.sampling)
+    cfg = fill_participations(flat, cfg, len(users))
     write_device_policies(cfg, [u.user_id for u in users], device_policy)
     resolve_model_dir(cfg.model.path)  # convert the default model once, before workers start
     if progress is not None:

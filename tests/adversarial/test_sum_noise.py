@@ -12,7 +12,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from flwr.app import ConfigRecord, RecordDict
 
 import client.app as client_app

@@ -17,7 +17,6 @@ from client.device import LEDGER, PARTICIPATION
 from client.store import DeviceStore
 from fedpersona.config import load_config
 from fedpersona.model import adapted_model
-from fedpersona.secagg_wire import flatten
 from privacy.ledger import PrivacyLedger
 from privacy.secagg.quantize import Quantizer
 from privacy.secagg.server_side import SecAggRound
