@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 
 __all__ = ["PrivacyLedger", "LedgerError", "calibrate_noise", "ACCOUNTANTS"]
 
@@ -107,19 +108,47 @@ def _epsilon_memo(history: tuple[tuple[float, float, int], ...], delta: float, a
         return 0.0  # Opacus's PRV accountant fails on an empty history, RDP returns the int 0
     if any(sigma == 0.0 for sigma, _, _ in history):
         return math.inf
-    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
-    # Opacus's accountants keep their whole state in ``history``: a list of
-    # (noise_multiplier, sample_rate, num_steps) tuples, one per run of identical steps.
-    acc.history = list(history)
     with warnings.catch_warnings(record=True) as caught, np.errstate(all="ignore"):
         warnings.simplefilter("always")
-        eps = float(acc.get_epsilon(delta=delta))
+        if accountant == "rdp":
+            eps = _rdp_epsilon(history, delta)
+        else:
+            acc = PRVAccountant()
+            # Opacus's accountants keep their whole state in ``history``: a list of
+            # (noise_multiplier, sample_rate, num_steps) tuples, one per run of identical steps.
+            acc.history = list(history)
+            eps = float(acc.get_epsilon(delta=delta))
     for w in caught:
         # e.g. "Optimal order is the largest alpha": the bound is still valid, only looser.
         logger.debug("opacus %s accountant: %s", accountant, w.message)
     if math.isnan(eps):
         return math.inf
     return eps
+
+
+#: Opacus's RDP orders (``RDPAccountant.DEFAULT_ALPHAS``): every RDP epsilon here is the minimum over them.
+_ALPHAS = tuple(RDPAccountant.DEFAULT_ALPHAS)
+
+
+@functools.lru_cache(maxsize=4096)
+def _step_rdp(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """One step's RDP at every order of :data:`_ALPHAS` (Opacus's ``compute_rdp`` with ``steps=1``).
+
+    A history's RDP is ``sum(steps * _step_rdp(sigma, q))``, exactly the arithmetic of Opacus's
+    ``RDPAccountant.get_privacy_spent``; the per-step vector, the expensive part, is computed
+    once per (sigma, q), so every device of a simulation with that training-set size, and every
+    later round's epsilon, reuses it.
+    """
+    vec = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(_ALPHAS))
+    vec.setflags(write=False)
+    return vec
+
+
+def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """Opacus's RDP epsilon of ``history`` at ``delta`` (same orders, same sums, same conversion)."""
+    rdp = sum([_step_rdp(sigma, q) * steps for sigma, q, steps in history])
+    eps, _ = rdp_analysis.get_privacy_spent(orders=list(_ALPHAS), rdp=rdp, delta=delta)
+    return float(eps)
 
 
 # ----------------------------------------------------------------------------------- ledger
@@ -379,6 +408,10 @@ def _validate_entry(entry: Any, where: str, keys: set[str], optional: set[str] =
 
 
 # ------------------------------------------------------------------------------ calibration
+#: Orders on each side of the last optimal one that a calibration step evaluates (:func:`_calibrate_rdp`).
+_WINDOW = 4
+
+
 def calibrate_noise(
     *,
     target_epsilon: float,
@@ -393,6 +426,10 @@ def calibrate_noise(
     Bisection on the noise multiplier with Opacus's accountant; the result always satisfies
     ``epsilon <= target_epsilon`` and ``epsilon > target_epsilon - epsilon_tolerance`` (unless the
     bisection reached the float resolution of the noise multiplier first).
+
+    Solved once per process for each set of arguments (a simulation's devices differ only by
+    their training-set size, hence their sample rate), each solve warm-started from the nearest
+    sample rate already solved with the same budget (:func:`_calibrate_rdp`).
     """
     if not _is_real(target_epsilon) or not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target_epsilon must be a finite number > 0. You passed: target_epsilon={target_epsilon!r}")
@@ -404,30 +441,161 @@ def calibrate_noise(
     if not _is_real(epsilon_tolerance) or not epsilon_tolerance > 0:
         raise ValueError(f"epsilon_tolerance must be > 0. You passed: epsilon_tolerance={epsilon_tolerance!r}")
     _check_accountant(accountant)
+    return _calibrated(float(target_epsilon), delta, float(sample_rate), int(steps), accountant,
+                       float(epsilon_tolerance))
 
-    def eps(sigma: float, acc: str = accountant) -> float:
-        return _epsilon_of([[sigma, float(sample_rate), steps]], delta, acc)
 
+#: Solved calibrations by budget (target, delta, steps, tolerance): sample rate -> (sigma, index of the optimal order).
+_SOLVED: dict[tuple[float, float, int, float], dict[float, tuple[float, int]]] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                epsilon_tolerance: float) -> float:
     if accountant == "rdp":
-        low, high = 0.0, 1.0
+        sigma, eps = _calibrate_rdp(target_epsilon, delta, sample_rate, steps, epsilon_tolerance)
     else:
-        # PRV is slow (and can take minutes) far below the answer: start from the RDP
-        # answer, which is an upper bound up to PRV's discretisation error.
-        high = calibrate_noise(
-            target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
-            epsilon_tolerance=epsilon_tolerance,
-        )
-        low = 0.0
+        sigma, eps = _calibrate_prv(target_epsilon, delta, sample_rate, steps, epsilon_tolerance)
+    logger.info(
+        "calibrated noise multiplier %.4f: epsilon %.4f (target %.4g, delta %.3g) after %d steps at sample rate %.4g (%s)",
+        sigma, eps, target_epsilon, delta, steps, sample_rate, accountant,
+    )
+    return sigma
+
+
+def _too_small(target_epsilon: float, delta: float, steps: int, sample_rate: float) -> ValueError:
+    return ValueError(
+        f"no noise multiplier up to {_MAX_SIGMA:g} reaches epsilon {target_epsilon} at delta {delta} "
+        f"after {steps} steps at sample rate {sample_rate}: the budget is too small"
+    )
+
+
+def _calibrate_rdp(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                   epsilon_tolerance: float) -> tuple[float, float]:
+    """(sigma, its exact epsilon) for the RDP accountant.
+
+    The bisection evaluates the RDP of ``_WINDOW`` orders on each side of the last optimal order
+    only (the optimal order moves slowly with sigma), not all 151 of Opacus's: the epsilon over a
+    subset of the orders is an upper bound of the epsilon over all of them, so every accepted
+    sigma keeps ``epsilon <= target``; an optimum at the window's edge re-centres it with a full
+    evaluation. The answer is then checked with the exact epsilon (:func:`_epsilon_of`, all
+    orders); should it miss the tolerance, the plain bisection over all orders decides.
+    """
+    budget = (target_epsilon, delta, steps, epsilon_tolerance)
+    solved = _SOLVED.setdefault(budget, {})
+    start, center = 1.0, None
+    if solved:  # warm start: the nearest sample rate solved with the same budget
+        near = min(solved, key=lambda q: abs(math.log(q) - math.log(sample_rate)))
+        start, center = solved[near]
+    state = {"center": center}
+    alphas = np.asarray(_ALPHAS, dtype=np.float64)
+    conversion = -(math.log(delta) + np.log(alphas)) / (alphas - 1) + np.log((alphas - 1) / alphas)
+
+    def full(sigma: float) -> float:
+        with np.errstate(all="ignore"):
+            eps_vec = steps * _step_rdp(sigma, sample_rate) + conversion
+        if np.isnan(eps_vec).all():
+            return math.inf
+        i = int(np.nanargmin(eps_vec))
+        state["center"] = i
+        return float(eps_vec[i])
+
+    def approx(sigma: float) -> float:
+        c = state["center"]
+        if c is None:
+            return full(sigma)
+        lo, hi = max(0, c - _WINDOW), min(len(alphas), c + _WINDOW + 1)
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            rdp = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps,
+                                           orders=[float(a) for a in alphas[lo:hi]])
+        eps_vec = rdp + conversion[lo:hi]
+        if np.isnan(eps_vec).all():
+            return full(sigma)
+        j = int(np.nanargmin(eps_vec))
+        if (j == 0 and lo > 0) or (j == hi - lo - 1 and hi < len(alphas)):
+            return full(sigma)  # the optimum may lie outside the window
+        state["center"] = lo + j
+        return float(eps_vec[j])
+
+    def exact(sigma: float) -> float:
+        return _epsilon_of([[sigma, sample_rate, steps]], delta, "rdp")
+
+    for evaluate in (approx, exact):
+        high = start
+        eps_high = evaluate(high)
+        if eps_high > target_epsilon:
+            low = high
+            while eps_high > target_epsilon:
+                low, high = high, 2 * high
+                if high > _MAX_SIGMA:
+                    raise _too_small(target_epsilon, delta, steps, sample_rate)
+                eps_high = evaluate(high)
+        elif start != 1.0:
+            low = 0.8 * high  # a warm start: find the bracket below it by small steps
+            while (e := evaluate(low)) <= target_epsilon:
+                high, eps_high, low = low, e, 0.8 * low
+        else:
+            low = 0.0
+        high, eps_high, low = _bracket_search(evaluate, low, high, eps_high, target_epsilon, epsilon_tolerance)
+        eps = exact(high)
+        if eps <= target_epsilon and (target_epsilon - eps <= epsilon_tolerance or high - low <= 1e-9 * high):
+            break
+        start = 1.0  # the windowed search missed (not expected): the bisection over every order decides
+    solved[sample_rate] = (high, state["center"] if state["center"] is not None else len(_ALPHAS) // 2)
+    return high, eps
+
+
+def _bracket_search(evaluate, low: float, high: float, eps_high: float, target: float,
+                    tolerance: float) -> tuple[float, float, float]:
+    """Shrink ``[low, high]`` (``evaluate(low) > target >= evaluate(high) = eps_high``) until
+    ``target - eps_high <= tolerance``: (high, eps_high, low).
+
+    Regula falsi with the Illinois modification (epsilon is smooth and decreasing in sigma, so
+    it converges in a few evaluations where halving needs about ten); a halving step while the
+    low end's epsilon is not known finite, and whenever the interpolation would land within 1% of an end.
+    """
+    f_low, f_high = math.inf, eps_high - target  # the ends' weights in the interpolation
+    side = 0  # which end the last step replaced (+1 low, -1 high)
+    while target - eps_high > tolerance and high - low > 1e-9 * high:
+        width = high - low
+        mid = 0.5 * (low + high)
+        if math.isfinite(f_low):
+            guess = high - f_high * width / (f_high - f_low)
+            if low + 0.01 * width < guess < high - 0.01 * width:
+                mid = guess
+        e = evaluate(mid)
+        if e <= target:
+            high, eps_high, f_high = mid, e, e - target
+            if side == -1:
+                f_low /= 2  # the low end stayed twice: halve its weight (Illinois)
+            side = -1
+        else:
+            low, f_low = mid, e - target
+            if side == 1:
+                f_high /= 2
+            side = 1
+    return high, eps_high, low
+
+
+def _calibrate_prv(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                   epsilon_tolerance: float) -> tuple[float, float]:
+    """(sigma, epsilon) for the PRV accountant: a bisection below the RDP answer."""
+
+    def eps(sigma: float) -> float:
+        return _epsilon_of([[sigma, float(sample_rate), steps]], delta, "prv")
+
+    # PRV is slow (and can take minutes) far below the answer: start from the RDP
+    # answer, which is an upper bound up to PRV's discretisation error.
+    high = _calibrated(target_epsilon, delta, sample_rate, steps, "rdp", epsilon_tolerance)
+    low = 0.0
     eps_high = eps(high)
     while eps_high > target_epsilon:
         low, high = high, 2 * high
         if high > _MAX_SIGMA:
-            raise ValueError(
-                f"no noise multiplier up to {_MAX_SIGMA:g} reaches epsilon {target_epsilon} at delta {delta} "
-                f"after {steps} steps at sample rate {sample_rate}: the budget is too small"
-            )
+            raise _too_small(target_epsilon, delta, steps, sample_rate)
         eps_high = eps(high)
-    if low == 0.0 and accountant == "prv":
+    if low == 0.0:
         # Find a lower bracket by geometric steps rather than jumping towards 0.
         low = high
         while True:
@@ -443,8 +611,4 @@ def calibrate_noise(
             high, eps_high = mid, e
         else:
             low = mid
-    logger.info(
-        "calibrated noise multiplier %.4f: epsilon %.4f (target %.4g, delta %.3g) after %d steps at sample rate %.4g (%s)",
-        high, eps_high, target_epsilon, delta, steps, sample_rate, accountant,
-    )
-    return high
+    return high, eps_high
