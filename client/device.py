@@ -233,9 +233,11 @@ def state_dir_for(cfg: Config, node_config: dict) -> Path:
     return node_data(cfg, node_config).state_dir
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=None)
 def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """Noise for a budget spread over the planned steps (devices with equal data sizes share the result)."""
+    """Noise for a budget spread over the planned steps, solved once per process for every training-set size
+    (devices with equal data sizes share the result; :func:`privacy.ledger.calibrate_noise` warm-starts each
+    new size from the nearest one solved)."""
     return calibrate_noise(
         target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
     )
@@ -287,6 +289,7 @@ class Device:
         # Where the DP-SGD passes draw their batches and noise: the CSPRNG; a seeded source only from tests.
         self.noise_source: NoiseSource = SECURE
         self._offered: tuple[tuple, object] | None = None
+        self._offered_evaluation: tuple[tuple, dict] | None = None
 
     # ------------------------------------------------------------ privacy
     @property
@@ -355,6 +358,10 @@ class Device:
     def _personal(self) -> dict[str, torch.Tensor]:
         state = self.store.load_tensors(HEAD_FILE)
         return state if state is not None else self.model.fresh_personal_state()
+
+    def personal_state(self) -> dict[str, torch.Tensor]:
+        """The personal head as stored on the device (a fresh one before its first round)."""
+        return self._personal()
 
     def _heldout(self) -> dict[str, float]:
         return evaluate(self.model, self.data.held_out)
@@ -572,6 +579,13 @@ class Device:
         head = as_train(head_phase, self.head_noise_multiplier) if head_phase is not None else None
         return shared_result, head
 
+    def offer_evaluation(self, shared_digest: str, personal_digest: str, figures: dict[str, dict[str, float]]) -> None:
+        """Held-out figures computed elsewhere (the cohort engine's batched passes) for the shared adapter and
+        head of these digests: ``{"base" | "shared" | "personal": {"loss", "accuracy", "tokens"}}``, as
+        :func:`client.train.evaluate` gives them. :meth:`final_evaluation` uses them only for exactly that
+        shared adapter, that head and this device's held-out split; otherwise it evaluates here."""
+        self._offered_evaluation = ((shared_digest, personal_digest, len(self.data.held_out)), figures)
+
     def final_evaluation(self, shared: dict[str, torch.Tensor], *, run_id: int = 0) -> dict[str, float]:
         """Base, shared only, personalized and (simulation) local-only on the held-out split.
 
@@ -579,18 +593,28 @@ class Device:
         summable figures are sent (:mod:`privacy.secagg.eval_figures`).
         """
         cfg = self.cfg
+        personal = self._personal()
+        offered, self._offered_evaluation = self._offered_evaluation, None
+        figures = None
+        if offered is not None:
+            if offered[0] == (state_digest(shared), state_digest(personal), len(self.data.held_out)):
+                figures = offered[1]
+            else:
+                logger.warning("%s: the evaluation offered was computed for another shared adapter or head; "
+                               "evaluating here", self.user_id)
         self.model.load_shared_state(shared)
-        self.model.load_personal_state(self._personal())
+        self.model.load_personal_state(personal)
         out: dict[str, float] = {}
-        with self.model.adapters_disabled():
-            r = self._heldout()
-        out["base-loss"], out["base-accuracy"], out["base-tokens"] = r["loss"], r["accuracy"], float(r["tokens"])
-        with self.model.personal_zeroed():
-            r = self._heldout()
-        out["shared-loss"], out["shared-accuracy"], out["shared-tokens"] = r["loss"], r["accuracy"], float(r["tokens"])
-        r = self._heldout()
-        out["personal-loss"], out["personal-accuracy"] = r["loss"], r["accuracy"]
-        out["personal-tokens"] = float(r["tokens"])
+        if figures is None:
+            with self.model.adapters_disabled():
+                base = self._heldout()
+            with self.model.personal_zeroed():
+                alone = self._heldout()
+            figures = {"base": base, "shared": alone, "personal": self._heldout()}
+        for model in ("base", "shared", "personal"):
+            r = figures[model]
+            out[f"{model}-loss"], out[f"{model}-accuracy"] = r["loss"], r["accuracy"]
+            out[f"{model}-tokens"] = float(r["tokens"])
         ledger = self.load_ledger()
         eps = self.epsilon(ledger)
         out["epsilon"] = eps if math.isfinite(eps) else -1.0
