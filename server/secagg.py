@@ -16,7 +16,8 @@ A device that does not train answers the train message with a decline (no vector
 is dropped before masking, so the survivors are the devices that trained, and the server sends no
 unmask request unless at least ``secagg.min-contributors`` (and ``server.min-clients``) of them
 survive. :meth:`SecureAggregator.evaluate` runs the final evaluation the same way (message type
-``evaluate``, the figures of :mod:`privacy.secagg.eval_figures`), over every node.
+``evaluate``, the figures of :mod:`privacy.secagg.eval_figures`), over every node, one secure sum per
+group of at most a round's cohort (:func:`evaluation_groups`).
 
 So 2 exchanges per round plus 1 per node per run, where Flower's SecAgg+ workflow needs 4
 per round (see ``docs/secagg.md``). The server learns the cohort sum of the updates and of
@@ -46,7 +47,7 @@ from privacy.secagg.eval_figures import eval_params, histogram_length
 from privacy.secagg.settings import ddp_min_clients, ddp_user_epsilon, secagg_params
 from server.aggregation import Aggregator, EvalSum, PlainAggregator, RoundSum
 
-__all__ = ["SecureAggregator", "build_aggregator"]
+__all__ = ["SecureAggregator", "build_aggregator", "evaluation_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -194,18 +195,43 @@ class SecureAggregator:
 
     def evaluate(self, grid: Grid, nodes: Sequence[int], content: RecordDict, *, server_round: int,
                  timeout: float | None) -> EvalSum:
-        """The final evaluation as one secure sum over ``nodes`` (every node, sampled in a round or not)."""
+        """The final evaluation over ``nodes`` (every node, sampled in a round or not), as one secure sum per
+        group of :func:`evaluation_groups`: at most a round's cohort (``server.clients-per-round``) each, and
+        never fewer than the evaluation sum's minimum of survivors. Each group's sum is as private as a
+        round's (the same protocol, the same floors on every device); the summary merges the groups' sums:
+        histograms and exact sums add up to what one sum over every node would give. A group that aborts
+        is left out (its reason among the failures); only when every group aborts is nothing revealed."""
         failures: list[str] = []
         info: dict[str, float] = {}
         if self._eval_server is None:
             self._eval_server = SecAggServer(self.eval_config, run_id=self.server.run_id, rng=self._rng)
-        result, aborted = self._secure_sum(self._eval_server, grid, nodes, content, length=histogram_length(),
-                                           message_type="evaluate", server_round=server_round, timeout=timeout,
-                                           info=info, failures=failures)
-        if aborted:
+        groups = evaluation_groups(nodes, self.cfg.server.clients_per_round, self.eval_config.min_survivors or 2)
+        total, extras, devices, reasons = None, {}, 0, []
+        for i, group in enumerate(groups):
+            part: dict[str, float] = {}
+            result, aborted = self._secure_sum(self._eval_server, grid, group, content, length=histogram_length(),
+                                               message_type="evaluate", server_round=server_round, timeout=timeout,
+                                               info=part, failures=failures)
+            for k, v in part.items():
+                info[k] = info.get(k, 0.0) + v
+            if aborted:
+                reasons.append(aborted)
+                logger.warning("secure evaluation sum of group %d of %d (%d nodes) aborted: %s", i + 1, len(groups),
+                               len(group), aborted)
+                if len(groups) > 1:
+                    failures.append(f"evaluation group {i + 1} of {len(groups)} ({len(group)} nodes) aborted: {aborted}")
+                continue
+            total = result.total.copy() if total is None else total + result.total
+            for k, v in result.extras.items():
+                extras[k] = extras.get(k, 0.0) + v
+            devices += len(result.survivors)
+        info["eval-groups"] = float(len(groups))
+        info["eval-groups-aborted"] = float(len(reasons))
+        if total is None:
+            aborted = reasons[0] if len(reasons) == 1 else f"every evaluation group aborted ({len(reasons)}): {reasons[0]}"
             logger.warning("secure evaluation sum aborted: %s", aborted)
             return EvalSum(None, {}, 0, failures, aborted=aborted, info=info)
-        return EvalSum(result.total, dict(result.extras), len(result.survivors), failures, info=info)
+        return EvalSum(total, extras, devices, failures, info=info)
 
     def _round_sum(self, result, like: dict[str, torch.Tensor], failures: list[str], info: dict[str, float],
                    server_round: int) -> RoundSum:
@@ -231,6 +257,21 @@ class SecureAggregator:
         metrics = {**ex, "weight": weight}
         return RoundSum(unflatten(result.total, like), weight, metrics, survivors, [DECLINED] * declined, failures,
                         info=info)
+
+
+def evaluation_groups(nodes: Sequence[int], size: int, minimum: int) -> list[list[int]]:
+    """``nodes`` (sorted) in consecutive groups of at most ``size`` and at least ``minimum``, sizes within one.
+
+    ``ceil(n / size)`` groups, unless that would leave a group below ``minimum``: then as many groups
+    of at least ``minimum`` as the nodes allow (fewer, larger ones; one group when ``n < 2 minimum``).
+    """
+    ids = sorted(int(n) for n in nodes)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"evaluation group size must be a whole number >= 1. You passed: {size!r}")
+    count = max(1, -(-len(ids) // size))
+    if count > 1 and len(ids) // count < minimum:
+        count = max(1, len(ids) // max(1, minimum))
+    return [ids[i * len(ids) // count:(i + 1) * len(ids) // count] for i in range(count)]
 
 
 def _from(src: int, payload: dict) -> dict:
