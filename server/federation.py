@@ -32,6 +32,9 @@ from server.secagg import build_aggregator
 
 logger = logging.getLogger(__name__)
 
+#: Redraw rounds.png during the run at most this often (it is always drawn when the run ends).
+PLOT_EVERY_SECONDS = 60.0
+
 
 def wait_for_nodes(grid: Grid, minimum: int, *, timeout: float = 600.0) -> list[int]:
     start = time.monotonic()
@@ -154,6 +157,7 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
         metrics["secagg"] = aggregator.run_info()
     timeout = cfg.server.round_timeout or None
     t_run = time.perf_counter()
+    last_plot = time.monotonic()
     report(progress, "run-start", run=cfg.run.name, rounds=cfg.server.num_rounds, **{"start-round": start_round},
            nodes=len(list(grid.get_node_ids())), cohort=cfg.server.clients_per_round, aggregation=aggregator.name,
            dp=p.enabled, **{"shared-params": counts["shared"]})
@@ -209,7 +213,11 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
             "seconds": time.perf_counter() - t0,
         }
         history.append(row)
-        write_outputs(run_dir, metrics)
+        # metrics.json and rounds.csv every round (a resumed run reads them); the plot at most once a minute
+        # (drawing it costs about a second) and at the end of the run.
+        plot = time.monotonic() - last_plot >= PLOT_EVERY_SECONDS
+        write_outputs(run_dir, metrics, plots=plot)
+        last_plot = time.monotonic() if plot else last_plot
         report(progress, "round-end", rounds=cfg.server.num_rounds, trained=row["contributors"],
                **{k: row[k] for k in ("round", "cohort", "declined", "failed", "applied", "seconds")},
                **{k: row[m] for k, m in (("shared-loss", "heldout-shared-loss"), ("personal-loss", "heldout-personal-loss"),
