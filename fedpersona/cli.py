@@ -7,6 +7,7 @@
     fedpersona bench dp-step                             DP vs non-DP step cost, side by side
     fedpersona bench utility [SCENARIO] [--epsilons 1,4,8] [--quick]   what users get under the privacy guarantee
     fedpersona bench engine [--quick]                    cohort engine vs sequential Opacus path
+    fedpersona bench overhead [--quick]                  the framework's time per participation besides training
     fedpersona bench newcomer [--quick]                  a user who joins late: head, profile, Reptile-style
     fedpersona certs --out DIR --supernodes 4 [--san IP:10.0.0.5]   CA, SuperLink TLS cert, SuperNode keys
     fedpersona supernode --superlink HOST:PORT --data-dir D --state-dir S ...   one device (docs/deployment.md)
@@ -134,6 +135,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         return newcomer_main(quick=args.quick, initial=args.initial, scenario=args.scenario,
                              overrides=_overrides(args.set))
+    if args.what == "overhead":
+        from simulations.bench_overhead import main as overhead_main
+
+        def ints(text: str | None, key: str) -> tuple[int, ...] | None:
+            try:
+                return tuple(int(x) for x in text.split(",")) if text else None
+            except ValueError:
+                raise ValueError(f"bench overhead: {key} takes whole numbers N,N,... You passed: {text!r}") from None
+
+        return overhead_main(quick=args.quick, users=ints(args.users, "--users"), cohorts=ints(args.cohorts, "--cohorts"),
+                             rounds=args.rounds, cpus=args.cpus, overrides=_overrides(args.set), json_path=args.json)
     from simulations.bench import main as bench_main
 
     cohorts = tuple(int(c) for c in args.cohorts.split(",")) if args.cohorts else None
@@ -223,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(func=_cmd_chat)
 
     b = sub.add_parser("bench", help="print benchmark figures")
-    b.add_argument("what", choices=["dp-step", "engine", "utility", "newcomer", "attribution"],
+    b.add_argument("what", choices=["dp-step", "engine", "utility", "newcomer", "attribution", "overhead"],
                    help="dp-step: DP vs non-DP step on the same batches; engine: cohort engine vs sequential Opacus; "
                         "utility: the utility study (simulations/utility.py); newcomer: a user who joins after training; "
                         "attribution: a finished run's user attribution (does each user's model rank its own held-out "
@@ -237,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--preset", choices=["quick", "demo", "anchor"], default=None,
                    help="engine: quick | demo (SmolLM2-135M shape, CPU) | anchor (all 30 blocks, bf16, CUDA); "
                         "default anchor with CUDA, else demo")
-    b.add_argument("--cohorts", default=None, metavar="N,N,...", help="engine: cohort sizes (default: the preset's)")
+    b.add_argument("--cohorts", default=None, metavar="N,N,...", help="engine: cohort sizes (default: the preset's); "
+                   "overhead: clients per round (default 8,32,64)")
     b.add_argument("--engine-steps", type=int, default=None, help="engine: steps per client (default: the preset's)")
     b.add_argument("--methods", default=None, metavar="M,M", help="engine: expanded,vmap (default: both; the first "
                    "gives the speedup line)")
@@ -247,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
                    help="utility: one more DP federated row per value (at the largest epsilon)")
     b.add_argument("--initial", action="store_true", help="newcomer: start from the initial shared adapter, not a checkpoint")
+    b.add_argument("--users", default=None, metavar="N,N,...", help="overhead: numbers of users (default 50,200,1000)")
+    b.add_argument("--rounds", type=int, default=None, help="overhead: rounds per (N, K) (default 2)")
+    b.add_argument("--cpus", type=int, default=None, help="overhead: CPU threads for the runs (default: all)")
+    b.add_argument("--json", default=None, metavar="PATH", help="overhead: where the figures go "
+                   "(default results/bench-overhead.json)")
     b.set_defaults(func=_cmd_bench)
 
     c = sub.add_parser("certs", help="create a CA, the SuperLink TLS certificate and SuperNode key pairs (docs/deployment.md)")

@@ -120,7 +120,7 @@ def resolve_engine(engine: str, cfg: Config, *, engines: int = 1) -> tuple[str, 
 
 def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *, cpus: int | None = None,
         device_policy: dict[str, Any] | None = None, progress=None, engine: str = "auto",
-        engines: int = 1) -> dict:
+        engines: int = 1, on_grid=None) -> dict:
     """Run the scenario to completion; returns the run's metrics.json content.
 
     ``engine``: ``cohort`` (the ServerApp over an :class:`~simulations.engine_grid.EngineGrid` in
@@ -134,6 +134,8 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
     ``policy.toml`` in its state folder; see :func:`write_device_policies`). The result has
     ``failure_count`` and ``failed_users`` (user -> error class, message and round).
     ``progress`` receives the events of :mod:`server.progress` (``simulations.progress`` displays them).
+    ``on_grid(grid)``: called with the in-process grid once it is open (``cohort`` / ``devices``; a
+    benchmark reads its engine time, :mod:`simulations.bench_overhead`).
     """
     from fedpersona.model import resolve_model_dir
 
@@ -178,7 +180,8 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc)
     if engine in ("cohort", "devices"):
-        _run_cohort(flat, cfg, len(users), cpus, progress, engines=engines, on_devices=engine == "devices")
+        _run_cohort(flat, cfg, len(users), cpus, progress, engines=engines, on_devices=engine == "devices",
+                    on_grid=on_grid)
     else:
         _run_flower(flat, cfg, len(users), cpus, progress)
     if not metrics_path.is_file():
@@ -197,7 +200,7 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
 
 
 def _run_cohort(flat: dict[str, Any], cfg: Config, n_users: int, cpus: int, progress, *, engines: int = 1,
-                on_devices: bool = False) -> None:
+                on_devices: bool = False, on_grid=None) -> None:
     """The ServerApp's round loop over an EngineGrid, in this process (no deprecated API; Ray only for
     ``engines > 1``, where the grid's sharded engine starts it and shuts it down). ``on_devices``:
     the grid hands every message to the ClientApp and each device trains its round itself."""
@@ -225,6 +228,8 @@ def _run_cohort(flat: dict[str, Any], cfg: Config, n_users: int, cpus: int, prog
                     cfg.server.num_rounds, engines, cfg.model.device, cpus)
     with EngineGrid(client_app, nodes, flat, run_id=uuid.uuid4().int % 2**62, engines=engines, cpus=cpus,
                     on_devices=on_devices) as grid:
+        if on_grid is not None:
+            on_grid(grid)
         run_federation(grid, cfg, progress=progress)
     if not on_devices:
         logger.info("Cohort engine: %d cohorts trained in %.1f s of engine time", grid.cohorts, grid.engine_seconds)
