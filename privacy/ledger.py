@@ -527,7 +527,7 @@ def _calibrate_rdp(target_epsilon: float, delta: float, sample_rate: float, step
         if eps_high > target_epsilon:
             low = high
             while eps_high > target_epsilon:
-                low, high = high, 2 * high
+                low, high = high, (1.25 if start != 1.0 else 2.0) * high  # small steps from a warm start
                 if high > _MAX_SIGMA:
                     raise _too_small(target_epsilon, delta, steps, sample_rate)
                 eps_high = evaluate(high)
