@@ -1,6 +1,6 @@
 """``fedpersona bench overhead``: what a participation costs besides its training.
 
-    fedpersona bench overhead --quick                                  # 20 users, 16 a round, 2 rounds
+    fedpersona bench overhead --quick                                  # 16 users, all 16 a round, 2 rounds
     fedpersona bench overhead --users 50,200,1000 --cohorts 8,32,64    # the table of docs/performance.md
     fedpersona bench overhead --users 1000 --cohorts 16 --rounds 2     # the final evaluation at N = 1000
 
@@ -19,6 +19,8 @@ Per round and for the final evaluation it prints, as a table and into a JSON fil
 * ``framework``: everything else (device builds, policy and budget checks, the accountant, the
   devices' stores, secure aggregation on both sides, messages), and that per participation
   (devices that trained in the round; devices evaluated in the final evaluation);
+* ``fsync``: the time spent in ``os.fsync`` (and the number of calls), the durable writes of the
+  devices' encrypted stores: part of the framework's time;
 * ``secagg``: the secure-aggregation time the run records (``secagg-seconds``: the server's
   protocol CPU, the key advertisement and the unmask stage), beside the protocol's own CPU for
   the same K and vector length run in process (:func:`privacy.secagg.run_secure_sum`, as
@@ -54,25 +56,58 @@ SETTINGS: dict[str, Any] = {
     # As the corpus scenario: no per-round held-out passes, no local-only baseline (a second training).
     "eval.per-round": False, "eval.local-baseline": False,
 }
-QUICK = {"users": (20,), "cohorts": (16,), "rounds": 2}
+QUICK = {"users": (16,), "cohorts": (16,), "rounds": 2}
 DEFAULT = {"users": (50, 200, 1000), "cohorts": (8, 32, 64), "rounds": 2}
+
+
+class _Fsyncs:
+    """Counts ``os.fsync`` calls and their time while active: what durable writes (the devices' stores) cost."""
+
+    def __init__(self) -> None:
+        self.calls, self.seconds = 0, 0.0
+        self._saved = None
+
+    def __enter__(self) -> "_Fsyncs":
+        self._saved = real = os.fsync
+
+        def fsync(fd) -> None:
+            t0 = time.perf_counter()
+            try:
+                real(fd)
+            finally:
+                self.calls += 1
+                self.seconds += time.perf_counter() - t0
+
+        os.fsync = fsync
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.fsync = self._saved
 
 
 class _Recorder:
     """Progress events + the grid's engine clocks -> one row per round and one for the final evaluation."""
 
-    def __init__(self) -> None:
+    def __init__(self, fsyncs: _Fsyncs) -> None:
         self.grid = None
+        self.fsyncs = fsyncs
         self.rows: list[dict[str, Any]] = []
-        self._start: tuple[float, float] = (0.0, 0.0)
+        self._start: tuple[float, ...] = (0.0, 0.0, 0, 0.0)
         self._stages: dict[str, float] = {}
 
     def attach(self, grid) -> None:
         self.grid = grid
 
-    def _clocks(self) -> tuple[float, float]:
+    def _clocks(self) -> tuple[float, ...]:
         g = self.grid
-        return (float(getattr(g, "engine_seconds", 0.0)), float(getattr(g, "eval_seconds", 0.0)))
+        return (float(getattr(g, "engine_seconds", 0.0)), float(getattr(g, "eval_seconds", 0.0)),
+                self.fsyncs.calls, self.fsyncs.seconds)
+
+    def _row(self, stage: str, rnd: int | None, participations: int, seconds: float, engine: int) -> None:
+        now = self._clocks()
+        self.rows.append({"stage": stage, "round": rnd, "participations": participations, "wall_s": seconds,
+                          "engine_s": now[engine] - self._start[engine], "stages_s": dict(self._stages),
+                          "fsync_calls": now[2] - self._start[2], "fsync_s": now[3] - self._start[3]})
 
     def event(self, kind: str, **f: Any) -> None:
         if kind in ("round-start", "eval-start"):
@@ -82,14 +117,9 @@ class _Recorder:
             stage = str(f.get("stage"))
             self._stages[stage] = self._stages.get(stage, 0.0) + float(f.get("seconds", 0.0))
         elif kind == "round-end":
-            engine = self._clocks()[0] - self._start[0]
-            self.rows.append({"stage": f"round {f['round']}", "round": int(f["round"]),
-                              "participations": int(f["trained"]), "wall_s": float(f["seconds"]),
-                              "engine_s": engine, "stages_s": dict(self._stages)})
+            self._row(f"round {f['round']}", int(f["round"]), int(f["trained"]), float(f["seconds"]), 0)
         elif kind == "eval-end":
-            engine = self._clocks()[1] - self._start[1]
-            self.rows.append({"stage": "final evaluation", "round": None, "participations": int(f["users"]),
-                              "wall_s": float(f["seconds"]), "engine_s": engine, "stages_s": dict(self._stages)})
+            self._row("final evaluation", None, int(f["users"]), float(f["seconds"]), 1)
 
 
 def tiny_model(folder: Path) -> Path:
@@ -124,6 +154,8 @@ def _finish(row: dict[str, Any]) -> dict[str, Any]:
     row["framework_s"] = max(0.0, row["wall_s"] - row["engine_s"])
     row["framework_per_participation_ms"] = 1000.0 * row["framework_s"] / n
     row["engine_per_participation_ms"] = 1000.0 * row["engine_s"] / n
+    row["fsync_per_participation_ms"] = 1000.0 * row["fsync_s"] / n
+    row["fsyncs_per_participation"] = row["fsync_calls"] / n
     return row
 
 
@@ -137,10 +169,11 @@ def run_one(users: int, cohort: int, rounds: int, *, model_dir: Path, root: Path
     flat = {**SETTINGS, "model.path": str(model_dir), "data.max-users": users, "server.clients-per-round": cohort,
             "server.num-rounds": rounds, "eval.final": final, "run.name": name,
             "run.state-dir": str(root / "state"), "run.results-dir": str(root / "results"), **(overrides or {})}
-    rec = _Recorder()
-    t0 = time.perf_counter()
-    metrics = run("demo", flat, cpus=cpus, engine="cohort", progress=rec, on_grid=rec.attach)
-    total = time.perf_counter() - t0
+    with _Fsyncs() as fsyncs:
+        rec = _Recorder(fsyncs)
+        t0 = time.perf_counter()
+        metrics = run("demo", flat, cpus=cpus, engine="cohort", progress=rec, on_grid=rec.attach)
+        total = time.perf_counter() - t0
     failures = int(metrics.get("failure_count", 0))
     by_round = {int(r["round"]): r for r in metrics.get("rounds", [])}
     rows = []
@@ -158,16 +191,16 @@ def run_one(users: int, cohort: int, rounds: int, *, model_dir: Path, root: Path
 
 def _table(results: list[dict[str, Any]]) -> list[str]:
     lines = ["| N | K | stage | participations | wall s | engine s | framework s | framework / participation ms "
-             "| engine / participation ms | secagg s (protocol CPU s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| of which fsync ms (calls) | engine / participation ms | secagg s (protocol CPU s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for row in r["rows"]:
             sec = (f"{row['secagg_s']:.2f} ({r['protocol_cpu_s']:.2f})" if row["round"] is not None
                    else f"{row['secagg_s']:.2f}")
             lines.append(f"| {r['users']} | {r['cohort']} | {row['stage']} | {row['participations']} | "
                          f"{row['wall_s']:.2f} | {row['engine_s']:.2f} | {row['framework_s']:.2f} | "
-                         f"{row['framework_per_participation_ms']:.1f} | {row['engine_per_participation_ms']:.1f} | "
-                         f"{sec} |")
+                         f"{row['framework_per_participation_ms']:.1f} | {row['fsync_per_participation_ms']:.1f} "
+                         f"({row['fsyncs_per_participation']:.1f}) | {row['engine_per_participation_ms']:.1f} | {sec} |")
     return lines
 
 
@@ -177,12 +210,10 @@ def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("bench overhead: no (N, K) pair ran (every K was larger than every N)")
     largest = max(r["cohort"] for r in results)
     rows = [row for r in results if r["cohort"] == largest for row in r["rows"] if row["round"] is not None]
-    parts = sum(row["participations"] for row in rows)
-    framework = sum(row["framework_s"] for row in rows)
-    engine = sum(row["engine_s"] for row in rows)
-    return {"largest_cohort": largest, "participations": parts,
-            "framework_per_participation_ms": 1000.0 * framework / max(1, parts),
-            "engine_per_participation_ms": 1000.0 * engine / max(1, parts)}
+    parts = max(1, sum(row["participations"] for row in rows))
+    return {"largest_cohort": largest, "participations": sum(row["participations"] for row in rows),
+            **{f"{k}_per_participation_ms": 1000.0 * sum(row[f"{k}_s"] for row in rows) / parts
+               for k in ("framework", "engine", "fsync")}}
 
 
 def bench(*, users: tuple[int, ...], cohorts: tuple[int, ...], rounds: int, cpus: int | None = None,
@@ -228,8 +259,12 @@ def bench(*, users: tuple[int, ...], cohorts: tuple[int, ...], rounds: int, cpus
             out(f"N={r['users']} K={r['cohort']}: {r['failures']} failure(s), {r['fallbacks']} device round(s) "
                 "trained outside the engine (counted as framework time)")
     out("framework = wall - engine; per participation: devices that trained in the round (evaluated, for the "
-        "final evaluation); secagg: the run's secure-aggregation time (server CPU + key advertisement + unmask "
-        "stage), in brackets the protocol's own CPU for one round of K clients (every client and the server)")
+        "final evaluation); fsync: the time in os.fsync (the devices' durable writes), part of the framework's; "
+        "secagg: the run's secure-aggregation time (server CPU + key advertisement + unmask stage), in brackets "
+        "the protocol's own CPU for one round of K clients (every client and the server)")
+    out(f"at K = {s['largest_cohort']}: engine {s['engine_per_participation_ms']:.1f} ms per participation; "
+        f"framework {s['framework_per_participation_ms']:.1f} ms, of which fsync "
+        f"{s['fsync_per_participation_ms']:.1f} ms")
     if json_path is not None:
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
