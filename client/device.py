@@ -290,6 +290,7 @@ class Device:
         self.noise_source: NoiseSource = SECURE
         self._offered: tuple[tuple, object] | None = None
         self._offered_evaluation: tuple[tuple, dict] | None = None
+        self._profile_of: tuple | None = None  # the feedback examples the stored profile was computed with
 
     # ------------------------------------------------------------ privacy
     @property
@@ -333,7 +334,10 @@ class Device:
         self.feedback_examples = len(fb)
         self.sample_rate = min(1.0, self.cfg.client.batch_size / len(self.data.train))
         self.noise_multiplier = self._noise_multiplier(ledger)
-        save_profile(self.store, compute_profile(self.pairs + pairs_of(fb), tokenizer=self.model.tokenizer).text())
+        used = tuple(e.id for e in fb)
+        if used != self._profile_of:  # the profile depends on the pairs alone: computed again when they change
+            save_profile(self.store, compute_profile(self.pairs + pairs_of(fb), tokenizer=self.model.tokenizer).text())
+            self._profile_of = used
 
     def _head_noise_multiplier(self) -> float:
         """The head's own DP-SGD noise (``privacy.personal-head = dp``), for its own budget."""

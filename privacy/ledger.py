@@ -507,8 +507,7 @@ def _calibrate_rdp(target_epsilon: float, delta: float, sample_rate: float, step
         lo, hi = max(0, c - _WINDOW), min(len(alphas), c + _WINDOW + 1)
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
-            rdp = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps,
-                                           orders=[float(a) for a in alphas[lo:hi]])
+            rdp = _window_rdp(sample_rate, sigma, steps, [float(a) for a in alphas[lo:hi]])
         eps_vec = rdp + conversion[lo:hi]
         if np.isnan(eps_vec).all():
             return full(sigma)
@@ -544,6 +543,11 @@ def _calibrate_rdp(target_epsilon: float, delta: float, sample_rate: float, step
         start = 1.0  # the windowed search missed (not expected): the bisection over every order decides
     solved[sample_rate] = (high, state["center"] if state["center"] is not None else len(_ALPHAS) // 2)
     return high, eps
+
+
+def _window_rdp(sample_rate: float, sigma: float, steps: int, orders: list[float]) -> np.ndarray:
+    """The RDP at a few orders that guides the windowed search (never the answer: that is checked exactly)."""
+    return rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=orders)
 
 
 def _bracket_search(evaluate, low: float, high: float, eps_high: float, target: float,
