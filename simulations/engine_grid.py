@@ -21,7 +21,8 @@ addressed devices, runs their held-out passes (base, shared adapter alone, share
 (:meth:`~client.device.Device.offer_evaluation`, used only for exactly that shared adapter, head and
 held-out split); a batch larger than the device cache is delivered in chunks of ``max_devices``.
 Other message types (key advertisement, unmasking) pass straight through. The ServerApp, the
-strategy, secure aggregation and the audit cannot tell which path trained or evaluated the clients. The engine has a model of its own (the devices' model carries Opacus hooks), built
+strategy, secure aggregation and the audit cannot tell which path trained or evaluated the
+clients. The engine has a model of its own (the devices' model carries Opacus hooks), built
 once per grid on ``model.device`` / ``model.dtype``; the clients' packed examples stay on that
 device while their device is cached.
 
