@@ -67,16 +67,17 @@ def _value_bytes(value) -> int:
 def describe(content: RecordDict) -> list[dict]:
     """The inventory rows of a message's content, with ``masked`` (arrays) and ``type`` (configs)."""
     rows = inventory(content)
+    configs, metrics = content.config_records, content.metric_records  # each a view built per access: once
     for row in rows:
         if row["kind"] == "array":
             row["masked"] = is_masked(row["record"], row["name"], row["dtype"])
             row["protocol"] = is_protocol_array(row["record"], row["name"], row["dtype"]) and not row["masked"]
         elif row["kind"] == "config":
-            value = content.config_records[row["record"]][row["name"]]
+            value = configs[row["record"]][row["name"]]
             row["type"] = _value_type(value)
             row["bytes"] = _value_bytes(value)
         elif row["kind"] == "metric":
-            value = content.metric_records[row["record"]][row["name"]]
+            value = metrics[row["record"]][row["name"]]
             row["type"] = _value_type(value)
             if isinstance(value, list):
                 row["bytes"] = 8 * len(value)
