@@ -5,9 +5,10 @@ steps, ``epsilon(delta)`` reports the budget spent, ``state_dict``/``load_state_
 (and ``to_json``/``from_json``) persist it so that epsilon composes over every round the
 device took part in and over restarts. The history is kept as merged
 ``(noise_multiplier, sample_rate, num_steps)`` entries, exactly Opacus's format, and
-epsilon is computed by handing that history to Opacus's RDP or PRV accountant.
-:mod:`privacy.rdp` is an independent implementation of the RDP analysis used to
-cross-check it.
+epsilon is Opacus's RDP accountant's (its per-step RDP vector memoized per noise and sample
+rate, the same arithmetic) or its PRV accountant's. :mod:`privacy.rdp` is an independent
+implementation of the RDP analysis used to cross-check it (and to guide the noise
+calibration's search, whose answer Opacus's accountant then checks).
 
 Opacus's GDP accountant is refused: on these settings it is off by a factor of about
 two from RDP and PRV (and from Google's dp_accounting).
@@ -27,6 +28,8 @@ from typing import Any
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
+
+from privacy.rdp import rdp_subsampled_gaussian
 
 __all__ = ["PrivacyLedger", "LedgerError", "calibrate_noise", "ACCOUNTANTS"]
 
@@ -474,12 +477,14 @@ def _calibrate_rdp(target_epsilon: float, delta: float, sample_rate: float, step
                    epsilon_tolerance: float) -> tuple[float, float]:
     """(sigma, its exact epsilon) for the RDP accountant.
 
-    The bisection evaluates the RDP of ``_WINDOW`` orders on each side of the last optimal order
-    only (the optimal order moves slowly with sigma), not all 151 of Opacus's: the epsilon over a
-    subset of the orders is an upper bound of the epsilon over all of them, so every accepted
-    sigma keeps ``epsilon <= target``; an optimum at the window's edge re-centres it with a full
-    evaluation. The answer is then checked with the exact epsilon (:func:`_epsilon_of`, all
-    orders); should it miss the tolerance, the plain bisection over all orders decides.
+    The search (regula falsi, :func:`_bracket_search`) evaluates the RDP of ``_WINDOW`` orders on
+    each side of the last optimal order only (the optimal order moves slowly with sigma), not all
+    151 of Opacus's, with :func:`_window_rdp`: the epsilon over a subset of the orders is an upper
+    bound of the epsilon over all of them; an optimum at the window's edge re-centres it with an
+    evaluation of every order. The answer is then checked with Opacus's own epsilon
+    (:func:`_epsilon_of`, all orders, memoized: the device's ledger asks for the same sigma and
+    sample rate next); should it exceed the target or miss the tolerance, the search over all
+    orders with Opacus's epsilon decides.
     """
     budget = (target_epsilon, delta, steps, epsilon_tolerance)
     solved = _SOLVED.setdefault(budget, {})
@@ -492,8 +497,9 @@ def _calibrate_rdp(target_epsilon: float, delta: float, sample_rate: float, step
     conversion = -(math.log(delta) + np.log(alphas)) / (alphas - 1) + np.log((alphas - 1) / alphas)
 
     def full(sigma: float) -> float:
-        with np.errstate(all="ignore"):
-            eps_vec = steps * _step_rdp(sigma, sample_rate) + conversion
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            eps_vec = _window_rdp(sample_rate, sigma, steps, [float(a) for a in alphas]) + conversion
         if np.isnan(eps_vec).all():
             return math.inf
         i = int(np.nanargmin(eps_vec))
@@ -546,8 +552,10 @@ def _calibrate_rdp(target_epsilon: float, delta: float, sample_rate: float, step
 
 
 def _window_rdp(sample_rate: float, sigma: float, steps: int, orders: list[float]) -> np.ndarray:
-    """The RDP at a few orders that guides the windowed search (never the answer: that is checked exactly)."""
-    return rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=orders)
+    """The RDP that guides the search, never the answer (that is checked with Opacus's accountant):
+    :mod:`privacy.rdp`'s quadrature, which agrees with Opacus's series to ~1e-12 and is about ten times
+    faster at the small fractional orders a calibration usually settles on."""
+    return rdp_subsampled_gaussian(q=sample_rate, sigma=sigma, orders=orders, steps=steps)
 
 
 def _bracket_search(evaluate, low: float, high: float, eps_high: float, target: float,
