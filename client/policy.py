@@ -32,7 +32,20 @@ key                                   default    meaning
 ``policy.min-contributors``           ``3``      fewest trained contributors in any sum this device
                                                  helps unmask (enforced by the secure-aggregation
                                                  unmask stage)
+``policy.max-colluders``              ``0``      devices of a cohort this device assumes may collude
+                                                 with the server: the consistency check needs more
+                                                 than (K + c) / 2 signatures, a sum at least
+                                                 ``min-contributors + c`` survivors, and (c > 0) the
+                                                 threshold at least ``min-contributors + c``
+``policy.allow-unbound-keys``         ``false``  take part in secure aggregation without an identity
+                                                 certified by a trust root (keys the server could
+                                                 forge; warns loudly and is recorded)
 ====================================  =========  ==================================================
+
+The secure-aggregation graph is checked too (:meth:`DevicePolicy.check_graph`, for the largest
+cohort here and for each request's own cohort in :mod:`client.secagg`): a degree below
+:func:`required_degree` for the cohort size, or a threshold below the rules above, is refused
+naming ``secagg.degree`` / ``secagg.threshold`` and why.
 
 Two sources, both on the device: the node config (``flower-supernode --node-config
 "policy.max-epsilon=4"``, or the ``nodes`` of an in-process federation) and ``policy.toml`` in
@@ -56,9 +69,10 @@ from typing import Any
 
 from fedpersona.config import Config
 from privacy.ledger import calibrate_noise
+from privacy.secagg.graph import default_degree
 from privacy.secagg.settings import secagg_params
 
-__all__ = ["DevicePolicy", "PolicyViolation", "POLICY_FILE", "PREFIX"]
+__all__ = ["DevicePolicy", "PolicyViolation", "POLICY_FILE", "PREFIX", "required_degree"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +88,21 @@ _STRICTER = {
     "allow_no_secagg": lambda a, b: a and b,
     "min_threshold_fraction": max,
     "min_contributors": max,
+    "max_colluders": max,
+    "allow_unbound_keys": lambda a, b: a and b,
 }
+
+
+def required_degree(n: int) -> int:
+    """The smallest SecAgg+ graph degree a device accepts for a cohort of ``n``: ``2 ceil(1.5 log2 n)``, at most n - 1.
+
+    SecAgg+ (Bell et al., CCS 2020) replaces the complete graph by one of degree O(log n). On the random
+    ring graph (:mod:`privacy.secagg.graph`) the honest survivors are cut apart only by k/2 consecutive
+    removed (dropped or colluding) devices; with a fraction r of the cohort removed at random that
+    happens with probability at most ``n r^(k/2)``, which at this degree and r = 1/3 is ``n^-1.38``
+    (7e-5 at n = 1000), and each device keeps more than t surviving holders with high probability.
+    """
+    return default_degree(n)
 
 
 class PolicyViolation(ValueError):
@@ -152,11 +180,13 @@ class DevicePolicy:
     allow_no_secagg: bool = False
     min_threshold_fraction: float = 0.5
     min_contributors: int = 3
+    max_colluders: int = 0
+    allow_unbound_keys: bool = False
     #: where the values came from (for the log and the audit), not part of the policy itself
     source: str = field(default="defaults", compare=False)
 
     def __post_init__(self) -> None:
-        for attr in ("allow_no_dp", "allow_no_secagg"):
+        for attr in ("allow_no_dp", "allow_no_secagg", "allow_unbound_keys"):
             if not isinstance(getattr(self, attr), bool):
                 raise _bad(_key(attr), getattr(self, attr), "must be true or false")
         e = self.max_epsilon
@@ -176,6 +206,9 @@ class DevicePolicy:
         if isinstance(c, bool) or not isinstance(c, int) or c < 2:
             raise _bad(_key("min_contributors"), c,
                        "must be an integer >= 2 (a sum of one contributor is that contributor's update)")
+        m = self.max_colluders
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise _bad(_key("max_colluders"), m, "must be an integer >= 0")
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -250,6 +283,10 @@ class DevicePolicy:
         if policy.allow_no_secagg:
             logger.warning("device policy (%s): policy.allow-no-secagg = true: this device will send its update in "
                            "the clear when the server turns secure aggregation off", policy.source)
+        if policy.allow_unbound_keys:
+            logger.warning("device policy (%s): policy.allow-unbound-keys = true: without an identity certificate "
+                           "this device will mask against keys the server could have generated itself (secure "
+                           "aggregation against an honest-but-curious server only)", policy.source)
         return policy
 
     def as_dict(self) -> dict[str, Any]:
@@ -304,16 +341,40 @@ class DevicePolicy:
             logger.warning("secagg.enabled = false accepted (policy.allow-no-secagg = true): this round's update "
                            "goes to the server in the clear")
         else:
+            n = max(2, cfg.server.clients_per_round)
             k, t = self._graph(cfg)
-            need = math.floor(self.min_threshold_fraction * (k + 1)) + 1
-            if t < need:
-                raise PolicyViolation("secagg.threshold", t if s.threshold else f"0 (t = {t})",
-                                      f"with k + 1 = {k + 1} share holders (secagg.degree = {s.degree or 'auto'}) "
-                                      f"the threshold must be at least {need} (more than "
-                                      f"policy.min-threshold-fraction = {self.min_threshold_fraction:g} of them)")
+            self.check_graph(n, k, t, degree_setting=s.degree, threshold_setting=s.threshold)
             settings.update({"secagg.degree": k, "secagg.threshold": t, "secagg.ddp": bool(s.ddp)})
         settings.update({k: v for k, v in self.as_dict().items()})
         return settings
+
+    def check_graph(self, n: int, k: int, t: int, *, degree_setting: int = 0, threshold_setting: int = 0) -> None:
+        """:class:`PolicyViolation` naming ``secagg.degree`` or ``secagg.threshold`` when a cohort of ``n`` with
+        degree ``k`` and threshold ``t`` is weaker than this device accepts, saying why."""
+        need_k = required_degree(n)
+        if k < need_k:
+            raise PolicyViolation(
+                "secagg.degree", degree_setting if degree_setting else f"0 (k = {k})",
+                f"a cohort of {n} needs a graph degree of at least {need_k} (2 ceil(1.5 log2 n), at most n - 1): SecAgg+ (Bell et al. "
+                f"2020) needs k of order log n so that dropped or colluding devices cannot cut the honest survivors "
+                f"apart and every device keeps t live share holders; with k = {k} a few removed devices isolate one")
+        shown_t = threshold_setting if threshold_setting else f"0 (t = {t})"
+        need = math.floor(self.min_threshold_fraction * (k + 1)) + 1
+        if t < need:
+            raise PolicyViolation("secagg.threshold", shown_t,
+                                  f"with k + 1 = {k + 1} share holders (secagg.degree = {degree_setting or 'auto'}) "
+                                  f"the threshold must be at least {need} (more than "
+                                  f"policy.min-threshold-fraction = {self.min_threshold_fraction:g} of them)")
+        c = self.max_colluders
+        if c and t < self.min_contributors + c:
+            raise PolicyViolation("secagg.threshold", shown_t,
+                                  f"with policy.max-colluders = {c} the threshold must be at least policy.min-contributors "
+                                  f"+ {c} = {self.min_contributors + c}: a server whose colluders hold shares could "
+                                  "otherwise cut out and unmask a group of fewer honest devices than the floor")
+        if (n + c) // 2 + 1 > n:
+            raise PolicyViolation("server.clients-per-round", n,
+                                  f"with policy.max-colluders = {c} no survivor set of a cohort of {n} can be "
+                                  "certified by more than (K + c) / 2 signatures")
 
     @staticmethod
     def _noise(cfg: Config, q: float) -> float:

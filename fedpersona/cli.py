@@ -152,6 +152,9 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     print(f"SuperLink TLS:    {creds.server_cert}  {creds.server_key}")
     for name, (private, public) in sorted(creds.supernode_keys.items()):
         print(f"SuperNode {name}: {private}  (register {public})")
+    print(f"Identity root:    {creds.identity_root}  (keep it offline)")
+    for name, path in sorted(creds.identities.items()):
+        print(f"Identity {name}:  {path}  (to that device only, as <state-dir>/identity.json)")
     print(f"{len(creds.created)} file(s) created; existing files kept" if not args.force else f"{len(creds.created)} file(s) written")
     return 0
 

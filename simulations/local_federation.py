@@ -24,6 +24,7 @@ from typing import Any
 
 from client.supernode import flower_tool, tool_env
 from fedpersona.certs import make_credentials
+from fedpersona.identity import IDENTITY_FILE
 from simulations.processes import Proc, free_port, stop_tree
 
 __all__ = ["CONNECTION", "LocalDevice", "LocalFederation", "app_config_keys"]
@@ -158,6 +159,11 @@ class LocalFederation:
         key = self.creds_dir / "supernodes" / name
         dev = LocalDevice(name, user_id, data_dir, self.root / "devices" / name / "state", key,
                      key.with_name(name + ".pub"), free_port())
+        # The device's identity for secure aggregation (`fedpersona certs`), where the device looks for it.
+        identity = self.creds_dir / "identities" / f"{name}.json"
+        if identity.exists():
+            dev.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            shutil.copy2(identity, dev.state_dir / IDENTITY_FILE)
         self.devices[name] = dev
         return dev
 

@@ -20,6 +20,10 @@ row by row:
 6. **One unmask per round**: a device answered at most one ``query.unmask`` request (with content)
    per run and round; a second answer hands the server more shares of the same masks (with another
    claimed dropout set, a survivor's self-mask and its pair seeds: its update).
+7. **One survivor set per round**: across all the devices checked together, every consistency and
+   unmask request of a run and round digest showed the same survivor set (the lines' ``shown``);
+   two sets are a server splitting the devices' views (each device refuses to reveal for a set it
+   did not sign, but the attempt is reported).
 
 :func:`check_completeness` compares the devices' lines with the server's: a reply the server
 received but no device recorded is an unrecorded data flow.
@@ -130,6 +134,7 @@ def verify_inventory(
 
     shared = set(shared_names) if shared_names is not None else None
     violations, messages, rows = [], 0, 0
+    shown_sets: dict[tuple, dict[str, tuple]] = {}  # (run, round digest) -> survivor-set digest -> first (device, line)
     for device, lines in inventories.items():
         personal = per_device(personal_names, device)
         digests = per_device(personal_digests, device)
@@ -142,6 +147,16 @@ def verify_inventory(
                 continue
             if line.get("error_profile"):
                 violations.append({**where, "problem": "the user profile left the device in an error reason"})
+            shown = line.get("shown")
+            if isinstance(shown, dict) and shown.get("round_digest") and shown.get("survivors"):
+                sets = shown_sets.setdefault((line.get("run_id"), shown["round_digest"]), {})
+                if shown["survivors"] not in sets and sets:
+                    first_device, first_line = next(iter(sets.values()))
+                    violations.append({**where, "problem": f"two survivor sets shown for one round: run "
+                                       f"{line.get('run_id')} round {line.get('round')} (digest "
+                                       f"{shown['round_digest'][:16]}): this request showed {shown.get('count')} "
+                                       f"survivors, unlike device {first_device}'s line {first_line}"})
+                sets.setdefault(shown["survivors"], (device, i + 1))
             if line.get("message_type") == UNMASK_TYPE and line.get("reply") == "content":
                 key = (line.get("run_id"), line.get("round"), line.get("group_id"))
                 answered[key] = answered.get(key, 0) + 1

@@ -102,11 +102,15 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from privacy.secagg import shamir
-from privacy.secagg.crypto import SEAL_OVERHEAD, ClientKeys, derive, ecdh, encode_fields
+from fedpersona.identity import verify as verify_signature
+from fedpersona.identity import verify_certificate
+from privacy.secagg.crypto import PUBLIC_KEY_BYTES, SEAL_OVERHEAD, SIGNATURE_BYTES, ClientKeys, derive, ecdh, encode_fields
 from privacy.secagg.graph import build_graph, default_degree, default_threshold
 from privacy.secagg.quantize import ExtraSpec, Quantizer
 
-__all__ = ["SecAggAbort", "SecAggParams", "SecAggInputError", "payload_nbytes", "request_digest", "round_digest"]
+__all__ = ["KEY_FIELDS", "KeyRecord", "SecAggAbort", "SecAggParams", "SecAggInputError", "binding_message",
+           "consistency_message", "consistency_quorum", "decline_message", "masked_message", "pack_key_records",
+           "payload_nbytes", "request_digest", "round_digest", "unpack_key_records"]
 
 _U64 = 2**64
 
@@ -188,15 +192,118 @@ class SecAggParams:
 
 
 def round_digest(*, run_id: int, round: int, cohort: Sequence[int], graph_seed: bytes, degree: int, threshold: int,
-                 min_survivors: int, modulus_bits: int, length: int, num_extras: int) -> bytes:
+                 min_survivors: int, modulus_bits: int, length: int, num_extras: int, context: bytes = b"") -> bytes:
     enc = encode_fields("round", run_id, round, degree, threshold, min_survivors, modulus_bits, length, num_extras,
-                        graph_seed, *sorted(int(c) for c in cohort))
+                        graph_seed, bytes(context), *sorted(int(c) for c in cohort))
     return hashlib.sha256(enc).digest()
 
 
 def request_digest(request: Mapping[str, Any], *, what: str = "request") -> bytes:
     """The round digest of a masked-input or unmask request (SecAggInputError if its setup is malformed)."""
     return _RoundSetup.from_fields(request, what=what).digest
+
+
+# ------------------------------------------------------------------------- signed messages
+def binding_message(run_id: int, client_id: int, enc_pk: bytes, mask_pk: bytes, sign_pk: bytes) -> bytes:
+    """What a device's identity key signs: its per-run public keys bound to its node id in this run."""
+    return encode_fields("key-binding", run_id, client_id, enc_pk, mask_pk, sign_pk)
+
+
+def masked_message(digest: bytes, client_id: int, masked: bytes, ciphertexts: bytes) -> bytes:
+    """What a client signs with its stage-1 reply: the round digest, its id, hashes of its vector and ciphertexts."""
+    return encode_fields("masked-input", client_id, digest, hashlib.sha256(masked).digest(),
+                         hashlib.sha256(ciphertexts).digest())
+
+
+def decline_message(digest: bytes, client_id: int) -> bytes:
+    """What a client signs when it declines a round in stage 1."""
+    return encode_fields("decline", client_id, digest)
+
+
+def consistency_message(digest: bytes, survivors: Iterable[int]) -> bytes:
+    """What every survivor signs in the consistency check: the round digest and the survivor set."""
+    return encode_fields("consistency", digest, *sorted(int(c) for c in survivors))
+
+
+def consistency_quorum(cohort_size: int, *, threshold: int, min_survivors: int, colluders: int = 0) -> int:
+    """Signatures over one survivor set a client needs before it unmasks: ``max(t, min_survivors, floor((K + c) / 2) + 1)``.
+
+    An honest client signs one survivor set per round digest. Two different sets certified by ``q``
+    signatures each need ``2 (q - c)`` distinct honest signers among the ``K - c`` honest members of
+    the announced cohort (``c`` colluders sign both), impossible when ``q > (K + c) / 2``.
+    """
+    if isinstance(colluders, bool) or not isinstance(colluders, int) or colluders < 0:
+        raise ValueError(f"colluders must be an integer >= 0. You passed: {colluders!r}")
+    return max(int(threshold), int(min_survivors), (int(cohort_size) + colluders) // 2 + 1)
+
+
+#: Fixed-size fields of a client's public key record, in the order they travel.
+KEY_FIELDS = (("enc_pk", PUBLIC_KEY_BYTES), ("mask_pk", PUBLIC_KEY_BYTES), ("sign_pk", PUBLIC_KEY_BYTES),
+              ("identity", PUBLIC_KEY_BYTES), ("certificate", SIGNATURE_BYTES), ("binding", SIGNATURE_BYTES))
+#: The plural field names a list of key records travels under (``neighbour_enc_pks``, ``signer_bindings`` ...).
+_PLURAL = {"enc_pk": "enc_pks", "mask_pk": "mask_pks", "sign_pk": "sign_pks", "identity": "identities",
+           "certificate": "certificates", "binding": "bindings"}
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A client's public keys and, when it has an identity, what binds them to it (all-zero fields: unbound)."""
+
+    client_id: int
+    enc_pk: bytes
+    mask_pk: bytes
+    sign_pk: bytes
+    identity: bytes = bytes(PUBLIC_KEY_BYTES)
+    certificate: bytes = bytes(SIGNATURE_BYTES)
+    binding: bytes = bytes(SIGNATURE_BYTES)
+
+    @property
+    def bound(self) -> bool:
+        return any(self.identity)
+
+    @classmethod
+    def from_advert(cls, advert: Mapping[str, Any], *, what: str = "key advertisement") -> "KeyRecord":
+        cid = _check_id(_field(advert, "client_id", "int", what=what), what=what)
+        values = {}
+        for name, size in KEY_FIELDS:
+            if name in ("enc_pk", "mask_pk", "sign_pk"):
+                v = _field(advert, name, "bytes", what=what)
+            else:  # identity, certificate, binding: empty for a client without an identity
+                v = _field(advert, name, "bytes", what=what) if name in advert else b""
+                v = v or bytes(size)
+            if len(v) != size:
+                raise SecAggInputError(f"{what} of client {cid}: field {name!r} must be {size} bytes. You passed: "
+                                       f"{len(v)}")
+            values[name] = v
+        return cls(cid, **values)
+
+    def verify(self, run_id: int, trust_root: bytes) -> str | None:
+        """None if the root certifies this record's identity and the identity signed these keys for this
+        node id in this run; else the reason."""
+        if not self.bound:
+            return "it presents no identity (unbound keys)"
+        if not verify_certificate(trust_root, self.identity, self.certificate):
+            return "its identity is not certified by this device's trust root"
+        msg = binding_message(run_id, self.client_id, self.enc_pk, self.mask_pk, self.sign_pk)
+        if not verify_signature(self.identity, self.binding, msg):
+            return "its keys are not signed by its identity for this node id and run"
+        return None
+
+
+def pack_key_records(records: Sequence[KeyRecord], prefix: str) -> dict[str, bytes]:
+    """Key records as concatenated fixed-size fields (``<prefix>_enc_pks`` ...)."""
+    return {f"{prefix}_{_PLURAL[name]}": b"".join(getattr(r, name) for r in records) for name, _ in KEY_FIELDS}
+
+
+def unpack_key_records(msg: Mapping[str, Any], ids: Sequence[int], prefix: str, *, what: str) -> dict[int, KeyRecord]:
+    """Inverse of :func:`pack_key_records` for the clients ``ids`` (in order)."""
+    cols = {}
+    for name, size in KEY_FIELDS:
+        raw = _field(msg, f"{prefix}_{_PLURAL[name]}", "bytes", what=what)
+        if len(raw) != size * len(ids):
+            raise SecAggInputError(f"{what}: expected {len(ids)} {_PLURAL[name]} of {size} bytes")
+        cols[name] = [raw[i * size:(i + 1) * size] for i in range(len(ids))]
+    return {c: KeyRecord(c, **{name: cols[name][i] for name, _ in KEY_FIELDS}) for i, c in enumerate(ids)}
 
 
 def _pair_seed(keys: ClientKeys, me: int, peer: int, peer_mask_pk: bytes, digest: bytes) -> int:
@@ -277,6 +384,7 @@ class _RoundSetup:
     modulus_bits: int
     length: int
     num_extras: int
+    context: bytes = b""
 
     @cached_property
     def graph(self) -> dict[int, tuple[int, ...]]:
@@ -286,7 +394,8 @@ class _RoundSetup:
     def digest(self) -> bytes:
         return round_digest(run_id=self.run_id, round=self.round, cohort=self.cohort, graph_seed=self.graph_seed,
                             degree=self.degree, threshold=self.threshold, min_survivors=self.min_survivors,
-                            modulus_bits=self.modulus_bits, length=self.length, num_extras=self.num_extras)
+                            modulus_bits=self.modulus_bits, length=self.length, num_extras=self.num_extras,
+                            context=self.context)
 
     def holders(self, cid: int) -> tuple[int, ...]:
         return tuple(sorted(self.graph[cid] + (cid,)))
@@ -294,7 +403,8 @@ class _RoundSetup:
     def to_fields(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "round": self.round, "cohort": _ids(self.cohort), "graph_seed": self.graph_seed,
                 "degree": self.degree, "threshold": self.threshold, "min_survivors": self.min_survivors,
-                "modulus_bits": self.modulus_bits, "length": self.length, "num_extras": self.num_extras}
+                "modulus_bits": self.modulus_bits, "length": self.length, "num_extras": self.num_extras,
+                "context": self.context}
 
     @classmethod
     def from_fields(cls, msg: Mapping[str, Any], *, what: str) -> "_RoundSetup":
@@ -309,7 +419,8 @@ class _RoundSetup:
                    threshold=_field(msg, "threshold", "int", what=what),
                    min_survivors=_field(msg, "min_survivors", "int", what=what),
                    modulus_bits=_field(msg, "modulus_bits", "int", what=what),
-                   length=_field(msg, "length", "int", what=what), num_extras=_field(msg, "num_extras", "int", what=what))
+                   length=_field(msg, "length", "int", what=what), num_extras=_field(msg, "num_extras", "int", what=what),
+                   context=_field(msg, "context", "bytes", what=what))
 
     def check_against(self, config: SecAggParams, *, what: str) -> None:
         """A client's check that the server's round parameters are the ones its own config implies."""

@@ -13,8 +13,9 @@ from client.flow_log import read_inventory
 from client.secagg import KEYS, device_keys
 from client.store import DeviceStore
 from fedpersona.config import CONFIG_ENV, load_config
+from fedpersona.identity import provision
 from fedpersona.model import adapted_model
-from fedpersona.secagg_wire import ARRAYS, RECORD, SELF_ENC_PK, SELF_MASK_PK, from_records, to_records
+from fedpersona.secagg_wire import ARRAYS, RECORD, SELF_ENC_PK, SELF_MASK_PK, SELF_SIGN_PK, from_records, to_records
 from privacy.secagg.settings import secagg_params
 from fedpersona.wire import to_record
 from privacy.audit.inventory import verify_inventory
@@ -58,6 +59,7 @@ def devices(tiny_config, tmp_path, monkeypatch):
                                  node_config={"data-dir": str(folder), "state-dir": str(folder) + "-state",
                                               "user-id": folder.name})
                     for nid, folder in folders.items()}
+        provision([c.node_config["state-dir"] for c in contexts.values()], tmp_path / "identity-root.key")
         return cfg, FakeGrid(contexts)
 
     yield build
@@ -80,7 +82,8 @@ def test_keys_are_created_once_persisted_encrypted_and_reused(devices):
     msg = Message(RecordDict(), dst_node_id=7, message_type="query.advertise")
     msg.metadata.__dict__["_message_id"] = "a1"
     first = from_records(client_app.advertise(msg, grid.contexts[7]).content)
-    assert set(first) == {"client_id", "enc_pk", "mask_pk"} and first["client_id"] == 7
+    assert set(first) == {"client_id", "enc_pk", "mask_pk", "sign_pk", "identity", "certificate", "binding"}
+    assert first["client_id"] == 7
     client_app._DEVICES.clear()  # a restart
     again = from_records(client_app.advertise(msg, grid.contexts[7]).content)
     assert again == first
@@ -107,7 +110,7 @@ def test_secure_round_with_real_devices_sends_only_masked_payloads(devices):
     for nid in (7, 8, 9):
         assert [r["round"] for r in _ledger(grid, nid).rounds] == [1]
         lines = read_inventory(grid.contexts[nid].node_config["state-dir"])
-        assert [ln["message_type"] for ln in lines] == ["query.advertise", "train", "query.unmask"]
+        assert [ln["message_type"] for ln in lines] == ["query.advertise", "train", "query.consistency", "query.unmask"]
         model = client_app._DEVICES[(RUN_ID, nid)].model
         check = verify_inventory({str(nid): lines}, personal_names=list(model.personal_state()),
                                  shared_names=list(shared))
@@ -130,6 +133,7 @@ def _request(cfg, grid, shared, *, length=None, keys=None):
     rnd = server.start_round(1, [7, 8, 9], length or n)
     req = rnd.masked_input_requests()[7]
     req[SELF_ENC_PK], req[SELF_MASK_PK] = keys or (advert["enc_pk"], advert["mask_pk"])
+    req[SELF_SIGN_PK] = advert["sign_pk"]
     return req
 
 

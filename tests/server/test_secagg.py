@@ -17,6 +17,7 @@ import client.flow_log as client_inventory
 from client.device import BudgetExhausted
 from client.store import DeviceStore
 from fedpersona.config import CONFIG_ENV, load_config
+from fedpersona.identity import provision
 from fedpersona.secagg_wire import ARRAYS, RECORD
 from privacy.secagg.settings import secagg_params
 from fedpersona.wire import to_record
@@ -135,6 +136,8 @@ def federation(tmp_path, monkeypatch):
                                               "data-dir": str(tmp_path / f"data{nid}"),
                                               "state-dir": str(tmp_path / f"state{nid}")})
                     for nid in range(11, 16)}
+        # Each device's identity under the operator's root (the server never holds the root's key).
+        provision([c.node_config["state-dir"] for c in contexts.values()], tmp_path / "identity-root.key")
         return cfg, FakeGrid(contexts)
 
     yield build
@@ -272,8 +275,9 @@ def test_declined_devices_take_no_part_in_the_sum(federation):
     # The decliner sent no vector and no shares, and was not asked to unmask.
     (decline,) = [r for m, r in grid.log if m.metadata.message_type == "train" and m.metadata.dst_node_id == 12]
     assert not decline.content.array_records.get(ARRAYS) and set(decline.content[RECORD]) == {
-        "client_id", "run_id", "round", "declined"}
-    assert 12 not in {m.metadata.dst_node_id for m, _ in grid.log if m.metadata.message_type == "query.unmask"}
+        "client_id", "run_id", "round", "declined", "signature"}
+    assert 12 not in {m.metadata.dst_node_id for m, _ in grid.log
+                      if m.metadata.message_type in ("query.consistency", "query.unmask")}
 
 
 def test_keys_advertised_once_per_run_and_new_nodes_when_first_sampled(federation):
@@ -283,11 +287,11 @@ def test_keys_advertised_once_per_run_and_new_nodes_when_first_sampled(federatio
     assert len(grid.replies("query.advertise")) == 3
     rs = agg.collect(grid, [12, 13, 14, 15], _content(2), server_round=2, timeout=None)
     assert len(grid.replies("query.advertise")) == 5 and rs.contributors == 4
-    # A third round: no advertisement at all; 2 exchanges per node.
+    # A third round: no advertisement at all; 3 exchanges per node (masked input, consistency check, unmask).
     before = len(grid.log)
     agg.collect(grid, [11, 12, 13, 14, 15], _content(3), server_round=3, timeout=None)
     kinds = [m.metadata.message_type for m, _ in grid.log[before:]]
-    assert sorted(set(kinds)) == ["query.unmask", "train"] and len(kinds) == 10
+    assert sorted(set(kinds)) == ["query.consistency", "query.unmask", "train"] and len(kinds) == 15
 
 
 def test_a_node_that_fails_to_advertise_is_left_out_and_counted(federation):
