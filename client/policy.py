@@ -366,15 +366,15 @@ class DevicePolicy:
                                   f"the threshold must be at least {need} (more than "
                                   f"policy.min-threshold-fraction = {self.min_threshold_fraction:g} of them)")
         c = self.max_colluders
+        if (n + c) // 2 + 1 > n:
+            raise PolicyViolation("server.clients-per-round", n,
+                                  f"with policy.max-colluders = {c} no survivor set of a cohort of {n} can be "
+                                  "certified by more than (K + c) / 2 signatures")
         if c and t < self.min_contributors + c:
             raise PolicyViolation("secagg.threshold", shown_t,
                                   f"with policy.max-colluders = {c} the threshold must be at least policy.min-contributors "
                                   f"+ {c} = {self.min_contributors + c}: a server whose colluders hold shares could "
                                   "otherwise cut out and unmask a group of fewer honest devices than the floor")
-        if (n + c) // 2 + 1 > n:
-            raise PolicyViolation("server.clients-per-round", n,
-                                  f"with policy.max-colluders = {c} no survivor set of a cohort of {n} can be "
-                                  "certified by more than (K + c) / 2 signatures")
 
     @staticmethod
     def _noise(cfg: Config, q: float) -> float:
