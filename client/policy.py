@@ -100,7 +100,8 @@ def required_degree(n: int) -> int:
     ring graph (:mod:`privacy.secagg.graph`) the honest survivors are cut apart only by k/2 consecutive
     removed (dropped or colluding) devices; with a fraction r of the cohort removed at random that
     happens with probability at most ``n r^(k/2)``, which at this degree and r = 1/3 is ``n^-1.38``
-    (7e-5 at n = 1000), and each device keeps more than t surviving holders with high probability.
+    (7e-5 at n = 1000). (Whether each device keeps t live holders is the round's dropout tolerance, not
+    a privacy matter: a round without them aborts.)
     """
     return default_degree(n)
 

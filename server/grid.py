@@ -2,7 +2,7 @@
 
 Flower 1.41's deployment Grid (``flwr.superlink.grid.http_grid``) sleeps 3 s between pulls while it
 waits for replies, so every message stage of a round ends up to 3 s after the last reply arrived; a
-SecAgg+ round has three stages (advertise, masked input, unmask). This wrapper does what Flower's
+SecAgg+ round has four stages (advertise, masked input, consistency check, unmask). This wrapper does what Flower's
 ``send_and_receive`` does (push, then pull until every reply is in or the timeout passes) with a short
 interval; everything else goes to the wrapped Grid unchanged. In simulation the in-memory Grid
 already polls every 0.1 s, so it changes nothing there.

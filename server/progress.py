@@ -11,7 +11,7 @@ Events and their fields (more may be added; a receiver ignores what it does not 
 * ``run-start``: ``run``, ``rounds``, ``start-round`` (rounds already done, when resuming),
   ``nodes``, ``cohort``, ``aggregation``, ``dp`` (bool), ``shared-params``;
 * ``round-start``: ``round``, ``rounds``, ``cohort``;
-* ``stage`` / ``stage-end``: ``round``, ``stage`` (``advertise``, ``train``, ``unmask``,
+* ``stage`` / ``stage-end``: ``round``, ``stage`` (``advertise``, ``train``, ``consistency``, ``unmask``,
   ``evaluate`` or the message type), ``nodes``; ``stage-end`` adds ``replies``, ``errors``,
   ``seconds``;
 * ``round-end``: ``round``, ``rounds``, ``cohort``, ``trained``, ``declined``, ``failed``,
@@ -37,7 +37,8 @@ from flwr.app import Message
 logger = logging.getLogger(__name__)
 
 #: Message types -> the stage names of progress events.
-STAGES = {"query.advertise": "advertise", "train": "train", "query.unmask": "unmask", "evaluate": "evaluate"}
+STAGES = {"query.advertise": "advertise", "train": "train", "query.consistency": "consistency", "query.unmask": "unmask",
+          "evaluate": "evaluate"}
 
 
 class Progress(Protocol):

@@ -2,7 +2,7 @@
 
 * On a terminal, :class:`LiveDisplay` (rich): bars for the preparation of the users (prepared /
   total, ETA) and for the rounds (done / total, ETA), and a status line for the round in flight
-  (its cohort and secure-aggregation stage: key advertisement, masked input, unmasking) or the
+  (its cohort and secure-aggregation stage: key advertisement, masked input, consistency check, unmasking) or the
   final evaluation; each finished step also stays printed above the bars as one line.
 * Anywhere else (a pipe, a file, CI), :class:`LineDisplay`: one plain line per finished step
   (preparation, run start, each round, final evaluation), no ANSI codes, nothing redrawn.
@@ -18,7 +18,8 @@ import threading
 import time
 from typing import Any, TextIO
 
-STAGE_TEXT = {"advertise": "key advertisement", "train": "training + masked input", "unmask": "unmasking",
+STAGE_TEXT = {"advertise": "key advertisement", "train": "training + masked input", "consistency": "consistency check",
+              "unmask": "unmasking",
               "evaluate": "evaluation"}
 MODEL_TEXT = {"base": "base", "shared": "shared", "personal": "personalized", "local": "local-only"}
 

@@ -192,3 +192,41 @@ def test_ddp_user_level_epsilon_in_the_ledger(devices):
     assert [e["round"] for e in entries] == [1, 2]
     assert 0 < entries[0]["epsilon"] < entries[1]["epsilon"] == pytest.approx(rs.info["ddp-epsilon-max"])
     assert entries[1]["mechanism"].startswith("secagg-ddg(") and entries[1]["delta"] == cfg.secagg.ddp_delta
+
+
+def test_round_context_is_bound_into_the_digest_and_checked_by_the_device(devices):
+    """The hook for sums of other content: the server's ``context`` is in the round digest, the device compares it
+    with the value it computes itself (a callable of the request), before training."""
+    from client.secagg import check_request
+    from fedpersona.identity import DeviceIdentity
+    from privacy.secagg import SecAggInputError
+    from privacy.secagg.spec import request_digest
+
+    cfg, grid = devices()
+    _, shared = _content(cfg)
+    msg = Message(RecordDict(), dst_node_id=7, message_type="query.advertise")
+    msg.metadata.__dict__["_message_id"] = "a1"
+    advert = from_records(client_app.advertise(msg, grid.contexts[7]).content)
+    params = secagg_params(cfg)
+    server = SecAggServer(params, run_id=RUN_ID)
+    server.register(advert)
+    for nid in (8, 9):
+        ident = DeviceIdentity.load(f"{grid.contexts[nid].node_config['state-dir']}/identity.json")
+        server.register(SecAggClient(nid, params, identity=ident).advertise(run_id=RUN_ID))
+    n = sum(t.numel() for t in shared.values())
+    context = b"dp-step: sigma=1.1 t=3 step=4 weights=9f86d081"
+
+    def request(ctx):
+        req = server.start_round(1, [7, 8, 9], n, context=ctx).masked_input_requests()[7]
+        req.update({SELF_ENC_PK: advert["enc_pk"], SELF_MASK_PK: advert["mask_pk"], SELF_SIGN_PK: advert["sign_pk"]})
+        return req
+
+    store = DeviceStore(grid.contexts[7].node_config["state-dir"])
+    good = request(context)
+    assert request_digest(good) != request_digest({**good, "context": b""})  # the digest covers it
+    client = check_request(store, cfg, 7, dict(good), shared, context=lambda req: context)
+    assert client.identity is not None and client.trust_root == client.identity.root
+    for expected, req in ((b"dp-step: sigma=0.1 t=3 step=4 weights=9f86d081", good), (b"", good),
+                          (context, request(b""))):
+        with pytest.raises(SecAggInputError, match="context"):
+            check_request(store, cfg, 7, dict(req), shared, context=expected)

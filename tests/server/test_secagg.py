@@ -378,3 +378,14 @@ def test_ddp_noise_ledger_and_metrics(federation):
     grid.drop = {"train": set(cohort[:3])}
     rs = SecureAggregator(cfg, run_id=RUN_ID).collect(grid, cohort, _content(2), server_round=2, timeout=None)
     assert rs.aborted and "min_survivors=3" in rs.aborted
+
+
+def test_the_server_code_never_touches_the_identity_root():
+    """Devices trust the operator's identity root; nothing the ServerApp runs may read or make its private key."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "server"
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        for needle in ("IdentityRoot", "ROOT_KEY_FILE", "identity-root", "fedpersona.identity", "provision("):
+            assert needle not in text, f"{path.name} mentions {needle}"
