@@ -23,12 +23,13 @@ survive. :meth:`SecureAggregator.evaluate` runs the final evaluation the same wa
 ``evaluate``, the figures of :mod:`privacy.secagg.eval_figures`), over every node.
 
 So 3 exchanges per round plus 1 per node per run, where Flower's SecAgg+ workflow needs 4
-per round and has no consistency check (see ``docs/secagg.md``). The server learns the cohort sum of the updates and of
-the extras, nothing per client. If too few clients survive either stage, or shares are
-missing, the library raises :class:`~privacy.secagg.SecAggAbort` before anything is
-revealed; the round then returns a :class:`RoundSum` with no contributors and the reason in
-``aborted`` (the federation leaves the shared adapter unchanged). Every node that errs,
-sends a malformed reply or does not answer is listed in ``failures``.
+per round and has no consistency check (see ``docs/secagg.md``). The server learns the cohort
+sum of the updates and of the extras, nothing per client, also if it deviates from the protocol.
+If too few clients survive a stage, too few sign the survivor set, or shares are missing, the
+library raises :class:`~privacy.secagg.SecAggAbort` before anything is revealed; the round then
+returns a :class:`RoundSum` with no contributors and the reason in ``aborted`` (the federation
+leaves the shared adapter unchanged). Every node that errs, sends a malformed reply or does not
+answer is listed in ``failures``; so is each holder that could not open some sender's shares.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ class SecureAggregator:
         failures += _exchange(grid, messages, timeout=timeout, prefix="", what="masked input", receive=receive)
         info["secagg-declined"] = float(len(rnd.declined))
 
-        # ---- the consistency check: every survivor signs the survivor set, only if enough devices that trained survive
+        # ---- the consistency check: every survivor signs the survivor set (if enough devices that trained survive)
         try:
             requests = timed(rnd.consistency_requests)
         except SecAggAbort as exc:

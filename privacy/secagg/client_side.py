@@ -135,7 +135,7 @@ class SecAggClient:
         ciphertexts = b"".join(cts)
         return {"client_id": me, "run_id": setup.run_id, "round": setup.round, "masked": packed,
                 "share_holders": _ids(holders), "ciphertexts": ciphertexts,
-                "signature": self.keys.sign(masked_message(digest, me, packed.tobytes(), ciphertexts))}
+                "signature": self.keys.sign(masked_message(digest, me, packed, ciphertexts))}
 
     def check_masked_request(self, request: Mapping[str, Any]) -> None:
         """What :meth:`masked_input` checks of the request before it uses it (round parameters, graph, the

@@ -213,7 +213,7 @@ class SecAggRound:
         size = _ciphertext_size(s.degree)
         if len(cts) != size * len(holders):
             raise SecAggInputError(f"{what} from client {cid}: expected {len(holders)} ciphertexts of {size} bytes")
-        self._check_signature(reply, cid, masked_message(s.digest, cid, packed.tobytes(), cts), what)
+        self._check_signature(reply, cid, masked_message(s.digest, cid, packed, cts), what)
         np.add(self._acc, vec, out=self._acc)
         self._received.add(cid)
         for j, h in enumerate(holders):

@@ -259,8 +259,11 @@ def binding_message(run_id: int, client_id: int, enc_pk: bytes, mask_pk: bytes, 
     return encode_fields("key-binding", run_id, client_id, enc_pk, mask_pk, sign_pk)
 
 
-def masked_message(digest: bytes, client_id: int, masked: bytes, ciphertexts: bytes) -> bytes:
-    """What a client signs with its stage-1 reply: the round digest, its id, hashes of its vector and ciphertexts."""
+def masked_message(digest: bytes, client_id: int, masked: bytes | np.ndarray, ciphertexts: bytes) -> bytes:
+    """What a client signs with its stage-1 reply: the round digest, its id, hashes of its vector and ciphertexts
+    (``masked``: the packed vector's bytes, or the packed ``uint8`` array itself)."""
+    if isinstance(masked, np.ndarray):
+        masked = np.ascontiguousarray(masked)
     return encode_fields("masked-input", client_id, digest, hashlib.sha256(masked).digest(),
                          hashlib.sha256(ciphertexts).digest())
 
