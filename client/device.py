@@ -286,7 +286,7 @@ class Device:
         self.pairs = pairs
         self.base_train = list(self.data.train)
         self.feedback_examples = 0
-        self._feedback_cache: dict[str, CachedExample] = {}
+        self._feedback_cache: dict[str, CachedExample | None] = {}
         n = len(self.data.train)
         self.sample_rate = min(1.0, cfg.client.batch_size / n)
         self.noise_multiplier = self._noise_multiplier()
@@ -328,17 +328,38 @@ class Device:
         return adjusted if adjusted is not None else sigma  # budget spent: train_round declines
 
     def _grow_training_set(self, server_round: int, ledger: PrivacyLedger) -> None:
-        """The round's training set: the device's data + accepted/edited chat feedback (client.feedback)."""
+        """The round's training set: the device's data + accepted/edited chat feedback (client.feedback).
+
+        A feedback example the device cannot encode is skipped and reported in its log (by id), and the
+        device trains on the rest: one bad example never fails the rounds that follow."""
         fb = training_feedback(self.store, server_round=server_round, max_new=self.cfg.client.max_new_examples)
         new = [e for e in fb if e.id not in self._feedback_cache]
         if new:
-            for e, ex in zip(new, cache_examples(self.model, self.cfg, pairs_of(new))):
-                self._feedback_cache[e.id] = ex
-        self.data = UserData(self.user_id, self.base_train + [self._feedback_cache[e.id] for e in fb], self.data.held_out)
-        self.feedback_examples = len(fb)
+            self._cache_feedback(new)
+        used = [e for e in fb if self._feedback_cache[e.id] is not None]
+        self.data = UserData(self.user_id, self.base_train + [self._feedback_cache[e.id] for e in used],
+                             self.data.held_out)
+        self.feedback_examples = len(used)
         self.sample_rate = min(1.0, self.cfg.client.batch_size / len(self.data.train))
         self.noise_multiplier = self._noise_multiplier(ledger)
-        save_profile(self.store, compute_profile(self.pairs + pairs_of(fb), tokenizer=self.model.tokenizer).text())
+        save_profile(self.store, compute_profile(self.pairs + pairs_of(used), tokenizer=self.model.tokenizer).text())
+
+    def _cache_feedback(self, new: list) -> None:
+        """Encode new feedback examples once (in one batch; one by one if the batch fails); ``None`` marks
+        an example that cannot be encoded (skipped, reported)."""
+        try:
+            for e, ex in zip(new, cache_examples(self.model, self.cfg, pairs_of(new))):
+                self._feedback_cache[e.id] = ex
+            return
+        except (ValueError, TypeError, UnicodeError, RuntimeError):
+            pass
+        for e in new:
+            try:
+                (self._feedback_cache[e.id],) = cache_examples(self.model, self.cfg, pairs_of([e]))
+            except (ValueError, TypeError, UnicodeError, RuntimeError) as exc:
+                logger.warning("%s: feedback example %s cannot be encoded (%s): skipped; the device trains on the "
+                               "rest", self.user_id, e.id, type(exc).__name__)
+                self._feedback_cache[e.id] = None
 
     def _head_noise_multiplier(self) -> float:
         """The head's own DP-SGD noise (``privacy.personal-head = dp``), for its own budget."""

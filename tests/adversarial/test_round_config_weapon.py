@@ -18,19 +18,13 @@ that main fails fast instead of training for hours).
 
 from __future__ import annotations
 
-import uuid
-import warnings
-
 import pytest
 
-import client.app as client_app
-import client.flow_log as client_inventory
 import client.train
 from client.store import DeviceStore
-from fedpersona.config import load_config
 from privacy.ledger import PrivacyLedger
 from tests.adversarial.helpers import SECRET, flat_config, user_folders
-from tests.privacy.audit_helpers import one_thread
+from tests.adversarial.server_view import federation as _federation
 
 RUNAWAY = 200
 
@@ -55,35 +49,6 @@ def passes(monkeypatch):
     return asked
 
 
-def _federation(server_flat: dict, device_flat: dict, nodes: dict[int, dict]) -> tuple[dict, dict[int, list[str]]]:
-    """The server runs with ``server_flat``; every device receives ``device_flat`` as the run config.
-
-    Returns the run's metrics and, per node, the error reasons of its replies as the server received them."""
-    from server.federation import run_federation
-    from simulations.inprocess import InProcessGrid
-
-    errors: dict[int, list[str]] = {nid: [] for nid in nodes}
-
-    class Watched(InProcessGrid):
-        def _deliver(self, message):
-            reply = super()._deliver(message)
-            if reply.has_error():
-                errors[message.metadata.dst_node_id].append(str(reply.error.reason))
-            return reply
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = load_config(server_flat, env=False)
-    client_app._DEVICES.clear()
-    client_inventory._STATE_DIRS.clear()
-    try:
-        with Watched(client_app.app, nodes, device_flat, run_id=uuid.uuid4().int % 2**62) as grid, one_thread():
-            return run_federation(grid, cfg), errors
-    finally:
-        client_app._DEVICES.clear()
-        client_inventory._STATE_DIRS.clear()
-
-
 def _ledger(nc) -> PrivacyLedger | None:
     text = DeviceStore(nc["state-dir"]).load_text("ledger")
     return PrivacyLedger.from_json(text) if text else None
@@ -106,13 +71,15 @@ def test_ten_million_head_steps_are_refused_before_any_work(tiny_config, tmp_pat
         assert DeviceStore(nc["state-dir"]).load_tensors("lower-activations") is None, \
             "refused before the device ran its examples through the model"
         assert errors[nid], f"node {nid} answered without an error"
-        reason = errors[nid][0]
+        kind, _, reason = errors[nid][0].partition(": ")
         assert SECRET not in reason and nc["user-id"] not in reason
         if refused_by.startswith("policy"):
+            assert kind == "train", errors[nid]
             assert reason.startswith("PolicyViolation: the device's privacy policy refuses client.head-steps = 5000: "
                                      "above this device's cap policy.max-head-steps = 100"), reason
         else:
             # the device's own log names the key; the reply has the fixed text only
+            assert kind == "query.advertise", errors[nid]
             assert reason == ("ValueError: the device could not answer this query.advertise request; the details are "
                               "in the device's own log"), reason
 
