@@ -10,13 +10,15 @@ server host. Now the address is the Fleet gateway: each of the three fails, noth
 run exists, no file is written; the SuperLink listens on the loopback interface only; and the operator,
 on the server host, still does all three.
 
-The fast checks of the same commands (flags, the guide's command lines, the gateway's filter) are in
-``tests/deploy/test_exposure.py``.
+The rehearsal starts processes (~30 s on 2 idle cores: ``slow``); the fast checks below hold the same
+commands in the default suite: the guide's and the README's command lines, the rehearsal's flags (the
+gateway's filter itself: ``tests/server/test_gateway.py``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -28,7 +30,8 @@ from fedpersona.certs import make_supernode_key
 from simulations.local_federation import CONNECTION, LocalFederation
 from simulations.processes import listening, process_tree
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+REPO = Path(__file__).resolve().parents[2]
 
 EVIL_PYPROJECT = """\
 [build-system]
@@ -83,6 +86,58 @@ def _flwr(fed: LocalFederation, home: Path, *args: str) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=180)
 
 
+def _commands(doc: Path) -> list[str]:
+    """The shell commands of a Markdown file's ``bash`` blocks, continuation lines joined, comments dropped."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
+        for cmd in block.replace("\\\n", " ").splitlines():
+            cmd = cmd.split("  #")[0].strip()
+            if cmd:
+                out.append(" ".join(cmd.split()))
+    return out
+
+
+def _value(cmd: str, flag: str) -> str:
+    words = cmd.split()
+    return words[words.index(flag) + 1]
+
+
+@pytest.mark.parametrize("doc", ["docs/deployment.md", "README.md"])
+def test_the_guides_commands_put_only_the_fleet_api_on_the_network(doc):
+    cmds = _commands(REPO / doc)
+    links = [c for c in cmds if c.startswith("flower-superlink ")]
+    gateways = [c for c in cmds if c.startswith("python -m server.gateway ")]
+    devices = [c for c in cmds if c.startswith("fedpersona supernode ") and "--superlink" in c]
+    assert links and gateways and devices, (links, gateways, devices)
+    for c in links:
+        assert "0.0.0.0" not in c and ("--host" not in c or _value(c, "--host") == "127.0.0.1"), c
+    link_ports = {_value(c, "--port") for c in links if "--port" in c}
+    for g in gateways:
+        if "--insecure" in g:
+            continue
+        assert _value(g, "--superlink").startswith("127.0.0.1:"), g
+        assert _value(g, "--superlink").rpartition(":")[2] in link_ports, (g, link_ports)
+        dialled = {_value(d, "--superlink").rpartition(":")[2] for d in devices}
+        assert dialled == {_value(g, "--listen").rpartition(":")[2]}, "devices dial the gateway, nothing else"
+        assert not dialled & link_ports
+    if doc == "docs/deployment.md":  # the operator's connection: the SuperLink's loopback port
+        (address,) = re.findall(r'^address = "([^"]+)"', (REPO / doc).read_text(), flags=re.M)
+        assert address.startswith("127.0.0.1:") and address.rpartition(":")[2] in link_ports
+
+
+def test_the_rehearsal_runs_the_guides_commands(tmp_path):
+    fed = LocalFederation(tmp_path)
+    link, gateway = fed.superlink_argv(), fed.gateway_argv()
+    assert _value(" ".join(link), "--host") == "127.0.0.1" and _value(" ".join(link), "--port") == str(fed.link_port)
+    assert "--enable-supernode-auth" in link and "--insecure" not in link and "--ssl-certfile" in link
+    assert gateway[1:3] == ["-m", "server.gateway"] and "--insecure" not in gateway
+    assert _value(" ".join(gateway), "--listen") == fed.address
+    assert _value(" ".join(gateway), "--superlink") == fed.control_address
+    assert fed.address != fed.control_address
+    assert f'address = "{fed.control_address}"' in fed.write_connection().read_text(), "the operator: on the host"
+
+
+@pytest.mark.slow
 def test_the_ca_certificate_opens_nothing_but_the_fleet_api(tmp_path):
     marker = tmp_path / "pwned.txt"
     with LocalFederation(tmp_path / "deploy") as fed:
