@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 
 import httpx
@@ -75,19 +76,37 @@ def test_the_list_is_flowers_fleet_api():
     assert {route.path.rpartition("/")[2] for route in router.routes} == FLEET_CALLS
 
 
-def test_a_superlink_open_beyond_loopback_is_refused():
-    with socket.socket() as open_to_all, socket.socket() as local:
-        open_to_all.bind(("0.0.0.0", 0))
-        open_to_all.listen()
+def test_a_superlink_open_beyond_loopback_is_refused(monkeypatch):
+    import server.gateway
+    from fedpersona.sockets import Listener
+
+    with socket.socket() as local:  # a real listener, on loopback (tests bind nothing else)
         local.bind(("127.0.0.1", 0))
         local.listen()
-        with pytest.raises(ValueError, match=r"open beyond the loopback interface \(0\.0\.0\.0:"):
-            check_superlink_is_local(f"127.0.0.1:{open_to_all.getsockname()[1]}")
-        check_superlink_is_local(f"127.0.0.1:{local.getsockname()[1]}")
+        port = local.getsockname()[1]
+        check_superlink_is_local(f"127.0.0.1:{port}")
+        real = server.gateway.listeners
+        assert [(x.address, x.port) for x in real(port=port)] == [("127.0.0.1", port)]
+        # the same port also bound to every interface (as `flower-superlink --host 0.0.0.0` does)
+        monkeypatch.setattr(server.gateway, "listeners",
+                            lambda port: real(port=port) + [Listener("0.0.0.0", port, "1"), Listener("::", port, "2")])
+        with pytest.raises(ValueError, match=rf"open beyond the loopback interface \(0\.0\.0\.0:{port}, :::{port}\)"):
+            check_superlink_is_local(f"127.0.0.1:{port}")
     with pytest.raises(ValueError, match="must be a loopback address.*You passed: '203.0.113.10:9091'"):
         check_superlink_is_local("203.0.113.10:9091")
     with pytest.raises(ValueError, match="HOST:PORT"):
         check_superlink_is_local("127.0.0.1")
+
+
+def test_proc_addresses_and_loopback():
+    from fedpersona.sockets import _address, is_loopback
+
+    assert _address("0100007F") == "127.0.0.1" and _address("00000000") == "0.0.0.0"
+    assert _address("0" * 32) == "::" and _address("00000000000000000000000001000000") == "::1"
+    assert ipaddress.ip_address(_address("0000000000000000FFFF00000100007F")).ipv4_mapped == \
+        ipaddress.ip_address("127.0.0.1")
+    assert [is_loopback(a) for a in ("127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1")] == [True] * 4
+    assert [is_loopback(a) for a in ("0.0.0.0", "::", "192.0.2.2", "::ffff:192.0.2.2")] == [False] * 4
 
 
 def test_tls_needs_the_ca_and_a_certificate():
