@@ -30,7 +30,8 @@ Message types:
 
 Error replies carry the error class and a fixed text (:func:`_error`), never the exception's
 message: that can hold the user's data (a malformed line of their data, a path named after them).
-The device's own log has the details.
+Every handler answers any exception this way, whatever its class (only a policy refusal names the
+setting, :func:`_refuse`). The device's own log has the details.
 """
 
 from __future__ import annotations
@@ -51,12 +52,10 @@ from client.device import LEDGER, BudgetExhausted, Device, state_dir_for
 from client.failures import failure_mod
 from client.flow_log import inventory_mod
 from client.policy import DevicePolicy, PolicyViolation
-from client.store import DeviceStore, StateError
+from client.store import DeviceStore
 from fedpersona.config import Config, load_config
-from fedpersona.identity import IdentityError
 from fedpersona.secagg_wire import from_records, has_request, to_records
 from fedpersona.wire import to_record, unpack_shared
-from privacy.secagg import SecAggAbort
 from privacy.secagg.eval_figures import encode as encode_evaluation
 from privacy.secagg.eval_figures import extras_specs as eval_extras
 
@@ -136,7 +135,9 @@ ERROR_TEXT = "the device could not answer this {kind} request; the details are i
 
 def _error(message: Message, exc: BaseException) -> Message:
     kind = message.metadata.message_type
-    public = getattr(exc, "public_reason", None) or ERROR_TEXT.format(kind=kind)
+    public = getattr(type(exc), "public_reason", None)  # fixed text of the class, never of the instance
+    if not isinstance(public, str) or not public:
+        public = ERROR_TEXT.format(kind=kind)
     logger.error("node %s: %s request failed: %s: %s", message.metadata.dst_node_id, kind, type(exc).__name__, exc)
     return Message(Error(code=CLIENT_ERROR, reason=f"{type(exc).__name__}: {public}"), reply_to=message)
 
@@ -181,7 +182,7 @@ def train(message: Message, context: Context) -> Message:
             return Message(RecordDict({"status": status, "metrics": MetricRecord({"weight": 0.0, "trained": 0.0})}), reply_to=message)
     except PolicyViolation as exc:  # before training: nothing trained, nothing sent but the refusal
         return _refuse(message, exc)
-    except (StateError, ValueError, FloatingPointError, KeyError, SecAggAbort, secagg.Refused, IdentityError) as exc:
+    except Exception as exc:  # any other class too: the fixed text, never the exception's message
         return _error(message, exc)
     content = RecordDict({"update": to_record(update), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=message)
@@ -214,7 +215,7 @@ def advertise(message: Message, context: Context) -> Message:
         cfg, store = _store(context)
         payload = secagg.advertise(store, cfg, context.node_id, run_id=context.run_id, policy=_policy(context),
                                    node_config=context.node_config)
-    except (StateError, ValueError, KeyError, secagg.Refused, IdentityError) as exc:
+    except Exception as exc:  # any class: the fixed text, never the message
         return _error(message, exc)
     return Message(RecordDict(to_records(payload)), reply_to=message)
 
@@ -225,7 +226,7 @@ def consistency(message: Message, context: Context) -> Message:
         cfg, store = _store(context)
         payload = secagg.consistency(store, cfg, context.node_id, from_records(message.content),
                                      policy=_policy(context), node_config=context.node_config)
-    except (StateError, ValueError, KeyError, SecAggAbort, secagg.Refused, IdentityError) as exc:
+    except Exception as exc:  # any class: the fixed text, never the message
         return _error(message, exc)
     return Message(RecordDict(to_records(payload)), reply_to=message)
 
@@ -236,7 +237,7 @@ def unmask(message: Message, context: Context) -> Message:
         cfg, store = _store(context)
         payload = secagg.unmask(store, cfg, context.node_id, from_records(message.content), policy=_policy(context),
                                 node_config=context.node_config)
-    except (StateError, ValueError, KeyError, SecAggAbort, secagg.Refused, IdentityError) as exc:
+    except Exception as exc:  # any class: the fixed text, never the message
         return _error(message, exc)
     return Message(RecordDict(to_records(payload)), reply_to=message)
 
@@ -259,7 +260,7 @@ def evaluate(message: Message, context: Context) -> Message:
         content = RecordDict({"evaluation": ArrayRecord({"histograms": Array(vec), "sums": Array(sums)})})
     except PolicyViolation as exc:
         return _refuse(message, exc)
-    except (StateError, ValueError, FloatingPointError, KeyError, SecAggAbort, secagg.Refused, IdentityError) as exc:
+    except Exception as exc:  # any class: the fixed text, never the message
         return _error(message, exc)
     return Message(content, reply_to=message)
 

@@ -40,7 +40,28 @@ key                                   default    meaning
 ``policy.allow-unbound-keys``         ``false``  take part in secure aggregation without an identity
                                                  certified by a trust root (keys the server could
                                                  forge; warns loudly and is recorded)
+``policy.max-local-steps``            ``100``    most ``client.local-steps`` (DP-SGD steps of the
+                                                 shared adapter) in a round
+``policy.max-head-steps``             ``100``    most ``client.head-steps`` in a round
+``policy.max-batch-size``             ``128``    largest ``client.batch-size`` and
+                                                 ``client.head-batch-size``
+``policy.max-seq-len``                ``512``    largest ``model.seq-len`` (tokens per example)
+``policy.max-round-seconds``          ``1800``   wall-time budget of one training round, enforced
+                                                 while it trains (below)
 ====================================  =========  ==================================================
+
+The last five are the device's **cost** caps: the server chooses how much work a round is, the
+device decides how much it will do. A round above a cap is refused before anything is computed,
+like a weakened privacy setting (:meth:`DevicePolicy.check_cost`). The wall-time budget is enforced
+between training steps, from the moment the device starts the round: a DP pass stopped by it
+releases nothing (the round fails with a fixed-text error), and the steps it did take stay in the
+privacy ledger (they were computed on the user's data; an update is released only when every one
+of its steps is accounted); a head pass stopped by it keeps the steps it took, and the round's
+shared update, fully trained and accounted, is sent. The defaults fit every shipped scenario
+(``simulations/conf/*.toml``: at most 15 local and 12 head steps, batches of 8, 64 tokens) with
+room to spare; a simulation with more passes ``--device-policy max-local-steps=...``. A result
+trained by a simulation's cohort engine (one pass for many devices) is checked against the step,
+batch and length caps, not the wall time.
 
 The secure-aggregation graph is checked too (:meth:`DevicePolicy.check_graph`, for the largest
 cohort here and for each request's own cohort in :mod:`client.secagg`): a degree below
@@ -90,6 +111,11 @@ _STRICTER = {
     "min_contributors": max,
     "max_colluders": max,
     "allow_unbound_keys": lambda a, b: a and b,
+    "max_local_steps": min,
+    "max_head_steps": min,
+    "max_batch_size": min,
+    "max_seq_len": min,
+    "max_round_seconds": min,
 }
 
 
@@ -183,6 +209,11 @@ class DevicePolicy:
     min_contributors: int = 3
     max_colluders: int = 0
     allow_unbound_keys: bool = False
+    max_local_steps: int = 100
+    max_head_steps: int = 100
+    max_batch_size: int = 128
+    max_seq_len: int = 512
+    max_round_seconds: float = 1800.0
     #: where the values came from (for the log and the audit), not part of the policy itself
     source: str = field(default="defaults", compare=False)
 
@@ -210,6 +241,13 @@ class DevicePolicy:
         m = self.max_colluders
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise _bad(_key("max_colluders"), m, "must be an integer >= 0")
+        for attr in ("max_local_steps", "max_head_steps", "max_batch_size", "max_seq_len"):
+            v = getattr(self, attr)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise _bad(_key(attr), v, "must be an integer >= 1")
+        w = self.max_round_seconds
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < math.inf:
+            raise _bad(_key("max_round_seconds"), w, "must be a finite number of seconds > 0")
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -304,6 +342,7 @@ class DevicePolicy:
             raise ValueError(f"train_examples must be an integer >= 1. You passed: {train_examples!r}")
         p, s = cfg.privacy, cfg.secagg
         settings: dict[str, Any] = {"privacy.enabled": bool(p.enabled)}
+        settings.update(self.check_cost(cfg))
         if not p.enabled:
             if not self.allow_no_dp:
                 raise PolicyViolation("privacy.enabled", False,
@@ -376,6 +415,23 @@ class DevicePolicy:
                                   f"with policy.max-colluders = {c} the threshold must be at least policy.min-contributors "
                                   f"+ {c} = {self.min_contributors + c}: a server whose colluders hold shares could "
                                   "otherwise cut out and unmask a group of fewer honest devices than the floor")
+    def check_cost(self, cfg: Config) -> dict[str, Any]:
+        """The round's cost settings if within this device's caps, or :class:`PolicyViolation` naming the first
+        above one. Checked before the device computes anything for a run (and again with every round)."""
+        c, m = cfg.client, cfg.model
+        for setting, value, attr, what in (
+            ("client.local-steps", c.local_steps, "max_local_steps", "DP-SGD steps a round"),
+            ("client.head-steps", c.head_steps, "max_head_steps", "personal-head steps a round"),
+            ("client.batch-size", c.batch_size, "max_batch_size", "examples a batch"),
+            ("client.head-batch-size", c.head_batch_size, "max_batch_size", "examples a batch"),
+            ("model.seq-len", m.seq_len, "max_seq_len", "tokens an example"),
+        ):
+            cap = getattr(self, attr)
+            if value > cap:
+                raise PolicyViolation(setting, value, f"above this device's cap {_key(attr)} = {cap} ({what})")
+        return {"client.local-steps": c.local_steps, "client.head-steps": c.head_steps,
+                "client.batch-size": c.batch_size, "client.head-batch-size": c.head_batch_size,
+                "model.seq-len": m.seq_len}
 
     @staticmethod
     def _noise(cfg: Config, q: float) -> float:

@@ -38,6 +38,13 @@ SHAKESPEARE = "shakespeare"
 #: Deprecated config keys -> the keys that replaced them (accepted with a warning).
 RENAMED_KEYS = {"data.min-speeches": "data.min-examples"}
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: Upper bounds on values that no run needs: a round config is written by the server, and a value
+#: past these is a weapon (ten million head steps; a billion planned rounds), not a setting. A
+#: device's own, tighter caps are its policy (``client/policy.py``: ``policy.max-*``).
+MAX_ROUNDS = 100_000
+MAX_STEPS = 100_000
+MAX_BATCH_SIZE = 65_536
+MAX_SEQ_LEN = 32_768
 
 
 def _bad(key: str, value: Any, why: str) -> ValueError:
@@ -71,8 +78,8 @@ class ModelConfig:
             raise _bad("model.dtype", self.dtype, f"must be one of {MODEL_DTYPES} (the frozen base; adapters stay float32)")
         if not self.path:
             raise _bad("model.path", self.path, "must be 'smollm2' or a model folder")
-        if self.seq_len < 16:
-            raise _bad("model.seq-len", self.seq_len, "must be at least 16")
+        if not 16 <= self.seq_len <= MAX_SEQ_LEN:
+            raise _bad("model.seq-len", self.seq_len, f"must be in [16, {MAX_SEQ_LEN}]")
         if not 0 <= self.cue_tokens <= self.seq_len - 8:
             raise _bad("model.cue-tokens", self.cue_tokens, f"must be in [0, seq-len - 8 = {self.seq_len - 8}]")
 
@@ -190,20 +197,20 @@ class ClientConfig:
     cache_activations: bool = True  # keep the frozen lower blocks' outputs in the encrypted store
 
     def __post_init__(self) -> None:
-        if self.head_steps < 0:
-            raise _bad("client.head-steps", self.head_steps, "must be >= 0 (0: the head is not trained)")
-        if self.head_batch_size < 1:
-            raise _bad("client.head-batch-size", self.head_batch_size, "must be at least 1")
-        if not self.head_lr > 0:
-            raise _bad("client.head-lr", self.head_lr, "must be positive")
+        if not 0 <= self.head_steps <= MAX_STEPS:
+            raise _bad("client.head-steps", self.head_steps, f"must be in [0, {MAX_STEPS}] (0: the head is not trained)")
+        if not 1 <= self.head_batch_size <= MAX_BATCH_SIZE:
+            raise _bad("client.head-batch-size", self.head_batch_size, f"must be in [1, {MAX_BATCH_SIZE}]")
+        if not (self.head_lr > 0 and math.isfinite(self.head_lr)):
+            raise _bad("client.head-lr", self.head_lr, "must be a positive finite number")
         if self.max_new_examples < 0:
             raise _bad("client.max-new-examples", self.max_new_examples, "must be >= 0 (0 = no cap)")
-        if self.local_steps < 1:
-            raise _bad("client.local-steps", self.local_steps, "must be at least 1")
-        if self.batch_size < 1:
-            raise _bad("client.batch-size", self.batch_size, "must be at least 1")
-        if not self.lr > 0:
-            raise _bad("client.lr", self.lr, "must be positive")
+        if not 1 <= self.local_steps <= MAX_STEPS:
+            raise _bad("client.local-steps", self.local_steps, f"must be in [1, {MAX_STEPS}]")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise _bad("client.batch-size", self.batch_size, f"must be in [1, {MAX_BATCH_SIZE}]")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise _bad("client.lr", self.lr, "must be a positive finite number")
         if self.optimizer not in CLIENT_OPTIMIZERS:
             raise _bad("client.optimizer", self.optimizer, f"must be one of {CLIENT_OPTIMIZERS}")
 
@@ -231,16 +238,17 @@ class PrivacyConfig:
             raise _bad("privacy.target-epsilon", self.target_epsilon, "must be a positive finite number")
         if not 0.0 < self.delta < 1.0:
             raise _bad("privacy.delta", self.delta, "must be in (0, 1)")
-        if not self.max_grad_norm > 0:
-            raise _bad("privacy.max-grad-norm", self.max_grad_norm, "must be positive")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise _bad("privacy.max-grad-norm", self.max_grad_norm, "must be a positive finite number")
         if self.noise_multiplier < 0 or not math.isfinite(self.noise_multiplier):
             raise _bad(
                 "privacy.noise-multiplier",
                 self.noise_multiplier,
                 "must be >= 0 (0 means: calibrate from privacy.target-epsilon)",
             )
-        if self.planned_rounds < 0:
-            raise _bad("privacy.planned-rounds", self.planned_rounds, "must be >= 0 (0 means: server.num-rounds)")
+        if not 0 <= self.planned_rounds <= MAX_ROUNDS:
+            raise _bad("privacy.planned-rounds", self.planned_rounds,
+                       f"must be in [0, {MAX_ROUNDS}] (0 means: server.num-rounds)")
         if self.accountant not in ACCOUNTANTS:
             raise _bad(
                 "privacy.accountant",
@@ -262,8 +270,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLINGS:
             raise _bad("server.sampling", self.sampling, f"must be one of {SAMPLINGS}")
-        if self.num_rounds < 1:
-            raise _bad("server.num-rounds", self.num_rounds, "must be at least 1")
+        if not 1 <= self.num_rounds <= MAX_ROUNDS:
+            raise _bad("server.num-rounds", self.num_rounds, f"must be in [1, {MAX_ROUNDS}]")
         if self.clients_per_round < 1:
             raise _bad("server.clients-per-round", self.clients_per_round, "the cohort cannot be empty")
         if self.min_clients < 1 or self.min_clients > self.clients_per_round:
@@ -274,8 +282,8 @@ class ServerConfig:
             )
         if self.optimizer not in SERVER_OPTIMIZERS:
             raise _bad("server.optimizer", self.optimizer, f"must be one of {SERVER_OPTIMIZERS}")
-        if not self.lr > 0:
-            raise _bad("server.lr", self.lr, "must be positive")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise _bad("server.lr", self.lr, "must be a positive finite number")
         if self.round_timeout < 0:
             raise _bad("server.round-timeout", self.round_timeout, "must be >= 0 (0 waits without limit)")
 

@@ -216,8 +216,11 @@ def _our_apps():
 def _simulate(which: str, n: int, d: int, rounds: int, cpus: int, verbose: bool = False) -> None:
     from flwr.simulation import run_simulation
 
+    from simulations.engine.shards import start_ray
+
     server, client = _flower_apps() if which == "flower" else _our_apps()
     os.environ[SETTINGS_ENV] = f"{n},{d},{rounds}"
+    start_ray(cpus)  # on 127.0.0.1 only; Flower finds it running (started by Flower, Ray binds every interface)
     run_simulation(server_app=server, client_app=client, num_supernodes=n,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,

@@ -257,15 +257,14 @@ def _run_flower(flat: dict[str, Any], cfg: Config, n_users: int, cpus: int, prog
 
 
 def _init_ray(cpus: int) -> None:
-    """Start Ray as Flower's backend would, plus a setup hook giving each worker one log handler.
+    """Start Ray as Flower's backend would, but on the loopback interface only, plus a setup hook giving
+    each worker one log handler.
 
-    (Flower starts Ray only when it is not running yet; :func:`fedpersona.output.configure_worker`
-    removes the duplicate of every Flower line in the workers: see :mod:`fedpersona.output`.)
+    (Flower starts Ray only when it is not running yet, and then on every interface: Ray's cluster mode
+    on Linux. :func:`simulations.engine.shards.start_ray` starts it in single-machine mode, every Ray
+    process bound to 127.0.0.1. :func:`fedpersona.output.configure_worker` removes the duplicate of every
+    Flower line in the workers: see :mod:`fedpersona.output`.)
     """
-    import ray
+    from simulations.engine.shards import start_ray
 
-    from simulations.engine.shards import ray_runtime_env
-
-    if ray.is_initialized():
-        return
-    ray.init(runtime_env=ray_runtime_env(), num_cpus=cpus, num_gpus=0, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+    start_ray(cpus)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.data import TextRefused, check_text
 from fedpersona.config import SHAKESPEARE, DataConfig
 from simulations.corpus import Example, load_users
 
@@ -201,6 +202,10 @@ def _texts(values: list, column: str, key: str, where: str, is_csv: bool, *, req
                              f"({type(v).__name__})")
         if required and not v.strip():
             raise ValueError(f"{where}, row {row}: empty text in column {column!r} ({key})")
+        try:
+            check_text(v, field=f"column {column!r} ({key})")  # what a device would refuse to train on
+        except TextRefused as exc:
+            raise ValueError(f"{where}, row {row}: {exc}") from None
         out.append(v)
     return out
 

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -156,3 +157,24 @@ def test_min_contributors_range():
         load_config({"secagg.min-contributors": 1}, env=False)
     with pytest.raises(ValueError, match=r"secagg.min-contributors.*clients-per-round=4.*You passed: 5"):
         load_config({"secagg.min-contributors": 5, "server.clients-per-round": 4}, env=False)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("privacy.planned-rounds", 1e9), ("server.num-rounds", 10**6), ("client.local-steps", 10**7),
+    ("client.head-steps", 10**7), ("client.batch-size", 10**6), ("client.head-batch-size", 10**6),
+    ("model.seq-len", 10**6), ("client.lr", math.inf), ("client.head-lr", math.inf), ("server.lr", math.inf),
+    ("privacy.max-grad-norm", math.inf),
+])
+def test_absurd_values_are_refused_naming_the_field(key, value):
+    """A round config is the server's: values no run needs are refused before anything uses them."""
+    with pytest.raises(ValueError, match=f"'{key}'.*You passed: ") as err:
+        load_config({key: value}, env=False)
+    assert repr(int(value) if isinstance(value, float) and value.is_integer() else value) in str(err.value)
+    # the largest accepted value of each bounded key still loads
+    from fedpersona import config as C
+
+    top = {"privacy.planned-rounds": C.MAX_ROUNDS, "server.num-rounds": C.MAX_ROUNDS, "client.local-steps": C.MAX_STEPS,
+           "client.head-steps": C.MAX_STEPS, "client.batch-size": C.MAX_BATCH_SIZE,
+           "client.head-batch-size": C.MAX_BATCH_SIZE, "model.seq-len": C.MAX_SEQ_LEN}
+    if key in top:
+        load_config({key: top[key]}, env=False)

@@ -178,6 +178,7 @@ def test_supernode_argv_secure_by_default(tmp_path):
     assert argv[argv.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
     assert argv[argv.index("--auth-supernode-private-key") + 1] == str(tmp_path / "k")
     assert argv[argv.index("--isolation") + 1] == "process"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1", "the device's Runtime API stays on loopback"
     with pytest.raises(ValueError, match="--insecure"):
         supernode.supernode_argv(superlink="h:1", node_config="", runtime_port=1)
     insecure = supernode.supernode_argv(superlink="h:1", node_config="", runtime_port=1, insecure=True, warm=False)
