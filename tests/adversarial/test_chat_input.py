@@ -85,6 +85,9 @@ def test_hostile_chat_lines_are_refused_and_the_session_goes_on(tiny_config, tmp
 
 def test_an_unusable_kept_example_is_skipped_and_the_cohort_trains(tiny_config, tmp_path, caplog):
     """What main kept from a bad /edit (a lone surrogate) no longer fails the device's rounds."""
+    import client.feedback
+
+    client.feedback._SKIPPED.clear()  # "reported once" is per process: forget what earlier tests reported
     nodes = user_folders(tmp_path)
     victim = nodes[21]
     store = DeviceStore(victim["state-dir"])

@@ -42,7 +42,7 @@ def test_an_unexpected_exception_gives_the_fixed_text(tiny_config, tmp_path, mon
     nodes = user_folders(tmp_path, names=("alice", "bob", "carol", "dave"))
     if kind == "query.advertise":
         monkeypatch.setattr(client.secagg, "advertise",
-                            _raise_for_the_victim(client.secagg.advertise, lambda store, cfg, nid: nid))
+                            _raise_for_the_victim(client.secagg.advertise, lambda store, cfg, nid, *a, **k: nid))
     elif kind == "query.unmask":
         monkeypatch.setattr(client.secagg, "unmask",
                             _raise_for_the_victim(client.secagg.unmask, lambda store, cfg, nid, *a, **k: nid))

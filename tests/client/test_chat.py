@@ -192,8 +192,10 @@ def test_feedback_keeps_only_text_that_follows_the_rule(tmp_path, caplog):
     import logging
 
     from client.data import TextRefused
+    from client import feedback
     from client.feedback import usable
 
+    feedback._SKIPPED.clear()  # "reported once" is per process: forget what earlier tests reported
     store = DeviceStore(tmp_path / "s")
     for cue, reply in (("c", "nul\x00"), ("c", "\udcff"), ("c", "x" * 5000), ("esc\x1b", "fine"), ("c", "  ")):
         with pytest.raises(ValueError) as info:
