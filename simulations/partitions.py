@@ -68,12 +68,13 @@ def prepare_partitions(cfg: Config, users: list[UserCorpus] | None = None) -> li
     return list(users)
 
 
-def ensure_partitions(cfg: Config) -> None:
-    """Prepare the partitions unless a manifest for the same ``data.*``, seed and run is there."""
+def ensure_partitions(cfg: Config) -> int:
+    """Prepare the partitions unless a manifest for the same ``data.*``, seed and run is there; the number of users."""
     path = manifest_path(cfg)
     try:
-        if read_manifest(path).get("source") == _source(cfg):
-            return
+        manifest = read_manifest(path)
+        if manifest.get("source") == _source(cfg):
+            return len(manifest["nodes"])
     except ValueError:
         pass
-    prepare_partitions(cfg)
+    return len(prepare_partitions(cfg))

@@ -30,24 +30,12 @@ from fedpersona.config import CONFIG_ENV, RENAMED_KEYS, Config, load_config, rea
 from privacy.secagg.settings import secagg_params
 from simulations.failures import device_failures, mark_failed, rewrite_outputs
 from simulations.progress import timed_prepare
+from simulations.scenarios import CONF_DIR, scenario_path  # noqa: F401 - CONF_DIR: where callers find the shipped scenarios
 from simulations.partitions import prepare_partitions, simulated_state_dir
 from simulations.sources import DataReport, load_source_report, truncation, truncation_line
 from simulations.user_table import attach_user_table
 
 logger = logging.getLogger(__name__)
-
-CONF_DIR = Path(__file__).parent / "conf"
-
-
-def scenario_path(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    candidate = CONF_DIR / f"{name_or_path}.toml"
-    if candidate.is_file():
-        return candidate
-    known = ", ".join(sorted(x.stem for x in CONF_DIR.glob("*.toml")))
-    raise ValueError(f"No scenario {name_or_path!r}: not a file, and not one of the shipped scenarios ({known})")
 
 
 def resolve(scenario: str | None, overrides: dict[str, Any]) -> tuple[dict[str, Any], Config]:
@@ -166,6 +154,7 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
     model_dir = resolve_model_dir(cfg.model.path)  # convert the default model once, before workers start
     data_report = {**report.as_dict(), "truncation": _truncation(cfg, users, model_dir)}
     data_lines = report.lines() + [truncation_line(data_report["truncation"])]
+    data_report["lines"] = data_lines
     for line in data_lines:
         logger.info("%s", line)
     if data_report["truncation"]["share"] >= 0.25:
