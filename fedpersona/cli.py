@@ -46,7 +46,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or action.default == [] or "default" in text.lower():
+        hidden = action.default is None or action.default is False or action.default == [] \
+            or action.default == argparse.SUPPRESS
+        if hidden or "default" in text.lower():
             return text
         if action.option_strings or action.nargs in ("?", "*"):
             return f"{text} (default: %(default)s)"

@@ -2,10 +2,7 @@
 
 import io
 import json
-import os
 import re
-import subprocess
-import sys
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -17,8 +14,8 @@ from simulations.partitions import prepare_partitions
 from simulations.progress import LineDisplay, make_display
 from simulations.runner import resolve
 from simulations.sources import load_source
+from tests.fedpersona.cli_helpers import run_cli
 
-ROOT = Path(__file__).resolve().parents[2]
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -98,12 +95,7 @@ def test_cli_run_writes_each_line_once_without_ansi_codes(tiny_config, tmp_path)
     """The console script through the Flower simulation, piped (as in CI or `> run.log`), with info logs on."""
     src = _chat_file(tmp_path / "chats.jsonl")
     flat = dict(tiny_config, **{"data.source": src, "data.min-examples": 8, "eval.local-baseline": False})
-    args = [a for k, v in flat.items() for a in ("--set", f"{k}={json.dumps(v) if isinstance(v, str) else v}")]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
-    env.pop("FEDPERSONA_RUN_CONFIG", None)
-    proc = subprocess.run([sys.executable, "-m", "fedpersona.cli", "run", "--cpus", "1", "-v", *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_cli(["run", "--cpus", "1", "-v"], tmp_path, flat=flat)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out, err = proc.stdout, proc.stderr
     assert not ANSI.search(out) and not ANSI.search(err), "ANSI codes in a pipe"
