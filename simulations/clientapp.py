@@ -23,9 +23,18 @@ from simulations.partitions import ensure_partitions
 _PREPARED: set[int] = set()
 
 
+def run_folders(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The run's folders as the ServerApp resolves them (:mod:`simulations.flower_runs`): relative ones under the
+    Flower run's own folder. Flower refuses a changed ``run_config`` in its own context, so the mods and
+    handlers after this one get a context of their own (the same state object)."""
+    flat = flower_run_config(context.run_config, context.run_id)
+    if flat != dict(context.run_config):
+        context = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+                          state=context.state, run_config=flat)
+    return call_next(message, context)
+
+
 def prepare_simulated_node(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    # The run's folders, as the ServerApp resolves them (simulations.flower_runs): relative ones under the run's own.
-    context.run_config = flower_run_config(context.run_config, context.run_id)
     if "data-dir" not in context.node_config and "partition-id" in context.node_config \
             and context.run_id not in _PREPARED:
         with warnings.catch_warnings():
@@ -36,4 +45,4 @@ def prepare_simulated_node(message: Message, context: Context, call_next: Client
     return call_next(message, context)
 
 
-app = build_app(mods=[prepare_simulated_node])
+app = build_app(mods=[prepare_simulated_node], outer=[run_folders])

@@ -75,10 +75,12 @@ def federation_error(cfg: Config, nodes: int, users: int) -> str | None:
         return None
     secagg = (f"; secure aggregation needs at least secagg.min-contributors = {cfg.secagg.min_contributors} devices "
               "in every sum" if cfg.secagg.enabled and nodes < cfg.secagg.min_contributors else "")
+    fewer = (f" (or run fewer users: --run-config \"data.max-users={nodes}\")"
+             if users > nodes >= max(cfg.server.clients_per_round, cfg.secagg.min_contributors if cfg.secagg.enabled
+                                     else 1) else "")
     return (f"this simulation has {nodes} SuperNode(s), and the run's data ({cfg.data.source}, after the data.* "
             f"filters) has {users} users, one SuperNode each{secagg}. Start it with as many: "
-            f"flwr run . --federation-config \"num-supernodes={users}\" (or change data.max-users with "
-            f"--run-config \"data.max-users={nodes}\")")
+            f"flwr run . --federation-config \"num-supernodes={users}\"{fewer}")
 
 
 def check_trained(metrics: dict) -> None:
