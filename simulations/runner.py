@@ -202,9 +202,8 @@ def _origin(key: str, scenario: str | None, overrides: dict[str, Any]) -> str:
 def too_few_users(report: DataReport, cfg: Config, *, origin: str) -> str:
     """The error for a cohort larger than the users left after the filters, naming the filters' effect."""
     k = cfg.server.clients_per_round
-    dropped = [line for line in report.lines() if line.startswith("data:")][0].split("; ", 1)[-1]
     return (f"Too few users: {report.users} of the {report.users_in_source} users of {report.source} are left after "
-            f"the filters ({dropped}), fewer than a round's cohort, server.clients-per-round = {k} ({origin}). "
+            f"the filters ({report.dropped()}), fewer than a round's cohort, server.clients-per-round = {k} ({origin}). "
             f"Lower data.min-examples (now {cfg.data.min_examples}), give the source more users, or set "
             f"server.clients-per-round to at most {report.users}.")
 

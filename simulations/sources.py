@@ -77,15 +77,18 @@ class DataReport:
     examples_kept: int
     max_examples: int
 
+    def dropped(self) -> str:
+        """Which filter dropped how many users (``none dropped`` when none did)."""
+        parts = []
+        if self.below_min_examples:
+            parts.append(f"{self.below_min_examples} with fewer than data.min-examples={self.min_examples} examples")
+        if self.not_drawn:
+            parts.append(f"{self.not_drawn} not drawn (data.max-users={self.max_users})")
+        return f"dropped {', '.join(parts)}" if parts else "none dropped"
+
     def lines(self) -> list[str]:
         """The report as lines of text (the log, the progress display and summary.txt)."""
-        dropped = []
-        if self.below_min_examples:
-            dropped.append(f"{self.below_min_examples} with fewer than data.min-examples={self.min_examples} examples")
-        if self.not_drawn:
-            dropped.append(f"{self.not_drawn} not drawn (data.max-users={self.max_users})")
-        out = [f"data: {self.users} of {self.users_in_source} users of {self.source}"
-               + (f"; dropped {', '.join(dropped)}" if dropped else "; none dropped")]
+        out = [f"data: {self.users} of {self.users_in_source} users of {self.source}; {self.dropped()}"]
         cut = self.examples - self.examples_kept
         out.append(f"examples: {self.examples_kept} of the users' {self.examples} kept"
                    + (f" ({cut} beyond data.max-examples={self.max_examples} per user)" if cut else ""))

@@ -7,6 +7,7 @@ import argparse
 import io
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -105,8 +106,6 @@ def test_a_bad_key_or_path_fails_before_torch_flower_or_transformers_are_importe
 
 def test_sigterm_says_how_to_resume(tmp_path, monkeypatch, capsys, tiny_config):
     """A run stopped by SIGTERM exits 143 and prints the command that resumes it after its last checkpoint."""
-    import os
-
     import simulations.runner
 
     ckpt = Path(tiny_config["run.results-dir"]) / "demo" / "checkpoints" / "round-0001"
@@ -272,3 +271,21 @@ def test_plan_foresees_each_users_noise_and_epsilon_as_the_run_spent_them(own_ru
     assert main(["plan", *set_args(own_run["flat"]), "--device-policy", "max-epsilon=4"]) == 1
     out = capsys.readouterr().out
     assert out.count("REFUSED: ") == 5 and "policy.max-epsilon" in out and "5 user(s) would refuse" in out
+
+
+def test_the_virtualenv_finds_flowers_programs_without_being_on_path(tmp_path):
+    """`flwr run` starts `flower-superlink` by name: scripts/install.sh's .pth puts the virtualenv's bin/ on PATH
+    for the virtualenv's own Python processes, so `.venv/bin/flwr run .` works without an activated virtualenv."""
+    import sysconfig
+
+    pth = Path(sysconfig.get_paths()["purelib"]) / "fedpersona-venv-path.pth"
+    if not pth.is_file():
+        pytest.skip("installed without scripts/install.sh")
+    probe = "import os, shutil; print(shutil.which('flower-superlink')); print(os.environ['PATH'])"
+    out = subprocess.run([sys.executable, "-c", probe], env={"PATH": "/usr/bin:/bin"}, capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path).stdout.splitlines()
+    bindir = str(Path(sys.executable).parent)
+    assert out[0] == str(Path(bindir) / "flower-superlink") and out[1].split(os.pathsep)[0] == bindir
+    again = subprocess.run([sys.executable, "-c", "import os; print(os.environ['PATH'])"],
+                           env={"PATH": f"{bindir}:/usr/bin"}, capture_output=True, text=True, timeout=60).stdout
+    assert again.strip() == f"{bindir}:/usr/bin", "already on PATH: left as it is"
