@@ -148,8 +148,9 @@ def _run(args: argparse.Namespace) -> int:
         s = final["summary"]
         keys = [k for k in ("base", "shared", "personal", "local") if f"{k}-loss" in s]
         print("mean held-out loss: " + ", ".join(f"{k} {s[k + '-loss']['mean']:.3f}" for k in keys))
-    for line in metrics.get("data", {}).get("lines", []):
-        print(line)
+    if display is None:  # -q: the display did not show what the data filters and model.seq-len did
+        for line in metrics.get("data", {}).get("lines", []):
+            print(line)
     failures = int(metrics.get("failure_count", 0))
     if failures:
         users = metrics.get("failed_users", {})

@@ -32,7 +32,7 @@ from simulations.failures import device_failures, mark_failed, rewrite_outputs
 from simulations.progress import timed_prepare
 from simulations.scenarios import CONF_DIR, scenario_path  # noqa: F401 - CONF_DIR: where callers find the shipped scenarios
 from simulations.partitions import prepare_partitions, simulated_state_dir
-from simulations.sources import DataReport, load_source_report, truncation, truncation_line
+from simulations.sources import DataReport, load_source_report, truncation, truncation_line, truncation_warning
 from simulations.user_table import attach_user_table
 
 logger = logging.getLogger(__name__)
@@ -155,10 +155,11 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
     data_report = {**report.as_dict(), "truncation": _truncation(cfg, users, model_dir)}
     data_lines = report.lines() + [truncation_line(data_report["truncation"])]
     data_report["lines"] = data_lines
-    for line in data_lines:
-        logger.info("%s", line)
-    if data_report["truncation"]["share"] >= 0.25:
-        logger.warning("%s", data_lines[-1])
+    for line in data_lines:  # a display shows them; the log has them at debug level then, not twice
+        logger.log(logging.INFO if progress is None else logging.DEBUG, "%s", line)
+    warning = truncation_warning(data_report["truncation"])
+    if warning:
+        logger.warning("%s", warning)
     if progress is not None:
         progress.event("prepare-end", users=len(users), source=cfg.data.source, seconds=time.perf_counter() - t_prepare,
                        **{"users-in-source": report.users_in_source, "lines": data_lines})
