@@ -23,9 +23,12 @@ logger = logging.getLogger(__name__)
 __all__ = ["export_device", "export_model", "PERSONAL_WARNING"]
 
 PERSONAL_WARNING = ("the personalized adapter holds the personal head, which never leaves the device in a round and is "
-                    "trained on the user's text without DP noise (privacy.personal-head = local): it is written "
-                    "unencrypted to {path} (readable by its owner only). Whoever gets it can query a model of the "
-                    "user's writing; keep it on the device, and share the shared adapter alone")
+                    "trained on the user's text {how}: it is written unencrypted to {path} (readable by its owner "
+                    "only). Whoever gets it can query a model of the user's writing; keep it on the device, and share "
+                    "the shared adapter alone")
+HEAD_TRAINING = {"local": "without DP noise (privacy.personal-head = local)",
+                 "dp": "under DP-SGD with a budget of its own (privacy.personal-head = dp; its ledger's epsilon, not "
+                       "the shared adapter's, is what covers it)"}
 
 
 def export_model(model: AdaptedModel, cfg, out: str | Path, *, shared_only: bool = False,
@@ -36,7 +39,8 @@ def export_model(model: AdaptedModel, cfg, out: str | Path, *, shared_only: bool
     folders = {}
     if not shared_only:
         path = out / "personalized"
-        warnings.warn(PERSONAL_WARNING.format(path=path), stacklevel=2)
+        how = HEAD_TRAINING.get(cfg.privacy.personal_head, f"(privacy.personal-head = {cfg.privacy.personal_head})")
+        warnings.warn(PERSONAL_WARNING.format(how=how, path=path), stacklevel=2)
         folders["personalized"] = export_lora(model, path, base_model=base, personal=True,
                                               info={**(info or {}), "model": "personalized (shared + personal head)"})
     folders["shared"] = export_lora(model, out / "shared", base_model=base, personal=False,
