@@ -265,10 +265,11 @@ def evaluate(message: Message, context: Context) -> Message:
     return Message(content, reply_to=message)
 
 
-def build_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
+def build_app(*, mods: Sequence[Mod] = (), outer: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp: the flow log outermost (it records each reply as it leaves), then the device's own
-    failure log, then ``mods``, then the handlers."""
-    client_app = ClientApp(mods=[inventory_mod, failure_mod, *mods])
+    failure log, then ``mods``, then the handlers. ``outer``: mods before the flow log (they may hand it
+    another context, never another reply)."""
+    client_app = ClientApp(mods=[*outer, inventory_mod, failure_mod, *mods])
     client_app.train()(train)
     client_app.query("advertise")(advertise)
     client_app.query("consistency")(consistency)

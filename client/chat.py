@@ -132,7 +132,10 @@ class ChatSession:
     """One conversation with the personalized model (already loaded with the shared adapter and the head)."""
 
     def __init__(self, model, cfg, store, *, profile: str = "", max_new_tokens: int = 48, temperature: float = 0.7,
-                 seed: int = 0, pairs: Iterable[tuple[str, str]] | None = None, exemplars: int = 0) -> None:
+                 seed: int = 0, pairs: Iterable[tuple[str, str]] | None = None, exemplars: int = 0,
+                 compare_base: bool = False) -> None:
+        """``compare_base``: after each draft, also the base model's (every adapter off, the same context), shown
+        for comparison only: feedback always applies to the personalized draft."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1. You passed: {max_new_tokens!r}")
         if temperature < 0:
@@ -142,6 +145,7 @@ class ChatSession:
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.generator_seed = seed
         self.pairs, self.exemplars = list(pairs or ()), check_count(exemplars)
+        self.compare_base = compare_base
         self.device = model.device  # placed where model.device / model.dtype say (fedpersona.model.adapted_model)
         tok = model.tokenizer
         self._end = tok.convert_tokens_to_ids(IM_END)
@@ -190,7 +194,12 @@ class ChatSession:
         return ids
 
     @torch.no_grad()
-    def draft(self, turns: list[tuple[str, str]], message: str) -> str:
+    def draft(self, turns: list[tuple[str, str]], message: str, *, base: bool = False) -> str:
+        """The reply drafted for ``message``; ``base``: by the base model (every adapter off, the same context)."""
+        if base:  # on a forked generator: the personalized drafts are the same with or without the comparison
+            cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda), self.model.adapters_disabled():
+                return self.draft(turns, message)
         ids = torch.tensor([self.context_ids(turns, message)], dtype=torch.long, device=self.device)
         tok = self.model.tokenizer
         sample = self.temperature > 0
@@ -230,6 +239,8 @@ class ChatSession:
                 pending = (line, self.draft(counts.turns, line))
                 counts.drafts += 1
                 say(f"assistant: {pending[1] or '(empty draft)'}")
+                if self.compare_base:
+                    say(f"base model: {self.draft(counts.turns, line, base=True) or '(empty draft)'}")
             else:
                 command, _, arg = line.partition(" ")
                 arg = arg.strip()

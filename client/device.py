@@ -145,6 +145,15 @@ def _check_delta(cfg: Config, user_id: str, n_train: int) -> None:
         raise PolicyViolation("privacy.delta", cfg.privacy.delta, "must be below 1/(this device's training examples)")
 
 
+def kept_pairs(cfg: Config, user_id: str, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The user's examples the device keeps: all, or a subset of ``data.max-examples`` seeded by (seed, user)."""
+    if len(pairs) <= cfg.data.max_examples:
+        return list(pairs)
+    gen = torch.Generator().manual_seed(int(hashlib.sha256(f"{cfg.run.seed}:{user_id}".encode()).hexdigest()[:15], 16))
+    keep = sorted(torch.randperm(len(pairs), generator=gen)[: cfg.data.max_examples].tolist())
+    return [pairs[i] for i in keep]
+
+
 def prepare_user(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tuple[str, str]], *,
                  store: DeviceStore | None = None) -> UserData:
     """Cap, split, tokenize, and run the frozen lower blocks once per example.
@@ -155,10 +164,7 @@ def prepare_user(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tup
     """
     if len(pairs) < 2:
         raise ValueError(f"User {user_id!r} has only {len(pairs)} example(s); at least 2 are needed")
-    if len(pairs) > cfg.data.max_examples:
-        gen = torch.Generator().manual_seed(int(hashlib.sha256(f"{cfg.run.seed}:{user_id}".encode()).hexdigest()[:15], 16))
-        keep = sorted(torch.randperm(len(pairs), generator=gen)[: cfg.data.max_examples].tolist())
-        pairs = [pairs[i] for i in keep]
+    pairs = kept_pairs(cfg, user_id, pairs)
     train_pairs, held_pairs = split_examples(pairs, eval_fraction=cfg.data.eval_fraction, seed=cfg.run.seed, key=user_id)
     _check_delta(cfg, user_id, len(train_pairs))
 

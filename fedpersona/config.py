@@ -10,6 +10,7 @@ validates every value, raising ``ValueError`` that names the field and value.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -386,6 +387,51 @@ def known_keys() -> list[str]:
     return [f"{s}.{n.replace('_', '-')}" for s, fs in _section_types().items() for n in fs]
 
 
+def suggest_key(key: str) -> str | None:
+    """The known key a mistyped ``key`` most likely meant (``privacy.target_epsilon``, ``privcy.delta``,
+    ``target-epsilon``), or None when no key is close."""
+    keys = known_keys()
+    fixed = key.strip().lower().replace("_", "-")
+    if fixed in keys:
+        return fixed
+    if "." not in fixed:  # a key without its section: the one section that has it
+        owners = [k for k in keys if k.split(".", 1)[1] == fixed]
+        if len(owners) == 1:
+            return owners[0]
+    close = difflib.get_close_matches(fixed, keys, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    section, _, name = fixed.partition(".")
+    sections = sorted({k.split(".", 1)[0] for k in keys})
+    near = difflib.get_close_matches(section, sections, n=1, cutoff=0.6)
+    if near and name:
+        in_section = [k for k in keys if k.startswith(near[0] + ".")]
+        close = difflib.get_close_matches(f"{near[0]}.{name}", in_section, n=1, cutoff=0.6)
+        if close:
+            return close[0]
+    return None
+
+
+def unknown_keys_message(unknown: list[str]) -> str:
+    """The error for unknown config keys: for each, the key it most likely meant, or the keys of its section."""
+    keys = known_keys()
+    sections = sorted({k.split(".", 1)[0] for k in keys})
+    hints = []
+    for key in sorted(unknown):
+        guess = suggest_key(key)
+        if guess is not None:
+            hints.append(f"'{key}': did you mean '{guess}'?")
+            continue
+        section = key.partition(".")[0]
+        if section in sections:
+            names = ", ".join(k.split(".", 1)[1] for k in keys if k.startswith(section + "."))
+            hints.append(f"'{key}': [{section}] has {names}.")
+        else:
+            hints.append(f"'{key}': no section '{section}' (sections: {', '.join(sections)}).")
+    return (f"Unknown config key(s): {', '.join(sorted(unknown))}. " + " ".join(hints)
+            + " Every key: README.md, Configuration reference.")
+
+
 def _coerce(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -456,9 +502,7 @@ def load_config(raw: Mapping[str, Any] | None = None, *, env: bool = True) -> Co
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         values[section][attr] = _coerce(key, value, default)
     if unknown:
-        raise ValueError(
-            f"Unknown config key(s): {', '.join(sorted(unknown))}. Known keys: {', '.join(known_keys())}"
-        )
+        raise ValueError(unknown_keys_message(unknown))
     sections = {}
     for sf in fields(Config):
         sections[sf.name] = sf.default_factory(**values[sf.name])  # type: ignore[misc]

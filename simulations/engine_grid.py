@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from flwr.app import Message
 
@@ -114,10 +114,11 @@ class EngineGrid(InProcessGrid):
         self._train_ahead(messages)
         return super().push_messages(messages)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None,
+                         on_reply: Callable[[Message], None] | None = None) -> Iterable[Message]:
         messages = list(messages)
         self._train_ahead(messages)
-        return super().send_and_receive(messages, timeout=timeout)
+        return super().send_and_receive(messages, timeout=timeout, on_reply=on_reply)
 
     # ------------------------------------------------------------------ the cohort
     def device(self, node_id: int) -> Device:

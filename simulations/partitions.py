@@ -83,14 +83,14 @@ def provision_identities(cfg: Config, state_dirs) -> Path:
     return root
 
 
-def ensure_partitions(cfg: Config) -> None:
-    """Prepare the partitions unless a manifest for the same ``data.*``, seed and run is there."""
+def ensure_partitions(cfg: Config) -> int:
+    """Prepare the partitions unless a manifest for the same ``data.*``, seed and run is there; the number of users."""
     path = manifest_path(cfg)
     try:
-        doc = read_manifest(path)
-        if doc.get("source") == _source(cfg):
-            provision_identities(cfg, [Path(n["state-dir"]) for n in doc["nodes"].values()])
-            return
+        manifest = read_manifest(path)
+        if manifest.get("source") == _source(cfg):
+            provision_identities(cfg, [Path(n["state-dir"]) for n in manifest["nodes"].values()])
+            return len(manifest["nodes"])
     except ValueError:
         pass
-    prepare_partitions(cfg)
+    return len(prepare_partitions(cfg))
