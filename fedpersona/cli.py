@@ -117,7 +117,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from simulations.utility import main as utility_main
 
         return utility_main(args.scenario, epsilons=args.epsilons, quick=args.quick, overrides=_overrides(args.set),
-                            vary=args.vary)
+                            vary=args.vary, vary_row=args.vary_row, rows=args.rows, resume=args.resume,
+                            central_steps=args.central_steps, device_policy=_overrides(args.device_policy))
     if args.what == "attribution":
         from simulations.utility import finished_run_attribution
 
@@ -245,7 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--epsilons", default="1,4,8", help="utility: epsilons of the DP federated rows (default 1,4,8)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="utility: override a config key")
     b.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
-                   help="utility: one more DP federated row per value (at the largest epsilon)")
+                   help="utility: one more row per value, on the row kind --vary-row (at the largest epsilon)")
+    b.add_argument("--vary-row", default="device", choices=["nodp", "device", "sum", "ddp"],
+                   help="utility: the row --vary changes (sum: t = K/2; default: device)")
+    b.add_argument("--rows", default=None, metavar="KIND,KIND",
+                   help="utility: which federated rows to run, of nodp,device,sum,ddp (default: all)")
+    b.add_argument("--resume", action="store_true",
+                   help="utility: reuse the rows already measured for the same config and users (results/<run>/utility-runs)")
+    b.add_argument("--central-steps", type=int, default=None,
+                   help="utility: Adam steps of the pooled upper bound (default: one pass over the pooled examples, >= 80)")
+    b.add_argument("--device-policy", action="append", default=[], metavar="KEY=VALUE",
+                   help="utility: policy.* keys of the devices of rows run through the real apps (the sum rows)")
     b.add_argument("--initial", action="store_true", help="newcomer: start from the initial shared adapter, not a checkpoint")
     b.set_defaults(func=_cmd_bench)
 
