@@ -600,25 +600,12 @@ def study(scenario: str | None = "demo", overrides: dict[str, Any] | None = None
         (cache_dir / "base.json").write_text(json.dumps({"digest": base_digest, "loss": base, "accuracy": base_acc}))
     else:
         base, base_acc = cached["loss"], cached["accuracy"]
-    table = [_row("base", [base[u] for u in user_ids], [base_acc[u] for u in user_ids])]
-    # The upper bound: the same adapters without DP on every user's training examples pooled.
+    base_row = _row("base", [base[u] for u in user_ids], [base_acc[u] for u in user_ids])
     pooled_n = sum(len(u.data.train) for u in users)
     steps = central_steps if central_steps is not None else (
         4 if quick else max(CENTRAL_STEPS, math.ceil(pooled_n / CENTRAL_BATCH)))
-    pooled_digest = _digest({"pooled": data_key, "users": user_ids, "steps": steps, "batch": CENTRAL_BATCH,
-                             "lr": CENTRAL_LR, "client.cache-activations": flat.get("client.cache-activations")})
-    cached = _load_cached(cache_dir / "pooled.json", pooled_digest) if resume else None
-    if cached is None:
-        tc = time.perf_counter()
-        central = centralized(base_cfg, users, steps=steps, batch_size=CENTRAL_BATCH, lr=CENTRAL_LR,
-                              seed=base_cfg.run.seed)
-        cached = {"digest": pooled_digest, "rows": central, "seconds": time.perf_counter() - tc}
-        (cache_dir / "pooled.json").write_text(json.dumps(cached))
-    central = cached["rows"]
-    table.append(_row("central (pooled, no DP)", [r["loss"] for r in central], [r["accuracy"] for r in central],
-                      better_than_base=_share([r["loss"] < base[r["user-id"]] for r in central]),
-                      seconds=cached["seconds"]))
-    specs = study_rows(base_cfg, epsilons, len(users), kinds=tuple(rows))
+    order = {k: i for i, k in enumerate(rows)}
+    specs = sorted(study_rows(base_cfg, epsilons, len(users), kinds=tuple(rows)), key=lambda r: order[r.kind])
     varied = []
     for spec_text in vary or []:
         key, values = _vary_values(spec_text)
@@ -631,13 +618,36 @@ def study(scenario: str | None = "demo", overrides: dict[str, Any] | None = None
             varied.append({"key": key, "value": v, "label": label, "on": target.label})
     runs: dict[str, FederatedRun] = {}
     per_user: dict[str, list[dict]] = {}
-    summary: list[dict[str, Any]] = []
+    entries: list[tuple[RowSpec, FederatedRun | str]] = []  # each row: its run, or why it has none
+    pooled: dict[str, Any] = {}
     result: dict[str, Any] = {
-        "scenario": scenario, "config": flat, "epsilons": sorted(epsilons), "quick": quick, "table": table,
-        "summary": summary, "varied": varied, "users": user_ids, "base_per_user": base, "per_user": per_user,
+        "scenario": scenario, "config": flat, "epsilons": sorted(epsilons), "quick": quick, "table": [],
+        "summary": [], "varied": varied, "users": user_ids, "base_per_user": base, "per_user": per_user,
         "central_steps": steps, "pooled_examples": pooled_n, "rows_asked": list(rows),
     }
-    local_nodp: dict[str, float] | None = None
+
+    def publish() -> None:
+        """Rebuild the tables from every row so far and write them (a long study leaves results as it goes)."""
+        local_nodp = next(({r["user-id"]: r["local-loss"] for r in run.rows} for spec, run in entries
+                           if spec.kind == "nodp" and not isinstance(run, str) and "local-loss" in run.rows[0]), None)
+        table = [base_row]
+        if pooled:
+            table.append(_row("central (pooled, no DP)", [r["loss"] for r in pooled["rows"]],
+                              [r["accuracy"] for r in pooled["rows"]],
+                              better_than_base=_share([r["loss"] < base[r["user-id"]] for r in pooled["rows"]]),
+                              seconds=pooled["seconds"]))
+        summary = []
+        for spec, run in entries:
+            if isinstance(run, str):
+                summary.append({"row": spec.label, "kind": spec.kind, "unit": spec.unit, "status": run})
+                continue
+            part = rows_of_run(spec.label, run, base, local_nodp)
+            table.extend(part)
+            summary.append(_summary_of(spec, part, run))
+        result["table"], result["summary"] = table, summary
+        _finish(result, table, t0)
+        result["files"] = write_outputs(run_dir, result)
+
     for spec in specs:
         try:
             cfg = load_config({**flat, **spec.overrides}, env=False)
@@ -647,7 +657,7 @@ def study(scenario: str | None = "demo", overrides: dict[str, Any] | None = None
             else:
                 why = f"config refused: {exc}"
             logger.warning("utility study: %s skipped: %s", spec.label, why)
-            summary.append({"row": spec.label, "kind": spec.kind, "unit": spec.unit, "status": f"skipped: {why}"})
+            entries.append((spec, f"skipped: {why}"))
             continue
         digest = _digest({"row": {**flat, **spec.overrides}, "users": user_ids})
         cache_file = cache_dir / f"{spec.slug}.json"
@@ -666,29 +676,35 @@ def study(scenario: str | None = "demo", overrides: dict[str, Any] | None = None
                                              device_policy=device_policy)
             except Exception as exc:  # a long study goes on with its other rows; the reason is in the table
                 logger.exception("utility study: %s failed", spec.label)
-                summary.append({"row": spec.label, "kind": spec.kind, "unit": spec.unit,
-                                "status": f"failed: {type(exc).__name__}: {exc}"})
+                entries.append((spec, f"failed: {type(exc).__name__}: {exc}"))
                 continue
             cache_file.write_text(json.dumps(_finite({"digest": digest, "label": spec.label, "rows": run.rows,
                                                       "seconds": run.seconds, "declined": run.declined,
                                                       "aborted": run.aborted, "update_norms": run.update_norms})))
-        if spec.kind == "nodp" and "local-loss" in run.rows[0]:
-            local_nodp = {r["user-id"]: r["local-loss"] for r in run.rows}
         runs[spec.label] = run
         per_user[spec.label] = run.rows
-        part = rows_of_run(spec.label, run, base, local_nodp)
-        table.extend(part)
-        summary.append(_summary_of(spec, part, run))
-        _finish(result, table, t0)
-        result["files"] = write_outputs(run_dir, result)
-    _finish(result, table, t0)
+        entries.append((spec, run))
+        publish()
+    # The upper bound, last (the federated rows come first on a slow machine): the same adapters without DP
+    # on every user's training examples pooled. --central-steps 0 leaves it out.
+    if steps > 0:
+        pooled_digest = _digest({"pooled": data_key, "users": user_ids, "steps": steps, "batch": CENTRAL_BATCH,
+                                 "lr": CENTRAL_LR})
+        cached = _load_cached(cache_dir / "pooled.json", pooled_digest) if resume else None
+        if cached is None:
+            tc = time.perf_counter()
+            central = centralized(base_cfg, users, steps=steps, batch_size=CENTRAL_BATCH, lr=CENTRAL_LR,
+                                  seed=base_cfg.run.seed)
+            cached = {"digest": pooled_digest, "rows": central, "seconds": time.perf_counter() - tc}
+            (cache_dir / "pooled.json").write_text(json.dumps(cached))
+        pooled.update(cached)
     if attribution_users:
         result["attribution"] = {}
         for spec in specs:
             run = runs.get(spec.label)
             if run is not None and run.devices and (spec.kind == "nodp" or spec.slug == f"device-eps{max(epsilons):g}"):
                 result["attribution"][spec.label] = attribution(run)
-    result["files"] = write_outputs(run_dir, result)
+    publish()
     return result
 
 
@@ -710,17 +726,18 @@ def _summary_of(spec: RowSpec, part: list[dict], run: FederatedRun) -> dict[str,
 def _finish(result: dict[str, Any], table: list[dict], t0: float) -> None:
     """Gains over base and the share of the pooled (non-private, central) gain each row recovers."""
     b = table[0]["mean"]
-    pooled = next(r for r in table if r["row"] == "central (pooled, no DP)")["mean"]
+    pooled = next((r["mean"] for r in table if r["row"] == "central (pooled, no DP)"), None)
+    ok = pooled is not None and b != pooled
     for r in table:
         r["gain"] = (b - r["mean"]) / b
-        r["recovered"] = (b - r["mean"]) / (b - pooled) if b != pooled else math.nan
+        r["recovered"] = (b - r["mean"]) / (b - pooled) if ok else math.nan
     for s in result["summary"]:
         if s.get("status") != "ok":
             continue
         for part in ("shared", "personalized", "local"):
             v = s.get(part)
             s[f"gain_{part}"] = (b - v) / b if v is not None else None
-            s[f"recovered_{part}"] = (b - v) / (b - pooled) if v is not None and b != pooled else None
+            s[f"recovered_{part}"] = (b - v) / (b - pooled) if v is not None and ok else None
     result["base_mean"], result["pooled_mean"] = b, pooled
     result["seconds"] = time.perf_counter() - t0
 
