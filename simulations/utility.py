@@ -549,7 +549,8 @@ def study(scenario: str | None = "demo", overrides: dict[str, Any] | None = None
           device_policy: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the whole study; returns (and writes, after every row) the result document.
 
-    ``rows``: the kinds of federated rows to run (:data:`KINDS`). A row whose config keys this code
+    ``rows``: the kinds of federated rows to run (:data:`KINDS`), in that order; the pooled upper bound
+    runs after them (``central_steps = 0`` leaves it out). A row whose config keys this code
     does not know (the ``sum`` rows before the noise-on-the-sum mechanism exists) is listed as skipped
     with the reason. ``vary`` (``KEY=V1,V2``): one more row per value on top of the row kind
     ``vary_row`` (its largest-epsilon row; ``sum``: t = K/2). ``resume``: reuse each row (base,
