@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from client.node_data import slug
-from simulations.utility import (ddp_noise_for, format_summary, format_table, shared_dim, study,
+from simulations.utility import (ddp_noise_for, format_summary, format_table, max_participations, shared_dim, study,
                                  study_rows)
 
 
@@ -222,3 +222,21 @@ def test_attribution_of_a_finished_run(tiny_config):
     assert r["top1"] >= 0.75 and r["ratio_to_chance"] == pytest.approx(r["top1"] * 4)
     saved = json.loads((Path(cfg.run.results_dir) / cfg.run.name / "attribution.json").read_text())
     assert saved["ranks"] == r["ranks"]
+
+
+def test_the_study_scenario_holds_ten_thousand_training_records():
+    """simulations/conf/study.toml: at least 10,000 training records across its users, delta below 1/n."""
+    from client.data import split_examples
+    from simulations.runner import resolve
+    from simulations.sources import load_source
+
+    _, cfg = resolve("study", {})
+    users = load_source(cfg.data, cfg.run.seed)
+    sizes = [len(split_examples(list(range(min(len(u.examples), cfg.data.max_examples))),
+                                eval_fraction=cfg.data.eval_fraction, seed=cfg.run.seed, key=u.user_id)[0])
+             for u in users]
+    assert len(users) == 103 and sum(sizes) == 10_368 and min(sizes) == 64
+    assert max(len(u.examples) for u in users) <= cfg.data.max_examples  # every speech of every user
+    assert cfg.privacy.delta < 1 / min(sizes)
+    # Balanced sampling: no device is asked more often than it planned its noise for.
+    assert max_participations(cfg, len(users)) == cfg.privacy.planned_rounds == 4
