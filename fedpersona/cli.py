@@ -282,7 +282,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from simulations.utility import main as utility_main
 
         return utility_main(args.scenario, epsilons=args.epsilons, quick=args.quick, overrides=_overrides(args.set),
-                            vary=args.vary)
+                            vary=args.vary, vary_row=args.vary_row, rows=args.rows, resume=args.resume,
+                            central_steps=args.central_steps, device_policy=_overrides(args.device_policy))
     if args.what == "attribution":
         from simulations.utility import finished_run_attribution
 
@@ -340,7 +341,17 @@ def _add_bench(sub) -> None:
     u.add_argument("--quick", action="store_true", help="fewer users and rounds (a smoke run)")
     u.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     u.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
-                   help="one more DP federated row per value, at the largest epsilon (repeatable)")
+                   help="one more row per value, on the row kind --vary-row, at the largest epsilon (repeatable)")
+    u.add_argument("--vary-row", default="device", choices=["nodp", "device", "sum", "ddp"],
+                   help="the row --vary changes (sum: t = K/2)")
+    u.add_argument("--rows", default=None, metavar="KIND,KIND",
+                   help="which federated rows to run, of nodp,device,sum,ddp (default: all)")
+    u.add_argument("--resume", action="store_true",
+                   help="reuse the rows already measured for the same config and users (results/<run>/utility-runs)")
+    u.add_argument("--central-steps", type=int, default=None,
+                   help="Adam steps of the pooled upper bound (default: one pass over the pooled examples, >= 80)")
+    u.add_argument("--device-policy", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy.* keys of the devices of rows run through the real apps (the sum rows; repeatable)")
 
     n = bs.add_parser("newcomer", help="a user who joins late: head, profile prompt, Reptile-style",
                       description="Users the run never trained on, starting from its shared adapter: the head, the "
