@@ -45,6 +45,7 @@ from client import secagg
 from client.device import LEDGER, BudgetExhausted, Device, state_dir_for
 from client.failures import failure_mod
 from client.flow_log import inventory_mod
+from client.freshness import freshness_mod
 from client.policy import PolicyViolation
 from client.store import DeviceStore, StateError
 from fedpersona.config import Config, load_config
@@ -237,8 +238,9 @@ def evaluate(message: Message, context: Context) -> Message:
 
 def build_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp: the flow log outermost (it records each reply as it leaves), then the device's own
-    failure log, then ``mods``, then the handlers."""
-    client_app = ClientApp(mods=[inventory_mod, failure_mod, *mods])
+    failure log, then ``mods``, then the store's one commit per message (:mod:`client.freshness`), then
+    the handlers."""
+    client_app = ClientApp(mods=[inventory_mod, failure_mod, *mods, freshness_mod])
     client_app.train()(train)
     client_app.query("advertise")(advertise)
     client_app.query("unmask")(unmask)
