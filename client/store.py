@@ -636,7 +636,10 @@ class DeviceStore:
         if anchor is None:
             return None
         if anchor.refused:
-            return f"refused since a rollback was detected: {anchor.refused}"
+            healed = (state.store_id == anchor.store_id and state.gen >= anchor.gen
+                      and state.history.get(anchor.gen) == anchor.chain)
+            if not healed:  # (the newest state put back: the refusal ends, the next commit rewrites the anchor)
+                return f"refused since a rollback was detected: {anchor.refused}"
         if state.store_id is None:
             if anchor.gen > 0:
                 return (f"the state folder holds no record but its anchor records generation {anchor.gen} (its records "

@@ -624,3 +624,82 @@ def test_earlier_layout_is_converted_with_its_checks(tmp_path):
     _v1_store(tmp_path / "gone", key, {}, {"ledger": 4})
     with pytest.raises(StateError, match="ledger.*was deleted; refusing to start with a fresh privacy budget"):
         DeviceStore(tmp_path / "gone", key=key).load_text("ledger")
+
+
+# ------------------------------------------------------------------------------------------- a participation
+def test_a_participation_fsyncs_at_most_twice_per_message(tiny_config, tmp_path, monkeypatch):
+    """The real ClientApp on real (tiny) devices, two rounds and the final evaluation under secure aggregation:
+    after the one-off creation of a device's store, every message costs at most two fsyncs, and the state it
+    changed is committed before its reply leaves."""
+    import warnings
+
+    import client.app as client_app
+    import client.flow_log as client_inventory
+    from fedpersona.config import load_config
+    from server.federation import run_federation
+    from simulations.inprocess import InProcessGrid
+    from tests.adversarial.helpers import flat_config, user_folders
+
+    flat = flat_config(tiny_config, **{"server.num-rounds": 2, "eval.final": True})
+    nodes = user_folders(tmp_path)
+    calls: list[int] = []
+    counts: list[tuple[str, int, int, int]] = []  # (message type, node, fsyncs, committed generation at reply)
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        calls.append(fd)
+        return real_fsync(fd)
+
+    def counting_app(message, context):
+        calls.clear()
+        with monkeypatch.context() as m:
+            m.setattr(os, "fsync", fsync)
+            m.setattr(os, "fdatasync", fsync)
+            reply = client_app.app(message, context)
+        generation = DeviceStore(context.node_config["state-dir"]).generation
+        counts.append((message.metadata.message_type, context.node_id, len(calls), generation))
+        return reply
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = load_config(flat, env=False)
+    client_app._DEVICES.clear()
+    client_inventory._STATE_DIRS.clear()
+    try:
+        with InProcessGrid(counting_app, nodes, flat, run_id=77) as grid:
+            metrics = run_federation(grid, cfg)
+    finally:
+        client_app._DEVICES.clear()
+        client_inventory._STATE_DIRS.clear()
+    assert [r["applied"] for r in metrics["rounds"]] == [True, True] and not metrics["final"].get("aborted")
+    for node in nodes:
+        mine = [c for c in counts if c[1] == node]
+        assert [c[0] for c in mine] == ["query.advertise", "train", "query.unmask", "train", "query.unmask",
+                                        "evaluate", "query.unmask"]
+        assert mine[0][2] > 2  # the store's creation: key, journals, anchor (once per device)
+        assert all(c[2] <= 2 for c in mine[1:]), mine
+        # One commit per message: each message's writes are one generation, on disk when the reply leaves.
+        assert [c[3] for c in mine] == list(range(1, len(mine) + 1)), mine
+
+
+def test_putting_the_newest_state_back_ends_the_refusal(tmp_path):
+    store = DeviceStore(tmp_path / "s")
+    store.save_text("ledger", "spent 1")
+    shutil.copytree(tmp_path / "s", tmp_path / "old")
+    store.save_text("ledger", "spent 3.9")
+    receipt = store.receipt()
+    shutil.copytree(tmp_path / "s", tmp_path / "newest")
+    shutil.rmtree(tmp_path / "s")
+    shutil.copytree(tmp_path / "old", tmp_path / "s")
+    restart()
+    with pytest.raises(RollbackDetected):
+        DeviceStore(tmp_path / "s").check_receipt(receipt)
+    shutil.rmtree(tmp_path / "s")
+    shutil.copytree(tmp_path / "newest", tmp_path / "s")
+    restart()
+    healed = DeviceStore(tmp_path / "s")
+    assert healed.load_text("ledger") == "spent 3.9" and healed.check_receipt(receipt)
+    healed.save_text("ledger", "spent 4.0")
+    shutil.rmtree(tmp_path / "s")
+    shutil.copytree(tmp_path / "old", tmp_path / "s")  # and the old copy is still refused
+    _assert_refused_unchanged(tmp_path / "s", "rolled back", error=RollbackDetected)
