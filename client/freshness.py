@@ -31,18 +31,19 @@ from client.node_data import context_state_dir
 from client.store import DeviceStore, RollbackDetected, StateError
 from fedpersona.receipts import put_receipt, take_receipt
 
-__all__ = ["COMMIT_FAILED", "freshness_mod"]
+__all__ = ["STATE_FAILED", "freshness_mod"]
 
 logger = logging.getLogger(__name__)
 
 CLIENT_ERROR = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-#: The error reply's text when the device could not commit the state a reply depends on.
-COMMIT_FAILED = "the device could not save the state this {kind} request changed; nothing was sent"
+#: The error reply's text when the device's state could not be read or committed (not a rollback).
+STATE_FAILED = ("the device could not use its state for this {kind} request; nothing was sent; the details are in "
+                "the device's own log")
 
 
 def _refusal(message: Message, exc: StateError) -> Message:
     kind = message.metadata.message_type
-    public = exc.public_reason if isinstance(exc, RollbackDetected) else COMMIT_FAILED.format(kind=kind)
+    public = exc.public_reason if isinstance(exc, RollbackDetected) else STATE_FAILED.format(kind=kind)
     logger.error("node %s: %s request refused: %s: %s", message.metadata.dst_node_id, kind, type(exc).__name__, exc)
     return Message(Error(code=CLIENT_ERROR, reason=f"{type(exc).__name__}: {public}"), reply_to=message)
 
@@ -61,7 +62,8 @@ def freshness_mod(message: Message, context: Context, call_next: ClientAppCallab
             if receipt is not None:
                 store.check_receipt(receipt)
             reply = call_next(message, context)
-    except StateError as exc:  # refused before the handler ran, or its commit failed: nothing left the device
+    except StateError as exc:  # refused before the handler ran (unreadable, rolled back), or its commit failed:
+        # nothing left the device (a handler's own StateError becomes its own error reply)
         return _refusal(message, exc)
     if reply.has_content():
         try:

@@ -50,7 +50,7 @@ converted on first use.
 
 The key is, in order: the ``key`` argument, the ``FEDPERSONA_DEVICE_KEY`` environment variable
 (64 hex characters), or ``device.key`` (created on the first write). The anchor folder is, in
-order: the ``anchor_dir`` argument, ``FEDPERSONA_ANCHOR_DIR``, or ``.fedpersona-anchors`` beside
+order: the ``anchor_dir`` argument, ``FEDPERSONA_ANCHOR_DIR``, or ``_fedpersona-anchors`` beside
 the state folder.
 
 Record format: ``b"FPJ2" | index length (4 bytes) | blob area length (8 bytes) | index | blob
@@ -94,7 +94,7 @@ KEY_FILE = "device.key"
 LOCK_FILE = ".lock"
 JOURNALS = ("_journal-a.enc", "_journal-b.enc")
 FRESHNESS_FILE = "freshness.jsonl"
-ANCHOR_DIRNAME = ".fedpersona-anchors"
+ANCHOR_DIRNAME = "_fedpersona-anchors"
 ANCHOR_SUFFIX = ".anchor"
 
 _FORMAT_TAG = b"fedpersona-device-store/v2"
@@ -156,7 +156,7 @@ def _now() -> str:
 
 def default_anchor_dir(state_dir: str | os.PathLike) -> Path:
     """Where the anchor of ``state_dir`` lives unless told otherwise: ``$FEDPERSONA_ANCHOR_DIR``, else
-    ``.fedpersona-anchors`` beside the state folder (outside it: a copy of the state folder restored
+    ``_fedpersona-anchors`` beside the state folder (outside it: a copy of the state folder restored
     over it leaves the anchor as it is)."""
     env = os.environ.get(ANCHOR_ENV)
     if env:
@@ -165,7 +165,9 @@ def default_anchor_dir(state_dir: str | os.PathLike) -> Path:
 
 
 def _chain(prev: bytes, gen: int, body: bytes) -> bytes:
-    return hashlib.sha256(b"fedpersona-chain\x00" + prev + gen.to_bytes(8, "big") + hashlib.sha256(body).digest()).digest()
+    h = hashlib.sha256(b"fedpersona-chain\x00" + prev + gen.to_bytes(8, "big"))
+    h.update(hashlib.sha256(body).digest())
+    return h.digest()
 
 
 def _body_bytes(store_id: str, gen: int, snapshot: bool, blobs: list) -> bytes:
@@ -282,7 +284,8 @@ class DeviceStore:
         else:
             self._key = None  # read from / created in the key file on first use
             self._key_source = str(self.key_path)
-        self.anchor_dir = Path(anchor_dir).expanduser() if anchor_dir is not None else default_anchor_dir(self.state_dir)
+        self.anchor_dir = (Path(anchor_dir).expanduser() if anchor_dir is not None
+                           else default_anchor_dir(self.state_dir))
         inside = os.path.realpath(self.anchor_dir) + os.sep
         if inside.startswith(os.path.realpath(self.state_dir) + os.sep):
             raise ValueError(f"the anchor folder must lie outside the state folder it protects (a restored copy of "
@@ -380,7 +383,8 @@ class DeviceStore:
     # ------------------------------------------------------------------------ encryption
     @staticmethod
     def _blob_aad(store_id: bytes, name: str, kind: str, gen: int) -> bytes:
-        return _FORMAT_TAG + b"\x00blob\x00" + store_id + name.encode() + b"\x00" + kind.encode() + gen.to_bytes(8, "big")
+        return (_FORMAT_TAG + b"\x00blob\x00" + store_id + name.encode() + b"\x00" + kind.encode()
+                + gen.to_bytes(8, "big"))
 
     @staticmethod
     def _seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
@@ -596,7 +600,8 @@ class DeviceStore:
             try:
                 plain = self._open(key, raw[4:], _FORMAT_TAG + b"\x00anchor\x00" + path.name.encode() + bytes([slot]))
                 doc = json.loads(plain.rstrip(b" "))
-                a = _Anchor(bytes.fromhex(doc["store"]), int(doc["gen"]), bytes.fromhex(doc["chain"]), doc.get("refused"))
+                a = _Anchor(bytes.fromhex(doc["store"]), int(doc["gen"]), bytes.fromhex(doc["chain"]),
+                            doc.get("refused"))
             except (InvalidTag, ValueError, KeyError, TypeError):
                 continue
             if best is None or (a.gen, a.refused is not None) > (best.gen, best.refused is not None):
@@ -613,7 +618,8 @@ class DeviceStore:
 
         def slot_bytes(slot: int) -> bytes:
             plain = json.dumps(doc, sort_keys=True).encode().ljust(_ANCHOR_PLAIN, b" ")
-            return _ANCHOR_MAGIC + self._seal(key, plain, _FORMAT_TAG + b"\x00anchor\x00" + path.name.encode() + bytes([slot]))
+            aad = _FORMAT_TAG + b"\x00anchor\x00" + path.name.encode() + bytes([slot])
+            return _ANCHOR_MAGIC + self._seal(key, plain, aad)
 
         created = not path.exists()
         if created:

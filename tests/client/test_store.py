@@ -75,7 +75,7 @@ def test_plaintext_not_on_disk(tmp_path):
     with store.transaction():
         store.save_tensors("personal", {"marker": torch.tensor(list(b"SECRETMARKER"), dtype=torch.uint8)})
         store.save_text("profile", "the user writes like SECRETPROFILE")
-    for p in list((tmp_path / "s").iterdir()) + list((tmp_path / ".fedpersona-anchors").iterdir()):
+    for p in list((tmp_path / "s").iterdir()) + list((tmp_path / "_fedpersona-anchors").iterdir()):
         data = p.read_bytes()
         for needle in (SECRET.encode(), b"SECRETMARKER", b"marker", b"SECRETPROFILE", b"ledger", b"personal"):
             assert needle not in data, (p, needle)
@@ -279,7 +279,7 @@ def test_anchor_folder_is_configurable(tmp_path, monkeypatch):
     store = DeviceStore(tmp_path / "s")
     store.save_text("ledger", "x")
     assert store.anchor_path.parent == tmp_path / "elsewhere" and store.anchor_path.is_file()
-    assert not (tmp_path / ".fedpersona-anchors").exists()
+    assert not (tmp_path / "_fedpersona-anchors").exists()
     given = DeviceStore(tmp_path / "t", anchor_dir=tmp_path / "given")
     given.save_text("ledger", "y")
     assert given.anchor_path.parent == tmp_path / "given"
@@ -301,8 +301,8 @@ def test_layout_and_permissions(tmp_path):
         store.save_text("ledger", f"{SECRET} {i}")
         store.save_tensors("personal", tensors())
     assert files(tmp_path / "s") == [".lock", *JOURNALS, "device.key"]
-    assert len(files(tmp_path / ".fedpersona-anchors")) == 1
-    for folder in (tmp_path / "s", tmp_path / ".fedpersona-anchors"):
+    assert len(files(tmp_path / "_fedpersona-anchors")) == 1
+    for folder in (tmp_path / "s", tmp_path / "_fedpersona-anchors"):
         assert stat.S_IMODE(folder.stat().st_mode) & 0o077 == 0
         for name in files(folder):
             assert stat.S_IMODE((folder / name).stat().st_mode) & 0o077 == 0
@@ -419,7 +419,7 @@ def test_stale_receipt_is_accepted_newer_one_refuses_and_the_refusal_persists(tm
     store.save_text("ledger", "spent 3.9")
     new = store.receipt()
     assert store.check_receipt(old) is True  # older than the state: proves nothing newer
-    anchor_dir = tmp_path / ".fedpersona-anchors"
+    anchor_dir = tmp_path / "_fedpersona-anchors"
     shutil.rmtree(tmp_path / "s")
     shutil.copytree(tmp_path / "backup", tmp_path / "s")
     shutil.rmtree(anchor_dir)  # the local anchor gone too
