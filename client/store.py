@@ -223,6 +223,7 @@ class _Folder:
         self.state: _State | None = None
         self.txns: dict[int, _Txn] = {}
         self.noted: set[tuple] = set()  # freshness events already written by this process
+        self.pending: dict[str, tuple[str, bytes]] = {}  # writes of a deferred transaction, for the next commit
         self.anchor_ok: tuple | None = None  # (anchor file, state) last found consistent
 
 
@@ -720,11 +721,16 @@ class DeviceStore:
             raise StateError(f"blob '{name}' in state file {path} failed authentication: it was modified, or "
                              f"encrypted under a different key than {self._key_source}") from None
 
+    def _overlay(self) -> dict[str, tuple[str, bytes]]:
+        """The writes not committed yet that this thread sees: its transaction's, else the deferred ones."""
+        txn = self._txn()
+        return txn.writes if txn is not None else self._folder.pending
+
     def _load(self, name: str, kind: str) -> bytes | None:
         self._check_name(name)
-        txn = self._txn()
-        if txn is not None and name in txn.writes:
-            got, payload = txn.writes[name]
+        overlay = self._overlay()
+        if name in overlay:
+            got, payload = overlay[name]
         else:
             def read(key, state):
                 b = state.blobs.get(name)
@@ -741,19 +747,16 @@ class DeviceStore:
         return payload
 
     def exists(self, name: str) -> bool:
-        """Whether blob ``name`` holds a value (saved in this transaction or committed)."""
+        """Whether blob ``name`` holds a value (saved in this transaction, deferred, or committed)."""
         self._check_name(name)
-        txn = self._txn()
-        if txn is not None and name in txn.writes:
+        if name in self._overlay():
             return True
         return bool(self._with_state(lambda key, state: name in state.blobs))
 
     def names(self) -> list[str]:
         """Every blob name with a value."""
-        txn = self._txn()
         names = set(self._with_state(lambda key, state: list(state.blobs)))
-        if txn is not None:
-            names.update(txn.writes)
+        names.update(self._overlay())
         return sorted(names)
 
     @property
@@ -769,15 +772,22 @@ class DeviceStore:
             txn.writes[name] = (kind, payload)
             return
         self._commit({name: (kind, payload)}, base_gen=None)
+        self._folder.pending.pop(name, None)  # a deferred older value must not overwrite it later
 
     @contextmanager
-    def transaction(self) -> Iterator["DeviceStore"]:
+    def transaction(self, *, defer: bool = False) -> Iterator["DeviceStore"]:
         """Gather every save on this folder (from any :class:`DeviceStore` of this thread) into one commit.
 
         Loads inside see the saves made so far. The commit happens when the block ends normally: one
         record, two fsyncs; nothing is written when the block raises. A blob that another process
         committed after the transaction began and that the transaction also writes fails the commit
         (:class:`StateError`; nothing written). A transaction inside another joins it.
+
+        ``defer``: the saves are not committed at the end but kept (in this process) for the next
+        transaction on the folder, which commits them with its own; loads see them meanwhile. For
+        work done ahead of a message that belongs to that message's commit (a simulation's cohort
+        engine builds and plans the devices before their train requests arrive): only what can be
+        recomputed if the process stops first (a cache, a derived profile, the plan's bookkeeping).
         """
         tid = threading.get_ident()
         if tid in self._folder.txns:
@@ -785,11 +795,15 @@ class DeviceStore:
             return
         base = self._with_state(lambda key, state: state)
         txn = _Txn(base)
+        txn.writes.update(self._folder.pending)
         self._folder.txns[tid] = txn
         try:
             yield self
-            if txn.writes:
+            if defer:
+                self._folder.pending = dict(txn.writes)
+            elif txn.writes:
                 self._commit(txn.writes, base_gen=base.gen)
+                self._folder.pending = {}
         finally:
             self._folder.txns.pop(tid, None)
 

@@ -627,51 +627,73 @@ def test_earlier_layout_is_converted_with_its_checks(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- a participation
-def test_a_participation_fsyncs_at_most_twice_per_message(tiny_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine", [False, True], ids=["devices-train", "cohort-engine"])
+def test_a_participation_fsyncs_at_most_twice_per_message(tiny_config, tmp_path, monkeypatch, engine):
     """The real ClientApp on real (tiny) devices, two rounds and the final evaluation under secure aggregation:
     after the one-off creation of a device's store, every message costs at most two fsyncs, and the state it
-    changed is committed before its reply leaves."""
+    changed is committed before its reply leaves. With the cohort engine, what the grid saves while it builds
+    and plans the devices ahead of their train messages joins those messages' commits (no fsync of its own)."""
     import warnings
 
     import client.app as client_app
     import client.flow_log as client_inventory
     from fedpersona.config import load_config
     from server.federation import run_federation
+    from simulations.engine_grid import EngineGrid
     from simulations.inprocess import InProcessGrid
     from tests.adversarial.helpers import flat_config, user_folders
 
     flat = flat_config(tiny_config, **{"server.num-rounds": 2, "eval.final": True})
     nodes = user_folders(tmp_path)
-    calls: list[int] = []
+    phase = ["server"]
+    calls: dict[str, int] = {}
     counts: list[tuple[str, int, int, int]] = []  # (message type, node, fsyncs, committed generation at reply)
     real_fsync = os.fsync
 
     def fsync(fd):
-        calls.append(fd)
+        calls[phase[0]] = calls.get(phase[0], 0) + 1
         return real_fsync(fd)
 
     def counting_app(message, context):
-        calls.clear()
-        with monkeypatch.context() as m:
-            m.setattr(os, "fsync", fsync)
-            m.setattr(os, "fdatasync", fsync)
+        phase[0] = "message"
+        calls.pop("message", None)
+        try:
             reply = client_app.app(message, context)
+        finally:
+            phase[0] = "server"
         generation = DeviceStore(context.node_config["state-dir"]).generation
-        counts.append((message.metadata.message_type, context.node_id, len(calls), generation))
+        counts.append((message.metadata.message_type, context.node_id, calls.get("message", 0), generation))
         return reply
 
+    if engine:
+        ahead = EngineGrid._train_ahead
+
+        def planning(self, messages):
+            phase[0] = "planning"
+            try:
+                return ahead(self, messages)
+            finally:
+                phase[0] = "server"
+
+        monkeypatch.setattr(EngineGrid, "_train_ahead", planning)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "fdatasync", fsync)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cfg = load_config(flat, env=False)
     client_app._DEVICES.clear()
     client_inventory._STATE_DIRS.clear()
     try:
-        with InProcessGrid(counting_app, nodes, flat, run_id=77) as grid:
+        grid = (EngineGrid if engine else InProcessGrid)(counting_app, nodes, flat, run_id=77)
+        with grid:
             metrics = run_federation(grid, cfg)
     finally:
         client_app._DEVICES.clear()
         client_inventory._STATE_DIRS.clear()
     assert [r["applied"] for r in metrics["rounds"]] == [True, True] and not metrics["final"].get("aborted")
+    if engine:
+        assert grid.cohorts == 2 and grid.fallbacks == 0  # the rounds were trained by the engine
+        assert calls.get("planning", 0) == 0
     for node in nodes:
         mine = [c for c in counts if c[1] == node]
         assert [c[0] for c in mine] == ["query.advertise", "train", "query.unmask", "train", "query.unmask",
