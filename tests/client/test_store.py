@@ -327,6 +327,33 @@ def test_transaction_is_one_commit_and_reads_its_own_writes(tmp_path):
     assert again.load_text("ledger") == "after"
 
 
+def test_deferred_transaction_joins_the_next_commit(tmp_path):
+    store = DeviceStore(tmp_path / "s")
+    store.save_text("ledger", "round 1")
+    with store.transaction(defer=True):
+        store.save_tensors("lower-activations", {"h": torch.ones(2, 2)})
+        store.save_text("profile", "writes like Horatio")
+    assert store.generation == 1 and store.exists("profile")  # not committed; seen by this process
+    assert DeviceStore(tmp_path / "s").load_text("profile") == "writes like Horatio"
+    with pytest.raises(RuntimeError):
+        with store.transaction(defer=True):
+            store.save_text("profile", "a plan that failed")
+            raise RuntimeError("refused")
+    assert store.load_text("profile") == "writes like Horatio"
+    with store.transaction():
+        store.save_text("ledger", "round 2")
+    assert store.generation == 2  # one commit: the message's writes and the deferred ones
+    restart()
+    again = DeviceStore(tmp_path / "s")
+    assert again.load_text("profile") == "writes like Horatio" and again.load_tensors("lower-activations") is not None
+    with again.transaction(defer=True):
+        again.save_text("profile", "older")
+    again.save_text("profile", "newer")  # a direct save: the deferred older value must not come back
+    with again.transaction():
+        again.save_text("ledger", "round 3")
+    assert again.load_text("profile") == "newer"
+
+
 def test_transaction_that_raises_commits_nothing(tmp_path):
     store = DeviceStore(tmp_path / "s")
     store.save_text("ledger", "before")
