@@ -529,10 +529,20 @@ class DeviceStore:
     def _scan(self, key: bytes, *, exclusive: bool) -> _State:
         ident = self._ident()
         best: tuple[list, int, str] | None = None
+        failed: StateError | None = None
         for name in JOURNALS:
-            records, end = self._parse_journal(key, name)
+            try:
+                records, end = self._parse_journal(key, name)
+            except StateError as exc:
+                # The other journal may hold the state (this one's data being superseded): the anchor then
+                # decides whether that state is the newest; with no state at all, this error is the answer.
+                logger.warning("%s", exc)
+                failed = failed or exc
+                continue
             if records and (best is None or int(records[-1][0]["gen"]) > int(best[0][-1][0]["gen"])):
                 best = (records, end, name)
+        if best is None and failed is not None:
+            raise failed
         if best is None:
             written = [p.name for p in self._journal_paths() if p.exists() and p.stat().st_size > 0]
             anchor = self._read_anchor(key) if written else None
