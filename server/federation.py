@@ -110,7 +110,7 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
     if aggregator is None:
         aggregator = build_aggregator(cfg, run_id=_run_id(grid))
     run_dir = Path(cfg.run.results_dir) / cfg.run.name
-    grid = FreshnessGrid(grid, run_dir)  # type: ignore[assignment]  # the devices' freshness receipts, kept and sent back
+    grid = FreshnessGrid(grid, run_dir)  # type: ignore[assignment]  # keeps and sends back the devices' receipts
     ckpt_root = run_dir / "checkpoints"
     model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)
     counts = model.parameter_counts()
