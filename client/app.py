@@ -51,6 +51,7 @@ from client import secagg
 from client.device import LEDGER, BudgetExhausted, Device, state_dir_for
 from client.failures import failure_mod
 from client.flow_log import inventory_mod
+from client.freshness import freshness_mod
 from client.policy import DevicePolicy, PolicyViolation
 from client.store import DeviceStore
 from fedpersona.config import Config, load_config
@@ -267,9 +268,10 @@ def evaluate(message: Message, context: Context) -> Message:
 
 def build_app(*, mods: Sequence[Mod] = (), outer: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp: the flow log outermost (it records each reply as it leaves), then the device's own
-    failure log, then ``mods``, then the handlers. ``outer``: mods before the flow log (they may hand it
-    another context, never another reply)."""
-    client_app = ClientApp(mods=[*outer, inventory_mod, failure_mod, *mods])
+    failure log, then ``mods``, then the store's one commit per message (:mod:`client.freshness`), then
+    the handlers. ``outer``: mods before the flow log (they may hand it another context, never another
+    reply)."""
+    client_app = ClientApp(mods=[*outer, inventory_mod, failure_mod, *mods, freshness_mod])
     client_app.train()(train)
     client_app.query("advertise")(advertise)
     client_app.query("consistency")(consistency)

@@ -25,6 +25,7 @@ from privacy.secagg.eval_figures import summarize as summarize_evaluation
 from server.aggregation import Aggregator
 from server.checkpoint import latest_checkpoint, save_checkpoint
 from server.flow_log import ServerInventory
+from server.freshness import FreshnessGrid
 from server.optim import ServerOptimizer
 from server.progress import NoProgress, Progress, ProgressGrid, report
 from server.run_report import read_json, summary_table, write_outputs
@@ -109,6 +110,7 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
     if aggregator is None:
         aggregator = build_aggregator(cfg, run_id=_run_id(grid))
     run_dir = Path(cfg.run.results_dir) / cfg.run.name
+    grid = FreshnessGrid(grid, run_dir)  # type: ignore[assignment]  # keeps and sends back the devices' receipts
     ckpt_root = run_dir / "checkpoints"
     model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)
     counts = model.parameter_counts()

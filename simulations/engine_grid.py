@@ -44,7 +44,9 @@ from flwr.app import Message
 
 from client import app as client_module
 from client.device import BudgetExhausted, Device, RoundPlan
+from client.node_data import context_state_dir
 from client.policy import PolicyViolation
+from client.store import DeviceStore
 from fedpersona.config import load_config
 from fedpersona.wire import unpack_shared
 from simulations.engine.engine import engine_model
@@ -148,10 +150,13 @@ class EngineGrid(InProcessGrid):
             if m.metadata.message_type != "train" or m.metadata.dst_node_id not in self._contexts:
                 continue
             try:
-                device = self.device(m.metadata.dst_node_id)
-                shared = unpack_shared(m.content)
-                plan = device.plan_round(shared, server_round=int(m.content["config"]["server-round"]),
-                                         log_refusal=False)
+                # What building and planning the device saves (its activations, profile, feedback bookkeeping)
+                # joins the commit of its train message (client/store.py: a deferred transaction).
+                with self._store(m.metadata.dst_node_id).transaction(defer=True):
+                    device = self.device(m.metadata.dst_node_id)
+                    shared = unpack_shared(m.content)
+                    plan = device.plan_round(shared, server_round=int(m.content["config"]["server-round"]),
+                                             log_refusal=False)
             except (PolicyViolation, BudgetExhausted):
                 continue  # the handler refuses or declines when the message is delivered
             except Exception as exc:  # noqa: BLE001 - the handler meets the same error and replies with it
@@ -172,6 +177,10 @@ class EngineGrid(InProcessGrid):
         for (_, device, plan), result in zip(planned, results):
             device.offer_result(plan, result)
         logger.debug("cohort engine: %d devices trained in %.2f s", len(planned), time.perf_counter() - t0)
+
+    def _store(self, node_id: int) -> DeviceStore:
+        c = self._contexts[int(node_id)]
+        return DeviceStore(context_state_dir(c.run_id, c.node_id, c.run_config, c.node_config))
 
     def _job(self, node_id: int, device: Device, plan: RoundPlan) -> ClientJob:
         cfg = device.cfg

@@ -12,8 +12,9 @@ row by row:
    random without the masks, and ``uint64`` protocol ids (share holders, owners of the shares), listed in the report.
 3. **No text**: string config entries only where the protocol defines them (``status.status``,
    ``status.detail``: a device declining under plain aggregation; no user label: the final
-   evaluation sends only sums), bytes only inside ``secagg`` records (encrypted secret shares), no
-   string arrays.
+   evaluation sends only sums), bytes only inside ``secagg`` records (encrypted secret shares) and
+   as the freshness receipt (``freshness.receipt``: the device's newest commit, encrypted under its
+   own key, :mod:`fedpersona.receipts`), no string arrays.
 4. With ``shared_names``: every unmasked array is a shared-adapter tensor.
 5. **No user profile**: no row (and no error reason) that the device found to carry its user profile
    (:mod:`client.profile`; the device scans every reply for it, since only it knows the profile).
@@ -35,11 +36,16 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
+from fedpersona.receipts import RECEIPT as _RECEIPT
+from fedpersona.receipts import RECORD as _RECEIPT_RECORD
+
 __all__ = ["ALLOWED_TEXT", "InventoryCheck", "verify_inventory", "check_completeness", "summarize_inventory",
            "personal_digests", "is_masked", "is_protocol_array"]
 
 #: (record, name) of the string fields the protocol sends.
 ALLOWED_TEXT = frozenset({("status", "status"), ("status", "detail")})
+#: (record, name) of the bytes fields outside secure aggregation: the freshness receipt (encrypted, opaque).
+ALLOWED_BYTES = frozenset({(_RECEIPT_RECORD, _RECEIPT)})
 UNMASK_TYPE = "query.unmask"
 _FLOAT_DTYPES = {"float16", "float32", "float64", "bfloat16"}
 _REQUIRED = {"array": ("record", "name", "shape", "dtype", "bytes"), "config": ("record", "name", "type"),
@@ -105,7 +111,7 @@ def _row_violations(row: dict, personal: set[str], digests: set[str], shared: se
         typ = str(row["type"])
         if "str" in typ and (record, name) not in ALLOWED_TEXT:
             out.append(f"text field {record}/{name} ({typ}) left the device")
-        if "bytes" in typ and not _is_secagg(record):
+        if "bytes" in typ and not _is_secagg(record) and (record, name) not in ALLOWED_BYTES:
             out.append(f"bytes field {record}/{name} outside secure aggregation left the device")
     elif kind == "metric":
         if ".personal." in name or name in personal:

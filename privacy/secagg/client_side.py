@@ -12,11 +12,10 @@ from privacy.secagg import shamir
 from privacy.secagg.crypto import SIGNATURE_BYTES, ClientKeys, DecryptionError, MaskExpander, SecureRNG, open_sealed, seal
 from privacy.secagg.graph import is_connected
 from privacy.secagg.quantize import pack_bits
-from privacy.secagg.spec import (SecAggAbort, SecAggParams, SecAggInputError, _check_id, _ciphertext_size,
+from privacy.secagg.spec import (KeyRecord, SecAggAbort, SecAggParams, SecAggInputError, _check_id, _ciphertext_size,
                                  _field, _ids, _pair_seed, _RoundSetup, _share_ad, _share_key, binding_message,
                                  consistency_message, consistency_quorum, decline_message, masked_message,
-                                 unpack_key_records)
-from privacy.secagg.spec import verify_signature
+                                 unpack_key_records, verify_signature)
 
 __all__ = ["SecAggClient"]
 

@@ -101,7 +101,7 @@ def test_scripted_chat_feedback_grows_next_round(tiny_model_dir, tmp_path, devic
         if f.is_file():
             raw = f.read_bytes()
             assert not any(n in raw for n in needles), f.name
-    assert (state / f"{FEEDBACK}.enc").is_file()
+    assert store.exists(FEEDBACK)
 
     # The next round (a fresh device process) trains on its data + the two kept examples.
     dev2 = Device(cfg, node)
@@ -137,7 +137,7 @@ def test_feedback_cap_and_rounds(tmp_path):
     assert [e.id for e in training_feedback(store, server_round=2, max_new=1)] == [a.id, b.id]
     assert [e.id for e in training_feedback(store, server_round=3, max_new=0)] == [a.id, b.id, c.id]
     assert joined_rounds(store) == {a.id: 1, b.id: 2, c.id: 3}
-    assert (tmp_path / "s" / f"{FEEDBACK_USED}.enc").is_file()
+    assert store.exists(FEEDBACK_USED)
     with pytest.raises(ValueError, match="origin"):
         record_feedback(store, cue="c", reply="r", origin="liked")
     with pytest.raises(ValueError, match="max-new-examples"):

@@ -116,7 +116,7 @@ def test_secure_round_with_real_devices_sends_only_masked_payloads(devices):
                                  shared_names=list(shared))
         assert check.ok, check.violations
         train_line = lines[1]
-        assert {r["record"] for r in train_line["rows"]} == {RECORD, ARRAYS}
+        assert {r["record"] for r in train_line["rows"]} == {RECORD, ARRAYS, "freshness"}  # + the opaque receipt
         assert {r["name"] for r in train_line["rows"] if r["kind"] == "array" and r["masked"]} == {"masked"}
 
 

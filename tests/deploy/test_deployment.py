@@ -157,11 +157,13 @@ def test_two_rounds_over_tls_with_node_authentication(fed, tiny_model_dir):
     assert metrics["final"]["failures"] == []
 
     for dev in fed.devices.values():
-        for f in ("ledger.enc", "personal.enc", "device.key", "_manifest.enc"):
-            path = dev.state_dir / f
+        store = DeviceStore(dev.state_dir)
+        for path in [dev.state_dir / f for f in ("_journal-a.enc", "_journal-b.enc", "device.key")] + [store.anchor_path]:
             assert path.is_file(), path
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
-        assert b"reply" not in (dev.state_dir / "ledger.enc").read_bytes()  # encrypted at rest
+        assert {"ledger", "personal", "participation", "secagg-reveals"} <= set(store.names())
+        for j in ("_journal-a.enc", "_journal-b.enc"):
+            assert b"reply" not in (dev.state_dir / j).read_bytes()  # encrypted at rest
         ledger = _ledger(dev)
         assert [r["round"] for r in ledger.rounds] == [1, 2]
         assert 0 < ledger.epsilon(DELTA) <= 8.0
@@ -204,15 +206,19 @@ def test_supernode_without_tls_is_rejected(fed):
 @pytest.mark.slow
 def test_bad_state_and_bad_data_are_refused_and_left_untouched(fed, tiny_model_dir):
     d0, d1, d2, d3 = (fed.devices[n] for n in NAMES)
-    # device-0: its ledger deleted (the key kept); device-1: its ledger corrupted; device-3: an empty data file.
-    ledger0 = (d0.state_dir / "ledger.enc").read_bytes()
-    manifest0 = (d0.state_dir / "_manifest.enc").read_bytes()
-    (d0.state_dir / "ledger.enc").unlink()
-    good1 = (d1.state_dir / "ledger.enc").read_bytes()
+    # device-0: its records deleted (the key kept); device-1: its ledger corrupted; device-3: an empty data file.
+    journals = ("_journal-a.enc", "_journal-b.enc")
+    saved0 = {j: (d0.state_dir / j).read_bytes() for j in journals}
+    for j in journals:
+        (d0.state_dir / j).unlink()
+    store1 = DeviceStore(d1.state_dir)
+    store1.save_text("later", "a later commit")  # the ledger's commit is not the last one (that could be torn)
+    blob = store1._folder.state.blobs["ledger"]
+    journal1 = d1.state_dir / blob.journal
+    good1 = journal1.read_bytes()
     bad1 = bytearray(good1)
-    bad1[len(bad1) // 2] ^= 0x01
-    (d1.state_dir / "ledger.enc").write_bytes(bytes(bad1))
-    personal1 = (d1.state_dir / "personal.enc").read_bytes()
+    bad1[blob.offset + blob.length // 2] ^= 0x01
+    journal1.write_bytes(bytes(bad1))
     empty = d3.data_dir / "zz-empty.jsonl"
     empty.write_text("")
     eps2 = _ledger(d2).epsilon(DELTA)
@@ -231,19 +237,18 @@ def test_bad_state_and_bad_data_are_refused_and_left_untouched(fed, tiny_model_d
         # The server learns the error class and a fixed text; each device's own log says why.
         assert log.count("StateError: the device could not answer this train request") >= 2, log[-4000:]
         assert "ValueError: the device could not answer this train request" in log
-        assert "zz-empty.jsonl" not in log and "ledger.enc" not in log
-        assert "was deleted; refusing to start with a fresh privacy budget" in d0.proc.text()
-        assert "failed authentication" in d1.proc.text() and "ledger.enc" in d1.proc.text()
+        assert "zz-empty.jsonl" not in log and "_journal" not in log
+        assert "holds no record but its anchor records generation" in d0.proc.text()
+        assert "blob 'ledger'" in d1.proc.text() and "failed authentication" in d1.proc.text()
         assert "zz-empty.jsonl: the file has no record" in d3.proc.text()
-        # nothing overwritten: the corrupted file, the head next to it, the deleted ledger's manifest
-        assert (d1.state_dir / "ledger.enc").read_bytes() == bytes(bad1)
-        assert (d1.state_dir / "personal.enc").read_bytes() == personal1
-        assert not (d0.state_dir / "ledger.enc").exists()
-        assert (d0.state_dir / "_manifest.enc").read_bytes() == manifest0
+        # nothing overwritten: the corrupted journal (the head in it too), no records written in place of deleted ones
+        assert journal1.read_bytes() == bytes(bad1)
+        assert not any((d0.state_dir / j).exists() for j in journals)
         assert _ledger(d2).epsilon(DELTA) > eps2  # the healthy device trained and composed
     finally:
-        (d0.state_dir / "ledger.enc").write_bytes(ledger0)
-        (d1.state_dir / "ledger.enc").write_bytes(good1)
+        for j, data in saved0.items():
+            (d0.state_dir / j).write_bytes(data)
+        journal1.write_bytes(good1)
         empty.unlink(missing_ok=True)
 
 

@@ -243,7 +243,10 @@ def test_server_receives_no_plain_update_weight_or_metrics(federation):
     q = secagg_params(cfg).quantizer
     for m, reply in grid.log:
         content = reply.content
-        assert set(content.keys()) == {RECORD, ARRAYS}, m.metadata.message_type
+        assert set(content.keys()) == {RECORD, ARRAYS, "freshness"}, m.metadata.message_type
+        # The freshness receipt: one opaque 84-byte string, encrypted under the device's own key.
+        assert set(content.config_records["freshness"]) == {"receipt"}
+        assert len(content.config_records.pop("freshness")["receipt"]) == 84
         assert not content.metric_records
         for name, arr in content.array_records[ARRAYS].items():
             # no float array: no plain update; the masked vector is b-bit packed, the rest are ids
