@@ -126,7 +126,11 @@ def _epsilon_memo(history: tuple[tuple[float, float, int], ...], delta: float, a
         logger.debug("opacus %s accountant: %s", accountant, w.message)
     if math.isnan(eps):
         return math.inf
-    return eps
+    # Far below the budget (a huge noise multiplier) Opacus's RDP-to-(epsilon, delta) conversion can
+    # return a tiny negative number (-0.0085 for sigma 8952, q 0.44, 2 steps, delta 1e-2): every
+    # mechanism is (0, delta)-DP when it is (epsilon < 0, delta)-DP, and a ledger never holds a
+    # negative epsilon (it could not load it again).
+    return max(0.0, eps)
 
 
 #: Opacus's RDP orders (``RDPAccountant.DEFAULT_ALPHAS``): every RDP epsilon here is the minimum over them.
@@ -240,6 +244,7 @@ class PrivacyLedger:
         entry = {"round": round, "steps": steps, "noise_multiplier": sigma, "sample_rate": q, "epsilon": eps, "time": _now()}
         if settings is not None:
             entry["settings"] = _check_settings(settings, "settings")
+        entry = _loadable(entry, "round", _ROUND_KEYS, _ROUND_OPTIONAL)
         self._rounds.append(entry)
         logger.debug("privacy ledger: round %d, %d steps, sigma %.4f, q %.4f, epsilon %.4f", round, steps, sigma, q, eps)
         return dict(entry)
@@ -254,6 +259,7 @@ class PrivacyLedger:
         if not isinstance(mechanism, str) or not mechanism:
             raise ValueError(f"mechanism must be a non-empty string. You passed: mechanism={mechanism!r}")
         entry = {"round": round, "epsilon": float(epsilon), "delta": delta, "mechanism": mechanism, "time": _now()}
+        entry = _loadable(entry, "user-level entry", _USER_LEVEL_KEYS)
         self._user_level.append(entry)
         return dict(entry)
 
@@ -363,6 +369,21 @@ def _check_settings(settings: Any, where: str, error: type[Exception] = ValueErr
             raise error(f"{where}[{k!r}] must be a string, boolean, integer or finite float. You passed: {v!r}")
         out[k] = v
     return out
+
+
+def _loadable(entry: dict, what: str, keys: set[str], optional: set[str] = frozenset()) -> dict:
+    """``entry`` as it will be stored, checked with the very rule :meth:`PrivacyLedger.load_state_dict`
+    applies: a ledger never saves what it would refuse to load (a device that did would be bricked)."""
+    stored = dict(entry)
+    if isinstance(stored.get("epsilon"), float) and math.isinf(stored["epsilon"]):
+        stored["epsilon"] = None  # as state_dict writes it
+    try:
+        # through JSON, as the store keeps it: what does not survive the round trip is refused here
+        _validate_entry(json.loads(json.dumps(stored, allow_nan=False)), what, keys, optional)
+    except (LedgerError, TypeError, ValueError) as exc:
+        raise ValueError(f"refusing to record a {what} the ledger could not load again: {exc}. "
+                         f"You passed: {entry!r}") from None
+    return entry
 
 
 def _validate_entry(entry: Any, where: str, keys: set[str], optional: set[str] = frozenset()) -> dict:

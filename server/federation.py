@@ -25,6 +25,7 @@ from privacy.secagg.eval_figures import summarize as summarize_evaluation
 from server.aggregation import Aggregator
 from server.checkpoint import latest_checkpoint, save_checkpoint
 from server.flow_log import ServerInventory
+from server.freshness import FreshnessGrid
 from server.optim import ServerOptimizer
 from server.progress import NoProgress, Progress, ProgressGrid, report
 from server.run_report import read_json, summary_table, write_outputs
@@ -112,6 +113,7 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
     if aggregator is None:
         aggregator = build_aggregator(cfg, run_id=_run_id(grid))
     run_dir = Path(cfg.run.results_dir) / cfg.run.name
+    grid = FreshnessGrid(grid, run_dir)  # type: ignore[assignment]  # keeps and sends back the devices' receipts
     ckpt_root = run_dir / "checkpoints"
     model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)
     counts = model.parameter_counts()
@@ -160,7 +162,8 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
     last_plot = time.monotonic()
     report(progress, "run-start", run=cfg.run.name, rounds=cfg.server.num_rounds, **{"start-round": start_round},
            nodes=len(list(grid.get_node_ids())), cohort=cfg.server.clients_per_round, aggregation=aggregator.name,
-           dp=p.enabled, **{"shared-params": counts["shared"]})
+           dp=p.enabled, **{"shared-params": counts["shared"], "final-eval": cfg.eval.final,
+                            "local-baseline": cfg.eval.local_baseline})
     for server_round in range(start_round + 1, cfg.server.num_rounds + 1):
         t0 = time.perf_counter()
         nodes = wait_for_nodes(grid, cfg.server.min_clients)

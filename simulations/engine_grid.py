@@ -43,13 +43,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from flwr.app import Message
 
 from client import app as client_module
 from client.device import BudgetExhausted, Device, RoundPlan, state_digest
+from client.node_data import context_state_dir
 from client.policy import PolicyViolation
+from client.store import DeviceStore
 from fedpersona.config import load_config
 from fedpersona.wire import unpack_shared
 from simulations.engine.engine import engine_model
@@ -124,12 +126,13 @@ class EngineGrid(InProcessGrid):
             ids.extend(super().push_messages(chunk))
         return ids
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None,
+                         on_reply: Callable[[Message], None] | None = None) -> Iterable[Message]:
         replies: list[Message] = []
         for chunk in self._chunks(list(messages)):
             self._train_ahead(chunk)
             self._evaluate_ahead(chunk)
-            replies.extend(super().send_and_receive(chunk, timeout=timeout))
+            replies.extend(super().send_and_receive(chunk, timeout=timeout, on_reply=on_reply))
         return replies
 
     def _chunks(self, messages: list[Message]) -> list[list[Message]]:
@@ -167,10 +170,13 @@ class EngineGrid(InProcessGrid):
             if m.metadata.message_type != "train" or m.metadata.dst_node_id not in self._contexts:
                 continue
             try:
-                device = self.device(m.metadata.dst_node_id)
-                shared = unpack_shared(m.content)
-                plan = device.plan_round(shared, server_round=int(m.content["config"]["server-round"]),
-                                         log_refusal=False)
+                # What building and planning the device saves (its activations, profile, feedback bookkeeping)
+                # joins the commit of its train message (client/store.py: a deferred transaction).
+                with self._store(m.metadata.dst_node_id).transaction(defer=True):
+                    device = self.device(m.metadata.dst_node_id)
+                    shared = unpack_shared(m.content)
+                    plan = device.plan_round(shared, server_round=int(m.content["config"]["server-round"]),
+                                             log_refusal=False)
             except (PolicyViolation, BudgetExhausted):
                 continue  # the handler refuses or declines when the message is delivered
             except Exception as exc:  # noqa: BLE001 - the handler meets the same error and replies with it
@@ -231,6 +237,10 @@ class EngineGrid(InProcessGrid):
         for (device, shared_digest, personal_digest), f in zip(owners, figures):
             device.offer_evaluation(shared_digest, personal_digest, f)
         logger.debug("cohort engine: held-out passes of %d devices in %.2f s", len(jobs), time.perf_counter() - t0)
+
+    def _store(self, node_id: int) -> DeviceStore:
+        c = self._contexts[int(node_id)]
+        return DeviceStore(context_state_dir(c.run_id, c.node_id, c.run_config, c.node_config))
 
     def _job(self, node_id: int, device: Device, plan: RoundPlan) -> ClientJob:
         cfg = device.cfg
