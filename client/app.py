@@ -19,9 +19,14 @@ Message types:
   refused in that mode (no local rounds with the sum's noise).
 * ``train.personalize`` — in: ``shared`` (the round's final shared adapter) and ``config``; out:
   ``status`` (``personalized``: 1 or 0). The device trains its head on top, for a round it took steps of.
-* ``query.advertise`` — out: ``secagg``: the device's long-term public keys (once per run).
-* ``query.unmask`` — in: ``secagg`` / ``secagg-arrays`` (survivors, forwarded shares).
-  Out: the shares the server needs to unmask the survivors' sum (:mod:`client.secagg`).
+* ``query.advertise`` — out: ``secagg``: the device's long-term public keys and, bound to them, its
+  identity (the trust root's certificate and the identity's signature over run, node id and keys;
+  once per run). A device without an identity refuses unless its policy allows unbound keys.
+* ``query.consistency`` — in: ``secagg`` / ``secagg-arrays`` (the round setup and the survivor set).
+  Out: ``secagg``: the device's signature over (round digest, survivor set), one set per round.
+* ``query.unmask`` — in: ``secagg`` / ``secagg-arrays`` (survivors, their signatures and signing
+  keys' bindings, forwarded shares). Out: the shares the server needs to unmask the survivors' sum,
+  and the senders whose shares did not open (:mod:`client.secagg`).
 * ``evaluate`` — in: ``shared`` and, under secure aggregation, a masked-input request for the
   evaluation sum. Out: only the masked vector of the device's summable evaluation figures
   (:mod:`privacy.secagg.eval_figures`: loss sums, token and correct counts per model, one-hot
@@ -32,7 +37,8 @@ Message types:
 
 Error replies carry the error class and a fixed text (:func:`_error`), never the exception's
 message: that can hold the user's data (a malformed line of their data, a path named after them).
-The device's own log has the details.
+Every handler answers any exception this way, whatever its class (only a policy refusal names the
+setting, :func:`_refuse`). The device's own log has the details.
 """
 
 from __future__ import annotations
@@ -52,13 +58,13 @@ from client import secagg
 from client.device import LEDGER, BudgetExhausted, Device, state_dir_for
 from client.failures import failure_mod
 from client.flow_log import inventory_mod
-from client.policy import PolicyViolation
-from client.store import DeviceStore, StateError
+from client.freshness import freshness_mod
+from client.policy import DevicePolicy, PolicyViolation
+from client.store import DeviceStore
 from client.sumdp import StepRefused
 from fedpersona.config import Config, load_config
 from fedpersona.secagg_wire import from_records, has_request, to_records
 from fedpersona.wire import to_record, unpack_shared
-from privacy.secagg import SecAggAbort
 from privacy.secagg.eval_figures import encode as encode_evaluation
 from privacy.secagg.eval_figures import extras_specs as eval_extras
 from privacy.sumdp import SumContext, sum_context, sum_secagg_params
@@ -139,18 +145,25 @@ ERROR_TEXT = "the device could not answer this {kind} request; the details are i
 
 def _error(message: Message, exc: BaseException) -> Message:
     kind = message.metadata.message_type
-    public = getattr(exc, "public_reason", None) or ERROR_TEXT.format(kind=kind)
+    public = getattr(type(exc), "public_reason", None)  # fixed text of the class, never of the instance
+    if not isinstance(public, str) or not public:
+        public = ERROR_TEXT.format(kind=kind)
     logger.error("node %s: %s request failed: %s: %s", message.metadata.dst_node_id, kind, type(exc).__name__, exc)
     return Message(Error(code=CLIENT_ERROR, reason=f"{type(exc).__name__}: {public}"), reply_to=message)
 
 
-def _floor(context: Context) -> int:
-    """The device policy's floor on the contributors of any sum this device helps unmask."""
+def _policy(context: Context) -> DevicePolicy:
+    """The device's own policy (its floor, the colluders it assumes, whether it allows unbound keys)."""
     policy = getattr(_DEVICES.get((context.run_id, context.node_id)), "policy", None)
     if policy is not None:
-        return policy.min_contributors
+        return policy
     _, store = _store(context)
-    return secagg.min_contributors_floor(dict(context.node_config), state_dir=store.state_dir)
+    return DevicePolicy.load(dict(context.node_config), state_dir=store.state_dir)
+
+
+def _floor(context: Context) -> int:
+    """The device policy's floor on the contributors of any sum this device helps unmask."""
+    return _policy(context).min_contributors
 
 
 def _refuse(message: Message, exc: PolicyViolation) -> Message:
@@ -179,7 +192,7 @@ def train(message: Message, context: Context) -> Message:
             return Message(RecordDict({"status": status, "metrics": MetricRecord({"weight": 0.0, "trained": 0.0})}), reply_to=message)
     except PolicyViolation as exc:  # before training: nothing trained, nothing sent but the refusal
         return _refuse(message, exc)
-    except (StateError, ValueError, FloatingPointError, KeyError, SecAggAbort, secagg.Refused) as exc:
+    except Exception as exc:  # any other class too: the fixed text, never the exception's message
         return _error(message, exc)
     content = RecordDict({"update": to_record(update), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=message)
@@ -188,12 +201,14 @@ def train(message: Message, context: Context) -> Message:
 def _secure_train(message: Message, context: Context, device: Device, shared: dict, server_round: int) -> Message:
     """Train, then reply with only the masked payload; a declining device says so and masks nothing."""
     request = from_records(message.content)
-    client = secagg.check_request(device.store, device.cfg, context.node_id, request, shared, floor=_floor(context))
+    client = secagg.check_request(device.store, device.cfg, context.node_id, request, shared, policy=_policy(context),
+                                  node_config=context.node_config)
     try:
         update, metrics = device.train_round(shared, server_round=server_round)
     except BudgetExhausted as exc:
         logger.info("%s (declining: this device takes no part in this round's sum)", exc)
-        return Message(RecordDict(to_records(secagg.decline(context.node_id, request))), reply_to=message)
+        reply = secagg.decline(client, request, store=device.store)
+        return Message(RecordDict(to_records(reply)), reply_to=message)
     payload = secagg.masked_input(client, device.cfg, request, update, metrics, store=device.store)
     if device.cfg.secagg.ddp:
         ledger = device.load_ledger()
@@ -233,17 +248,18 @@ def dp_step(message: Message, context: Context) -> Message:
                                        f"not the round {own.secagg_round} of round {server_round} step {step}")
         params = sum_secagg_params(device.cfg, cohort=size, dim=own.dim)
         client = secagg.check_request(device.store, device.cfg, context.node_id, request, shared,
-                                      floor=_floor(context), params=params, length=own.dim)
+                                      floor=_floor(context), params=params, length=own.dim, context=own.digest())
         try:
             vec, _ = device.sum_step(shared, claimed, run_id=context.run_id, server_round=server_round, step=step,
-                                     cohort=size)
+                                     cohort=size,
+                                     bound_keys=secagg.malicious_secure(device.store, context.node_config))
         except BudgetExhausted as exc:
             logger.info("%s (declining: this device takes no part in this step's sum)", exc)
             return Message(RecordDict(to_records(secagg.decline(context.node_id, request))), reply_to=message)
         payload = secagg.masked_step_input(client, request, vec, store=device.store)
     except PolicyViolation as exc:
         return _refuse(message, exc)
-    except (StateError, ValueError, FloatingPointError, KeyError, SecAggAbort, secagg.Refused) as exc:
+    except Exception as exc:  # any class: the fixed text, never the message
         return _error(message, exc)
     return Message(RecordDict(to_records(payload)), reply_to=message)
 
@@ -262,17 +278,29 @@ def personalize(message: Message, context: Context) -> Message:
         except StepRefused as exc:
             logger.info("node %s: %s", context.node_id, exc)
             done = 0
-    except (StateError, ValueError, FloatingPointError, KeyError) as exc:
+    except Exception as exc:  # any class: the fixed text, never the message
         return _error(message, exc)
     return Message(RecordDict({"status": ConfigRecord({"personalized": done})}), reply_to=message)
 
 
 def advertise(message: Message, context: Context) -> Message:
-    """The device's long-term secure-aggregation public keys (created on the first call)."""
+    """The device's long-term secure-aggregation public keys (created on the first call), bound to its identity."""
     try:
         cfg, store = _store(context)
-        payload = secagg.advertise(store, cfg, context.node_id)
-    except (StateError, ValueError, KeyError) as exc:
+        payload = secagg.advertise(store, cfg, context.node_id, run_id=context.run_id, policy=_policy(context),
+                                   node_config=context.node_config)
+    except Exception as exc:  # any class: the fixed text, never the message
+        return _error(message, exc)
+    return Message(RecordDict(to_records(payload)), reply_to=message)
+
+
+def consistency(message: Message, context: Context) -> Message:
+    """The consistency check: the device's signature over the round's survivor set (one set per round)."""
+    try:
+        cfg, store = _store(context)
+        payload = secagg.consistency(store, cfg, context.node_id, from_records(message.content),
+                                     policy=_policy(context), node_config=context.node_config)
+    except Exception as exc:  # any class: the fixed text, never the message
         return _error(message, exc)
     return Message(RecordDict(to_records(payload)), reply_to=message)
 
@@ -281,8 +309,9 @@ def unmask(message: Message, context: Context) -> Message:
     """Second stage of secure aggregation: the shares for the survivors' sum."""
     try:
         cfg, store = _store(context)
-        payload = secagg.unmask(store, cfg, context.node_id, from_records(message.content), floor=_floor(context))
-    except (StateError, ValueError, KeyError, SecAggAbort, secagg.Refused) as exc:
+        payload = secagg.unmask(store, cfg, context.node_id, from_records(message.content), policy=_policy(context),
+                                node_config=context.node_config)
+    except Exception as exc:  # any class: the fixed text, never the message
         return _error(message, exc)
     return Message(RecordDict(to_records(payload)), reply_to=message)
 
@@ -294,7 +323,8 @@ def evaluate(message: Message, context: Context) -> Message:
         row = device.final_evaluation(unpack_shared(message.content), run_id=context.run_id)
         if has_request(message.content):
             payload = secagg.eval_masked_input(device.store, device.cfg, context.node_id,
-                                               from_records(message.content), row, floor=_floor(context))
+                                               from_records(message.content), row, policy=_policy(context),
+                                               node_config=context.node_config)
             return Message(RecordDict(to_records(payload)), reply_to=message)
         if device.cfg.secagg.enabled:
             raise ValueError("secagg.enabled = true but the evaluate request carries no secure-aggregation request; "
@@ -302,19 +332,24 @@ def evaluate(message: Message, context: Context) -> Message:
         vec, extras = encode_evaluation(device.cfg, row)
         sums = np.asarray([extras[e.name] for e in eval_extras(device.cfg)], dtype=np.float64)
         content = RecordDict({"evaluation": ArrayRecord({"histograms": Array(vec), "sums": Array(sums)})})
-    except (StateError, ValueError, FloatingPointError, KeyError, SecAggAbort, secagg.Refused) as exc:
+    except PolicyViolation as exc:
+        return _refuse(message, exc)
+    except Exception as exc:  # any class: the fixed text, never the message
         return _error(message, exc)
     return Message(content, reply_to=message)
 
 
-def build_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
+def build_app(*, mods: Sequence[Mod] = (), outer: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp: the flow log outermost (it records each reply as it leaves), then the device's own
-    failure log, then ``mods``, then the handlers."""
-    client_app = ClientApp(mods=[inventory_mod, failure_mod, *mods])
+    failure log, then ``mods``, then the store's one commit per message (:mod:`client.freshness`), then
+    the handlers. ``outer``: mods before the flow log (they may hand it another context, never another
+    reply)."""
+    client_app = ClientApp(mods=[*outer, inventory_mod, failure_mod, *mods, freshness_mod])
     client_app.train()(train)
     client_app.train("dp_step")(dp_step)
     client_app.train("personalize")(personalize)
     client_app.query("advertise")(advertise)
+    client_app.query("consistency")(consistency)
     client_app.query("unmask")(unmask)
     client_app.evaluate()(evaluate)
     return client_app

@@ -53,6 +53,15 @@ from privacy.noise import SECURE, NoiseSource
 logger = logging.getLogger(__name__)
 
 
+#: The clock a pass's ``deadline`` is measured on (monotonic seconds; a test may stand in for it).
+clock = time.monotonic
+
+
+def deadline_after(seconds: float) -> float:
+    """A ``deadline`` for :meth:`DPTrainer.train`: ``seconds`` from now on :data:`clock`."""
+    return clock() + seconds
+
+
 @dataclass(frozen=True)
 class CachedExample:
     """One example as the trainer sees it: the frozen lower blocks' output and the labels."""
@@ -74,6 +83,8 @@ class TrainResult:
     seconds: float
     noise_multiplier: float
     sample_rate: float
+    #: the pass reached its ``deadline`` and stopped after ``steps`` of the steps asked for
+    stopped: bool = False
 
 
 
@@ -191,6 +202,7 @@ class DPTrainer:
         group: str = "all",
         params: Sequence[str] | None = None,
         stack: nn.Module | None = None,
+        deadline: float | None = None,
     ) -> TrainResult:
         """Run ``steps`` DP-SGD steps (or plain SGD with ``dp=False``) on ``examples``.
 
@@ -206,6 +218,10 @@ class DPTrainer:
         then the noise. Explicit opt-ins for tests and reproducible baselines: ``seed`` fixes
         the Poisson masks, ``noise_generator`` hands the noise to Opacus's own draw, or a
         ``NoiseSource(generator=...)`` fixes both (such a source reports ``secure = False``).
+
+        ``deadline`` (a time on :data:`clock`, :func:`deadline_after`): checked before every step; once reached, the
+        pass stops there and returns ``stopped = True`` with the steps it took (each of them already
+        recorded in ``ledger``). What the caller releases from a stopped pass is the caller's rule.
         """
         if group not in GROUPS:
             raise ValueError(f"group must be one of {GROUPS}. You passed: {group!r}")
@@ -231,13 +247,14 @@ class DPTrainer:
                                optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                dp=dp, ledger=ledger, seed=seed, noise_generator=noise_generator,
                                source=noise_source if noise_source is not None else SECURE,
-                               stack=stack if stack is not None else self.model.stack)
+                               stack=stack if stack is not None else self.model.stack, deadline=deadline)
         finally:
             for p, r in zip(frozen, was):
                 p.requires_grad_(r)
 
     def _train(self, examples, params, *, steps, batch_size, lr, optimizer, noise_multiplier, max_grad_norm, dp,
-               ledger, seed, noise_generator, source: NoiseSource, stack: nn.Module) -> TrainResult:
+               ledger, seed, noise_generator, source: NoiseSource, stack: nn.Module,
+               deadline: float | None = None) -> TrainResult:
         from opacus.optimizers import DPOptimizer
 
         n = len(examples)
@@ -267,9 +284,12 @@ class DPTrainer:
         losses: list[torch.Tensor] = []
         seen = 0
         empty = 0
+        done = 0
         # Autocast off, even inside a caller's: per-sample gradients, clipping and noise in float32.
         with torch.autocast(self.model.device.type, enabled=False):
             for _ in range(steps):
+                if deadline is not None and clock() >= deadline:
+                    break  # before drawing anything for the step: every step taken is a whole, recorded step
                 step_gen = dpstep.step_generator(source)
                 if mask_gen is not None:
                     idx = (torch.rand(n, generator=mask_gen) < q).nonzero().flatten().tolist()
@@ -296,6 +316,7 @@ class DPTrainer:
                     seen += len(idx)
                 if dp and ledger is not None:
                     ledger.step(noise_multiplier=noise_multiplier, sample_rate=q)
+                done += 1
                 if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one flag per step
                     raise FloatingPointError(
                         "A trainable tensor became non-finite during DP training; the update is discarded"
@@ -307,14 +328,17 @@ class DPTrainer:
                 p.grad_sample = None
                 p.summed_grad = None
             self.gsm.zero_grad(set_to_none=True)
+        if done < steps:
+            logger.warning("training pass stopped by its deadline after %d of %d step(s)", done, steps)
         return TrainResult(
-            steps=steps,
+            steps=done,
             empty_steps=empty,
             examples_seen=seen,
             mean_loss=sum(loss_values) / len(loss_values) if loss_values else math.nan,
             seconds=time.perf_counter() - t0,
             noise_multiplier=noise_multiplier if dp else 0.0,
             sample_rate=q,
+            stopped=done < steps,
         )
 
 

@@ -10,6 +10,7 @@ validates every value, raising ``ValueError`` that names the field and value.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -40,6 +41,13 @@ SHAKESPEARE = "shakespeare"
 #: Deprecated config keys -> the keys that replaced them (accepted with a warning).
 RENAMED_KEYS = {"data.min-speeches": "data.min-examples"}
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: Upper bounds on values that no run needs: a round config is written by the server, and a value
+#: past these is a weapon (ten million head steps; a billion planned rounds), not a setting. A
+#: device's own, tighter caps are its policy (``client/policy.py``: ``policy.max-*``).
+MAX_ROUNDS = 100_000
+MAX_STEPS = 100_000
+MAX_BATCH_SIZE = 65_536
+MAX_SEQ_LEN = 32_768
 
 
 def _bad(key: str, value: Any, why: str) -> ValueError:
@@ -73,8 +81,8 @@ class ModelConfig:
             raise _bad("model.dtype", self.dtype, f"must be one of {MODEL_DTYPES} (the frozen base; adapters stay float32)")
         if not self.path:
             raise _bad("model.path", self.path, "must be 'smollm2' or a model folder")
-        if self.seq_len < 16:
-            raise _bad("model.seq-len", self.seq_len, "must be at least 16")
+        if not 16 <= self.seq_len <= MAX_SEQ_LEN:
+            raise _bad("model.seq-len", self.seq_len, f"must be in [16, {MAX_SEQ_LEN}]")
         if not 0 <= self.cue_tokens <= self.seq_len - 8:
             raise _bad("model.cue-tokens", self.cue_tokens, f"must be in [0, seq-len - 8 = {self.seq_len - 8}]")
 
@@ -195,23 +203,23 @@ class ClientConfig:
     max_participations: int = 0
 
     def __post_init__(self) -> None:
-        if self.head_steps < 0:
-            raise _bad("client.head-steps", self.head_steps, "must be >= 0 (0: the head is not trained)")
-        if self.head_batch_size < 1:
-            raise _bad("client.head-batch-size", self.head_batch_size, "must be at least 1")
-        if not self.head_lr > 0:
-            raise _bad("client.head-lr", self.head_lr, "must be positive")
+        if not 0 <= self.head_steps <= MAX_STEPS:
+            raise _bad("client.head-steps", self.head_steps, f"must be in [0, {MAX_STEPS}] (0: the head is not trained)")
+        if not 1 <= self.head_batch_size <= MAX_BATCH_SIZE:
+            raise _bad("client.head-batch-size", self.head_batch_size, f"must be in [1, {MAX_BATCH_SIZE}]")
+        if not (self.head_lr > 0 and math.isfinite(self.head_lr)):
+            raise _bad("client.head-lr", self.head_lr, "must be a positive finite number")
         if self.max_new_examples < 0:
             raise _bad("client.max-new-examples", self.max_new_examples, "must be >= 0 (0 = no cap)")
         if self.max_participations < 0:
             raise _bad("client.max-participations", self.max_participations,
                        "must be >= 0 (0: every planned round, privacy.planned-rounds or server.num-rounds)")
-        if self.local_steps < 1:
-            raise _bad("client.local-steps", self.local_steps, "must be at least 1")
-        if self.batch_size < 1:
-            raise _bad("client.batch-size", self.batch_size, "must be at least 1")
-        if not self.lr > 0:
-            raise _bad("client.lr", self.lr, "must be positive")
+        if not 1 <= self.local_steps <= MAX_STEPS:
+            raise _bad("client.local-steps", self.local_steps, f"must be in [1, {MAX_STEPS}]")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise _bad("client.batch-size", self.batch_size, f"must be in [1, {MAX_BATCH_SIZE}]")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise _bad("client.lr", self.lr, "must be a positive finite number")
         if self.optimizer not in CLIENT_OPTIMIZERS:
             raise _bad("client.optimizer", self.optimizer, f"must be one of {CLIENT_OPTIMIZERS}")
 
@@ -251,16 +259,17 @@ class PrivacyConfig:
             raise _bad("privacy.target-epsilon", self.target_epsilon, "must be a positive finite number")
         if not 0.0 < self.delta < 1.0:
             raise _bad("privacy.delta", self.delta, "must be in (0, 1)")
-        if not self.max_grad_norm > 0:
-            raise _bad("privacy.max-grad-norm", self.max_grad_norm, "must be positive")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise _bad("privacy.max-grad-norm", self.max_grad_norm, "must be a positive finite number")
         if self.noise_multiplier < 0 or not math.isfinite(self.noise_multiplier):
             raise _bad(
                 "privacy.noise-multiplier",
                 self.noise_multiplier,
                 "must be >= 0 (0 means: calibrate from privacy.target-epsilon)",
             )
-        if self.planned_rounds < 0:
-            raise _bad("privacy.planned-rounds", self.planned_rounds, "must be >= 0 (0 means: server.num-rounds)")
+        if not 0 <= self.planned_rounds <= MAX_ROUNDS:
+            raise _bad("privacy.planned-rounds", self.planned_rounds,
+                       f"must be in [0, {MAX_ROUNDS}] (0 means: server.num-rounds)")
         if self.accountant not in ACCOUNTANTS:
             raise _bad(
                 "privacy.accountant",
@@ -285,8 +294,8 @@ class ServerConfig:
             raise _bad("server.momentum", self.momentum, "must be in [0, 1) (fedavgm's momentum)")
         if self.sampling not in SAMPLINGS:
             raise _bad("server.sampling", self.sampling, f"must be one of {SAMPLINGS}")
-        if self.num_rounds < 1:
-            raise _bad("server.num-rounds", self.num_rounds, "must be at least 1")
+        if not 1 <= self.num_rounds <= MAX_ROUNDS:
+            raise _bad("server.num-rounds", self.num_rounds, f"must be in [1, {MAX_ROUNDS}]")
         if self.clients_per_round < 1:
             raise _bad("server.clients-per-round", self.clients_per_round, "the cohort cannot be empty")
         if self.min_clients < 1 or self.min_clients > self.clients_per_round:
@@ -297,8 +306,8 @@ class ServerConfig:
             )
         if self.optimizer not in SERVER_OPTIMIZERS:
             raise _bad("server.optimizer", self.optimizer, f"must be one of {SERVER_OPTIMIZERS}")
-        if not self.lr > 0:
-            raise _bad("server.lr", self.lr, "must be positive")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise _bad("server.lr", self.lr, "must be a positive finite number")
         if self.round_timeout < 0:
             raise _bad("server.round-timeout", self.round_timeout, "must be >= 0 (0 waits without limit)")
 
@@ -408,6 +417,51 @@ def known_keys() -> list[str]:
     return [f"{s}.{n.replace('_', '-')}" for s, fs in _section_types().items() for n in fs]
 
 
+def suggest_key(key: str) -> str | None:
+    """The known key a mistyped ``key`` most likely meant (``privacy.target_epsilon``, ``privcy.delta``,
+    ``target-epsilon``), or None when no key is close."""
+    keys = known_keys()
+    fixed = key.strip().lower().replace("_", "-")
+    if fixed in keys:
+        return fixed
+    if "." not in fixed:  # a key without its section: the one section that has it
+        owners = [k for k in keys if k.split(".", 1)[1] == fixed]
+        if len(owners) == 1:
+            return owners[0]
+    close = difflib.get_close_matches(fixed, keys, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    section, _, name = fixed.partition(".")
+    sections = sorted({k.split(".", 1)[0] for k in keys})
+    near = difflib.get_close_matches(section, sections, n=1, cutoff=0.6)
+    if near and name:
+        in_section = [k for k in keys if k.startswith(near[0] + ".")]
+        close = difflib.get_close_matches(f"{near[0]}.{name}", in_section, n=1, cutoff=0.6)
+        if close:
+            return close[0]
+    return None
+
+
+def unknown_keys_message(unknown: list[str]) -> str:
+    """The error for unknown config keys: for each, the key it most likely meant, or the keys of its section."""
+    keys = known_keys()
+    sections = sorted({k.split(".", 1)[0] for k in keys})
+    hints = []
+    for key in sorted(unknown):
+        guess = suggest_key(key)
+        if guess is not None:
+            hints.append(f"'{key}': did you mean '{guess}'?")
+            continue
+        section = key.partition(".")[0]
+        if section in sections:
+            names = ", ".join(k.split(".", 1)[1] for k in keys if k.startswith(section + "."))
+            hints.append(f"'{key}': [{section}] has {names}.")
+        else:
+            hints.append(f"'{key}': no section '{section}' (sections: {', '.join(sections)}).")
+    return (f"Unknown config key(s): {', '.join(sorted(unknown))}. " + " ".join(hints)
+            + " Every key: README.md, Configuration reference.")
+
+
 def _coerce(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -478,9 +532,7 @@ def load_config(raw: Mapping[str, Any] | None = None, *, env: bool = True) -> Co
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         values[section][attr] = _coerce(key, value, default)
     if unknown:
-        raise ValueError(
-            f"Unknown config key(s): {', '.join(sorted(unknown))}. Known keys: {', '.join(known_keys())}"
-        )
+        raise ValueError(unknown_keys_message(unknown))
     sections = {}
     for sf in fields(Config):
         sections[sf.name] = sf.default_factory(**values[sf.name])  # type: ignore[misc]

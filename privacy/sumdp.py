@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -188,6 +189,11 @@ class SumContext:
     def to_record(self) -> dict[str, Any]:
         """The fields as a flat dict (a ``ConfigRecord`` carries it)."""
         return asdict(self)
+
+    def digest(self) -> bytes:
+        """SHA-256 of the fields (canonical JSON): the secure sum's ``context``, bound into its round digest,
+        so every key, ciphertext and consistency signature of the step is for these very parameters."""
+        return hashlib.sha256(json.dumps(self.to_record(), sort_keys=True).encode()).digest()
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "SumContext":

@@ -25,6 +25,7 @@ from privacy.secagg.eval_figures import summarize as summarize_evaluation
 from server.aggregation import Aggregator
 from server.checkpoint import latest_checkpoint, save_checkpoint
 from server.flow_log import ServerInventory
+from server.freshness import FreshnessGrid
 from server.optim import ServerOptimizer
 from server.progress import NoProgress, Progress, ProgressGrid, report
 from server.run_report import read_json, summary_table, write_outputs
@@ -32,6 +33,9 @@ from server.secagg import build_aggregator
 from server.sumdp import SumRounds
 
 logger = logging.getLogger(__name__)
+
+#: Redraw rounds.png during the run at most this often (it is always drawn when the run ends).
+PLOT_EVERY_SECONDS = 60.0
 
 
 def wait_for_nodes(grid: Grid, minimum: int, *, timeout: float = 600.0) -> list[int]:
@@ -110,6 +114,7 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
     if aggregator is None:
         aggregator = build_aggregator(cfg, run_id=_run_id(grid))
     run_dir = Path(cfg.run.results_dir) / cfg.run.name
+    grid = FreshnessGrid(grid, run_dir)  # type: ignore[assignment]  # keeps and sends back the devices' receipts
     ckpt_root = run_dir / "checkpoints"
     model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)
     counts = model.parameter_counts()
@@ -161,9 +166,11 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
         metrics["secagg"] = aggregator.run_info()
     timeout = cfg.server.round_timeout or None
     t_run = time.perf_counter()
+    last_plot = time.monotonic()
     report(progress, "run-start", run=cfg.run.name, rounds=cfg.server.num_rounds, **{"start-round": start_round},
            nodes=len(list(grid.get_node_ids())), cohort=cfg.server.clients_per_round, aggregation=aggregator.name,
-           dp=p.enabled, **{"shared-params": counts["shared"]})
+           dp=p.enabled, **{"shared-params": counts["shared"], "final-eval": cfg.eval.final,
+                            "local-baseline": cfg.eval.local_baseline})
     for server_round in range(start_round + 1, cfg.server.num_rounds + 1):
         t0 = time.perf_counter()
         nodes = wait_for_nodes(grid, cfg.server.min_clients)
@@ -227,7 +234,11 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
             "seconds": time.perf_counter() - t0,
         }
         history.append(row)
-        write_outputs(run_dir, metrics)
+        # metrics.json and rounds.csv every round (a resumed run reads them); the plot at most once a minute
+        # (drawing it costs about a second) and at the end of the run.
+        plot = time.monotonic() - last_plot >= PLOT_EVERY_SECONDS
+        write_outputs(run_dir, metrics, plots=plot)
+        last_plot = time.monotonic() if plot else last_plot
         report(progress, "round-end", rounds=cfg.server.num_rounds, trained=row["contributors"],
                **{k: row[k] for k in ("round", "cohort", "declined", "failed", "applied", "seconds")},
                **{k: row[m] for k, m in (("shared-loss", "heldout-shared-loss"), ("personal-loss", "heldout-personal-loss"),

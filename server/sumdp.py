@@ -96,7 +96,7 @@ class SumRounds:
             result, why = self.agg._secure_sum(self._server(params), grid, members, content, length=ctx.dim,
                                                message_type=DP_STEP, server_round=server_round, timeout=timeout,
                                                info=info, failures=failures, secagg_round=ctx.secagg_round,
-                                               group_id=step_group(server_round, step))
+                                               group_id=step_group(server_round, step), context=ctx.digest())
             seconds += info.get("secagg-seconds", 0.0)
             declined = max(declined, int(info.get("secagg-declined", 0)))
             if why:

@@ -439,6 +439,9 @@ def _status(audit: dict, *, dp: bool) -> dict:
         status["flags"].append("the ledgers' epsilon disagrees with the independent RDP implementation")
     if not dp:
         status["flags"].append("privacy.enabled = false: no differential-privacy guarantee")
+    for device, errors in sorted(audit.get("device_errors", {}).items()):
+        # A restored older copy of a device's state (client/store.py's freshness anchor and receipt).
+        status["flags"].extend(f"{device}: {e}" for e in errors if e.startswith("freshness: rollback detected"))
     for device, rounds in sorted(audit.get("released_without_noise", {}).items()):
         status["flags"].append(f"{device} released an update without DP noise (round(s) "
                                f"{', '.join(str(r) for r in rounds if r is not None) or '?'}): its epsilon is "

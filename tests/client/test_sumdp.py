@@ -24,42 +24,60 @@ def _cfg(**kw):
 
 def test_noise_on_the_sum_needs_secure_aggregation_safe_against_the_server():
     cfg = _cfg()
-    assert _malicious_secure_ok(cfg) == (True, "")
+    assert _malicious_secure_ok(cfg, bound_keys=True) == (True, "")
     # The config refuses it up front; a device handed such a config object anyway refuses by name.
     with pytest.raises(ValueError, match="secagg.enabled"):
         _cfg(**{"secagg.enabled": False})
     plain = dataclasses.replace(cfg, secagg=dataclasses.replace(cfg.secagg, enabled=False))
-    ok, why = _malicious_secure_ok(plain)
+    ok, why = _malicious_secure_ok(plain, bound_keys=True)
     assert not ok and "secagg.enabled" in why
     ctx = sum_context(plain, round=1, step=1, cohort=8, weights=W)
     with pytest.raises(PolicyViolation, match="privacy.noise-on"):
-        DevicePolicy().check_sum(plain, ctx, train_examples=36)
+        DevicePolicy().check_sum(plain, ctx, train_examples=36, bound_keys=True)
+    # Keys the server could forge (no certified identity): refused even with secure aggregation on, and even
+    # where the device's policy accepts unbound keys for plain rounds.
+    ok, why = _malicious_secure_ok(cfg, bound_keys=False)
+    assert not ok and "trust root" in why
+    with pytest.raises(PolicyViolation, match="privacy.noise-on"):
+        DevicePolicy(allow_unbound_keys=True).check_sum(cfg, sum_context(cfg, round=1, step=1, cohort=8, weights=W),
+                                                        train_examples=36, bound_keys=False)
+
+
+def test_the_step_parameters_are_bound_into_the_secure_sum():
+    """Two devices shown different parameters for the same step compute different round contexts: the
+    round digest (keys, ciphertexts, consistency signatures) differs, so a split view cannot form one sum."""
+    cfg = _cfg()
+    a = sum_context(cfg, round=1, step=1, cohort=8, weights=W)
+    assert a.digest() == sum_context(cfg, round=1, step=1, cohort=8, weights=W).digest()
+    assert a.digest() != dataclasses.replace(a, noise_multiplier=a.noise_multiplier / 2).digest()
+    assert a.digest() != dataclasses.replace(a, honest=a.honest + 1).digest()
+    assert a.digest() != sum_context(cfg, round=1, step=2, cohort=8, weights=W).digest()
 
 
 def test_t_between_the_floor_and_the_devices_share_of_the_cohort():
     ctx = sum_context(_cfg(), round=1, step=1, cohort=8, weights=W)  # t = 4 of 8
-    assert DevicePolicy().check_sum(_cfg(), ctx, train_examples=36)["privacy.honest-contributors"] == 4
+    assert DevicePolicy().check_sum(_cfg(), ctx, train_examples=36, bound_keys=True)["privacy.honest-contributors"] == 4
     with pytest.raises(PolicyViolation, match="policy.min-contributors = 5"):
-        DevicePolicy(min_contributors=5).check_sum(_cfg(), ctx, train_examples=36)
+        DevicePolicy(min_contributors=5).check_sum(_cfg(), ctx, train_examples=36, bound_keys=True)
     with pytest.raises(PolicyViolation, match="policy.max-honest-fraction = 0.25"):
-        DevicePolicy(max_honest_fraction=0.25).check_sum(_cfg(), ctx, train_examples=36)
+        DevicePolicy(max_honest_fraction=0.25).check_sum(_cfg(), ctx, train_examples=36, bound_keys=True)
     high = _cfg(**{"privacy.honest-contributors": 6})
     with pytest.raises(PolicyViolation, match="privacy.honest-contributors = 6"):
-        DevicePolicy().check_sum(high, sum_context(high, round=1, step=1, cohort=8, weights=W), train_examples=36)
+        DevicePolicy().check_sum(high, sum_context(high, round=1, step=1, cohort=8, weights=W), train_examples=36, bound_keys=True)
 
 
 def test_sigma_must_be_enough_for_the_devices_own_budget_at_its_own_q():
     cfg = _cfg(**{"privacy.noise-multiplier": 0.0, "client.max-participations": 2})  # calibrated for 30 examples
     ctx = sum_context(cfg, round=1, step=1, cohort=8, weights=W)
-    settings = DevicePolicy().check_sum(cfg, ctx, train_examples=30)
+    settings = DevicePolicy().check_sum(cfg, ctx, train_examples=30, bound_keys=True)
     assert settings["sum.planned-epsilon"] <= 8.0
-    assert DevicePolicy().check_sum(cfg, ctx, train_examples=48)["sum.planned-epsilon"] < settings["sum.planned-epsilon"]
+    assert DevicePolicy().check_sum(cfg, ctx, train_examples=48, bound_keys=True)["sum.planned-epsilon"] < settings["sum.planned-epsilon"]
     with pytest.raises(PolicyViolation, match="would spend epsilon"):  # a larger q than the config planned for
-        DevicePolicy().check_sum(cfg, ctx, train_examples=12)
+        DevicePolicy().check_sum(cfg, ctx, train_examples=12, bound_keys=True)
     with pytest.raises(PolicyViolation, match="would spend epsilon"):  # a lower budget of its own
-        DevicePolicy(max_epsilon=4.0).check_sum(cfg, ctx, train_examples=30)
+        DevicePolicy(max_epsilon=4.0).check_sum(cfg, ctx, train_examples=30, bound_keys=True)
     # A lower cap of its own: the same sigma spends less over the participations it accepts.
-    assert DevicePolicy(max_participations=1).check_sum(cfg, ctx, train_examples=30)["sum.planned-epsilon"] < 8.0
+    assert DevicePolicy(max_participations=1).check_sum(cfg, ctx, train_examples=30, bound_keys=True)["sum.planned-epsilon"] < 8.0
 
 
 def test_the_server_cannot_claim_other_parameters():
