@@ -12,9 +12,21 @@ Message types:
   shared tensors) and ``metrics`` (``weight`` 1 and ``trained`` 1), or a ``status``
   ConfigRecord when the device declines (privacy budget spent). A device with secure
   aggregation on refuses a train request without the masked-input request.
-* ``query.advertise`` — out: ``secagg``: the device's long-term public keys (once per run).
-* ``query.unmask`` — in: ``secagg`` / ``secagg-arrays`` (survivors, forwarded shares).
-  Out: the shares the server needs to unmask the survivors' sum (:mod:`client.secagg`).
+* ``train.dp_step`` — noise on the sum (``privacy.noise-on = sum``): in: ``shared``, ``config``
+  (``server-round``, ``step``), ``sum-context`` (the step's parameters, :class:`privacy.sumdp.SumContext`)
+  and the masked-input request. Out: only the masked payload of the device's clipped per-example gradient
+  sum plus its discrete Gaussian share (and ``trained``); or a decline. A plain ``train`` request is
+  refused in that mode (no local rounds with the sum's noise).
+* ``train.personalize`` — in: ``shared`` (the round's final shared adapter) and ``config``; out:
+  ``status`` (``personalized``: 1 or 0). The device trains its head on top, for a round it took steps of.
+* ``query.advertise`` — out: ``secagg``: the device's long-term public keys and, bound to them, its
+  identity (the trust root's certificate and the identity's signature over run, node id and keys;
+  once per run). A device without an identity refuses unless its policy allows unbound keys.
+* ``query.consistency`` — in: ``secagg`` / ``secagg-arrays`` (the round setup and the survivor set).
+  Out: ``secagg``: the device's signature over (round digest, survivor set), one set per round.
+* ``query.unmask`` — in: ``secagg`` / ``secagg-arrays`` (survivors, their signatures and signing
+  keys' bindings, forwarded shares). Out: the shares the server needs to unmask the survivors' sum,
+  and the senders whose shares did not open (:mod:`client.secagg`).
 * ``evaluate`` — in: ``shared`` and, under secure aggregation, a masked-input request for the
   evaluation sum. Out: only the masked vector of the device's bounded evaluation figures with its
   share of the evaluation noise (:mod:`privacy.secagg.eval_figures`: per-model loss and accuracy,
@@ -29,7 +41,8 @@ Message types:
 
 Error replies carry the error class and a fixed text (:func:`_error`), never the exception's
 message: that can hold the user's data (a malformed line of their data, a path named after them).
-The device's own log has the details.
+Every handler answers any exception this way, whatever its class (only a policy refusal names the
+setting, :func:`_refuse`). The device's own log has the details.
 """
 
 from __future__ import annotations
@@ -48,13 +61,15 @@ from client import secagg
 from client.device import LEDGER, BudgetExhausted, Device, state_dir_for
 from client.failures import failure_mod
 from client.flow_log import inventory_mod
-from client.policy import PolicyViolation
-from client.store import DeviceStore, StateError
+from client.freshness import freshness_mod
+from client.policy import DevicePolicy, PolicyViolation
+from client.store import DeviceStore
+from client.sumdp import StepRefused
 from fedpersona.config import Config, load_config
 from fedpersona.secagg_wire import from_records, has_request, to_records
 from fedpersona.wire import to_record, unpack_shared
-from privacy.secagg import SecAggAbort
 from privacy.secagg.eval_figures import eval_epsilon, noised_plain, record_eval
+from privacy.sumdp import SumContext, sum_context, sum_secagg_params
 
 logger = logging.getLogger(__name__)
 
@@ -132,18 +147,25 @@ ERROR_TEXT = "the device could not answer this {kind} request; the details are i
 
 def _error(message: Message, exc: BaseException) -> Message:
     kind = message.metadata.message_type
-    public = getattr(exc, "public_reason", None) or ERROR_TEXT.format(kind=kind)
+    public = getattr(type(exc), "public_reason", None)  # fixed text of the class, never of the instance
+    if not isinstance(public, str) or not public:
+        public = ERROR_TEXT.format(kind=kind)
     logger.error("node %s: %s request failed: %s: %s", message.metadata.dst_node_id, kind, type(exc).__name__, exc)
     return Message(Error(code=CLIENT_ERROR, reason=f"{type(exc).__name__}: {public}"), reply_to=message)
 
 
-def _floor(context: Context) -> int:
-    """The device policy's floor on the contributors of any sum this device helps unmask."""
+def _policy(context: Context) -> DevicePolicy:
+    """The device's own policy (its floor, the colluders it assumes, whether it allows unbound keys)."""
     policy = getattr(_DEVICES.get((context.run_id, context.node_id)), "policy", None)
     if policy is not None:
-        return policy.min_contributors
+        return policy
     _, store = _store(context)
-    return secagg.min_contributors_floor(dict(context.node_config), state_dir=store.state_dir)
+    return DevicePolicy.load(dict(context.node_config), state_dir=store.state_dir)
+
+
+def _floor(context: Context) -> int:
+    """The device policy's floor on the contributors of any sum this device helps unmask."""
+    return _policy(context).min_contributors
 
 
 def _refuse(message: Message, exc: PolicyViolation) -> Message:
@@ -172,7 +194,7 @@ def train(message: Message, context: Context) -> Message:
             return Message(RecordDict({"status": status, "metrics": MetricRecord({"weight": 0.0, "trained": 0.0})}), reply_to=message)
     except PolicyViolation as exc:  # before training: nothing trained, nothing sent but the refusal
         return _refuse(message, exc)
-    except (StateError, ValueError, FloatingPointError, KeyError, SecAggAbort, secagg.Refused) as exc:
+    except Exception as exc:  # any other class too: the fixed text, never the exception's message
         return _error(message, exc)
     content = RecordDict({"update": to_record(update), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=message)
@@ -181,12 +203,14 @@ def train(message: Message, context: Context) -> Message:
 def _secure_train(message: Message, context: Context, device: Device, shared: dict, server_round: int) -> Message:
     """Train, then reply with only the masked payload; a declining device says so and masks nothing."""
     request = from_records(message.content)
-    client = secagg.check_request(device.store, device.cfg, context.node_id, request, shared, floor=_floor(context))
+    client = secagg.check_request(device.store, device.cfg, context.node_id, request, shared, policy=_policy(context),
+                                  node_config=context.node_config)
     try:
         update, metrics = device.train_round(shared, server_round=server_round)
     except BudgetExhausted as exc:
         logger.info("%s (declining: this device takes no part in this round's sum)", exc)
-        return Message(RecordDict(to_records(secagg.decline(context.node_id, request))), reply_to=message)
+        reply = secagg.decline(client, request, store=device.store)
+        return Message(RecordDict(to_records(reply)), reply_to=message)
     payload = secagg.masked_input(client, device.cfg, request, update, metrics, store=device.store)
     if device.cfg.secagg.ddp:
         ledger = device.load_ledger()
@@ -197,12 +221,88 @@ def _secure_train(message: Message, context: Context, device: Device, shared: di
     return Message(RecordDict(to_records(payload)), reply_to=message)
 
 
+#: Message types of noise on the sum (``privacy.noise-on = sum``; :mod:`server.sumdp`).
+DP_STEP, PERSONALIZE = "train.dp_step", "train.personalize"
+
+
+def dp_step(message: Message, context: Context) -> Message:
+    """One step of a noisy sum: the clipped gradient sum, quantized, plus this device's discrete Gaussian
+    share, masked (:meth:`client.device.Device.sum_step`); a decline when the budget or the participation
+    cap is reached; a refusal naming the setting when the step's parameters or order do not hold."""
+    try:
+        device = _device(context)
+        if device.cfg.privacy.noise_on != "sum":
+            raise PolicyViolation("privacy.noise-on", device.cfg.privacy.noise_on,
+                                  "this run's config puts the noise on each device: no step of a noisy sum")
+        shared = unpack_shared(message.content)
+        config = message.content["config"]
+        server_round, step = int(config["server-round"]), int(config["step"])
+        claimed = SumContext.from_record(dict(message.content["sum-context"]))
+        if not has_request(message.content):
+            raise PolicyViolation("secagg.enabled", False, "a step of a noisy sum is answered only under secure "
+                                  "aggregation: the request carries no masked-input request")
+        request = from_records(message.content)
+        cohort = request.get("cohort")
+        size = int(getattr(cohort, "size", 0))
+        own = sum_context(device.cfg, round=server_round, step=step, cohort=max(1, size), weights=shared)
+        if int(request.get("round", -1)) != own.secagg_round:
+            raise secagg.ReplayRefused(f"masked-input request for secure-aggregation round {request.get('round')!r}, "
+                                       f"not the round {own.secagg_round} of round {server_round} step {step}")
+        params = sum_secagg_params(device.cfg, cohort=size, dim=own.dim)
+        client = secagg.check_request(device.store, device.cfg, context.node_id, request, shared,
+                                      floor=_floor(context), params=params, length=own.dim, context=own.digest())
+        try:
+            vec, _ = device.sum_step(shared, claimed, run_id=context.run_id, server_round=server_round, step=step,
+                                     cohort=size,
+                                     bound_keys=secagg.malicious_secure(device.store, context.node_config))
+        except BudgetExhausted as exc:
+            logger.info("%s (declining: this device takes no part in this step's sum)", exc)
+            return Message(RecordDict(to_records(secagg.decline(context.node_id, request))), reply_to=message)
+        payload = secagg.masked_step_input(client, request, vec, store=device.store)
+    except PolicyViolation as exc:
+        return _refuse(message, exc)
+    except Exception as exc:  # any class: the fixed text, never the message
+        return _error(message, exc)
+    return Message(RecordDict(to_records(payload)), reply_to=message)
+
+
+def personalize(message: Message, context: Context) -> Message:
+    """After a round of noisy sums: train the head on top of the round's final shared adapter.
+
+    The reply carries nothing but ``personalized`` (1: trained, 0: this device took no step of the round)."""
+    try:
+        device = _device(context)
+        shared = unpack_shared(message.content)
+        server_round = int(message.content["config"]["server-round"])
+        try:
+            device.personalize(shared, run_id=context.run_id, server_round=server_round)
+            done = 1
+        except StepRefused as exc:
+            logger.info("node %s: %s", context.node_id, exc)
+            done = 0
+    except Exception as exc:  # any class: the fixed text, never the message
+        return _error(message, exc)
+    return Message(RecordDict({"status": ConfigRecord({"personalized": done})}), reply_to=message)
+
+
 def advertise(message: Message, context: Context) -> Message:
-    """The device's long-term secure-aggregation public keys (created on the first call)."""
+    """The device's long-term secure-aggregation public keys (created on the first call), bound to its identity."""
     try:
         cfg, store = _store(context)
-        payload = secagg.advertise(store, cfg, context.node_id)
-    except (StateError, ValueError, KeyError) as exc:
+        payload = secagg.advertise(store, cfg, context.node_id, run_id=context.run_id, policy=_policy(context),
+                                   node_config=context.node_config)
+    except Exception as exc:  # any class: the fixed text, never the message
+        return _error(message, exc)
+    return Message(RecordDict(to_records(payload)), reply_to=message)
+
+
+def consistency(message: Message, context: Context) -> Message:
+    """The consistency check: the device's signature over the round's survivor set (one set per round)."""
+    try:
+        cfg, store = _store(context)
+        payload = secagg.consistency(store, cfg, context.node_id, from_records(message.content),
+                                     policy=_policy(context), node_config=context.node_config)
+    except Exception as exc:  # any class: the fixed text, never the message
         return _error(message, exc)
     return Message(RecordDict(to_records(payload)), reply_to=message)
 
@@ -211,8 +311,9 @@ def unmask(message: Message, context: Context) -> Message:
     """Second stage of secure aggregation: the shares for the survivors' sum."""
     try:
         cfg, store = _store(context)
-        payload = secagg.unmask(store, cfg, context.node_id, from_records(message.content), floor=_floor(context))
-    except (StateError, ValueError, KeyError, SecAggAbort, secagg.Refused) as exc:
+        payload = secagg.unmask(store, cfg, context.node_id, from_records(message.content), policy=_policy(context),
+                                node_config=context.node_config)
+    except Exception as exc:  # any class: the fixed text, never the message
         return _error(message, exc)
     return Message(RecordDict(to_records(payload)), reply_to=message)
 
@@ -248,7 +349,8 @@ def evaluate(message: Message, context: Context) -> Message:
         row = device.final_evaluation(unpack_shared(message.content), run_id=context.run_id)
         if secure:
             payload = secagg.eval_masked_input(device.store, device.cfg, context.node_id,
-                                               from_records(message.content), row, floor=_floor(context))
+                                               from_records(message.content), row, floor=_floor(context),
+                                               policy=_policy(context), node_config=context.node_config)
             _record_evaluation(device, message)
             return Message(RecordDict(to_records(payload)), reply_to=message)
         vec = noised_plain(device.cfg, row)  # no sum to hide in: the device's whole noise (local DP)
@@ -256,17 +358,22 @@ def evaluate(message: Message, context: Context) -> Message:
         content = RecordDict({"evaluation": ArrayRecord({"figures": Array(vec)})})
     except PolicyViolation as exc:
         return _refuse(message, exc)
-    except (StateError, ValueError, FloatingPointError, KeyError, SecAggAbort, secagg.Refused) as exc:
+    except Exception as exc:  # any class: the fixed text, never the message
         return _error(message, exc)
     return Message(content, reply_to=message)
 
 
-def build_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
+def build_app(*, mods: Sequence[Mod] = (), outer: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp: the flow log outermost (it records each reply as it leaves), then the device's own
-    failure log, then ``mods``, then the handlers."""
-    client_app = ClientApp(mods=[inventory_mod, failure_mod, *mods])
+    failure log, then ``mods``, then the store's one commit per message (:mod:`client.freshness`), then
+    the handlers. ``outer``: mods before the flow log (they may hand it another context, never another
+    reply)."""
+    client_app = ClientApp(mods=[*outer, inventory_mod, failure_mod, *mods, freshness_mod])
     client_app.train()(train)
+    client_app.train("dp_step")(dp_step)
+    client_app.train("personalize")(personalize)
     client_app.query("advertise")(advertise)
+    client_app.query("consistency")(consistency)
     client_app.query("unmask")(unmask)
     client_app.evaluate()(evaluate)
     return client_app

@@ -23,6 +23,12 @@ Commands (a line that starts with ``/``)::
 A draft left without a command stays in the context and is not kept. Accepted and edited replies
 join the training set at the device's next round (:mod:`client.feedback`). Input is read line by
 line, so a session can be scripted: ``printf 'Good morrow\\n/accept\\n/quit\\n' | fedpersona chat ...``.
+
+Input rule (:func:`chat_line`): a line is read as bytes and must be valid UTF-8, hold no NUL or
+control character (tab aside), and be at most :data:`client.data.MAX_TEXT_CHARS` characters; any
+other line, a message or a command with its text, is refused with a message saying why, and
+nothing of it is drafted or kept (a pending draft stays pending). Drafts are shown and kept without
+control characters (a model can emit an escape sequence; the terminal never receives it).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sys
 import warnings
 from collections.abc import Iterable
@@ -38,10 +45,10 @@ from typing import TextIO
 
 import torch
 
-from client.data import ASSISTANT_HEADER, IM_END, USER_HEADER
+from client.data import ASSISTANT_HEADER, IM_END, MAX_TEXT_CHARS, USER_HEADER, TextRefused, check_text
 from client.device import HEAD_FILE, RECEIVED_CONFIG, RECEIVED_SHARED, cache_examples
 from client.exemplars import check_count, exemplar_text, pick_exemplars
-from client.feedback import load_feedback, pairs_of, record_feedback
+from client.feedback import load_feedback, pairs_of, record_feedback, usable
 from client.profile import compute_profile, load_profile, save_profile, system_prefix
 from client.store import DeviceStore
 from client.train import evaluate
@@ -53,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 def feedback_losses(model, cfg, store: DeviceStore) -> dict[str, float]:
     """Held-out-style loss (nats/token) of the model as it stands on the positive and on the rejected examples."""
-    examples = load_feedback(store)
+    examples = usable(load_feedback(store))
     out: dict[str, float] = {}
     for label, chosen in (("positive", [e for e in examples if e.positive]),
                           ("rejected", [e for e in examples if not e.positive])):
@@ -67,6 +74,36 @@ EXEMPLAR_TOKENS = 192
 #: A small model loops ("I will. I will. ...") without it.
 REPETITION_PENALTY = 1.2
 HELP = """commands: /accept  /edit TEXT  /reject  /profile  /stats  /help  /quit   (other lines: a message to answer)"""
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def chat_line(raw: bytes | str) -> str:
+    """One input line as text (line ending and surrounding spaces stripped), or :class:`TextRefused` saying why.
+
+    Bytes must be valid UTF-8 (refused, never replaced); text, from a stream that decoded it already,
+    must hold no lone surrogate (what such a stream makes of bytes that are not UTF-8).
+    """
+    if isinstance(raw, (bytes, bytearray)):
+        if len(raw) > 4 * MAX_TEXT_CHARS + 2:  # more bytes than any accepted line can take
+            raise TextRefused(f"the line is {len(raw)} bytes long; at most {MAX_TEXT_CHARS} characters are accepted")
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TextRefused(f"the line is not valid UTF-8 (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})"
+                              ) from None
+    text = raw.rstrip("\r\n").strip()
+    return check_text(text, field="the line", max_chars=MAX_TEXT_CHARS)
+
+
+def _input_lines(lines: Iterable[str] | Iterable[bytes] | TextIO) -> Iterable[str | bytes]:
+    """The raw lines of ``lines``; of a text stream over bytes (``sys.stdin``), its bytes, decoded by :func:`chat_line`."""
+    buffer = getattr(lines, "buffer", None)
+    return buffer if buffer is not None else lines
+
+
+def printable(text: str) -> str:
+    """``text`` without control characters (line breaks become spaces): what a draft shows and keeps."""
+    return _CONTROLS.sub("", text.replace("\r\n", " ").replace("\n", " ").replace("\r", " "))
 
 
 @dataclass
@@ -80,7 +117,7 @@ class SessionCounts:
 
 def device_profile(store, *, pairs: list[tuple[str, str]] | None, tokenizer) -> str:
     """The profile to write with: recomputed from ``pairs`` + kept feedback when the data is at hand, else the stored one."""
-    kept = pairs_of([e for e in load_feedback(store) if e.positive])
+    kept = pairs_of(usable([e for e in load_feedback(store) if e.positive]))
     if pairs is not None:
         text = compute_profile(list(pairs) + kept, tokenizer=tokenizer).text()
         save_profile(store, text)
@@ -95,7 +132,10 @@ class ChatSession:
     """One conversation with the personalized model (already loaded with the shared adapter and the head)."""
 
     def __init__(self, model, cfg, store, *, profile: str = "", max_new_tokens: int = 48, temperature: float = 0.7,
-                 seed: int = 0, pairs: Iterable[tuple[str, str]] | None = None, exemplars: int = 0) -> None:
+                 seed: int = 0, pairs: Iterable[tuple[str, str]] | None = None, exemplars: int = 0,
+                 compare_base: bool = False) -> None:
+        """``compare_base``: after each draft, also the base model's (every adapter off, the same context), shown
+        for comparison only: feedback always applies to the personalized draft."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1. You passed: {max_new_tokens!r}")
         if temperature < 0:
@@ -105,6 +145,7 @@ class ChatSession:
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.generator_seed = seed
         self.pairs, self.exemplars = list(pairs or ()), check_count(exemplars)
+        self.compare_base = compare_base
         self.device = model.device  # placed where model.device / model.dtype say (fedpersona.model.adapted_model)
         tok = model.tokenizer
         self._end = tok.convert_tokens_to_ids(IM_END)
@@ -144,7 +185,7 @@ class ChatSession:
         """The user's own turns most like ``message`` (its data and kept feedback), at most EXEMPLAR_TOKENS."""
         if not self.exemplars:
             return []
-        kept = pairs_of([e for e in load_feedback(self.store) if e.positive])
+        kept = pairs_of(usable([e for e in load_feedback(self.store) if e.positive]))
         ids: list[int] = []
         for pair in pick_exemplars(self.pairs + kept, message, self.exemplars, seed=self.generator_seed):
             turn = self._ids(exemplar_text([pair]))
@@ -153,7 +194,12 @@ class ChatSession:
         return ids
 
     @torch.no_grad()
-    def draft(self, turns: list[tuple[str, str]], message: str) -> str:
+    def draft(self, turns: list[tuple[str, str]], message: str, *, base: bool = False) -> str:
+        """The reply drafted for ``message``; ``base``: by the base model (every adapter off, the same context)."""
+        if base:  # on a forked generator: the personalized drafts are the same with or without the comparison
+            cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda), self.model.adapters_disabled():
+                return self.draft(turns, message)
         ids = torch.tensor([self.context_ids(turns, message)], dtype=torch.long, device=self.device)
         tok = self.model.tokenizer
         sample = self.temperature > 0
@@ -163,10 +209,12 @@ class ChatSession:
             do_sample=sample, temperature=self.temperature if sample else None, top_p=0.9 if sample else None,
             eos_token_id=self._end, pad_token_id=tok.pad_token_id,
         )
-        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        return printable(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)).strip()
 
-    def run(self, lines: Iterable[str], out: TextIO = sys.stdout, *, prompt: str = "") -> SessionCounts:
-        """Read messages and commands line by line; print drafts and what was kept."""
+    def run(self, lines: Iterable[str] | Iterable[bytes] | TextIO, out: TextIO = sys.stdout, *,
+            prompt: str = "") -> SessionCounts:
+        """Read messages and commands line by line (a text stream is read as bytes: :func:`chat_line`); print
+        drafts and what was kept."""
         counts = SessionCounts()
         pending: tuple[str, str] | None = None
 
@@ -176,8 +224,13 @@ class ChatSession:
         if prompt:
             out.write(prompt)
             out.flush()
-        for raw in lines:
-            line = raw.strip()
+        for raw in _input_lines(lines):
+            try:
+                line = chat_line(raw)
+            except TextRefused as exc:
+                say(f"input refused: {exc}; nothing of this line is kept"
+                    + ("" if pending is None else " (the draft still waits for /accept, /edit or /reject)"))
+                line = ""
             if not line:
                 pass
             elif not line.startswith("/"):
@@ -186,6 +239,8 @@ class ChatSession:
                 pending = (line, self.draft(counts.turns, line))
                 counts.drafts += 1
                 say(f"assistant: {pending[1] or '(empty draft)'}")
+                if self.compare_base:
+                    say(f"base model: {self.draft(counts.turns, line, base=True) or '(empty draft)'}")
             else:
                 command, _, arg = line.partition(" ")
                 arg = arg.strip()
@@ -208,7 +263,12 @@ class ChatSession:
                         say("/edit needs the text you would have said: /edit TEXT")
                     else:
                         cue, draft = pending
-                        if command == "/accept":
+                        if command == "/reject":
+                            draft = draft[:MAX_TEXT_CHARS]  # a negative example: its start is enough
+                        if command == "/accept" and len(draft) > MAX_TEXT_CHARS:  # --max-new-tokens in the thousands
+                            say(f"/accept refused: the draft is {len(draft)} characters long, at most {MAX_TEXT_CHARS} "
+                                f"are kept; use /edit TEXT or /reject")
+                        elif command == "/accept":
                             record_feedback(self.store, cue=cue, reply=draft, origin="accepted")
                             counts.accepted += 1
                             counts.turns.append((cue, draft))
@@ -222,7 +282,8 @@ class ChatSession:
                             record_feedback(self.store, cue=cue, reply=draft or "(empty)", origin="rejected")
                             counts.rejected += 1
                             say("[rejected: kept as a negative example, never trained on]")
-                        pending = None
+                        if not command == "/accept" or len(draft) <= MAX_TEXT_CHARS:
+                            pending = None
                 else:
                     say(f"unknown command {command!r}; {HELP}")
             if prompt:

@@ -13,8 +13,18 @@ file-name order. Each non-blank line is one JSON object::
 * other keys are ignored; blank lines are skipped; a file with no record is an error.
 
 Anything else (missing folder, no ``*.jsonl`` file, unreadable or non-UTF-8 file, a line that is not
-a JSON object, a missing / non-string / blank reply, a non-string cue) raises ``ValueError`` naming
-the file and, for a bad line, its line number. This data never leaves the device.
+a JSON object, a missing / non-string / blank reply, a non-string cue, text that breaks the rule
+below) raises ``ValueError`` naming the file and, for a bad line, its line number. This data never
+leaves the device.
+
+Text rule
+---------
+Every text a device trains on (its data files, chat messages, ``/edit`` text and kept feedback) is
+checked by :func:`check_text`: valid Unicode (no lone surrogate: a JSON ``"\ud800"`` escape, or
+undecodable bytes that a terminal handed over as surrogates), and no control character but tab and
+line breaks (NUL, ESC, DEL and the C1 controls are refused). A ``fedpersona chat`` line is read as
+bytes and must be valid UTF-8 (refused with a message, never replaced: what is kept is exactly
+what the user wrote) and at most :data:`MAX_TEXT_CHARS` characters.
 
 Training format
 ---------------
@@ -36,6 +46,7 @@ import json
 import logging
 import math
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +62,34 @@ USER_HEADER = f"{IM_START}user\n"
 ASSISTANT_HEADER = f"{IM_END}\n{IM_START}assistant\n"
 MIN_SEQ_LEN = 16
 MIN_REPLY_TOKENS = 4
+#: The longest line ``fedpersona chat`` accepts (a message, or the text of ``/edit``), and the longest
+#: cue or reply kept as feedback, in characters.
+MAX_TEXT_CHARS = 4096
+#: What :func:`check_text` refuses: lone surrogates and every control character (Unicode category Cc)
+#: but tab, line feed and carriage return.
+_REFUSED = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+class TextRefused(ValueError):
+    """Text that breaks the text rule (:func:`check_text`); the message names the field, the character and
+    where it is, never the text itself."""
+
+
+def check_text(text: object, *, field: str, max_chars: int | None = None) -> str:
+    """``text`` if it follows the text rule (module docstring), else :class:`TextRefused`."""
+    if not isinstance(text, str):
+        raise TextRefused(f"{field} must be a string. You passed: a {type(text).__name__}")
+    if max_chars is not None and len(text) > max_chars:
+        raise TextRefused(f"{field} is {len(text)} characters long; at most {max_chars} are accepted")
+    bad = _REFUSED.search(text)
+    if bad is not None:
+        ch, at = bad.group(), bad.start()
+        if 0xD800 <= ord(ch) <= 0xDFFF:
+            raise TextRefused(f"{field} is not valid Unicode: a lone surrogate U+{ord(ch):04X} at character {at} "
+                              f"(bytes that are not valid UTF-8). You passed: {ch!r}")
+        raise TextRefused(f"{field} holds the control character U+{ord(ch):04X} at character {at}: NUL and control "
+                          f"characters other than tab and line breaks are refused. You passed: {ch!r}")
+    return text
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -95,6 +134,11 @@ def _read_jsonl(file: Path) -> list[tuple[str, str]]:
         cue = record.get("cue", "")
         if not isinstance(cue, str):
             raise ValueError(f"{where}: \"cue\" must be a string. You passed: {cue!r}")
+        try:
+            check_text(reply, field='"reply"')
+            check_text(cue, field='"cue"')
+        except TextRefused as exc:
+            raise ValueError(f"{where}: {exc}") from None
         pairs.append((cue, reply))
     if not pairs:
         raise ValueError(f"{file}: the file has no record")

@@ -52,6 +52,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from client.data import encode_examples, read_user_folder, split_examples
@@ -60,12 +61,16 @@ from client.policy import DevicePolicy, PolicyViolation
 from client.feedback import noise_for_remaining_budget, pairs_of, training_feedback
 from client.profile import compute_profile, save_profile
 from client.store import DeviceStore
-from client.train import CachedExample, TrainResult, evaluate, train_head, train_shared, trainer_for
+from client.sumdp import StepLog, StepRefused, check_context, local_optimizer, local_replay_round
+from client.train import (CachedExample, TrainResult, clipped_grad_sum, deadline_after, evaluate, train_head,
+                          train_shared, trainer_for)
+from fedpersona.secagg_wire import flatten
 from fedpersona.config import Config
 from fedpersona.model import AdaptedModel, adapted_model, labels_for, lower_hidden
 from privacy.budget import composed
 from privacy.ledger import PrivacyLedger, calibrate_noise
 from privacy.noise import SECURE, NoiseSource
+from privacy.sumdp import SumContext, sum_noise_multiplier
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +89,13 @@ EVALUATION = "evaluation"
 
 class BudgetExhausted(RuntimeError):
     """The next round would take the device past its privacy budget."""
+
+
+class RoundTimeExceeded(RuntimeError):
+    """The round's DP pass reached the device's wall-time budget (``policy.max-round-seconds``) and was stopped:
+    nothing of it is released; the steps it took are in the ledger."""
+
+    public_reason = "stopped: the round went past this device's wall-time budget (policy.max-round-seconds)"
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:
@@ -143,6 +155,15 @@ def _check_delta(cfg: Config, user_id: str, n_train: int) -> None:
         raise PolicyViolation("privacy.delta", cfg.privacy.delta, "must be below 1/(this device's training examples)")
 
 
+def kept_pairs(cfg: Config, user_id: str, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The user's examples the device keeps: all, or a subset of ``data.max-examples`` seeded by (seed, user)."""
+    if len(pairs) <= cfg.data.max_examples:
+        return list(pairs)
+    gen = torch.Generator().manual_seed(int(hashlib.sha256(f"{cfg.run.seed}:{user_id}".encode()).hexdigest()[:15], 16))
+    keep = sorted(torch.randperm(len(pairs), generator=gen)[: cfg.data.max_examples].tolist())
+    return [pairs[i] for i in keep]
+
+
 def prepare_user(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tuple[str, str]], *,
                  store: DeviceStore | None = None) -> UserData:
     """Cap, split, tokenize, and run the frozen lower blocks once per example.
@@ -153,10 +174,7 @@ def prepare_user(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tup
     """
     if len(pairs) < 2:
         raise ValueError(f"User {user_id!r} has only {len(pairs)} example(s); at least 2 are needed")
-    if len(pairs) > cfg.data.max_examples:
-        gen = torch.Generator().manual_seed(int(hashlib.sha256(f"{cfg.run.seed}:{user_id}".encode()).hexdigest()[:15], 16))
-        keep = sorted(torch.randperm(len(pairs), generator=gen)[: cfg.data.max_examples].tolist())
-        pairs = [pairs[i] for i in keep]
+    pairs = kept_pairs(cfg, user_id, pairs)
     train_pairs, held_pairs = split_examples(pairs, eval_fraction=cfg.data.eval_fraction, seed=cfg.run.seed, key=user_id)
     _check_delta(cfg, user_id, len(train_pairs))
 
@@ -238,9 +256,11 @@ def state_dir_for(cfg: Config, node_config: dict) -> Path:
     return node_data(cfg, node_config).state_dir
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=None)
 def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """Noise for a budget spread over the planned steps (devices with equal data sizes share the result)."""
+    """Noise for a budget spread over the planned steps, solved once per process for every training-set size
+    (devices with equal data sizes share the result; :func:`privacy.ledger.calibrate_noise` warm-starts each
+    new size from the nearest one solved)."""
     return calibrate_noise(
         target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
     )
@@ -266,6 +286,7 @@ class Device:
         # model of the same data whose ledger the device's epsilon does not cover.
         self.simulated = "data-dir" not in node_config if simulated is None else bool(simulated)
         self.policy = DevicePolicy.load(node_config, state_dir=state_dir)  # the device's own floors
+        self.policy.check_cost(cfg)  # a run asking for more work than the device allows: refused before any work
         if prepared is None:
             self.data = prepare_user(self.model, cfg, user_id, pairs, store=self.store)
         else:
@@ -283,7 +304,7 @@ class Device:
         self.pairs = pairs
         self.base_train = list(self.data.train)
         self.feedback_examples = 0
-        self._feedback_cache: dict[str, CachedExample] = {}
+        self._feedback_cache: dict[str, CachedExample | None] = {}
         n = len(self.data.train)
         self.sample_rate = min(1.0, cfg.client.batch_size / n)
         self.noise_multiplier = self._noise_multiplier()
@@ -294,6 +315,8 @@ class Device:
         self._offered: tuple[tuple, object] | None = None
         #: The last round's figures for the device's own log and tests (loss, epsilon, timings): never sent.
         self.last_round: dict[str, float] = {}
+        self._offered_evaluation: tuple[tuple, dict] | None = None
+        self._profile_of: tuple | None = None  # the feedback examples the stored profile was computed with
 
     # ------------------------------------------------------------ privacy
     @property
@@ -335,9 +358,12 @@ class Device:
         p = self.cfg.privacy
         if not p.enabled:
             return 0.0
+        if p.noise_on == "sum":
+            return sum_noise_multiplier(self.cfg)  # the same for every device of a sum (privacy.sumdp)
         if p.noise_multiplier > 0:
             return p.noise_multiplier
-        planned = self.cfg.planned_rounds * self.cfg.client.local_steps
+        # Planned for the participations the device will accept, not every round of the server's plan.
+        planned = self.policy.participations(self.cfg) * self.cfg.client.local_steps
         passes = self.budget_passes
         sigma = _calibrated(p.target_epsilon, p.delta, self.sample_rate, planned * passes, p.accountant)
         if ledger is None or all((s, q) == (sigma, self.sample_rate) for s, q, _ in ledger.history):
@@ -348,17 +374,40 @@ class Device:
         return adjusted if adjusted is not None else sigma  # budget spent: train_round declines
 
     def _grow_training_set(self, server_round: int, ledger: PrivacyLedger) -> None:
-        """The round's training set: the device's data + accepted/edited chat feedback (client.feedback)."""
+        """The round's training set: the device's data + accepted/edited chat feedback (client.feedback).
+
+        A feedback example the device cannot encode is skipped and reported in its log (by id), and the
+        device trains on the rest: one bad example never fails the rounds that follow."""
         fb = training_feedback(self.store, server_round=server_round, max_new=self.cfg.client.max_new_examples)
         new = [e for e in fb if e.id not in self._feedback_cache]
         if new:
-            for e, ex in zip(new, cache_examples(self.model, self.cfg, pairs_of(new))):
-                self._feedback_cache[e.id] = ex
-        self.data = UserData(self.user_id, self.base_train + [self._feedback_cache[e.id] for e in fb], self.data.held_out)
-        self.feedback_examples = len(fb)
+            self._cache_feedback(new)
+        used = [e for e in fb if self._feedback_cache[e.id] is not None]
+        self.data = UserData(self.user_id, self.base_train + [self._feedback_cache[e.id] for e in used],
+                             self.data.held_out)
+        self.feedback_examples = len(used)
         self.sample_rate = min(1.0, self.cfg.client.batch_size / len(self.data.train))
         self.noise_multiplier = self._noise_multiplier(ledger)
-        save_profile(self.store, compute_profile(self.pairs + pairs_of(fb), tokenizer=self.model.tokenizer).text())
+        ids = tuple(e.id for e in used)
+        if ids != self._profile_of:  # the profile depends on the pairs alone: computed again when they change
+            save_profile(self.store, compute_profile(self.pairs + pairs_of(used), tokenizer=self.model.tokenizer).text())
+            self._profile_of = ids
+    def _cache_feedback(self, new: list) -> None:
+        """Encode new feedback examples once (in one batch; one by one if the batch fails); ``None`` marks
+        an example that cannot be encoded (skipped, reported)."""
+        try:
+            for e, ex in zip(new, cache_examples(self.model, self.cfg, pairs_of(new))):
+                self._feedback_cache[e.id] = ex
+            return
+        except (ValueError, TypeError, UnicodeError, RuntimeError):
+            pass
+        for e in new:
+            try:
+                (self._feedback_cache[e.id],) = cache_examples(self.model, self.cfg, pairs_of([e]))
+            except (ValueError, TypeError, UnicodeError, RuntimeError) as exc:
+                logger.warning("%s: feedback example %s cannot be encoded (%s): skipped; the device trains on the "
+                               "rest", self.user_id, e.id, type(exc).__name__)
+                self._feedback_cache[e.id] = None
 
     def _head_noise_multiplier(self) -> float:
         """The head's own DP-SGD noise (``privacy.personal-head = dp``), for its own budget."""
@@ -384,6 +433,10 @@ class Device:
         state = self.store.load_tensors(HEAD_FILE)
         return state if state is not None else self.model.fresh_personal_state()
 
+    def personal_state(self) -> dict[str, torch.Tensor]:
+        """The personal head as stored on the device (a fresh one before its first round)."""
+        return self._personal()
+
     def _heldout(self) -> dict[str, float]:
         return evaluate(self.model, self.data.held_out)
 
@@ -391,13 +444,13 @@ class Device:
         text = self.store.load_text(PARTICIPATION)
         return json.loads(text) if text else []
 
-    def _shared_pass(self, steps: int, ledger: PrivacyLedger | None) -> TrainResult:
+    def _shared_pass(self, steps: int, ledger: PrivacyLedger | None, *, deadline: float | None = None) -> TrainResult:
         """The released pass (head switched off; ``fedsa``: A and B together)."""
         cfg = self.cfg
         kw = dict(
             steps=steps, batch_size=cfg.client.batch_size, lr=cfg.client.lr, optimizer=cfg.client.optimizer,
             noise_multiplier=self.noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
-            dp=cfg.privacy.enabled, ledger=ledger, noise_source=self.noise_source,
+            dp=cfg.privacy.enabled, ledger=ledger, noise_source=self.noise_source, deadline=deadline,
         )
         if self.joint:
             return self.trainer.train(self.data.train, group="all", **kw)
@@ -417,14 +470,15 @@ class Device:
         digest = hashlib.sha256(f"{self.cfg.run.seed}:head-batches:{self.user_id}:{int(server_round)}".encode())
         return NoiseSource(generator=torch.Generator().manual_seed(int(digest.hexdigest()[:15], 16)))
 
-    def _head_pass(self, ledger: PrivacyLedger | None, steps: int, server_round: int) -> TrainResult:
+    def _head_pass(self, ledger: PrivacyLedger | None, steps: int, server_round: int, *,
+                   deadline: float | None = None) -> TrainResult:
         """The head alone on top of the shared adapter as loaded, ``steps`` steps (:meth:`_head_steps`)."""
         cfg = self.cfg
         return train_head(
             self.trainer, self.data.train, steps=steps, batch_size=cfg.client.head_batch_size, lr=cfg.client.head_lr,
             optimizer=cfg.client.optimizer, noise_multiplier=self.head_noise_multiplier,
             max_grad_norm=cfg.privacy.max_grad_norm, dp=self.head_dp, ledger=ledger if self.head_dp else None,
-            noise_source=self.head_source(server_round),
+            noise_source=self.head_source(server_round), deadline=deadline,
         )
 
     def plan_round(self, shared: dict[str, torch.Tensor], *, server_round: int, log_refusal: bool = True) -> RoundPlan:
@@ -446,6 +500,15 @@ class Device:
                 logger.warning("round %d refused by this device's privacy policy (%s): %s", server_round,
                                self.policy.source, exc)
             raise
+        if cfg.privacy.noise_on == "sum":
+            raise PolicyViolation("privacy.noise-on", cfg.privacy.noise_on,
+                                  "with noise on the sum a device answers the steps of noisy sums only; a local "
+                                  "round (several steps with the sum's noise) is not allowed")
+        cap = self.policy.participations(cfg)
+        taken = len(self._participation())
+        if taken >= cap:
+            raise BudgetExhausted(f"{self.user_id}: {taken} participation(s) taken, the cap is {cap} "
+                                  "(client.max-participations / policy.max-participations); not training")
         steps = cfg.client.local_steps
         if cfg.privacy.enabled and math.isinf(self.epsilon(ledger)):
             raise BudgetExhausted(
@@ -510,6 +573,8 @@ class Device:
         persistence and the reply are the same code either way.
         """
         cfg = self.cfg
+        # The device's wall-time budget for the round (policy.max-round-seconds), checked between steps.
+        deadline = deadline_after(self.policy.max_round_seconds)
         plan = self.plan_round(shared, server_round=server_round)
         offered, self._offered = self._offered, None
         if offered is not None and offered[0] != plan.key:
@@ -527,9 +592,17 @@ class Device:
                 local["heldout-shared-loss"] = self._heldout()["loss"]
             local["heldout-personal-loss"] = self._heldout()["loss"]
         if offered is None:
-            result = self._shared_pass(steps, ledger if cfg.privacy.enabled else None)
+            result = self._shared_pass(steps, ledger if cfg.privacy.enabled else None, deadline=deadline)
+            if result.stopped:
+                self._stopped(plan, result)  # raises: nothing released
             head_ledger = plan.head_ledger
-            head = self._head_pass(head_ledger, plan.head_steps, server_round) if plan.head_steps else None
+            head = (self._head_pass(head_ledger, plan.head_steps, server_round, deadline=deadline)
+                    if plan.head_steps else None)
+            if head is not None and head.stopped:
+                logger.warning("%s round %d: the head pass reached policy.max-round-seconds = %g after %d of %d "
+                               "step(s); the head keeps them, the shared update (all %d steps) is sent",
+                               self.user_id, server_round, self.policy.max_round_seconds, head.steps,
+                               plan.head_steps, steps)
         else:
             result, head = self._apply_offered(plan, offered[1])
             head_ledger = plan.head_ledger
@@ -540,6 +613,10 @@ class Device:
             round=server_round, steps=steps, noise_multiplier=self.noise_multiplier,
             sample_rate=self.sample_rate, delta=cfg.privacy.delta, settings=plan.settings,
         )
+        if cfg.privacy.enabled:
+            m = self.policy.participations(cfg)
+            ledger.set_plan(participations=m, steps=m * steps, noise_multiplier=self.noise_multiplier,
+                            sample_rate=self.sample_rate, delta=cfg.privacy.delta)
         # The head has trained on top of the new shared adapter by now; it never enters the update.
         after = self.model.shared_state()
         # Weight 1 for every device (public): nothing sent depends on how many examples it holds.
@@ -578,6 +655,27 @@ class Device:
         # What the reply carries besides the update: the public weight and a constant (privacy.audit.message_table).
         return update, {"weight": 1.0, "trained": 1.0}
 
+    def _stopped(self, plan: RoundPlan, result: TrainResult) -> None:
+        """A shared pass stopped by the wall-time budget: release nothing; keep its steps in the ledger.
+
+        The steps were computed on the user's data, so the ledger (every DP-SGD step the device ever
+        took) records them, saved before the refusal goes out; the round entry says it released nothing.
+        """
+        cfg = self.cfg
+        if cfg.privacy.enabled and result.steps:
+            plan.ledger.record_round(
+                round=plan.server_round, steps=result.steps, noise_multiplier=self.noise_multiplier,
+                sample_rate=self.sample_rate, delta=cfg.privacy.delta,
+                settings={**plan.settings, "released": False, "stopped-by": "policy.max-round-seconds"},
+            )
+            self.store.save_text(LEDGER, plan.ledger.to_json())
+        logger.warning("%s round %d: policy.max-round-seconds = %g reached after %d of %d DP step(s): the round is "
+                       "stopped and nothing of it is sent (the steps taken stay in the ledger: epsilon %.3f)",
+                       self.user_id, plan.server_round, self.policy.max_round_seconds, result.steps, plan.steps,
+                       self.epsilon(plan.ledger))
+        raise RoundTimeExceeded(f"round {plan.server_round} stopped after {result.steps} of {plan.steps} steps by "
+                                f"policy.max-round-seconds = {self.policy.max_round_seconds:g}")
+
     def _apply_offered(self, plan: RoundPlan, res) -> tuple[TrainResult, TrainResult | None]:
         """Step the ledgers with the DP steps the engine took, load its tensors: as the passes here would."""
         cfg = self.cfg
@@ -604,6 +702,110 @@ class Device:
         head = as_train(head_phase, self.head_noise_multiplier) if head_phase is not None else None
         return shared_result, head
 
+    # ------------------------------------------------------------- noise on the sum (client.sumdp)
+    def sum_step(self, shared: dict[str, torch.Tensor], claimed: SumContext, *, run_id: int, server_round: int,
+                 step: int, cohort: int, bound_keys: bool) -> tuple[np.ndarray, SumContext]:
+        """One step of a noisy sum (``privacy.noise-on = sum``): the checks of :mod:`client.sumdp`, then the
+        clipped gradient sum, the ledger step and its persistence. ``bound_keys``: whether the device's secure
+        aggregation holds against a malicious server (:func:`client.secagg.malicious_secure`).
+
+        Returns (the clipped per-example gradient sum as a float64 vector in the shared tensors' sorted-name
+        order, no noise yet: the ClientApp quantizes it and adds the discrete Gaussian share while masking; the
+        step's context). Raises :class:`~client.policy.PolicyViolation` (a refusal naming the setting),
+        :class:`BudgetExhausted` (a decline) or :class:`~client.sumdp.StepRefused`; nothing is recorded then.
+        """
+        cfg = self.cfg
+        if cfg.privacy.noise_on != "sum":
+            raise PolicyViolation("privacy.noise-on", cfg.privacy.noise_on,
+                                  "this run's config puts the noise on each device: no step of a noisy sum")
+        ctx = check_context(cfg, claimed, server_round=server_round, step=step, cohort=cohort, shared=shared)
+        settings = self.policy.check(cfg, train_examples=len(self.data.train), noise_multiplier=ctx.noise_multiplier)
+        settings.update(self.policy.check_sum(cfg, ctx, train_examples=len(self.data.train), bound_keys=bound_keys))
+        log = StepLog(self.store)
+        opens = log.check(run_id, server_round, step, steps=ctx.steps, rounds=cfg.server.num_rounds)
+        ledger = self.load_ledger()
+        participation = self._participation()
+        cap = self.policy.participations(cfg)
+        if opens:
+            if cfg.privacy.enabled and math.isinf(self.epsilon(ledger)):
+                raise BudgetExhausted(f"{self.user_id}: this device already released without DP noise (epsilon = "
+                                      "infinity): no DP round can be claimed from it any more; declining")
+            if len(participation) >= cap:
+                raise BudgetExhausted(f"{self.user_id}: {len(participation)} participation(s) taken, the cap is {cap} "
+                                      "(client.max-participations / policy.max-participations); declining")
+            self._grow_training_set(server_round, ledger)
+            if cfg.privacy.enabled:
+                eps_next = ledger.epsilon_if(noise_multiplier=ctx.noise_multiplier, sample_rate=self.sample_rate,
+                                             num_steps=ctx.steps, delta=cfg.privacy.delta, on_sum=True)
+                if eps_next > cfg.privacy.target_epsilon * (1 + 1e-9):
+                    raise BudgetExhausted(f"{self.user_id}: a round of {ctx.steps} steps would bring epsilon to "
+                                          f"{eps_next:.3f} > budget {cfg.privacy.target_epsilon}; declining")
+            participation.append({"round": int(server_round), "steps": 0, "head-steps": 0, "mode": "sum"})
+        elif not participation or participation[-1].get("round") != server_round:
+            raise StepRefused(f"round {server_round}: this device holds no participation of it")
+        self.model.load_shared_state(shared)  # the step's weights, as every device of the sum
+        g = clipped_grad_sum(self.trainer, self.data.train, sample_rate=self.sample_rate, max_grad_norm=ctx.clip,
+                             noise_source=self.noise_source)
+        q = self.sample_rate
+        ledger.step_on_sum(noise_multiplier=ctx.noise_multiplier, sample_rate=q, honest=ctx.honest)
+        participation[-1]["steps"] = int(participation[-1]["steps"]) + 1
+        if cfg.privacy.enabled:
+            ledger.set_plan(participations=cap, steps=cap * ctx.steps, noise_multiplier=ctx.noise_multiplier,
+                            sample_rate=q, delta=cfg.privacy.delta, noise_on="sum")
+        ledger.record_round(round=server_round, steps=participation[-1]["steps"],
+                            noise_multiplier=ctx.noise_multiplier, sample_rate=q, delta=cfg.privacy.delta,
+                            settings=settings, update=True)
+        # Persisted before the reply leaves: a lost reply never hands back budget; a repeat is refused.
+        self.store.save_text(LEDGER, ledger.to_json())
+        self.store.save_text(PARTICIPATION, json.dumps(participation))
+        log.record(run_id, server_round, step)
+        if opens:
+            self.store.save_text(RECEIVED_CONFIG, json.dumps(cfg.to_flat(), sort_keys=True))
+        eps = self.epsilon(ledger)
+        logger.info("%s round %d step %d/%d: batch %d (%d clipped) loss %.3f, sigma %.3f t %d q %.3f, epsilon %.3f "
+                    "in %.2fs", self.user_id, server_round, step, ctx.steps, g.batch, g.clipped, g.mean_loss,
+                    ctx.noise_multiplier, ctx.honest, q, eps, g.seconds)
+        return flatten(g.grads), ctx
+
+    def personalize(self, shared: dict[str, torch.Tensor], *, run_id: int, server_round: int) -> int:
+        """After a round of noisy sums: the head on top of the round's final shared adapter; the steps taken.
+
+        Only for a round this device answered at least one step of (in this run), once per round
+        (:class:`~client.sumdp.StepRefused` otherwise).
+        """
+        cfg = self.cfg
+        log = StepLog(self.store)
+        last = log.last(run_id)
+        participation = self._participation()
+        if last["round"] != server_round or last["personalized"] == server_round or not participation \
+                or participation[-1].get("round") != server_round:
+            raise StepRefused(f"round {server_round}: not a round this device answered steps of, or already "
+                              "personalized")
+        self.model.load_shared_state(shared)
+        self.model.load_personal_state(self._personal())
+        head_ledger = self.load_ledger(HEAD_LEDGER) if self.head_dp else None
+        steps = self._head_steps(head_ledger)
+        head = self._head_pass(head_ledger, steps, server_round) if steps else None
+        if head is not None and head_ledger is not None:
+            head_ledger.record_round(round=server_round, steps=head.steps, noise_multiplier=self.head_noise_multiplier,
+                                     sample_rate=self.head_sample_rate, delta=cfg.privacy.delta)
+            self.store.save_text(HEAD_LEDGER, head_ledger.to_json())
+        participation[-1]["head-steps"] = head.steps if head else 0
+        self.store.save_tensors(HEAD_FILE, self.model.personal_state())
+        self.store.save_tensors(RECEIVED_SHARED, shared)  # for `fedpersona chat` on the device
+        self.store.save_text(PARTICIPATION, json.dumps(participation))
+        log.record_personalized(run_id, server_round)
+        logger.info("%s round %d: head %s, on the round's final shared adapter", self.user_id, server_round,
+                    f"{head.steps} steps loss {head.mean_loss:.3f}" if head else "not trained")
+        return head.steps if head else 0
+
+    def offer_evaluation(self, shared_digest: str, personal_digest: str, figures: dict[str, dict[str, float]]) -> None:
+        """Held-out figures computed elsewhere (the cohort engine's batched passes) for the shared adapter and
+        head of these digests: ``{"base" | "shared" | "personal": {"loss", "accuracy", "tokens"}}``, as
+        :func:`client.train.evaluate` gives them. :meth:`final_evaluation` uses them only for exactly that
+        shared adapter, that head and this device's held-out split; otherwise it evaluates here."""
+        self._offered_evaluation = ((shared_digest, personal_digest, len(self.data.held_out)), figures)
+
     def final_evaluation(self, shared: dict[str, torch.Tensor], *, run_id: int = 0) -> dict[str, float]:
         """Base, shared only, personalized and (simulation) local-only on the held-out split.
 
@@ -611,21 +813,35 @@ class Device:
         bounded figures are sent, with noise (:mod:`privacy.secagg.eval_figures`).
         """
         cfg = self.cfg
+        personal = self._personal()
+        offered, self._offered_evaluation = self._offered_evaluation, None
+        figures = None
+        if offered is not None:
+            if offered[0] == (state_digest(shared), state_digest(personal), len(self.data.held_out)):
+                figures = offered[1]
+            else:
+                logger.warning("%s: the evaluation offered was computed for another shared adapter or head; "
+                               "evaluating here", self.user_id)
         self.model.load_shared_state(shared)
-        self.model.load_personal_state(self._personal())
+        self.model.load_personal_state(personal)
         out: dict[str, float] = {}
-        with self.model.adapters_disabled():
-            r = self._heldout()
-        out["base-loss"], out["base-accuracy"], out["base-tokens"] = r["loss"], r["accuracy"], float(r["tokens"])
-        with self.model.personal_zeroed():
-            r = self._heldout()
-        out["shared-loss"], out["shared-accuracy"], out["shared-tokens"] = r["loss"], r["accuracy"], float(r["tokens"])
-        r = self._heldout()
-        out["personal-loss"], out["personal-accuracy"] = r["loss"], r["accuracy"]
-        out["personal-tokens"] = float(r["tokens"])
+        if figures is None:
+            with self.model.adapters_disabled():
+                base = self._heldout()
+            with self.model.personal_zeroed():
+                alone = self._heldout()
+            figures = {"base": base, "shared": alone, "personal": self._heldout()}
+        for model in ("base", "shared", "personal"):
+            r = figures[model]
+            out[f"{model}-loss"], out[f"{model}-accuracy"] = r["loss"], r["accuracy"]
+            out[f"{model}-tokens"] = float(r["tokens"])
         ledger = self.load_ledger()
         eps = self.epsilon(ledger)
         out["epsilon"] = out["epsilon-federated"] = eps if math.isfinite(eps) else -1.0
+        plan = ledger.plan
+        if plan is not None:  # what the device planned beside what it spent
+            out["planned-participations"] = float(plan["participations"])
+            out["planned-epsilon"] = plan["epsilon"] if math.isfinite(plan["epsilon"]) else -1.0
         if self.head_dp:
             head_eps = self.epsilon(self.load_ledger(HEAD_LEDGER))
             out["head-epsilon"] = head_eps if math.isfinite(head_eps) else -1.0
@@ -671,8 +887,12 @@ class Device:
             self.model.load_shared_state(self.model.initial_shared_state())
             ledger = PrivacyLedger(accountant=cfg.privacy.accountant)
             head_ledger = PrivacyLedger(accountant=cfg.privacy.accountant) if self.head_dp else None
+            opt = local_optimizer(cfg)  # noise on the sum: the server's optimizer, on this device's own sums
             for r in participation:
-                self._shared_pass(int(r["steps"]), ledger if cfg.privacy.enabled else None)
+                if r.get("mode") == "sum":
+                    local_replay_round(self, int(r["steps"]), ledger, opt)
+                else:
+                    self._shared_pass(int(r["steps"]), ledger if cfg.privacy.enabled else None)
                 head_steps = self._head_steps(head_ledger) if r["head-steps"] else 0
                 if head_steps:
                     head = self._head_pass(head_ledger, head_steps, int(r["round"]))

@@ -26,6 +26,7 @@ from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.node_data import context_state_dir, read_jsonl
+from fedpersona.wire import group_round
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def _note(message: Message, context: Context, error: str) -> None:
     try:
         record_failure(_state_dir(context), run_id=context.run_id, node_id=context.node_id,
                        message_type=message.metadata.message_type,
-                       server_round=int(group) if str(group).isdigit() else None, error=error)
+                       server_round=group_round(group), error=error)
     except Exception as exc:  # the log must never hide the failure itself
         logger.error("node %s: could not record its failure (%s): %s: %s", context.node_id, error,
                      type(exc).__name__, exc)

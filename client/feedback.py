@@ -23,6 +23,13 @@ steps of that round and later ones; each one is a new record under the record-le
 the sample rate of every later step is ``batch / n`` with the grown ``n`` (docs/audit.md,
 "A growing dataset"). :func:`noise_for_remaining_budget` picks the noise for the remaining planned
 steps at the new sample rate so that the composed epsilon stays within the budget.
+
+Input: :func:`record_feedback` keeps only text that follows the device's text rule
+(:func:`client.data.check_text`: valid Unicode, no NUL or control character but tab and line
+breaks, at most :data:`client.data.MAX_TEXT_CHARS` characters), refusing the rest with
+:class:`client.data.TextRefused`. An example kept before that rule (or otherwise unusable) stays in
+the store but never joins training, a profile or the exemplars: :func:`usable` skips it and says so
+in the device's log, by its id.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
+from client.data import MAX_TEXT_CHARS, TextRefused, check_text
 from client.store import DeviceStore, StateError
 
 logger = logging.getLogger(__name__)
@@ -109,10 +117,12 @@ def record_feedback(store: DeviceStore, *, cue: str, reply: str, origin: str, pr
     """Append one example (encrypted, atomically) and return it."""
     if origin not in ORIGINS:
         raise ValueError(f"origin must be one of {ORIGINS}. You passed: {origin!r}")
-    if not isinstance(reply, str) or not reply.strip():
-        raise ValueError(f"a feedback reply must be a non-empty string. You passed: {reply!r}")
-    if not isinstance(cue, str):
-        raise ValueError(f"a feedback cue must be a string. You passed: {cue!r}")
+    check_text(reply, field="a feedback reply", max_chars=MAX_TEXT_CHARS)
+    check_text(cue, field="a feedback cue", max_chars=MAX_TEXT_CHARS)
+    if proposed is not None:
+        check_text(proposed, field="the proposed draft")
+    if not reply.strip():
+        raise ValueError("a feedback reply must be a non-empty string. You passed: an empty or blank one")
     ex = FeedbackExample(
         id=uuid.uuid4().hex, cue=cue, reply=reply.strip(), origin=origin,
         time=datetime.now(timezone.utc).isoformat(timespec="seconds"), proposed=proposed,
@@ -123,6 +133,27 @@ def record_feedback(store: DeviceStore, *, cue: str, reply: str, origin: str, pr
         store.save_text(FEEDBACK, json.dumps({"version": _VERSION, "examples": records}))
     logger.debug("feedback %s (%s) stored in %s", ex.id, origin, store.state_dir)
     return ex
+
+
+_SKIPPED: set[str] = set()  # ids already reported as unusable by this process
+
+
+def usable(examples: Sequence[FeedbackExample]) -> list[FeedbackExample]:
+    """The examples whose cue and reply follow the text rule; each other one is skipped and reported once
+    (by its id and the reason's class: never its text) in the device's log."""
+    out = []
+    for e in examples:
+        try:
+            check_text(e.cue, field="cue", max_chars=MAX_TEXT_CHARS)
+            check_text(e.reply, field="reply", max_chars=MAX_TEXT_CHARS)
+        except TextRefused as exc:
+            if e.id not in _SKIPPED:
+                _SKIPPED.add(e.id)
+                logger.warning("feedback example %s cannot be used (%s): skipped; it stays in the store and never "
+                               "joins training", e.id, str(exc).split(". You passed")[0])
+            continue
+        out.append(e)
+    return out
 
 
 def joined_rounds(store: DeviceStore) -> dict[str, int]:
@@ -142,7 +173,7 @@ def training_feedback(store: DeviceStore, *, server_round: int, max_new: int) ->
     if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 0:
         raise ValueError(f"Invalid config value for 'client.max-new-examples': must be >= 0 (0 = no cap). You passed: {max_new!r}")
     with _feedback_lock(store):
-        positives = [e for e in load_feedback(store) if e.positive]
+        positives = usable([e for e in load_feedback(store) if e.positive])
         joined = joined_rounds(store)
         fresh = [e for e in positives if e.id not in joined]
         this_round = sum(1 for r in joined.values() if r == int(server_round))

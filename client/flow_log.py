@@ -16,8 +16,12 @@ entries (``str``, ``bytes``, ``int`` ...). An error reply records its code and r
 scans each reply for its user profile (:mod:`client.profile`: the whole text and each sentence, in
 every string, bytes value and array's raw bytes, and in an error's reason): the line gets
 ``"profile_checked": true`` when the device had a profile, and a row that carries it ``"profile": true``
-(an error reason that does: ``"error_profile": true``). The check that nothing
-personal left the device is :func:`privacy.audit.inventory.verify_inventory`.
+(an error reason that does: ``"error_profile": true``). For a ``query.consistency`` or
+``query.unmask`` request the line also records what the device was *shown*: ``"shown":
+{"round_digest": <hex>, "survivors": <16 hex of SHA-256 of the sorted survivor ids>, "count": n}``
+(answered or refused), so that the audit can tell when the server showed two devices (or one
+device twice) different survivor sets for the same round. The check that nothing personal left
+the device, and that, is :func:`privacy.audit.inventory.verify_inventory`.
 
 On by default; the cost is one SHA-256 pass over the reply's arrays and one appended line.
 ``FEDPERSONA_INVENTORY=off`` turns it off (with a warning): the audit then reports the device
@@ -38,7 +42,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from client.node_data import _CONTEXT_STATE_DIRS as _STATE_DIRS  # noqa: F401 - the lookup's cache (tests clear it)
 from client.node_data import context_state_dir, read_jsonl
-from fedpersona.wire import inventory
+from fedpersona.wire import group_round, inventory
 from privacy.audit.inventory import is_masked, is_protocol_array
 
 logger = logging.getLogger(__name__)
@@ -67,16 +71,17 @@ def _value_bytes(value) -> int:
 def describe(content: RecordDict) -> list[dict]:
     """The inventory rows of a message's content, with ``masked`` (arrays) and ``type`` (configs)."""
     rows = inventory(content)
+    configs, metrics = content.config_records, content.metric_records  # each a view built per access: once
     for row in rows:
         if row["kind"] == "array":
             row["masked"] = is_masked(row["record"], row["name"], row["dtype"])
             row["protocol"] = is_protocol_array(row["record"], row["name"], row["dtype"]) and not row["masked"]
         elif row["kind"] == "config":
-            value = content.config_records[row["record"]][row["name"]]
+            value = configs[row["record"]][row["name"]]
             row["type"] = _value_type(value)
             row["bytes"] = _value_bytes(value)
         elif row["kind"] == "metric":
-            value = content.metric_records[row["record"]][row["name"]]
+            value = metrics[row["record"]][row["name"]]
             row["type"] = _value_type(value)
             if isinstance(value, list):
                 row["bytes"] = 8 * len(value)
@@ -121,6 +126,31 @@ def _profile_needles(state_dir: Path) -> list[str]:
     return profile_needles(load_profile(DeviceStore(state_dir)))
 
 
+#: Requests whose survivor set the inventory records (the consistency check and the unmask stage).
+SHOWN_TYPES = ("query.consistency", "query.unmask")
+
+
+def shown_survivors(message: Message) -> dict | None:
+    """The round digest and a digest of the survivor set a consistency / unmask request showed (None otherwise)."""
+    if message.metadata.message_type not in SHOWN_TYPES or not message.has_content():
+        return None
+    import hashlib
+
+    import numpy as np
+
+    from fedpersona.secagg_wire import from_records
+    from privacy.secagg.spec import request_digest
+
+    try:
+        request = from_records(message.content)
+        survivors = sorted(int(x) for x in np.asarray(request["survivors"]).ravel())
+        digest = request_digest(request)
+    except Exception:  # a malformed request: nothing to compare (the handler refuses it)
+        return None
+    ids = b"".join(x.to_bytes(8, "big") for x in survivors)
+    return {"round_digest": digest.hex(), "survivors": hashlib.sha256(ids).hexdigest()[:16], "count": len(survivors)}
+
+
 def entry_for(reply: Message, *, run_id: int, node_id: int) -> dict:
     """The inventory line of one outgoing reply."""
     md = reply.metadata
@@ -131,7 +161,7 @@ def entry_for(reply: Message, *, run_id: int, node_id: int) -> dict:
         "run_id": int(run_id),
         "node_id": int(node_id),
         "group_id": group,
-        "round": int(group) if group.isdigit() else None,
+        "round": group_round(group),
         "message_type": md.message_type,
     }
     if reply.has_error():
@@ -174,6 +204,9 @@ def inventory_mod(message: Message, context: Context, call_next: ClientAppCallab
     try:
         state_dir = _state_dir(context)
         entry = entry_for(reply, run_id=context.run_id, node_id=context.node_id)
+        shown = shown_survivors(message)
+        if shown is not None:
+            entry["shown"] = shown
         try:
             needles = _profile_needles(state_dir)
         except Exception as exc:  # an unreadable store: the line says the profile was not checked

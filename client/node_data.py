@@ -92,12 +92,36 @@ def node_data(cfg: Config, node_config: Mapping[str, Any]) -> NodeData:
     if "partition-id" not in node_config:
         raise ValueError("node config needs 'data-dir' (deployment) or 'partition-id' (simulation)")
     path = manifest_path(cfg)
-    nodes = read_manifest(path)["nodes"]
+    nodes = _manifest_nodes(path)
     pid = int(node_config["partition-id"])
     entry = nodes.get(str(pid))
     if entry is None:
         raise ValueError(f"partition-id {pid} has no user: the simulation manifest {path} lists {len(nodes)} users")
     return NodeData(str(entry["user-id"]), Path(entry["data-dir"]), Path(entry["state-dir"]))
+
+
+#: The nodes of the manifests read by this process, by path, with the file's identity when it was read.
+_MANIFESTS: dict[Path, tuple[tuple[int, int, int, int], dict[str, Any]]] = {}
+
+
+def _manifest_nodes(path: Path) -> dict[str, Any]:
+    """``read_manifest(path)["nodes"]``, parsed once per process while the file stays the same.
+
+    Every simulated device built (a round's cohort, the final evaluation's every node) looks itself
+    up here; the file is read again only when its inode, size or modification time changed (the
+    writer replaces it atomically, so a rewrite always gives a new inode).
+    """
+    try:
+        st = path.stat()
+    except OSError:
+        return read_manifest(path)["nodes"]  # its error names the missing manifest
+    stamp = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+    hit = _MANIFESTS.get(path)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    nodes = read_manifest(path)["nodes"]
+    _MANIFESTS[path] = (stamp, nodes)
+    return nodes
 
 
 _CONTEXT_STATE_DIRS: dict[tuple[int, int], Path] = {}

@@ -31,8 +31,47 @@ key                                   default    meaning
                                                  the k + 1 share holders (0.5: a strict majority)
 ``policy.min-contributors``           ``3``      fewest trained contributors in any sum this device
                                                  helps unmask (enforced by the secure-aggregation
-                                                 unmask stage)
+                                                 unmask stage); with noise on the sum also the
+                                                 fewest honest contributors t it accepts
+``policy.max-honest-fraction``        ``0.5``    with noise on the sum: the largest t it accepts, as
+                                                 a fraction of the announced cohort
+``policy.max-participations``         ``0``      rounds it takes part in and plans its noise for at
+                                                 most (``0``: the server's ``client.max-participations``)
+``policy.max-colluders``              ``0``      devices of a cohort this device assumes may collude
+                                                 with the server: the consistency check needs more
+                                                 than (K + c) / 2 signatures, a sum at least
+                                                 ``min-contributors + c`` survivors, and (c > 0) the
+                                                 threshold at least ``min-contributors + c``
+``policy.allow-unbound-keys``         ``false``  take part in secure aggregation without an identity
+                                                 certified by a trust root (keys the server could
+                                                 forge; warns loudly and is recorded)
+``policy.max-local-steps``            ``100``    most ``client.local-steps`` (DP-SGD steps of the
+                                                 shared adapter) in a round
+``policy.max-head-steps``             ``100``    most ``client.head-steps`` in a round
+``policy.max-batch-size``             ``128``    largest ``client.batch-size`` and
+                                                 ``client.head-batch-size``
+``policy.max-seq-len``                ``512``    largest ``model.seq-len`` (tokens per example)
+``policy.max-round-seconds``          ``1800``   wall-time budget of one training round, enforced
+                                                 while it trains (below)
 ====================================  =========  ==================================================
+
+The last five are the device's **cost** caps: the server chooses how much work a round is, the
+device decides how much it will do. A round above a cap is refused before anything is computed,
+like a weakened privacy setting (:meth:`DevicePolicy.check_cost`). The wall-time budget is enforced
+between training steps, from the moment the device starts the round: a DP pass stopped by it
+releases nothing (the round fails with a fixed-text error), and the steps it did take stay in the
+privacy ledger (they were computed on the user's data; an update is released only when every one
+of its steps is accounted); a head pass stopped by it keeps the steps it took, and the round's
+shared update, fully trained and accounted, is sent. The defaults fit every shipped scenario
+(``simulations/conf/*.toml``: at most 15 local and 12 head steps, batches of 8, 64 tokens) with
+room to spare; a simulation with more passes ``--device-policy max-local-steps=...``. A result
+trained by a simulation's cohort engine (one pass for many devices) is checked against the step,
+batch and length caps, not the wall time.
+
+The secure-aggregation graph is checked too (:meth:`DevicePolicy.check_graph`, for the largest
+cohort here and for each request's own cohort in :mod:`client.secagg`): a degree below
+:func:`required_degree` for the cohort size, or a threshold below the rules above, is refused
+naming ``secagg.degree`` / ``secagg.threshold`` and why.
 
 Two sources, both on the device: the node config (``flower-supernode --node-config
 "policy.max-epsilon=4"``, or the ``nodes`` of an in-process federation) and ``policy.toml`` in
@@ -56,9 +95,10 @@ from typing import Any
 
 from fedpersona.config import Config
 from privacy.ledger import calibrate_noise
+from privacy.secagg.graph import default_degree
 from privacy.secagg.settings import secagg_params
 
-__all__ = ["DevicePolicy", "PolicyViolation", "POLICY_FILE", "PREFIX"]
+__all__ = ["DevicePolicy", "PolicyViolation", "POLICY_FILE", "PREFIX", "required_degree"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +114,29 @@ _STRICTER = {
     "allow_no_secagg": lambda a, b: a and b,
     "min_threshold_fraction": max,
     "min_contributors": max,
+    "max_honest_fraction": min,
+    "max_participations": lambda a, b: min(x for x in (a, b) if x > 0) if (a > 0 or b > 0) else 0,
+    "max_colluders": max,
+    "allow_unbound_keys": lambda a, b: a and b,
+    "max_local_steps": min,
+    "max_head_steps": min,
+    "max_batch_size": min,
+    "max_seq_len": min,
+    "max_round_seconds": min,
 }
+
+
+def required_degree(n: int) -> int:
+    """The smallest SecAgg+ graph degree a device accepts for a cohort of ``n``: ``2 ceil(1.5 log2 n)``, at most n - 1.
+
+    SecAgg+ (Bell et al., CCS 2020) replaces the complete graph by one of degree O(log n). On the random
+    ring graph (:mod:`privacy.secagg.graph`) the honest survivors are cut apart only by k/2 consecutive
+    removed (dropped or colluding) devices; with a fraction r of the cohort removed at random that
+    happens with probability at most ``n r^(k/2)``, which at this degree and r = 1/3 is ``n^-1.38``
+    (7e-5 at n = 1000). (Whether each device keeps t live holders is the round's dropout tolerance, not
+    a privacy matter: a round without them aborts.)
+    """
+    return default_degree(n)
 
 
 class PolicyViolation(ValueError):
@@ -134,11 +196,32 @@ def _as_int(key: str, value: Any) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _one_round_epsilon(sigma: float, q: float, steps: int, delta: float, accountant: str) -> float:
+def _one_round_epsilon(sigma: float, q: float, steps: int, delta: float, accountant: str,
+                       on_sum: bool = False) -> float:
     from privacy.ledger import PrivacyLedger
 
     return PrivacyLedger(accountant=accountant).epsilon_if(noise_multiplier=sigma, sample_rate=q, num_steps=steps,
-                                                           delta=delta)
+                                                           delta=delta, on_sum=on_sum)
+
+
+def _malicious_secure_ok(cfg: Config, *, bound_keys: bool) -> tuple[bool, str]:
+    """Whether the secure sum is safe enough to carry noise added once for the whole cohort.
+
+    Noise on the sum (``privacy.noise-on = sum``) gives each device's records their guarantee only if the
+    server learns nothing but sums of at least t devices' shares. Against a server that deviates from the
+    protocol that needs secure aggregation itself (``secagg.enabled``), with every party checking what it
+    signs (the consistency check: one survivor set and, bound into the round digest, the step's
+    parameters, one view for all) and neighbour keys bound to identities the server cannot forge
+    (``bound_keys``: :func:`client.secagg.malicious_secure`, the device holds an identity certified by
+    its trust root). ``(False, why)`` otherwise; the device then refuses noise on the sum by name.
+    """
+    if not cfg.secagg.enabled:
+        return False, "noise on the sum needs secure aggregation (secagg.enabled = true)"
+    if not bound_keys:
+        return False, ("noise on the sum needs secure aggregation that holds against a malicious server: this device "
+                       "has no identity certified by a trust root (keys the server could forge; policy.allow-unbound-"
+                       "keys does not extend to noise on the sum)")
+    return True, ""
 
 
 @dataclass(frozen=True)
@@ -152,11 +235,20 @@ class DevicePolicy:
     allow_no_secagg: bool = False
     min_threshold_fraction: float = 0.5
     min_contributors: int = 3
+    max_honest_fraction: float = 0.5
+    max_participations: int = 0
+    max_colluders: int = 0
+    allow_unbound_keys: bool = False
+    max_local_steps: int = 100
+    max_head_steps: int = 100
+    max_batch_size: int = 128
+    max_seq_len: int = 512
+    max_round_seconds: float = 1800.0
     #: where the values came from (for the log and the audit), not part of the policy itself
     source: str = field(default="defaults", compare=False)
 
     def __post_init__(self) -> None:
-        for attr in ("allow_no_dp", "allow_no_secagg"):
+        for attr in ("allow_no_dp", "allow_no_secagg", "allow_unbound_keys"):
             if not isinstance(getattr(self, attr), bool):
                 raise _bad(_key(attr), getattr(self, attr), "must be true or false")
         e = self.max_epsilon
@@ -176,6 +268,22 @@ class DevicePolicy:
         if isinstance(c, bool) or not isinstance(c, int) or c < 2:
             raise _bad(_key("min_contributors"), c,
                        "must be an integer >= 2 (a sum of one contributor is that contributor's update)")
+        h = self.max_honest_fraction
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 < h <= 1:
+            raise _bad(_key("max_honest_fraction"), h, "must be in (0, 1] (the largest t / announced cohort)")
+        m = self.max_participations
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise _bad(_key("max_participations"), m, "must be an integer >= 0 (0: the server's suggestion)")
+        m = self.max_colluders
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise _bad(_key("max_colluders"), m, "must be an integer >= 0")
+        for attr in ("max_local_steps", "max_head_steps", "max_batch_size", "max_seq_len"):
+            v = getattr(self, attr)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise _bad(_key(attr), v, "must be an integer >= 1")
+        w = self.max_round_seconds
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < math.inf:
+            raise _bad(_key("max_round_seconds"), w, "must be a finite number of seconds > 0")
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -250,6 +358,10 @@ class DevicePolicy:
         if policy.allow_no_secagg:
             logger.warning("device policy (%s): policy.allow-no-secagg = true: this device will send its update in "
                            "the clear when the server turns secure aggregation off", policy.source)
+        if policy.allow_unbound_keys:
+            logger.warning("device policy (%s): policy.allow-unbound-keys = true: without an identity certificate "
+                           "this device will mask against keys the server could have generated itself (secure "
+                           "aggregation against an honest-but-curious server only)", policy.source)
         return policy
 
     def as_dict(self) -> dict[str, Any]:
@@ -266,6 +378,7 @@ class DevicePolicy:
             raise ValueError(f"train_examples must be an integer >= 1. You passed: {train_examples!r}")
         p, s = cfg.privacy, cfg.secagg
         settings: dict[str, Any] = {"privacy.enabled": bool(p.enabled)}
+        settings.update(self.check_cost(cfg))
         if not p.enabled:
             if not self.allow_no_dp:
                 raise PolicyViolation("privacy.enabled", False,
@@ -304,24 +417,112 @@ class DevicePolicy:
             logger.warning("secagg.enabled = false accepted (policy.allow-no-secagg = true): this round's update "
                            "goes to the server in the clear")
         else:
+            n = max(2, cfg.server.clients_per_round)
             k, t = self._graph(cfg)
-            need = math.floor(self.min_threshold_fraction * (k + 1)) + 1
-            if t < need:
-                raise PolicyViolation("secagg.threshold", t if s.threshold else f"0 (t = {t})",
-                                      f"with k + 1 = {k + 1} share holders (secagg.degree = {s.degree or 'auto'}) "
-                                      f"the threshold must be at least {need} (more than "
-                                      f"policy.min-threshold-fraction = {self.min_threshold_fraction:g} of them)")
+            self.check_graph(n, k, t, degree_setting=s.degree, threshold_setting=s.threshold)
             settings.update({"secagg.degree": k, "secagg.threshold": t, "secagg.ddp": bool(s.ddp)})
         settings.update({k: v for k, v in self.as_dict().items()})
         return settings
 
-    @staticmethod
-    def _noise(cfg: Config, q: float) -> float:
+    def participations(self, cfg: Config) -> int:
+        """Participations the device plans its noise for and takes at most: the server's suggestion
+        (:attr:`~fedpersona.config.Config.planned_participations`), lowered by ``policy.max-participations``."""
+        own = self.max_participations
+        return min(cfg.planned_participations, own) if own > 0 else cfg.planned_participations
+
+    def check_graph(self, n: int, k: int, t: int, *, degree_setting: int = 0, threshold_setting: int = 0) -> None:
+        """:class:`PolicyViolation` naming ``secagg.degree`` or ``secagg.threshold`` when a cohort of ``n`` with
+        degree ``k`` and threshold ``t`` is weaker than this device accepts, saying why."""
+        need_k = required_degree(n)
+        if k < need_k:
+            raise PolicyViolation(
+                "secagg.degree", degree_setting if degree_setting else f"0 (k = {k})",
+                f"a cohort of {n} needs a graph degree of at least {need_k} (2 ceil(1.5 log2 n), at most n - 1): SecAgg+ (Bell et al. "
+                f"2020) needs k of order log n so that dropped or colluding devices cannot cut the honest survivors "
+                f"apart and every device keeps t live share holders; with k = {k} a few removed devices isolate one")
+        shown_t = threshold_setting if threshold_setting else f"0 (t = {t})"
+        need = math.floor(self.min_threshold_fraction * (k + 1)) + 1
+        if t < need:
+            raise PolicyViolation("secagg.threshold", shown_t,
+                                  f"with k + 1 = {k + 1} share holders (secagg.degree = {degree_setting or 'auto'}) "
+                                  f"the threshold must be at least {need} (more than "
+                                  f"policy.min-threshold-fraction = {self.min_threshold_fraction:g} of them)")
+        c = self.max_colluders
+        if (n + c) // 2 + 1 > n:
+            raise PolicyViolation("server.clients-per-round", n,
+                                  f"with policy.max-colluders = {c} no survivor set of a cohort of {n} can be "
+                                  "certified by more than (K + c) / 2 signatures")
+        if c and t < self.min_contributors + c:
+            raise PolicyViolation("secagg.threshold", shown_t,
+                                  f"with policy.max-colluders = {c} the threshold must be at least policy.min-contributors "
+                                  f"+ {c} = {self.min_contributors + c}: a server whose colluders hold shares could "
+                                  "otherwise cut out and unmask a group of fewer honest devices than the floor")
+    def check_cost(self, cfg: Config) -> dict[str, Any]:
+        """The round's cost settings if within this device's caps, or :class:`PolicyViolation` naming the first
+        above one. Checked before the device computes anything for a run (and again with every round)."""
+        c, m = cfg.client, cfg.model
+        for setting, value, attr, what in (
+            ("client.local-steps", c.local_steps, "max_local_steps", "DP-SGD steps a round"),
+            ("client.head-steps", c.head_steps, "max_head_steps", "personal-head steps a round"),
+            ("client.batch-size", c.batch_size, "max_batch_size", "examples a batch"),
+            ("client.head-batch-size", c.head_batch_size, "max_batch_size", "examples a batch"),
+            ("model.seq-len", m.seq_len, "max_seq_len", "tokens an example"),
+        ):
+            cap = getattr(self, attr)
+            if value > cap:
+                raise PolicyViolation(setting, value, f"above this device's cap {_key(attr)} = {cap} ({what})")
+        return {"client.local-steps": c.local_steps, "client.head-steps": c.head_steps,
+                "client.batch-size": c.batch_size, "client.head-batch-size": c.head_batch_size,
+                "model.seq-len": m.seq_len}
+
+    def _noise(self, cfg: Config, q: float) -> float:
         p = cfg.privacy
         if p.noise_multiplier > 0:
             return float(p.noise_multiplier)
         return calibrate_noise(target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=q,
-                               steps=cfg.planned_rounds * cfg.client.local_steps, accountant=p.accountant)
+                               steps=self.participations(cfg) * cfg.client.local_steps, accountant=p.accountant)
+
+    def check_sum(self, cfg: Config, ctx, *, train_examples: int, bound_keys: bool) -> dict[str, Any]:
+        """The checks of a step on a noisy sum (``privacy.noise-on = sum``), on top of :meth:`check`.
+
+        ``ctx``: the step's :class:`privacy.sumdp.SumContext`, as the device derived it itself. Refused
+        (:class:`PolicyViolation` naming the setting) without secure aggregation safe against the server
+        (:func:`_malicious_secure_ok`), when t is below ``policy.min-contributors`` or above
+        ``policy.max-honest-fraction`` of the announced cohort, or when sigma at this device's own q over the
+        participations it plans would spend more than its budget. Returns the settings it accepted.
+        """
+        ok, why = _malicious_secure_ok(cfg, bound_keys=bound_keys)
+        if not ok:
+            raise PolicyViolation("privacy.noise-on", cfg.privacy.noise_on, why)
+        t, k = ctx.honest, ctx.cohort
+        if t < self.min_contributors:
+            raise PolicyViolation("privacy.honest-contributors", t,
+                                  f"below this device's floor policy.min-contributors = {self.min_contributors}")
+        if t > self.max_honest_fraction * k:
+            raise PolicyViolation("privacy.honest-contributors", t,
+                                  f"more than policy.max-honest-fraction = {self.max_honest_fraction:g} of the "
+                                  f"announced cohort of {k}")
+        settings: dict[str, Any] = {"privacy.noise-on": "sum", "privacy.honest-contributors": t, "sum.cohort": k,
+                                    "sum.scale": ctx.scale, "sum.bound": ctx.sum_bound}
+        if cfg.privacy.enabled:
+            sigma = ctx.noise_multiplier
+            q = min(1.0, cfg.client.batch_size / train_examples)
+            if self.min_noise_multiplier > 0 and sigma < self.min_noise_multiplier:
+                raise PolicyViolation("privacy.noise-multiplier", sigma,
+                                      f"below policy.min-noise-multiplier = {self.min_noise_multiplier:g}")
+            budget = min(cfg.privacy.target_epsilon, self.max_epsilon)
+            m = self.participations(cfg)
+            planned = _one_round_epsilon(float(sigma), q, m * cfg.client.local_steps, cfg.privacy.delta,
+                                         cfg.privacy.accountant, True)
+            if not planned <= budget * (1 + 1e-9):
+                raise PolicyViolation("privacy.noise-multiplier", sigma,
+                                      f"at this device's sample rate, {m} participation(s) of "
+                                      f"{cfg.client.local_steps} steps would spend epsilon {planned:.3f}, more than "
+                                      f"its budget {budget:g}")
+            settings["sum.planned-epsilon"] = planned
+        settings["policy.max-honest-fraction"] = self.max_honest_fraction
+        settings["policy.max-participations"] = self.max_participations
+        return settings
 
     @staticmethod
     def _graph(cfg: Config) -> tuple[int, int]:

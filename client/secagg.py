@@ -4,9 +4,18 @@ The device's two long-term X25519 key pairs live in its encrypted store under ``
 (created by its first key advertisement, reused in every later round and run; never in a
 message). Per round (:mod:`server.secagg` drives the exchanges):
 
+* :func:`advertise`, once per run: its public keys and, bound to them, its identity: the
+  certificate of the operator's trust root and the identity's signature over (run, node id, keys)
+  (:mod:`fedpersona.identity`; the identity file is the node config's ``identity`` or
+  ``<state-dir>/identity.json``). A device without an identity refuses
+  (:class:`UnboundKeysRefused`) unless its own policy allows unbound keys
+  (``policy.allow-unbound-keys``: then it warns at every use and records it);
 * :func:`check_request`, *before* training: the masked-input request is addressed to this
-  node, is for a vector of the shared adapter's length, and names the public keys this device
-  holds; a request that would fail costs no privacy budget;
+  node, is for a vector of the shared adapter's length, names the public keys this device
+  holds, carries the context the caller expects, and its graph (degree, threshold for this
+  cohort's size) passes the device policy (:meth:`client.policy.DevicePolicy.check_graph`); it is
+  not a round setup this device already masked for or declined; a request that would fail costs no
+  privacy budget. The masking itself checks every neighbour's keys against the trust root;
 * :func:`masked_input`, after training: the update ``new - old`` (weight 1 for every device),
   flattened in sorted-name order, clipped to ``secagg.clip-norm``, quantized (plus the device's
   distributed-DP noise share when ``secagg.ddp`` is on) and masked, with ``trained`` (1) as the
@@ -14,10 +23,17 @@ message). Per round (:mod:`server.secagg` drives the exchanges):
 * :func:`decline`: a device that does not train (privacy budget spent, or it refuses the round)
   takes no part in masking: it says so in stage 1 (no vector, no shares) and the server treats it
   as dropped before masking, so a sum never counts a device that did not train;
+* :func:`consistency`: the device signs (round digest, survivor set), once per round digest and
+  only for the round of its latest masked input; the set it signed is in :class:`RevealLog` before
+  the reply leaves;
 * :func:`unmask`: the shares the server needs for the survivors' sum, under the device's own rules:
-  never for fewer survivors than its floor (:func:`min_contributors_floor`), at most once per
-  round digest, and only for the round of its latest masked input (:class:`RevealLog`, kept in
-  the encrypted store, so a restart forgets nothing);
+  never for fewer survivors than its floor (:func:`min_contributors_floor`), only for the very set it
+  signed and only with enough valid signatures of certified devices over that set (the consistency
+  check of Bonawitz et al.), at most once per round digest, and only for the round of its latest
+  masked input (:class:`RevealLog`, kept in the encrypted store, so a restart forgets nothing);
+  a sender whose shares do not open is skipped and named;
+* :func:`malicious_secure`: whether this device runs the protections against a malicious server
+  (bound keys and the consistency check), for callers that depend on them;
 * :func:`eval_masked_input`: the final evaluation's figures as one masked vector of sums with the
   device's share of the evaluation noise (:mod:`privacy.secagg.eval_figures`), through the same protocol.
 """
@@ -26,24 +42,27 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
+from client.policy import DevicePolicy
 from client.store import DeviceStore
 from fedpersona.config import Config
-from fedpersona.secagg_wire import SELF_ENC_PK, SELF_MASK_PK, flatten
+from fedpersona.identity import DeviceIdentity, IdentityError, identity_path, load_device_identity
+from fedpersona.secagg_wire import SELF_ENC_PK, SELF_MASK_PK, SELF_SIGN_PK, flatten
 from privacy.secagg import ClientKeys, SecAggClient, SecAggInputError, SecAggParams
 from privacy.secagg.eval_figures import encode as encode_evaluation
 from privacy.secagg.eval_figures import eval_params
 from privacy.secagg.settings import extras_specs, record_ddp, secagg_params
 from privacy.secagg.spec import request_digest
 
-__all__ = ["KEYS", "REVEALS", "DEFAULT_MIN_CONTRIBUTORS", "FLOOR_KEY", "Refused", "ReplayRefused", "RevealLog",
-           "SmallSumRefused", "advertise", "check_request", "decline", "device_keys", "eval_masked_input",
-           "masked_input", "min_contributors_floor", "unmask"]
+__all__ = ["KEYS", "REVEALS", "DEFAULT_MIN_CONTRIBUTORS", "FLOOR_KEY", "ConsistencyRefused", "Refused",
+           "ReplayRefused", "RevealLog", "SmallSumRefused", "UnboundKeysRefused", "advertise", "check_request",
+           "consistency", "decline", "device_identity", "device_keys", "eval_masked_input", "malicious_secure",
+           "masked_input", "masked_step_input", "min_contributors_floor", "unmask"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +72,7 @@ REVEALS = "secagg-reveals"
 FLOOR_KEY = "policy.min-contributors"
 DEFAULT_MIN_CONTRIBUTORS = 3
 #: Kinds of masked input a device sends (each selects the protocol settings of its unmask).
-TRAIN, EVALUATE = "train", "evaluate"
+TRAIN, EVALUATE, DP_STEP = "train", "evaluate", "dp-step"
 
 
 class Refused(RuntimeError):
@@ -71,6 +90,16 @@ class ReplayRefused(Refused):
                      "not for the round of its latest masked input")
 
 
+class ConsistencyRefused(Refused):
+    public_reason = ("refused: this device signs one survivor set per round and reveals shares only for that set, "
+                     "certified by enough signatures")
+
+
+class UnboundKeysRefused(Refused):
+    public_reason = ("refused: this device holds no identity certified by a trust root, and its policy does not "
+                     "allow unbound keys")
+
+
 def min_contributors_floor(node_config: Mapping[str, Any], *, state_dir=None) -> int:
     """The device's own floor: its privacy policy's ``policy.min-contributors`` (node config and
     ``policy.toml`` in its state folder, the stricter wins; default 3, at least 2: :mod:`client.policy`)."""
@@ -83,9 +112,10 @@ class RevealLog:
     """What this device revealed, per run: its latest masked input and every unmask it answered.
 
     Stored in the device's encrypted store (blob ``secagg-reveals``) *before* each reply, as
-    ``{"runs": {run_id: {"latest": {"digest", "round", "kind"}, "unmasked": {digest: {"round",
-    "survivors", "dropped"}}}}}``. Only round digests, rounds and client ids: facts the server
-    already holds.
+    ``{"runs": {run_id: {"latest": {"digest", "round", "kind"}, "declined": [digest, ...],
+    "signed": {digest: {"round", "survivors"}}, "unmasked": {digest: {"round", "survivors",
+    "dropped"}}, "unbound-keys": true}}}``. Only round digests, rounds and client ids: facts the
+    server already holds (``unbound-keys``: this device took part in the run without an identity).
     """
 
     def __init__(self, store: DeviceStore) -> None:
@@ -99,7 +129,35 @@ class RevealLog:
             raise ValueError(f"the device's reveal log ({REVEALS}) is unreadable: {type(exc).__name__}") from None
 
     def _run(self, run_id: int) -> dict:
-        return self.doc["runs"].setdefault(str(int(run_id)), {"latest": None, "unmasked": {}})
+        run = self.doc["runs"].setdefault(str(int(run_id)), {"latest": None, "unmasked": {}})
+        run.setdefault("signed", {})
+        run.setdefault("declined", [])
+        return run
+
+    def _save(self) -> None:
+        self.store.save_text(REVEALS, json.dumps(self.doc, sort_keys=True))
+
+    def signed(self, run_id: int, digest: bytes) -> list[int] | None:
+        """The survivor set this device signed for a round digest (None if none)."""
+        entry = self._run(run_id)["signed"].get(digest.hex())
+        return None if entry is None else list(entry["survivors"])
+
+    def record_signed(self, run_id: int, round: int, digest: bytes, survivors: list[int]) -> None:
+        self._run(run_id)["signed"][digest.hex()] = {"round": int(round), "survivors": sorted(survivors)}
+        self._save()
+
+    def declined(self, run_id: int, digest: bytes) -> bool:
+        return digest.hex() in self._run(run_id)["declined"]
+
+    def record_declined(self, run_id: int, digest: bytes) -> None:
+        self._run(run_id)["declined"].append(digest.hex())
+        self._save()
+
+    def record_unbound(self, run_id: int) -> None:
+        run = self._run(run_id)
+        if not run.get("unbound-keys"):
+            run["unbound-keys"] = True
+            self._save()
 
     def latest(self, run_id: int) -> dict | None:
         return self._run(run_id)["latest"]
@@ -109,22 +167,30 @@ class RevealLog:
 
     def record_masked(self, run_id: int, round: int, digest: bytes, kind: str) -> None:
         self._run(run_id)["latest"] = {"digest": digest.hex(), "round": int(round), "kind": kind}
-        self.store.save_text(REVEALS, json.dumps(self.doc, sort_keys=True))
+        self._save()
 
     def record_unmask(self, run_id: int, round: int, digest: bytes, survivors: list[int], dropped: list[int]) -> None:
         self._run(run_id)["unmasked"][digest.hex()] = {"round": int(round), "survivors": sorted(survivors),
                                                        "dropped": sorted(dropped)}
-        self.store.save_text(REVEALS, json.dumps(self.doc, sort_keys=True))
+        self._save()
 
 
 def device_keys(store: DeviceStore, *, create: bool = False) -> ClientKeys:
-    """The device's long-term keys; created and persisted if ``create`` and absent."""
+    """The device's long-term keys; created and persisted if ``create`` and absent.
+
+    Keys saved before devices had a signing key get one (saved at once, so it is the same afterwards).
+    """
     text = store.load_text(KEYS)
     if text is not None:
         try:
-            return ClientKeys.from_bytes(bytes.fromhex(text))
+            raw = bytes.fromhex(text)
+            keys = ClientKeys.from_bytes(raw)
         except ValueError as exc:
             raise ValueError(f"the device's secure-aggregation keys ({KEYS}) are unreadable: {exc}") from None
+        if len(raw) != len(keys.to_bytes()):
+            store.save_text(KEYS, keys.to_bytes().hex())
+            logger.info("added a signing key to the secure-aggregation keys of the device in %s", store.state_dir)
+        return keys
     if not create:
         raise SecAggInputError("this device holds no secure-aggregation keys: it was never asked to advertise them")
     keys = ClientKeys()
@@ -133,43 +199,122 @@ def device_keys(store: DeviceStore, *, create: bool = False) -> ClientKeys:
     return keys
 
 
-def advertise(store: DeviceStore, cfg: Config, client_id: int) -> dict[str, Any]:
-    """The key advertisement (public keys only)."""
-    return SecAggClient(client_id, secagg_params(cfg), keys=device_keys(store, create=True)).advertise()
+def device_identity(store: DeviceStore, node_config: Mapping[str, Any] | None = None) -> DeviceIdentity | None:
+    """The device's identity (node config ``identity``, else ``<state-dir>/identity.json``), or None if it has none."""
+    return load_device_identity(store.state_dir, node_config)
+
+
+def malicious_secure(store: DeviceStore, node_config: Mapping[str, Any] | None = None) -> bool:
+    """Whether this device's secure aggregation holds against a malicious server: its keys are bound to an
+    identity certified by its trust root (so it can check its neighbours' and the signers' keys), and it runs
+    the consistency check (always, in this protocol). False for a device on unbound keys."""
+    try:
+        return device_identity(store, node_config) is not None
+    except (IdentityError, ValueError) as exc:
+        logger.warning("the device's identity is unusable (%s): not protected against a malicious server", exc)
+        return False
+
+
+def _policy(policy: DevicePolicy | None, store: DeviceStore, node_config: Mapping[str, Any] | None) -> DevicePolicy:
+    return policy if policy is not None else DevicePolicy.load(node_config or {}, state_dir=store.state_dir)
+
+
+def _client(store: DeviceStore, cfg: Config, client_id: int, *, policy: DevicePolicy, node_config,
+            floor: int | None, params: SecAggParams | None = None, create: bool = False,
+            run_id: int | None = None) -> SecAggClient:
+    """The protocol client with the device's keys, identity and trust root, or a refusal without an identity."""
+    identity = device_identity(store, node_config)
+    if identity is None:
+        where = identity_path(store.state_dir, node_config)
+        if not policy.allow_unbound_keys:
+            logger.warning("node %s: no identity certified by a trust root (%s is missing): refusing secure aggregation "
+                           "with keys the server could forge; give the device its identity file from `fedpersona "
+                           "certs`, or set policy.allow-unbound-keys = true to accept the weaker protocol", client_id,
+                           where)
+            raise UnboundKeysRefused(f"node {client_id}: no identity at {where}")
+        logger.warning("node %s: UNBOUND KEYS: no identity certified by a trust root (%s); policy.allow-unbound-keys = "
+                       "true: this device masks against keys the server could have generated itself and counts "
+                       "signatures it cannot attribute: secure aggregation holds only against an honest-but-curious "
+                       "server", client_id, where)
+        if run_id is not None:
+            RevealLog(store).record_unbound(run_id)
+    return SecAggClient(client_id, params or secagg_params(cfg), keys=device_keys(store, create=create),
+                        identity=identity, colluders=policy.max_colluders,
+                        floor=policy.min_contributors if floor is None else floor)
+
+
+def advertise(store: DeviceStore, cfg: Config, client_id: int, *, run_id: int = 0,
+              node_config: Mapping[str, Any] | None = None, policy: DevicePolicy | None = None) -> dict[str, Any]:
+    """The key advertisement: public keys, and the identity's certificate and binding of them (no secret)."""
+    policy = _policy(policy, store, node_config)
+    client = _client(store, cfg, client_id, policy=policy, node_config=node_config, floor=None, create=True,
+                     run_id=run_id)
+    return client.advertise(run_id=run_id)
 
 
 def check_request(store: DeviceStore, cfg: Config, client_id: int, request: dict[str, Any],
-                  shared: Mapping[str, torch.Tensor] | None, *, floor: int = DEFAULT_MIN_CONTRIBUTORS,
-                  params: SecAggParams | None = None, length: int | None = None) -> SecAggClient:
+                  shared: Mapping[str, torch.Tensor] | None, *, floor: int | None = None,
+                  params: SecAggParams | None = None, length: int | None = None,
+                  context: bytes | Callable[[Mapping[str, Any]], bytes] = b"", policy: DevicePolicy | None = None,
+                  node_config: Mapping[str, Any] | None = None) -> SecAggClient:
     """Validate what can be checked before training; pops the server's copy of this device's keys.
 
     A cohort smaller than the device's floor can never give a sum it would unmask: refused here,
-    before any privacy budget is spent.
+    before any privacy budget is spent. ``context``: the bytes the request's ``context`` must equal
+    (or a callable computing them from the request): what the round sums (default: nothing extra).
+    A graph weaker than the device policy accepts for this cohort's size raises
+    :class:`~client.policy.PolicyViolation`.
     """
     what = f"masked-input request to node {client_id}"
+    policy = _policy(policy, store, node_config)
+    floor = policy.min_contributors if floor is None else floor
     if request.get("client_id") != client_id:
         raise SecAggInputError(f"{what}: it is addressed to client {request.get('client_id')!r}")
     if length is None:
         length = sum(t.numel() for t in (shared or {}).values())
     if request.get("length") != length:
         raise SecAggInputError(f"{what}: vector length {request.get('length')!r}, the expected {length}")
+    expected = context(request) if callable(context) else context
+    if not isinstance(request.get("context"), bytes) or request["context"] != bytes(expected):
+        raise SecAggInputError(f"{what}: the round's context is not the one this device computes for it")
     cohort = request.get("cohort")
     if not isinstance(cohort, np.ndarray) or cohort.size < floor:
         logger.warning("%s: a cohort of %s devices is below this device's floor of %d contributors; refused", what,
                        getattr(cohort, "size", "?"), floor)
         raise SmallSumRefused(f"{what}: cohort below the floor {floor}")
-    keys = device_keys(store)
-    registered = (request.pop(SELF_ENC_PK, None), request.pop(SELF_MASK_PK, None))
-    if registered != (keys.enc_public, keys.mask_public):
+    degree, threshold = request.get("degree"), request.get("threshold")
+    if not isinstance(degree, int) or not isinstance(threshold, int):
+        raise SecAggInputError(f"{what}: degree and threshold must be integers")
+    policy.check_graph(int(cohort.size), degree, threshold, degree_setting=cfg.secagg.degree,
+                       threshold_setting=cfg.secagg.threshold)
+    digest = request_digest(request, what=what)
+    log = RevealLog(store)
+    run_id = int(request["run_id"])
+    latest = log.latest(run_id)
+    if (latest is not None and latest["digest"] == digest.hex()) or log.declined(run_id, digest):
+        logger.warning("%s: this device already answered this round setup (round %s); refused", what,
+                       request.get("round"))
+        raise ReplayRefused(f"{what}: round setup already answered")
+    client = _client(store, cfg, client_id, policy=policy, node_config=node_config, floor=floor, params=params,
+                     run_id=run_id)
+    keys = client.keys
+    registered = (request.pop(SELF_ENC_PK, None), request.pop(SELF_MASK_PK, None), request.pop(SELF_SIGN_PK, None))
+    if registered != (keys.enc_public, keys.mask_public, keys.sign_public):
         raise SecAggInputError(f"{what}: the server registered other public keys for this device than it holds "
                                "(keys replaced since the advertisement?)")
-    return SecAggClient(client_id, params or secagg_params(cfg), keys=keys)
+    # Round parameters, graph, and every neighbour's keys bound to a certified identity: before training.
+    client.check_masked_request(request)
+    return client
 
 
-def decline(client_id: int, request: Mapping[str, Any]) -> dict[str, Any]:
-    """Stage-1 reply of a device that takes no part in this round's masking: no vector, no shares."""
-    return {"client_id": int(client_id), "run_id": int(request["run_id"]), "round": int(request["round"]),
-            "declined": 1}
+def decline(client: SecAggClient, request: Mapping[str, Any], *, store: DeviceStore) -> dict[str, Any]:
+    """Stage-1 reply of a device that takes no part in this round's masking: no vector, no shares, signed.
+
+    The device remembers the round setup it declined: it never masks for it nor signs its survivor set.
+    """
+    reply = client.decline(request)
+    RevealLog(store).record_declined(int(request["run_id"]), request_digest(request))
+    return reply
 
 
 def _send_masked(client: SecAggClient, store: DeviceStore, request: Mapping[str, Any], vec: np.ndarray,
@@ -197,12 +342,22 @@ def masked_input(client: SecAggClient, cfg: Config, request: dict[str, Any],
     return _send_masked(client, store, request, vec, extras, TRAIN)
 
 
+def masked_step_input(client: SecAggClient, request: dict[str, Any], vec: np.ndarray, *,
+                      store: DeviceStore) -> dict[str, Any]:
+    """The masked reply to a step of a noisy sum (``privacy.noise-on = sum``): the clipped gradient sum,
+    quantized, plus the device's discrete Gaussian share (``client``'s settings:
+    :func:`privacy.sumdp.sum_secagg_params`); only ``trained`` rides beside it."""
+    return _send_masked(client, store, request, vec, {"trained": 1.0}, DP_STEP)
+
+
 def eval_masked_input(store: DeviceStore, cfg: Config, client_id: int, request: dict[str, Any],
-                      row: Mapping[str, float], *, floor: int = DEFAULT_MIN_CONTRIBUTORS) -> dict[str, Any]:
+                      row: Mapping[str, float], *, floor: int | None = None, policy: DevicePolicy | None = None,
+                      node_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The final evaluation's figures (:mod:`privacy.secagg.eval_figures`) as a masked vector of sums."""
     params = eval_params(cfg)
     vec, extras = encode_evaluation(cfg, row)
-    client = check_request(store, cfg, client_id, request, None, floor=floor, params=params, length=vec.size)
+    client = check_request(store, cfg, client_id, request, None, floor=floor, params=params, length=vec.size,
+                           policy=policy, node_config=node_config)
     return _send_masked(client, store, request, vec, extras, EVALUATE)
 
 
@@ -211,17 +366,74 @@ def record_user_level(ledger, cfg: Config, *, dim: int, server_round: int) -> di
     return record_ddp(ledger, cfg, dim=dim, round=server_round)
 
 
+def _unmask_params(cfg: Config, kind: str | None, *, cohort: int, length: int) -> SecAggParams:
+    """The protocol settings of the masked input being unmasked (by its kind)."""
+    if kind == EVALUATE:
+        return eval_params(cfg)
+    if kind == DP_STEP:
+        from privacy.sumdp import sum_secagg_params
+
+        return sum_secagg_params(cfg, cohort=cohort, dim=length)
+    return secagg_params(cfg)
+
+
+def _latest_round(log: RevealLog, run_id: int, digest: bytes, rnd: int, what: str) -> dict:
+    latest = log.latest(run_id)
+    if latest is None or latest["digest"] != digest.hex():
+        logger.warning("%s: round %d is not the round of this device's latest masked input (%s); refused", what, rnd,
+                       "none" if latest is None else f"round {latest['round']}")
+        raise ReplayRefused(f"{what}: not the latest masked input")
+    return latest
+
+
+def consistency(store: DeviceStore, cfg: Config, client_id: int, request: Mapping[str, Any], *,
+                floor: int | None = None, policy: DevicePolicy | None = None,
+                node_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The device's signature over (round digest, survivor set): one set per round digest, remembered first.
+
+    Refused (:class:`ReplayRefused`) unless the request is for the round of the device's latest
+    masked input, and (:class:`ConsistencyRefused`) when the device already signed another set for
+    it; the library refuses a set that lacks this device, is below its floor (plus the colluders its
+    policy assumes) or the round's minimum, cannot reach the signature quorum, or is disconnected.
+    The same set again gets the same signature.
+    """
+    what = f"consistency request to node {client_id}"
+    policy = _policy(policy, store, node_config)
+    digest = request_digest(request, what=what)
+    run_id, rnd = int(request["run_id"]), int(request["round"])
+    log = RevealLog(store)
+    latest = _latest_round(log, run_id, digest, rnd, what)
+    survivors = sorted(int(x) for x in np.asarray(request.get("survivors", np.zeros(0, np.uint64))).ravel())
+    before = log.signed(run_id, digest)
+    if before is not None and before != survivors:
+        logger.warning("%s: round %d: this device already signed a DIFFERENT survivor set (%d members, now %d); "
+                       "refused", what, rnd, len(before), len(survivors))
+        raise ConsistencyRefused(f"{what}: another survivor set already signed")
+    cohort = [int(x) for x in np.asarray(request["cohort"]).ravel()]
+    params = _unmask_params(cfg, latest.get("kind"), cohort=len(cohort), length=int(request["length"]))
+    client = _client(store, cfg, client_id, policy=policy, node_config=node_config, floor=floor, params=params)
+    reply = client.consistency(request, signed=before)
+    if before is None:
+        log.record_signed(run_id, rnd, digest, survivors)  # before the reply leaves
+    return reply
+
+
 def unmask(store: DeviceStore, cfg: Config, client_id: int, request: Mapping[str, Any], *,
-           floor: int = DEFAULT_MIN_CONTRIBUTORS) -> dict[str, Any]:
+           floor: int | None = None, policy: DevicePolicy | None = None,
+           node_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The unmask reply (shares of survivors' self-masks and of dropped neighbours' pair seeds).
 
-    Refused (:class:`SmallSumRefused`, :class:`ReplayRefused`) when the survivors are fewer than
-    the device's floor, when the request is not for the round digest of the device's latest
-    masked input, or when the device already answered an unmask request for that digest (with
-    the same survivor and dropout sets or not): a second answer would hand the server more shares
-    of the same round (with another claimed dropout set, a survivor's self-mask *and* its pair seeds).
+    Refused (:class:`SmallSumRefused`, :class:`ReplayRefused`, :class:`ConsistencyRefused`) when the
+    survivors are fewer than the device's floor, when the request is not for the round digest of the
+    device's latest masked input, when the device already answered an unmask request for that digest
+    (with the same survivor and dropout sets or not): a second answer would hand the server more shares
+    of the same round (with another claimed dropout set, a survivor's self-mask *and* its pair seeds),
+    and when its survivor set is not the one the device signed in the consistency check; the library
+    then refuses unless enough valid signatures of certified devices over that set come with it.
     """
     what = f"unmask request to node {client_id}"
+    policy = _policy(policy, store, node_config)
+    floor = policy.min_contributors if floor is None else floor
     digest = request_digest(request, what=what)
     run_id, rnd = int(request["run_id"]), int(request["round"])
     survivors = [int(x) for x in np.asarray(request.get("survivors", np.zeros(0, np.uint64))).ravel()]
@@ -231,19 +443,21 @@ def unmask(store: DeviceStore, cfg: Config, client_id: int, request: Mapping[str
                        len(set(survivors)), floor)
         raise SmallSumRefused(f"{what}: {len(set(survivors))} survivors < floor {floor}")
     log = RevealLog(store)
-    latest = log.latest(run_id)
-    if latest is None or latest["digest"] != digest.hex():
-        logger.warning("%s: round %d is not the round of this device's latest masked input (%s); refused", what, rnd,
-                       "none" if latest is None else f"round {latest['round']}")
-        raise ReplayRefused(f"{what}: not the latest masked input")
+    latest = _latest_round(log, run_id, digest, rnd, what)
     first = log.answered(run_id, digest)
     if first is not None:
         same = first["survivors"] == sorted(survivors)
         logger.warning("%s: round %d already unmasked (survivor sets %s the first); refused", what, rnd,
                        "equal to" if same else "DIFFERENT from")
         raise ReplayRefused(f"{what}: round already unmasked")
-    params = eval_params(cfg) if latest.get("kind") == EVALUATE else secagg_params(cfg)
-    reply = SecAggClient(client_id, params, keys=device_keys(store)).unmask(request)
+    signed = log.signed(run_id, digest)
+    if signed != sorted(survivors):
+        logger.warning("%s: round %d: the survivor set is %s; refused", what, rnd,
+                       "not signed by this device" if signed is None else "NOT the one this device signed")
+        raise ConsistencyRefused(f"{what}: survivor set not the one signed")
+    params = _unmask_params(cfg, latest.get("kind"), cohort=len(cohort), length=int(request["length"]))
+    client = _client(store, cfg, client_id, policy=policy, node_config=node_config, floor=floor, params=params)
+    reply = client.unmask(request, signed=signed)
     dropped = sorted(set(cohort) - set(survivors))
     log.record_unmask(run_id, rnd, digest, survivors, dropped)  # before the reply leaves
     return reply

@@ -80,7 +80,9 @@ def supernode_argv(
     ``warm`` uses ``--isolation process``: the SuperNode starts no ClientApp process itself; a warm
     worker (:mod:`client.worker`) must serve its Runtime API on ``127.0.0.1:runtime_port``.
     """
-    argv = [flower_tool("flower-supernode"), "--superlink", superlink, "--port", str(runtime_port), "--node-config", node_config]
+    # Its Runtime API (the ClientApp's messages, unauthenticated) on the loopback interface only, said out loud.
+    argv = [flower_tool("flower-supernode"), "--superlink", superlink, "--port", str(runtime_port), "--host", "127.0.0.1",
+            "--node-config", node_config]
     if warm:
         argv += ["--isolation", "process"]
     if insecure:

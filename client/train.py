@@ -53,6 +53,15 @@ from privacy.noise import SECURE, NoiseSource
 logger = logging.getLogger(__name__)
 
 
+#: The clock a pass's ``deadline`` is measured on (monotonic seconds; a test may stand in for it).
+clock = time.monotonic
+
+
+def deadline_after(seconds: float) -> float:
+    """A ``deadline`` for :meth:`DPTrainer.train`: ``seconds`` from now on :data:`clock`."""
+    return clock() + seconds
+
+
 @dataclass(frozen=True)
 class CachedExample:
     """One example as the trainer sees it: the frozen lower blocks' output and the labels."""
@@ -74,6 +83,8 @@ class TrainResult:
     seconds: float
     noise_multiplier: float
     sample_rate: float
+    #: the pass reached its ``deadline`` and stopped after ``steps`` of the steps asked for
+    stopped: bool = False
 
 
 
@@ -191,6 +202,7 @@ class DPTrainer:
         group: str = "all",
         params: Sequence[str] | None = None,
         stack: nn.Module | None = None,
+        deadline: float | None = None,
     ) -> TrainResult:
         """Run ``steps`` DP-SGD steps (or plain SGD with ``dp=False``) on ``examples``.
 
@@ -206,6 +218,10 @@ class DPTrainer:
         then the noise. Explicit opt-ins for tests and reproducible baselines: ``seed`` fixes
         the Poisson masks, ``noise_generator`` hands the noise to Opacus's own draw, or a
         ``NoiseSource(generator=...)`` fixes both (such a source reports ``secure = False``).
+
+        ``deadline`` (a time on :data:`clock`, :func:`deadline_after`): checked before every step; once reached, the
+        pass stops there and returns ``stopped = True`` with the steps it took (each of them already
+        recorded in ``ledger``). What the caller releases from a stopped pass is the caller's rule.
         """
         if group not in GROUPS:
             raise ValueError(f"group must be one of {GROUPS}. You passed: {group!r}")
@@ -231,13 +247,14 @@ class DPTrainer:
                                optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                dp=dp, ledger=ledger, seed=seed, noise_generator=noise_generator,
                                source=noise_source if noise_source is not None else SECURE,
-                               stack=stack if stack is not None else self.model.stack)
+                               stack=stack if stack is not None else self.model.stack, deadline=deadline)
         finally:
             for p, r in zip(frozen, was):
                 p.requires_grad_(r)
 
     def _train(self, examples, params, *, steps, batch_size, lr, optimizer, noise_multiplier, max_grad_norm, dp,
-               ledger, seed, noise_generator, source: NoiseSource, stack: nn.Module) -> TrainResult:
+               ledger, seed, noise_generator, source: NoiseSource, stack: nn.Module,
+               deadline: float | None = None) -> TrainResult:
         from opacus.optimizers import DPOptimizer
 
         n = len(examples)
@@ -267,9 +284,12 @@ class DPTrainer:
         losses: list[torch.Tensor] = []
         seen = 0
         empty = 0
+        done = 0
         # Autocast off, even inside a caller's: per-sample gradients, clipping and noise in float32.
         with torch.autocast(self.model.device.type, enabled=False):
             for _ in range(steps):
+                if deadline is not None and clock() >= deadline:
+                    break  # before drawing anything for the step: every step taken is a whole, recorded step
                 step_gen = dpstep.step_generator(source)
                 if mask_gen is not None:
                     idx = (torch.rand(n, generator=mask_gen) < q).nonzero().flatten().tolist()
@@ -296,6 +316,7 @@ class DPTrainer:
                     seen += len(idx)
                 if dp and ledger is not None:
                     ledger.step(noise_multiplier=noise_multiplier, sample_rate=q)
+                done += 1
                 if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one flag per step
                     raise FloatingPointError(
                         "A trainable tensor became non-finite during DP training; the update is discarded"
@@ -307,15 +328,92 @@ class DPTrainer:
                 p.grad_sample = None
                 p.summed_grad = None
             self.gsm.zero_grad(set_to_none=True)
+        if done < steps:
+            logger.warning("training pass stopped by its deadline after %d of %d step(s)", done, steps)
         return TrainResult(
-            steps=steps,
+            steps=done,
             empty_steps=empty,
             examples_seen=seen,
             mean_loss=sum(loss_values) / len(loss_values) if loss_values else math.nan,
             seconds=time.perf_counter() - t0,
             noise_multiplier=noise_multiplier if dp else 0.0,
             sample_rate=q,
+            stopped=done < steps,
         )
+
+
+@dataclass(frozen=True)
+class GradSum:
+    """One device's contribution to a noisy sum: its clipped per-example gradients, summed (no noise yet)."""
+
+    grads: dict[str, torch.Tensor]  # shared tensor name -> summed clipped gradient (float32, CPU)
+    batch: int  # examples in the Poisson batch (never sent)
+    clipped: int  # of which clipped (never sent)
+    mean_loss: float  # their mean loss (never sent)
+    seconds: float
+
+
+def clipped_grad_sum(trainer: DPTrainer, examples: Sequence[CachedExample], *, sample_rate: float,
+                     max_grad_norm: float, noise_source: NoiseSource | None = None) -> GradSum:
+    """The sum of the clipped per-example gradients of the shared tensors over one Poisson sample.
+
+    The step of a noisy sum (``privacy.noise-on = sum``, :mod:`client.sumdp`): each example joins the batch
+    with probability ``sample_rate`` (drawn as :mod:`privacy.dpstep` draws a DP-SGD step's batch, from the
+    CSPRNG unless a test injects a source); the personal head is switched off (the gradient never depends
+    on it); per-example gradients from Opacus's hooks; each clipped to ``max_grad_norm`` in L2 over all
+    shared tensors jointly (Opacus's factor ``min(1, C / (norm + 1e-6))``) and summed. No noise here: the
+    device adds its discrete Gaussian share after quantizing (:mod:`privacy.sumdp`). An empty batch gives
+    zeros (the step still counts). No parameter moves.
+    """
+    model = trainer.model
+    if model.layout.split == "fedsa":
+        raise ValueError("adapter.split = 'fedsa' keeps B (personal) inside the shared adapter; a noisy sum of "
+                         "shared gradients needs the head switched off. You passed: adapter.split='fedsa'")
+    names = list(model.shared_names)
+    named = model.named_trainable()
+    params = [named[n] for n in names]
+    source = noise_source if noise_source is not None else SECURE
+    t0 = time.perf_counter()
+    gen = dpstep.step_generator(source)
+    idx = dpstep.poisson_batch(source, gen, len(examples), sample_rate).tolist()
+    zeros = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in zip(names, params)}
+    if not idx:
+        return GradSum(zeros, 0, 0, math.nan, time.perf_counter() - t0)
+    frozen = [p for p in trainer.params if not any(p is q for q in params)]
+    was = [p.requires_grad for p in frozen]
+    for p in frozen:
+        p.requires_grad_(False)
+    stack = model.stack
+    try:
+        with model.personal_zeroed(), torch.autocast(model.device.type, enabled=False):
+            trainer.gsm.enable_hooks()
+            stack.train()
+            hidden, labels = _batch(examples, idx)
+            per_sample = trainer.gsm(hidden, labels)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                per_sample.mean().backward()  # loss_reduction="mean": grad_sample holds each sample's own gradient
+            flat = torch.cat([p.grad_sample.reshape(len(idx), -1).float() for p in params], dim=1)
+            norms = flat.norm(2, dim=1)
+            factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            summed = (flat * factor.unsqueeze(1)).sum(0)
+            if not bool(torch.isfinite(summed).all()):
+                raise FloatingPointError("a clipped gradient sum is not finite; the step is not answered")
+            out, offset = {}, 0
+            for n, p in zip(names, params):
+                out[n] = summed[offset:offset + p.numel()].view(p.shape).detach().to("cpu", torch.float32).clone()
+                offset += p.numel()
+            loss = float(per_sample.detach().mean())
+            clipped = int((norms > max_grad_norm).sum())
+    finally:
+        stack.eval()
+        for p in trainer.params:
+            p.grad_sample = None
+            p.grad = None
+        trainer.gsm.zero_grad(set_to_none=True)
+        for p, r in zip(frozen, was):
+            p.requires_grad_(r)
+    return GradSum(out, len(idx), clipped, loss, time.perf_counter() - t0)
 
 
 def train_shared(trainer: DPTrainer, examples: Sequence[CachedExample], **kw) -> TrainResult:

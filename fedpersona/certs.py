@@ -1,4 +1,5 @@
-"""Deployment credentials (``fedpersona certs``): a small CA, the SuperLink's TLS certificate, SuperNode key pairs.
+"""Deployment credentials (``fedpersona certs``): a small CA, the SuperLink's TLS certificate, SuperNode key pairs,
+and the devices' identities for secure aggregation.
 
 Built on ``cryptography`` only. What Flower 1.41 expects, checked against its source:
 
@@ -12,11 +13,19 @@ Built on ``cryptography`` only. What Flower 1.41 expects, checked against its so
   line (``ecdsa-sha2-nistp384 AAAA... <name>``); the SuperLink, started with
   ``--enable-supernode-auth``, admits only registered keys.
 
+* The **identity root** (:mod:`fedpersona.identity`): an Ed25519 key pair that certifies each device's
+  identity. Devices check every other device's keys against it before they mask against them or
+  count its signature (secure aggregation against a malicious server, ``docs/secagg.md``); the
+  server never holds its private key. Keep ``identity-root.key`` offline with ``ca.key``.
+
 Layout written under ``out_dir`` (mode 0700)::
 
     ca.crt  ca.key                     the CA (keep ca.key offline once certificates are issued)
     superlink.crt  superlink.key       the SuperLink's TLS certificate (signed by the CA) and key
     supernodes/<name>  <name>.pub      one EC key pair per SuperNode
+    identity-root.key  .pub            the identity root (keep identity-root.key offline)
+    identities/<name>.json             device <name>'s identity (its key pair + the root's certificate);
+                                       goes to that device only, as <state-dir>/identity.json
 
 Private keys are written 0600 (owner only), atomically, never overwritten unless ``force``;
 certificates and public keys 0644 (they are meant to be copied to other hosts). Re-running with the
@@ -40,6 +49,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedpersona.identity import ROOT_KEY_FILE, DeviceIdentity, IdentityError, IdentityRoot
+
 __all__ = ["Credentials", "make_credentials", "make_supernode_key", "parse_san", "DEFAULT_SANS"]
 
 logger = logging.getLogger(__name__)
@@ -62,6 +73,8 @@ class Credentials:
     server_key: Path
     supernode_keys: dict[str, tuple[Path, Path]] = field(default_factory=dict)  # name -> (private, public)
     created: list[Path] = field(default_factory=list)
+    identity_root: Path | None = None                                          # the root's private key (offline)
+    identities: dict[str, Path] = field(default_factory=dict)                 # name -> the device's identity file
 
 
 def parse_san(text: str) -> x509.GeneralName:
@@ -254,8 +267,38 @@ def make_credentials(
     if node_dir.is_dir():  # report every key pair present, not only the ones asked for
         for pub in sorted(node_dir.glob("*.pub")):
             creds.supernode_keys.setdefault(pub.name[:-4], (pub.with_suffix(""), pub))
+    _identities(creds, out, supernodes, force=force)
     logger.info("credentials in %s: %d file(s) created", out, len(creds.created))
     return creds
+
+
+def _identities(creds: Credentials, out: Path, supernodes, *, force: bool) -> None:
+    """The identity root (kept) and one identity per SuperNode name, re-issued when missing or from another root."""
+    root_key = out / ROOT_KEY_FILE
+    fresh = force or not root_key.exists()
+    if fresh:
+        IdentityRoot().save(root_key, force=True)
+        creds.created += [root_key, root_key.with_suffix(".pub")]
+    root = IdentityRoot.load(root_key)
+    creds.identity_root = root_key
+    ident_dir = out / "identities"
+    if supernodes:
+        ident_dir.mkdir(mode=0o700, exist_ok=True)
+    for name in supernodes:
+        path = ident_dir / f"{name}.json"
+        keep = False
+        if path.exists() and not fresh:
+            try:
+                keep = DeviceIdentity.load(path).root == root.public
+            except IdentityError:
+                keep = False
+        if not keep:
+            root.issue().save(path, force=True)
+            creds.created.append(path)
+        creds.identities[name] = path
+    if ident_dir.is_dir():
+        for path in sorted(ident_dir.glob("*.json")):
+            creds.identities.setdefault(path.stem, path)
 
 
 # ----------------------------------------------------------------------------------- SuperNode launcher

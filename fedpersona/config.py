@@ -10,6 +10,7 @@ validates every value, raising ``ValueError`` that names the field and value.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -27,7 +28,9 @@ from typing import Any
 CONFIG_ENV = "FEDPERSONA_RUN_CONFIG"
 
 SPLITS = ("ffa", "fedsa", "fedper")
-SERVER_OPTIMIZERS = ("fedavg", "fedadam")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
+#: Where the DP-SGD noise of the shared adapter goes (``privacy.noise-on``).
+NOISE_PLACEMENTS = ("device", "sum")
 SAMPLINGS = ("uniform", "balanced")
 CLIENT_OPTIMIZERS = ("sgd", "adam")
 ACCOUNTANTS = ("rdp", "prv")
@@ -38,6 +41,13 @@ SHAKESPEARE = "shakespeare"
 #: Deprecated config keys -> the keys that replaced them (accepted with a warning).
 RENAMED_KEYS = {"data.min-speeches": "data.min-examples"}
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: Upper bounds on values that no run needs: a round config is written by the server, and a value
+#: past these is a weapon (ten million head steps; a billion planned rounds), not a setting. A
+#: device's own, tighter caps are its policy (``client/policy.py``: ``policy.max-*``).
+MAX_ROUNDS = 100_000
+MAX_STEPS = 100_000
+MAX_BATCH_SIZE = 65_536
+MAX_SEQ_LEN = 32_768
 
 
 def _bad(key: str, value: Any, why: str) -> ValueError:
@@ -71,8 +81,8 @@ class ModelConfig:
             raise _bad("model.dtype", self.dtype, f"must be one of {MODEL_DTYPES} (the frozen base; adapters stay float32)")
         if not self.path:
             raise _bad("model.path", self.path, "must be 'smollm2' or a model folder")
-        if self.seq_len < 16:
-            raise _bad("model.seq-len", self.seq_len, "must be at least 16")
+        if not 16 <= self.seq_len <= MAX_SEQ_LEN:
+            raise _bad("model.seq-len", self.seq_len, f"must be in [16, {MAX_SEQ_LEN}]")
         if not 0 <= self.cue_tokens <= self.seq_len - 8:
             raise _bad("model.cue-tokens", self.cue_tokens, f"must be in [0, seq-len - 8 = {self.seq_len - 8}]")
 
@@ -188,22 +198,28 @@ class ClientConfig:
     head_lr: float = 0.005
     max_new_examples: int = 0  # device policy: new chat-feedback examples a round may add (0 = no cap)
     cache_activations: bool = True  # keep the frozen lower blocks' outputs in the encrypted store
+    #: Participations (rounds) a device plans its noise for and accepts (0: privacy.planned-rounds /
+    #: server.num-rounds; ``fedpersona run`` fills in the scenario's expected participations).
+    max_participations: int = 0
 
     def __post_init__(self) -> None:
-        if self.head_steps < 0:
-            raise _bad("client.head-steps", self.head_steps, "must be >= 0 (0: the head is not trained)")
-        if self.head_batch_size < 1:
-            raise _bad("client.head-batch-size", self.head_batch_size, "must be at least 1")
-        if not self.head_lr > 0:
-            raise _bad("client.head-lr", self.head_lr, "must be positive")
+        if not 0 <= self.head_steps <= MAX_STEPS:
+            raise _bad("client.head-steps", self.head_steps, f"must be in [0, {MAX_STEPS}] (0: the head is not trained)")
+        if not 1 <= self.head_batch_size <= MAX_BATCH_SIZE:
+            raise _bad("client.head-batch-size", self.head_batch_size, f"must be in [1, {MAX_BATCH_SIZE}]")
+        if not (self.head_lr > 0 and math.isfinite(self.head_lr)):
+            raise _bad("client.head-lr", self.head_lr, "must be a positive finite number")
         if self.max_new_examples < 0:
             raise _bad("client.max-new-examples", self.max_new_examples, "must be >= 0 (0 = no cap)")
-        if self.local_steps < 1:
-            raise _bad("client.local-steps", self.local_steps, "must be at least 1")
-        if self.batch_size < 1:
-            raise _bad("client.batch-size", self.batch_size, "must be at least 1")
-        if not self.lr > 0:
-            raise _bad("client.lr", self.lr, "must be positive")
+        if self.max_participations < 0:
+            raise _bad("client.max-participations", self.max_participations,
+                       "must be >= 0 (0: every planned round, privacy.planned-rounds or server.num-rounds)")
+        if not 1 <= self.local_steps <= MAX_STEPS:
+            raise _bad("client.local-steps", self.local_steps, f"must be in [1, {MAX_STEPS}]")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise _bad("client.batch-size", self.batch_size, f"must be in [1, {MAX_BATCH_SIZE}]")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise _bad("client.lr", self.lr, "must be a positive finite number")
         if self.optimizer not in CLIENT_OPTIMIZERS:
             raise _bad("client.optimizer", self.optimizer, f"must be one of {CLIENT_OPTIMIZERS}")
 
@@ -218,8 +234,20 @@ class PrivacyConfig:
     planned_rounds: int = 0
     accountant: str = "rdp"
     personal_head: str = "local"
+    #: ``device``: every device noises its own DP-SGD steps; ``sum``: one DP-SGD step of the shared adapter is
+    #: one secure sum over the cohort, each device adding noise of variance sigma^2 C^2 / t (privacy/sumdp.py).
+    noise_on: str = "device"
+    #: t, the honest contributors a device counts on in each noisy sum (0: half of the round's announced cohort).
+    honest_contributors: int = 0
 
     def __post_init__(self) -> None:
+        if self.noise_on not in NOISE_PLACEMENTS:
+            raise _bad("privacy.noise-on", self.noise_on,
+                       f"must be one of {NOISE_PLACEMENTS} (device: each device noises its own DP-SGD steps; sum: "
+                       "the noise is added once to the cohort's secure sum of clipped gradients)")
+        if self.honest_contributors < 0 or self.honest_contributors == 1:
+            raise _bad("privacy.honest-contributors", self.honest_contributors,
+                       "must be 0 (half of the round's announced cohort) or >= 2")
         if self.personal_head not in PERSONAL_HEADS:
             raise _bad(
                 "privacy.personal-head",
@@ -231,16 +259,17 @@ class PrivacyConfig:
             raise _bad("privacy.target-epsilon", self.target_epsilon, "must be a positive finite number")
         if not 0.0 < self.delta < 1.0:
             raise _bad("privacy.delta", self.delta, "must be in (0, 1)")
-        if not self.max_grad_norm > 0:
-            raise _bad("privacy.max-grad-norm", self.max_grad_norm, "must be positive")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise _bad("privacy.max-grad-norm", self.max_grad_norm, "must be a positive finite number")
         if self.noise_multiplier < 0 or not math.isfinite(self.noise_multiplier):
             raise _bad(
                 "privacy.noise-multiplier",
                 self.noise_multiplier,
                 "must be >= 0 (0 means: calibrate from privacy.target-epsilon)",
             )
-        if self.planned_rounds < 0:
-            raise _bad("privacy.planned-rounds", self.planned_rounds, "must be >= 0 (0 means: server.num-rounds)")
+        if not 0 <= self.planned_rounds <= MAX_ROUNDS:
+            raise _bad("privacy.planned-rounds", self.planned_rounds,
+                       f"must be in [0, {MAX_ROUNDS}] (0 means: server.num-rounds)")
         if self.accountant not in ACCOUNTANTS:
             raise _bad(
                 "privacy.accountant",
@@ -258,12 +287,15 @@ class ServerConfig:
     lr: float = 1.0
     round_timeout: float = 0.0
     sampling: str = "uniform"
+    momentum: float = 0.9  # fedavgm's heavy-ball momentum
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.momentum < 1.0:
+            raise _bad("server.momentum", self.momentum, "must be in [0, 1) (fedavgm's momentum)")
         if self.sampling not in SAMPLINGS:
             raise _bad("server.sampling", self.sampling, f"must be one of {SAMPLINGS}")
-        if self.num_rounds < 1:
-            raise _bad("server.num-rounds", self.num_rounds, "must be at least 1")
+        if not 1 <= self.num_rounds <= MAX_ROUNDS:
+            raise _bad("server.num-rounds", self.num_rounds, f"must be in [1, {MAX_ROUNDS}]")
         if self.clients_per_round < 1:
             raise _bad("server.clients-per-round", self.clients_per_round, "the cohort cannot be empty")
         if self.min_clients < 1 or self.min_clients > self.clients_per_round:
@@ -274,8 +306,8 @@ class ServerConfig:
             )
         if self.optimizer not in SERVER_OPTIMIZERS:
             raise _bad("server.optimizer", self.optimizer, f"must be one of {SERVER_OPTIMIZERS}")
-        if not self.lr > 0:
-            raise _bad("server.lr", self.lr, "must be positive")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise _bad("server.lr", self.lr, "must be a positive finite number")
         if self.round_timeout < 0:
             raise _bad("server.round-timeout", self.round_timeout, "must be >= 0 (0 waits without limit)")
 
@@ -366,6 +398,13 @@ class Config:
         """Rounds a client plans its privacy budget for (a client may be sampled in each)."""
         return self.privacy.planned_rounds or self.server.num_rounds
 
+    @property
+    def planned_participations(self) -> int:
+        """Participations the server suggests a device plans its noise for (and takes at most):
+        ``client.max-participations``, never more than the planned rounds; 0 means every planned round."""
+        cap = self.client.max_participations
+        return min(cap, self.planned_rounds) if cap > 0 else self.planned_rounds
+
     def to_flat(self) -> dict[str, Any]:
         """The config as flat kebab-case keys (the inverse of ``load_config``)."""
         out: dict[str, Any] = {}
@@ -388,6 +427,51 @@ def _section_types() -> dict[str, dict[str, dataclasses.Field]]:
 
 def known_keys() -> list[str]:
     return [f"{s}.{n.replace('_', '-')}" for s, fs in _section_types().items() for n in fs]
+
+
+def suggest_key(key: str) -> str | None:
+    """The known key a mistyped ``key`` most likely meant (``privacy.target_epsilon``, ``privcy.delta``,
+    ``target-epsilon``), or None when no key is close."""
+    keys = known_keys()
+    fixed = key.strip().lower().replace("_", "-")
+    if fixed in keys:
+        return fixed
+    if "." not in fixed:  # a key without its section: the one section that has it
+        owners = [k for k in keys if k.split(".", 1)[1] == fixed]
+        if len(owners) == 1:
+            return owners[0]
+    close = difflib.get_close_matches(fixed, keys, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    section, _, name = fixed.partition(".")
+    sections = sorted({k.split(".", 1)[0] for k in keys})
+    near = difflib.get_close_matches(section, sections, n=1, cutoff=0.6)
+    if near and name:
+        in_section = [k for k in keys if k.startswith(near[0] + ".")]
+        close = difflib.get_close_matches(f"{near[0]}.{name}", in_section, n=1, cutoff=0.6)
+        if close:
+            return close[0]
+    return None
+
+
+def unknown_keys_message(unknown: list[str]) -> str:
+    """The error for unknown config keys: for each, the key it most likely meant, or the keys of its section."""
+    keys = known_keys()
+    sections = sorted({k.split(".", 1)[0] for k in keys})
+    hints = []
+    for key in sorted(unknown):
+        guess = suggest_key(key)
+        if guess is not None:
+            hints.append(f"'{key}': did you mean '{guess}'?")
+            continue
+        section = key.partition(".")[0]
+        if section in sections:
+            names = ", ".join(k.split(".", 1)[1] for k in keys if k.startswith(section + "."))
+            hints.append(f"'{key}': [{section}] has {names}.")
+        else:
+            hints.append(f"'{key}': no section '{section}' (sections: {', '.join(sections)}).")
+    return (f"Unknown config key(s): {', '.join(sorted(unknown))}. " + " ".join(hints)
+            + " Every key: README.md, Configuration reference.")
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -460,15 +544,14 @@ def load_config(raw: Mapping[str, Any] | None = None, *, env: bool = True) -> Co
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         values[section][attr] = _coerce(key, value, default)
     if unknown:
-        raise ValueError(
-            f"Unknown config key(s): {', '.join(sorted(unknown))}. Known keys: {', '.join(known_keys())}"
-        )
+        raise ValueError(unknown_keys_message(unknown))
     sections = {}
     for sf in fields(Config):
         sections[sf.name] = sf.default_factory(**values[sf.name])  # type: ignore[misc]
     cfg = Config(**sections)
     _check_personal_head(cfg)
     _check_secagg(cfg)
+    _check_noise_on(cfg)
     if not cfg.secagg.enabled:
         warnings.warn(
             "secagg.enabled = false: plain aggregation; the server sees each client's update in the clear "
@@ -506,6 +589,50 @@ def _check_secagg(cfg: Config) -> None:
         raise _bad("secagg.threshold", s.threshold, f"must be at most server.clients-per-round={n}")
     if s.enabled and s.min_contributors > n:
         raise _bad("secagg.min-contributors", s.min_contributors, f"must be at most server.clients-per-round={n}")
+
+
+def _check_noise_on(cfg: Config) -> None:
+    """Noise on the sum (``privacy.noise-on = sum``) is only as safe as the secure sum it is added to."""
+    p, n = cfg.privacy, cfg.server.clients_per_round
+    if p.honest_contributors > n:
+        raise _bad("privacy.honest-contributors", p.honest_contributors,
+                   f"must be at most server.clients-per-round={n}")
+    if p.noise_on != "sum":
+        return
+    if not cfg.secagg.enabled:
+        raise _bad("privacy.noise-on", p.noise_on, "noise on the sum needs secure aggregation (secagg.enabled = true): "
+                   "without it the server sees each device's gradient sum with a t-th of the noise")
+    if cfg.secagg.ddp:
+        raise _bad("privacy.noise-on", p.noise_on, "secagg.ddp (user-level noise on the whole update) is another "
+                   "mechanism: set secagg.ddp = false with noise on the sum")
+    if p.accountant != "rdp":
+        raise _bad("privacy.accountant", p.accountant, "noise on the sum is accounted with RDP at integer orders "
+                   "(where the discrete Gaussian's loss equals the Gaussian's): use 'rdp'")
+    if cfg.adapter.split == "fedsa":
+        raise _bad("privacy.noise-on", p.noise_on, "adapter.split = 'fedsa' keeps the personal B inside the shared "
+                   "adapter, so the released gradient would depend on it: use 'ffa' or 'fedper'")
+    if n < 2:
+        raise _bad("server.clients-per-round", n, "noise on the sum needs a cohort of at least 2")
+
+
+def expected_participations(*, rounds: int, cohort: int, users: int, sampling: str) -> int:
+    """Participations a device of a simulation can expect (``client.max-participations`` when left at 0).
+
+    ``balanced`` sampling gives every user ``ceil(rounds * cohort / users)`` at most; ``uniform`` sampling
+    the smallest m that a device exceeds with probability at most 10% (binomial, rounds draws of
+    cohort / users). Never more than ``rounds``.
+    """
+    if min(rounds, cohort, users) < 1:
+        raise ValueError(f"rounds, cohort and users must be >= 1. You passed: {rounds}, {cohort}, {users}")
+    p = min(1.0, cohort / users)
+    if sampling == "balanced" or p >= 1.0:
+        return min(rounds, math.ceil(rounds * cohort / users))
+    tail, m = 1.0, 0
+    for m in range(rounds + 1):
+        tail -= math.comb(rounds, m) * p**m * (1 - p) ** (rounds - m)
+        if tail <= 0.1:
+            break
+    return max(1, min(rounds, m))
 
 
 def read_scenario(path: str | Path) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Secure aggregation on the wire: what the ServerApp and the ClientApp exchange (SecAgg+, :mod:`privacy.secagg`).
 
-* message types and record names: ``query.advertise``, ``query.unmask`` (the masked input rides
-  on ``train``), the ``secagg`` ConfigRecord and the ``secagg-arrays`` ArrayRecord;
+* message types and record names: ``query.advertise``, ``query.consistency``, ``query.unmask``
+  (the masked input rides on ``train``), the ``secagg`` ConfigRecord and the ``secagg-arrays``
+  ArrayRecord;
 * :func:`flatten` / :func:`unflatten`: the vector layout, shared tensors in sorted-name order;
 * :func:`to_records` / :func:`from_records`: a protocol payload (a dict of ints, bytes and 1-D
   arrays) as Flower records (integers travel as ``uint64``: Flower node ids use all 64 bits).
@@ -19,18 +20,20 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-__all__ = ["ADVERTISE", "ARRAYS", "RECORD", "SELF_ENC_PK", "SELF_MASK_PK", "UNMASK", "flatten", "from_records",
-           "has_request", "to_records", "unflatten"]
+__all__ = ["ADVERTISE", "ARRAYS", "CONSISTENCY", "RECORD", "SELF_ENC_PK", "SELF_MASK_PK", "SELF_SIGN_PK", "UNMASK",
+           "flatten", "from_records", "has_request", "to_records", "unflatten"]
 
 RECORD = "secagg"
 ARRAYS = "secagg-arrays"
-#: Message types of the two exchanges secure aggregation adds (the masked input rides on ``train``).
+#: Message types of the exchanges secure aggregation adds (the masked input rides on ``train``): the key
+#: advertisement (once per node per run), the consistency check and the unmask stage (every round).
 ADVERTISE = "query.advertise"
+CONSISTENCY = "query.consistency"
 UNMASK = "query.unmask"
 #: Fields the server adds to a node's masked-input request: the public keys it registered for the
 #: node, so that a device whose keys changed since it advertised fails clearly (its masks would
 #: not cancel and the sum would be garbage).
-SELF_ENC_PK, SELF_MASK_PK = "self_enc_pk", "self_mask_pk"
+SELF_ENC_PK, SELF_MASK_PK, SELF_SIGN_PK = "self_enc_pk", "self_mask_pk", "self_sign_pk"
 
 
 # --------------------------------------------------------------------------- vector layout

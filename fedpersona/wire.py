@@ -75,6 +75,18 @@ def unpack_shared(content: RecordDict, key: str = "shared") -> dict[str, torch.T
     return out
 
 
+def step_group(server_round: int, step: int) -> str:
+    """The ``group_id`` of the messages of step ``step`` of a round of noisy sums: ``"<round>:<step>"``
+    (every other message's group is ``"<round>"``)."""
+    return f"{int(server_round)}:{int(step)}"
+
+
+def group_round(group_id: str | None) -> int | None:
+    """The server round a message's ``group_id`` names (``"3"`` or ``"3:2"``, a step of round 3), or None."""
+    head = str(group_id or "").partition(":")[0]
+    return int(head) if head.isdigit() else None
+
+
 def inventory(content: RecordDict) -> list[dict]:
     """Every tensor, metric and config entry of a message: name, shape, dtype, bytes and digest."""
     rows: list[dict] = []

@@ -5,12 +5,23 @@ steps, ``epsilon(delta)`` reports the budget spent, ``state_dict``/``load_state_
 (and ``to_json``/``from_json``) persist it so that epsilon composes over every round the
 device took part in and over restarts. The history is kept as merged
 ``(noise_multiplier, sample_rate, num_steps)`` entries, exactly Opacus's format, and
-epsilon is computed by handing that history to Opacus's RDP or PRV accountant.
-:mod:`privacy.rdp` is an independent implementation of the RDP analysis used to
-cross-check it.
+epsilon is Opacus's RDP accountant's (its per-step RDP vector memoized per noise and sample
+rate, the same arithmetic) or its PRV accountant's. :mod:`privacy.rdp` is an independent
+implementation of the RDP analysis used to cross-check it (and to guide the noise
+calibration's search, whose answer Opacus's accountant then checks).
 
 Opacus's GDP accountant is refused: on these settings it is off by a factor of about
 two from RDP and PRV (and from Google's dp_accounting).
+
+Noise on the sum (``privacy.noise-on = sum``, :mod:`privacy.sumdp`): :meth:`PrivacyLedger.step_on_sum`
+records a step whose noise is the sum of the discrete Gaussian shares of at least ``honest`` devices.
+Such a ledger is accounted at integer RDP orders only (:data:`INTEGER_ORDERS`), where the Poisson-sampled
+discrete Gaussian with an integer shift has exactly the Gaussian's Renyi divergence (the proof and the
+bound on the sum of discrete Gaussians: :mod:`privacy.sumdp`); it also keeps ``(sigma, q, t, steps)``
+of those steps, so :meth:`PrivacyLedger.collusion` gives the epsilon that holds when ``j`` of the ``t``
+devices collude with the server (noise multiplier ``sigma sqrt((t - j) / t)``), down to the device's own
+share alone (``sigma / sqrt(t)``). :meth:`PrivacyLedger.set_plan` records what the device planned
+(participations, steps, noise, the epsilon of the whole plan) beside what it spent.
 """
 
 from __future__ import annotations
@@ -26,8 +37,11 @@ from typing import Any
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 
-__all__ = ["PrivacyLedger", "LedgerError", "calibrate_noise", "ACCOUNTANTS"]
+from privacy.rdp import rdp_subsampled_gaussian
+
+__all__ = ["PrivacyLedger", "LedgerError", "calibrate_noise", "ACCOUNTANTS", "INTEGER_ORDERS"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +49,11 @@ logger = logging.getLogger(__name__)
 ACCOUNTANTS = ("rdp", "prv")
 STATE_VERSION = 1
 _MAX_SIGMA = 1e6
+
+#: RDP orders of a ledger with steps on a noisy sum: integers only (see the module docstring).
+INTEGER_ORDERS: tuple[int, ...] = tuple(range(2, 64)) + (80, 96, 128, 192, 256)
+_ORDERS = ("all", "integer")
+_PLAN_KEYS = {"participations", "steps", "noise_multiplier", "sample_rate", "delta", "epsilon", "noise_on"}
 
 _ROUND_KEYS = {"round", "steps", "noise_multiplier", "sample_rate", "epsilon", "time"}
 #: Optional fields of a round entry (ledgers written before they existed stay valid).
@@ -94,32 +113,71 @@ def _merge(history: list[list], noise_multiplier: float, sample_rate: float, num
         history.append([noise_multiplier, sample_rate, num_steps])
 
 
-def _epsilon_of(history: list[list], delta: float, accountant: str) -> float:
-    """Epsilon of a (merged) history under Opacus's accountant."""
-    return _epsilon_memo(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta), accountant)
+def _epsilon_of(history: list[list], delta: float, accountant: str, orders: str = "all") -> float:
+    """Epsilon of a (merged) history under Opacus's accountant (``orders = integer``: RDP at integer orders)."""
+    return _epsilon_memo(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta), accountant, orders)
 
 
 @functools.lru_cache(maxsize=4096)
-def _epsilon_memo(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+def _epsilon_memo(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str,
+                  orders: str = "all") -> float:
     """A pure function of its arguments, memoized: the devices of a simulation share their histories,
     and each round asks for the same epsilon several times (plan, budget check, report)."""
     if not history:
         return 0.0  # Opacus's PRV accountant fails on an empty history, RDP returns the int 0
     if any(sigma == 0.0 for sigma, _, _ in history):
         return math.inf
-    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
-    # Opacus's accountants keep their whole state in ``history``: a list of
-    # (noise_multiplier, sample_rate, num_steps) tuples, one per run of identical steps.
-    acc.history = list(history)
     with warnings.catch_warnings(record=True) as caught, np.errstate(all="ignore"):
         warnings.simplefilter("always")
-        eps = float(acc.get_epsilon(delta=delta))
+        if orders == "integer":
+            if accountant != "rdp":
+                raise ValueError(f"integer RDP orders need accountant 'rdp'. You passed: {accountant!r}")
+            acc = RDPAccountant()
+            acc.history = list(history)
+            eps = float(acc.get_epsilon(delta=delta, alphas=list(INTEGER_ORDERS)))
+        elif accountant == "rdp":
+            eps = _rdp_epsilon(history, delta)
+        else:
+            acc = PRVAccountant()
+            # Opacus's accountants keep their whole state in ``history``: a list of
+            # (noise_multiplier, sample_rate, num_steps) tuples, one per run of identical steps.
+            acc.history = list(history)
+            eps = float(acc.get_epsilon(delta=delta))
     for w in caught:
         # e.g. "Optimal order is the largest alpha": the bound is still valid, only looser.
         logger.debug("opacus %s accountant: %s", accountant, w.message)
     if math.isnan(eps):
         return math.inf
-    return eps
+    # Far below the budget (a huge noise multiplier) Opacus's RDP-to-(epsilon, delta) conversion can
+    # return a tiny negative number (-0.0085 for sigma 8952, q 0.44, 2 steps, delta 1e-2): every
+    # mechanism is (0, delta)-DP when it is (epsilon < 0, delta)-DP, and a ledger never holds a
+    # negative epsilon (it could not load it again).
+    return max(0.0, eps)
+
+
+#: Opacus's RDP orders (``RDPAccountant.DEFAULT_ALPHAS``): every RDP epsilon here is the minimum over them.
+_ALPHAS = tuple(RDPAccountant.DEFAULT_ALPHAS)
+
+
+@functools.lru_cache(maxsize=4096)
+def _step_rdp(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """One step's RDP at every order of :data:`_ALPHAS` (Opacus's ``compute_rdp`` with ``steps=1``).
+
+    A history's RDP is ``sum(steps * _step_rdp(sigma, q))``, exactly the arithmetic of Opacus's
+    ``RDPAccountant.get_privacy_spent``; the per-step vector, the expensive part, is computed
+    once per (sigma, q), so every device of a simulation with that training-set size, and every
+    later round's epsilon, reuses it.
+    """
+    vec = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(_ALPHAS))
+    vec.setflags(write=False)
+    return vec
+
+
+def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """Opacus's RDP epsilon of ``history`` at ``delta`` (same orders, same sums, same conversion)."""
+    rdp = sum([_step_rdp(sigma, q) * steps for sigma, q, steps in history])
+    eps, _ = rdp_analysis.get_privacy_spent(orders=list(_ALPHAS), rdp=rdp, delta=delta)
+    return float(eps)
 
 
 # ----------------------------------------------------------------------------------- ledger
@@ -136,6 +194,8 @@ class PrivacyLedger:
         self._history: list[list] = []  # [noise_multiplier, sample_rate, num_steps]
         self._rounds: list[dict] = []
         self._user_level: list[dict] = []
+        self._sum_steps: list[list] = []  # [noise_multiplier, sample_rate, honest t, num_steps] of noisy-sum steps
+        self._plan: dict | None = None
         self._cache: tuple[Any, float] | None = None
 
     # ------------------------------------------------------------------ steps and epsilon
@@ -147,6 +207,21 @@ class PrivacyLedger:
     def history(self) -> list[tuple[float, float, int]]:
         """Merged ``(noise_multiplier, sample_rate, num_steps)`` entries (a copy)."""
         return [tuple(h) for h in self._history]
+
+    @property
+    def orders(self) -> str:
+        """``integer`` once the ledger holds a step on a noisy sum (RDP at integer orders), else ``all``."""
+        return "integer" if self._sum_steps else "all"
+
+    @property
+    def sum_steps(self) -> list[tuple[float, float, int, int]]:
+        """Merged ``(noise_multiplier, sample_rate, honest, num_steps)`` of the steps on a noisy sum (a copy)."""
+        return [tuple(h) for h in self._sum_steps]
+
+    @property
+    def plan(self) -> dict | None:
+        """What the device planned (:meth:`set_plan`), or None (a copy)."""
+        return dict(self._plan) if self._plan is not None else None
 
     @property
     def total_steps(self) -> int:
@@ -172,30 +247,102 @@ class PrivacyLedger:
             logger.warning("privacy ledger: %d step(s) with noise_multiplier=0: epsilon is now infinite", n)
         _merge(self._history, sigma, q, n)
 
+    def step_on_sum(self, *, noise_multiplier: float, sample_rate: float, honest: int, num_steps: int = 1) -> None:
+        """Record ``num_steps`` steps on a noisy secure sum: this device's ``sample_rate``, and a noise multiplier
+        ``noise_multiplier`` that holds as long as ``honest`` devices' noise shares are in the sum.
+
+        From then on the ledger is accounted at integer RDP orders (:data:`INTEGER_ORDERS`).
+        """
+        sigma, q, n = _check_step_args(noise_multiplier, sample_rate, num_steps)
+        if not _is_int(honest) or honest < 1:
+            raise ValueError(f"honest must be an integer >= 1. You passed: honest={honest!r}")
+        if self._accountant != "rdp":
+            raise ValueError(f"steps on a noisy sum are accounted with RDP at integer orders; this ledger uses "
+                             f"{self._accountant!r}")
+        self.step(noise_multiplier=sigma, sample_rate=q, num_steps=n)
+        last = self._sum_steps[-1] if self._sum_steps else None
+        if last is not None and (last[0], last[1], last[2]) == (sigma, q, honest):
+            last[3] += n
+        else:
+            self._sum_steps.append([sigma, q, int(honest), n])
+        self._cache = None
+
     def epsilon(self, delta: float) -> float:
         """Epsilon spent so far at this ``delta``: 0.0 before any step, ``inf`` after a noiseless step."""
         delta = _check_delta(delta)
-        key = (self._accountant, delta, tuple(tuple(h) for h in self._history))
+        key = (self._accountant, delta, self.orders, tuple(tuple(h) for h in self._history))
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        eps = _epsilon_of(self._history, delta, self._accountant)
+        eps = _epsilon_of(self._history, delta, self._accountant, self.orders)
         self._cache = (key, eps)
         return eps
 
-    def epsilon_if(self, *, noise_multiplier: float, sample_rate: float, num_steps: int, delta: float) -> float:
-        """Epsilon that would be spent if these steps were added; the ledger is not changed."""
+    def epsilon_if(self, *, noise_multiplier: float, sample_rate: float, num_steps: int, delta: float,
+                   on_sum: bool = False) -> float:
+        """Epsilon that would be spent if these steps were added (``on_sum``: steps on a noisy sum, which
+        switch the ledger to integer orders); the ledger is not changed."""
         sigma, q, n = _check_step_args(noise_multiplier, sample_rate, num_steps)
         delta = _check_delta(delta)
         history = [list(h) for h in self._history]
         _merge(history, sigma, q, n)
-        return _epsilon_of(history, delta, self._accountant)
+        orders = "integer" if on_sum or self._sum_steps else "all"
+        return _epsilon_of(history, delta, self._accountant, orders)
+
+    def collusion(self, delta: float) -> list[dict]:
+        """Epsilon when ``j`` devices of each noisy sum's ``t`` collude with the server, ``j = 0 .. t - 1``.
+
+        The noise that then remains guaranteed in a sum of ``t`` is ``t - j`` shares: noise multiplier
+        ``sigma sqrt((t - j) / t)``; at ``j = t - 1`` only the device's own share, ``sigma / sqrt(t)``.
+        Steps with the device's own noise (``privacy.noise-on = device``) keep their sigma. One row per ``j``
+        (``t`` the largest of the ledger's sums; a sum with fewer honest devices than ``j + 1`` counts its
+        device's own share alone): ``{"colluders", "noise_factor" (of the largest t), "epsilon"}``; [] without
+        steps on a sum.
+        """
+        delta = _check_delta(delta)
+        if not self._sum_steps:
+            return []
+        own = [list(h) for h in self._history]
+        for sigma, q, _t, n in self._sum_steps:  # the sum steps, taken out of the history to be re-noised
+            for h in own:
+                if h[0] == sigma and h[1] == q and h[2] > 0:
+                    take = min(h[2], n)
+                    h[2] -= take
+                    n -= take
+                if n == 0:
+                    break
+        own = [h for h in own if h[2] > 0]
+        t_max = max(t for _, _, t, _ in self._sum_steps)
+        rows = []
+        for j in range(t_max):
+            history = [list(h) for h in own]
+            for sigma, q, t, n in self._sum_steps:
+                _merge(history, sigma * math.sqrt(max(t - j, 1) / t), q, n)
+            rows.append({"colluders": j, "noise_factor": math.sqrt((t_max - j) / t_max),
+                         "epsilon": _epsilon_of(history, delta, self._accountant, "integer")})
+        return rows
+
+    def set_plan(self, *, participations: int, steps: int, noise_multiplier: float, sample_rate: float,
+                 delta: float, noise_on: str = "device") -> dict:
+        """Record what the device plans: ``participations`` rounds of ``steps`` steps in all at this noise and
+        sample rate; ``epsilon`` is what the whole plan spends from an empty ledger (:attr:`plan`)."""
+        if not _is_int(participations) or participations < 1:
+            raise ValueError(f"participations must be an integer >= 1. You passed: {participations!r}")
+        sigma, q, n = _check_step_args(noise_multiplier, sample_rate, steps)
+        delta = _check_delta(delta)
+        if noise_on not in ("device", "sum"):
+            raise ValueError(f"noise_on must be 'device' or 'sum'. You passed: {noise_on!r}")
+        eps = _epsilon_of([[sigma, q, n]], delta, self._accountant, "integer" if noise_on == "sum" else "all")
+        self._plan = {"participations": participations, "steps": n, "noise_multiplier": sigma, "sample_rate": q,
+                      "delta": delta, "epsilon": eps, "noise_on": noise_on}
+        return dict(self._plan)
 
     def record_round(self, *, round: int, steps: int, noise_multiplier: float, sample_rate: float, delta: float,
-                     settings: dict[str, Any] | None = None) -> dict:
+                     settings: dict[str, Any] | None = None, update: bool = False) -> dict:
         """Append a summary of a finished round (its steps already recorded with :meth:`step`).
 
         ``settings``: the round's settings the device accepted (its policy check's result), kept
-        with the entry: flat keys to strings, booleans, integers or finite floats.
+        with the entry: flat keys to strings, booleans, integers or finite floats. ``update``: replace
+        the last entry when it is of the same round (a round of noisy sums is summarized after each step).
         Returns the summary, whose ``epsilon`` is the total spent after the round (``inf`` from
         the first release without noise on: a noise multiplier of 0 is recorded, never skipped).
         """
@@ -208,7 +355,11 @@ class PrivacyLedger:
         entry = {"round": round, "steps": steps, "noise_multiplier": sigma, "sample_rate": q, "epsilon": eps, "time": _now()}
         if settings is not None:
             entry["settings"] = _check_settings(settings, "settings")
-        self._rounds.append(entry)
+        entry = _loadable(entry, "round", _ROUND_KEYS, _ROUND_OPTIONAL)
+        if update and self._rounds and self._rounds[-1]["round"] == round:
+            self._rounds[-1] = entry
+        else:
+            self._rounds.append(entry)
         logger.debug("privacy ledger: round %d, %d steps, sigma %.4f, q %.4f, epsilon %.4f", round, steps, sigma, q, eps)
         return dict(entry)
 
@@ -222,6 +373,7 @@ class PrivacyLedger:
         if not isinstance(mechanism, str) or not mechanism:
             raise ValueError(f"mechanism must be a non-empty string. You passed: mechanism={mechanism!r}")
         entry = {"round": round, "epsilon": float(epsilon), "delta": delta, "mechanism": mechanism, "time": _now()}
+        entry = _loadable(entry, "user-level entry", _USER_LEVEL_KEYS)
         self._user_level.append(entry)
         return dict(entry)
 
@@ -235,13 +387,19 @@ class PrivacyLedger:
                 out["epsilon"] = None
             return out
 
-        return {
+        state = {
             "version": STATE_VERSION,
             "accountant": self._accountant,
             "history": [[float(s), float(q), int(n)] for s, q, n in self._history],
             "rounds": [enc(r) for r in self._rounds],
             "user_level": [enc(u) for u in self._user_level],
         }
+        # Optional fields (ledgers without them stay valid).
+        if self._sum_steps:
+            state["sum_steps"] = [[float(s), float(q), int(t), int(n)] for s, q, t, n in self._sum_steps]
+        if self._plan is not None:
+            state["plan"] = enc(self._plan)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Replace this ledger's state after validating ``state`` strictly (raises :class:`LedgerError`)."""
@@ -251,7 +409,10 @@ class PrivacyLedger:
                 f"ledger state was kept with accountant {accountant!r}, this ledger uses {self._accountant!r}; "
                 f"use PrivacyLedger.from_json / PrivacyLedger(accountant={accountant!r})"
             )
+        sum_steps = _validate_sum_steps(state.get("sum_steps", []), history, accountant)
+        plan = _validate_plan(state["plan"]) if "plan" in state else None
         self._history, self._rounds, self._user_level = history, rounds, user_level
+        self._sum_steps, self._plan = sum_steps, plan
         self._cache = None
 
     def to_json(self) -> str:
@@ -284,7 +445,7 @@ def _validate_state(state: Any) -> tuple[str, list[list], list[dict], list[dict]
     missing = expected - state.keys()
     if missing:
         raise LedgerError(f"ledger state is missing field(s): {sorted(missing)}")
-    extra = state.keys() - expected
+    extra = state.keys() - expected - {"sum_steps", "plan"}
     if extra:
         raise LedgerError(f"ledger state has unknown field(s): {sorted(extra)}")
     if not _is_int(state["version"]) or state["version"] != STATE_VERSION:
@@ -314,6 +475,59 @@ def _validate_state(state: Any) -> tuple[str, list[list], list[dict], list[dict]
     return accountant, history, rounds, user_level
 
 
+def _validate_sum_steps(raw: Any, history: list[list], accountant: str) -> list[list]:
+    """The noisy-sum steps: ``[sigma, q, t, n]`` entries, each covered by the history's ``(sigma, q)`` steps."""
+    if not isinstance(raw, list):
+        raise LedgerError(f"ledger state: 'sum_steps' must be a list, got {type(raw).__name__}")
+    out: list[list] = []
+    counted: dict[tuple[float, float], int] = {}
+    for i, entry in enumerate(raw):
+        where = f"ledger state: sum_steps[{i}]"
+        if not isinstance(entry, (list, tuple)) or len(entry) != 4:
+            raise LedgerError(f"{where} must be [noise_multiplier, sample_rate, honest, num_steps], got {entry!r}")
+        sigma, q, t, n = entry
+        if not _is_real(sigma) or not (sigma >= 0 and math.isfinite(sigma)):
+            raise LedgerError(f"{where}: noise_multiplier must be a finite number >= 0, got {sigma!r}")
+        if not _is_real(q) or not 0 < q <= 1:
+            raise LedgerError(f"{where}: sample_rate must be in (0, 1], got {q!r}")
+        if not _is_int(t) or t < 1:
+            raise LedgerError(f"{where}: honest must be an integer >= 1, got {t!r}")
+        if not _is_int(n) or n < 1:
+            raise LedgerError(f"{where}: num_steps must be an integer >= 1, got {n!r}")
+        key = (float(sigma), float(q))
+        counted[key] = counted.get(key, 0) + int(n)
+        out.append([float(sigma), float(q), int(t), int(n)])
+    if out and accountant != "rdp":
+        raise LedgerError(f"ledger state: steps on a noisy sum need accountant 'rdp', got {accountant!r}")
+    have: dict[tuple[float, float], int] = {}
+    for sigma, q, n in history:
+        have[(sigma, q)] = have.get((sigma, q), 0) + n
+    for key, n in counted.items():
+        if have.get(key, 0) < n:
+            raise LedgerError(f"ledger state: {n} steps on a noisy sum at (sigma, q) = {key}, but the history holds "
+                              f"{have.get(key, 0)}")
+    return out
+
+
+def _validate_plan(raw: Any) -> dict:
+    if not isinstance(raw, dict) or set(raw) != _PLAN_KEYS:
+        raise LedgerError(f"ledger state: 'plan' must hold exactly {sorted(_PLAN_KEYS)}, got {raw!r}")
+    if not _is_int(raw["participations"]) or raw["participations"] < 1 or not _is_int(raw["steps"]) or raw["steps"] < 1:
+        raise LedgerError(f"ledger state: plan participations and steps must be integers >= 1, got {raw!r}")
+    if not _is_real(raw["noise_multiplier"]) or not (raw["noise_multiplier"] >= 0 and math.isfinite(raw["noise_multiplier"])):
+        raise LedgerError(f"ledger state: plan noise_multiplier must be a finite number >= 0, got {raw!r}")
+    if not _is_real(raw["sample_rate"]) or not 0 < raw["sample_rate"] <= 1:
+        raise LedgerError(f"ledger state: plan sample_rate must be in (0, 1], got {raw!r}")
+    if not _is_real(raw["delta"]) or not 0 < raw["delta"] < 1:
+        raise LedgerError(f"ledger state: plan delta must be in (0, 1), got {raw!r}")
+    if raw["noise_on"] not in ("device", "sum"):
+        raise LedgerError(f"ledger state: plan noise_on must be 'device' or 'sum', got {raw!r}")
+    eps = raw["epsilon"]
+    if eps is not None and (not _is_real(eps) or not eps >= 0):
+        raise LedgerError(f"ledger state: plan epsilon must be a number >= 0 or null, got {raw!r}")
+    return {**raw, "epsilon": math.inf if eps is None else float(eps)}
+
+
 def _as_list(state: dict, key: str) -> list:
     if not isinstance(state[key], list):
         raise LedgerError(f"ledger state: {key!r} must be a list, got {type(state[key]).__name__}")
@@ -331,6 +545,21 @@ def _check_settings(settings: Any, where: str, error: type[Exception] = ValueErr
             raise error(f"{where}[{k!r}] must be a string, boolean, integer or finite float. You passed: {v!r}")
         out[k] = v
     return out
+
+
+def _loadable(entry: dict, what: str, keys: set[str], optional: set[str] = frozenset()) -> dict:
+    """``entry`` as it will be stored, checked with the very rule :meth:`PrivacyLedger.load_state_dict`
+    applies: a ledger never saves what it would refuse to load (a device that did would be bricked)."""
+    stored = dict(entry)
+    if isinstance(stored.get("epsilon"), float) and math.isinf(stored["epsilon"]):
+        stored["epsilon"] = None  # as state_dict writes it
+    try:
+        # through JSON, as the store keeps it: what does not survive the round trip is refused here
+        _validate_entry(json.loads(json.dumps(stored, allow_nan=False)), what, keys, optional)
+    except (LedgerError, TypeError, ValueError) as exc:
+        raise ValueError(f"refusing to record a {what} the ledger could not load again: {exc}. "
+                         f"You passed: {entry!r}") from None
+    return entry
 
 
 def _validate_entry(entry: Any, where: str, keys: set[str], optional: set[str] = frozenset()) -> dict:
@@ -379,6 +608,10 @@ def _validate_entry(entry: Any, where: str, keys: set[str], optional: set[str] =
 
 
 # ------------------------------------------------------------------------------ calibration
+#: Orders on each side of the last optimal one that a calibration step evaluates (:func:`_calibrate_rdp`).
+_WINDOW = 4
+
+
 def calibrate_noise(
     *,
     target_epsilon: float,
@@ -387,12 +620,19 @@ def calibrate_noise(
     steps: int,
     accountant: str = "rdp",
     epsilon_tolerance: float = 0.01,
+    orders: str = "all",
 ) -> float:
     """Smallest noise multiplier (to ``epsilon_tolerance``) whose epsilon after ``steps`` steps is <= target.
+
+    ``orders = "integer"``: RDP at integer orders only (the accounting of steps on a noisy sum).
 
     Bisection on the noise multiplier with Opacus's accountant; the result always satisfies
     ``epsilon <= target_epsilon`` and ``epsilon > target_epsilon - epsilon_tolerance`` (unless the
     bisection reached the float resolution of the noise multiplier first).
+
+    Solved once per process for each set of arguments (a simulation's devices differ only by
+    their training-set size, hence their sample rate), each solve warm-started from the nearest
+    sample rate already solved with the same budget (:func:`_calibrate_rdp`).
     """
     if not _is_real(target_epsilon) or not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target_epsilon must be a finite number > 0. You passed: target_epsilon={target_epsilon!r}")
@@ -404,30 +644,201 @@ def calibrate_noise(
     if not _is_real(epsilon_tolerance) or not epsilon_tolerance > 0:
         raise ValueError(f"epsilon_tolerance must be > 0. You passed: epsilon_tolerance={epsilon_tolerance!r}")
     _check_accountant(accountant)
+    if orders not in _ORDERS or (orders == "integer" and accountant != "rdp"):
+        raise ValueError(f"orders must be one of {_ORDERS} ('integer' with accountant 'rdp'). You passed: {orders!r}")
+    if orders == "integer":
+        return _calibrate_integer(float(target_epsilon), delta, float(sample_rate), int(steps), float(epsilon_tolerance))
+    return _calibrated(float(target_epsilon), delta, float(sample_rate), int(steps), accountant,
+                       float(epsilon_tolerance))
 
-    def eps(sigma: float, acc: str = accountant) -> float:
-        return _epsilon_of([[sigma, float(sample_rate), steps]], delta, acc)
 
-    if accountant == "rdp":
-        low, high = 0.0, 1.0
-    else:
-        # PRV is slow (and can take minutes) far below the answer: start from the RDP
-        # answer, which is an upper bound up to PRV's discretisation error.
-        high = calibrate_noise(
-            target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
-            epsilon_tolerance=epsilon_tolerance,
-        )
-        low = 0.0
+@functools.lru_cache(maxsize=None)
+def _calibrate_integer(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                       epsilon_tolerance: float) -> float:
+    """Bisection on sigma with the RDP accountant at integer orders (steps on a noisy sum)."""
+
+    def eps(sigma: float) -> float:
+        return _epsilon_of([[sigma, sample_rate, steps]], delta, "rdp", "integer")
+
+    low, high = 0.0, 1.0
     eps_high = eps(high)
     while eps_high > target_epsilon:
         low, high = high, 2 * high
         if high > _MAX_SIGMA:
-            raise ValueError(
-                f"no noise multiplier up to {_MAX_SIGMA:g} reaches epsilon {target_epsilon} at delta {delta} "
-                f"after {steps} steps at sample rate {sample_rate}: the budget is too small"
-            )
+            raise _too_small(target_epsilon, delta, steps, sample_rate)
         eps_high = eps(high)
-    if low == 0.0 and accountant == "prv":
+    while target_epsilon - eps_high > epsilon_tolerance and high - low > 1e-9 * high:
+        mid = 0.5 * (low + high)
+        e = eps(mid)
+        if e <= target_epsilon:
+            high, eps_high = mid, e
+        else:
+            low = mid
+    logger.info("calibrated noise multiplier %.4f: epsilon %.4f (target %.4g, delta %.3g) after %d steps at sample "
+                "rate %.4g (rdp, integer orders)", high, eps_high, target_epsilon, delta, steps, sample_rate)
+    return high
+
+
+#: Solved calibrations by budget (target, delta, steps, tolerance): sample rate -> (sigma, index of the optimal order).
+_SOLVED: dict[tuple[float, float, int, float], dict[float, tuple[float, int]]] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                epsilon_tolerance: float) -> float:
+    if accountant == "rdp":
+        sigma, eps = _calibrate_rdp(target_epsilon, delta, sample_rate, steps, epsilon_tolerance)
+    else:
+        sigma, eps = _calibrate_prv(target_epsilon, delta, sample_rate, steps, epsilon_tolerance)
+    logger.info(
+        "calibrated noise multiplier %.4f: epsilon %.4f (target %.4g, delta %.3g) after %d steps at sample rate %.4g (%s)",
+        sigma, eps, target_epsilon, delta, steps, sample_rate, accountant,
+    )
+    return sigma
+
+
+def _too_small(target_epsilon: float, delta: float, steps: int, sample_rate: float) -> ValueError:
+    return ValueError(
+        f"no noise multiplier up to {_MAX_SIGMA:g} reaches epsilon {target_epsilon} at delta {delta} "
+        f"after {steps} steps at sample rate {sample_rate}: the budget is too small"
+    )
+
+
+def _calibrate_rdp(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                   epsilon_tolerance: float) -> tuple[float, float]:
+    """(sigma, its exact epsilon) for the RDP accountant.
+
+    The search (regula falsi, :func:`_bracket_search`) evaluates the RDP of ``_WINDOW`` orders on
+    each side of the last optimal order only (the optimal order moves slowly with sigma), not all
+    151 of Opacus's, with :func:`_window_rdp`: the epsilon over a subset of the orders is an upper
+    bound of the epsilon over all of them; an optimum at the window's edge re-centres it with an
+    evaluation of every order. The answer is then checked with Opacus's own epsilon
+    (:func:`_epsilon_of`, all orders, memoized: the device's ledger asks for the same sigma and
+    sample rate next); should it exceed the target or miss the tolerance, the search over all
+    orders with Opacus's epsilon decides.
+    """
+    budget = (target_epsilon, delta, steps, epsilon_tolerance)
+    solved = _SOLVED.setdefault(budget, {})
+    start, center = 1.0, None
+    if solved:  # warm start: the nearest sample rate solved with the same budget
+        near = min(solved, key=lambda q: abs(math.log(q) - math.log(sample_rate)))
+        start, center = solved[near]
+    state = {"center": center}
+    alphas = np.asarray(_ALPHAS, dtype=np.float64)
+    conversion = -(math.log(delta) + np.log(alphas)) / (alphas - 1) + np.log((alphas - 1) / alphas)
+
+    def full(sigma: float) -> float:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            eps_vec = _window_rdp(sample_rate, sigma, steps, [float(a) for a in alphas]) + conversion
+        if np.isnan(eps_vec).all():
+            return math.inf
+        i = int(np.nanargmin(eps_vec))
+        state["center"] = i
+        return float(eps_vec[i])
+
+    def approx(sigma: float) -> float:
+        c = state["center"]
+        if c is None:
+            return full(sigma)
+        lo, hi = max(0, c - _WINDOW), min(len(alphas), c + _WINDOW + 1)
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            rdp = _window_rdp(sample_rate, sigma, steps, [float(a) for a in alphas[lo:hi]])
+        eps_vec = rdp + conversion[lo:hi]
+        if np.isnan(eps_vec).all():
+            return full(sigma)
+        j = int(np.nanargmin(eps_vec))
+        if (j == 0 and lo > 0) or (j == hi - lo - 1 and hi < len(alphas)):
+            return full(sigma)  # the optimum may lie outside the window
+        state["center"] = lo + j
+        return float(eps_vec[j])
+
+    def exact(sigma: float) -> float:
+        return _epsilon_of([[sigma, sample_rate, steps]], delta, "rdp")
+
+    for evaluate in (approx, exact):
+        high = start
+        eps_high = evaluate(high)
+        if eps_high > target_epsilon:
+            low = high
+            while eps_high > target_epsilon:
+                low, high = high, (1.25 if start != 1.0 else 2.0) * high  # small steps from a warm start
+                if high > _MAX_SIGMA:
+                    raise _too_small(target_epsilon, delta, steps, sample_rate)
+                eps_high = evaluate(high)
+        elif start != 1.0:
+            low = 0.8 * high  # a warm start: find the bracket below it by small steps
+            while (e := evaluate(low)) <= target_epsilon:
+                high, eps_high, low = low, e, 0.8 * low
+        else:
+            low = 0.0
+        high, eps_high, low = _bracket_search(evaluate, low, high, eps_high, target_epsilon, epsilon_tolerance)
+        eps = exact(high)
+        if eps <= target_epsilon and (target_epsilon - eps <= epsilon_tolerance or high - low <= 1e-9 * high):
+            break
+        start = 1.0  # the windowed search missed (not expected): the bisection over every order decides
+    solved[sample_rate] = (high, state["center"] if state["center"] is not None else len(_ALPHAS) // 2)
+    return high, eps
+
+
+def _window_rdp(sample_rate: float, sigma: float, steps: int, orders: list[float]) -> np.ndarray:
+    """The RDP that guides the search, never the answer (that is checked with Opacus's accountant):
+    :mod:`privacy.rdp`'s quadrature, which agrees with Opacus's series to ~1e-12 and is about ten times
+    faster at the small fractional orders a calibration usually settles on."""
+    return rdp_subsampled_gaussian(q=sample_rate, sigma=sigma, orders=orders, steps=steps)
+
+
+def _bracket_search(evaluate, low: float, high: float, eps_high: float, target: float,
+                    tolerance: float) -> tuple[float, float, float]:
+    """Shrink ``[low, high]`` (``evaluate(low) > target >= evaluate(high) = eps_high``) until
+    ``target - eps_high <= tolerance``: (high, eps_high, low).
+
+    Regula falsi with the Illinois modification (epsilon is smooth and decreasing in sigma, so
+    it converges in a few evaluations where halving needs about ten); a halving step while the
+    low end's epsilon is not known finite, and whenever the interpolation would land within 1% of an end.
+    """
+    f_low, f_high = math.inf, eps_high - target  # the ends' weights in the interpolation
+    side = 0  # which end the last step replaced (+1 low, -1 high)
+    while target - eps_high > tolerance and high - low > 1e-9 * high:
+        width = high - low
+        mid = 0.5 * (low + high)
+        if math.isfinite(f_low):
+            guess = high - f_high * width / (f_high - f_low)
+            if low + 0.01 * width < guess < high - 0.01 * width:
+                mid = guess
+        e = evaluate(mid)
+        if e <= target:
+            high, eps_high, f_high = mid, e, e - target
+            if side == -1:
+                f_low /= 2  # the low end stayed twice: halve its weight (Illinois)
+            side = -1
+        else:
+            low, f_low = mid, e - target
+            if side == 1:
+                f_high /= 2
+            side = 1
+    return high, eps_high, low
+
+
+def _calibrate_prv(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                   epsilon_tolerance: float) -> tuple[float, float]:
+    """(sigma, epsilon) for the PRV accountant: a bisection below the RDP answer."""
+
+    def eps(sigma: float) -> float:
+        return _epsilon_of([[sigma, float(sample_rate), steps]], delta, "prv")
+
+    # PRV is slow (and can take minutes) far below the answer: start from the RDP
+    # answer, which is an upper bound up to PRV's discretisation error.
+    high = _calibrated(target_epsilon, delta, sample_rate, steps, "rdp", epsilon_tolerance)
+    low = 0.0
+    eps_high = eps(high)
+    while eps_high > target_epsilon:
+        low, high = high, 2 * high
+        if high > _MAX_SIGMA:
+            raise _too_small(target_epsilon, delta, steps, sample_rate)
+        eps_high = eps(high)
+    if low == 0.0:
         # Find a lower bracket by geometric steps rather than jumping towards 0.
         low = high
         while True:
@@ -443,8 +854,4 @@ def calibrate_noise(
             high, eps_high = mid, e
         else:
             low = mid
-    logger.info(
-        "calibrated noise multiplier %.4f: epsilon %.4f (target %.4g, delta %.3g) after %d steps at sample rate %.4g (%s)",
-        high, eps_high, target_epsilon, delta, steps, sample_rate, accountant,
-    )
-    return high
+    return high, eps_high

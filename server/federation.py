@@ -26,12 +26,17 @@ from privacy.secagg.eval_figures import summarize as summarize_evaluation
 from server.aggregation import Aggregator
 from server.checkpoint import latest_checkpoint, save_checkpoint
 from server.flow_log import ServerInventory
+from server.freshness import FreshnessGrid
 from server.optim import ServerOptimizer
 from server.progress import NoProgress, Progress, ProgressGrid, report
 from server.run_report import read_json, summary_table, write_outputs
 from server.secagg import build_aggregator
+from server.sumdp import SumRounds
 
 logger = logging.getLogger(__name__)
+
+#: Redraw rounds.png during the run at most this often (it is always drawn when the run ends).
+PLOT_EVERY_SECONDS = 60.0
 
 
 def wait_for_nodes(grid: Grid, minimum: int, *, timeout: float = 600.0) -> list[int]:
@@ -110,6 +115,7 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
     if aggregator is None:
         aggregator = build_aggregator(cfg, run_id=_run_id(grid))
     run_dir = Path(cfg.run.results_dir) / cfg.run.name
+    grid = FreshnessGrid(grid, run_dir)  # type: ignore[assignment]  # keeps and sends back the devices' receipts
     ckpt_root = run_dir / "checkpoints"
     model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)
     counts = model.parameter_counts()
@@ -131,7 +137,13 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
         log(WARNING, "Plain aggregation: %s", text)
         run_warnings.append(text)
 
-    opt = ServerOptimizer(cfg.server.optimizer, cfg.server.lr)
+    opt = ServerOptimizer(cfg.server.optimizer, cfg.server.lr, momentum=cfg.server.momentum)
+    # Noise on the sum: each DP-SGD step of the shared adapter is one secure sum over the cohort (server/sumdp.py).
+    sum_rounds = SumRounds(cfg, aggregator) if p.noise_on == "sum" else None
+    if sum_rounds is not None:
+        log(INFO, "noise on the sum: %d DP-SGD step(s) a round, each one secure sum; t = %s honest contributors "
+            "(privacy.honest-contributors; 0: half the cohort); server optimizer %s, lr %g", cfg.client.local_steps,
+            p.honest_contributors or "cohort / 2", cfg.server.optimizer, cfg.server.lr)
     previous = read_json(run_dir / "metrics.json")
     history: list[dict] = list(previous.get("rounds", []))
     resumed = latest_checkpoint(ckpt_root)
@@ -155,9 +167,11 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
         metrics["secagg"] = aggregator.run_info()
     timeout = cfg.server.round_timeout or None
     t_run = time.perf_counter()
+    last_plot = time.monotonic()
     report(progress, "run-start", run=cfg.run.name, rounds=cfg.server.num_rounds, **{"start-round": start_round},
            nodes=len(list(grid.get_node_ids())), cohort=cfg.server.clients_per_round, aggregation=aggregator.name,
-           dp=p.enabled, **{"shared-params": counts["shared"]})
+           dp=p.enabled, **{"shared-params": counts["shared"], "final-eval": cfg.eval.final,
+                            "local-baseline": cfg.eval.local_baseline})
     for server_round in range(start_round + 1, cfg.server.num_rounds + 1):
         t0 = time.perf_counter()
         nodes = wait_for_nodes(grid, cfg.server.min_clients)
@@ -167,10 +181,20 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
         content = RecordDict(
             {**pack_shared(shared), "config": ConfigRecord({"server-round": server_round})}
         )
-        rs = aggregator.collect(grid, cohort, content, server_round=server_round, timeout=timeout)
+        extra: dict = {}
+        if sum_rounds is not None:
+            rs, shared, extra = sum_rounds.round(grid, cohort, shared, opt, server_round=server_round, timeout=timeout)
+            applied = extra["steps-applied"] > 0
+        else:
+            rs = aggregator.collect(grid, cohort, content, server_round=server_round, timeout=timeout)
+            applied = rs.contributors >= cfg.server.min_clients and rs.weight > 0
         ServerInventory(run_dir).round(server_round, cohort=cohort, rs=rs, aggregation=aggregator.name)
-        applied = rs.contributors >= cfg.server.min_clients and rs.weight > 0
-        if applied:
+        if sum_rounds is not None:
+            norm = extra.pop("update-norm")
+            if rs.aborted:
+                log(WARNING, "Round %d: %s", server_round, rs.aborted)
+                run_warnings.append(f"round {server_round}: a noisy sum aborted: {rs.aborted}")
+        elif applied:
             mean_update = {n: rs.update_sum[n] / rs.weight for n in shared}
             norm = math.sqrt(sum(float((u * u).sum()) for u in mean_update.values()))
             shared = opt.step(shared, mean_update)
@@ -205,12 +229,17 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
             "update-norm": norm,
             **({"aborted": rs.aborted} if rs.aborted else {}),
             **rs.info,
+            **extra,
             # Cohort figures only of a sum that was revealed and applied: never of an aborted round.
             **(_cohort_means(rs.metrics, rs.contributors) if applied else {}),
             "seconds": time.perf_counter() - t0,
         }
         history.append(row)
-        write_outputs(run_dir, metrics)
+        # metrics.json and rounds.csv every round (a resumed run reads them); the plot at most once a minute
+        # (drawing it costs about a second) and at the end of the run.
+        plot = time.monotonic() - last_plot >= PLOT_EVERY_SECONDS
+        write_outputs(run_dir, metrics, plots=plot)
+        last_plot = time.monotonic() if plot else last_plot
         report(progress, "round-end", rounds=cfg.server.num_rounds, trained=row["contributors"],
                **{k: row[k] for k in ("round", "cohort", "declined", "failed", "applied", "seconds")},
                **{k: row[m] for k, m in (("shared-loss", "heldout-shared-loss"), ("personal-loss", "heldout-personal-loss"),

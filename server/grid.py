@@ -2,7 +2,7 @@
 
 Flower 1.41's deployment Grid (``flwr.superlink.grid.http_grid``) sleeps 3 s between pulls while it
 waits for replies, so every message stage of a round ends up to 3 s after the last reply arrived; a
-SecAgg+ round has three stages (advertise, masked input, unmask). This wrapper does what Flower's
+SecAgg+ round has four stages (advertise, masked input, consistency check, unmask). This wrapper does what Flower's
 ``send_and_receive`` does (push, then pull until every reply is in or the timeout passes) with a short
 interval; everything else goes to the wrapped Grid unchanged. In simulation the in-memory Grid
 already polls every 0.1 s, so it changes nothing there.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import Message
@@ -41,13 +41,17 @@ class FastPollGrid:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None,
+                         on_reply: Callable[[Message], None] | None = None) -> Iterable[Message]:
         pending = set(self._grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
             got = list(self._grid.pull_messages(pending))
             replies.extend(got)
+            if on_reply is not None:
+                for reply in got:
+                    on_reply(reply)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break

@@ -9,11 +9,16 @@ and the log lines the loop writes anyway. Any Grid works: the message stages are
 Events and their fields (more may be added; a receiver ignores what it does not know):
 
 * ``run-start``: ``run``, ``rounds``, ``start-round`` (rounds already done, when resuming),
-  ``nodes``, ``cohort``, ``aggregation``, ``dp`` (bool), ``shared-params``;
+  ``nodes``, ``cohort``, ``aggregation``, ``dp`` (bool), ``shared-params``, ``final-eval`` and
+  ``local-baseline`` (bool: ``eval.final``, ``eval.local-baseline``);
 * ``round-start``: ``round``, ``rounds``, ``cohort``;
-* ``stage`` / ``stage-end``: ``round``, ``stage`` (``advertise``, ``train``, ``unmask``,
+* ``stage`` / ``stage-end``: ``round``, ``stage`` (``advertise``, ``train``, ``consistency``, ``unmask``,
   ``evaluate`` or the message type), ``nodes``; ``stage-end`` adds ``replies``, ``errors``,
   ``seconds``;
+* ``reply``: ``round``, ``stage``, ``nodes``, ``done`` (replies so far), ``failed`` (error replies so
+  far), ``seconds`` (since the stage started): one per reply as it arrives, from a Grid whose
+  ``send_and_receive`` takes an ``on_reply`` callback (the in-process grids,
+  :class:`server.grid.FastPollGrid`); from any other Grid, all of them when the stage ends;
 * ``round-end``: ``round``, ``rounds``, ``cohort``, ``trained``, ``declined``, ``failed``,
   ``applied``, ``seconds``, and when known ``shared-loss``, ``personal-loss``, ``train-loss``,
   ``epsilon``, ``aborted``;
@@ -22,11 +27,13 @@ Events and their fields (more may be added; a receiver ignores what it does not 
 * ``run-end``: ``seconds``, ``rounds`` (rows of this run).
 
 Callers before the loop (a simulation runner) may send ``prepare`` (``done``, ``total``, ``what``)
-and ``prepare-end`` (``users``, ``source``, ``seconds``) to the same object.
+and ``prepare-end`` (``users``, ``source``, ``seconds``, and when known ``users-in-source`` and
+``lines``: what the data filters dropped and how many replies ``model.seq-len`` cuts) to the same object.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Iterable
@@ -34,10 +41,13 @@ from typing import Any, Protocol
 
 from flwr.app import Message
 
+from fedpersona.wire import group_round
+
 logger = logging.getLogger(__name__)
 
 #: Message types -> the stage names of progress events.
-STAGES = {"query.advertise": "advertise", "train": "train", "query.unmask": "unmask", "evaluate": "evaluate"}
+STAGES = {"query.advertise": "advertise", "train": "train", "query.consistency": "consistency", "query.unmask": "unmask",
+          "evaluate": "evaluate", "train.dp_step": "noisy-sum step", "train.personalize": "personalize"}
 
 
 class Progress(Protocol):
@@ -60,8 +70,17 @@ def report(progress: Progress, kind: str, **fields: Any) -> None:
         logger.exception("progress display failed on event %r", kind)
 
 
+def _streams_replies(grid: Any) -> bool:
+    """Whether ``grid.send_and_receive`` hands each reply to an ``on_reply`` callback as it arrives."""
+    try:
+        return "on_reply" in inspect.signature(grid.send_and_receive).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class ProgressGrid:
-    """Wraps any Grid: reports ``stage`` / ``stage-end`` around each ``send_and_receive``."""
+    """Wraps any Grid: reports ``stage`` / ``stage-end`` around each ``send_and_receive``, and a ``reply``
+    for each reply (as it arrives where the Grid's ``send_and_receive`` takes ``on_reply``)."""
 
     def __init__(self, grid: Any, progress: Progress) -> None:
         self._grid = grid
@@ -76,13 +95,23 @@ class ProgressGrid:
             return self._grid.send_and_receive(messages, timeout=timeout)
         meta = messages[0].metadata
         stage = STAGES.get(meta.message_type, meta.message_type)
-        try:
-            server_round = int(meta.group_id)
-        except (TypeError, ValueError):
-            server_round = 0
+        server_round = group_round(meta.group_id) or 0
         report(self._progress, "stage", round=server_round, stage=stage, nodes=len(messages))
         t0 = time.perf_counter()
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        seen = [0, 0]
+
+        def on_reply(reply: Message) -> None:
+            seen[0] += 1
+            seen[1] += int(reply.has_error())
+            report(self._progress, "reply", round=server_round, stage=stage, nodes=len(messages), done=seen[0],
+                   failed=seen[1], seconds=time.perf_counter() - t0)
+
+        if _streams_replies(self._grid):
+            replies = list(self._grid.send_and_receive(messages, timeout=timeout, on_reply=on_reply))
+        else:
+            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+            for reply in replies:
+                on_reply(reply)
         errors = sum(1 for r in replies if r.has_error())
         report(self._progress, "stage-end", round=server_round, stage=stage, nodes=len(messages),
                replies=len(replies), errors=errors, seconds=time.perf_counter() - t0)

@@ -206,18 +206,18 @@ def _num(x) -> float:
     return math.nan if x is None else float(x)
 
 
-def write_outputs(run_dir: Path, metrics: dict) -> dict[str, Path]:
-    """Write metrics.json, CSVs and plots for what the run has so far."""
+def write_outputs(run_dir: Path, metrics: dict, *, plots: bool = True) -> dict[str, Path]:
+    """Write metrics.json, CSVs and (``plots``) the plots for what the run has so far."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "metrics.json", metrics)
     paths = {"metrics": run_dir / "metrics.json"}
     rounds = metrics.get("rounds", [])
     _write_csv(run_dir / "rounds.csv", rounds)
-    if (p := plot_rounds(run_dir, rounds)) is not None:
+    if plots and (p := plot_rounds(run_dir, rounds)) is not None:
         paths["rounds_plot"] = p
     users = metrics.get("final", {}).get("users", [])
     if users:
         _write_csv(run_dir / "users.csv", users)
-        if (p := plot_users(run_dir, users)) is not None:
+        if plots and (p := plot_users(run_dir, users)) is not None:
             paths["users_plot"] = p
     return paths

@@ -3,27 +3,34 @@
 :class:`SecureAggregator` implements :class:`server.aggregation.Aggregator` with the protocol
 of :mod:`privacy.secagg`. Per round it exchanges, with each node:
 
-* once per run, the first time the node is sampled: ``query.advertise`` -> the node's two
-  long-term X25519 public keys (the device keeps the private halves in its encrypted store);
+* once per run, the first time the node is sampled: ``query.advertise`` -> the node's long-term
+  public keys (two X25519, one Ed25519 signing key; the device keeps the private halves in its
+  encrypted store) and its identity's certificate and binding of those keys, which the server
+  forwards to the node's neighbours and cannot forge;
 * ``train``: the usual content (shared adapter, round config) plus the node's masked-input
-  request (records ``secagg`` / ``secagg-arrays``: round setup, neighbours' public keys) ->
-  the masked vector (clipped, quantized update, weight 1, and the masked extra ``trained``)
-  and the encrypted secret shares. No plain update, no example count, no metrics;
-* ``query.unmask`` to the survivors -> the shares the server needs to remove the masks.
+  request (records ``secagg`` / ``secagg-arrays``: round setup, neighbours' public keys and
+  their bindings) -> the masked vector (clipped, quantized update, weight 1, and the masked extra
+  ``trained``) and the encrypted secret shares, signed. No plain update, no example count, no
+  metrics;
+* ``query.consistency`` to the survivors -> each one's signature over the survivor set;
+* ``query.unmask`` to the survivors that signed, with every signature -> the shares the server
+  needs to remove the masks (a device reveals only for the set it signed, certified by a quorum).
 
 A device that does not train answers the train message with a decline (no vector, no shares): it
 is dropped before masking, so the survivors are the devices that trained, and the server sends no
 unmask request unless at least ``secagg.min-contributors`` (and ``server.min-clients``) of them
 survive. :meth:`SecureAggregator.evaluate` runs the final evaluation the same way (message type
-``evaluate``, the figures of :mod:`privacy.secagg.eval_figures`), over every node.
+``evaluate``, the figures of :mod:`privacy.secagg.eval_figures`), over every node, one secure sum per
+group of at most a round's cohort (:func:`evaluation_groups`).
 
-So 2 exchanges per round plus 1 per node per run, where Flower's SecAgg+ workflow needs 4
-per round (see ``docs/secagg.md``). The server learns the cohort sum of the updates and of
-the extras, nothing per client. If too few clients survive either stage, or shares are
-missing, the library raises :class:`~privacy.secagg.SecAggAbort` before anything is
-revealed; the round then returns a :class:`RoundSum` with no contributors and the reason in
-``aborted`` (the federation leaves the shared adapter unchanged). Every node that errs,
-sends a malformed reply or does not answer is listed in ``failures``.
+So 3 exchanges per round plus 1 per node per run, where Flower's SecAgg+ workflow needs 4
+per round and has no consistency check (see ``docs/secagg.md``). The server learns the cohort
+sum of the updates and of the extras, nothing per client, also if it deviates from the protocol.
+If too few clients survive a stage, too few sign the survivor set, or shares are missing, the
+library raises :class:`~privacy.secagg.SecAggAbort` before anything is revealed; the round then
+returns a :class:`RoundSum` with no contributors and the reason in ``aborted`` (the federation
+leaves the shared adapter unchanged). Every node that errs, sends a malformed reply or does not
+answer is listed in ``failures``; so is each holder that could not open some sender's shares.
 """
 
 from __future__ import annotations
@@ -38,14 +45,16 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedpersona.config import Config
-from fedpersona.secagg_wire import ADVERTISE, SELF_ENC_PK, SELF_MASK_PK, UNMASK, from_records, to_records, unflatten
+from fedpersona.secagg_wire import (ADVERTISE, CONSISTENCY, SELF_ENC_PK, SELF_MASK_PK, SELF_SIGN_PK, UNMASK, from_records,
+                                    to_records, unflatten)
 from fedpersona.wire import unpack_shared
 from privacy.secagg import SecAggAbort, SecAggInputError, SecAggServer, SecureRNG
 from privacy.secagg.eval_figures import eval_params, histogram_length
 from privacy.secagg.settings import ddp_min_clients, ddp_user_epsilon, secagg_params
+from privacy.secagg.spec import KEY_FIELDS
 from server.aggregation import Aggregator, EvalSum, PlainAggregator, RoundSum
 
-__all__ = ["SecureAggregator", "build_aggregator"]
+__all__ = ["SecureAggregator", "build_aggregator", "evaluation_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +81,7 @@ class SecureAggregator:
         self.eval_config = eval_params(cfg)
         self._eval_server: SecAggServer | None = None
         self._rng = rng
-        self._keys: dict[int, tuple[bytes, bytes]] = {}
+        self._keys: dict[int, dict[str, Any]] = {}  # node -> its advertisement (public keys and their binding)
 
     def run_info(self) -> dict[str, Any]:
         """The settings of the run, for metrics.json."""
@@ -95,7 +104,7 @@ class SecureAggregator:
 
         def register(src: int, advert: dict) -> None:
             self.server.register(_from(src, advert))
-            self._keys[src] = (bytes(advert["enc_pk"]), bytes(advert["mask_pk"]))
+            self._keys[src] = {"client_id": src, **{k: bytes(advert.get(k, b"")) for k, _ in KEY_FIELDS}}
 
         return _exchange(grid, messages, timeout=timeout, prefix="advertise: ", what="key advertisement",
                          receive=register)
@@ -103,9 +112,19 @@ class SecureAggregator:
     # ------------------------------------------------------------------ a round
     def _secure_sum(self, server: SecAggServer, grid: Grid, cohort: Sequence[int], content: RecordDict, *,
                     length: int, message_type: str, server_round: int, timeout: float | None, info: dict,
-                    failures: list[str]):
-        """Advertise (new nodes), stage 1 on ``message_type``, stage 2; the SecAggResult, or the abort reason."""
+                    failures: list[str], secagg_round: int | None = None, group_id: str | None = None,
+                    context: bytes = b""):
+        """Advertise (new nodes), stage 1 on ``message_type``, the consistency check, the unmask stage.
+
+        Returns (SecAggResult, "") or (None, the abort reason). ``message_type`` carries the masked-input
+        request with ``content`` (any type the ClientApp handles); ``context`` is bound into the round
+        digest, so into every key, ciphertext and signature of the round (the devices check it).
+        ``secagg_round`` / ``group_id``: the protocol's round id and the stages' message group when they are
+        not ``server_round`` (a step of a noisy sum: :func:`privacy.sumdp.step_round_id`,
+        :func:`fedpersona.wire.step_group`).
+        """
         cpu = 0.0
+        group = str(server_round) if group_id is None else group_id
 
         def timed(fn: Callable, *args):
             nonlocal cpu
@@ -121,18 +140,23 @@ class SecureAggregator:
             failures += self._advertise(grid, new, server_round=server_round, timeout=timeout)
         info["secagg-advertise-seconds"] = time.perf_counter() - t0
         members = [n for n in cohort if n in self._keys]
-        for n in members:
+        for n in list(members):
             if n not in server.registered:
-                enc, mask = self._keys[n]
-                server.register({"client_id": n, "enc_pk": enc, "mask_pk": mask})
+                try:
+                    server.register(self._keys[n])
+                except SecAggInputError as exc:
+                    failures.append(f"node {n}: rejected key advertisement: {exc}")
+                    members.remove(n)
 
         def done(aborted: str = "", result=None):
             info["secagg-server-cpu-seconds"] = cpu
-            info["secagg-seconds"] = cpu + info["secagg-advertise-seconds"] + info.get("secagg-unmask-seconds", 0.0)
+            info["secagg-seconds"] = (cpu + info["secagg-advertise-seconds"] + info.get("secagg-consistency-seconds", 0.0)
+                                      + info.get("secagg-unmask-seconds", 0.0))
             return result, aborted
 
         try:
-            rnd = timed(server.start_round, server_round, members, length)
+            rnd = timed(lambda: server.start_round(server_round if secagg_round is None else secagg_round, members, length,
+                                                   context=context))
         except SecAggInputError as exc:
             return done(f"cannot start the round with {len(members)} of {len(cohort)} sampled nodes: {exc}")
 
@@ -141,10 +165,11 @@ class SecureAggregator:
         messages = []
         for n in members:
             req = dict(requests[n])
-            req[SELF_ENC_PK], req[SELF_MASK_PK] = self._keys[n]
+            keys = self._keys[n]
+            req[SELF_ENC_PK], req[SELF_MASK_PK], req[SELF_SIGN_PK] = keys["enc_pk"], keys["mask_pk"], keys["sign_pk"]
             body = RecordDict({**dict(content), **to_records(req)})
             messages.append(Message(content=body, dst_node_id=n, message_type=message_type,
-                                    group_id=str(server_round)))
+                                    group_id=group))
 
         def receive(src: int, payload: dict) -> None:
             payload = _from(src, payload)
@@ -156,14 +181,26 @@ class SecureAggregator:
         failures += _exchange(grid, messages, timeout=timeout, prefix="", what="masked input", receive=receive)
         info["secagg-declined"] = float(len(rnd.declined))
 
-        # ---- stage 2: unmasking by the survivors, only if enough devices that trained survive
+        # ---- the consistency check: every survivor signs the survivor set (if enough devices that trained survive)
+        try:
+            requests = timed(rnd.consistency_requests)
+        except SecAggAbort as exc:
+            return done(str(exc))
+        t0 = time.perf_counter()
+        messages = [Message(content=RecordDict(to_records(req)), dst_node_id=n, message_type=CONSISTENCY,
+                            group_id=group) for n, req in requests.items()]
+        failures += _exchange(grid, messages, timeout=timeout, prefix="consistency: ", what="consistency reply",
+                              receive=lambda src, payload: timed(rnd.receive_consistency, _from(src, payload)))
+        info["secagg-consistency-seconds"] = time.perf_counter() - t0
+
+        # ---- stage 2: unmasking by the survivors that signed, only if a quorum of them did
         try:
             unmask = timed(rnd.unmask_requests)
         except SecAggAbort as exc:
             return done(str(exc))
         t0 = time.perf_counter()
         messages = [Message(content=RecordDict(to_records(req)), dst_node_id=n, message_type=UNMASK,
-                            group_id=str(server_round)) for n, req in unmask.items()]
+                            group_id=group) for n, req in unmask.items()]
         failures += _exchange(grid, messages, timeout=timeout, prefix="unmask: ", what="unmask reply",
                               receive=lambda src, payload: timed(rnd.receive_unmask, _from(src, payload)))
         info["secagg-unmask-seconds"] = time.perf_counter() - t0
@@ -171,6 +208,9 @@ class SecureAggregator:
             result = timed(rnd.finish)
         except SecAggAbort as exc:
             return done(str(exc))
+        for holder, senders in sorted(result.undecryptable.items()):
+            failures.append(f"unmask: node {holder}: could not open the shares of node(s) {list(senders)} "
+                            "(tampered or malformed ciphertexts; skipped)")
         return done(result=result)
 
     def collect(
@@ -193,18 +233,43 @@ class SecureAggregator:
 
     def evaluate(self, grid: Grid, nodes: Sequence[int], content: RecordDict, *, server_round: int,
                  timeout: float | None) -> EvalSum:
-        """The final evaluation as one secure sum over ``nodes`` (every node, sampled in a round or not)."""
+        """The final evaluation over ``nodes`` (every node, sampled in a round or not), as one secure sum per
+        group of :func:`evaluation_groups`: at most a round's cohort (``server.clients-per-round``) each, and
+        never fewer than the evaluation sum's minimum of survivors. Each group's sum is as private as a
+        round's (the same protocol, the same floors on every device); the summary merges the groups' sums:
+        histograms and exact sums add up to what one sum over every node would give. A group that aborts
+        is left out (its reason among the failures); only when every group aborts is nothing revealed."""
         failures: list[str] = []
         info: dict[str, float] = {}
         if self._eval_server is None:
             self._eval_server = SecAggServer(self.eval_config, run_id=self.server.run_id, rng=self._rng)
-        result, aborted = self._secure_sum(self._eval_server, grid, nodes, content, length=histogram_length(),
-                                           message_type="evaluate", server_round=server_round, timeout=timeout,
-                                           info=info, failures=failures)
-        if aborted:
+        groups = evaluation_groups(nodes, self.cfg.server.clients_per_round, self.eval_config.min_survivors or 2)
+        total, extras, devices, reasons = None, {}, 0, []
+        for i, group in enumerate(groups):
+            part: dict[str, float] = {}
+            result, aborted = self._secure_sum(self._eval_server, grid, group, content, length=histogram_length(),
+                                               message_type="evaluate", server_round=server_round, timeout=timeout,
+                                               info=part, failures=failures)
+            for k, v in part.items():
+                info[k] = info.get(k, 0.0) + v
+            if aborted:
+                reasons.append(aborted)
+                logger.warning("secure evaluation sum of group %d of %d (%d nodes) aborted: %s", i + 1, len(groups),
+                               len(group), aborted)
+                if len(groups) > 1:
+                    failures.append(f"evaluation group {i + 1} of {len(groups)} ({len(group)} nodes) aborted: {aborted}")
+                continue
+            total = result.total.copy() if total is None else total + result.total
+            for k, v in result.extras.items():
+                extras[k] = extras.get(k, 0.0) + v
+            devices += len(result.survivors)
+        info["eval-groups"] = float(len(groups))
+        info["eval-groups-aborted"] = float(len(reasons))
+        if total is None:
+            aborted = reasons[0] if len(reasons) == 1 else f"every evaluation group aborted ({len(reasons)}): {reasons[0]}"
             logger.warning("secure evaluation sum aborted: %s", aborted)
             return EvalSum(None, {}, 0, failures, aborted=aborted, info=info)
-        return EvalSum(result.total, dict(result.extras), len(result.survivors), failures, info=info)
+        return EvalSum(total, extras, devices, failures, info=info)
 
     def _round_sum(self, result, like: dict[str, torch.Tensor], failures: list[str], info: dict[str, float],
                    server_round: int) -> RoundSum:
@@ -225,6 +290,21 @@ class SecureAggregator:
         metrics = {**ex, "weight": weight}
         return RoundSum(unflatten(result.total, like), weight, metrics, survivors, [DECLINED] * declined, failures,
                         info=info)
+
+
+def evaluation_groups(nodes: Sequence[int], size: int, minimum: int) -> list[list[int]]:
+    """``nodes`` (sorted) in consecutive groups of at most ``size`` and at least ``minimum``, sizes within one.
+
+    ``ceil(n / size)`` groups, unless that would leave a group below ``minimum``: then as many groups
+    of at least ``minimum`` as the nodes allow (fewer, larger ones; one group when ``n < 2 minimum``).
+    """
+    ids = sorted(int(n) for n in nodes)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"evaluation group size must be a whole number >= 1. You passed: {size!r}")
+    count = max(1, -(-len(ids) // size))
+    if count > 1 and len(ids) // count < minimum:
+        count = max(1, len(ids) // max(1, minimum))
+    return [ids[i * len(ids) // count:(i + 1) * len(ids) // count] for i in range(count)]
 
 
 def _from(src: int, payload: dict) -> dict:

@@ -57,9 +57,10 @@ import torch
 import client.app as client_app
 from client.data import encode_examples, split_examples
 from client.device import Device
-from client.node_data import slug
+from client.node_data import SIMULATED, slug
 from client.train import CachedExample
 from fedpersona.config import load_config
+from fedpersona.identity import ROOT_KEY_FILE, provision
 from fedpersona.model import IGNORE, adapted_model, collate, labels_for, lower_hidden, resolve_model_dir
 from privacy.audit.canary import SECRET_CUE, exposure, random_secrets, secret_reply, word_canaries, word_pool
 from privacy.audit.empirical import EMPIRICAL_FILE, VERSION, head_mode, verdict
@@ -267,6 +268,8 @@ def run_audit(
     nopriv = {} if dp else {"policy.allow-no-dp": True}
     nodes = {p.node_id: {"data-dir": str(p.data_dir), "state-dir": str(p.state_dir), "user-id": p.user_id, **nopriv}
              for p in plans}
+    # The simulated devices' identities under a run-level root (secure aggregation with bound keys, as deployed).
+    provision([p.state_dir for p in plans], state_root / SIMULATED / ROOT_KEY_FILE)
     t_train = time.perf_counter()
     releases: dict[str, list] = {}
     built = client_app.Device

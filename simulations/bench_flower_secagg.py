@@ -138,7 +138,7 @@ def _our_apps():
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
 
-    from fedpersona.secagg_wire import SELF_ENC_PK, SELF_MASK_PK, from_records, to_records
+    from fedpersona.secagg_wire import SELF_ENC_PK, SELF_MASK_PK, SELF_SIGN_PK, from_records, to_records
     from privacy.secagg.settings import secagg_params
     from fedpersona.wire import pack_shared, unpack_shared
     from privacy.secagg import ClientKeys, SecAggClient
@@ -155,7 +155,7 @@ def _our_apps():
 
     @client.query("advertise")
     def advertise(message, context):
-        return Message(RecordDict(to_records(sa_client(context).advertise())), reply_to=message)
+        return Message(RecordDict(to_records(sa_client(context).advertise(run_id=context.run_id))), reply_to=message)
 
     @client.train()
     def train(message, context):
@@ -163,7 +163,8 @@ def _our_apps():
         unpack_shared(message.content)  # as the real client does (Flower's client decodes it too)
         req = from_records(message.content)
         sa = sa_client(context)
-        if (req.pop(SELF_ENC_PK), req.pop(SELF_MASK_PK)) != (sa.keys.enc_public, sa.keys.mask_public):
+        if (req.pop(SELF_ENC_PK), req.pop(SELF_MASK_PK), req.pop(SELF_SIGN_PK)) != (
+                sa.keys.enc_public, sa.keys.mask_public, sa.keys.sign_public):
             raise ValueError("keys changed since the advertisement")
         cfg = bench_config(n)
         extras = {e.name: 0.0 for e in sa.config.extras}
@@ -171,9 +172,17 @@ def _our_apps():
         vec = vector(int(context.node_config["partition-id"]), d)
         return Message(RecordDict(to_records(sa.masked_input(req, vec, extras))), reply_to=message)
 
+    @client.query("consistency")
+    def consistency(message, context):
+        req = from_records(message.content)
+        reply = sa_client(context).consistency(req)
+        context.state["bench-signed"] = ConfigRecord({"survivors": [int(x) for x in req["survivors"]]})
+        return Message(RecordDict(to_records(reply)), reply_to=message)
+
     @client.query("unmask")
     def unmask(message, context):
-        return Message(RecordDict(to_records(sa_client(context).unmask(from_records(message.content)))),
+        signed = list(context.state["bench-signed"]["survivors"])
+        return Message(RecordDict(to_records(sa_client(context).unmask(from_records(message.content), signed=signed))),
                        reply_to=message)
 
     server = ServerApp()
@@ -207,8 +216,11 @@ def _our_apps():
 def _simulate(which: str, n: int, d: int, rounds: int, cpus: int, verbose: bool = False) -> None:
     from flwr.simulation import run_simulation
 
+    from simulations.engine.shards import start_ray
+
     server, client = _flower_apps() if which == "flower" else _our_apps()
     os.environ[SETTINGS_ENV] = f"{n},{d},{rounds}"
+    start_ray(cpus)  # on 127.0.0.1 only; Flower finds it running (started by Flower, Ray binds every interface)
     run_simulation(server_app=server, client_app=client, num_supernodes=n,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,

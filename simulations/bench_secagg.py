@@ -5,8 +5,10 @@
     python -m simulations.bench_secagg --ddp-only --params 5000000   # discrete Gaussian sampler speed
 
 For each (clients n, parameters d) it runs the whole protocol in process
-(:func:`privacy.secagg.run_secure_sum`: key advertisement excluded, both round stages
-included) and, on the same updates, plain aggregation of the same quantized vectors (each
+(:func:`privacy.secagg.run_secure_sum`: key advertisement excluded; masked input, consistency
+check and unmask included; every client with an identity under one root and checking its
+neighbours' and the signers' keys against it, with its signature cache emptied before each of its
+steps, as a device that verifies everything itself) and, on the same updates, plain aggregation of the same quantized vectors (each
 client quantizes, maps to Z_2^b and packs at b bits; the server unpacks, adds and decodes). It prints per client the
 CPU seconds (mean over clients), the server's CPU seconds, the bytes a client sends (both
 stages) and receives, the bytes of the quantized update (b-bit packed, as both send it; the
@@ -25,7 +27,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from privacy.secagg import ExtraSpec, SecAggParams, SecAggStats, SecureRNG, run_secure_sum, sample_discrete_gaussian
+from fedpersona.identity import IdentityRoot, verify
+from privacy.secagg import (ExtraSpec, SecAggClient, SecAggParams, SecAggStats, SecureRNG, run_secure_sum,
+                            sample_discrete_gaussian)
 from privacy.secagg.quantize import pack_bits, unpack_bits
 
 EXTRAS = (ExtraSpec("num_examples", bound=100_000, scale=1.0), ExtraSpec("train_loss", bound=100.0, scale=1e4))
@@ -46,6 +50,22 @@ class _Updates(Mapping):
 
     def __len__(self):
         return len(self.ids)
+
+
+class _ColdClient(SecAggClient):
+    """A client whose signature checks start from an empty cache at each step (a device alone, not a simulation)."""
+
+    def masked_input(self, *args, **kwargs):
+        verify.cache_clear()
+        return super().masked_input(*args, **kwargs)
+
+    def consistency(self, *args, **kwargs):
+        verify.cache_clear()
+        return super().consistency(*args, **kwargs)
+
+    def unmask(self, *args, **kwargs):
+        verify.cache_clear()
+        return super().unmask(*args, **kwargs)
 
 
 def plain_aggregation(updates, extras, cfg, rng) -> dict:
@@ -83,9 +103,12 @@ def bench_one(n: int, d: int, *, max_cohort: int, drop: float, noise_stddev: flo
     rng = SecureRNG(b"bench%d" % seed)
 
     plain = plain_aggregation(ups, extras, cfg, SecureRNG(b"plain"))
+    root = IdentityRoot()
+    clients = {c: _ColdClient(c, cfg, rng=SecureRNG(rng.bytes(32)), identity=root.issue()) for c in ids}
     st = SecAggStats()
     t0 = time.perf_counter()
-    res = run_secure_sum(ups, cfg, extras=extras, drop_before_masking=d1, drop_before_unmasking=d2, rng=rng, stats=st)
+    res = run_secure_sum(ups, cfg, extras=extras, drop_before_masking=d1, drop_before_unmasking=d2, rng=rng, stats=st,
+                         clients=clients)
     wall = time.perf_counter() - t0
     exp_ex = sum(extras[c]["num_examples"] for c in ids if c not in d1)
     assert res.extras["num_examples"] == exp_ex, "wrong sum"
@@ -146,8 +169,8 @@ def main(argv=None) -> int:
                   f"{_fmt_bytes(r['bytes_up_per_client']):>9} {_fmt_bytes(r['bytes_down_per_client']):>8} "
                   f"{_fmt_bytes(r['float32_update_bytes']):>8} {_fmt_bytes(r['quantized_bytes_packed']):>8} "
                   f"{r['ratio_bytes_up']:>5.3f}", flush=True)
-    print("client s: mean CPU seconds per client over both stages; server s: CPU seconds for the round; "
-          "x: secure / plain; up/client: bytes a client sends (both stages); float32: the plain float update, "
+    print("client s: mean CPU seconds per client over the three stages; server s: CPU seconds for the round; "
+          "x: secure / plain; up/client: bytes a client sends (all stages); float32: the plain float update, "
           "for reference; b-bit: the quantized update packed at b bits per coordinate (plain sends this).")
     if a.json:
         with open(a.json, "w") as f:

@@ -2,8 +2,10 @@
 
 Under ``flwr run .`` on the Simulation Engine a node knows only its ``partition-id``; the mod
 below writes the simulated users' data folders and manifest (:mod:`simulations.partitions`)
-once per run before the device reads them. On a deployed SuperNode (node config ``data-dir``)
-it does nothing, and the app is exactly :func:`client.app.build_app`.
+once per run before the device reads them. It also makes the run's ``run.results-dir`` and
+``run.state-dir`` absolute as the ServerApp does (relative ones under the Flower run's own
+folder, :mod:`simulations.flower_runs`). On a deployed SuperNode (node config ``data-dir``) the
+device's folders come from its node config, and the app is exactly :func:`client.app.build_app`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,21 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from client.app import build_app
 from fedpersona.config import load_config
+from simulations.flower_runs import flower_run_config
 from simulations.partitions import ensure_partitions
 
 _PREPARED: set[int] = set()
+
+
+def run_folders(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The run's folders as the ServerApp resolves them (:mod:`simulations.flower_runs`): relative ones under the
+    Flower run's own folder. Flower refuses a changed ``run_config`` in its own context, so the mods and
+    handlers after this one get a context of their own (the same state object)."""
+    flat = flower_run_config(context.run_config, context.run_id)
+    if flat != dict(context.run_config):
+        context = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+                          state=context.state, run_config=flat)
+    return call_next(message, context)
 
 
 def prepare_simulated_node(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -31,4 +45,4 @@ def prepare_simulated_node(message: Message, context: Context, call_next: Client
     return call_next(message, context)
 
 
-app = build_app(mods=[prepare_simulated_node])
+app = build_app(mods=[prepare_simulated_node], outer=[run_folders])

@@ -2,7 +2,8 @@
 
 Everything a multi-host deployment does (docs/deployment.md), on loopback: a CA and certificates
 (``fedpersona certs``), SuperNode keys registered with the SuperLink, the SuperLink with TLS and
-``--enable-supernode-auth``, one device per Shakespeare user (``fedpersona supernode``: a SuperNode
+``--enable-supernode-auth`` on 127.0.0.1 behind the Fleet gateway (``server/gateway.py``: the one
+address the devices dial), one device per Shakespeare user (``fedpersona supernode``: a SuperNode
 plus its warm ClientApp worker, with the user's own ``*.jsonl`` data folder and state folder),
 ``flwr run`` through a ``[superlink.<name>]`` connection with the CA as root certificate, progress from
 ``flwr ls`` / ``flwr log``, results from the run folder. Every process is started in its own session

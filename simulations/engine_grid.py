@@ -15,8 +15,13 @@ masking, ledger and persistence), and the replies are the ClientApp's own. Befor
 3. offers each device its result (:meth:`~client.device.Device.offer_result`); the handler
    uses it only for exactly the plan it was trained for, and otherwise trains sequentially.
 
-Other message types (key advertisement, unmasking, evaluation) pass straight through. The
-ServerApp, the strategy, secure aggregation and the audit cannot tell which path trained the
+A batch of ``evaluate`` messages (the final evaluation) goes the same way: the grid builds the
+addressed devices, runs their held-out passes (base, shared adapter alone, shared + head) in one
+:meth:`~simulations.engine.CohortEngine.evaluate_cohort` call and offers each device its figures
+(:meth:`~client.device.Device.offer_evaluation`, used only for exactly that shared adapter, head and
+held-out split); a batch larger than the device cache is delivered in chunks of ``max_devices``.
+Other message types (key advertisement, unmasking) pass straight through. The ServerApp, the
+strategy, secure aggregation and the audit cannot tell which path trained or evaluated the
 clients. The engine has a model of its own (the devices' model carries Opacus hooks), built
 once per grid on ``model.device`` / ``model.dtype``; the clients' packed examples stay on that
 device while their device is cached.
@@ -38,17 +43,19 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from flwr.app import Message
 
 from client import app as client_module
-from client.device import BudgetExhausted, Device, RoundPlan
+from client.device import BudgetExhausted, Device, RoundPlan, state_digest
+from client.node_data import context_state_dir
 from client.policy import PolicyViolation
+from client.store import DeviceStore
 from fedpersona.config import load_config
 from fedpersona.wire import unpack_shared
 from simulations.engine.engine import engine_model
-from simulations.engine.jobs import ClientJob, Phase, joint_phases
+from simulations.engine.jobs import ClientJob, EvalJob, Phase, joint_phases
 from simulations.inprocess import InProcessGrid
 
 logger = logging.getLogger(__name__)
@@ -76,6 +83,8 @@ class EngineGrid(InProcessGrid):
         self._packed: OrderedDict[int, tuple[tuple, object]] = OrderedDict()
         self.cohorts = 0
         self.engine_seconds = 0.0
+        self.eval_seconds = 0.0  # the final evaluation's batched held-out passes (evaluate_cohort)
+        self.evaluated = 0  # devices whose held-out figures the engine computed
         self.fallbacks = 0  # planned devices whose round the engine could not train (trained sequentially)
         self._head_fallback_logged = False
 
@@ -110,14 +119,28 @@ class EngineGrid(InProcessGrid):
 
     # ------------------------------------------------------------------ Grid API
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        messages = list(messages)
-        self._train_ahead(messages)
-        return super().push_messages(messages)
+        ids: list[str] = []
+        for chunk in self._chunks(list(messages)):
+            self._train_ahead(chunk)
+            self._evaluate_ahead(chunk)
+            ids.extend(super().push_messages(chunk))
+        return ids
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
-        self._train_ahead(messages)
-        return super().send_and_receive(messages, timeout=timeout)
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None,
+                         on_reply: Callable[[Message], None] | None = None) -> Iterable[Message]:
+        replies: list[Message] = []
+        for chunk in self._chunks(list(messages)):
+            self._train_ahead(chunk)
+            self._evaluate_ahead(chunk)
+            replies.extend(super().send_and_receive(chunk, timeout=timeout, on_reply=on_reply))
+        return replies
+
+    def _chunks(self, messages: list[Message]) -> list[list[Message]]:
+        """A batch of evaluate messages larger than the device cache, in chunks it holds; anything else whole."""
+        if (len(messages) <= self.max_devices or self.on_devices
+                or any(m.metadata.message_type != "evaluate" for m in messages)):
+            return [messages]
+        return [messages[i:i + self.max_devices] for i in range(0, len(messages), self.max_devices)]
 
     # ------------------------------------------------------------------ the cohort
     def device(self, node_id: int) -> Device:
@@ -147,10 +170,13 @@ class EngineGrid(InProcessGrid):
             if m.metadata.message_type != "train" or m.metadata.dst_node_id not in self._contexts:
                 continue
             try:
-                device = self.device(m.metadata.dst_node_id)
-                shared = unpack_shared(m.content)
-                plan = device.plan_round(shared, server_round=int(m.content["config"]["server-round"]),
-                                         log_refusal=False)
+                # What building and planning the device saves (its activations, profile, feedback bookkeeping)
+                # joins the commit of its train message (client/store.py: a deferred transaction).
+                with self._store(m.metadata.dst_node_id).transaction(defer=True):
+                    device = self.device(m.metadata.dst_node_id)
+                    shared = unpack_shared(m.content)
+                    plan = device.plan_round(shared, server_round=int(m.content["config"]["server-round"]),
+                                             log_refusal=False)
             except (PolicyViolation, BudgetExhausted):
                 continue  # the handler refuses or declines when the message is delivered
             except Exception as exc:  # noqa: BLE001 - the handler meets the same error and replies with it
@@ -171,6 +197,50 @@ class EngineGrid(InProcessGrid):
         for (_, device, plan), result in zip(planned, results):
             device.offer_result(plan, result)
         logger.debug("cohort engine: %d devices trained in %.2f s", len(planned), time.perf_counter() - t0)
+
+    def _evaluate_ahead(self, messages: list[Message]) -> None:
+        """The held-out passes of a batch of evaluate messages in one engine call; each device is offered its figures."""
+        if self.on_devices or self.engines > 1 or self.cfg.adapter.head != "lora" or not any(
+                m.metadata.message_type == "evaluate" for m in messages):
+            return  # (the sharded engine too: there each device evaluates itself)
+        jobs: list[EvalJob] = []
+        owners: list[tuple[Device, str, str]] = []
+        digests: dict[int, tuple[dict, str]] = {}
+        for m in messages:
+            if m.metadata.message_type != "evaluate" or m.metadata.dst_node_id not in self._contexts:
+                continue
+            try:
+                device = self.device(m.metadata.dst_node_id)
+                if not device.data.held_out:
+                    continue
+                key = id(m.content.array_records["shared"])  # one shared adapter for the whole batch: digest once
+                if key not in digests:
+                    shared = unpack_shared(m.content)
+                    digests[key] = (shared, state_digest(shared))
+                shared, shared_digest = digests[key]
+                personal = device.personal_state()
+            except Exception as exc:  # noqa: BLE001 - the handler meets the same error and replies with it
+                logger.debug("node %s not evaluated ahead: %s: %s", m.metadata.dst_node_id, type(exc).__name__, exc)
+                continue
+            jobs.append(EvalJob(device.data.held_out, shared, personal, client_id=device.user_id))
+            owners.append((device, shared_digest, state_digest(personal)))
+        if not jobs:
+            return
+        t0 = time.perf_counter()
+        try:
+            figures = self.engine.evaluate_cohort(jobs)
+        except Exception:  # noqa: BLE001 - nothing offered: every device evaluates itself
+            logger.exception("the cohort engine failed to evaluate %d devices; they evaluate themselves", len(jobs))
+            return
+        self.eval_seconds += time.perf_counter() - t0
+        self.evaluated += len(jobs)
+        for (device, shared_digest, personal_digest), f in zip(owners, figures):
+            device.offer_evaluation(shared_digest, personal_digest, f)
+        logger.debug("cohort engine: held-out passes of %d devices in %.2f s", len(jobs), time.perf_counter() - t0)
+
+    def _store(self, node_id: int) -> DeviceStore:
+        c = self._contexts[int(node_id)]
+        return DeviceStore(context_state_dir(c.run_id, c.node_id, c.run_config, c.node_config))
 
     def _job(self, node_id: int, device: Device, plan: RoundPlan) -> ClientJob:
         cfg = device.cfg

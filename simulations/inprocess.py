@@ -14,7 +14,7 @@ than the run itself. Nodes are deployment-style: each has its own ``data-dir`` a
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -93,5 +93,11 @@ class InProcessGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return [self._deliver(m) for m in messages]
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None,
+                         on_reply: Callable[[Message], None] | None = None) -> Iterable[Message]:
+        replies = []
+        for m in messages:
+            replies.append(self._deliver(m))
+            if on_reply is not None:
+                on_reply(replies[-1])
+        return replies

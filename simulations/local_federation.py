@@ -1,10 +1,12 @@
 """The local deployment harness: a SuperLink and SuperNodes as separate processes on 127.0.0.1.
 
 :class:`LocalFederation` does what a multi-host deployment does (docs/deployment.md), on loopback:
-credentials (:mod:`fedpersona.certs`), the SuperLink with TLS and SuperNode authentication, one
-device per user (``fedpersona supernode``), ``flwr run`` through a connection with the CA as root
-certificate, and stops every process by its process id (:mod:`simulations.processes`). Used by
-:mod:`simulations.deploy_local` and ``tests/deploy/test_deployment.py``.
+credentials (:mod:`fedpersona.certs`), the SuperLink with TLS and SuperNode authentication on
+``127.0.0.1`` only, the Fleet gateway (:mod:`server.gateway`) as the one address devices dial (a
+deployment's network address; here another loopback port), one device per user (``fedpersona supernode``), ``flwr run`` through the operator's
+connection to the SuperLink's own loopback port with the CA as root certificate, and stops every
+process by its process id (:mod:`simulations.processes`). Used by :mod:`simulations.deploy_local` and
+``tests/deploy/test_deployment.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +27,7 @@ from typing import Any
 
 from client.supernode import flower_tool, tool_env
 from fedpersona.certs import make_credentials
+from fedpersona.identity import IDENTITY_FILE
 from simulations.processes import Proc, free_port, stop_tree
 
 __all__ = ["CONNECTION", "LocalDevice", "LocalFederation", "app_config_keys"]
@@ -57,7 +61,10 @@ class LocalFederation:
     root: Path
     warm: bool = True
     torch_threads: int = 1
+    #: the gateway's port: the one address devices dial (``address``)
     port: int = 0
+    #: the SuperLink's own port, on 127.0.0.1 only (``control_address``: the operator's ``flwr`` CLI)
+    link_port: int = 0
     devices: dict[str, LocalDevice] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
 
@@ -65,15 +72,23 @@ class LocalFederation:
         self.root = Path(self.root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
+        self.link_port = self.link_port or free_port()
         self.creds_dir = self.root / "creds"
         self.flwr_home = self.root / "flwr-home"
         self.results_dir = self.root / "results"
         self.superlink: Proc | None = None
+        self.gateway: Proc | None = None
 
     # ---------------------------------------------------------------------------------- env
     @property
     def address(self) -> str:
+        """What the devices dial: the Fleet gateway (a deployment's public address)."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def control_address(self) -> str:
+        """The SuperLink itself, Control API included: reachable on the server host's loopback interface only."""
+        return f"127.0.0.1:{self.link_port}"
 
     def env(self, home: Path, **extra: str) -> dict[str, str]:
         env = tool_env()
@@ -117,34 +132,54 @@ class LocalFederation:
     def credentials(self, names: list[str]):
         return make_credentials(self.creds_dir, supernodes=names)
 
-    def start_superlink(self, *, timeout: float = 60.0) -> Proc:
-        """SuperLink with TLS and SuperNode authentication; its state in a database under ``root``."""
-        home = self.root / "superlink-home"
+    def superlink_argv(self) -> list[str]:
+        """``flower-superlink`` as docs/deployment.md starts it: TLS, SuperNode authentication, loopback only."""
         c = self.creds_dir
-        argv = [flower_tool("flower-superlink"), "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "superlink.crt"),
-                "--ssl-keyfile", str(c / "superlink.key"), "--enable-supernode-auth",
-                "--disable-runtime-dependency-installation", "--database", str(self.root / "superlink.db"),
-                "--host", "127.0.0.1", "--port", str(self.port)]
+        return [flower_tool("flower-superlink"), "--ssl-ca-certfile", str(c / "ca.crt"),
+                "--ssl-certfile", str(c / "superlink.crt"), "--ssl-keyfile", str(c / "superlink.key"),
+                "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+                "--database", str(self.root / "superlink.db"), "--host", "127.0.0.1", "--port", str(self.link_port)]
+
+    def gateway_argv(self) -> list[str]:
+        """The Fleet gateway (:mod:`server.gateway`) in front of it, on the address devices dial."""
+        c = self.creds_dir
+        return [sys.executable, "-m", "server.gateway", "--listen", self.address, "--superlink", self.control_address,
+                "--ssl-certfile", str(c / "superlink.crt"), "--ssl-keyfile", str(c / "superlink.key"),
+                "--ssl-ca-certfile", str(c / "ca.crt")]
+
+    def start_superlink(self, *, timeout: float = 60.0) -> Proc:
+        """SuperLink with TLS and SuperNode authentication on 127.0.0.1 (its state in a database under
+        ``root``), then the Fleet gateway: the only address the devices (and anyone else) are given."""
         workdir = self.root / "superlink"
         workdir.mkdir(exist_ok=True)
-        self.superlink = self._start("superlink", argv, env=self.env(home), cwd=workdir)
+        self.superlink = self._start("superlink", self.superlink_argv(), env=self.env(self.root / "superlink-home"),
+                                     cwd=workdir)
         self.write_connection()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while "Uvicorn running on" not in self.superlink.text():
             if not self.superlink.running():
                 raise RuntimeError(f"flower-superlink exited:\n{self.superlink.text()[-3000:]}")
-            if "Uvicorn running on" in self.superlink.text():
-                return self.superlink
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"flower-superlink did not start in {timeout:.0f} s:\n{self.superlink.text()[-3000:]}")
             time.sleep(0.2)
-        raise RuntimeError(f"flower-superlink did not start in {timeout:.0f} s:\n{self.superlink.text()[-3000:]}")
+        self.gateway = self._start("gateway", self.gateway_argv(), env=self.env(self.root / "superlink-home"), cwd=REPO)
+        while not _accepts(self.port):
+            if not self.gateway.running():
+                raise RuntimeError(f"the Fleet gateway exited:\n{self.gateway.text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Fleet gateway did not start in {timeout:.0f} s:\n{self.gateway.text()[-3000:]}")
+            time.sleep(0.2)
+        return self.superlink
 
-    def write_connection(self) -> Path:
-        """``FLWR_HOME/config.toml`` with a ``[superlink.<name>]`` connection verified against our CA."""
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        path = self.flwr_home / "config.toml"
+    def write_connection(self, home: Path | None = None, *, address: str | None = None) -> Path:
+        """``<home>/config.toml`` (default: the operator's ``FLWR_HOME``) with a ``[superlink.<name>]`` connection
+        to ``address`` (default: the SuperLink's loopback port, as on the server host) verified against our CA."""
+        home = home or self.flwr_home
+        home.mkdir(parents=True, exist_ok=True)
+        path = home / "config.toml"
         path.write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{self.address}"\n'
-            f'root-certificates = "{self.creds_dir / "ca.crt"}"\n'
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{address or self.control_address}"\nroot-certificates = "{self.creds_dir / "ca.crt"}"\n'
         )
         return path
 
@@ -158,6 +193,11 @@ class LocalFederation:
         key = self.creds_dir / "supernodes" / name
         dev = LocalDevice(name, user_id, data_dir, self.root / "devices" / name / "state", key,
                      key.with_name(name + ".pub"), free_port())
+        # The device's identity for secure aggregation (`fedpersona certs`), where the device looks for it.
+        identity = self.creds_dir / "identities" / f"{name}.json"
+        if identity.exists():
+            dev.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            shutil.copy2(identity, dev.state_dir / IDENTITY_FILE)
         self.devices[name] = dev
         return dev
 
@@ -299,6 +339,13 @@ class LocalFederation:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``host:port`` now."""
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex((host, port)) == 0
 
 
 def app_config_keys() -> set[str]:

@@ -7,6 +7,12 @@ Flower ``partition-id`` to that folder, the user id and the device's state folde
 ``<run.state-dir>/<run.name>/<user slug>``. Partition ``i`` is the ``i``-th user of
 :func:`simulations.sources.load_source` for ``data.*`` and ``run.seed`` (the Shakespeare corpus by
 default, as before; or the user's own dataset, ``docs/data.md``).
+
+It also provisions the simulated devices' **identities** (:func:`provision_identities`): a run-level
+Ed25519 trust root, ``_simulated/identity-root.key`` (the simulation's stand-in for the operator's
+root; nothing on the server's code path reads it), and in each device's state folder an
+``identity.json`` certified by it, so that the simulated devices run secure aggregation with bound
+keys as deployed devices do (``docs/secagg.md``).
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ from pathlib import Path
 
 from client.node_data import SIMULATED, NodeData, manifest_path, read_manifest, slug, write_manifest
 from fedpersona.config import Config
+from fedpersona.identity import ROOT_KEY_FILE, provision
 from simulations.corpus import UserCorpus
 from simulations.sources import load_source
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ensure_partitions", "prepare_partitions"]
+__all__ = ["ensure_partitions", "prepare_partitions", "provision_identities"]
 
 EXAMPLES_FILE = "examples.jsonl"
 
@@ -64,16 +71,26 @@ def prepare_partitions(cfg: Config, users: list[UserCorpus] | None = None) -> li
         _write_examples(data_dir, user)
         nodes[pid] = NodeData(user.user_id, data_dir, simulated_state_dir(cfg, user.user_id))
     path = write_manifest(manifest_path(cfg), nodes, source=_source(cfg))
+    provision_identities(cfg, [n.state_dir for n in nodes.values()])
     logger.info("Simulated users' data for %d partitions in %s", len(nodes), path.parent)
     return list(users)
 
 
-def ensure_partitions(cfg: Config) -> None:
-    """Prepare the partitions unless a manifest for the same ``data.*``, seed and run is there."""
+def provision_identities(cfg: Config, state_dirs) -> Path:
+    """Certify an identity for each simulated device under the run's root (created once); the root's path."""
+    root = manifest_path(cfg).parent / ROOT_KEY_FILE
+    provision(state_dirs, root)
+    return root
+
+
+def ensure_partitions(cfg: Config) -> int:
+    """Prepare the partitions unless a manifest for the same ``data.*``, seed and run is there; the number of users."""
     path = manifest_path(cfg)
     try:
-        if read_manifest(path).get("source") == _source(cfg):
-            return
+        manifest = read_manifest(path)
+        if manifest.get("source") == _source(cfg):
+            provision_identities(cfg, [Path(n["state-dir"]) for n in manifest["nodes"].values()])
+            return len(manifest["nodes"])
     except ValueError:
         pass
-    prepare_partitions(cfg)
+    return len(prepare_partitions(cfg))

@@ -1,4 +1,5 @@
-"""Process-tree tools for the local rehearsal: free ports, child processes, stopping a whole tree by process id."""
+"""Process-tree tools for the local rehearsal: free ports, child processes, stopping a whole tree by process id,
+and the TCP ports a set of processes listens on (with the address each is bound to)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Proc", "free_port", "process_tree", "stop_tree"]
+from fedpersona.sockets import Listener, is_loopback, listeners
+
+__all__ = ["Listener", "Proc", "free_port", "is_loopback", "listening", "process_tree", "stop_tree"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -71,6 +74,11 @@ def stop_tree(pid: int | list[int], *, sig: int = signal.SIGTERM, timeout: float
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def listening(pids: list[int]) -> list[Listener]:
+    """Every TCP socket in LISTEN state held by one of ``pids``, with the address it is bound to."""
+    return listeners(pids=list(pids))
 
 
 @dataclass

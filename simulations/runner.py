@@ -26,28 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from client.policy import POLICY_FILE, PREFIX, DevicePolicy
-from fedpersona.config import CONFIG_ENV, RENAMED_KEYS, Config, load_config, read_scenario
+from fedpersona.config import CONFIG_ENV, RENAMED_KEYS, Config, expected_participations, load_config, read_scenario
 from privacy.secagg.settings import secagg_params
 from simulations.failures import device_failures, mark_failed, rewrite_outputs
 from simulations.progress import timed_prepare
+from simulations.scenarios import CONF_DIR, scenario_path  # noqa: F401 - CONF_DIR: where callers find the shipped scenarios
 from simulations.partitions import prepare_partitions, simulated_state_dir
-from simulations.sources import load_source
+from simulations.sources import DataReport, load_source_report, truncation, truncation_line, truncation_warning
 from simulations.user_table import attach_user_table
 
 logger = logging.getLogger(__name__)
-
-CONF_DIR = Path(__file__).parent / "conf"
-
-
-def scenario_path(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    candidate = CONF_DIR / f"{name_or_path}.toml"
-    if candidate.is_file():
-        return candidate
-    known = ", ".join(sorted(x.stem for x in CONF_DIR.glob("*.toml")))
-    raise ValueError(f"No scenario {name_or_path!r}: not a file, and not one of the shipped scenarios ({known})")
 
 
 def resolve(scenario: str | None, overrides: dict[str, Any]) -> tuple[dict[str, Any], Config]:
@@ -63,6 +51,22 @@ def resolve(scenario: str | None, overrides: dict[str, Any]) -> tuple[dict[str, 
     cfg = load_config(flat, env=False)
     secagg_params(cfg)  # the protocol's check of secagg.* (graph, modulus, noise), before anything starts
     return flat, cfg
+
+
+def fill_participations(flat: dict[str, Any], cfg: Config, users: int) -> Config:
+    """With ``client.max-participations = 0``: set it in ``flat`` to the participations a device of this
+    simulation can expect (:func:`fedpersona.config.expected_participations`: ``ceil(rounds x cohort /
+    users)`` with balanced sampling), so each device plans its noise for them, not for every round (and
+    declines beyond them). Returns the config of the updated ``flat``."""
+    if cfg.client.max_participations != 0:
+        return cfg
+    m = expected_participations(rounds=cfg.planned_rounds, cohort=min(cfg.server.clients_per_round, users),
+                                users=users, sampling=cfg.server.sampling)
+    flat["client.max-participations"] = m
+    logger.info("client.max-participations = %d: each device plans its noise for the participations it can expect "
+                "(%d users, %d per round, %d rounds, %s sampling)", m, users, cfg.server.clients_per_round,
+                cfg.planned_rounds, cfg.server.sampling)
+    return load_config(flat, env=False)
 
 
 POLICY_HEADER = "# written by `fedpersona run --device-policy` for this simulated device (deleted by a run without it)\n"
@@ -120,7 +124,7 @@ def resolve_engine(engine: str, cfg: Config, *, engines: int = 1) -> tuple[str, 
 
 def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *, cpus: int | None = None,
         device_policy: dict[str, Any] | None = None, progress=None, engine: str = "auto",
-        engines: int = 1) -> dict:
+        engines: int = 1, on_grid=None) -> dict:
     """Run the scenario to completion; returns the run's metrics.json content.
 
     ``engine``: ``cohort`` (the ServerApp over an :class:`~simulations.engine_grid.EngineGrid` in
@@ -134,6 +138,8 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
     ``policy.toml`` in its state folder; see :func:`write_device_policies`). The result has
     ``failure_count`` and ``failed_users`` (user -> error class, message and round).
     ``progress`` receives the events of :mod:`server.progress` (``simulations.progress`` displays them).
+    ``on_grid(grid)``: called with the in-process grid once it is open (``cohort`` / ``devices``; a
+    benchmark reads its engine time, :mod:`simulations.bench_overhead`).
     """
     from fedpersona.model import resolve_model_dir
 
@@ -151,12 +157,9 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
 
     check_engines(engines, cfg.server.clients_per_round)
     t_prepare = time.perf_counter()
-    users = load_source(cfg.data, cfg.run.seed, on_user=timed_prepare(progress))
+    users, report = load_source_report(cfg.data, cfg.run.seed, on_user=timed_prepare(progress))
     if cfg.server.clients_per_round > len(users):
-        raise ValueError(
-            f"Invalid config value for 'server.clients-per-round': only {len(users)} users qualify "
-            f"(data.min-examples={cfg.data.min_examples}). You passed: {cfg.server.clients_per_round}"
-        )
+        raise ValueError(too_few_users(report, cfg, origin=_origin("server.clients-per-round", scenario, overrides)))
     if cfg.privacy.enabled:
         smallest = min(min(len(u.examples), cfg.data.max_examples) for u in users)
         n_train = smallest - max(1, round(cfg.data.eval_fraction * smallest))
@@ -165,10 +168,20 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
                 f"Invalid config value for 'privacy.delta': must be below 1/number-of-examples = 1/{n_train} "
                 f"(the smallest user's training split). You passed: {cfg.privacy.delta}"
             )
+    cfg = fill_participations(flat, cfg, len(users))
     write_device_policies(cfg, [u.user_id for u in users], device_policy)
-    resolve_model_dir(cfg.model.path)  # convert the default model once, before workers start
+    model_dir = resolve_model_dir(cfg.model.path)  # convert the default model once, before workers start
+    data_report = {**report.as_dict(), "truncation": _truncation(cfg, users, model_dir)}
+    data_lines = report.lines() + [truncation_line(data_report["truncation"])]
+    data_report["lines"] = data_lines
+    for line in data_lines:  # a display shows them; the log has them at debug level then, not twice
+        logger.log(logging.INFO if progress is None else logging.DEBUG, "%s", line)
+    warning = truncation_warning(data_report["truncation"])
+    if warning:
+        logger.warning("%s", warning)
     if progress is not None:
-        progress.event("prepare-end", users=len(users), source=cfg.data.source, seconds=time.perf_counter() - t_prepare)
+        progress.event("prepare-end", users=len(users), source=cfg.data.source, seconds=time.perf_counter() - t_prepare,
+                       **{"users-in-source": report.users_in_source, "lines": data_lines})
     prepare_partitions(cfg, users)  # each simulated device reads its user's data folder (simulations/partitions.py)
     cpus = cpus or os.cpu_count() or 1
     metrics_path = Path(cfg.run.results_dir) / cfg.run.name / "metrics.json"
@@ -178,7 +191,8 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc)
     if engine in ("cohort", "devices"):
-        _run_cohort(flat, cfg, len(users), cpus, progress, engines=engines, on_devices=engine == "devices")
+        _run_cohort(flat, cfg, len(users), cpus, progress, engines=engines, on_devices=engine == "devices",
+                    on_grid=on_grid)
     else:
         _run_flower(flat, cfg, len(users), cpus, progress)
     if not metrics_path.is_file():
@@ -192,12 +206,54 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
         rewrite_outputs(cfg, metrics)
         logger.warning("%d failure(s) over the run, %d user(s) failed: %s", failed, len(failed_users),
                        "; ".join(f"{u}: {e}" for u, e in metrics["failed_users"].items()) or "see rounds.csv")
+    _attach_data_report(metrics_path.parent, metrics, data_report, data_lines)
     metrics["wall_seconds"] = time.perf_counter() - t0
     return metrics
 
 
+def _origin(key: str, scenario: str | None, overrides: dict[str, Any]) -> str:
+    """Where a key's value came from: ``--set``, the scenario file, or the default."""
+    if key in overrides:
+        return "--set"
+    if scenario and key in read_scenario(scenario_path(scenario)):
+        return f"scenario {scenario!r}"
+    return "the default"
+
+
+def too_few_users(report: DataReport, cfg: Config, *, origin: str) -> str:
+    """The error for a cohort larger than the users left after the filters, naming the filters' effect."""
+    k = cfg.server.clients_per_round
+    return (f"Too few users: {report.users} of the {report.users_in_source} users of {report.source} are left after "
+            f"the filters ({report.dropped()}), fewer than a round's cohort, server.clients-per-round = {k} ({origin}). "
+            f"Lower data.min-examples (now {cfg.data.min_examples}), give the source more users, or set "
+            f"server.clients-per-round to at most {report.users}.")
+
+
+def _truncation(cfg: Config, users: list, model_dir: Path) -> dict:
+    """The share of the kept replies that ``model.seq-len`` cuts (:func:`simulations.sources.truncation`)."""
+    from transformers import AutoTokenizer
+
+    from client.device import kept_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    pairs = [p for u in users for p in kept_pairs(cfg, u.user_id, [(e.cue, e.reply) for e in u.examples])]
+    return truncation(tokenizer, pairs, seq_len=cfg.model.seq_len, cue_tokens=cfg.model.cue_tokens)
+
+
+def _attach_data_report(run_dir: Path, metrics: dict, report: dict, lines: list[str]) -> None:
+    """``metrics.json`` ``data`` and the lines under the table of ``summary.txt``: what the filters dropped and
+    how many replies ``model.seq-len`` cut."""
+    from server.run_report import write_json
+
+    metrics["data"] = report
+    write_json(run_dir / "metrics.json", {k: v for k, v in metrics.items() if k != "wall_seconds"})
+    summary = run_dir / "summary.txt"
+    text = summary.read_text() if summary.is_file() and metrics.get("final") else ""  # the table of this run
+    summary.write_text(text + ("\n" if text else "") + "\n".join(lines) + "\n")
+
+
 def _run_cohort(flat: dict[str, Any], cfg: Config, n_users: int, cpus: int, progress, *, engines: int = 1,
-                on_devices: bool = False) -> None:
+                on_devices: bool = False, on_grid=None) -> None:
     """The ServerApp's round loop over an EngineGrid, in this process (no deprecated API; Ray only for
     ``engines > 1``, where the grid's sharded engine starts it and shuts it down). ``on_devices``:
     the grid hands every message to the ClientApp and each device trains its round itself."""
@@ -225,6 +281,8 @@ def _run_cohort(flat: dict[str, Any], cfg: Config, n_users: int, cpus: int, prog
                     cfg.server.num_rounds, engines, cfg.model.device, cpus)
     with EngineGrid(client_app, nodes, flat, run_id=uuid.uuid4().int % 2**62, engines=engines, cpus=cpus,
                     on_devices=on_devices) as grid:
+        if on_grid is not None:
+            on_grid(grid)
         run_federation(grid, cfg, progress=progress)
     if not on_devices:
         logger.info("Cohort engine: %d cohorts trained in %.1f s of engine time", grid.cohorts, grid.engine_seconds)
@@ -257,15 +315,14 @@ def _run_flower(flat: dict[str, Any], cfg: Config, n_users: int, cpus: int, prog
 
 
 def _init_ray(cpus: int) -> None:
-    """Start Ray as Flower's backend would, plus a setup hook giving each worker one log handler.
+    """Start Ray as Flower's backend would, but on the loopback interface only, plus a setup hook giving
+    each worker one log handler.
 
-    (Flower starts Ray only when it is not running yet; :func:`fedpersona.output.configure_worker`
-    removes the duplicate of every Flower line in the workers: see :mod:`fedpersona.output`.)
+    (Flower starts Ray only when it is not running yet, and then on every interface: Ray's cluster mode
+    on Linux. :func:`simulations.engine.shards.start_ray` starts it in single-machine mode, every Ray
+    process bound to 127.0.0.1. :func:`fedpersona.output.configure_worker` removes the duplicate of every
+    Flower line in the workers: see :mod:`fedpersona.output`.)
     """
-    import ray
+    from simulations.engine.shards import start_ray
 
-    from simulations.engine.shards import ray_runtime_env
-
-    if ray.is_initialized():
-        return
-    ray.init(runtime_env=ray_runtime_env(), num_cpus=cpus, num_gpus=0, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+    start_ray(cpus)

@@ -26,6 +26,7 @@ Bad data raises ``ValueError`` naming the file, the column (and its config key) 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import random
@@ -36,8 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.data import TextRefused, check_text
 from fedpersona.config import SHAKESPEARE, DataConfig
-from simulations.corpus import Example, load_users
+from simulations.corpus import Example, all_users, load_users
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +62,60 @@ class User:
         return len(self.examples)
 
 
+@dataclass(frozen=True)
+class DataReport:
+    """What the filters of ``data.*`` did to a source: how many users each one dropped, how many examples
+    ``data.max-examples`` leaves out (:func:`load_source_report`; the runner adds the truncation share)."""
+
+    source: str
+    users_in_source: int
+    below_min_examples: int
+    min_examples: int
+    not_drawn: int
+    max_users: int
+    users: int
+    examples: int
+    examples_kept: int
+    max_examples: int
+
+    def dropped(self) -> str:
+        """Which filter dropped how many users (``none dropped`` when none did)."""
+        parts = []
+        if self.below_min_examples:
+            parts.append(f"{self.below_min_examples} with fewer than data.min-examples={self.min_examples} examples")
+        if self.not_drawn:
+            parts.append(f"{self.not_drawn} not drawn (data.max-users={self.max_users})")
+        return f"dropped {', '.join(parts)}" if parts else "none dropped"
+
+    def lines(self) -> list[str]:
+        """The report as lines of text (the log, the progress display and summary.txt)."""
+        out = [f"data: {self.users} of {self.users_in_source} users of {self.source}; {self.dropped()}"]
+        cut = self.examples - self.examples_kept
+        out.append(f"examples: {self.examples_kept} of the users' {self.examples} kept"
+                   + (f" ({cut} beyond data.max-examples={self.max_examples} per user)" if cut else ""))
+        return out
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def load_source(data: DataConfig, seed: int, *, on_user: Callable[[int, int], None] | None = None) -> list:
     """The users of ``data.source`` after the filters (module docstring); sorted by user id.
 
     ``on_user(done, total)`` is called as users are partitioned (for a progress display).
     """
+    return load_source_report(data, seed, on_user=on_user)[0]
+
+
+def load_source_report(data: DataConfig, seed: int, *,
+                       on_user: Callable[[int, int], None] | None = None) -> tuple[list, DataReport]:
+    """:func:`load_source`, and what its filters dropped (:class:`DataReport`)."""
     if data.source == SHAKESPEARE:
         users = load_users(min_speeches=data.min_examples, max_users=data.max_users, seed=seed)
         if on_user is not None:
             on_user(len(users), len(users))
-        return users
+        everyone = [len(u.examples) for u in all_users()]
+        return users, _report(data, everyone, users)
     path = Path(data.source).expanduser()
     columns = (data.user_column, data.cue_column, data.reply_column, data.text_column, data.order_column,
                data.thread_column)
@@ -86,7 +132,17 @@ def load_source(data: DataConfig, seed: int, *, on_user: Callable[[int, int], No
             _CACHE.pop(next(iter(_CACHE)))
     elif on_user is not None:
         on_user(len(users), len(users))
-    return select_users(users, min_examples=data.min_examples, max_users=data.max_users, seed=seed, where=str(path))
+    chosen = select_users(users, min_examples=data.min_examples, max_users=data.max_users, seed=seed, where=str(path))
+    return chosen, _report(data, [len(u.examples) for u in users], chosen)
+
+
+def _report(data: DataConfig, sizes: Sequence[int], chosen: Sequence) -> DataReport:
+    eligible = sum(1 for n in sizes if n >= data.min_examples)
+    examples = sum(len(u.examples) for u in chosen)
+    kept = sum(min(len(u.examples), data.max_examples) for u in chosen)
+    return DataReport(source=data.source, users_in_source=len(sizes), below_min_examples=len(sizes) - eligible,
+                      min_examples=data.min_examples, not_drawn=eligible - len(chosen), max_users=data.max_users,
+                      users=len(chosen), examples=examples, examples_kept=kept, max_examples=data.max_examples)
 
 
 def select_users(users: Sequence[User], *, min_examples: int, max_users: int | None, seed: int, where: str) -> list[User]:
@@ -201,6 +257,10 @@ def _texts(values: list, column: str, key: str, where: str, is_csv: bool, *, req
                              f"({type(v).__name__})")
         if required and not v.strip():
             raise ValueError(f"{where}, row {row}: empty text in column {column!r} ({key})")
+        try:
+            check_text(v, field=f"column {column!r} ({key})")  # what a device would refuse to train on
+        except TextRefused as exc:
+            raise ValueError(f"{where}, row {row}: {exc}") from None
         out.append(v)
     return out
 
@@ -253,3 +313,43 @@ def _partition(owners: list[str], cues: list[str], replies: list[str],
             on_user(pid + 1, partitioner.num_partitions)
     logger.debug("Partitioned %d rows into %d users", len(owners), len(users))
     return tuple(users)
+
+
+# ------------------------------------------------------------------------------------------ truncation
+def truncation(tokenizer, pairs: Sequence[tuple[str, str]], *, seq_len: int, cue_tokens: int) -> dict:
+    """How many replies ``model.seq-len`` cuts: each (cue, reply) pair encoded as a device encodes it
+    (:func:`client.data.encode_examples`); a reply is cut when its closing token does not fit.
+
+    Returns ``replies``, ``cut``, ``share`` (cut / replies), ``median-reply-tokens`` and ``seq-len``.
+    """
+    from client.data import IM_END, encode_examples
+
+    if not pairs:
+        return {"replies": 0, "cut": 0, "share": 0.0, "median-reply-tokens": 0, "seq-len": seq_len}
+    end = tokenizer.convert_tokens_to_ids(IM_END)
+    encoded = encode_examples(tokenizer, pairs, seq_len=seq_len, cue_tokens=cue_tokens)
+    cut = sum(1 for e in encoded if e.input_ids[-1] != end)
+    lengths = sorted(len(ids) for ids in tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"])
+    return {"replies": len(pairs), "cut": cut, "share": cut / len(pairs),
+            "median-reply-tokens": lengths[len(lengths) // 2], "seq-len": seq_len}
+
+
+def truncation_line(t: dict) -> str:
+    """One line of text for :func:`truncation`'s result."""
+    if not t["replies"]:
+        return "replies: none"
+    return (f"replies: {t['cut']} of {t['replies']} ({t['share']:.0%}) cut at model.seq-len={t['seq-len']} tokens "
+            f"(median reply {t['median-reply-tokens']} tokens)")
+
+
+#: A share of cut replies from which a run warns (the issue's trial data: 64% at model.seq-len = 64).
+TRUNCATION_WARNING = 0.25
+
+
+def truncation_warning(t: dict) -> str | None:
+    """The warning for many cut replies (None below :data:`TRUNCATION_WARNING`)."""
+    if not t["replies"] or t["share"] < TRUNCATION_WARNING:
+        return None
+    return (f"model.seq-len={t['seq-len']} cuts {t['cut']} of {t['replies']} replies ({t['share']:.0%}; median reply "
+            f"{t['median-reply-tokens']} tokens): the devices learn only their first tokens; a larger model.seq-len "
+            "keeps more of each reply")

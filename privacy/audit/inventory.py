@@ -12,14 +12,19 @@ row by row:
    random without the masks, and ``uint64`` protocol ids (share holders, owners of the shares), listed in the report.
 3. **No text**: string config entries only where the protocol defines them (``status.status``,
    ``status.detail``: a device declining under plain aggregation; no user label: the final
-   evaluation sends only sums), bytes only inside ``secagg`` records (encrypted secret shares), no
-   string arrays.
+   evaluation sends only sums), bytes only inside ``secagg`` records (encrypted secret shares) and
+   as the freshness receipt (``freshness.receipt``: the device's newest commit, encrypted under its
+   own key, :mod:`fedpersona.receipts`), no string arrays.
 4. With ``shared_names``: every unmasked array is a shared-adapter tensor.
 5. **No user profile**: no row (and no error reason) that the device found to carry its user profile
    (:mod:`client.profile`; the device scans every reply for it, since only it knows the profile).
 6. **One unmask per round**: a device answered at most one ``query.unmask`` request (with content)
    per run and round; a second answer hands the server more shares of the same masks (with another
    claimed dropout set, a survivor's self-mask and its pair seeds: its update).
+7. **One survivor set per round**: across all the devices checked together, every consistency and
+   unmask request of a run and round digest showed the same survivor set (the lines' ``shown``);
+   two sets are a server splitting the devices' views (each device refuses to reveal for a set it
+   did not sign, but the attempt is reported).
 
 :func:`check_completeness` compares the devices' lines with the server's: a reply the server
 received but no device recorded is an unrecorded data flow.
@@ -31,11 +36,16 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
+from fedpersona.receipts import RECEIPT as _RECEIPT
+from fedpersona.receipts import RECORD as _RECEIPT_RECORD
+
 __all__ = ["ALLOWED_TEXT", "InventoryCheck", "verify_inventory", "check_completeness", "summarize_inventory",
            "personal_digests", "is_masked", "is_protocol_array"]
 
 #: (record, name) of the string fields the protocol sends.
 ALLOWED_TEXT = frozenset({("status", "status"), ("status", "detail")})
+#: (record, name) of the bytes fields outside secure aggregation: the freshness receipt (encrypted, opaque).
+ALLOWED_BYTES = frozenset({(_RECEIPT_RECORD, _RECEIPT)})
 UNMASK_TYPE = "query.unmask"
 _FLOAT_DTYPES = {"float16", "float32", "float64", "bfloat16"}
 _REQUIRED = {"array": ("record", "name", "shape", "dtype", "bytes"), "config": ("record", "name", "type"),
@@ -101,7 +111,7 @@ def _row_violations(row: dict, personal: set[str], digests: set[str], shared: se
         typ = str(row["type"])
         if "str" in typ and (record, name) not in ALLOWED_TEXT:
             out.append(f"text field {record}/{name} ({typ}) left the device")
-        if "bytes" in typ and not _is_secagg(record):
+        if "bytes" in typ and not _is_secagg(record) and (record, name) not in ALLOWED_BYTES:
             out.append(f"bytes field {record}/{name} outside secure aggregation left the device")
     elif kind == "metric":
         if ".personal." in name or name in personal:
@@ -130,6 +140,7 @@ def verify_inventory(
 
     shared = set(shared_names) if shared_names is not None else None
     violations, messages, rows = [], 0, 0
+    shown_sets: dict[tuple, dict[str, tuple]] = {}  # (run, round digest) -> survivor-set digest -> first (device, line)
     for device, lines in inventories.items():
         personal = per_device(personal_names, device)
         digests = per_device(personal_digests, device)
@@ -142,6 +153,16 @@ def verify_inventory(
                 continue
             if line.get("error_profile"):
                 violations.append({**where, "problem": "the user profile left the device in an error reason"})
+            shown = line.get("shown")
+            if isinstance(shown, dict) and shown.get("round_digest") and shown.get("survivors"):
+                sets = shown_sets.setdefault((line.get("run_id"), shown["round_digest"]), {})
+                if shown["survivors"] not in sets and sets:
+                    first_device, first_line = next(iter(sets.values()))
+                    violations.append({**where, "problem": f"two survivor sets shown for one round: run "
+                                       f"{line.get('run_id')} round {line.get('round')} (digest "
+                                       f"{shown['round_digest'][:16]}): this request showed {shown.get('count')} "
+                                       f"survivors, unlike device {first_device}'s line {first_line}"})
+                sets.setdefault(shown["survivors"], (device, i + 1))
             if line.get("message_type") == UNMASK_TYPE and line.get("reply") == "content":
                 key = (line.get("run_id"), line.get("round"), line.get("group_id"))
                 answered[key] = answered.get(key, 0) + 1

@@ -28,7 +28,7 @@ from privacy.audit.empirical import head_mode
 from privacy.audit.inventory import check_completeness, summarize_inventory, verify_inventory
 from privacy.audit.message_table import TABLE
 from privacy.budget import composed
-from privacy.ledger import PrivacyLedger
+from privacy.ledger import INTEGER_ORDERS, PrivacyLedger
 from privacy.rdp import DEFAULT_ORDERS, epsilon_from_rdp, rdp_subsampled_gaussian
 
 __all__ = ["DEFAULT_DELTA", "VERSION", "DeviceRecords", "RunRecords", "build_audit", "device_summary"]
@@ -74,17 +74,36 @@ def _finite(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _independent_epsilon(history: list[tuple[float, float, int]], delta: float) -> float | None:
-    """Epsilon of a ledger history with :mod:`privacy.rdp` (not Opacus): the cross-check."""
+def _independent_epsilon(history: list[tuple[float, float, int]], delta: float, orders: str = "all") -> float | None:
+    """Epsilon of a ledger history with :mod:`privacy.rdp` (not Opacus): the cross-check (``orders``: the
+    ledger's, integer orders for a ledger with steps on a noisy sum)."""
     if not history:
         return 0.0
     if any(sigma == 0 for sigma, _, _ in history):
         return None  # a release without noise: infinite, whatever the rest
-    rdp = np.zeros(len(DEFAULT_ORDERS))
+    grid = np.asarray(INTEGER_ORDERS, dtype=float) if orders == "integer" else DEFAULT_ORDERS
+    rdp = np.zeros(len(grid))
     for sigma, q, steps in history:
-        rdp = rdp + rdp_subsampled_gaussian(q=q, sigma=sigma, steps=steps)
-    eps, _ = epsilon_from_rdp(rdp=rdp, delta=delta)
+        rdp = rdp + rdp_subsampled_gaussian(q=q, sigma=sigma, steps=steps, orders=grid)
+    eps, _ = epsilon_from_rdp(rdp=rdp, orders=grid, delta=delta)
     return _finite(eps)
+
+
+def _plan_and_collusion(ledger: PrivacyLedger, delta: float, eps: float | None) -> dict:
+    """Planned vs spent (participations, epsilon), and with noise on the sum the epsilon per number of
+    devices colluding with the server (:meth:`privacy.ledger.PrivacyLedger.collusion`)."""
+    out: dict[str, Any] = {}
+    plan = ledger.plan
+    if plan is not None:
+        out["plan"] = {"participations_planned": plan["participations"], "participations_taken": len(ledger.rounds),
+                       "steps_planned": plan["steps"], "steps_taken": ledger.total_steps,
+                       "epsilon_planned": _finite(plan["epsilon"]), "epsilon_spent": eps,
+                       "noise_on": plan["noise_on"]}
+    rows = ledger.collusion(delta)
+    if rows:
+        out["collusion"] = [{**r, "epsilon": _finite(r["epsilon"])} for r in rows]
+        out["honest_contributors"] = max(t for _, _, t, _ in ledger.sum_steps)
+    return out
 
 
 def device_summary(rec: DeviceRecords, *, delta: float, target_epsilon: float | None, dp: bool = True) -> dict:
@@ -100,7 +119,10 @@ def device_summary(rec: DeviceRecords, *, delta: float, target_epsilon: float | 
             "steps": ledger.total_steps,
             "rounds": [{**r, "epsilon": _finite(r["epsilon"])} for r in ledger.rounds],
             "epsilon": _finite(eps),
-            "epsilon_independent": _independent_epsilon(ledger.history, delta) if ledger.accountant == "rdp" and dp else None,
+            "epsilon_independent": (_independent_epsilon(ledger.history, delta, ledger.orders)
+                                    if ledger.accountant == "rdp" and dp else None),
+            "orders": ledger.orders,
+            **_plan_and_collusion(ledger, delta, _finite(eps)),
             "user_level": [{**u, "epsilon": _finite(u["epsilon"])} for u in ledger.user_level_entries],
             # Rounds released without DP noise (a policy that allowed it): epsilon is infinite from then on.
             "released_without_noise": [r["round"] for r in ledger.rounds if r["noise_multiplier"] == 0]
@@ -202,6 +224,8 @@ def _user_row(d: dict) -> dict:
         "accountant": d.get("accountant"), "budget": d.get("budget"), "user_level": d.get("user_level", []),
         "trajectory": [(r["round"], r["epsilon"]) for r in d.get("rounds", [])],
         "messages": len(d["inventory"]),
+        **({"plan": d["plan"]} if "plan" in d else {}),
+        **({"collusion": d["collusion"], "honest_contributors": d["honest_contributors"]} if "collusion" in d else {}),
     }
 
 
@@ -309,6 +333,19 @@ def _guarantee(config: dict, devices: list[dict], metrics: dict, *, dp: bool, de
                        {"present": False, "statement": "no evaluation release recorded in the ledgers"}),
         "personal_head": _personal_head_statement(mode),
     }
+    if config.get("privacy.noise-on") == "sum":
+        t = config.get("privacy.honest-contributors") or "half the announced cohort"
+        g["mechanism"] = (f"DP-SGD with the noise once on the secure sum (privacy.noise-on = sum): each step of the "
+                          f"shared adapter is one secure sum over the cohort; every device clips its per-example "
+                          f"gradients at {clip} (head switched off), sums them over its own Poisson sample, quantizes "
+                          f"the sum and adds discrete Gaussian noise of variance sigma^2 Delta^2 / t (Delta: the "
+                          f"quantized sensitivity), then masks it; the server learns only the sum over at least t "
+                          f"survivors (t = {t}) and divides it by a public normalizer (survivors x batch size)")
+        g["assumption"] = ("each user's epsilon holds as long as at least t devices that follow the protocol have "
+                           "their noise in every released sum, and secure aggregation reveals nothing but those sums; "
+                           "the per-user table 'epsilon at j colluders' shows what holds when j of the t collude with "
+                           "the server, down to the device's own share alone")
+        g["accountant"] += "; RDP at integer orders (where the discrete Gaussian's loss equals the Gaussian's)"
     infinite = sorted(d["device"] for d in devices if d.get("released_without_noise"))
     if not dp:
         g["statement"] = "NO DIFFERENTIAL-PRIVACY GUARANTEE: privacy.enabled = false for this run."
@@ -421,6 +458,9 @@ def _status(audit: dict, *, dp: bool) -> dict:
         if over is not None:
             status["flags"].append(f"{row['user']}: the federated ledger and the local-only baseline's, composed, "
                                    f"reach epsilon {over:.3f} > the budget {audit['epsilon_summary']['target']:g}")
+    for device, errors in sorted(audit.get("device_errors", {}).items()):
+        # A restored older copy of a device's state (client/store.py's freshness anchor and receipt).
+        status["flags"].extend(f"{device}: {e}" for e in errors if e.startswith("freshness: rollback detected"))
     for device, rounds in sorted(audit.get("released_without_noise", {}).items()):
         status["flags"].append(f"{device} released an update without DP noise (round(s) "
                                f"{', '.join(str(r) for r in rounds if r is not None) or '?'}): its epsilon is "

@@ -1,4 +1,4 @@
-"""Secure aggregation (SecAgg+ in two exchanges per round), quantization and distributed DP.
+"""Secure aggregation (SecAgg+ in three exchanges per round, against a malicious server), quantization and distributed DP.
 
 A pure library: messages are plain dicts that Flower's records can carry. See
 :mod:`privacy.secagg.spec` for the protocol and its reasoning (:mod:`~privacy.secagg.client_side`,
@@ -8,19 +8,22 @@ distributed discrete Gaussian noise and its accountant.
 
 Client side (per device)::
 
-    client = SecAggClient(node_id, config)               # or SecAggClient.from_state(saved, config)
-    advert = client.advertise()                          # once per run -> server.register(advert)
-    reply1 = client.masked_input(request1, update, {"num_examples": n})
-    reply2 = client.unmask(request2)
+    client = SecAggClient(node_id, config, identity=identity)   # keys from SecAggClient.from_state(saved, ...)
+    advert = client.advertise(run_id=run_id)             # once per run -> server.register(advert)
+    reply1 = client.masked_input(request1, update, {"num_examples": n})   # or client.decline(request1)
+    reply2 = client.consistency(request2)                # signs the survivor set, once per round
+    reply3 = client.unmask(request3)                     # only for the set it signed, with a quorum of signatures
 
 Server side (per run, per round)::
 
     server = SecAggServer(config, run_id=run_id)
-    rnd = server.start_round(round, cohort, length)
+    rnd = server.start_round(round, cohort, length, context=b"")
     requests1 = rnd.masked_input_requests()              # {client_id: dict}
     rnd.receive_masked(reply1) ...
-    requests2 = rnd.unmask_requests()                    # {survivor_id: dict}
-    rnd.receive_unmask(reply2) ...
+    requests2 = rnd.consistency_requests()               # {survivor_id: dict}
+    rnd.receive_consistency(reply2) ...
+    requests3 = rnd.unmask_requests()                    # {signer_id: dict}
+    rnd.receive_unmask(reply3) ...
     result = rnd.finish()                                # result.total, result.extras
 """
 

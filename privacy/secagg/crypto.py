@@ -3,7 +3,9 @@
 Everything here is built on the ``cryptography`` package (OpenSSL):
 
 * **X25519** key agreement for the two long-term key pairs of a client (one to encrypt
-  shares, one to derive pairwise masks), :class:`ClientKeys`.
+  shares, one to derive pairwise masks), and an **Ed25519** key pair it signs its stage-1
+  replies and the consistency check with, :class:`ClientKeys` (signatures are verified with
+  :func:`fedpersona.identity.verify`, which caches its results).
 * **HKDF-SHA256** (:func:`derive`) for every per-round secret. The ``info`` string is an
   unambiguous, length-prefixed encoding of a purpose label and integer fields (run id,
   round, ordered client ids); the ``salt`` is the round digest (see
@@ -33,6 +35,7 @@ from typing import Iterable
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -41,6 +44,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 __all__ = [
     "PUBLIC_KEY_BYTES",
     "SEAL_OVERHEAD",
+    "SIGNATURE_BYTES",
     "ClientKeys",
     "DecryptionError",
     "MaskExpander",
@@ -54,6 +58,7 @@ __all__ = [
 ]
 
 PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
 #: Bytes a sealed message has on top of its plaintext (nonce + GCM tag).
@@ -98,23 +103,35 @@ def _raw_private(key: X25519PrivateKey) -> bytes:
 
 
 class ClientKeys:
-    """A client's two long-term X25519 key pairs: ``enc`` (share encryption) and ``mask`` (pairwise masks)."""
+    """A client's long-term keys: X25519 ``enc`` (share encryption) and ``mask`` (pairwise masks), Ed25519 ``sign``."""
 
-    def __init__(self, enc: X25519PrivateKey | None = None, mask: X25519PrivateKey | None = None):
+    def __init__(self, enc: X25519PrivateKey | None = None, mask: X25519PrivateKey | None = None,
+                 sign: Ed25519PrivateKey | None = None):
         self.enc = enc or X25519PrivateKey.generate()
         self.mask = mask or X25519PrivateKey.generate()
+        self.sign_key = sign or Ed25519PrivateKey.generate()
         self.enc_public = _raw_public(self.enc)
         self.mask_public = _raw_public(self.mask)
+        self.sign_public = self.sign_key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                                   serialization.PublicFormat.Raw)
+
+    def sign(self, message: bytes) -> bytes:
+        """Ed25519 signature of ``message`` (64 bytes)."""
+        return self.sign_key.sign(message)
 
     def to_bytes(self) -> bytes:
-        """64 secret bytes (enc || mask), for the device's own store only."""
-        return _raw_private(self.enc) + _raw_private(self.mask)
+        """96 secret bytes (enc || mask || sign), for the device's own store only."""
+        sign = self.sign_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                           serialization.NoEncryption())
+        return _raw_private(self.enc) + _raw_private(self.mask) + sign
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "ClientKeys":
-        if len(raw) != 64:
-            raise ValueError(f"ClientKeys.from_bytes needs 64 bytes. You passed: {len(raw)}")
-        return cls(X25519PrivateKey.from_private_bytes(raw[:32]), X25519PrivateKey.from_private_bytes(raw[32:]))
+        """Keys from :meth:`to_bytes`; 64 bytes (keys saved before signing keys existed) get a new signing key."""
+        if len(raw) not in (64, 96):
+            raise ValueError(f"ClientKeys.from_bytes needs 96 bytes (or 64 without a signing key). You passed: {len(raw)}")
+        sign = Ed25519PrivateKey.from_private_bytes(raw[64:]) if len(raw) == 96 else None
+        return cls(X25519PrivateKey.from_private_bytes(raw[:32]), X25519PrivateKey.from_private_bytes(raw[32:64]), sign)
 
 
 def ecdh(private: X25519PrivateKey, peer_public: bytes) -> bytes:

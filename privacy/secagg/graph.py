@@ -11,8 +11,10 @@ derives it from ``(cohort, degree, seed)``, so it need not be sent.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+from types import MappingProxyType
 from typing import Iterable, Mapping, Sequence
 
 __all__ = ["build_graph", "default_degree", "default_threshold", "is_connected"]
@@ -30,9 +32,18 @@ def default_threshold(degree: int) -> int:
     return (degree + 1) // 2 + 1
 
 
-def build_graph(cohort: Sequence[int], degree: int, seed: bytes) -> dict[int, tuple[int, ...]]:
-    """Neighbour lists (sorted) of a random Harary graph over ``cohort``."""
-    ids = sorted(int(c) for c in cohort)
+def build_graph(cohort: Sequence[int], degree: int, seed: bytes) -> Mapping[int, tuple[int, ...]]:
+    """Neighbour lists (sorted) of a random Harary graph over ``cohort`` (a read-only mapping).
+
+    Built once per (cohort, degree, seed): every client of a round derives the same graph, and
+    in a simulation they all live in one process, so the round's graph (one SHA-256 per member)
+    is computed once per round, not once per client message.
+    """
+    return _graph(tuple(sorted(int(c) for c in cohort)), int(degree), bytes(seed))
+
+
+@functools.lru_cache(maxsize=32)
+def _graph(ids: tuple[int, ...], degree: int, seed: bytes) -> Mapping[int, tuple[int, ...]]:
     n = len(ids)
     if n < 2:
         raise ValueError(f"a cohort needs at least 2 clients. You passed: {n}")
@@ -42,13 +53,13 @@ def build_graph(cohort: Sequence[int], degree: int, seed: bytes) -> dict[int, tu
         raise ValueError(f"degree must be >= 1. You passed: {degree}")
     half = (degree + 1) // 2
     if 2 * half >= n - 1:
-        return {c: tuple(x for x in ids if x != c) for c in ids}
+        return MappingProxyType({c: tuple(x for x in ids if x != c) for c in ids})
     ring = sorted(ids, key=lambda c: hashlib.sha256(b"fedpersona/secagg/graph|" + seed + c.to_bytes(8, "big")).digest())
     out = {}
     for i, c in enumerate(ring):
         nb = {ring[(i + j) % n] for j in range(1, half + 1)} | {ring[(i - j) % n] for j in range(1, half + 1)}
         out[c] = tuple(sorted(nb))
-    return out
+    return MappingProxyType(out)
 
 
 def is_connected(graph: Mapping[int, Iterable[int]], nodes: Iterable[int]) -> bool:

@@ -30,7 +30,8 @@ from fedpersona.devices import autocast, place_model, resolve_device, resolve_dt
 from privacy.dpstep import poisson_batch, step_generator, uniform_batch
 from simulations.engine.dp import VmapGrad, add_noise, clip_and_sum, flatten
 from simulations.engine.expanded import ExpandedGrad
-from simulations.engine.jobs import ClientJob, ClientResult, Phase, PhaseResult, check_sources
+from simulations.engine.jobs import EVAL_MODELS, ClientJob, ClientResult, EvalJob, Phase, PhaseResult, check_sources
+from simulations.engine.loss import chunk_for
 from simulations.engine.optim import StackedOptimizer
 from simulations.engine.stack import PackedExamples, StackNames, gather_samples
 
@@ -131,6 +132,66 @@ class CohortEngine:
                 personal = {n: self._tensor(job, n).clone() for n in self.personal_names}
             out.append(ClientResult(client_id=job.client_id, shared=shared, personal=personal, phases=phases[c],
                                     error=errors[c]))
+        return out
+
+    # ------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate_cohort(self, jobs: Sequence[EvalJob]) -> list[dict[str, dict[str, float]]]:
+        """Every job's held-out figures under :data:`~simulations.engine.jobs.EVAL_MODELS`, as
+        :func:`client.train.evaluate` gives them on the device (``loss``: summed target-token loss over
+        target tokens; ``accuracy``: correct next-token predictions over target tokens; ``tokens``).
+
+        ``base``: every adapter contribution zero (the base model); ``shared``: the job's shared
+        tensors, its personal ones zeroed (the device's ``personal_zeroed``); ``personal``: both.
+        All jobs' examples go through the top blocks together, as many clients per pass as
+        ``token_budget`` positions allow, each sample with its own client's adapter copies.
+        """
+        if not jobs:
+            return []
+        self._check_hooks()
+        for j in jobs:
+            if set(j.shared) != set(self.shared_names) or set(j.personal) != set(self.personal_names):
+                raise ValueError(f"Client {j.client_id!r}: shared/personal state does not match the adapter layout. "
+                                 f"You passed: {len(j.shared)} shared and {len(j.personal)} personal tensors")
+        packed = [j.examples if isinstance(j.examples, PackedExamples) else self.pack(j.examples) for j in jobs]
+        names = self.shared_names + self.personal_names
+        flat = torch.stack([torch.cat([self._tensor(j, n).reshape(-1) for n in names]) for j in jobs]).to(self.device)
+        views = self._views(flat)
+        zero = {n: torch.zeros_like(views[n]) for n in names}
+        tensors = {"base": zero,
+                   "shared": {**{n: views[n] for n in self.shared_names}, **{n: zero[n] for n in self.personal_names}},
+                   "personal": views}
+        totals = {m: torch.zeros((len(jobs), 3), dtype=torch.float64) for m in EVAL_MODELS}
+        groups, current, tokens = [], [], 0
+        for c, pk in enumerate(packed):
+            need = len(pk) * int(pk.lengths.max())
+            if current and tokens + need > self.token_budget:
+                groups.append(current)
+                current, tokens = [], 0
+            current.append(c)
+            tokens += need
+        groups.append(current)
+        patch = self.grad if isinstance(self.grad, ExpandedGrad) else ExpandedGrad(self.model)
+        head = self.model.stack.lm_head.weight
+        for group in groups:
+            batch = gather_samples([packed[c] for c in group], [torch.arange(len(packed[c])) for c in group],
+                                   range(len(group)))
+            sel = torch.tensor(group, device=self.device)
+            rows = sel.index_select(0, batch.client)  # each sample's job
+            for m in EVAL_MODELS:
+                table = patch._table({n: t.index_select(0, rows) for n, t in tensors[m].items()})
+                with autocast(self.device, self.dtype), patch._patched(table):
+                    h = self.model.stack.hidden(batch.hidden)
+                stats = _token_stats(h, head, batch, chunk_for(1, head.shape[0], budget_elements=patch.ce_budget))
+                totals[m].index_add_(0, rows.cpu(), stats.double().cpu())  # per sample -> its job
+        out = []
+        for c in range(len(jobs)):
+            row = {}
+            for m in EVAL_MODELS:
+                loss, correct, count = (float(x) for x in totals[m][c])
+                row[m] = ({"loss": loss / count, "accuracy": correct / count, "tokens": int(count)} if count
+                          else {"loss": float("nan"), "accuracy": float("nan"), "tokens": 0})
+            out.append(row)
         return out
 
     def _tensor(self, job: ClientJob, name: str) -> torch.Tensor:
@@ -307,3 +368,21 @@ class CohortEngine:
                 r.losses.append(float(losses[c].mean()))
             if ph.dp:
                 r.ledger_steps.append((ph.noise_multiplier, rates[c]))
+
+
+def _token_stats(h: torch.Tensor, head: torch.Tensor, batch, chunk: int) -> torch.Tensor:
+    """Per sample of ``batch``: (summed target-token cross-entropy, correct argmax predictions, target tokens),
+    ``[N, 3]`` float32; the logits are computed ``chunk`` target positions at a time."""
+    b, t = batch.target_pos.shape
+    ht = torch.gather(h, 1, batch.target_pos.unsqueeze(-1).expand(b, t, h.shape[-1])).reshape(b * t, -1)
+    labels = batch.target_label.reshape(-1)
+    loss, correct = [], []
+    for s in range(0, b * t, chunk):
+        logits = (ht[s : s + chunk].to(head.dtype) @ head.T).float()
+        lab = labels[s : s + chunk]
+        loss.append(torch.logsumexp(logits, dim=-1) - logits.gather(-1, lab.unsqueeze(-1)).squeeze(-1))
+        correct.append((logits.argmax(-1) == lab).float())
+    valid = batch.target_valid
+    stats = torch.stack([(torch.cat(loss).view(b, t) * valid).sum(-1), (torch.cat(correct).view(b, t) * valid).sum(-1),
+                         valid.sum(-1)], dim=-1)
+    return stats

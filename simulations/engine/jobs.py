@@ -84,6 +84,21 @@ class ClientJob:
     client_id: str = ""
 
 
+#: The models a held-out evaluation reports (:meth:`simulations.engine.CohortEngine.evaluate_cohort`), as the
+#: device's final evaluation: the base (every adapter off), the shared adapter alone (the head zeroed), both.
+EVAL_MODELS = ("base", "shared", "personal")
+
+
+@dataclass
+class EvalJob:
+    """One client's held-out evaluation: its examples (cached or packed) and its adapter tensors."""
+
+    examples: object
+    shared: dict[str, torch.Tensor]
+    personal: dict[str, torch.Tensor]
+    client_id: str = ""
+
+
 @dataclass
 class PhaseResult:
     steps: int = 0

@@ -10,6 +10,7 @@ import client.app as client_app
 import client.flow_log as client_inventory
 from client.flow_log import read_inventory
 from fedpersona.config import load_config
+from fedpersona.identity import provision
 from tests.privacy.audit_helpers import one_thread
 
 #: What each user wrote: a test finds it in no reply.
@@ -27,7 +28,14 @@ def user_folders(root: Path, names=("alice", "bob", "carol")) -> dict[int, dict]
         rows = [json.dumps({"cue": f"Who's there? {j}", "reply": r}) for j, r in enumerate(LINES * 2)]
         (folder / "lines.jsonl").write_text("\n".join(rows) + "\n")
         nodes[21 + i] = {"data-dir": str(folder), "state-dir": str(root / f"{name}-state"), "user-id": name}
+    provision_nodes(nodes, root)
     return nodes
+
+
+def provision_nodes(nodes: dict[int, dict], root: Path) -> None:
+    """Give deployment-style nodes their identities under a root of the operator's (``root/identity-root.key``),
+    as `fedpersona certs` does: the server of these tests never holds the root's private key."""
+    provision([nc["state-dir"] for nc in nodes.values()], Path(root) / "identity-root.key")
 
 
 def flat_config(tiny_config: dict, **over) -> dict:

@@ -39,9 +39,11 @@ def test_a_failed_device_fails_the_run_and_is_listed(tiny_config, tmp_path, caps
     victim = users[0].user_id
     store = DeviceStore(simulated_state_dir(cfg, victim))
     store.save_text("ledger", '{"tampered": "below"}')
-    path = store.path("ledger")
+    store.save_text("later", "a later commit")  # the ledger's commit is not the last one (that could be torn)
+    blob = store._folder.state.blobs["ledger"]
+    path = store.state_dir / blob.journal
     data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF  # the device's state no longer authenticates
+    data[blob.offset + blob.length - 1] ^= 0xFF  # the device's state no longer authenticates
     path.write_bytes(bytes(data))
 
     code = main(["run", str(scenario), "--cpus", "1"])

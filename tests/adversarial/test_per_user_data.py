@@ -19,6 +19,7 @@ from flwr.app import Context, RecordDict
 import client.app as client_app
 import client.flow_log as client_inventory
 from fedpersona.config import CONFIG_ENV, load_config
+from fedpersona.identity import provision
 from server.federation import run_federation
 from tests.server.test_secagg import RUN_ID, FakeGrid
 
@@ -84,6 +85,7 @@ def run(tiny_config, tmp_path, monkeypatch, request):
                                           "state-dir": str(tmp_path / f"s{nid}"), "user-id": uid,
                                           **({} if secure else {"policy.allow-no-secagg": True})})
                 for nid, uid in USERS.items()}
+    provision([c.node_config["state-dir"] for c in contexts.values()], tmp_path / "identity-root.key")
     yield cfg, FakeGrid(contexts), secure
     client_app._DEVICES.clear()
     client_inventory._STATE_DIRS.clear()

@@ -65,7 +65,7 @@ def test_the_same_run_within_the_policy_trains(tiny_config, tmp_path):
 
 def test_a_stricter_device_policy_refuses_what_the_defaults_accept(tiny_config, tmp_path):
     nodes = user_folders(tmp_path)
-    (tmp_path / "bob-state").mkdir()
+    (tmp_path / "bob-state").mkdir(exist_ok=True)
     (tmp_path / "bob-state" / "policy.toml").write_text("max-epsilon = 2.0\n")
     nodes[21]["policy.min-noise-multiplier"] = 1.5
     metrics = run(flat_config(tiny_config, **{"privacy.target-epsilon": 4.0}), nodes)

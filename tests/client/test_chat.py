@@ -101,7 +101,7 @@ def test_scripted_chat_feedback_grows_next_round(tiny_model_dir, tmp_path, devic
         if f.is_file():
             raw = f.read_bytes()
             assert not any(n in raw for n in needles), f.name
-    assert (state / f"{FEEDBACK}.enc").is_file()
+    assert store.exists(FEEDBACK)
 
     # The next round (a fresh device process) trains on its data + the two kept examples.
     dev2 = Device(cfg, node)
@@ -137,7 +137,7 @@ def test_feedback_cap_and_rounds(tmp_path):
     assert [e.id for e in training_feedback(store, server_round=2, max_new=1)] == [a.id, b.id]
     assert [e.id for e in training_feedback(store, server_round=3, max_new=0)] == [a.id, b.id, c.id]
     assert joined_rounds(store) == {a.id: 1, b.id: 2, c.id: 3}
-    assert (tmp_path / "s" / f"{FEEDBACK_USED}.enc").is_file()
+    assert store.exists(FEEDBACK_USED)
     with pytest.raises(ValueError, match="origin"):
         record_feedback(store, cue="c", reply="r", origin="liked")
     with pytest.raises(ValueError, match="max-new-examples"):
@@ -200,3 +200,44 @@ def test_the_policy_floor_is_checked_on_the_noise_a_grown_set_re_picks(tiny_mode
         guarded.train_round(store.load_tensors(RECEIVED_SHARED), server_round=2)
     ledger = PrivacyLedger.from_json(store.load_text("ledger"))
     assert [r["round"] for r in ledger.rounds] == [1] and min(s for s, _, _ in ledger.history) >= floor
+
+
+def test_chat_lines_follow_the_text_rule():
+    from client.chat import chat_line, printable
+    from client.data import TextRefused
+
+    assert chat_line(b"  Good morrow, sir.\r\n") == "Good morrow, sir."
+    assert chat_line("/edit caf\u00e9 \u2713\n") == "/edit caf\u00e9 \u2713"
+    for raw, match in ((b"\xff hello\n", "not valid UTF-8 \\(byte 0"), (b"ok \xc3\x28\n", "not valid UTF-8 \\(byte 3"),
+                       ("surrogate \udcff\n", "lone surrogate"), (b"nul\x00\n", "U\\+0000"), (b"\x1b[2J\n", "U\\+001B"),
+                       (b"x" * 1_000_000, "at most 4096"), ("y" * 4097, "at most 4096")):
+        with pytest.raises(TextRefused, match=match):
+            chat_line(raw)
+    assert printable("a\x1b[31mred\x1b[0m\nline\x00") == "a[31mred[0m line"
+
+
+def test_feedback_keeps_only_text_that_follows_the_rule(tmp_path, caplog):
+    import logging
+
+    from client.data import TextRefused
+    from client import feedback
+    from client.feedback import usable
+
+    feedback._SKIPPED.clear()  # "reported once" is per process: forget what earlier tests reported
+    store = DeviceStore(tmp_path / "s")
+    for cue, reply in (("c", "nul\x00"), ("c", "\udcff"), ("c", "x" * 5000), ("esc\x1b", "fine"), ("c", "  ")):
+        with pytest.raises(ValueError) as info:
+            record_feedback(store, cue=cue, reply=reply, origin="edited")
+        assert "\x00" not in str(info.value) and "x" * 100 not in str(info.value)
+    assert load_feedback(store) == []
+    with pytest.raises(TextRefused):
+        record_feedback(store, cue="c", reply="ok", origin="edited", proposed="draft \x1b")
+    ok = record_feedback(store, cue="c", reply="a reply with\ta tab", origin="accepted")
+    # An example kept before the rule: stays in the store, never used, reported once by id.
+    bad = dict(ok.__dict__, id="b" * 32, reply="lone \udcff")
+    store.save_text(FEEDBACK, json.dumps({"version": 1, "examples": [dict(ok.__dict__), bad]}))
+    with caplog.at_level(logging.WARNING):
+        assert [e.id for e in usable(load_feedback(store))] == [ok.id]
+        assert [e.id for e in training_feedback(store, server_round=1, max_new=0)] == [ok.id]
+    assert sum("b" * 32 in r.getMessage() for r in caplog.records) == 1
+    assert len(load_feedback(store)) == 2

@@ -76,6 +76,9 @@ def test_read_folder_happy_path(tmp_path: Path):
         ("\n" + jl({"cue": "a", "reply": "  \n "}), r"bad\.jsonl, line 2: \"reply\" is empty"),
         ("\n  \n", r"bad\.jsonl: the file has no record"),
         ("", r"bad\.jsonl: the file has no record"),
+        ('{"reply": "lone \\ud800 surrogate"}\n', r"bad\.jsonl, line 1: \"reply\" is not valid Unicode.*U\+D800"),
+        (jl({"cue": "nul \x00", "reply": "b"}), r"bad\.jsonl, line 1: \"cue\" holds the control character U\+0000"),
+        (jl({"reply": "esc \x1b[31m"}), r"bad\.jsonl, line 1: \"reply\" holds the control character U\+001B"),
     ],
 )
 def test_read_folder_bad_file(tmp_path: Path, content, match):
@@ -238,3 +241,20 @@ def test_encode_bad_args(tok, seq_len, cue_tokens, match):
 def test_encoded_example_lengths_must_match():
     with pytest.raises(ValueError, match="differ in length"):
         EncodedExample([1, 2], [True])
+
+
+def test_text_rule():
+    from client.data import MAX_TEXT_CHARS, TextRefused, check_text
+
+    for fine in ("plain", "tab\tand\nlines\r\n", "é ✓ 😀 \u200d \u2028", ""):
+        assert check_text(fine, field="t") == fine
+    for bad, match in (("a\x00b", "U\\+0000 at character 1"), ("\x7f", "U\\+007F"), ("c1 \x85", "U\\+0085"),
+                       ("x\udcff", "lone surrogate U\\+DCFF")):
+        with pytest.raises(TextRefused, match=match) as info:
+            check_text(bad, field="the reply")
+        assert str(info.value).startswith("the reply ") and "You passed" in str(info.value)
+    with pytest.raises(TextRefused, match="at most 4096"):
+        check_text("x" * (MAX_TEXT_CHARS + 1), field="t", max_chars=MAX_TEXT_CHARS)
+    with pytest.raises(TextRefused, match="must be a string"):
+        check_text(b"bytes", field="t")
+    assert issubclass(TextRefused, ValueError)

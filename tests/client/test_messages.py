@@ -117,9 +117,12 @@ def test_corrupt_ledger_fails_that_device_clearly_and_keeps_the_file(device_cont
     assert not client_app.train(msg, ctx).has_error()
     from client.store import DeviceStore
 
-    path = DeviceStore(ctx.node_config["state-dir"]).path("ledger")
+    store = DeviceStore(ctx.node_config["state-dir"])
+    store.save_text("later", "a later commit")  # the ledger's commit is not the last one (that could be torn)
+    blob = store._folder.state.blobs["ledger"]
+    path = store.state_dir / blob.journal
     data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
+    data[blob.offset + blob.length - 1] ^= 0xFF  # the ledger's ciphertext
     path.write_bytes(bytes(data))
     client_app._DEVICES.clear()
     msg2, _ = _train_message(cfg, server_round=2)

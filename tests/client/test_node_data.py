@@ -76,3 +76,24 @@ def test_the_pyproject_clientapp_prepares_simulated_nodes_before_the_device_read
     assert reply is message
     assert seen[0].user_id == load_users(min_speeches=cfg.data.min_speeches, max_users=3, seed=0)[1].user_id
     assert manifest_path(cfg).is_file()
+
+
+def test_the_manifest_is_parsed_once_while_it_stays_the_same(cfg, monkeypatch):
+    """Every simulated device built looks itself up in the manifest: parsed once, again only after a rewrite."""
+    from client import node_data as nd
+
+    prepare_partitions(cfg)
+    parsed = []
+    real = nd.read_manifest
+    monkeypatch.setattr(nd, "read_manifest", lambda path: parsed.append(path) or real(path))
+    nd._MANIFESTS.clear()
+    ids = [node_data(cfg, {"partition-id": pid}).user_id for pid in (0, 1, 2, 0, 1, 2)]
+    assert len(parsed) == 1 and ids[:3] == ids[3:]
+    prepare_partitions(cfg)  # the simulation writes it again (atomically: a new file)
+    assert node_data(cfg, {"partition-id": 1}).user_id == ids[1]
+    assert len(parsed) == 2
+    path = manifest_path(cfg)
+    doc = json.loads(path.read_text())
+    doc["nodes"]["1"]["user-id"] = "SOMEONE ELSE (Edited)"
+    path.write_text(json.dumps(doc))  # edited in place: same file, new size and time
+    assert node_data(cfg, {"partition-id": 1}).user_id == "SOMEONE ELSE (Edited)"

@@ -148,3 +148,63 @@ def test_a_noiseless_release_makes_the_ledger_infinite_for_good():
     assert math.isinf(ledger.epsilon(1e-3))
     back = PrivacyLedger.from_json(ledger.to_json())
     assert math.isinf(back.epsilon(1e-3)) and math.isinf(back.rounds[0]["epsilon"])
+
+
+# ------------------------------------------------------------------------------- cost caps
+@pytest.mark.parametrize("flat, setting, cap", [
+    ({"client.local-steps": 101}, "client.local-steps", "policy.max-local-steps = 100"),
+    ({"client.head-steps": 10_000}, "client.head-steps", "policy.max-head-steps = 100"),
+    ({"client.batch-size": 129}, "client.batch-size", "policy.max-batch-size = 128"),
+    ({"client.head-batch-size": 4096}, "client.head-batch-size", "policy.max-batch-size = 128"),
+    ({"model.seq-len": 513, "model.cue-tokens": 24}, "model.seq-len", "policy.max-seq-len = 512"),
+])
+def test_each_cost_above_a_cap_is_refused_by_name(flat, setting, cap):
+    for check in (lambda p, c: p.check_cost(c), lambda p, c: p.check(c, train_examples=36)):
+        with pytest.raises(PolicyViolation) as info:
+            check(DevicePolicy(), _cfg(**flat))
+        assert info.value.setting == setting and cap in str(info.value), str(info.value)
+        assert str(info.value).startswith(f"the device's privacy policy refuses {setting} = {flat[setting]!r}")
+
+
+def test_cost_caps_are_the_devices_own_and_the_stricter_wins(tmp_path):
+    (tmp_path / POLICY_FILE).write_text("max-head-steps = 10\nmax-round-seconds = 60\n")
+    p = DevicePolicy.load({"policy.max-head-steps": "50", "policy.max-round-seconds": 120,
+                           "policy.max-local-steps": 3}, state_dir=tmp_path)
+    assert (p.max_head_steps, p.max_round_seconds, p.max_local_steps) == (10, 60.0, 3)
+    assert p.check_cost(_cfg(**{"client.local-steps": 3, "client.head-steps": 10}))["client.head-steps"] == 10
+    with pytest.raises(PolicyViolation, match="client.local-steps = 4.*policy.max-local-steps = 3"):
+        p.check_cost(_cfg(**{"client.local-steps": 4}))
+    settings = p.check(_cfg(**{"client.local-steps": 3, "client.head-steps": 6}), train_examples=36)
+    assert settings["policy.max-round-seconds"] == 60.0 and settings["client.head-steps"] == 6, \
+        "the caps the round ran under are kept in the ledger with it"
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("policy.max-local-steps", 0, "integer >= 1"),
+    ("policy.max-head-steps", 2.5, "integer"),
+    ("policy.max-batch-size", -8, "integer >= 1"),
+    ("policy.max-seq-len", "long", "integer"),
+    ("policy.max-round-seconds", 0, "seconds > 0"),
+    ("policy.max-round-seconds", math.inf, "finite"),
+])
+def test_bad_cost_caps_name_the_key(key, value, match):
+    with pytest.raises(ValueError, match=match) as info:
+        DevicePolicy.load({key: value})
+    assert repr(key) in str(info.value) and "You passed" in str(info.value)
+
+
+def test_the_shipped_scenarios_and_defaults_pass_the_default_caps():
+    from fedpersona.config import read_scenario
+    from simulations.runner import CONF_DIR
+
+    scenarios = sorted(CONF_DIR.glob("*.toml"))
+    assert len(scenarios) >= 3
+    for path in scenarios:
+        cfg = _cfg(**{k: v for k, v in read_scenario(path).items() if not k.startswith(("data.", "run."))})
+        DevicePolicy().check_cost(cfg)
+    DevicePolicy().check_cost(load_config({}, env=False))
+    import tomllib
+    from pathlib import Path
+
+    app = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    DevicePolicy().check_cost(_cfg(**{k: v for k, v in app["config"].items() if k.startswith(("client.", "model."))}))

@@ -1,5 +1,6 @@
 """A device's round (shared DP pass with the head off, then the head) and the local-only baseline that replays it."""
 
+import dataclasses
 import json
 
 import pytest
@@ -18,7 +19,8 @@ def _device(tiny_config, tmp_path, **overrides):
     lines = [json.dumps({"cue": f"Who's there? number {i}", "reply": r}) for i, r in enumerate(REPLIES * 2)]
     (folder / "lines.jsonl").write_text("\n".join(lines) + "\n")
     flat = dict(tiny_config, **{"privacy.delta": 1e-2, "data.max-examples": 12, "secagg.enabled": False,
-                                "client.head-steps": 3, "client.head-batch-size": 4}, **overrides)
+                                "client.head-steps": 3, "client.head-batch-size": 4})
+    flat.update(overrides)
     cfg = load_config(flat, env=False)
     tag = "-".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "default"
     # These tests drive the round itself (plain aggregation, DP on or off): the device's policy allows both.
@@ -111,3 +113,59 @@ def test_a_local_head_draws_the_batches_its_local_only_replay_draws(tiny_config,
     assert heads[:3] != heads[3:], "each round its own batches"
     other = _device(tiny_config, tmp_path, **{"privacy.personal-head": "dp"})
     assert other.head_source(1) is other.noise_source and other.noise_source.secure, "a DP head: the CSPRNG"
+
+
+# ------------------------------------------------------------------ the wall-time budget
+class _Ticks:
+    """A clock that moves one second each time it is read: pass deadlines become step counts."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def _budgeted(tiny_config, tmp_path, seconds: float, monkeypatch, **overrides) -> Device:
+    import client.train
+
+    dev = _device(tiny_config, tmp_path, **overrides)
+    dev.policy = dataclasses.replace(dev.policy, max_round_seconds=seconds)
+    monkeypatch.setattr(client.train, "clock", _Ticks())
+    return dev
+
+
+def test_a_dp_pass_stopped_by_the_wall_time_budget_releases_nothing_and_keeps_its_steps(tiny_config, tmp_path,
+                                                                                       monkeypatch):
+    from client.device import HEAD_FILE, RoundTimeExceeded
+
+    # deadline read at t=1 (+3.5 -> 4.5); the steps start at t=2, 3, 4; the 4th check (t=5) stops the pass
+    dev = _budgeted(tiny_config, tmp_path, 3.5, monkeypatch, **{"client.local-steps": 5})
+    with pytest.raises(RoundTimeExceeded, match="after 3 of 5 steps") as info:
+        dev.train_round(dev.model.initial_shared_state(), server_round=1)
+    assert "policy.max-round-seconds" in info.value.public_reason
+    ledger = PrivacyLedger.from_json(dev.store.load_text(LEDGER))
+    assert ledger.total_steps == 3, "the steps taken on the user's data are accounted"
+    (entry,) = ledger.rounds
+    assert entry["steps"] == 3 and entry["settings"]["released"] is False
+    assert entry["settings"]["stopped-by"] == "policy.max-round-seconds"
+    assert dev.store.load_text(PARTICIPATION) is None and dev.store.load_tensors(HEAD_FILE) is None, \
+        "no participation, no head trained on a stopped round"
+
+
+def test_a_head_pass_stopped_by_the_budget_keeps_its_steps_and_the_full_update_is_sent(tiny_config, tmp_path,
+                                                                                      monkeypatch):
+    # deadline 1 + 4.5 = 5.5: the shared pass's 2 steps (t=2, 3), the head's 2 steps (t=4, 5), stop at t=6
+    dev = _budgeted(tiny_config, tmp_path, 4.5, monkeypatch, **{"client.local-steps": 2, "client.head-steps": 5})
+    update, metrics = dev.train_round(dev.model.initial_shared_state(), server_round=1)
+    assert any(float(u.abs().max()) > 0 for u in update.values())
+    assert json.loads(dev.store.load_text(PARTICIPATION)) == [{"round": 1, "steps": 2, "head-steps": 2}]
+    (entry,) = PrivacyLedger.from_json(dev.store.load_text(LEDGER)).rounds
+    assert entry["steps"] == 2 and "released" not in entry["settings"]
+
+
+def test_a_round_within_the_budget_is_untouched(tiny_config, tmp_path, monkeypatch):
+    dev = _budgeted(tiny_config, tmp_path, 100.0, monkeypatch)
+    dev.train_round(dev.model.initial_shared_state(), server_round=1)
+    assert json.loads(dev.store.load_text(PARTICIPATION)) == [{"round": 1, "steps": 2, "head-steps": 3}]

@@ -13,8 +13,9 @@ from client.flow_log import read_inventory
 from client.secagg import KEYS, device_keys
 from client.store import DeviceStore
 from fedpersona.config import CONFIG_ENV, load_config
+from fedpersona.identity import provision
 from fedpersona.model import adapted_model
-from fedpersona.secagg_wire import ARRAYS, RECORD, SELF_ENC_PK, SELF_MASK_PK, from_records, to_records
+from fedpersona.secagg_wire import ARRAYS, RECORD, SELF_ENC_PK, SELF_MASK_PK, SELF_SIGN_PK, from_records, to_records
 from privacy.secagg.settings import secagg_params
 from fedpersona.wire import to_record
 from privacy.audit.inventory import verify_inventory
@@ -58,6 +59,7 @@ def devices(tiny_config, tmp_path, monkeypatch):
                                  node_config={"data-dir": str(folder), "state-dir": str(folder) + "-state",
                                               "user-id": folder.name})
                     for nid, folder in folders.items()}
+        provision([c.node_config["state-dir"] for c in contexts.values()], tmp_path / "identity-root.key")
         return cfg, FakeGrid(contexts)
 
     yield build
@@ -80,7 +82,8 @@ def test_keys_are_created_once_persisted_encrypted_and_reused(devices):
     msg = Message(RecordDict(), dst_node_id=7, message_type="query.advertise")
     msg.metadata.__dict__["_message_id"] = "a1"
     first = from_records(client_app.advertise(msg, grid.contexts[7]).content)
-    assert set(first) == {"client_id", "enc_pk", "mask_pk"} and first["client_id"] == 7
+    assert set(first) == {"client_id", "enc_pk", "mask_pk", "sign_pk", "identity", "certificate", "binding"}
+    assert first["client_id"] == 7
     client_app._DEVICES.clear()  # a restart
     again = from_records(client_app.advertise(msg, grid.contexts[7]).content)
     assert again == first
@@ -109,13 +112,13 @@ def test_secure_round_with_real_devices_sends_only_masked_payloads(devices):
     for nid in (7, 8, 9):
         assert [r["round"] for r in _ledger(grid, nid).rounds] == [1]
         lines = read_inventory(grid.contexts[nid].node_config["state-dir"])
-        assert [ln["message_type"] for ln in lines] == ["query.advertise", "train", "query.unmask"]
+        assert [ln["message_type"] for ln in lines] == ["query.advertise", "train", "query.consistency", "query.unmask"]
         model = client_app._DEVICES[(RUN_ID, nid)].model
         check = verify_inventory({str(nid): lines}, personal_names=list(model.personal_state()),
                                  shared_names=list(shared))
         assert check.ok, check.violations
         train_line = lines[1]
-        assert {r["record"] for r in train_line["rows"]} == {RECORD, ARRAYS}
+        assert {r["record"] for r in train_line["rows"]} == {RECORD, ARRAYS, "freshness"}  # + the opaque receipt
         assert {r["name"] for r in train_line["rows"] if r["kind"] == "array" and r["masked"]} == {"masked"}
 
 
@@ -132,6 +135,7 @@ def _request(cfg, grid, shared, *, length=None, keys=None):
     rnd = server.start_round(1, [7, 8, 9], length or n)
     req = rnd.masked_input_requests()[7]
     req[SELF_ENC_PK], req[SELF_MASK_PK] = keys or (advert["enc_pk"], advert["mask_pk"])
+    req[SELF_SIGN_PK] = advert["sign_pk"]
     return req
 
 
@@ -190,3 +194,41 @@ def test_ddp_user_level_epsilon_in_the_ledger(devices):
     assert [e["round"] for e in entries] == [1, 2]
     assert 0 < entries[0]["epsilon"] < entries[1]["epsilon"] == pytest.approx(rs.info["ddp-epsilon-max"])
     assert entries[1]["mechanism"].startswith("secagg-ddg(") and entries[1]["delta"] == cfg.secagg.ddp_delta
+
+
+def test_round_context_is_bound_into_the_digest_and_checked_by_the_device(devices):
+    """The hook for sums of other content: the server's ``context`` is in the round digest, the device compares it
+    with the value it computes itself (a callable of the request), before training."""
+    from client.secagg import check_request
+    from fedpersona.identity import DeviceIdentity
+    from privacy.secagg import SecAggInputError
+    from privacy.secagg.spec import request_digest
+
+    cfg, grid = devices()
+    _, shared = _content(cfg)
+    msg = Message(RecordDict(), dst_node_id=7, message_type="query.advertise")
+    msg.metadata.__dict__["_message_id"] = "a1"
+    advert = from_records(client_app.advertise(msg, grid.contexts[7]).content)
+    params = secagg_params(cfg)
+    server = SecAggServer(params, run_id=RUN_ID)
+    server.register(advert)
+    for nid in (8, 9):
+        ident = DeviceIdentity.load(f"{grid.contexts[nid].node_config['state-dir']}/identity.json")
+        server.register(SecAggClient(nid, params, identity=ident).advertise(run_id=RUN_ID))
+    n = sum(t.numel() for t in shared.values())
+    context = b"dp-step: sigma=1.1 t=3 step=4 weights=9f86d081"
+
+    def request(ctx):
+        req = server.start_round(1, [7, 8, 9], n, context=ctx).masked_input_requests()[7]
+        req.update({SELF_ENC_PK: advert["enc_pk"], SELF_MASK_PK: advert["mask_pk"], SELF_SIGN_PK: advert["sign_pk"]})
+        return req
+
+    store = DeviceStore(grid.contexts[7].node_config["state-dir"])
+    good = request(context)
+    assert request_digest(good) != request_digest({**good, "context": b""})  # the digest covers it
+    client = check_request(store, cfg, 7, dict(good), shared, context=lambda req: context)
+    assert client.identity is not None and client.trust_root == client.identity.root
+    for expected, req in ((b"dp-step: sigma=0.1 t=3 step=4 weights=9f86d081", good), (b"", good),
+                          (context, request(b""))):
+        with pytest.raises(SecAggInputError, match="context"):
+            check_request(store, cfg, 7, dict(req), shared, context=expected)

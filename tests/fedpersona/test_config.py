@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -22,6 +23,39 @@ def test_pyproject_app_config_matches_known_keys():
     app_cfg = doc["tool"]["flwr"]["app"]["config"]
     assert set(app_cfg) <= set(known_keys())
     secagg_params(load_config(app_cfg, env=False))
+
+
+def test_pyproject_app_config_is_the_demo_scenario():
+    """One source of truth: `flwr run .` (pyproject's config) runs exactly what `fedpersona run` (demo.toml) runs."""
+    import tomllib
+    from pathlib import Path
+
+    doc = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    flower = load_config(doc["tool"]["flwr"]["app"]["config"], env=False)
+    demo = load_config(read_scenario(CONF_DIR / "demo.toml"), env=False)
+    differ = {k: (v, demo.to_flat()[k]) for k, v in flower.to_flat().items() if demo.to_flat()[k] != v}
+    assert not differ, f"pyproject.toml [tool.flwr.app.config] differs from simulations/conf/demo.toml: {differ}"
+    assert doc["tool"]["flwr"]["app"]["components"]["serverapp"] == "simulations.serverapp:app"
+
+
+@pytest.mark.parametrize("key, meant", [
+    ("privacy.target_epsilon", "privacy.target-epsilon"), ("privcy.delta", "privacy.delta"),
+    ("target-epsilon", "privacy.target-epsilon"), ("server.num-round", "server.num-rounds"),
+    ("data.minexamples", "data.min-examples"), ("client.local-step", "client.local-steps"),
+])
+def test_a_mistyped_key_gets_a_did_you_mean(key, meant):
+    with pytest.raises(ValueError, match="Unknown config key") as err:
+        load_config({key: 1}, env=False)
+    assert f"'{key}': did you mean '{meant}'?" in str(err.value)
+    assert "Known keys" not in str(err.value) and len(str(err.value)) < 300, "not every key of every section"
+
+
+def test_an_unknown_key_far_from_any_lists_its_section():
+    with pytest.raises(ValueError) as err:
+        load_config({"model.bogus": 1, "nosection.key": 2}, env=False)
+    text = str(err.value)
+    assert "'model.bogus': [model] has path, seq-len, cue-tokens, device, dtype." in text
+    assert "'nosection.key': no section 'nosection' (sections: adapter, client, data" in text
 
 
 @pytest.mark.parametrize("path", sorted(CONF_DIR.glob("*.toml")), ids=lambda p: p.stem)
@@ -156,3 +190,24 @@ def test_min_contributors_range():
         load_config({"secagg.min-contributors": 1}, env=False)
     with pytest.raises(ValueError, match=r"secagg.min-contributors.*clients-per-round=4.*You passed: 5"):
         load_config({"secagg.min-contributors": 5, "server.clients-per-round": 4}, env=False)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("privacy.planned-rounds", 1e9), ("server.num-rounds", 10**6), ("client.local-steps", 10**7),
+    ("client.head-steps", 10**7), ("client.batch-size", 10**6), ("client.head-batch-size", 10**6),
+    ("model.seq-len", 10**6), ("client.lr", math.inf), ("client.head-lr", math.inf), ("server.lr", math.inf),
+    ("privacy.max-grad-norm", math.inf),
+])
+def test_absurd_values_are_refused_naming_the_field(key, value):
+    """A round config is the server's: values no run needs are refused before anything uses them."""
+    with pytest.raises(ValueError, match=f"'{key}'.*You passed: ") as err:
+        load_config({key: value}, env=False)
+    assert repr(int(value) if isinstance(value, float) and value.is_integer() else value) in str(err.value)
+    # the largest accepted value of each bounded key still loads
+    from fedpersona import config as C
+
+    top = {"privacy.planned-rounds": C.MAX_ROUNDS, "server.num-rounds": C.MAX_ROUNDS, "client.local-steps": C.MAX_STEPS,
+           "client.head-steps": C.MAX_STEPS, "client.batch-size": C.MAX_BATCH_SIZE,
+           "client.head-batch-size": C.MAX_BATCH_SIZE, "model.seq-len": C.MAX_SEQ_LEN}
+    if key in top:
+        load_config({key: top[key]}, env=False)

@@ -62,17 +62,36 @@ def test_supernode_keys_are_openssh_ec_pairs(tmp_path):
 
 def test_rerun_keeps_what_exists_and_adds_what_is_missing(tmp_path):
     certs.make_credentials(tmp_path, supernodes=["alice"])
-    before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     creds = certs.make_credentials(tmp_path, supernodes=["alice", "bob"])
-    assert {p.name for p in creds.created} == {"bob", "bob.pub"}
-    assert all((tmp_path / n if (tmp_path / n).exists() else tmp_path / "supernodes" / n).read_bytes() == b
-               for n, b in before.items())
+    assert {p.name for p in creds.created} == {"bob", "bob.pub", "bob.json"}  # bob's key pair and identity
+    assert all((tmp_path / rel).read_bytes() == b for rel, b in before.items())
     # a new SAN re-issues only the SuperLink certificate, from the same CA
     creds = certs.make_credentials(tmp_path, sans=["DNS:new.example.org"])
     assert {p.name for p in creds.created} == {"superlink.crt", "superlink.key"}
-    assert creds.ca_cert.read_bytes() == before["ca.crt"]
+    assert creds.ca_cert.read_bytes() == before[Path("ca.crt")]
     assert "DNS:new.example.org" in _sans(x509.load_pem_x509_certificate(creds.server_cert.read_bytes()))
     assert set(creds.supernode_keys) == {"alice", "bob"}
+
+
+def test_each_device_gets_an_identity_certified_by_an_offline_root(tmp_path):
+    """The identity root signs each device's identity; the files are private; a new root re-issues them."""
+    from fedpersona.identity import DeviceIdentity, IdentityRoot, verify_certificate
+
+    creds = certs.make_credentials(tmp_path, supernodes=["alice", "bob"])
+    root = IdentityRoot.load(creds.identity_root)
+    assert _mode(creds.identity_root) == 0o600 and _mode(tmp_path / "identities") == 0o700
+    alice, bob = (DeviceIdentity.load(creds.identities[n]) for n in ("alice", "bob"))
+    for ident, name in ((alice, "alice"), (bob, "bob")):
+        assert _mode(creds.identities[name]) == 0o600
+        assert ident.root == root.public and verify_certificate(root.public, ident.public, ident.certificate)
+        assert name.encode() not in creds.identities[name].read_bytes(), "no name in what travels"
+    assert alice.public != bob.public
+    again = certs.make_credentials(tmp_path, supernodes=["alice", "bob"])
+    assert DeviceIdentity.load(again.identities["alice"]).public == alice.public  # kept
+    forced = certs.make_credentials(tmp_path, supernodes=["alice"], force=True)
+    renewed = DeviceIdentity.load(forced.identities["alice"])
+    assert renewed.root != root.public and renewed.public != alice.public
 
 
 @pytest.mark.parametrize("bad", ["IP:300.1.1.1", "DNS:", "DNS:bad name"])
@@ -159,6 +178,7 @@ def test_supernode_argv_secure_by_default(tmp_path):
     assert argv[argv.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
     assert argv[argv.index("--auth-supernode-private-key") + 1] == str(tmp_path / "k")
     assert argv[argv.index("--isolation") + 1] == "process"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1", "the device's Runtime API stays on loopback"
     with pytest.raises(ValueError, match="--insecure"):
         supernode.supernode_argv(superlink="h:1", node_config="", runtime_port=1)
     insecure = supernode.supernode_argv(superlink="h:1", node_config="", runtime_port=1, insecure=True, warm=False)

@@ -16,7 +16,7 @@ from privacy.audit.inventory import check_completeness, personal_digests, summar
 from server.federation import run_federation
 from server.flow_log import read_server_inventory
 from simulations.inprocess import InProcessGrid
-from simulations.partitions import prepare_partitions
+from simulations.partitions import prepare_partitions, provision_identities
 from tests.privacy.audit_helpers import one_thread
 
 PERSONAL = "base_model.model.model.layers.3.self_attn.q_proj.lora_B.personal.weight"
@@ -105,6 +105,7 @@ def small_run(tiny_model_dir, tmp_path_factory):
     nodes = {i: {"partition-id": i} for i in range(4)}
     broken = tmp / "broken-state"
     nodes[4] = {"data-dir": str(tmp / "no-such-folder"), "state-dir": str(broken), "user-id": "broken"}
+    provision_identities(cfg, [broken])  # a device of the run (certified by its root) whose data folder is broken
     with InProcessGrid(client_app.app, nodes, flat, run_id=4242) as grid, one_thread():
         metrics = run_federation(grid, cfg)
     for i in nodes:

@@ -269,3 +269,58 @@ def test_corrupted_json_and_accountant_mismatch():
     assert issubclass(LedgerError, ValueError)
     prv = PrivacyLedger.from_json(json.dumps(_good_state() | {"accountant": "prv"}))
     assert prv.accountant == "prv" and prv.total_steps == 100
+
+
+# ------------------------------------------------------------- what it saves, it loads again
+def test_a_tiny_negative_epsilon_is_clamped_at_zero():
+    """Far below the budget Opacus's RDP conversion returns -0.0085; a ledger holds 0 (and loads it again)."""
+    ledger = PrivacyLedger()
+    ledger.step(noise_multiplier=8952.0, sample_rate=4 / 9, num_steps=2)
+    assert ledger.epsilon(1e-2) == 0.0
+    entry = ledger.record_round(round=1, steps=2, noise_multiplier=8952.0, sample_rate=4 / 9, delta=1e-2)
+    assert entry["epsilon"] == 0.0
+    assert PrivacyLedger.from_json(ledger.to_json()).state_dict() == ledger.state_dict()
+
+
+def test_record_round_refuses_what_the_load_rule_refuses():
+    class Broken(PrivacyLedger):
+        def epsilon(self, delta):
+            return -0.5  # an accountant gone wrong: recorded as is, the device could never load its ledger again
+
+    ledger = Broken()
+    ledger.step(noise_multiplier=1.0, sample_rate=0.1)
+    with pytest.raises(ValueError, match="could not load again.*'epsilon' must be a number >= 0"):
+        ledger.record_round(round=1, steps=1, noise_multiplier=1.0, sample_rate=0.1, delta=DELTA)
+    assert ledger.rounds == []
+    PrivacyLedger.from_json(ledger.to_json())  # what was saved still loads
+
+
+_SETTINGS = [None, {}, {"privacy.enabled": True, "client.local-steps": 6, "privacy.delta": 1e-3,
+                        "privacy.accountant": "rdp", "note": "é ✓ \u2028", "big": 2**62, "tiny": 5e-324}]
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_every_record_it_can_make_round_trips(accountant):
+    """Every (sigma, q, steps, delta) corner the ledger accepts, recorded, saved and loaded again, unchanged."""
+    sigmas = [0.0, 1e-3, 0.5, 1.0, 8952.0, 1e6] if accountant == "rdp" else [0.0, 0.9, 50.0]
+    rates = [1e-6, 4 / 9, 1.0] if accountant == "rdp" else [0.01, 1.0]
+    steps = [2, 1000] if accountant == "rdp" else [1, 20]
+    deltas = [1e-12, 0.5] if accountant == "rdp" else [1e-5]
+    made = 0
+    for sigma in sigmas:
+        for q in rates:
+            for n in steps:
+                for delta in deltas:
+                    for settings in [_SETTINGS[made % len(_SETTINGS)]]:
+                        ledger = PrivacyLedger(accountant=accountant)
+                        ledger.step(noise_multiplier=sigma, sample_rate=q, num_steps=n)
+                        entry = ledger.record_round(round=made, steps=n, noise_multiplier=sigma, sample_rate=q,
+                                                    delta=delta, settings=settings)
+                        assert entry["epsilon"] >= 0
+                        ledger.record_user_level(round=made, epsilon=math.inf if sigma == 0 else 0.0, delta=delta,
+                                                 mechanism="distributed-discrete-gaussian")
+                        back = PrivacyLedger.from_json(ledger.to_json())
+                        assert back.state_dict() == ledger.state_dict(), (sigma, q, n, delta, settings)
+                        assert back.rounds == ledger.rounds
+                        made += 1
+    assert made == len(sigmas) * len(rates) * len(steps) * len(deltas)

@@ -37,6 +37,13 @@ def expected(updates, extras, survivors, cfg=CFG):
     return tot, ex
 
 
+def sign_survivors(rnd, clients, skip=()):
+    """The consistency check, every survivor (but ``skip``) signing the set the server shows it."""
+    for c, req in rnd.consistency_requests().items():
+        if c not in skip:
+            rnd.receive_consistency(clients[c].consistency(req))
+
+
 def check(result, updates, extras, survivors, cfg=CFG):
     tot, ex = expected(updates, extras, survivors, cfg)
     n = len(survivors)
@@ -96,9 +103,10 @@ def test_many_rounds_same_keys_and_stateless_clients():
         rnd = server.start_round(rnd_no, ids, D)
         for c, req in rnd.masked_input_requests().items():
             rnd.receive_masked(clients[c].masked_input(req, ups[c]))
+        sign_survivors(rnd, clients)
         for c, req in rnd.unmask_requests().items():
             fresh = SecAggClient.from_state(clients[c].state(), cfg)  # a new process with the stored keys
-            rnd.receive_unmask(fresh.unmask(req))
+            rnd.receive_unmask(fresh.unmask(req, signed=clients[c].signed_set(rnd.setup.digest)))
         res = rnd.finish()
         assert np.max(np.abs(res.total - sum(clipped(u, 1.0) for u in ups.values()))) < 5 / cfg.scale
 
@@ -121,6 +129,8 @@ def test_too_few_survivors_aborts_before_any_share_is_released():
     for c, req in list(rnd.masked_input_requests().items())[:4]:  # t = 5
         rnd.receive_masked(clients[c].masked_input(req, ups[c], ex[c]))
     with pytest.raises(SecAggAbort, match="min_survivors"):
+        rnd.consistency_requests()
+    with pytest.raises(SecAggInputError):
         rnd.unmask_requests()
     with pytest.raises(SecAggInputError):
         rnd.finish()
@@ -139,6 +149,7 @@ def test_client_refuses_to_unmask_for_too_few_survivors():
     rnd = server.start_round(1, list(clients), D)
     for c, req in rnd.masked_input_requests().items():
         rnd.receive_masked(clients[c].masked_input(req, ups[c], ex[c]))
+    sign_survivors(rnd, clients)
     req = rnd.unmask_requests()[1]
     req["survivors"] = np.array([1, 2], dtype=np.uint64)  # a server pretending nearly everyone dropped
     with pytest.raises(SecAggAbort, match="survivors"):
@@ -157,7 +168,7 @@ def test_disconnected_survivors_abort():
         if c not in dropped:
             rnd.receive_masked(clients[c].masked_input(req, ups[c]))
     with pytest.raises(SecAggAbort, match="disconnected"):
-        rnd.unmask_requests()
+        rnd.consistency_requests()
 
 
 # ------------------------------------------------------------------------ rejected inputs
@@ -169,17 +180,21 @@ def stage2():
     for c, req in rnd.masked_input_requests().items():
         replies[c] = clients[c].masked_input(req, ups[c], ex[c])
         rnd.receive_masked(replies[c])
+    sign_survivors(rnd, clients)
     return server, clients, rnd, replies, rnd.unmask_requests()
 
 
-def test_tampered_ciphertext_rejected(stage2):
+def test_tampered_ciphertext_is_skipped_and_named(stage2):
+    """A ciphertext that does not open: the holder names its sender and answers for the others."""
     _, clients, _, _, requests = stage2
     req = dict(requests[3])
+    senders = [int(x) for x in req["senders"]]
     ct = bytearray(req["ciphertexts"])
-    ct[40] ^= 1
+    ct[40] ^= 1  # inside the first sender's ciphertext
     req["ciphertexts"] = bytes(ct)
-    with pytest.raises(DecryptionError, match="authentication failed"):
-        clients[3].unmask(req)
+    reply = clients[3].unmask(req)
+    assert reply["undecryptable"].tolist() == [senders[0]]
+    assert reply["b_owners"].tolist() == senders[1:]
     assert issubclass(DecryptionError, ValueError)
 
 
@@ -191,13 +206,14 @@ def test_ciphertext_from_another_round_rejected():
         rnd = server.start_round(rnd_no, ids, D)
         for c, req in rnd.masked_input_requests().items():
             rnd.receive_masked(clients[c].masked_input(req, ups[c], ex[c]))
+        sign_survivors(rnd, clients)
         requests = rnd.unmask_requests()
         if rnd_no == 1:
             old = requests
     req = dict(requests[2])
     req["ciphertexts"] = old[2]["ciphertexts"]  # same senders, same sizes: only the round differs
-    with pytest.raises(DecryptionError):
-        clients[2].unmask(req)
+    reply = clients[2].unmask(req)
+    assert reply["undecryptable"].tolist() == req["senders"].tolist() and reply["b_owners"].size == 0
 
 
 def test_ciphertext_from_another_run_rejected():
@@ -207,11 +223,13 @@ def test_ciphertext_from_another_run_rejected():
         rnd = server.start_round(1, list(clients), D)
         for c, req in rnd.masked_input_requests().items():
             rnd.receive_masked(clients[c].masked_input(req, ups[c], ex[c]))
-        reqs.append(rnd.unmask_requests())
-    req = dict(reqs[1][2])
-    req["ciphertexts"] = reqs[0][2]["ciphertexts"]
-    with pytest.raises(DecryptionError):
-        clients[2].unmask(req)
+        sign_survivors(rnd, clients)
+        reqs.append((clients[2], rnd.unmask_requests()))
+    client, requests = reqs[1]
+    req = dict(requests[2])
+    req["ciphertexts"] = reqs[0][1][2]["ciphertexts"]
+    reply = client.unmask(req)
+    assert reply["undecryptable"].tolist() == req["senders"].tolist() and reply["b_owners"].size == 0
 
 
 def test_reply_for_another_round_rejected():
@@ -363,6 +381,9 @@ def test_payloads_fit_flower_records():
     for c, req in req1.items():
         msgs.append(clients[c].masked_input(req, ups[c], ex[c]))
         rnd.receive_masked(msgs[-1])
+    for c, req in rnd.consistency_requests().items():
+        msgs += [req, clients[c].consistency(req)]
+        rnd.receive_consistency(msgs[-1])
     req2 = rnd.unmask_requests()
     msgs += [req2[1], clients[1].unmask(req2[1])]
     for m in msgs:
@@ -385,7 +406,8 @@ def test_stats_and_bytes():
     packed = packed_size(D + len(CFG.extras), CFG.modulus_bits)  # the b-bit vector
     k = default_degree(len(ups))
     shares = (k + 1) * (SEAL_OVERHEAD + SHARE_BYTES * (k + 1))  # one ciphertext per share holder
-    assert all(packed + shares < st.bytes_up[c] < packed + shares + 400 for c in ups)  # + holder ids, round, field names
+    # + holder ids, round, field names, and two signatures (the stage-1 reply's and the consistency check's)
+    assert all(packed + shares + 2 * 64 < st.bytes_up[c] < packed + shares + 2 * 64 + 500 for c in ups)
 
 
 # -------------------------------------------------------------------------------- graph

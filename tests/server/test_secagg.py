@@ -17,6 +17,7 @@ import client.flow_log as client_inventory
 from client.device import BudgetExhausted
 from client.store import DeviceStore
 from fedpersona.config import CONFIG_ENV, load_config
+from fedpersona.identity import provision
 from fedpersona.secagg_wire import ARRAYS, RECORD
 from privacy.secagg.settings import secagg_params
 from fedpersona.wire import to_record
@@ -133,6 +134,8 @@ def federation(tmp_path, monkeypatch):
                                               "data-dir": str(tmp_path / f"data{nid}"),
                                               "state-dir": str(tmp_path / f"state{nid}")})
                     for nid in range(11, 16)}
+        # Each device's identity under the operator's root (the server never holds the root's key).
+        provision([c.node_config["state-dir"] for c in contexts.values()], tmp_path / "identity-root.key")
         return cfg, FakeGrid(contexts)
 
     yield build
@@ -232,7 +235,10 @@ def test_server_receives_no_plain_update_weight_or_metrics(federation):
     q = secagg_params(cfg).quantizer
     for m, reply in grid.log:
         content = reply.content
-        assert set(content.keys()) == {RECORD, ARRAYS}, m.metadata.message_type
+        assert set(content.keys()) == {RECORD, ARRAYS, "freshness"}, m.metadata.message_type
+        # The freshness receipt: one opaque 84-byte string, encrypted under the device's own key.
+        assert set(content.config_records["freshness"]) == {"receipt"}
+        assert len(content.config_records.pop("freshness")["receipt"]) == 84
         assert not content.metric_records
         for name, arr in content.array_records[ARRAYS].items():
             # no float array: no plain update; the masked vector is b-bit packed, the rest are ids
@@ -263,8 +269,9 @@ def test_declined_devices_take_no_part_in_the_sum(federation):
     # The decliner sent no vector and no shares, and was not asked to unmask.
     (decline,) = [r for m, r in grid.log if m.metadata.message_type == "train" and m.metadata.dst_node_id == 12]
     assert not decline.content.array_records.get(ARRAYS) and set(decline.content[RECORD]) == {
-        "client_id", "run_id", "round", "declined"}
-    assert 12 not in {m.metadata.dst_node_id for m, _ in grid.log if m.metadata.message_type == "query.unmask"}
+        "client_id", "run_id", "round", "declined", "signature"}
+    assert 12 not in {m.metadata.dst_node_id for m, _ in grid.log
+                      if m.metadata.message_type in ("query.consistency", "query.unmask")}
 
 
 def test_keys_advertised_once_per_run_and_new_nodes_when_first_sampled(federation):
@@ -274,11 +281,11 @@ def test_keys_advertised_once_per_run_and_new_nodes_when_first_sampled(federatio
     assert len(grid.replies("query.advertise")) == 3
     rs = agg.collect(grid, [12, 13, 14, 15], _content(2), server_round=2, timeout=None)
     assert len(grid.replies("query.advertise")) == 5 and rs.contributors == 4
-    # A third round: no advertisement at all; 2 exchanges per node.
+    # A third round: no advertisement at all; 3 exchanges per node (masked input, consistency check, unmask).
     before = len(grid.log)
     agg.collect(grid, [11, 12, 13, 14, 15], _content(3), server_round=3, timeout=None)
     kinds = [m.metadata.message_type for m, _ in grid.log[before:]]
-    assert sorted(set(kinds)) == ["query.unmask", "train"] and len(kinds) == 10
+    assert sorted(set(kinds)) == ["query.consistency", "query.unmask", "train"] and len(kinds) == 15
 
 
 def test_a_node_that_fails_to_advertise_is_left_out_and_counted(federation):
@@ -365,3 +372,14 @@ def test_ddp_noise_ledger_and_metrics(federation):
     grid.drop = {"train": set(cohort[:3])}
     rs = SecureAggregator(cfg, run_id=RUN_ID).collect(grid, cohort, _content(2), server_round=2, timeout=None)
     assert rs.aborted and "min_survivors=3" in rs.aborted
+
+
+def test_the_server_code_never_touches_the_identity_root():
+    """Devices trust the operator's identity root; nothing the ServerApp runs may read or make its private key."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "server"
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        for needle in ("IdentityRoot", "ROOT_KEY_FILE", "identity-root", "fedpersona.identity", "provision("):
+            assert needle not in text, f"{path.name} mentions {needle}"

@@ -182,17 +182,9 @@ def test_engine_grid_bounds_its_devices_and_memory(tiny_config, tmp_path):
 
 def _cli_run(flat: dict, cwd: Path):
     """`fedpersona run --cpus 1 -v` in a subprocess with every key of ``flat`` as ``--set``."""
-    import os
-    import subprocess
-    import sys
+    from tests.fedpersona.cli_helpers import run_cli
 
-    root = Path(__file__).resolve().parents[2]
-    args = [a for k, v in flat.items() for a in ("--set", f"{k}={json.dumps(v) if isinstance(v, str) else v}")]
-    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
-    env.pop("FEDPERSONA_RUN_CONFIG", None)
-    return subprocess.run([sys.executable, "-m", "fedpersona.cli", "run", "--cpus", "1", "-v", *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return run_cli(["run", "--cpus", "1", "-v"], cwd, flat=flat)
 
 
 def test_cli_run_goes_through_the_cohort_engine(tiny_config, tmp_path):

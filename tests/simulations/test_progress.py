@@ -2,10 +2,7 @@
 
 import io
 import json
-import os
 import re
-import subprocess
-import sys
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -17,8 +14,8 @@ from simulations.partitions import prepare_partitions
 from simulations.progress import LineDisplay, make_display
 from simulations.runner import resolve
 from simulations.sources import load_source
+from tests.fedpersona.cli_helpers import run_cli
 
-ROOT = Path(__file__).resolve().parents[2]
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -51,14 +48,23 @@ def test_simulation_on_a_jsonl_file_with_one_progress_line_per_round(tiny_config
     assert metrics["final"]["devices"] == 4  # the server holds only the secure sum of the 4 devices' figures
 
     lines = out.getvalue().splitlines()
-    round_lines = [line for line in lines if line.startswith("round ")]
+    round_lines = [line for line in lines if line.startswith("round ") and "| cohort" in line]
     assert len(round_lines) == 2, lines
     assert round_lines[0].startswith("round 1/2 | cohort 3: trained 3, declined 0, failed 0")
     assert "key advertisement" in round_lines[0] and "unmasking" in round_lines[0]  # secure-aggregation stages
-    assert "ETA" in round_lines[0] and "ETA" not in round_lines[1]  # nothing left after the last round
+    # The ETA counts the final evaluation: after the last round it is what is left.
+    assert "ETA" in round_lines[0] and "ETA" in round_lines[1] and "with the final evaluation" in round_lines[1]
+    # One line per device that finished, piped: 3 per round, then the 4 devices' final evaluation.
+    for r in (1, 2):
+        mine = [line for line in lines if line.startswith(f"round {r}/2 | device ")]
+        assert [m.split(" | ")[1] for m in mine] == [f"device {k}/3 trained" for k in (1, 2, 3)], lines
+        assert lines.index(mine[-1]) < lines.index(round_lines[r - 1])
+        assert "ETA" in mine[0] and "ETA" not in mine[-1]  # from the devices done so far, none left after the last
+    evaluated = [line for line in lines if line.startswith("final evaluation | device ")]
+    assert [e.split(" | ")[1] for e in evaluated] == [f"device {k}/4 evaluated" for k in (1, 2, 3, 4)], lines
     assert lines[0].startswith("run 'demo': 4 users, 3 per round, 2 rounds, DP-SGD on, aggregation secagg+")
     assert lines[-1].startswith("final evaluation: 4 users") and "personalized" in lines[-1]
-    assert len(lines) == 4 and not any(ANSI.search(line) for line in lines)
+    assert len(lines) == 1 + 2 * (3 + 1) + 4 + 1 and not any(ANSI.search(line) for line in lines)
 
 
 def test_display_is_plain_lines_when_stdout_is_not_a_terminal():
@@ -89,16 +95,11 @@ def test_cli_run_writes_each_line_once_without_ansi_codes(tiny_config, tmp_path)
     """The console script through the Flower simulation, piped (as in CI or `> run.log`), with info logs on."""
     src = _chat_file(tmp_path / "chats.jsonl")
     flat = dict(tiny_config, **{"data.source": src, "data.min-examples": 8, "eval.local-baseline": False})
-    args = [a for k, v in flat.items() for a in ("--set", f"{k}={json.dumps(v) if isinstance(v, str) else v}")]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
-    env.pop("FEDPERSONA_RUN_CONFIG", None)
-    proc = subprocess.run([sys.executable, "-m", "fedpersona.cli", "run", "--cpus", "1", "-v", *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_cli(["run", "--cpus", "1", "-v"], tmp_path, flat=flat)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out, err = proc.stdout, proc.stderr
     assert not ANSI.search(out) and not ANSI.search(err), "ANSI codes in a pipe"
-    assert len([line for line in out.splitlines() if line.startswith("round ")]) == 2, out
+    assert len([line for line in out.splitlines() if line.startswith("round ") and "| cohort" in line]) == 2, out
     assert "Generating" not in err and "\r" not in err, "no progress bars in a pipe"
     assert "is_gradient_checkpointing" not in err and "Tip: In future versions of Ray" not in err
     events = [_event(line) for line in (out + "\n" + err).splitlines()
@@ -124,6 +125,8 @@ def test_live_display_on_a_terminal_keeps_one_line_per_finished_round():
             d.event("round-start", round=r, rounds=2, cohort=3)
             for stage in ("advertise", "train", "unmask"):
                 d.event("stage", round=r, stage=stage, nodes=3)
+                for done in (1, 2, 3):
+                    d.event("reply", round=r, stage=stage, nodes=3, done=done, failed=0, seconds=0.1 * done)
                 d.event("stage-end", round=r, stage=stage, nodes=3, replies=3, errors=0, seconds=0.5)
             d.event("round-end", round=r, rounds=2, cohort=3, trained=3, declined=0, failed=0, applied=True,
                     seconds=1.5, epsilon=1.0)
@@ -135,3 +138,54 @@ def test_live_display_on_a_terminal_keeps_one_line_per_finished_round():
                  "prepared 4 users from chats.jsonl"):
         assert text.count(line) == 1, (line, text)
     assert "rounds" in text and "2/2" in text and "training + masked input" in text
+    assert "round 2: training + masked input, devices done" in text and "3/3" in text  # devices done in the stage
+    assert "device 3/3 trained" not in text, "on a terminal the status line counts the devices; no line each"
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_eta_counts_the_devices_done_and_the_final_evaluation():
+    """The run's ETA: rounds left at a round's time plus the final evaluation (users x a device's seconds),
+    and inside a stage the devices done so far."""
+    from simulations.progress import Lines
+
+    clock = _Clock()
+    lines = Lines(clock=clock)
+    lines.text("run-start", {"run": "demo", "rounds": 3, "nodes": 20, "cohort": 8, "aggregation": "secagg+",
+                             "dp": True, "final-eval": True, "local-baseline": True})
+    lines.text("round-start", {"round": 1, "rounds": 3, "cohort": 8})
+    lines.text("stage", {"round": 1, "stage": "train", "nodes": 8})
+    assert lines.eta() is None and lines.stage_eta() is None  # nothing measured yet
+    clock.t = 10.0
+    text = lines.text("reply", {"round": 1, "stage": "train", "nodes": 8, "done": 1, "failed": 0})
+    assert text == "round 1/3 | device 1/8 trained | 10.0 s, ETA 1:10"  # 7 devices left at 10 s each
+    # the run: this round's 70 s left, 2 more rounds of 8 devices, the final evaluation of 20 devices
+    assert lines.eta() == 70 + 2 * 80 + 20 * 10
+    clock.t = 80.0
+    assert lines.text("reply", {"round": 1, "stage": "train", "nodes": 8, "done": 8, "failed": 1}) \
+        == "round 1/3 | device 8/8 trained, 1 failed | 80.0 s"
+    lines.text("stage-end", {"round": 1, "stage": "train", "nodes": 8, "replies": 8, "errors": 1, "seconds": 80.0})
+    line = lines.text("round-end", {"round": 1, "rounds": 3, "cohort": 8, "trained": 7, "declined": 0, "failed": 1,
+                                    "applied": True, "seconds": 90.0})
+    assert line.endswith("90.0 s, ETA 6:20 with the final evaluation")  # 2 x 90 + 20 x 10
+    lines.text("eval-start", {"nodes": 20})
+    lines.text("stage", {"round": 4, "stage": "evaluate", "nodes": 20})
+    clock.t = 130.0
+    assert lines.text("reply", {"round": 4, "stage": "evaluate", "nodes": 20, "done": 5}) \
+        == "final evaluation | device 5/20 evaluated | 50.0 s, ETA 2:30"
+    assert lines.eta() == 150.0
+    # no local-only replay: the evaluation is estimated at a quarter of a device's training
+    quiet = Lines(clock=clock)
+    quiet.text("run-start", {"run": "demo", "rounds": 1, "nodes": 20, "cohort": 8, "local-baseline": False})
+    quiet.device_seconds.append((80.0, 8))
+    assert quiet.eta(1) == 20 * 10 * 0.25
+    off = Lines(clock=clock)
+    off.text("run-start", {"run": "demo", "rounds": 1, "nodes": 1, "cohort": 1, "final-eval": False})
+    assert off.text("run-start", {"run": "x", "rounds": 1, "nodes": 1, "cohort": 1}).startswith(
+        "run 'x': 1 user, 1 per round, 1 round, ")  # "1 round", not "1 rounds"

@@ -20,8 +20,15 @@ def test_delta_must_be_below_one_over_examples(tiny_config):
 
 
 def test_cohort_larger_than_the_users(tiny_config):
-    with pytest.raises(ValueError, match="server.clients-per-round"):
+    """The error names the real cause: the users left after the filters, and where the cohort size came from."""
+    with pytest.raises(ValueError) as err:
         run(None, dict(tiny_config, **{"server.clients-per-round": 5, "data.max-users": 4}))
+    text = str(err.value)
+    assert text.startswith("Too few users: 4 of the ") and "users of shakespeare are left after the filters (" in text
+    assert "with fewer than data.min-examples=40 examples" in text and "not drawn (data.max-users=4)" in text
+    assert "server.clients-per-round = 5 (--set)" in text and "at most 4" in text
+    with pytest.raises(ValueError, match=r"server.clients-per-round = 8 \(the default\)"):
+        run(None, {k: v for k, v in tiny_config.items() if k != "server.clients-per-round"} | {"data.max-users": 4})
 
 
 def test_auto_engine_picks_by_where_the_model_runs(tiny_config, tiny_model_dir, tmp_path):

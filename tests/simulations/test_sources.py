@@ -134,6 +134,14 @@ def test_non_text_and_empty_values_name_the_row(tmp_path):
         load_source(_data(source=_jsonl(tmp_path / "ids.jsonl", rows), min_examples=2), 0)
 
 
+def test_text_a_device_would_refuse_names_the_row(tmp_path):
+    for i, (column, bad, match) in enumerate([("reply", "esc \x1b[31m", "U\\+001B"), ("cue", "nul \x00", "U\\+0000")]):
+        rows = _rows()
+        rows[5][column] = bad
+        with pytest.raises(ValueError, match=rf"bad{i}.jsonl, row 6: column '{column}' \(data.{column}-column\) .*{match}"):
+            load_source(_data(source=_jsonl(tmp_path / f"bad{i}.jsonl", rows), min_examples=2), 0)
+
+
 def test_unreadable_sources(tmp_path):
     with pytest.raises(ValueError, match=r"data.source.*cannot read"):
         load_source(_data(source=str(tmp_path / "nope.jsonl")), 0)

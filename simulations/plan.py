@@ -1,0 +1,170 @@
+"""``fedpersona plan``: what every user's device will do, before anything trains.
+
+For the scenario (a ``simulations/conf`` file + ``--set``) and the devices' policy (``--device-policy``,
+as ``fedpersona run`` gives it to the simulated devices), each user of the source after the filters:
+
+* the examples its device keeps (``data.max-examples``) and trains on (after the held-out split);
+* the sample rate ``q = client.batch-size / training examples`` and the noise multiplier sigma, as the
+  device picks it (calibrated so that ``privacy.planned-rounds`` rounds of ``client.local-steps`` steps
+  stay within ``privacy.target-epsilon``, unless ``privacy.noise-multiplier`` fixes it: the same call
+  as :meth:`client.device.Device._noise_multiplier` makes, ``tests/simulations/test_plan.py``);
+* the rounds it is sampled in (``server.sampling`` over the run's rounds, as the in-process grid of
+  ``fedpersona run`` numbers its nodes) and the DP steps they add up to;
+* the epsilon its ledger reaches after them (and after every planned round, the budget's worst case);
+  a round that would take it past its budget is declined, as the device declines it;
+* whether its policy accepts the run's settings at all (:meth:`client.policy.DevicePolicy.check`).
+
+Nothing is loaded but the data: no model, no tokenizer.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Any
+
+from client.data import split_examples
+from client.policy import PREFIX, DevicePolicy, PolicyViolation
+from fedpersona.config import Config
+from privacy.ledger import PrivacyLedger, calibrate_noise
+from server.federation import sample_cohort
+from simulations.sources import load_source_report
+
+#: The node ids ``fedpersona run``'s in-process grid gives the users, in partition order (simulations.runner).
+FIRST_NODE = 100
+
+
+def _noise(cfg: Config, q: float, steps_per_round: int) -> float:
+    """Sigma as a device picks it for ``planned-rounds * steps_per_round`` steps at sample rate ``q``."""
+    p = cfg.privacy
+    if not p.enabled:
+        return 0.0
+    if p.noise_multiplier > 0:
+        return p.noise_multiplier
+    return _calibrated(p.target_epsilon, p.delta, q, cfg.planned_rounds * steps_per_round, p.accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated(target_epsilon: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    """Users with as many training examples share one calibration."""
+    return calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps=steps,
+                           accountant=accountant)
+
+
+def _spend(cfg: Config, sigma: float, q: float, steps: int, rounds: int) -> tuple[float, int]:
+    """(epsilon after ``rounds`` participations of ``steps`` steps, rounds declined for the budget)."""
+    p = cfg.privacy
+    if not p.enabled:
+        return math.inf, 0
+    ledger = PrivacyLedger(accountant=p.accountant)
+    declined = 0
+    for _ in range(rounds):
+        nxt = ledger.epsilon_if(noise_multiplier=sigma, sample_rate=q, num_steps=steps, delta=p.delta)
+        if nxt > p.target_epsilon * (1 + 1e-9):
+            declined += 1
+            continue
+        ledger.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
+    return ledger.epsilon(p.delta), declined
+
+
+def make_plan(scenario: str | None, overrides: dict[str, Any] | None = None, *,
+              device_policy: dict[str, Any] | None = None) -> dict:
+    """The plan of every user (module docstring) and of the run: ``{"config", "data", "users", "refused", ...}``."""
+    from simulations.runner import resolve
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a run warns about its settings; the plan shows them
+        _, cfg = resolve(scenario, dict(overrides or {}))
+    values = {(k if k.startswith(PREFIX) else PREFIX + k): v for k, v in (device_policy or {}).items()}
+    policy = DevicePolicy.from_mapping(values, source="--device-policy")
+    users, report = load_source_report(cfg.data, cfg.run.seed)
+    if cfg.server.clients_per_round > len(users):
+        from simulations.runner import _origin, too_few_users
+
+        raise ValueError(too_few_users(report, cfg, origin=_origin("server.clients-per-round", scenario,
+                                                                   dict(overrides or {}))))
+    nodes = [FIRST_NODE + i for i in range(len(users))]
+    sampled = dict.fromkeys(nodes, 0)
+    size = cfg.server.clients_per_round
+    for r in range(1, cfg.server.num_rounds + 1):
+        for n in sample_cohort(nodes, size, seed=cfg.run.seed, server_round=r, sampling=cfg.server.sampling):
+            sampled[n] += 1
+    p, c = cfg.privacy, cfg.client
+    head_dp = p.enabled and p.personal_head == "dp" and cfg.adapter.split != "fedsa" and c.head_steps > 0
+    rows, refused = [], 0
+    for node, u in zip(nodes, users):
+        kept = min(len(u.examples), cfg.data.max_examples)
+        train, held = split_examples(list(range(kept)), eval_fraction=cfg.data.eval_fraction, seed=cfg.run.seed,
+                                     key=u.user_id)
+        n = len(train)
+        q = min(1.0, c.batch_size / n)
+        sigma = _noise(cfg, q, c.local_steps)
+        row: dict[str, Any] = {"user": u.user_id, "examples": len(u.examples), "train": n, "held-out": len(held),
+                               "q": q, "sigma": sigma, "steps-per-round": c.local_steps, "sampled": sampled[node]}
+        why = ""
+        if p.enabled and p.delta >= 1.0 / n:
+            why = f"privacy.delta = {p.delta:g} is not below 1/{n} (its training examples)"
+        else:
+            try:
+                policy.check(cfg, train_examples=n, noise_multiplier=sigma)
+            except PolicyViolation as exc:
+                why = str(exc)
+        if why:
+            refused += 1
+            row.update({"refused": why, "epsilon": 0.0, "steps": 0, "declined": sampled[node]})
+        else:
+            eps, declined = _spend(cfg, sigma, q, c.local_steps, sampled[node])
+            row.update({"epsilon": eps, "steps": (sampled[node] - declined) * c.local_steps, "declined": declined,
+                        "epsilon-planned": _spend(cfg, sigma, q, c.local_steps, cfg.planned_rounds)[0]})
+            if head_dp:
+                hq = min(1.0, c.head_batch_size / n)
+                hs = _noise(cfg, hq, c.head_steps)
+                row.update({"head-q": hq, "head-sigma": hs,
+                            "head-epsilon": _spend(cfg, hs, hq, c.head_steps, sampled[node] - declined)[0]})
+        rows.append(row)
+    return {"run": cfg.run.name, "config": cfg, "data": report, "users": rows, "refused": refused,
+            "head-dp": head_dp, "policy": policy}
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as text: the run's settings, one row per user, the totals."""
+    cfg: Config = plan["config"]
+    p, c, s = cfg.privacy, cfg.client, cfg.server
+    rows = plan["users"]
+    out = [f"plan of run '{plan['run']}': {len(rows)} users, {s.clients_per_round} per round, {s.num_rounds} "
+           f"round{'s' if s.num_rounds != 1 else ''} ({s.sampling} sampling), {c.local_steps} DP-SGD steps of expected "
+           f"batch {c.batch_size} per round",
+           (f"privacy: target epsilon {p.target_epsilon:g} at delta {p.delta:g} per user, planned over "
+            f"{cfg.planned_rounds} rounds (privacy.planned-rounds), {p.accountant} accountant, clip {p.max_grad_norm:g}"
+            if p.enabled else "privacy: OFF (privacy.enabled = false): no guarantee"),
+           f"personal head: {p.personal_head}" + (", DP-SGD with its own ledger" if plan["head-dp"] else
+                                                  ", never leaves the device, no noise")]
+    out += plan["data"].lines()
+    width = max([len("user")] + [len(r["user"]) for r in rows])
+    head = f"{'user':<{width}}  {'examples':>8}  {'train':>5}  {'q':>6}  {'sigma':>6}  {'sampled':>7}  {'steps':>5}  " \
+           f"{'epsilon':>7}  {'if every round':>14}"
+    if plan["head-dp"]:
+        head += f"  {'head sigma':>10}  {'head eps':>8}"
+    out += ["", head, "-" * len(head)]
+    for r in rows:
+        if r.get("refused"):
+            out.append(f"{r['user']:<{width}}  {r['examples']:>8}  {r['train']:>5}  {r['q']:>6.3f}  {r['sigma']:>6.3f}  "
+                       f"{r['sampled']:>7}  REFUSED: {r['refused']}")
+            continue
+        declined = f" ({r['declined']} declined)" if r["declined"] else ""
+        line = (f"{r['user']:<{width}}  {r['examples']:>8}  {r['train']:>5}  {r['q']:>6.3f}  {r['sigma']:>6.3f}  "
+                f"{r['sampled']:>7}  {r['steps']:>5}  {r['epsilon']:>7.2f}  {r['epsilon-planned']:>14.2f}")
+        if plan["head-dp"]:
+            line += f"  {r['head-sigma']:>10.3f}  {r['head-epsilon']:>8.2f}"
+        out.append(line + declined)
+    ok = [r for r in rows if not r.get("refused")]
+    if ok:
+        eps = [r["epsilon"] for r in ok]
+        never = sum(1 for r in ok if r["sampled"] == 0)
+        out += ["", f"epsilon reached: {min(eps):.2f} to {max(eps):.2f} (budget {p.target_epsilon:g}); "
+                    f"{sum(1 for r in ok if r['sampled'])} of {len(rows)} users take part"
+                    + (f", {never} never sampled" if never else "")]
+    if plan["refused"]:
+        out.append(f"{plan['refused']} user(s) would refuse every round: see REFUSED above")
+    return "\n".join(out)

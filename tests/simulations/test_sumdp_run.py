@@ -1,0 +1,57 @@
+"""`fedpersona run` with the noise on the sum: the engine grid passes the steps of the noisy sums to the devices."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from client.store import DeviceStore
+from privacy.ledger import PrivacyLedger
+from simulations.partitions import simulated_state_dir
+from simulations.runner import resolve
+
+
+def test_cli_run_with_the_noise_on_the_sum(tiny_config, tmp_path):
+    flat = dict(tiny_config, **{"privacy.noise-on": "sum", "privacy.noise-multiplier": 1.0, "server.clients-per-round": 4,
+                                "client.local-steps": 2, "server.lr": 0.5})
+    root = Path(__file__).resolve().parents[2]
+    args = [a for k, v in flat.items() for a in ("--set", f"{k}={json.dumps(v) if isinstance(v, str) else v}")]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", FLWR_TELEMETRY_ENABLED="0",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    env.pop("FEDPERSONA_RUN_CONFIG", None)
+    proc = subprocess.run([sys.executable, "-m", "fedpersona.cli", "run", "--cpus", "1", "-v", *args,
+                           "--device-policy", "min-contributors=2"],  # t = 2 of 4 (the default floor is 3)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "with the cohort engine in this process" in proc.stderr
+    assert "Cohort engine: 0 cohorts trained" in proc.stderr  # the noisy-sum steps reached the devices' own path
+    run_dir = Path(flat["run.results-dir"]) / "demo"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["config"]["client.max-participations"] == 2  # filled in: 2 rounds of 4 of 4 users
+    assert [(r["round"], r["steps-applied"], r["personalized"]) for r in metrics["rounds"]] == [(1, 2, 4), (2, 2, 4)]
+    users = metrics["final"]["users"]
+    assert len(users) == 4 and all(u["rounds"] == 2 and u["steps"] == 4 for u in users)
+    assert all(abs(u["local-epsilon"] - u["epsilon"]) < 1e-9 for u in users)
+    _, cfg = resolve(None, flat)
+    for u in users:
+        ledger = PrivacyLedger.from_json(DeviceStore(simulated_state_dir(cfg, u["user"])).load_text("ledger"))
+        assert ledger.sum_steps and ledger.total_steps == 4 and ledger.plan["participations"] == 2
+
+
+def test_the_utility_harness_federates_with_the_noise_on_the_sum(tiny_config, tmp_path):
+    # `fedpersona bench utility --set privacy.noise-on=sum --vary server.lr=...`: the study's devices answer
+    # the steps of noisy sums through their own checks; the sum is the secure sum's integer sum.
+    from simulations.utility import federate, population
+
+    flat, cfg = resolve(None, dict(tiny_config, **{"privacy.noise-on": "sum", "privacy.noise-multiplier": 1.0,
+                                                   "data.max-users": 6, "server.clients-per-round": 6,
+                                                   "client.local-steps": 2,
+                                                   "server.num-rounds": 1, "client.head-steps": 2,
+                                                   "eval.local-baseline": True, "server.lr": 0.5}))
+    users = population(cfg, tmp_path / "population")
+    run = federate(cfg, users, tmp_path / "runs")  # t = 3 of 6: the devices' default floor
+    assert len(run.rows) == 6 and all(r["steps"] == 2 and r["head-steps"] == 2 for r in run.rows)
+    assert all(abs(r["local-epsilon"] - r["epsilon"]) < 1e-9 and r["epsilon"] > 0 for r in run.rows)
+    init = run.devices[0].model.initial_shared_state()
+    assert any(not (run.shared[n] == init[n]).all() for n in init)
