@@ -135,7 +135,7 @@ def test_the_servers_sum_is_the_sum_of_the_devices_noised_quantized_gradient_sum
                              personal_names=model.personal_names, shared_names=model.shared_names)
     assert check.ok, check.violations[:3]
     kinds = {ln["message_type"] for nc in nodes.values() for ln in read_inventory(nc["state-dir"])}
-    assert kinds == {"query.advertise", "train.dp_step", "query.unmask", "train.personalize"}
+    assert kinds == {"query.advertise", "train.dp_step", "query.consistency", "query.unmask", "train.personalize"}
     # The head was trained on the round's final shared adapter, and the server stepped: the shared weights moved.
     _, shared, _ = latest_checkpoint(tmp_path / "results" / "sum" / "checkpoints")
     init = model.initial_shared_state()
