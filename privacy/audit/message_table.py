@@ -45,6 +45,10 @@ _EVAL_DP = ("user-level DP: every device adds discrete Gaussian noise before mas
 _IDS = "nothing about the user: identifiers the server assigned (node id, run id, round)"
 _CIPHER = ("encryption: AES-GCM under a key agreed with each share holder (X25519); the server cannot read it, "
            "and fewer than the threshold shares reveal nothing")
+_SIGNED = ("a signature under the device's per-run signing key: it says which message the device sent, nothing about "
+           "the user")
+_KEY = "a public key: nothing about the user"
+_SUM_STEP = "privacy.noise-on = sum (docs/sumdp.md)"
 _PLAIN = "secagg.enabled = false (only on a device whose policy.allow-no-secagg allows it)"
 
 
@@ -83,6 +87,10 @@ def _secagg_stage1(message: str) -> list[Row]:
             "public: the graph the server drew"),
         Row(message, "config", "secagg", "ciphertexts", "this device's Shamir shares of its mask seeds, one per holder",
             _CIPHER),
+        Row(message, "config", "secagg", "signature",
+            "the device's Ed25519 signature over (round digest, its id, SHA-256 of the masked vector and of the "
+            "ciphertexts), or over the round digest in a decline",
+            _SIGNED),
     ]
 
 
@@ -124,6 +132,20 @@ TABLE: tuple[Row, ...] = tuple(
             "a public key: nothing about the user"),
         Row("query.advertise", "config", "secagg", "mask_pk", "the device's long-term X25519 public key for masks",
             "a public key: nothing about the user"),
+        Row("query.advertise", "config", "secagg", "sign_pk", "the device's Ed25519 public key for this protocol's "
+            "signatures", _KEY),
+        Row("query.advertise", "config", "secagg", "identity", "the device's identity public key (Ed25519, from "
+            "`fedpersona certs` or the simulation's root)", _KEY),
+        Row("query.advertise", "config", "secagg", "certificate", "the trust root's signature over that identity",
+            "public: issued by the operator's trust root, the same for every run"),
+        Row("query.advertise", "config", "secagg", "binding",
+            "the identity's signature over (run id, node id, the three public keys)", _SIGNED),
+        # ---- consistency check (between the two stages of every secure sum)
+        Row("query.consistency", "config", "secagg", "client_id", "this node's id", _IDS),
+        Row("query.consistency", "config", "secagg", "run_id", "the run's id", _IDS),
+        Row("query.consistency", "config", "secagg", "round", "the round number", _IDS),
+        Row("query.consistency", "config", "secagg", "signature",
+            "the device's signature over (round digest, survivor set): one set per round", _SIGNED),
         # ---- unmask (second stage of every secure sum)
         Row("query.unmask", "config", "secagg", "client_id", "this node's id", _IDS),
         Row("query.unmask", "config", "secagg", "run_id", "the run's id", _IDS),
@@ -134,6 +156,8 @@ TABLE: tuple[Row, ...] = tuple(
         Row("query.unmask", "config", "secagg", "b_shares", "this device's shares of the survivors' self-mask seeds",
             "SecAgg+: they remove exactly the masks that hide the sum; given at most once per round, only for the "
             "round of the device's latest masked input and for at least its policy.min-contributors survivors"),
+        Row("query.unmask", "array", "secagg-arrays", "undecryptable",
+            "the senders whose shares addressed to this device did not open (ids)", _IDS),
         Row("query.unmask", "config", "secagg", "pair_shares",
             "this device's shares of the dropped neighbours' pair seeds (never a survivor-survivor seed)",
             "as b_shares: they let the server cancel the masks of devices that dropped before masking"),
@@ -147,6 +171,27 @@ TABLE: tuple[Row, ...] = tuple(
             _EVAL_DP.replace("a sum of at least max(secagg.min-contributors, server.min-clients) devices carries",
                              "the device's vector carries") + "; the server sees this device's noised figures alone",
             _PLAIN),
+        # ---- one step of a noisy sum, and the head after the round (privacy.noise-on = sum)
+        *_secagg_stage1("train.dp_step"),
+        Row("train.dp_step", "masked-vector", "update", "clipped gradient sum",
+            "the sum of the step's clipped per-example gradients of the shared adapter, quantized, plus the "
+            "device's discrete Gaussian share of the step's noise",
+            "record-level DP on the sum: the noise of at least privacy.honest-contributors devices in every "
+            "released sum (the ledger's sum steps, and the collusion table); " + _SUM, _SUM_STEP),
+        Row("train.dp_step", "masked-extra", "extras", "trained", "1 for every device that sends a masked input",
+            "a constant: its total is the number of survivors, which the server knows", _SUM_STEP),
+        Row("train.dp_step", "config", "secagg", "declined",
+            "1: the device takes no part in this step's sum (its budget or participation cap is reached)",
+            "not noised: that this node declined is visible to the server, as its silence would be", _SUM_STEP),
+        Row("train.personalize", "config", "status", "personalized",
+            "1: the device trained its head on the round's final shared adapter (0: it took no step of the round)",
+            "whether the device took part in the round, which the server knows from the steps", _SUM_STEP),
+        # ---- every reply: the store's freshness receipt
+        Row("*", "config", "freshness", "receipt",
+            "the device store's (store id, generation, chain digest), encrypted and authenticated under the "
+            "device key with a fresh nonce (84 bytes)",
+            "encryption: opaque to the server, which keeps it and sends it back so a restored older copy of the "
+            "device's state is detected (docs/audit.md section 4)"),
         # ---- error replies, to any request
         Row("*", "error", "error", "code", "Flower's error code (2: the ClientApp raised)", "a constant"),
         Row("*", "error", "error", "reason",

@@ -150,13 +150,13 @@ def test_every_field_of_every_reply_has_its_row(walked):
 
 
 def test_an_unlisted_field_fails_by_its_name(walked):
-    fields = walked[True][1] + [{"message": "query.consistency", "part": "config", "record": "secagg",
-                                 "name": "signature", "detail": "bytes"},
+    fields = walked[True][1] + [{"message": "query.attest", "part": "config", "record": "secagg",
+                                 "name": "quote", "detail": "bytes"},
                                 {"message": "train", "part": "masked-extra", "record": "extras", "name": "examples"}]
-    assert unlisted(fields) == ["'query.consistency' reply: config field secagg/signature (bytes)",
+    assert unlisted(fields) == ["'query.attest' reply: config field secagg/quote (bytes)",
                                 "'train' reply: masked extra extras/examples"]
     # A row is all it takes.
-    more = TABLE + (Row("query.consistency", "config", "secagg", "signature", "a signature", "a signature"),
+    more = TABLE + (Row("query.attest", "config", "secagg", "quote", "a quote", "a quote"),
                     Row("train", "masked-extra", "extras", "examples", "n", "nothing"))
     assert unlisted(fields, more) == []
 
