@@ -64,12 +64,12 @@ from client.flow_log import inventory_mod
 from client.freshness import freshness_mod
 from client.policy import DevicePolicy, PolicyViolation
 from client.store import DeviceStore
-from client.sumdp import StepRefused
+from client.sumdp import StepRefused, check_context
 from fedpersona.config import Config, load_config
 from fedpersona.secagg_wire import from_records, has_request, to_records
 from fedpersona.wire import to_record, unpack_shared
 from privacy.secagg.eval_figures import eval_epsilon, noised_plain, record_eval
-from privacy.sumdp import SumContext, sum_context, sum_secagg_params
+from privacy.sumdp import SumContext, sum_secagg_params
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,9 @@ def dp_step(message: Message, context: Context) -> Message:
         request = from_records(message.content)
         cohort = request.get("cohort")
         size = int(getattr(cohort, "size", 0))
-        own = sum_context(device.cfg, round=server_round, step=step, cohort=max(1, size), weights=shared)
+        # The device's own derivation of the step's parameters; a forged one is refused by name, first.
+        own = check_context(device.cfg, claimed, server_round=server_round, step=step, cohort=max(1, size),
+                            shared=shared)
         if int(request.get("round", -1)) != own.secagg_round:
             raise secagg.ReplayRefused(f"masked-input request for secure-aggregation round {request.get('round')!r}, "
                                        f"not the round {own.secagg_round} of round {server_round} step {step}")

@@ -341,12 +341,7 @@ class Device:
 
     def spent(self, ledger: PrivacyLedger) -> PrivacyLedger:
         """``ledger`` as the budget counts it: every step :attr:`budget_passes` times (a copy; the file is untouched)."""
-        if self.budget_passes == 1:
-            return ledger
-        out = PrivacyLedger(accountant=ledger.accountant)
-        for sigma, q, n in ledger.history:
-            out.step(noise_multiplier=sigma, sample_rate=q, num_steps=n * self.budget_passes)
-        return out
+        return ledger if self.budget_passes == 1 else ledger.repeated(self.budget_passes)
 
     def _noise_multiplier(self, ledger: PrivacyLedger | None = None) -> float:
         """Sigma for this round's steps at the current sample rate.
@@ -735,11 +730,14 @@ class Device:
                                       "(client.max-participations / policy.max-participations); declining")
             self._grow_training_set(server_round, ledger)
             if cfg.privacy.enabled:
-                eps_next = ledger.epsilon_if(noise_multiplier=ctx.noise_multiplier, sample_rate=self.sample_rate,
-                                             num_steps=ctx.steps, delta=cfg.privacy.delta, on_sum=True)
+                eps_next = self.spent(ledger).epsilon_if(
+                    noise_multiplier=ctx.noise_multiplier, sample_rate=self.sample_rate,
+                    num_steps=ctx.steps * self.budget_passes, delta=cfg.privacy.delta, on_sum=True)
                 if eps_next > cfg.privacy.target_epsilon * (1 + 1e-9):
                     raise BudgetExhausted(f"{self.user_id}: a round of {ctx.steps} steps would bring epsilon to "
-                                          f"{eps_next:.3f} > budget {cfg.privacy.target_epsilon}; declining")
+                                          f"{eps_next:.3f} > budget {cfg.privacy.target_epsilon}"
+                                          f"{' (with the local-only baseline)' if self.budget_passes > 1 else ''}; "
+                                          "declining")
             participation.append({"round": int(server_round), "steps": 0, "head-steps": 0, "mode": "sum"})
         elif not participation or participation[-1].get("round") != server_round:
             raise StepRefused(f"round {server_round}: this device holds no participation of it")

@@ -511,14 +511,16 @@ class DevicePolicy:
                 raise PolicyViolation("privacy.noise-multiplier", sigma,
                                       f"below policy.min-noise-multiplier = {self.min_noise_multiplier:g}")
             budget = min(cfg.privacy.target_epsilon, self.max_epsilon)
-            m = self.participations(cfg)
-            planned = _one_round_epsilon(float(sigma), q, m * cfg.client.local_steps, cfg.privacy.delta,
+            from privacy.sumdp import budget_passes
+
+            m, passes = self.participations(cfg), budget_passes(cfg)
+            planned = _one_round_epsilon(float(sigma), q, m * cfg.client.local_steps * passes, cfg.privacy.delta,
                                          cfg.privacy.accountant, True)
             if not planned <= budget * (1 + 1e-9):
                 raise PolicyViolation("privacy.noise-multiplier", sigma,
                                       f"at this device's sample rate, {m} participation(s) of "
-                                      f"{cfg.client.local_steps} steps would spend epsilon {planned:.3f}, more than "
-                                      f"its budget {budget:g}")
+                                      f"{cfg.client.local_steps} steps{' (twice: the local-only baseline)' if passes > 1 else ''} "
+                                      f"would spend epsilon {planned:.3f}, more than its budget {budget:g}")
             settings["sum.planned-epsilon"] = planned
         settings["policy.max-honest-fraction"] = self.max_honest_fraction
         settings["policy.max-participations"] = self.max_participations

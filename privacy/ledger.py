@@ -267,6 +267,16 @@ class PrivacyLedger:
             self._sum_steps.append([sigma, q, int(honest), n])
         self._cache = None
 
+    def repeated(self, passes: int) -> "PrivacyLedger":
+        """A copy holding every step ``passes`` times (steps on a noisy sum stay steps on a sum, at integer
+        orders): what one budget counts when the same records are used in ``passes`` DP passes."""
+        if not _is_int(passes) or passes < 1:
+            raise ValueError(f"passes must be an integer >= 1. You passed: passes={passes!r}")
+        out = PrivacyLedger(accountant=self._accountant)
+        out._history = [[s, q, n * passes] for s, q, n in self._history]
+        out._sum_steps = [[s, q, t, n * passes] for s, q, t, n in self._sum_steps]
+        return out
+
     def epsilon(self, delta: float) -> float:
         """Epsilon spent so far at this ``delta``: 0.0 before any step, ``inf`` after a noiseless step."""
         delta = _check_delta(delta)

@@ -90,7 +90,7 @@ from privacy.secagg.crypto import encode_fields
 from privacy.secagg.quantize import ExtraSpec
 from privacy.secagg.spec import SecAggParams
 
-__all__ = ["MAX_STDDEV", "STEP_STRIDE", "SumContext", "collusion_factors", "honest_contributors", "normalizer",
+__all__ = ["MAX_STDDEV", "STEP_STRIDE", "SumContext", "budget_passes", "collusion_factors", "honest_contributors", "normalizer",
            "reference_sample_rate", "step_round_id", "sum_context", "sum_extras", "sum_gap", "sum_noise_multiplier",
            "share_sum_log_bound", "sum_scale", "sum_secagg_params", "weights_digest"]
 
@@ -120,8 +120,18 @@ def sum_noise_multiplier(cfg: Config) -> float:
     if p.noise_multiplier > 0:
         return float(p.noise_multiplier)
     return calibrate_noise(target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=reference_sample_rate(cfg),
-                           steps=cfg.planned_participations * cfg.client.local_steps, accountant="rdp",
-                           orders="integer")
+                           steps=cfg.planned_participations * cfg.client.local_steps * budget_passes(cfg),
+                           accountant="rdp", orders="integer")
+
+
+def budget_passes(cfg: Config) -> int:
+    """DP passes over a user's records per planned step, from the run config alone (server and devices agree):
+    2 when the run also trains the local-only baseline (``eval.local-baseline``: a simulation replays every
+    step of the device on the same records, and one budget covers both ledgers), else 1. A deployment's
+    devices train no baseline; a config with ``eval.local-baseline = true`` still plans its noise for two
+    passes there (the server cannot tell which devices are simulated): set it false in a deployment."""
+    p, e = cfg.privacy, cfg.eval
+    return 2 if (p.enabled and e.final and e.local_baseline) else 1
 
 
 def honest_contributors(cfg: Config, cohort: int) -> int:

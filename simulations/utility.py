@@ -155,8 +155,11 @@ def in_process(cfg: Config) -> bool:
 
 
 def user_level_epsilon(ledger) -> float:
-    """The user-level epsilon of a ledger's distributed-DP entries (the last entry is cumulative); 0 without any."""
-    entries = ledger.user_level_entries
+    """The user-level epsilon of a ledger's distributed-DP entries on the rounds' sums (the last is cumulative);
+    0 without any. The final evaluation's entries (the same for every row) are not counted here."""
+    from privacy.secagg.settings import DDP_MECHANISM
+
+    entries = [e for e in ledger.user_level_entries if e["mechanism"].startswith(DDP_MECHANISM)]
     return float(entries[-1]["epsilon"]) if entries else 0.0
 
 
@@ -193,10 +196,6 @@ def federate(cfg: Config, users: list[User], state_root: Path) -> FederatedRun:
     for server_round in range(1, cfg.server.num_rounds + 1):
         cohort = sample_cohort(list(range(len(devices))), cfg.server.clients_per_round, seed=cfg.run.seed,
                                server_round=server_round, sampling=cfg.server.sampling)
-        if cfg.privacy.noise_on == "sum":
-            shared, n_declined = _sum_round(cfg, [devices[i] for i in cohort], shared, opt, server_round)
-            declined += n_declined
-            continue
         total: dict[str, torch.Tensor] | None = None
         qsum: np.ndarray | None = None
         weight, contributors = 0.0, 0
@@ -286,48 +285,6 @@ def federate_by_runner(cfg: Config, flat: dict[str, Any], users: list[User], sta
         rows.append(row)
     declined = sum(int(r.get("declined", 0) or 0) for r in metrics.get("rounds", []))
     return FederatedRun(rows, {}, [], time.perf_counter() - t0, declined)
-
-
-def _sum_round(cfg: Config, cohort: list[Device], shared: dict[str, torch.Tensor], opt: ServerOptimizer,
-               server_round: int) -> tuple[dict[str, torch.Tensor], int]:
-    """A round with noise on the sum (``privacy.noise-on = sum``): per step, each device's own checks and
-    clipped gradient sum (:meth:`Device.sum_step`), quantized with its discrete Gaussian share by the very
-    quantizer of the secure sum; the integer sum is what secure aggregation releases (masks cancel). Then
-    the server's step and each device's head. Returns (the new shared weights, devices that declined)."""
-    from client.policy import PolicyViolation
-    from client.sumdp import StepRefused
-    from fedpersona.secagg_wire import unflatten
-    from privacy.secagg.crypto import SecureRNG
-    from privacy.sumdp import normalizer, sum_context, sum_secagg_params
-
-    rng = SecureRNG()
-    declined: set[str] = set()
-    for step in range(1, cfg.client.local_steps + 1):
-        ctx = sum_context(cfg, round=server_round, step=step, cohort=len(cohort), weights=shared)
-        quantizer = sum_secagg_params(cfg, cohort=len(cohort), dim=ctx.dim).quantizer
-        total, survivors = None, 0
-        for dev in cohort:
-            try:
-                # the study's in-process sum (no server): the keys' binding is not what it measures
-                vec, _ = dev.sum_step(shared, ctx, run_id=0, server_round=server_round, step=step, cohort=len(cohort),
-                                      bound_keys=True)
-            except (BudgetExhausted, PolicyViolation) as exc:  # a decline, or a refusal: not in the sum either way
-                logger.info("%s: %s", type(exc).__name__, exc)
-                declined.add(dev.user_id)
-                continue
-            q = quantizer.quantize(vec, rng)
-            total = q if total is None else total + q
-            survivors += 1
-        if total is None or survivors < max(ctx.honest, cfg.secagg.min_contributors, cfg.server.min_clients):
-            break  # the secure sum aborts before any unmask with fewer survivors
-        grads = unflatten(total.astype("float64") / ctx.scale, shared)
-        shared = opt.step(shared, {n: -grads[n] / normalizer(ctx, survivors) for n in shared})
-    for dev in cohort:
-        try:
-            dev.personalize(shared, run_id=0, server_round=server_round)
-        except StepRefused:
-            logger.info("%s took no step of round %d: no head trained", dev.user_id, server_round)
-    return shared, len(declined)
 
 
 def centralized(cfg: Config, users: list[User], *, steps: int, batch_size: int, lr: float, seed: int) -> list[dict]:

@@ -10,13 +10,15 @@ from client.policy import DevicePolicy, PolicyViolation, _malicious_secure_ok
 from client.store import DeviceStore
 from client.sumdp import StepLog, StepRefused, check_context
 from fedpersona.config import expected_participations, load_config
+from privacy.ledger import PrivacyLedger
 from privacy.sumdp import sum_context
 
 W = {"w": torch.zeros(500)}
 
 
 def _cfg(**kw):
-    flat = {"privacy.noise-on": "sum", "server.clients-per-round": 8, "privacy.noise-multiplier": 1.0, **kw}
+    flat = {"privacy.noise-on": "sum", "server.clients-per-round": 8, "privacy.noise-multiplier": 1.0,
+            "eval.local-baseline": False, **kw}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return load_config(flat, env=False)
@@ -147,3 +149,17 @@ def test_config_refuses_what_the_sum_cannot_carry(over, key):
         load_config({"privacy.noise-on": "everywhere"}, env=False)
     with pytest.raises(ValueError, match="client.max-participations"):
         load_config({"client.max-participations": -1}, env=False)
+
+
+def test_the_local_only_baseline_counts_against_the_same_budget():
+    """eval.local-baseline replays every step on the same records: the device plans (and checks) both passes."""
+    alone = _cfg(**{"privacy.noise-multiplier": 3.0})
+    both = _cfg(**{"privacy.noise-multiplier": 3.0, "eval.local-baseline": True})
+    ctx = sum_context(alone, round=1, step=1, cohort=8, weights=W)
+    one = DevicePolicy().check_sum(alone, ctx, train_examples=36, bound_keys=True)["sum.planned-epsilon"]
+    two = DevicePolicy().check_sum(both, sum_context(both, round=1, step=1, cohort=8, weights=W), train_examples=36,
+                                   bound_keys=True)["sum.planned-epsilon"]
+    steps = DevicePolicy().participations(alone) * alone.client.local_steps
+    assert two > one
+    assert two == pytest.approx(PrivacyLedger().epsilon_if(noise_multiplier=3.0, sample_rate=min(1.0, alone.client.batch_size / 36),
+                                                           num_steps=2 * steps, delta=alone.privacy.delta, on_sum=True))

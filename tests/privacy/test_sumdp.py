@@ -14,7 +14,7 @@ from privacy.ledger import INTEGER_ORDERS, PrivacyLedger
 from privacy.rdp import epsilon_from_rdp, rdp_subsampled_gaussian
 from privacy.secagg.ddp import sample_discrete_gaussian
 from privacy.secagg.crypto import SecureRNG
-from privacy.sumdp import (STEP_STRIDE, SumContext, honest_contributors, normalizer, reference_sample_rate,
+from privacy.sumdp import (budget_passes, STEP_STRIDE, SumContext, honest_contributors, normalizer, reference_sample_rate,
                            share_sum_log_bound, step_round_id, sum_context, sum_gap, sum_noise_multiplier,
                            sum_scale, sum_secagg_params, weights_digest)
 
@@ -124,9 +124,13 @@ def test_the_common_sigma_is_calibrated_for_the_smallest_device_over_its_partici
     sigma = sum_noise_multiplier(cfg)
     # Cross-checked with the independent RDP implementation at the integer orders the ledger uses.
     orders = np.asarray(INTEGER_ORDERS, dtype=float)
-    eps, _ = epsilon_from_rdp(rdp=rdp_subsampled_gaussian(q=q, sigma=sigma, steps=6, orders=orders), orders=orders,
+    # 2 participations x 3 steps, twice with the local-only baseline (eval.local-baseline, on by default): one budget.
+    assert budget_passes(cfg) == 2
+    eps, _ = epsilon_from_rdp(rdp=rdp_subsampled_gaussian(q=q, sigma=sigma, steps=12, orders=orders), orders=orders,
                               delta=1e-3)
     assert 7.95 < eps <= 8.0
+    alone = cfg_of(**{"client.max-participations": 2, "client.local-steps": 3, "eval.local-baseline": False})
+    assert budget_passes(alone) == 1 and sum_noise_multiplier(alone) < sigma
     assert sum_noise_multiplier(cfg_of(**{"client.max-participations": 4, "client.local-steps": 3})) > sigma
     assert sum_noise_multiplier(cfg_of(**{"privacy.noise-multiplier": 1.7})) == 1.7
     with warnings.catch_warnings():

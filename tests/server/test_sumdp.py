@@ -221,6 +221,8 @@ def test_local_only_is_a_federation_of_one_with_the_same_epsilon(tiny_config, tm
         local = PrivacyLedger.from_json(store.load_text("ledger-local-baseline"))
         # The same (sigma, q) steps, t = 1 in the local-only ledger (its own sums): the same epsilon.
         assert local.history == fed.history and {t for _, _, t, _ in local.sum_steps} == {1}
-        assert row["local-epsilon"] == pytest.approx(row["epsilon"]) and row["epsilon"] > 0
-        assert row["planned-participations"] == 1.0 and row["planned-epsilon"] >= row["epsilon"]
+        assert row["local-epsilon"] == pytest.approx(row["epsilon-federated"]) and row["epsilon-federated"] > 0
+        assert row["planned-participations"] == 1.0 and row["planned-epsilon"] >= row["epsilon-federated"]
+        # One budget per user: the two ledgers composed (the baseline replays the same records).
+        assert row["epsilon"] > row["epsilon-federated"]
         assert math.isfinite(row["local-loss"]) and math.isfinite(row["personal-loss"])
