@@ -723,8 +723,8 @@ def test_a_participation_fsyncs_at_most_twice_per_message(tiny_config, tmp_path,
         assert calls.get("planning", 0) == 0
     for node in nodes:
         mine = [c for c in counts if c[1] == node]
-        assert [c[0] for c in mine] == ["query.advertise", "train", "query.unmask", "train", "query.unmask",
-                                        "evaluate", "query.unmask"]
+        assert [c[0] for c in mine] == ["query.advertise", *["train", "query.consistency", "query.unmask"] * 2,
+                                        "evaluate", "query.consistency", "query.unmask"]
         assert mine[0][2] > 2  # the store's creation: key, journals, anchor (once per device)
         assert all(c[2] <= 2 for c in mine[1:]), mine
         # One commit per message: each message's writes are one generation, on disk when the reply leaves.
