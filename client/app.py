@@ -128,6 +128,7 @@ def _device(context: Context) -> Device:
             logger.warning("secagg.enabled = false: this device's update and its noised evaluation figures go to the "
                            "server in the clear (plain aggregation)")
         _DEVICES[key] = Device(cfg, dict(context.node_config))
+        _DEVICES[key].run_id = int(context.run_id)
         _evict()
     return _DEVICES[key]
 

@@ -285,6 +285,9 @@ class Device:
         # A deployment device (its own data folder) never trains the local-only baseline: a second DP
         # model of the same data whose ledger the device's epsilon does not cover.
         self.simulated = "data-dir" not in node_config if simulated is None else bool(simulated)
+        #: The run this device object answers (the ClientApp sets it from the message's context): the participation
+        #: cap counts the participations of this run (``None``: every participation the store holds).
+        self.run_id: int | None = None
         self.policy = DevicePolicy.load(node_config, state_dir=state_dir)  # the device's own floors
         self.policy.check_cost(cfg)  # a run asking for more work than the device allows: refused before any work
         if prepared is None:
@@ -439,6 +442,11 @@ class Device:
         text = self.store.load_text(PARTICIPATION)
         return json.loads(text) if text else []
 
+    def _taken(self, participation: list[dict], run_id: int | None = None) -> int:
+        """Participations of this run (``run_id``, else :attr:`run_id`) that count against the cap."""
+        run = self.run_id if run_id is None else run_id
+        return sum(1 for p in participation if run is None or p.get("run") == run)
+
     def _shared_pass(self, steps: int, ledger: PrivacyLedger | None, *, deadline: float | None = None) -> TrainResult:
         """The released pass (head switched off; ``fedsa``: A and B together)."""
         cfg = self.cfg
@@ -500,9 +508,9 @@ class Device:
                                   "with noise on the sum a device answers the steps of noisy sums only; a local "
                                   "round (several steps with the sum's noise) is not allowed")
         cap = self.policy.participations(cfg)
-        taken = len(self._participation())
+        taken = self._taken(self._participation())
         if taken >= cap:
-            raise BudgetExhausted(f"{self.user_id}: {taken} participation(s) taken, the cap is {cap} "
+            raise BudgetExhausted(f"{self.user_id}: {taken} participation(s) taken in this run, the cap is {cap} "
                                   "(client.max-participations / policy.max-participations); not training")
         steps = cfg.client.local_steps
         if cfg.privacy.enabled and math.isinf(self.epsilon(ledger)):
@@ -622,7 +630,8 @@ class Device:
                 sample_rate=self.head_sample_rate, delta=cfg.privacy.delta,
             )
         participation = self._participation()
-        participation.append({"round": server_round, "steps": steps, "head-steps": head.steps if head else 0})
+        participation.append({"round": server_round, "steps": steps, "head-steps": head.steps if head else 0,
+                              **({"run": self.run_id} if self.run_id is not None else {})})
         # Persist before replying: a lost reply must never hand back privacy budget.
         self.store.save_text(LEDGER, ledger.to_json())
         if head_ledger is not None:
@@ -725,8 +734,9 @@ class Device:
             if cfg.privacy.enabled and math.isinf(self.epsilon(ledger)):
                 raise BudgetExhausted(f"{self.user_id}: this device already released without DP noise (epsilon = "
                                       "infinity): no DP round can be claimed from it any more; declining")
-            if len(participation) >= cap:
-                raise BudgetExhausted(f"{self.user_id}: {len(participation)} participation(s) taken, the cap is {cap} "
+            if self._taken(participation, run_id) >= cap:
+                raise BudgetExhausted(f"{self.user_id}: {self._taken(participation, run_id)} participation(s) taken in this "
+                                      f"run, the cap is {cap} "
                                       "(client.max-participations / policy.max-participations); declining")
             self._grow_training_set(server_round, ledger)
             if cfg.privacy.enabled:
@@ -738,7 +748,7 @@ class Device:
                                           f"{eps_next:.3f} > budget {cfg.privacy.target_epsilon}"
                                           f"{' (with the local-only baseline)' if self.budget_passes > 1 else ''}; "
                                           "declining")
-            participation.append({"round": int(server_round), "steps": 0, "head-steps": 0, "mode": "sum"})
+            participation.append({"round": int(server_round), "steps": 0, "head-steps": 0, "mode": "sum", "run": int(run_id)})
         elif not participation or participation[-1].get("round") != server_round:
             raise StepRefused(f"round {server_round}: this device holds no participation of it")
         self.model.load_shared_state(shared)  # the step's weights, as every device of the sum

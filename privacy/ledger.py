@@ -789,7 +789,35 @@ def _calibrate_rdp(target_epsilon: float, delta: float, sample_rate: float, step
             break
         start = 1.0  # the windowed search missed (not expected): the bisection over every order decides
     solved[sample_rate] = (high, state["center"] if state["center"] is not None else len(_ALPHAS) // 2)
-    return high, eps
+    return _on_grid(exact, high, target_epsilon)
+
+
+#: The grid every calibrated sigma lies on: exp(k * _GRID) (a relative step of 1e-4).
+_GRID = 1e-4
+
+
+def _on_grid(exact, sigma: float, target_epsilon: float) -> tuple[float, float]:
+    """The smallest sigma of the grid ``exp(k * _GRID)`` whose exact epsilon is <= the target, from a
+    ``sigma`` that meets it; returns (that sigma, its epsilon).
+
+    Epsilon decreases in sigma, so that grid point is unique: the answer depends on the budget and the
+    sample rate only, never on where a warm-started search happened to stop (a plan made in another
+    process, or a device built after others, gets the very same sigma)."""
+    k_hi = math.ceil(math.log(sigma) / _GRID)
+    while exact(math.exp(k_hi * _GRID)) > target_epsilon:  # (float rounding at the edge)
+        k_hi += 1
+    step, k_lo = 1, k_hi - 1
+    while exact(math.exp(k_lo * _GRID)) <= target_epsilon:
+        k_hi, step = k_lo, 2 * step
+        k_lo = k_hi - step
+    while k_hi - k_lo > 1:
+        mid = (k_hi + k_lo) // 2
+        if exact(math.exp(mid * _GRID)) <= target_epsilon:
+            k_hi = mid
+        else:
+            k_lo = mid
+    best = math.exp(k_hi * _GRID)
+    return best, exact(best)
 
 
 def _window_rdp(sample_rate: float, sigma: float, steps: int, orders: list[float]) -> np.ndarray:

@@ -245,14 +245,14 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
                **{k: row[m] for k, m in (("shared-loss", "heldout-shared-loss"), ("personal-loss", "heldout-personal-loss"),
                                          ("train-loss", "train-loss"), ("epsilon", "epsilon"), ("aborted", "aborted"))
                   if m in row})
-        log(
-            INFO,
-            "[round %d/%d] cohort %d: trained %d, declined %d, failed %d | held-out loss shared %.3f, "
-            "personalized %.3f | train loss %.3f | mean epsilon %.2f | %.1f s",
-            server_round, cfg.server.num_rounds, len(cohort), rs.contributors, len(rs.declined), len(rs.failures),
-            row.get("heldout-shared-loss", math.nan), row.get("heldout-personal-loss", math.nan),
-            row.get("train-loss", math.nan), row.get("epsilon", math.nan), row["seconds"],
-        )
+        # Only figures the server has: no device sends its losses or epsilon (they stay in each device's log).
+        figures = [f"{label} {row[key]:.3f}" for key, label in (("heldout-shared-loss", "held-out loss shared"),
+                                                                   ("heldout-personal-loss", "personalized"),
+                                                                   ("train-loss", "train loss"), ("epsilon", "mean epsilon"))
+                   if isinstance(row.get(key), float) and math.isfinite(row[key])]
+        log(INFO, "[round %d/%d] cohort %d: trained %d, declined %d, failed %d | %s%.1f s", server_round,
+            cfg.server.num_rounds, len(cohort), rs.contributors, len(rs.declined), len(rs.failures),
+            "".join(f + " | " for f in figures), row["seconds"])
     metrics["train_seconds"] = time.perf_counter() - t_run
     if history and not any(h.get("applied") for h in history):
         log(WARNING, "No round of run '%s' was applied: the shared adapter never changed", cfg.run.name)

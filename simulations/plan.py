@@ -5,13 +5,15 @@ as ``fedpersona run`` gives it to the simulated devices), each user of the sourc
 
 * the examples its device keeps (``data.max-examples``) and trains on (after the held-out split);
 * the sample rate ``q = client.batch-size / training examples`` and the noise multiplier sigma, as the
-  device picks it (calibrated so that ``privacy.planned-rounds`` rounds of ``client.local-steps`` steps
-  stay within ``privacy.target-epsilon``, unless ``privacy.noise-multiplier`` fixes it: the same call
-  as :meth:`client.device.Device._noise_multiplier` makes, ``tests/simulations/test_plan.py``);
+  device picks it (calibrated so that the participations it accepts (``client.max-participations``,
+  lowered by ``policy.max-participations``) of ``client.local-steps`` steps, twice with the local-only
+  baseline, stay within ``privacy.target-epsilon``, unless ``privacy.noise-multiplier`` fixes it: the
+  same call as :meth:`client.device.Device._noise_multiplier` makes);
 * the rounds it is sampled in (``server.sampling`` over the run's rounds, as the in-process grid of
   ``fedpersona run`` numbers its nodes) and the DP steps they add up to;
-* the epsilon its ledger reaches after them (and after every planned round, the budget's worst case);
-  a round that would take it past its budget is declined, as the device declines it;
+* the epsilon its ledger reaches after them, the epsilon its budget counts (``epsilon-composed``: with the
+  local-only baseline's pass), and the budget's worst case (every participation it plans); a round past
+  its budget or its participation cap is declined, as the device declines it;
 * whether its policy accepts the run's settings at all (:meth:`client.policy.DevicePolicy.check`).
 
 Nothing is loaded but the data: no model, no tokenizer.
@@ -35,14 +37,21 @@ from simulations.sources import load_source_report
 FIRST_NODE = 100
 
 
-def _noise(cfg: Config, q: float, steps_per_round: int) -> float:
-    """Sigma as a device picks it for ``planned-rounds * steps_per_round`` steps at sample rate ``q``."""
+def _passes(cfg: Config) -> int:
+    """DP passes over a simulated device's records per step: 2 with the local-only baseline (one budget for both
+    ledgers, as :attr:`client.device.Device.budget_passes` counts them), else 1."""
+    p, e = cfg.privacy, cfg.eval
+    return 2 if (p.enabled and e.final and e.local_baseline) else 1
+
+
+def _noise(cfg: Config, q: float, steps_per_round: int, participations: int) -> float:
+    """Sigma as a device picks it: for ``participations * steps_per_round`` steps (times the passes) at rate ``q``."""
     p = cfg.privacy
     if not p.enabled:
         return 0.0
     if p.noise_multiplier > 0:
         return p.noise_multiplier
-    return _calibrated(p.target_epsilon, p.delta, q, cfg.planned_rounds * steps_per_round, p.accountant)
+    return _calibrated(p.target_epsilon, p.delta, q, participations * steps_per_round * _passes(cfg), p.accountant)
 
 
 @functools.lru_cache(maxsize=256)
@@ -52,20 +61,24 @@ def _calibrated(target_epsilon: float, delta: float, q: float, steps: int, accou
                            accountant=accountant)
 
 
-def _spend(cfg: Config, sigma: float, q: float, steps: int, rounds: int) -> tuple[float, int]:
-    """(epsilon after ``rounds`` participations of ``steps`` steps, rounds declined for the budget)."""
+def _spend(cfg: Config, sigma: float, q: float, steps: int, rounds: int, cap: int) -> tuple[float, float, int]:
+    """(the federated ledger's epsilon after ``rounds`` sampled participations of ``steps`` steps, the epsilon
+    the budget counts (with the local-only baseline's pass), rounds declined for the budget or the cap)."""
     p = cfg.privacy
     if not p.enabled:
-        return math.inf, 0
+        return math.inf, math.inf, 0
     ledger = PrivacyLedger(accountant=p.accountant)
-    declined = 0
+    passes = _passes(cfg)
+    declined = taken = 0
     for _ in range(rounds):
-        nxt = ledger.epsilon_if(noise_multiplier=sigma, sample_rate=q, num_steps=steps, delta=p.delta)
-        if nxt > p.target_epsilon * (1 + 1e-9):
+        nxt = ledger.repeated(passes).epsilon_if(noise_multiplier=sigma, sample_rate=q, num_steps=steps * passes,
+                                                 delta=p.delta)
+        if taken >= cap or nxt > p.target_epsilon * (1 + 1e-9):
             declined += 1
             continue
         ledger.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
-    return ledger.epsilon(p.delta), declined
+        taken += 1
+    return ledger.epsilon(p.delta), ledger.repeated(passes).epsilon(p.delta), declined
 
 
 def make_plan(scenario: str | None, overrides: dict[str, Any] | None = None, *,
@@ -99,7 +112,8 @@ def make_plan(scenario: str | None, overrides: dict[str, Any] | None = None, *,
                                      key=u.user_id)
         n = len(train)
         q = min(1.0, c.batch_size / n)
-        sigma = _noise(cfg, q, c.local_steps)
+        cap = policy.participations(cfg)
+        sigma = _noise(cfg, q, c.local_steps, cap)
         row: dict[str, Any] = {"user": u.user_id, "examples": len(u.examples), "train": n, "held-out": len(held),
                                "q": q, "sigma": sigma, "steps-per-round": c.local_steps, "sampled": sampled[node]}
         why = ""
@@ -114,9 +128,10 @@ def make_plan(scenario: str | None, overrides: dict[str, Any] | None = None, *,
             refused += 1
             row.update({"refused": why, "epsilon": 0.0, "steps": 0, "declined": sampled[node]})
         else:
-            eps, declined = _spend(cfg, sigma, q, c.local_steps, sampled[node])
-            row.update({"epsilon": eps, "steps": (sampled[node] - declined) * c.local_steps, "declined": declined,
-                        "epsilon-planned": _spend(cfg, sigma, q, c.local_steps, cfg.planned_rounds)[0]})
+            eps, composed, declined = _spend(cfg, sigma, q, c.local_steps, sampled[node], cap)
+            row.update({"epsilon": eps, "epsilon-composed": composed, "participations-planned": cap,
+                        "steps": (sampled[node] - declined) * c.local_steps, "declined": declined,
+                        "epsilon-planned": _spend(cfg, sigma, q, c.local_steps, cap, cap)[1]})
             if head_dp:
                 hq = min(1.0, c.head_batch_size / n)
                 hs = _noise(cfg, hq, c.head_steps)
@@ -143,7 +158,7 @@ def format_plan(plan: dict) -> str:
     out += plan["data"].lines()
     width = max([len("user")] + [len(r["user"]) for r in rows])
     head = f"{'user':<{width}}  {'examples':>8}  {'train':>5}  {'q':>6}  {'sigma':>6}  {'sampled':>7}  {'steps':>5}  " \
-           f"{'epsilon':>7}  {'if every round':>14}"
+           f"{'epsilon':>7}  {'budget counts':>13}  {'if all planned':>14}"
     if plan["head-dp"]:
         head += f"  {'head sigma':>10}  {'head eps':>8}"
     out += ["", head, "-" * len(head)]
@@ -154,13 +169,14 @@ def format_plan(plan: dict) -> str:
             continue
         declined = f" ({r['declined']} declined)" if r["declined"] else ""
         line = (f"{r['user']:<{width}}  {r['examples']:>8}  {r['train']:>5}  {r['q']:>6.3f}  {r['sigma']:>6.3f}  "
-                f"{r['sampled']:>7}  {r['steps']:>5}  {r['epsilon']:>7.2f}  {r['epsilon-planned']:>14.2f}")
+                f"{r['sampled']:>7}  {r['steps']:>5}  {r['epsilon']:>7.2f}  {r['epsilon-composed']:>13.2f}  "
+                f"{r['epsilon-planned']:>14.2f}")
         if plan["head-dp"]:
             line += f"  {r['head-sigma']:>10.3f}  {r['head-epsilon']:>8.2f}"
         out.append(line + declined)
     ok = [r for r in rows if not r.get("refused")]
     if ok:
-        eps = [r["epsilon"] for r in ok]
+        eps = [r["epsilon-composed"] for r in ok]
         never = sum(1 for r in ok if r["sampled"] == 0)
         out += ["", f"epsilon reached: {min(eps):.2f} to {max(eps):.2f} (budget {p.target_epsilon:g}); "
                     f"{sum(1 for r in ok if r['sampled'])} of {len(rows)} users take part"

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
 
-__all__ = ["PARTS", "Row", "TABLE", "field_label", "lookup", "render_markdown", "unlisted"]
+__all__ = ["PARTS", "PLAIN", "SUM_STEP", "Row", "TABLE", "field_label", "lookup", "render_markdown", "unlisted"]
 
 PARTS = ("config", "array", "metric", "masked-vector", "masked-extra", "error")
 
@@ -48,8 +48,8 @@ _CIPHER = ("encryption: AES-GCM under a key agreed with each share holder (X2551
 _SIGNED = ("a signature under the device's per-run signing key: it says which message the device sent, nothing about "
            "the user")
 _KEY = "a public key: nothing about the user"
-_SUM_STEP = "privacy.noise-on = sum (docs/sumdp.md)"
-_PLAIN = "secagg.enabled = false (only on a device whose policy.allow-no-secagg allows it)"
+SUM_STEP = _SUM_STEP = "privacy.noise-on = sum (docs/sumdp.md)"
+PLAIN = _PLAIN = "secagg.enabled = false (only on a device whose policy.allow-no-secagg allows it)"
 
 
 @dataclass(frozen=True)
@@ -74,9 +74,9 @@ class Row:
                 and fnmatchcase(name, self.name))
 
 
-def _secagg_stage1(message: str) -> list[Row]:
+def _secagg_stage1(message: str, when: str = "") -> list[Row]:
     """The fields of a masked-input reply (train or evaluate), besides what the vector holds."""
-    return [
+    return [Row(r.message, r.part, r.record, r.name, r.what, r.covered_by, when) for r in [
         Row(message, "config", "secagg", "client_id", "this node's id", _IDS),
         Row(message, "config", "secagg", "run_id", "the run's id", _IDS),
         Row(message, "config", "secagg", "round", "the round number", _IDS),
@@ -91,7 +91,7 @@ def _secagg_stage1(message: str) -> list[Row]:
             "the device's Ed25519 signature over (round digest, its id, SHA-256 of the masked vector and of the "
             "ciphertexts), or over the round digest in a decline",
             _SIGNED),
-    ]
+    ]]
 
 
 _EVAL_FIGURES = [
@@ -172,7 +172,7 @@ TABLE: tuple[Row, ...] = tuple(
                              "the device's vector carries") + "; the server sees this device's noised figures alone",
             _PLAIN),
         # ---- one step of a noisy sum, and the head after the round (privacy.noise-on = sum)
-        *_secagg_stage1("train.dp_step"),
+        *_secagg_stage1("train.dp_step", _SUM_STEP),
         Row("train.dp_step", "masked-vector", "update", "clipped gradient sum",
             "the sum of the step's clipped per-example gradients of the shared adapter, quantized, plus the "
             "device's discrete Gaussian share of the step's noise",

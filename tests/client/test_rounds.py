@@ -71,7 +71,8 @@ def test_local_baseline_replays_the_devices_own_training(tiny_config, tmp_path, 
     if dp:
         local = PrivacyLedger.from_json(dev.store.load_text(BASELINE_LEDGER))
         assert local.total_steps == 4
-        assert out["local-epsilon"] == pytest.approx(out["epsilon"], rel=1e-9)
+        assert out["local-epsilon"] == pytest.approx(out["epsilon-federated"], rel=1e-9)
+        assert out["epsilon"] > out["epsilon-federated"]  # one budget: the two ledgers composed
     # The federated state is left loaded.
     assert all(torch.equal(v, shared[k]) for k, v in dev.model.shared_state().items())
 

@@ -61,7 +61,10 @@ def test_one_budget_per_user_composes_the_local_only_baseline(tmp_path):
 def test_what_leaves_is_the_message_table():
     secure = leaves_device_rows(secagg=True)
     plain = leaves_device_rows(secagg=False)
-    assert {r["reply"] for r in secure} == {"train", "query.advertise", "query.unmask", "evaluate", "*"}
+    summed = leaves_device_rows(secagg=True, noise_on_sum=True)
+    assert {r["reply"] for r in summed} - {r["reply"] for r in secure} == {"train.dp_step", "train.personalize"}
+    assert {r["reply"] for r in secure} == {"train", "query.advertise", "query.consistency", "query.unmask", "evaluate",
+                                            "*"}
     assert any(r["field"] == "masked-vector update/shared-adapter update" for r in secure)
     assert {r["reply"] for r in plain} == {"train", "evaluate", "*"}
-    assert len(secure) + len(plain) - sum(r.message == "*" for r in TABLE) == len(TABLE)
+    assert len(summed) + len(plain) - sum(r.message == "*" for r in TABLE) == len(TABLE)  # every row in one group

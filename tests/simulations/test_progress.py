@@ -63,7 +63,9 @@ def test_simulation_on_a_jsonl_file_with_one_progress_line_per_round(tiny_config
     evaluated = [line for line in lines if line.startswith("final evaluation | device ")]
     assert [e.split(" | ")[1] for e in evaluated] == [f"device {k}/4 evaluated" for k in (1, 2, 3, 4)], lines
     assert lines[0].startswith("run 'demo': 4 users, 3 per round, 2 rounds, DP-SGD on, aggregation secagg+")
-    assert lines[-1].startswith("final evaluation: 4 users") and "personalized" in lines[-1]
+    # The server's view of the final evaluation is its noised sum: 4 devices are too few for any model's mean to
+    # rise above the evaluation noise, so the line shows none (the per-user table comes from the devices' stores).
+    assert lines[-1].startswith("final evaluation: 4 users") and "personalized" not in lines[-1]
     assert len(lines) == 1 + 2 * (3 + 1) + 4 + 1 and not any(ANSI.search(line) for line in lines)
 
 
