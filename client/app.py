@@ -1,4 +1,4 @@
-"""The fedpersona ClientApp (Flower Message API): thin; the work is in :mod:`client.device`.
+"""The fedpersona ClientApp (Flower Message API): thin; the work is in :mod:`fedpersona.client.device`.
 
 Message types:
 
@@ -13,7 +13,7 @@ Message types:
   ConfigRecord when the device declines (privacy budget spent). A device with secure
   aggregation on refuses a train request without the masked-input request.
 * ``train.dp_step`` — noise on the sum (``privacy.noise-on = sum``): in: ``shared``, ``config``
-  (``server-round``, ``step``), ``sum-context`` (the step's parameters, :class:`privacy.sumdp.SumContext`)
+  (``server-round``, ``step``), ``sum-context`` (the step's parameters, :class:`fedpersona.privacy.sumdp.SumContext`)
   and the masked-input request. Out: only the masked payload of the device's clipped per-example gradient
   sum plus its discrete Gaussian share (and ``trained``); or a decline. A plain ``train`` request is
   refused in that mode (no local rounds with the sum's noise).
@@ -26,10 +26,10 @@ Message types:
   Out: ``secagg``: the device's signature over (round digest, survivor set), one set per round.
 * ``query.unmask`` — in: ``secagg`` / ``secagg-arrays`` (survivors, their signatures and signing
   keys' bindings, forwarded shares). Out: the shares the server needs to unmask the survivors' sum,
-  and the senders whose shares did not open (:mod:`client.secagg`).
+  and the senders whose shares did not open (:mod:`fedpersona.client.secagg`).
 * ``evaluate`` — in: ``shared`` and, under secure aggregation, a masked-input request for the
   evaluation sum. Out: only the masked vector of the device's bounded evaluation figures with its
-  share of the evaluation noise (:mod:`privacy.secagg.eval_figures`: per-model loss and accuracy,
+  share of the evaluation noise (:mod:`fedpersona.privacy.secagg.eval_figures`: per-model loss and accuracy,
   one-hot loss and gain histograms; no user id); its unmask follows as ``query.unmask``. With
   ``secagg.enabled = false``: the same figures with the device's whole noise (``evaluation``
   ArrayRecord ``figures``). Either way the device records the release's user-level epsilon in its
@@ -37,7 +37,7 @@ Message types:
   The device keeps its own evaluation row in its store (``evaluation``), where a simulation on
   the same machine reads it.
 
-:data:`privacy.audit.message_table.TABLE` lists every field of every reply and what covers it.
+:data:`fedpersona.privacy.audit.message_table.TABLE` lists every field of every reply and what covers it.
 
 Error replies carry the error class and a fixed text (:func:`_error`), never the exception's
 message: that can hold the user's data (a malformed line of their data, a path named after them).
@@ -57,19 +57,19 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client import secagg
-from client.device import LEDGER, BudgetExhausted, Device, state_dir_for
-from client.failures import failure_mod
-from client.flow_log import inventory_mod
-from client.freshness import freshness_mod
-from client.policy import DevicePolicy, PolicyViolation
-from client.store import DeviceStore
-from client.sumdp import StepRefused, check_context
+from fedpersona.client import secagg
+from fedpersona.client.device import LEDGER, BudgetExhausted, Device, state_dir_for
+from fedpersona.client.failures import failure_mod
+from fedpersona.client.flow_log import inventory_mod
+from fedpersona.client.freshness import freshness_mod
+from fedpersona.client.policy import DevicePolicy, PolicyViolation
+from fedpersona.client.store import DeviceStore
+from fedpersona.client.sumdp import StepRefused, check_context
 from fedpersona.config import Config, load_config
 from fedpersona.secagg_wire import from_records, has_request, to_records
 from fedpersona.wire import to_record, unpack_shared
-from privacy.secagg.eval_figures import eval_epsilon, noised_plain, record_eval
-from privacy.sumdp import SumContext, sum_secagg_params
+from fedpersona.privacy.secagg.eval_figures import eval_epsilon, noised_plain, record_eval
+from fedpersona.privacy.sumdp import SumContext, sum_secagg_params
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def _evict() -> None:
 
 
 def cached_device(context: Context) -> Device:
-    """The node's :class:`~client.device.Device` as the handlers use it (built on first use, then cached)."""
+    """The node's :class:`~fedpersona.client.device.Device` as the handlers use it (built on first use, then cached)."""
     return _device(context)
 
 
@@ -222,13 +222,13 @@ def _secure_train(message: Message, context: Context, device: Device, shared: di
     return Message(RecordDict(to_records(payload)), reply_to=message)
 
 
-#: Message types of noise on the sum (``privacy.noise-on = sum``; :mod:`server.sumdp`).
+#: Message types of noise on the sum (``privacy.noise-on = sum``; :mod:`fedpersona.server.sumdp`).
 DP_STEP, PERSONALIZE = "train.dp_step", "train.personalize"
 
 
 def dp_step(message: Message, context: Context) -> Message:
     """One step of a noisy sum: the clipped gradient sum, quantized, plus this device's discrete Gaussian
-    share, masked (:meth:`client.device.Device.sum_step`); a decline when the budget or the participation
+    share, masked (:meth:`fedpersona.client.device.Device.sum_step`); a decline when the budget or the participation
     cap is reached; a refusal naming the setting when the step's parameters or order do not hold."""
     try:
         device = _device(context)
@@ -368,7 +368,7 @@ def evaluate(message: Message, context: Context) -> Message:
 
 def build_app(*, mods: Sequence[Mod] = (), outer: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp: the flow log outermost (it records each reply as it leaves), then the device's own
-    failure log, then ``mods``, then the store's one commit per message (:mod:`client.freshness`), then
+    failure log, then ``mods``, then the store's one commit per message (:mod:`fedpersona.client.freshness`), then
     the handlers. ``outer``: mods before the flow log (they may hand it another context, never another
     reply)."""
     client_app = ClientApp(mods=[*outer, inventory_mod, failure_mod, *mods, freshness_mod])

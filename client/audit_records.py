@@ -1,11 +1,11 @@
-"""What a device's state folder holds for the privacy audit, as :class:`privacy.audit.report.DeviceRecords`.
+"""What a device's state folder holds for the privacy audit, as :class:`fedpersona.privacy.audit.report.DeviceRecords`.
 
 Read-only: the privacy ledger (the same encrypted file the device composes; read with the
 device's key) and its other ledgers (a DP head's, the local-only baseline's), the run config the
 device recorded with its last round (so that a device audited alone is described by its own
 settings, never by a default), the names and digests of the personal head (never its values), the
-inventory of every reply the device sent (:mod:`client.flow_log`), and the freshness events of
-its store (:func:`client.store.read_freshness_events`: a restored older copy detected, an anchor
+inventory of every reply the device sent (:mod:`fedpersona.client.flow_log`), and the freshness events of
+its store (:func:`fedpersona.client.store.read_freshness_events`: a restored older copy detected, an anchor
 re-created), reported in ``errors`` as lines starting with ``freshness:``. A part that cannot be
 read is reported in ``errors``, not raised: the audit says what it could not check.
 """
@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from client.device import BASELINE_HEAD_LEDGER, BASELINE_LEDGER, HEAD_FILE, HEAD_LEDGER, LEDGER, RECEIVED_CONFIG
-from client.flow_log import INVENTORY_FILE, read_inventory
-from client.store import JOURNALS, DeviceStore, read_freshness_events
-from privacy.audit.inventory import personal_digests
-from privacy.audit.report import DeviceRecords, device_summary
-from privacy.ledger import PrivacyLedger
+from fedpersona.client.device import BASELINE_HEAD_LEDGER, BASELINE_LEDGER, HEAD_FILE, HEAD_LEDGER, LEDGER, RECEIVED_CONFIG
+from fedpersona.client.flow_log import INVENTORY_FILE, read_inventory
+from fedpersona.client.store import JOURNALS, DeviceStore, read_freshness_events
+from fedpersona.privacy.audit.inventory import personal_digests
+from fedpersona.privacy.audit.report import DeviceRecords, device_summary
+from fedpersona.privacy.ledger import PrivacyLedger
 
 __all__ = ["freshness_errors", "is_device_dir", "read_device", "read_device_records"]
 

@@ -5,9 +5,9 @@ shared adapter is the one it last received in a round (saved in its store at tra
 simulation run the run's newest checkpoint. Each plain input line is a message to the user; the
 assistant drafts the user's reply (in the user's voice), with the conversation so far as context:
 the latest turns that fit in ``model.seq-len`` tokens (older turns are dropped whole; a message
-longer than that keeps its last tokens). The user profile (:mod:`client.profile`) comes before it,
+longer than that keeps its last tokens). The user profile (:mod:`fedpersona.client.profile`) comes before it,
 as a ChatML system turn of at most :data:`PROFILE_TOKENS` tokens. With ``exemplars = K`` the user's
-own turns most like the message (:mod:`client.exemplars`: the device's data and kept feedback, at
+own turns most like the message (:mod:`fedpersona.client.exemplars`: the device's data and kept feedback, at
 most :data:`EXEMPLAR_TOKENS` tokens) come between the profile and the conversation.
 
 Commands (a line that starts with ``/``)::
@@ -21,11 +21,11 @@ Commands (a line that starts with ``/``)::
     /quit          leave (end of input does the same)
 
 A draft left without a command stays in the context and is not kept. Accepted and edited replies
-join the training set at the device's next round (:mod:`client.feedback`). Input is read line by
+join the training set at the device's next round (:mod:`fedpersona.client.feedback`). Input is read line by
 line, so a session can be scripted: ``printf 'Good morrow\\n/accept\\n/quit\\n' | fedpersona chat ...``.
 
 Input rule (:func:`chat_line`): a line is read as bytes and must be valid UTF-8, hold no NUL or
-control character (tab aside), and be at most :data:`client.data.MAX_TEXT_CHARS` characters; any
+control character (tab aside), and be at most :data:`fedpersona.client.data.MAX_TEXT_CHARS` characters; any
 other line, a message or a command with its text, is refused with a message saying why, and
 nothing of it is drafted or kept (a pending draft stays pending). Drafts are shown and kept without
 control characters (a model can emit an escape sequence; the terminal never receives it).
@@ -45,13 +45,13 @@ from typing import TextIO
 
 import torch
 
-from client.data import ASSISTANT_HEADER, IM_END, MAX_TEXT_CHARS, USER_HEADER, TextRefused, check_text
-from client.device import HEAD_FILE, RECEIVED_CONFIG, RECEIVED_SHARED, cache_examples
-from client.exemplars import check_count, exemplar_text, pick_exemplars
-from client.feedback import load_feedback, pairs_of, record_feedback, usable
-from client.profile import compute_profile, load_profile, save_profile, system_prefix
-from client.store import DeviceStore
-from client.train import evaluate
+from fedpersona.client.data import ASSISTANT_HEADER, IM_END, MAX_TEXT_CHARS, USER_HEADER, TextRefused, check_text
+from fedpersona.client.device import HEAD_FILE, RECEIVED_CONFIG, RECEIVED_SHARED, cache_examples
+from fedpersona.client.exemplars import check_count, exemplar_text, pick_exemplars
+from fedpersona.client.feedback import load_feedback, pairs_of, record_feedback, usable
+from fedpersona.client.profile import compute_profile, load_profile, save_profile, system_prefix
+from fedpersona.client.store import DeviceStore
+from fedpersona.client.train import evaluate
 from fedpersona.config import load_config
 from fedpersona.model import adapted_model
 

@@ -18,17 +18,17 @@ The device keeps, in its own state folder (never in a message):
   the model and the examples (``client.cache-activations``): a device built again (the next
   round, a restart, the final evaluation) reads them instead of running the lower blocks again,
 * ``evaluation`` — the device's own final-evaluation row (user id and figures); it never leaves
-  the device: the server gets only sums (:mod:`privacy.secagg.eval_figures`); a simulation reads
+  the device: the server gets only sums (:mod:`fedpersona.privacy.secagg.eval_figures`); a simulation reads
   the rows from the devices' stores on its own machine,
 * ``shared-received`` / ``shared-received-config`` — the shared adapter (and run config) of the
   last round, for ``fedpersona chat`` on the device,
 * ``feedback`` / ``feedback-used`` / ``profile`` — chat feedback that grows the training set and
-  the user's profile (:mod:`client.feedback`, :mod:`client.profile`).
+  the user's profile (:mod:`fedpersona.client.feedback`, :mod:`fedpersona.client.profile`).
 
 A round (:meth:`Device.train_round`), Ditto / FedRep style:
 
 1. the shared adapter alone is trained with DP-SGD, the head switched off
-   (:func:`client.train.train_shared`): the released update never depends on the head;
+   (:func:`fedpersona.client.train.train_shared`): the released update never depends on the head;
 2. the head alone is trained on top of the new shared adapter for
    ``client.head-steps`` steps: without noise by default (``privacy.personal-head =
    local``: the head and its outputs stay with its owner, joint DP), or with DP-SGD and
@@ -38,8 +38,8 @@ A round (:meth:`Device.train_round`), Ditto / FedRep style:
 
 What leaves the device in a round: the change of the *shared* adapter tensors (weight 1 for
 every device) and the constant ``trained``; at the end, the noised evaluation figures
-(:mod:`privacy.secagg.eval_figures`). Every field of every reply, with what covers it:
-:data:`privacy.audit.message_table.TABLE`.
+(:mod:`fedpersona.privacy.secagg.eval_figures`). Every field of every reply, with what covers it:
+:data:`fedpersona.privacy.audit.message_table.TABLE`.
 """
 
 from __future__ import annotations
@@ -55,22 +55,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.data import encode_examples, read_user_folder, split_examples
-from client.node_data import node_data
-from client.policy import DevicePolicy, PolicyViolation
-from client.feedback import noise_for_remaining_budget, pairs_of, training_feedback
-from client.profile import compute_profile, save_profile
-from client.store import DeviceStore
-from client.sumdp import StepLog, StepRefused, check_context, local_optimizer, local_replay_round
-from client.train import (CachedExample, TrainResult, clipped_grad_sum, deadline_after, evaluate, train_head,
+from fedpersona.client.data import encode_examples, read_user_folder, split_examples
+from fedpersona.client.node_data import node_data
+from fedpersona.client.policy import DevicePolicy, PolicyViolation
+from fedpersona.client.feedback import noise_for_remaining_budget, pairs_of, training_feedback
+from fedpersona.client.profile import compute_profile, save_profile
+from fedpersona.client.store import DeviceStore
+from fedpersona.client.sumdp import StepLog, StepRefused, check_context, local_optimizer, local_replay_round
+from fedpersona.client.train import (CachedExample, TrainResult, clipped_grad_sum, deadline_after, evaluate, train_head,
                           train_shared, trainer_for)
 from fedpersona.secagg_wire import flatten
 from fedpersona.config import Config
 from fedpersona.model import AdaptedModel, adapted_model, labels_for, lower_hidden
-from privacy.budget import composed
-from privacy.ledger import PrivacyLedger, calibrate_noise
-from privacy.noise import SECURE, NoiseSource
-from privacy.sumdp import SumContext, sum_noise_multiplier
+from fedpersona.privacy.budget import composed
+from fedpersona.privacy.ledger import PrivacyLedger, calibrate_noise
+from fedpersona.privacy.noise import SECURE, NoiseSource
+from fedpersona.privacy.sumdp import SumContext, sum_noise_multiplier
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def _store_activations(model: AdaptedModel, store: DeviceStore, key: str,
 
 
 def load_pairs_for_node(cfg: Config, node_config: dict) -> tuple[str, list[tuple[str, str]], Path]:
-    """(user id, (cue, reply) pairs, state folder) for this node: simulation or deployment (:mod:`client.node_data`)."""
+    """(user id, (cue, reply) pairs, state folder) for this node: simulation or deployment (:mod:`fedpersona.client.node_data`)."""
     node = node_data(cfg, node_config)
     return node.user_id, read_user_folder(node.data_dir), node.state_dir
 
@@ -259,7 +259,7 @@ def state_dir_for(cfg: Config, node_config: dict) -> Path:
 @functools.lru_cache(maxsize=None)
 def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     """Noise for a budget spread over the planned steps, solved once per process for every training-set size
-    (devices with equal data sizes share the result; :func:`privacy.ledger.calibrate_noise` warm-starts each
+    (devices with equal data sizes share the result; :func:`fedpersona.privacy.ledger.calibrate_noise` warm-starts each
     new size from the nearest one solved)."""
     return calibrate_noise(
         target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
@@ -357,7 +357,7 @@ class Device:
         if not p.enabled:
             return 0.0
         if p.noise_on == "sum":
-            return sum_noise_multiplier(self.cfg)  # the same for every device of a sum (privacy.sumdp)
+            return sum_noise_multiplier(self.cfg)  # the same for every device of a sum (fedpersona.privacy.sumdp)
         if p.noise_multiplier > 0:
             return p.noise_multiplier
         # Planned for the participations the device will accept, not every round of the server's plan.
@@ -372,7 +372,7 @@ class Device:
         return adjusted if adjusted is not None else sigma  # budget spent: train_round declines
 
     def _grow_training_set(self, server_round: int, ledger: PrivacyLedger) -> None:
-        """The round's training set: the device's data + accepted/edited chat feedback (client.feedback).
+        """The round's training set: the device's data + accepted/edited chat feedback (fedpersona.client.feedback).
 
         A feedback example the device cannot encode is skipped and reported in its log (by id), and the
         device trains on the rest: one bad example never fails the rounds that follow."""
@@ -487,7 +487,7 @@ class Device:
     def plan_round(self, shared: dict[str, torch.Tensor], *, server_round: int, log_refusal: bool = True) -> RoundPlan:
         """Every check that can refuse the round, and what the round will train from.
 
-        Raises :class:`~client.policy.PolicyViolation` when the server's settings would weaken the
+        Raises :class:`~fedpersona.client.policy.PolicyViolation` when the server's settings would weaken the
         device's policy, :class:`BudgetExhausted` when the round would take it past its budget
         (nothing trained, nothing recorded). Grows the training set by the round's chat feedback
         (the same examples each time it is asked for the same round).
@@ -561,7 +561,7 @@ class Device:
     def offer_result(self, plan: RoundPlan, result) -> None:
         """A result trained elsewhere (the cohort engine) for exactly ``plan``; :meth:`train_round` uses it
         when the plan it makes itself matches, and otherwise trains the round here. ``result``: a
-        :class:`simulations.engine.jobs.ClientResult`."""
+        :class:`fedpersona.simulations.engine.jobs.ClientResult`."""
         self._offered = (plan.key, result)
 
     def train_round(self, shared: dict[str, torch.Tensor], *, server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -569,7 +569,7 @@ class Device:
 
         The round's loss, epsilon and timings stay on the device (:attr:`last_round`, its log).
 
-        Raises :class:`~client.policy.PolicyViolation` (nothing trained, nothing recorded) when the
+        Raises :class:`~fedpersona.client.policy.PolicyViolation` (nothing trained, nothing recorded) when the
         server's settings would weaken the device's policy, :class:`BudgetExhausted` when the round
         would take it past its budget (:meth:`plan_round`). The passes are the result offered for
         this very plan (:meth:`offer_result`) or, without one, trained here; the ledger, the
@@ -656,7 +656,7 @@ class Device:
             if head else "not trained",
             "".join(f"; {k} {v:.3f}" for k, v in local.items() if k.startswith("heldout-")),
         )
-        # What the reply carries besides the update: the public weight and a constant (privacy.audit.message_table).
+        # What the reply carries besides the update: the public weight and a constant (fedpersona.privacy.audit.message_table).
         return update, {"weight": 1.0, "trained": 1.0}
 
     def _stopped(self, plan: RoundPlan, result: TrainResult) -> None:
@@ -706,17 +706,17 @@ class Device:
         head = as_train(head_phase, self.head_noise_multiplier) if head_phase is not None else None
         return shared_result, head
 
-    # ------------------------------------------------------------- noise on the sum (client.sumdp)
+    # ------------------------------------------------------------- noise on the sum (fedpersona.client.sumdp)
     def sum_step(self, shared: dict[str, torch.Tensor], claimed: SumContext, *, run_id: int, server_round: int,
                  step: int, cohort: int, bound_keys: bool) -> tuple[np.ndarray, SumContext]:
-        """One step of a noisy sum (``privacy.noise-on = sum``): the checks of :mod:`client.sumdp`, then the
+        """One step of a noisy sum (``privacy.noise-on = sum``): the checks of :mod:`fedpersona.client.sumdp`, then the
         clipped gradient sum, the ledger step and its persistence. ``bound_keys``: whether the device's secure
-        aggregation holds against a malicious server (:func:`client.secagg.malicious_secure`).
+        aggregation holds against a malicious server (:func:`fedpersona.client.secagg.malicious_secure`).
 
         Returns (the clipped per-example gradient sum as a float64 vector in the shared tensors' sorted-name
         order, no noise yet: the ClientApp quantizes it and adds the discrete Gaussian share while masking; the
-        step's context). Raises :class:`~client.policy.PolicyViolation` (a refusal naming the setting),
-        :class:`BudgetExhausted` (a decline) or :class:`~client.sumdp.StepRefused`; nothing is recorded then.
+        step's context). Raises :class:`~fedpersona.client.policy.PolicyViolation` (a refusal naming the setting),
+        :class:`BudgetExhausted` (a decline) or :class:`~fedpersona.client.sumdp.StepRefused`; nothing is recorded then.
         """
         cfg = self.cfg
         if cfg.privacy.noise_on != "sum":
@@ -779,7 +779,7 @@ class Device:
         """After a round of noisy sums: the head on top of the round's final shared adapter; the steps taken.
 
         Only for a round this device answered at least one step of (in this run), once per round
-        (:class:`~client.sumdp.StepRefused` otherwise).
+        (:class:`~fedpersona.client.sumdp.StepRefused` otherwise).
         """
         cfg = self.cfg
         log = StepLog(self.store)
@@ -810,7 +810,7 @@ class Device:
     def offer_evaluation(self, shared_digest: str, personal_digest: str, figures: dict[str, dict[str, float]]) -> None:
         """Held-out figures computed elsewhere (the cohort engine's batched passes) for the shared adapter and
         head of these digests: ``{"base" | "shared" | "personal": {"loss", "accuracy", "tokens"}}``, as
-        :func:`client.train.evaluate` gives them. :meth:`final_evaluation` uses them only for exactly that
+        :func:`fedpersona.client.train.evaluate` gives them. :meth:`final_evaluation` uses them only for exactly that
         shared adapter, that head and this device's held-out split; otherwise it evaluates here."""
         self._offered_evaluation = ((shared_digest, personal_digest, len(self.data.held_out)), figures)
 
@@ -818,7 +818,7 @@ class Device:
         """Base, shared only, personalized and (simulation) local-only on the held-out split.
 
         The row is written to the device's own store (``evaluation``, with the user id); only its
-        bounded figures are sent, with noise (:mod:`privacy.secagg.eval_figures`).
+        bounded figures are sent, with noise (:mod:`fedpersona.privacy.secagg.eval_figures`).
         """
         cfg = self.cfg
         personal = self._personal()

@@ -7,7 +7,7 @@ are as personal as the replies themselves and never leave it (nothing here is se
 sends nothing).
 
 :func:`pick_exemplars` ranks the user's pairs by the content words they share with the prompt
-(lower-cased words, the function words of :data:`client.profile.STOPWORDS` left out), prefers
+(lower-cased words, the function words of :data:`fedpersona.client.profile.STOPWORDS` left out), prefers
 short replies (a few turns must fit in front of the prompt), and breaks ties with a seeded
 shuffle, so a given seed picks the same turns every time.
 """
@@ -17,8 +17,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from client.data import ASSISTANT_HEADER, IM_END, USER_HEADER
-from client.profile import STOPWORDS, words
+from fedpersona.client.data import ASSISTANT_HEADER, IM_END, USER_HEADER
+from fedpersona.client.profile import STOPWORDS, words
 
 #: A reply longer than this (in words) is not used as an exemplar.
 MAX_EXEMPLAR_WORDS = 40

@@ -13,8 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from client.chat import load_device_model
-from client.store import DeviceStore
+from fedpersona.client.chat import load_device_model
+from fedpersona.client.store import DeviceStore
 from fedpersona.export import export_lora
 from fedpersona.model import AdaptedModel, resolve_model_dir
 

@@ -9,7 +9,7 @@ or raises, it appends to ``<state_dir>/failures.jsonl``::
 Only the error *class* is kept, never the error text (which could quote the user's data), and
 the file sits beside the encrypted state in plain JSON, so that it stays readable when the
 state itself is what failed (a tampered or rolled-back store). On a simulated device the runner
-reads these files on this machine to list the failed users (:mod:`simulations.runner`); on a
+reads these files on this machine to list the failed users (:mod:`fedpersona.simulations.runner`); on a
 real device they are its owner's log.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.node_data import context_state_dir, read_jsonl
+from fedpersona.client.node_data import context_state_dir, read_jsonl
 from fedpersona.wire import group_round
 
 logger = logging.getLogger(__name__)

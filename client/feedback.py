@@ -1,15 +1,15 @@
 """Feedback from the chat becomes local training data, kept encrypted in the device's store.
 
-Every reply the assistant drafts in ``fedpersona chat`` (:mod:`client.chat`) can be
+Every reply the assistant drafts in ``fedpersona chat`` (:mod:`fedpersona.client.chat`) can be
 
 * **accepted** — the draft is what the user would have said: ``(cue, draft)`` is a new example;
 * **edited** — the user's corrected text is what they would have said: ``(cue, edited)`` is a new
   example (the draft is kept beside it as ``proposed``);
 * **rejected** — ``(cue, draft)`` is a *negative* example: never trained on, kept for evaluation
-  (:func:`client.chat.feedback_losses`: the personalized model should find rejected drafts less likely than
+  (:func:`fedpersona.client.chat.feedback_losses`: the personalized model should find rejected drafts less likely than
   the user's own replies).
 
-Examples live in the :class:`~client.store.DeviceStore` blob ``feedback`` (JSON, encrypted at rest
+Examples live in the :class:`~fedpersona.client.store.DeviceStore` blob ``feedback`` (JSON, encrypted at rest
 like the head and the ledger), one record each::
 
     {"id": "9f2c...", "cue": "...", "reply": "...", "origin": "accepted" | "edited" | "rejected",
@@ -25,9 +25,9 @@ the sample rate of every later step is ``batch / n`` with the grown ``n`` (docs/
 steps at the new sample rate so that the composed epsilon stays within the budget.
 
 Input: :func:`record_feedback` keeps only text that follows the device's text rule
-(:func:`client.data.check_text`: valid Unicode, no NUL or control character but tab and line
-breaks, at most :data:`client.data.MAX_TEXT_CHARS` characters), refusing the rest with
-:class:`client.data.TextRefused`. An example kept before that rule (or otherwise unusable) stays in
+(:func:`fedpersona.client.data.check_text`: valid Unicode, no NUL or control character but tab and line
+breaks, at most :data:`fedpersona.client.data.MAX_TEXT_CHARS` characters), refusing the rest with
+:class:`fedpersona.client.data.TextRefused`. An example kept before that rule (or otherwise unusable) stays in
 the store but never joins training, a profile or the exemplars: :func:`usable` skips it and says so
 in the device's log, by its id.
 """
@@ -45,8 +45,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from client.data import MAX_TEXT_CHARS, TextRefused, check_text
-from client.store import DeviceStore, StateError
+from fedpersona.client.data import MAX_TEXT_CHARS, TextRefused, check_text
+from fedpersona.client.store import DeviceStore, StateError
 
 logger = logging.getLogger(__name__)
 

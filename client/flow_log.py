@@ -13,7 +13,7 @@ never values), plus, for arrays, ``masked`` (a secure-aggregation masked vector:
 (b-bit packed) array named like ``masked`` in a record whose name contains ``secagg``) and
 ``protocol`` (a ``uint64`` array of that record: share-holder and owner ids), and ``type`` for config and metric
 entries (``str``, ``bytes``, ``int`` ...). An error reply records its code and reason. The device also
-scans each reply for its user profile (:mod:`client.profile`: the whole text and each sentence, in
+scans each reply for its user profile (:mod:`fedpersona.client.profile`: the whole text and each sentence, in
 every string, bytes value and array's raw bytes, and in an error's reason): the line gets
 ``"profile_checked": true`` when the device had a profile, and a row that carries it ``"profile": true``
 (an error reason that does: ``"error_profile": true``). For a ``query.consistency`` or
@@ -21,7 +21,7 @@ every string, bytes value and array's raw bytes, and in an error's reason): the 
 {"round_digest": <hex>, "survivors": <16 hex of SHA-256 of the sorted survivor ids>, "count": n}``
 (answered or refused), so that the audit can tell when the server showed two devices (or one
 device twice) different survivor sets for the same round. The check that nothing personal left
-the device, and that, is :func:`privacy.audit.inventory.verify_inventory`.
+the device, and that, is :func:`fedpersona.privacy.audit.inventory.verify_inventory`.
 
 On by default; the cost is one SHA-256 pass over the reply's arrays and one appended line.
 ``FEDPERSONA_INVENTORY=off`` turns it off (with a warning): the audit then reports the device
@@ -40,10 +40,10 @@ from pathlib import Path
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.node_data import _CONTEXT_STATE_DIRS as _STATE_DIRS  # noqa: F401 - the lookup's cache (tests clear it)
-from client.node_data import context_state_dir, read_jsonl
+from fedpersona.client.node_data import _CONTEXT_STATE_DIRS as _STATE_DIRS  # noqa: F401 - the lookup's cache (tests clear it)
+from fedpersona.client.node_data import context_state_dir, read_jsonl
 from fedpersona.wire import group_round, inventory
-from privacy.audit.inventory import is_masked, is_protocol_array
+from fedpersona.privacy.audit.inventory import is_masked, is_protocol_array
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ def mark_profile(reply: Message, entry: dict, needles: list[str]) -> dict:
 
 
 def _profile_needles(state_dir: Path) -> list[str]:
-    from client.profile import load_profile, profile_needles
-    from client.store import DeviceStore
+    from fedpersona.client.profile import load_profile, profile_needles
+    from fedpersona.client.store import DeviceStore
 
     return profile_needles(load_profile(DeviceStore(state_dir)))
 
@@ -139,7 +139,7 @@ def shown_survivors(message: Message) -> dict | None:
     import numpy as np
 
     from fedpersona.secagg_wire import from_records
-    from privacy.secagg.spec import request_digest
+    from fedpersona.privacy.secagg.spec import request_digest
 
     try:
         request = from_records(message.content)

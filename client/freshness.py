@@ -4,19 +4,19 @@
 
 1. it takes the server's copy of the device's freshness receipt (``freshness`` record,
    :mod:`fedpersona.receipts`) out of the request, so the handler never sees it;
-2. it opens a transaction on the device's store (:meth:`client.store.DeviceStore.transaction`),
+2. it opens a transaction on the device's store (:meth:`fedpersona.client.store.DeviceStore.transaction`),
    which checks the state against its local anchor, and checks the receipt
-   (:meth:`~client.store.DeviceStore.check_receipt`). A state older than either (a restored copy
+   (:meth:`~fedpersona.client.store.DeviceStore.check_receipt`). A state older than either (a restored copy
    of the folder) is refused before the handler runs: the reply is an error with a fixed text
-   (:attr:`client.store.RollbackDetected.public_reason`), nothing is trained, nothing unmasked;
+   (:attr:`fedpersona.client.store.RollbackDetected.public_reason`), nothing is trained, nothing unmasked;
 3. it runs the handler: every save it makes (received adapter, ledgers, head, participation
    record, reveal log, evaluation row...) is gathered into the transaction, and committed in one
    record (two fsyncs) when the handler returns, *before* the reply leaves the device. A handler
    that raises commits nothing;
 4. it attaches the receipt of the new commit to the reply (replies with content only), for the
-   server to keep and send back (:class:`server.freshness.FreshnessGrid`).
+   server to keep and send back (:class:`fedpersona.server.freshness.FreshnessGrid`).
 
-Registered innermost (:func:`client.app.build_app`): the inventory and failure mods outside it see
+Registered innermost (:func:`fedpersona.client.app.build_app`): the inventory and failure mods outside it see
 the reply as it leaves, receipt included.
 """
 
@@ -27,8 +27,8 @@ import logging
 from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.node_data import context_state_dir
-from client.store import DeviceStore, RollbackDetected, StateError
+from fedpersona.client.node_data import context_state_dir
+from fedpersona.client.store import DeviceStore, RollbackDetected, StateError
 from fedpersona.receipts import put_receipt, take_receipt
 
 __all__ = ["STATE_FAILED", "freshness_mod"]

@@ -1,6 +1,6 @@
 """Where a device's data and state folder are, from its Flower node config.
 
-* **Deployment**: ``data-dir`` (a folder of ``*.jsonl``, :func:`client.data.read_user_folder`),
+* **Deployment**: ``data-dir`` (a folder of ``*.jsonl``, :func:`fedpersona.client.data.read_user_folder`),
   ``state-dir`` (default ``<data-dir>/.fedpersona-state``) and ``user-id`` (default: the data
   folder's name).
 * **Simulation**: ``partition-id``. The simulation hands each simulated node its user's data the
@@ -58,7 +58,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"no simulation manifest at {p}: simulated nodes (node config 'partition-id') get their data "
-                         "from the simulation (fedpersona run, or the simulations.clientapp component)")
+                         "from the simulation (fedpersona run, or the fedpersona.simulations.clientapp component)")
     try:
         doc = json.loads(p.read_text())
     except json.JSONDecodeError as exc:

@@ -69,7 +69,7 @@ trained by a simulation's cohort engine (one pass for many devices) is checked a
 batch and length caps, not the wall time.
 
 The secure-aggregation graph is checked too (:meth:`DevicePolicy.check_graph`, for the largest
-cohort here and for each request's own cohort in :mod:`client.secagg`): a degree below
+cohort here and for each request's own cohort in :mod:`fedpersona.client.secagg`): a degree below
 :func:`required_degree` for the cohort size, or a threshold below the rules above, is refused
 naming ``secagg.degree`` / ``secagg.threshold`` and why.
 
@@ -94,9 +94,9 @@ from pathlib import Path
 from typing import Any
 
 from fedpersona.config import Config
-from privacy.ledger import calibrate_noise
-from privacy.secagg.graph import default_degree
-from privacy.secagg.settings import secagg_params
+from fedpersona.privacy.ledger import calibrate_noise
+from fedpersona.privacy.secagg.graph import default_degree
+from fedpersona.privacy.secagg.settings import secagg_params
 
 __all__ = ["DevicePolicy", "PolicyViolation", "POLICY_FILE", "PREFIX", "required_degree"]
 
@@ -130,7 +130,7 @@ def required_degree(n: int) -> int:
     """The smallest SecAgg+ graph degree a device accepts for a cohort of ``n``: ``2 ceil(1.5 log2 n)``, at most n - 1.
 
     SecAgg+ (Bell et al., CCS 2020) replaces the complete graph by one of degree O(log n). On the random
-    ring graph (:mod:`privacy.secagg.graph`) the honest survivors are cut apart only by k/2 consecutive
+    ring graph (:mod:`fedpersona.privacy.secagg.graph`) the honest survivors are cut apart only by k/2 consecutive
     removed (dropped or colluding) devices; with a fraction r of the cohort removed at random that
     happens with probability at most ``n r^(k/2)``, which at this degree and r = 1/3 is ``n^-1.38``
     (7e-5 at n = 1000). (Whether each device keeps t live holders is the round's dropout tolerance, not
@@ -198,7 +198,7 @@ def _as_int(key: str, value: Any) -> int:
 @functools.lru_cache(maxsize=64)
 def _one_round_epsilon(sigma: float, q: float, steps: int, delta: float, accountant: str,
                        on_sum: bool = False) -> float:
-    from privacy.ledger import PrivacyLedger
+    from fedpersona.privacy.ledger import PrivacyLedger
 
     return PrivacyLedger(accountant=accountant).epsilon_if(noise_multiplier=sigma, sample_rate=q, num_steps=steps,
                                                            delta=delta, on_sum=on_sum)
@@ -212,7 +212,7 @@ def _malicious_secure_ok(cfg: Config, *, bound_keys: bool) -> tuple[bool, str]:
     protocol that needs secure aggregation itself (``secagg.enabled``), with every party checking what it
     signs (the consistency check: one survivor set and, bound into the round digest, the step's
     parameters, one view for all) and neighbour keys bound to identities the server cannot forge
-    (``bound_keys``: :func:`client.secagg.malicious_secure`, the device holds an identity certified by
+    (``bound_keys``: :func:`fedpersona.client.secagg.malicious_secure`, the device holds an identity certified by
     its trust root). ``(False, why)`` otherwise; the device then refuses noise on the sum by name.
     """
     if not cfg.secagg.enabled:
@@ -485,7 +485,7 @@ class DevicePolicy:
     def check_sum(self, cfg: Config, ctx, *, train_examples: int, bound_keys: bool) -> dict[str, Any]:
         """The checks of a step on a noisy sum (``privacy.noise-on = sum``), on top of :meth:`check`.
 
-        ``ctx``: the step's :class:`privacy.sumdp.SumContext`, as the device derived it itself. Refused
+        ``ctx``: the step's :class:`fedpersona.privacy.sumdp.SumContext`, as the device derived it itself. Refused
         (:class:`PolicyViolation` naming the setting) without secure aggregation safe against the server
         (:func:`_malicious_secure_ok`), when t is below ``policy.min-contributors`` or above
         ``policy.max-honest-fraction`` of the announced cohort, or when sigma at this device's own q over the
@@ -511,7 +511,7 @@ class DevicePolicy:
                 raise PolicyViolation("privacy.noise-multiplier", sigma,
                                       f"below policy.min-noise-multiplier = {self.min_noise_multiplier:g}")
             budget = min(cfg.privacy.target_epsilon, self.max_epsilon)
-            from privacy.sumdp import budget_passes
+            from fedpersona.privacy.sumdp import budget_passes
 
             m, passes = self.participations(cfg), budget_passes(cfg)
             planned = _one_round_epsilon(float(sigma), q, m * cfg.client.local_steps * passes, cfg.privacy.delta,

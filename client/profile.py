@@ -17,8 +17,8 @@ sentences, how the user writes:
 The profile is saved in the device's store (blob ``profile``) and used in generation as a short
 natural-language prefix (a ChatML system turn, :func:`system_prefix`). It is text about the user,
 as personal as the replies it summarises: the data-flow inventory scans every reply the device
-sends for it (:mod:`client.flow_log`), and a message that carries it is a violation
-(:func:`privacy.audit.inventory.verify_inventory`).
+sends for it (:mod:`fedpersona.client.flow_log`), and a message that carries it is a violation
+(:func:`fedpersona.privacy.audit.inventory.verify_inventory`).
 """
 
 from __future__ import annotations

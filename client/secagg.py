@@ -2,7 +2,7 @@
 
 The device's two long-term X25519 key pairs live in its encrypted store under ``secagg-keys``
 (created by its first key advertisement, reused in every later round and run; never in a
-message). Per round (:mod:`server.secagg` drives the exchanges):
+message). Per round (:mod:`fedpersona.server.secagg` drives the exchanges):
 
 * :func:`advertise`, once per run: its public keys and, bound to them, its identity: the
   certificate of the operator's trust root and the identity's signature over (run, node id, keys)
@@ -13,7 +13,7 @@ message). Per round (:mod:`server.secagg` drives the exchanges):
 * :func:`check_request`, *before* training: the masked-input request is addressed to this
   node, is for a vector of the shared adapter's length, names the public keys this device
   holds, carries the context the caller expects, and its graph (degree, threshold for this
-  cohort's size) passes the device policy (:meth:`client.policy.DevicePolicy.check_graph`); it is
+  cohort's size) passes the device policy (:meth:`fedpersona.client.policy.DevicePolicy.check_graph`); it is
   not a round setup this device already masked for or declined; a request that would fail costs no
   privacy budget. The masking itself checks every neighbour's keys against the trust root;
 * :func:`masked_input`, after training: the update ``new - old`` (weight 1 for every device),
@@ -35,7 +35,7 @@ message). Per round (:mod:`server.secagg` drives the exchanges):
 * :func:`malicious_secure`: whether this device runs the protections against a malicious server
   (bound keys and the consistency check), for callers that depend on them;
 * :func:`eval_masked_input`: the final evaluation's figures as one masked vector of sums with the
-  device's share of the evaluation noise (:mod:`privacy.secagg.eval_figures`), through the same protocol.
+  device's share of the evaluation noise (:mod:`fedpersona.privacy.secagg.eval_figures`), through the same protocol.
 """
 
 from __future__ import annotations
@@ -48,16 +48,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.policy import DevicePolicy
-from client.store import DeviceStore
+from fedpersona.client.policy import DevicePolicy
+from fedpersona.client.store import DeviceStore
 from fedpersona.config import Config
 from fedpersona.identity import DeviceIdentity, IdentityError, identity_path, load_device_identity
 from fedpersona.secagg_wire import SELF_ENC_PK, SELF_MASK_PK, SELF_SIGN_PK, flatten
-from privacy.secagg import ClientKeys, SecAggClient, SecAggInputError, SecAggParams
-from privacy.secagg.eval_figures import encode as encode_evaluation
-from privacy.secagg.eval_figures import eval_params
-from privacy.secagg.settings import extras_specs, record_ddp, secagg_params
-from privacy.secagg.spec import request_digest
+from fedpersona.privacy.secagg import ClientKeys, SecAggClient, SecAggInputError, SecAggParams
+from fedpersona.privacy.secagg.eval_figures import encode as encode_evaluation
+from fedpersona.privacy.secagg.eval_figures import eval_params
+from fedpersona.privacy.secagg.settings import extras_specs, record_ddp, secagg_params
+from fedpersona.privacy.secagg.spec import request_digest
 
 __all__ = ["KEYS", "REVEALS", "DEFAULT_MIN_CONTRIBUTORS", "FLOOR_KEY", "ConsistencyRefused", "Refused",
            "ReplayRefused", "RevealLog", "SmallSumRefused", "UnboundKeysRefused", "advertise", "check_request",
@@ -102,8 +102,8 @@ class UnboundKeysRefused(Refused):
 
 def min_contributors_floor(node_config: Mapping[str, Any], *, state_dir=None) -> int:
     """The device's own floor: its privacy policy's ``policy.min-contributors`` (node config and
-    ``policy.toml`` in its state folder, the stricter wins; default 3, at least 2: :mod:`client.policy`)."""
-    from client.policy import DevicePolicy
+    ``policy.toml`` in its state folder, the stricter wins; default 3, at least 2: :mod:`fedpersona.client.policy`)."""
+    from fedpersona.client.policy import DevicePolicy
 
     return DevicePolicy.load(node_config, state_dir=state_dir).min_contributors
 
@@ -263,7 +263,7 @@ def check_request(store: DeviceStore, cfg: Config, client_id: int, request: dict
     before any privacy budget is spent. ``context``: the bytes the request's ``context`` must equal
     (or a callable computing them from the request): what the round sums (default: nothing extra).
     A graph weaker than the device policy accepts for this cohort's size raises
-    :class:`~client.policy.PolicyViolation`.
+    :class:`~fedpersona.client.policy.PolicyViolation`.
     """
     what = f"masked-input request to node {client_id}"
     policy = _policy(policy, store, node_config)
@@ -346,14 +346,14 @@ def masked_step_input(client: SecAggClient, request: dict[str, Any], vec: np.nda
                       store: DeviceStore) -> dict[str, Any]:
     """The masked reply to a step of a noisy sum (``privacy.noise-on = sum``): the clipped gradient sum,
     quantized, plus the device's discrete Gaussian share (``client``'s settings:
-    :func:`privacy.sumdp.sum_secagg_params`); only ``trained`` rides beside it."""
+    :func:`fedpersona.privacy.sumdp.sum_secagg_params`); only ``trained`` rides beside it."""
     return _send_masked(client, store, request, vec, {"trained": 1.0}, DP_STEP)
 
 
 def eval_masked_input(store: DeviceStore, cfg: Config, client_id: int, request: dict[str, Any],
                       row: Mapping[str, float], *, floor: int | None = None, policy: DevicePolicy | None = None,
                       node_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The final evaluation's figures (:mod:`privacy.secagg.eval_figures`) as a masked vector of sums."""
+    """The final evaluation's figures (:mod:`fedpersona.privacy.secagg.eval_figures`) as a masked vector of sums."""
     params = eval_params(cfg)
     vec, extras = encode_evaluation(cfg, row)
     client = check_request(store, cfg, client_id, request, None, floor=floor, params=params, length=vec.size,
@@ -371,7 +371,7 @@ def _unmask_params(cfg: Config, kind: str | None, *, cohort: int, length: int) -
     if kind == EVALUATE:
         return eval_params(cfg)
     if kind == DP_STEP:
-        from privacy.sumdp import sum_secagg_params
+        from fedpersona.privacy.sumdp import sum_secagg_params
 
         return sum_secagg_params(cfg, cohort=cohort, dim=length)
     return secagg_params(cfg)

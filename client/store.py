@@ -10,7 +10,7 @@ commit writes and the list of where each blob lives. A commit is one ``write`` a
 of the journal, plus one ``fsync`` of the freshness anchor (below): two ``fsync`` calls, however
 many blobs it writes. :meth:`DeviceStore.transaction` gathers every save made inside it (loads
 see them) into one commit at its end; the ClientApp wraps each message in one
-(:mod:`client.freshness`), so a participation's writes (received adapter, ledgers, head,
+(:mod:`fedpersona.client.freshness`), so a participation's writes (received adapter, ledgers, head,
 participation record, reveal log, evaluation row...) land together, before the reply leaves.
 A save outside a transaction is a commit of its own.
 
@@ -31,7 +31,7 @@ it, is refused with :class:`RollbackDetected` (a spent privacy budget or an answ
 cannot be handed back). The server keeps a second anchor: the device's **freshness receipt**
 (:meth:`DeviceStore.receipt`, encrypted and authenticated under the device key, so only the
 device can read or make one) goes out with each reply and comes back with the next request
-(:mod:`client.freshness`, :mod:`server.freshness`); :meth:`DeviceStore.check_receipt` refuses a
+(:mod:`fedpersona.client.freshness`, :mod:`fedpersona.server.freshness`); :meth:`DeviceStore.check_receipt` refuses a
 state older than the receipt, and raises the local anchor so the refusal persists. A missing or
 unreadable anchor next to existing state is re-created with a warning and a line in the folder's
 ``freshness.jsonl`` (the audit reports it): only the receipt then guards the past.
@@ -954,7 +954,7 @@ class DeviceStore:
     def receipt(self) -> bytes | None:
         """The freshness receipt of the newest commit (None before the first): store id, generation and
         chain digest, encrypted and authenticated under the device key. Only this device can read or make
-        one; the server keeps it and sends it back (:mod:`client.freshness`)."""
+        one; the server keeps it and sends it back (:mod:`fedpersona.client.freshness`)."""
         def make(key, state):
             if key is None or state.store_id is None:
                 return None

@@ -1,15 +1,15 @@
-"""The device's side of noise on the sum (``privacy.noise-on = sum``; the mechanism: :mod:`privacy.sumdp`).
+"""The device's side of noise on the sum (``privacy.noise-on = sum``; the mechanism: :mod:`fedpersona.privacy.sumdp`).
 
 Per round the server sends each device of the cohort one ``train.dp_step`` message per DP-SGD step
 (the shared weights, the round, the step index, the noisy-sum context and the masked-input request),
 then one ``train.personalize`` message with the round's final shared weights. For a step the device
-(:meth:`client.device.Device.sum_step`):
+(:meth:`fedpersona.client.device.Device.sum_step`):
 
-1. derives the step's parameters itself (:func:`privacy.sumdp.sum_context`: sigma, t, C, the scale, the
+1. derives the step's parameters itself (:func:`fedpersona.privacy.sumdp.sum_context`: sigma, t, C, the scale, the
    sum bound, the batch of the normalizer, the dimension, the weights' digest) and refuses a request that
-   names others (:class:`~client.policy.PolicyViolation` naming the first setting that differs);
-2. checks them against its policy (:meth:`~client.policy.DevicePolicy.check` and
-   :meth:`~client.policy.DevicePolicy.check_sum`: secure aggregation on, t between its floor and its
+   names others (:class:`~fedpersona.client.policy.PolicyViolation` naming the first setting that differs);
+2. checks them against its policy (:meth:`~fedpersona.client.policy.DevicePolicy.check` and
+   :meth:`~fedpersona.client.policy.DevicePolicy.check_sum`: secure aggregation on, t between its floor and its
    share of the announced cohort, sigma enough for its own budget at its own q over the participations it
    plans);
 3. checks the order (:class:`StepLog`, per run, in its encrypted store): the round within the run's
@@ -19,12 +19,12 @@ then one ``train.personalize`` message with the round's final shared weights. Fo
 4. at the first step of a round: the participation cap (``client.max-participations``, lowered by
    ``policy.max-participations``) and the budget for the round's steps (else :class:`BudgetExhausted`: a
    decline, no vector);
-5. computes its clipped per-example gradient sum on a fresh Poisson sample (:func:`client.train.clipped_grad_sum`),
-   steps its ledger (:meth:`~privacy.ledger.PrivacyLedger.step_on_sum`), its participation and the step
+5. computes its clipped per-example gradient sum on a fresh Poisson sample (:func:`fedpersona.client.train.clipped_grad_sum`),
+   steps its ledger (:meth:`~fedpersona.privacy.ledger.PrivacyLedger.step_on_sum`), its participation and the step
    log, and persists all of it; only then does the ClientApp quantize, add the discrete Gaussian share
-   and mask the vector (:mod:`client.secagg`).
+   and mask the vector (:mod:`fedpersona.client.secagg`).
 
-:meth:`~client.device.Device.personalize` trains the personal head on top of the round's final shared adapter (the device
+:meth:`~fedpersona.client.device.Device.personalize` trains the personal head on top of the round's final shared adapter (the device
 answered at least one step of that round), once per round. :func:`local_replay_round` is the local-only
 baseline of a simulation: the device's own rounds as a federation of one (its own sums with t = 1, the
 whole noise ``sigma^2 C^2`` from the CSPRNG, the normalizer ``1 * client.batch-size``, the server's optimizer).
@@ -37,14 +37,14 @@ import logging
 
 import torch
 
-from client.policy import PolicyViolation
-from client.secagg import Refused
-from client.train import clipped_grad_sum
+from fedpersona.client.policy import PolicyViolation
+from fedpersona.client.secagg import Refused
+from fedpersona.client.train import clipped_grad_sum
 from fedpersona.config import Config
 from fedpersona.optim import ServerOptimizer
-from privacy import dpstep
-from privacy.ledger import PrivacyLedger
-from privacy.sumdp import SumContext, sum_context, sum_noise_multiplier
+from fedpersona.privacy import dpstep
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.sumdp import SumContext, sum_context, sum_noise_multiplier
 
 __all__ = ["STEP_LOG", "StepLog", "StepRefused", "check_context", "local_optimizer", "local_replay_round"]
 

@@ -3,7 +3,7 @@
 :func:`run_supernode` checks the device's data and state folders, starts ``flower-supernode`` as a
 child process (restarted after a refused activation, :class:`_SuperNodeProcess`) with the node
 config of a fedpersona device (:func:`node_config_arg`), and serves its Runtime API from this
-process with the warm ClientApp worker (:mod:`client.worker`). The credentials come from
+process with the warm ClientApp worker (:mod:`fedpersona.client.worker`). The credentials come from
 ``fedpersona certs`` (:mod:`fedpersona.certs`); docs/deployment.md has the whole procedure.
 """
 
@@ -19,8 +19,8 @@ import time
 import warnings
 from pathlib import Path
 
-from client.data import read_user_folder
-from client.worker import Worker
+from fedpersona.client.data import read_user_folder
+from fedpersona.client.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def supernode_argv(
     """``flower-supernode`` command line: TLS + SuperNode authentication unless ``insecure``.
 
     ``warm`` uses ``--isolation process``: the SuperNode starts no ClientApp process itself; a warm
-    worker (:mod:`client.worker`) must serve its Runtime API on ``127.0.0.1:runtime_port``.
+    worker (:mod:`fedpersona.client.worker`) must serve its Runtime API on ``127.0.0.1:runtime_port``.
     """
     # Its Runtime API (the ClientApp's messages, unauthenticated) on the loopback interface only, said out loud.
     argv = [flower_tool("flower-supernode"), "--superlink", superlink, "--port", str(runtime_port), "--host", "127.0.0.1",

@@ -46,9 +46,9 @@ import torch
 from torch import nn
 
 from fedpersona.model import AdaptedModel, collate
-from privacy import dpstep
-from privacy.dpstep import flat_noise
-from privacy.noise import SECURE, NoiseSource
+from fedpersona.privacy import dpstep
+from fedpersona.privacy.dpstep import flat_noise
+from fedpersona.privacy.noise import SECURE, NoiseSource
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def _make_optimizer(params: list[nn.Parameter], name: str, lr: float) -> torch.o
 
 def _sourced_dp_optimizer(base: torch.optim.Optimizer, source: NoiseSource, **kwargs):
     """Opacus's DPOptimizer (its clipping, summing and scaling) with the noise of
-    :func:`privacy.dpstep.flat_noise`, drawn from the step's generator set in ``step_gen``."""
+    :func:`fedpersona.privacy.dpstep.flat_noise`, drawn from the step's generator set in ``step_gen``."""
     from opacus.optimizers import DPOptimizer
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
@@ -212,8 +212,8 @@ class DPTrainer:
         the model's whole stack (the head pass's upper blocks, :func:`train_head`).
 
         Randomness (DP assumes both the batches and the noise secret): every step draws, in
-        the order of :mod:`privacy.dpstep` (the cohort engine's order), one generator from
-        ``noise_source`` (``None``: :data:`privacy.noise.SECURE`, seeded from ``os.urandom``
+        the order of :mod:`fedpersona.privacy.dpstep` (the cohort engine's order), one generator from
+        ``noise_source`` (``None``: :data:`fedpersona.privacy.noise.SECURE`, seeded from ``os.urandom``
         per step; torch's global MT19937 generator is never used), the Poisson mask from it,
         then the noise. Explicit opt-ins for tests and reproducible baselines: ``seed`` fixes
         the Poisson masks, ``noise_generator`` hands the noise to Opacus's own draw, or a
@@ -357,12 +357,12 @@ def clipped_grad_sum(trainer: DPTrainer, examples: Sequence[CachedExample], *, s
                      max_grad_norm: float, noise_source: NoiseSource | None = None) -> GradSum:
     """The sum of the clipped per-example gradients of the shared tensors over one Poisson sample.
 
-    The step of a noisy sum (``privacy.noise-on = sum``, :mod:`client.sumdp`): each example joins the batch
-    with probability ``sample_rate`` (drawn as :mod:`privacy.dpstep` draws a DP-SGD step's batch, from the
+    The step of a noisy sum (``privacy.noise-on = sum``, :mod:`fedpersona.client.sumdp`): each example joins the batch
+    with probability ``sample_rate`` (drawn as :mod:`fedpersona.privacy.dpstep` draws a DP-SGD step's batch, from the
     CSPRNG unless a test injects a source); the personal head is switched off (the gradient never depends
     on it); per-example gradients from Opacus's hooks; each clipped to ``max_grad_norm`` in L2 over all
     shared tensors jointly (Opacus's factor ``min(1, C / (norm + 1e-6))``) and summed. No noise here: the
-    device adds its discrete Gaussian share after quantizing (:mod:`privacy.sumdp`). An empty batch gives
+    device adds its discrete Gaussian share after quantizing (:mod:`fedpersona.privacy.sumdp`). An empty batch gives
     zeros (the step still counts). No parameter moves.
     """
     model = trainer.model

@@ -10,11 +10,11 @@ With ``--isolation process`` the SuperNode starts nothing: it waits for an exter
 acquire tasks from its Runtime API (``AcquireTask`` -> token -> ``PullTaskInput`` ... ``PushTaskOutput``,
 the same protocol ``flwr-clientapp`` speaks). This module is that executor, as one long-lived process:
 it imports the ClientApp once, and the ClientApp's per-process caches (base model, adapters, the
-device's cached lower-block activations: ``client.app._DEVICES``) stay resident between messages
+device's cached lower-block activations: ``fedpersona.client.app._DEVICES``) stay resident between messages
 and rounds. Device state still goes to the encrypted state folder before every reply, so killing
 this process loses nothing but the cache.
 
-Trust: the worker runs the ClientApp **installed on the device** (``client.app:app`` of the installed
+Trust: the worker runs the ClientApp **installed on the device** (``fedpersona.client.app:app`` of the installed
 fedpersona), not code from the run's FAB. A task whose FAB id or version differs from the installed
 app is refused with an error reply. The server therefore cannot push new code to a device; upgrading
 is the device owner's ``pip install``.
@@ -22,7 +22,7 @@ is the device owner's ``pip install``.
 Start it next to the SuperNode (``fedpersona supernode`` does both), e.g.::
 
     flower-supernode --isolation process --port 9094 ... &
-    python -m client.worker --runtime-api-address 127.0.0.1:9094
+    python -m fedpersona.client.worker --runtime-api-address 127.0.0.1:9094
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from fedpersona.flower_patches import shorten_pull_backoff
 
 logger = logging.getLogger(__name__)
 
-APP_REF = "client.app:app"
+APP_REF = "fedpersona.client.app:app"
 FAB_ID = "fedpersona/fedpersona"
 _POLL_ENV = "FEDPERSONA_WORKER_POLL"
 
@@ -247,7 +247,7 @@ def _content_bytes(message) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m client.worker", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fedpersona.client.worker", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runtime-api-address", default="127.0.0.1:9094",
                    help="the SuperNode's Runtime API (its --host:--port; default 127.0.0.1:9094)")

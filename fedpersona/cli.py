@@ -1,7 +1,7 @@
 """The ``fedpersona`` console script: one subcommand per task (docs/cli.md).
 
 Every subcommand's options have a help text and show their default (``fedpersona COMMAND --help``).
-A command that reads a scenario checks it first (:func:`simulations.scenarios.preflight`: keys,
+A command that reads a scenario checks it first (:func:`fedpersona.simulations.scenarios.preflight`: keys,
 values, ``data.source`` and ``model.path``) before it imports torch, Flower or transformers, so
 a typo fails at once; the heavy modules are imported inside the command functions.
 """
@@ -98,7 +98,7 @@ def _resume_hint(args: argparse.Namespace, signum: int) -> str:
     """What a stopped run did, and the command that resumes it."""
     from pathlib import Path
 
-    from simulations.scenarios import preflight
+    from fedpersona.simulations.scenarios import preflight
 
     cfg = preflight(args.scenario, _overrides(args.set), check_paths=False)
     ckpts = Path(cfg.run.results_dir) / cfg.run.name / "checkpoints"
@@ -126,9 +126,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from server.run_report import summary_table
-    from simulations.progress import make_display
-    from simulations.runner import run
+    from fedpersona.server.run_report import summary_table
+    from fedpersona.simulations.progress import make_display
+    from fedpersona.simulations.runner import run
 
     policy = _policy(args.device_policy)
     display = make_display(quiet=args.quiet)
@@ -174,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ plan
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from simulations.plan import format_plan, make_plan
+    from fedpersona.simulations.plan import format_plan, make_plan
 
     plan = make_plan(args.scenario, _overrides(args.set), device_policy=_policy(args.device_policy))
     print(format_plan(plan))
@@ -201,7 +201,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from simulations.generate import generate_many
+    from fedpersona.simulations.generate import generate_many
 
     prompts = _prompts(args)
     answers = generate_many(
@@ -222,18 +222,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from client.chat import ChatSession, device_profile, load_device_model
+    from fedpersona.client.chat import ChatSession, device_profile, load_device_model
 
     if (args.user is None) == (args.state_dir is None):
         raise ValueError("fedpersona chat needs exactly one of --state-dir (a device) or --user (a simulated user of a "
                          "run, with --run or --scenario)")
     if args.user is not None:
-        from simulations.chat import simulated_user
+        from fedpersona.simulations.chat import simulated_user
 
         cfg, model, store, pairs = simulated_user(args.user, args.scenario, _overrides(args.set), run=args.run)
     else:
-        from client.data import read_user_folder
-        from client.store import DeviceStore
+        from fedpersona.client.data import read_user_folder
+        from fedpersona.client.store import DeviceStore
 
         store = DeviceStore(args.state_dir)
         cfg, model = load_device_model(store, _overrides(args.set))
@@ -244,7 +244,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                           compare_base=args.base)
     interactive = sys.stdin.isatty()
     if interactive:
-        from client.chat import HELP
+        from fedpersona.client.chat import HELP
 
         print(HELP)
     session.run(sys.stdin, sys.stdout, prompt="you> " if interactive else "")
@@ -257,12 +257,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise ValueError("fedpersona export needs exactly one of --state-dir (a device) or --user (a simulated user of "
                          "a run, with --run or --scenario)")
     if args.user is not None:
-        from simulations.export import export_simulated_user
+        from fedpersona.simulations.export import export_simulated_user
 
         done = export_simulated_user(args.user, args.out, run=args.run, scenario=args.scenario,
                                      overrides=_overrides(args.set), shared_only=args.shared_only)
     else:
-        from client.export import export_device
+        from fedpersona.client.export import export_device
 
         done = export_device(args.state_dir, args.out, overrides=_overrides(args.set), shared_only=args.shared_only)
     for what, path in done["folders"].items():
@@ -281,13 +281,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- bench
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "utility":
-        from simulations.utility import main as utility_main
+        from fedpersona.simulations.studies.utility import main as utility_main
 
         return utility_main(args.scenario, epsilons=args.epsilons, quick=args.quick, overrides=_overrides(args.set),
                             vary=args.vary, vary_row=args.vary_row, rows=args.rows, resume=args.resume,
                             central_steps=args.central_steps, device_policy=_overrides(args.device_policy))
     if args.what == "attribution":
-        from simulations.utility import finished_run_attribution
+        from fedpersona.simulations.studies.utility import finished_run_attribution
 
         r = finished_run_attribution(args.scenario, _overrides(args.set))
         ranks = sorted(r["ranks"].items(), key=lambda kv: (kv[1], kv[0]))
@@ -298,12 +298,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(f"  {rank:3d}  {user}")
         return 0
     if args.what == "newcomer":
-        from simulations.newcomer import main as newcomer_main
+        from fedpersona.simulations.studies.newcomer import main as newcomer_main
 
         return newcomer_main(quick=args.quick, initial=args.initial, scenario=args.scenario,
                              overrides=_overrides(args.set))
     if args.what == "overhead":
-        from simulations.bench_overhead import main as overhead_main
+        from fedpersona.simulations.bench.overhead import main as overhead_main
 
         def ints(text: str | None, key: str) -> tuple[int, ...] | None:
             try:
@@ -313,7 +313,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         return overhead_main(quick=args.quick, users=ints(args.users, "--users"), cohorts=ints(args.cohorts, "--cohorts"),
                              rounds=args.rounds, cpus=args.cpus, overrides=_overrides(args.set), json_path=args.json)
-    from simulations.bench import main as bench_main
+    from fedpersona.simulations.bench.training import main as bench_main
 
     if args.what == "dp-step":
         return bench_main("dp-step", steps=args.steps, model=args.model)
@@ -348,7 +348,7 @@ def _add_bench(sub) -> None:
 
     u = bs.add_parser("utility", help="what users get under the privacy guarantee (docs/utility.md)",
                       description="The utility study: DP federated rows at several epsilons beside the non-private "
-                                  "and local-only baselines (simulations/utility.py, docs/utility.md).")
+                                  "and local-only baselines (simulations/studies/utility.py, docs/utility.md).")
     u.add_argument("scenario", nargs="?", default="demo", help="scenario name or TOML path")
     u.add_argument("--epsilons", default="1,4,8", help="epsilons of the DP federated rows")
     u.add_argument("--quick", action="store_true", help="fewer users and rounds (a smoke run)")
@@ -368,7 +368,7 @@ def _add_bench(sub) -> None:
 
     n = bs.add_parser("newcomer", help="a user who joins late: head, profile prompt, Reptile-style",
                       description="Users the run never trained on, starting from its shared adapter: the head, the "
-                                  "profile as a prompt, both; and a Reptile-style inner loop (simulations/newcomer.py).")
+                                  "profile as a prompt, both; and a Reptile-style inner loop (simulations/studies/newcomer.py).")
     n.add_argument("scenario", nargs="?", default="demo", help="the run whose newest checkpoint is the shared adapter")
     n.add_argument("--quick", action="store_true", help="a tiny random-weight model (checks the machinery, < 1 min)")
     n.add_argument("--initial", action="store_true", help="start from the initial shared adapter, not a checkpoint")
@@ -383,7 +383,7 @@ def _add_bench(sub) -> None:
     o = bs.add_parser("overhead", help="the framework's time per participation besides training (docs/performance.md)",
                       description="The framework's cost per participation (state writes, secure aggregation, "
                                   "evaluation, the server's loop) beside the engine's training time, for N users and K "
-                                  "clients a round, with the tests' tiny model (simulations/bench_overhead.py).")
+                                  "clients a round, with the tests' tiny model (simulations/bench/overhead.py).")
     o.add_argument("--quick", action="store_true", help="16 users, all 16 a round (a smoke run)")
     o.add_argument("--users", default=None, metavar="N,N,...", help="numbers of users (default 50,200,1000)")
     o.add_argument("--cohorts", default=None, metavar="K,K,...", help="clients per round (default 8,32,64)")
@@ -412,7 +412,7 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 
 
 def _cmd_supernode(args: argparse.Namespace) -> int:
-    from client.supernode import run_supernode
+    from fedpersona.client.supernode import run_supernode
 
     return run_supernode(
         superlink=args.superlink, data_dir=args.data_dir, state_dir=args.state_dir, user_id=args.user_id,
@@ -425,8 +425,8 @@ def _cmd_supernode(args: argparse.Namespace) -> int:
 def _scenario_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenario", nargs="?", default="demo", help="scenario name under simulations/conf or a TOML path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set server.num-rounds=5 (repeatable; README: Configuration "
-                        "reference)")
+                   help="override a config key, e.g. --set server.num-rounds=5 (repeatable; every key: "
+                        "docs/configuration.md)")
 
 
 def _reply_options(p: argparse.ArgumentParser) -> None:
@@ -461,13 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: cohort on a GPU or for a small model, devices for a real model on the CPU; "
                         "cohort: each round's cohort trained together by the cohort engine below the ServerApp, in "
                         "this process; devices: the same in-process grid, each device training its own round "
-                        "(client.train); flower: Flower's Simulation Engine (Ray), one client at a time")
+                        "(fedpersona.client.train); flower: Flower's Simulation Engine (Ray), one client at a time")
     r.add_argument("--engines", type=int, default=1, metavar="N",
                    help="cohort engine: split each round's cohort over N engines on Ray actors, one GPU each "
                         "(CPU actors without CUDA); 1: one engine in this process, no Ray")
     r.add_argument("--device-policy", action="append", default=[], metavar="KEY=VALUE",
                    help="a policy key every simulated device holds as its own, e.g. allow-no-dp=true for a "
-                        "non-private run (README: Device policy; repeatable)")
+                        "non-private run (docs/configuration.md, Device policy; repeatable)")
     r.add_argument("--allow-failures", action="store_true",
                    help="exit 0 (with a warning) even when devices failed; otherwise any failure exits 1")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress display; only warnings, errors and the result")
@@ -556,15 +556,15 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--insecure", action="store_true", help="NO TLS and NO authentication (loopback debugging only; warns)")
     n.set_defaults(func=_cmd_supernode)
 
-    from simulations.audit_cli import add_audit_parsers
+    from fedpersona.simulations.audit.cli import add_audit_parsers
 
     add_audit_parsers(sub)  # audit, audit-run (docs/audit.md)
     return p
 
 
 def _preflight(args: argparse.Namespace) -> None:
-    """Check the scenario, the keys and the paths before the heavy imports (:mod:`simulations.scenarios`)."""
-    from simulations.scenarios import preflight
+    """Check the scenario, the keys and the paths before the heavy imports (:mod:`fedpersona.simulations.scenarios`)."""
+    from fedpersona.simulations.scenarios import preflight
 
     preflight(args.scenario, _overrides(args.set))
 

@@ -93,7 +93,7 @@ class DataConfig:
 
     ``source``: ``shakespeare`` (the built-in corpus), a ``*.jsonl`` / ``*.json`` / ``*.csv`` /
     ``*.parquet`` file or a Hugging Face ``save_to_disk`` folder (read by
-    :mod:`simulations.sources`); ``*_column``: the columns of such a source. Deployed devices read
+    :mod:`fedpersona.simulations.sources`); ``*_column``: the columns of such a source. Deployed devices read
     their own folders (``client/data.py``) and ignore these keys.
     """
 
@@ -314,7 +314,7 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class SecAggSettings:
-    """Secure aggregation of the shared updates (SecAgg+, :mod:`privacy.secagg`), and distributed DP on top.
+    """Secure aggregation of the shared updates (SecAgg+, :mod:`fedpersona.privacy.secagg`), and distributed DP on top.
 
     ``clip_norm`` bounds the L2 norm of what a client adds to the sum: its update (weight 1 for every
     client; the demo's updates measure ~2.15, and the demo sets 3.0). ``scale``: quantized
@@ -365,10 +365,10 @@ class SecAggSettings:
 @dataclass(frozen=True)
 class EvalConfig:
     """``final``: every device evaluates at the end; the server gets only the noised secure sum of its figures
-    (:mod:`privacy.secagg.eval_figures`), whose noise has standard deviation ``noise_multiplier`` x the figures'
+    (:mod:`fedpersona.privacy.secagg.eval_figures`), whose noise has standard deviation ``noise_multiplier`` x the figures'
     L2 sensitivity (user-level DP, recorded in each device's ledger). ``per_round``: each device also evaluates
     on its held-out split before every round, for its own log only (nothing of it is sent).
-    ``local_baseline``: simulations only, see :meth:`client.device.Device.final_evaluation`."""
+    ``local_baseline``: simulations only, see :meth:`fedpersona.client.device.Device.final_evaluation`."""
 
     final: bool = True
     local_baseline: bool = True
@@ -471,7 +471,7 @@ def unknown_keys_message(unknown: list[str]) -> str:
         else:
             hints.append(f"'{key}': no section '{section}' (sections: {', '.join(sections)}).")
     return (f"Unknown config key(s): {', '.join(sorted(unknown))}. " + " ".join(hints)
-            + " Every key: README.md, Configuration reference.")
+            + " Every key: docs/configuration.md.")
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -581,7 +581,7 @@ def _check_personal_head(cfg: Config) -> None:
 
 def _check_secagg(cfg: Config) -> None:
     """Cross-section ranges of ``secagg.*``; whether the protocol can meet them (graph, modulus, noise) is
-    :func:`privacy.secagg.settings.secagg_params`, which every run path calls before it starts."""
+    :func:`fedpersona.privacy.secagg.settings.secagg_params`, which every run path calls before it starts."""
     s, n = cfg.secagg, cfg.server.clients_per_round
     if s.ddp and s.ddp_min_clients > n:
         raise _bad("secagg.ddp-min-clients", s.ddp_min_clients, f"must be at most server.clients-per-round={n}")

@@ -2,7 +2,7 @@
 
 Secure aggregation against a malicious server needs each device to know that the public keys it masks
 against, and the signatures it counts in the consistency check, belong to *real devices*, not to keys
-the server generated (:mod:`privacy.secagg.spec`). That needs a trust root the server does not hold:
+the server generated (:mod:`fedpersona.privacy.secagg.spec`). That needs a trust root the server does not hold:
 
 * **The identity root** (:class:`IdentityRoot`): an Ed25519 key pair of the operator.
   ``fedpersona certs`` writes it as ``identity-root.key`` (keep it offline, like ``ca.key``) and
@@ -14,7 +14,7 @@ the server generated (:mod:`privacy.secagg.spec`). That needs a trust root the s
   JSON file, mode 0600, that the device reads from its node config's ``identity`` (a path) or, by
   default, ``<state-dir>/identity.json``. The file also names the root the device trusts.
 * The device signs, with its identity key, a **binding** of its per-run keys to its node id
-  (:func:`privacy.secagg.spec.binding_message`); every other device checks the certificate against
+  (:func:`fedpersona.privacy.secagg.spec.binding_message`); every other device checks the certificate against
   its own root and the binding against the certificate before it masks against those keys.
 
 :func:`verify` caches its results (a pure function of public key, signature and message), so a

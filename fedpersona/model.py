@@ -176,7 +176,7 @@ class PromptHead(nn.Module):
 
     ``forward(hidden)`` prepends the same prefix to every sample: ``[B, T, D] -> [B, P + T, D]`` (in
     ``hidden``'s dtype). Its per-sample gradient is ``scale`` times the gradient of the output at the
-    prefix positions (registered with Opacus in :mod:`client.train`).
+    prefix positions (registered with Opacus in :mod:`fedpersona.client.train`).
     """
 
     def __init__(self, anchor: torch.Tensor) -> None:
@@ -300,7 +300,7 @@ class AdaptedModel:
         self.head_offset = (min(self.layout.personal_layers) - self.layout.first_layer
                             if self.layout.head == "lora" and self.layout.personal_layers else 0)
         #: The blocks from the first personal one up, sharing every module with ``stack``: a plain head
-        #: pass trains on the output of the blocks below it, computed once per pass (client.train).
+        #: pass trains on the output of the blocks below it, computed once per pass (fedpersona.client.train).
         self.head_stack = (TopStack(self.peft.base_model.model, self.layout.first_layer + self.head_offset)
                            if self.head_offset else self.stack)
         self._params = self._named_params()

@@ -1,6 +1,6 @@
 """The server's update of the shared adapter from the cohort's mean update (or, with noise on the sum, minus
-the noisy mean gradient: :mod:`server.sumdp`). In the core because a simulated device's local-only baseline
-replays the very same optimizer on its own noisy sums (:mod:`client.sumdp`)."""
+the noisy mean gradient: :mod:`fedpersona.server.sumdp`). In the core because a simulated device's local-only baseline
+replays the very same optimizer on its own noisy sums (:mod:`fedpersona.client.sumdp`)."""
 
 from __future__ import annotations
 

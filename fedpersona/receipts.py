@@ -3,11 +3,11 @@
 Every reply with content that a device sends carries one ``ConfigRecord`` named ``freshness``
 with one entry, ``receipt`` (``bytes``, 84 bytes): the device's store id, its newest commit's
 generation and chain digest, encrypted and authenticated under the device's own key
-(:meth:`client.store.DeviceStore.receipt`). To the server it is an opaque random-looking string:
+(:meth:`fedpersona.client.store.DeviceStore.receipt`). To the server it is an opaque random-looking string:
 it learns neither the generation nor anything else. The server keeps the latest receipt of each
-node (:class:`server.freshness.FreshnessGrid`) and sends it back, under the same record name, with
+node (:class:`fedpersona.server.freshness.FreshnessGrid`) and sends it back, under the same record name, with
 every later request to that node; the device refuses a state older than the receipt
-(:func:`client.freshness.freshness_mod`).
+(:func:`fedpersona.client.freshness.freshness_mod`).
 """
 
 from __future__ import annotations

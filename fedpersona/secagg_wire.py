@@ -1,4 +1,4 @@
-"""Secure aggregation on the wire: what the ServerApp and the ClientApp exchange (SecAgg+, :mod:`privacy.secagg`).
+"""Secure aggregation on the wire: what the ServerApp and the ClientApp exchange (SecAgg+, :mod:`fedpersona.privacy.secagg`).
 
 * message types and record names: ``query.advertise``, ``query.consistency``, ``query.unmask``
   (the masked input rides on ``train``), the ``secagg`` ConfigRecord and the ``secagg-arrays``
@@ -8,7 +8,7 @@
   arrays) as Flower records (integers travel as ``uint64``: Flower node ids use all 64 bits).
 
 What both sides derive from the run config (the protocol settings, the masked extras, the
-distributed-DP epsilon) is :mod:`privacy.secagg.settings`.
+distributed-DP epsilon) is :mod:`fedpersona.privacy.secagg.settings`.
 """
 
 from __future__ import annotations

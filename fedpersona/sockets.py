@@ -1,8 +1,8 @@
 """Which TCP ports this host listens on, and on which address (Linux ``/proc/net/tcp`` and ``tcp6``).
 
 Used to check that what must stay local is bound to the loopback interface: the SuperLink behind the
-Fleet gateway (:mod:`server.gateway`), Ray in simulations, the rehearsal's processes
-(:mod:`simulations.processes`). Reads only this network namespace's tables; no connection is made.
+Fleet gateway (:mod:`fedpersona.server.gateway`), Ray in simulations, the rehearsal's processes
+(:mod:`fedpersona.simulations.processes`). Reads only this network namespace's tables; no connection is made.
 """
 
 from __future__ import annotations

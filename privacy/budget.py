@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from privacy.ledger import PrivacyLedger
+from fedpersona.privacy.ledger import PrivacyLedger
 
 __all__ = ["composed"]
 

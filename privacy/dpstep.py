@@ -1,11 +1,11 @@
 """The random draws of one training step, in one fixed order, for every trainer.
 
-The sequential trainer (:mod:`client.train`) and the cohort engine
-(:mod:`simulations.engine`) both draw a client's step like this, so that with the
-same :class:`~privacy.noise.NoiseSource` they train the same model:
+The sequential trainer (:mod:`fedpersona.client.train`) and the cohort engine
+(:mod:`fedpersona.simulations.engine`) both draw a client's step like this, so that with the
+same :class:`~fedpersona.privacy.noise.NoiseSource` they train the same model:
 
 1. one source of draws per step: :func:`step_generator` (a fresh AES-256-CTR stream
-   keyed from ``os.urandom`` by default, :class:`~privacy.noise.CsprngStream`; the
+   keyed from ``os.urandom`` by default, :class:`~fedpersona.privacy.noise.CsprngStream`; the
    injected torch generator in tests);
 2. the batch from it: a Poisson mask over the ``n`` examples (DP-SGD), or a
    uniform minibatch without replacement (local, non-private training);
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from privacy.noise import CsprngStream, NoiseSource, StepRandomness
+from fedpersona.privacy.noise import CsprngStream, NoiseSource, StepRandomness
 
 #: Noise robust to floating-point attacks (see the module docstring); the benchmark turns it off to price it.
 ROBUST_NOISE = True

@@ -6,18 +6,18 @@ steps, ``epsilon(delta)`` reports the budget spent, ``state_dict``/``load_state_
 device took part in and over restarts. The history is kept as merged
 ``(noise_multiplier, sample_rate, num_steps)`` entries, exactly Opacus's format, and
 epsilon is Opacus's RDP accountant's (its per-step RDP vector memoized per noise and sample
-rate, the same arithmetic) or its PRV accountant's. :mod:`privacy.rdp` is an independent
+rate, the same arithmetic) or its PRV accountant's. :mod:`fedpersona.privacy.rdp` is an independent
 implementation of the RDP analysis used to cross-check it (and to guide the noise
 calibration's search, whose answer Opacus's accountant then checks).
 
 Opacus's GDP accountant is refused: on these settings it is off by a factor of about
 two from RDP and PRV (and from Google's dp_accounting).
 
-Noise on the sum (``privacy.noise-on = sum``, :mod:`privacy.sumdp`): :meth:`PrivacyLedger.step_on_sum`
+Noise on the sum (``privacy.noise-on = sum``, :mod:`fedpersona.privacy.sumdp`): :meth:`PrivacyLedger.step_on_sum`
 records a step whose noise is the sum of the discrete Gaussian shares of at least ``honest`` devices.
 Such a ledger is accounted at integer RDP orders only (:data:`INTEGER_ORDERS`), where the Poisson-sampled
 discrete Gaussian with an integer shift has exactly the Gaussian's Renyi divergence (the proof and the
-bound on the sum of discrete Gaussians: :mod:`privacy.sumdp`); it also keeps ``(sigma, q, t, steps)``
+bound on the sum of discrete Gaussians: :mod:`fedpersona.privacy.sumdp`); it also keeps ``(sigma, q, t, steps)``
 of those steps, so :meth:`PrivacyLedger.collusion` gives the epsilon that holds when ``j`` of the ``t``
 devices collude with the server (noise multiplier ``sigma sqrt((t - j) / t)``), down to the device's own
 share alone (``sigma / sqrt(t)``). :meth:`PrivacyLedger.set_plan` records what the device planned
@@ -39,7 +39,7 @@ import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
-from privacy.rdp import rdp_subsampled_gaussian
+from fedpersona.privacy.rdp import rdp_subsampled_gaussian
 
 __all__ = ["PrivacyLedger", "LedgerError", "calibrate_noise", "ACCOUNTANTS", "INTEGER_ORDERS"]
 
@@ -822,7 +822,7 @@ def _on_grid(exact, sigma: float, target_epsilon: float) -> tuple[float, float]:
 
 def _window_rdp(sample_rate: float, sigma: float, steps: int, orders: list[float]) -> np.ndarray:
     """The RDP that guides the search, never the answer (that is checked with Opacus's accountant):
-    :mod:`privacy.rdp`'s quadrature, which agrees with Opacus's series to ~1e-12 and is about ten times
+    :mod:`fedpersona.privacy.rdp`'s quadrature, which agrees with Opacus's series to ~1e-12 and is about ten times
     faster at the small fractional orders a calibration usually settles on."""
     return rdp_subsampled_gaussian(q=sample_rate, sigma=sigma, orders=orders, steps=steps)
 

@@ -4,14 +4,14 @@ DP-SGD's guarantee assumes that nobody can predict the noise or the batches. tor
 generators (MT19937 on the CPU, Philox on CUDA) are not cryptographically secure: whoever
 knows or recovers their state reproduces the noise. A secure :class:`NoiseSource` therefore
 draws every step's randomness from a :class:`CsprngStream`: an AES-256-CTR keystream
-(:class:`privacy.secagg.crypto.SecureRNG`) under a key of 32 bytes read from ``os.urandom``
+(:class:`fedpersona.privacy.secagg.crypto.SecureRNG`) under a key of 32 bytes read from ``os.urandom``
 (the kernel's CSPRNG) for that step. From that stream:
 
 * **uniforms**: 53-bit floats ``k / 2^53`` (``k`` uniform in ``[0, 2^53)``);
 * **Poisson masks**: example ``i`` joins the batch iff its uniform is below the rate ``q``;
 * **Gaussians**: the Box-Muller transform of two such uniforms, computed in float64
   (``sqrt(-2 ln(1 - u1)) * cos(2 pi u2)`` and ``... sin(2 pi u2)``), cast to the
-  tensor's dtype; :func:`privacy.dpstep.flat_noise` adds 4 of them per coordinate
+  tensor's dtype; :func:`fedpersona.privacy.dpstep.flat_noise` adds 4 of them per coordinate
   (divided by 2) against floating-point attacks on a sampled Gaussian.
 
 No state carries over between steps, and no torch generator is used. The draws are made on
@@ -21,7 +21,7 @@ Tests (never the default) may inject a seeded ``torch.Generator`` to make noise 
 batches reproducible: ``NoiseSource(generator=torch.Generator().manual_seed(0))``; such a
 source reports ``secure = False`` so that callers can refuse or flag it.
 
-Pickled (to a Ray actor of :mod:`simulations.engine.shards`, or any other process), a
+Pickled (to a Ray actor of :mod:`fedpersona.simulations.engine.shards`, or any other process), a
 secure source arrives as a new secure source: the receiving process keys every step's
 stream from its own ``os.urandom``; no key or stream state ever travels. An injected
 source travels with its generator's current state (tests compare sharded and
@@ -45,7 +45,7 @@ class CsprngStream:
     """
 
     def __init__(self, *, seed: bytes | None = None) -> None:
-        from privacy.secagg.crypto import SecureRNG  # cryptography's AES; loaded with the first secure draw
+        from fedpersona.privacy.secagg.crypto import SecureRNG  # cryptography's AES; loaded with the first secure draw
 
         self._rng = SecureRNG(seed)
 

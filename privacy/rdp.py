@@ -1,6 +1,6 @@
 """Rényi DP of the Poisson-subsampled Gaussian mechanism: a second implementation.
 
-The device ledger (:mod:`privacy.ledger`) accounts with Opacus. This module is an
+The device ledger (:mod:`fedpersona.privacy.ledger`) accounts with Opacus. This module is an
 independent implementation of the same analysis, used to cross-check it in tests
 and audits. It is pure math: no state, no Opacus.
 

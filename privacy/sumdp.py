@@ -14,7 +14,7 @@ Gaussian noise ``N_Z(0, sigma_c^2)`` to every coordinate, with::
 then masks it (SecAgg+). The server learns only the sum over the survivors (at least ``t`` of them, or
 the step aborts before any unmask), divides it by ``s`` and by the public normalizer
 ``survivors * client.batch-size`` (the expected batch of the survivors; never a device's own n) and steps
-its optimizer (:mod:`server.sumdp`). Several steps a round are several sums; a device never takes a local
+its optimizer (:mod:`fedpersona.server.sumdp`). Several steps a round are several sums; a device never takes a local
 step with its reduced noise.
 
 **The guarantee.** Each record of each device is (epsilon, delta)-DP at the ledger's ``sigma`` and the
@@ -49,17 +49,17 @@ device's own ``q`` (Opacus's RDP of the Poisson-sampled Gaussian, at integer ord
   that this holds on the lattice too.
 * At this module's scales (``S = sqrt(t) sigma_c >= 2^14`` quantized units) both gaps are below
   ``10^-(10^8)``: :func:`sum_gap` reports them in log10. The clamp of each noise value at 12 of its
-  standard deviations (:mod:`privacy.secagg.ddp`, so the modular sum cannot overflow) is within total
+  standard deviations (:mod:`fedpersona.privacy.secagg.ddp`, so the modular sum cannot overflow) is within total
   variation ``2 d exp(-72)`` of the unclamped noise per device and step: it adds at most
   ``(1 + e^epsilon) * 2 d exp(-72)`` per honest device and step to delta (``clamp_delta`` of :func:`sum_gap`).
 
-So the ledger steps ``(sigma, q)`` once per answered step (:meth:`privacy.ledger.PrivacyLedger.step_on_sum`,
+So the ledger steps ``(sigma, q)`` once per answered step (:meth:`fedpersona.privacy.ledger.PrivacyLedger.step_on_sum`,
 integer orders), with ``t`` beside it: if ``j`` of the ``t`` collude with the server, only ``t - j`` shares
 are guaranteed, noise multiplier ``sigma sqrt((t - j) / t)``, down to ``sigma / sqrt(t)`` for the device's
-own share alone (:meth:`~privacy.ledger.PrivacyLedger.collusion`). The guarantee also assumes what secure
+own share alone (:meth:`~fedpersona.privacy.ledger.PrivacyLedger.collusion`). The guarantee also assumes what secure
 aggregation must give against a server that deviates (every party signs the round and the survivors;
 keys bound to identities): the device policy refuses noise on the sum without it
-(``client.policy._malicious_secure_ok``).
+(``fedpersona.client.policy._malicious_secure_ok``).
 
 **Same parameters for every device of a sum.** ``sigma``, ``t``, ``C``, ``s``, ``G``, the normalizer's batch and
 the dimension are derived here from the run config, the round, the step, the announced cohort and the
@@ -85,10 +85,10 @@ import numpy as np
 import torch
 
 from fedpersona.config import Config
-from privacy.ledger import calibrate_noise
-from privacy.secagg.crypto import encode_fields
-from privacy.secagg.quantize import ExtraSpec
-from privacy.secagg.spec import SecAggParams
+from fedpersona.privacy.ledger import calibrate_noise
+from fedpersona.privacy.secagg.crypto import encode_fields
+from fedpersona.privacy.secagg.quantize import ExtraSpec
+from fedpersona.privacy.secagg.spec import SecAggParams
 
 __all__ = ["MAX_STDDEV", "STEP_STRIDE", "SumContext", "budget_passes", "collusion_factors", "honest_contributors", "normalizer",
            "reference_sample_rate", "step_round_id", "sum_context", "sum_extras", "sum_gap", "sum_noise_multiplier",

@@ -40,7 +40,7 @@ class RoundSum:
 
 @dataclass
 class EvalSum:
-    """The final evaluation's noised totals (:mod:`privacy.secagg.eval_figures`): one vector, no row."""
+    """The final evaluation's noised totals (:mod:`fedpersona.privacy.secagg.eval_figures`): one vector, no row."""
 
     histograms: np.ndarray | None
     sums: dict[str, float]
@@ -122,7 +122,7 @@ class PlainAggregator:
         self, grid: Grid, nodes: Sequence[int], content: RecordDict, *, server_round: int, timeout: float | None
     ) -> EvalSum:
         """Sum the devices' evaluation figures, each with the device's whole noise (visible one by one, no user id)."""
-        from privacy.secagg.eval_figures import histogram_length
+        from fedpersona.privacy.secagg.eval_figures import histogram_length
 
         replies, failures = send_and_collect(
             grid, nodes, content, message_type="evaluate", server_round=server_round, timeout=timeout

@@ -1,4 +1,4 @@
-"""The fedpersona ServerApp (Flower Message API): thin; the loop is in :mod:`server.federation`."""
+"""The fedpersona ServerApp (Flower Message API): thin; the loop is in :mod:`fedpersona.server.federation`."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpersona.config import load_config
-from privacy.secagg.settings import secagg_params
-from server.federation import run_federation
-from server.grid import FastPollGrid
-from server.progress import Progress
-from server.secagg import build_aggregator
+from fedpersona.privacy.secagg.settings import secagg_params
+from fedpersona.server.federation import run_federation
+from fedpersona.server.grid import FastPollGrid
+from fedpersona.server.progress import Progress
+from fedpersona.server.secagg import build_aggregator
 
 
 def make_app(progress: Progress | None = None) -> ServerApp:
-    """A ServerApp whose round loop reports to ``progress`` (:mod:`server.progress`; default: nothing)."""
+    """A ServerApp whose round loop reports to ``progress`` (:mod:`fedpersona.server.progress`; default: nothing)."""
     server_app = ServerApp()
 
     @server_app.main()

@@ -1,8 +1,8 @@
-"""What a run folder holds for the privacy audit, as :class:`privacy.audit.report.RunRecords`.
+"""What a run folder holds for the privacy audit, as :class:`fedpersona.privacy.audit.report.RunRecords`.
 
 Read-only: ``metrics.json`` (config, rounds, final evaluation), ``server_inventory.jsonl`` (what
-the server saw, :mod:`server.flow_log`), ``checkpoints/`` (which rounds were released) and
-``audit/empirical.json`` (the attacks of ``fedpersona audit-run``, :mod:`privacy.audit.empirical`).
+the server saw, :mod:`fedpersona.server.flow_log`), ``checkpoints/`` (which rounds were released) and
+``audit/empirical.json`` (the attacks of ``fedpersona audit-run``, :mod:`fedpersona.privacy.audit.empirical`).
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from privacy.audit.empirical import read_empirical
-from privacy.audit.report import RunRecords
-from server.flow_log import read_server_inventory
+from fedpersona.privacy.audit.empirical import read_empirical
+from fedpersona.privacy.audit.report import RunRecords
+from fedpersona.server.flow_log import read_server_inventory
 
 __all__ = ["read_run_records", "released_rounds"]
 

@@ -21,17 +21,17 @@ from flwr.serverapp import Grid
 from fedpersona.config import SAMPLINGS, Config
 from fedpersona.model import adapted_model
 from fedpersona.wire import pack_shared
-from privacy.secagg.eval_figures import noise_stddev as eval_noise_sd
-from privacy.secagg.eval_figures import summarize as summarize_evaluation
-from server.aggregation import Aggregator
-from server.checkpoint import latest_checkpoint, save_checkpoint
-from server.flow_log import ServerInventory
-from server.freshness import FreshnessGrid
-from server.optim import ServerOptimizer
-from server.progress import NoProgress, Progress, ProgressGrid, report
-from server.run_report import read_json, summary_table, write_outputs
-from server.secagg import build_aggregator
-from server.sumdp import SumRounds
+from fedpersona.privacy.secagg.eval_figures import noise_stddev as eval_noise_sd
+from fedpersona.privacy.secagg.eval_figures import summarize as summarize_evaluation
+from fedpersona.server.aggregation import Aggregator
+from fedpersona.server.checkpoint import latest_checkpoint, save_checkpoint
+from fedpersona.server.flow_log import ServerInventory
+from fedpersona.server.freshness import FreshnessGrid
+from fedpersona.server.optim import ServerOptimizer
+from fedpersona.server.progress import NoProgress, Progress, ProgressGrid, report
+from fedpersona.server.run_report import read_json, summary_table, write_outputs
+from fedpersona.server.secagg import build_aggregator
+from fedpersona.server.sumdp import SumRounds
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _run_id(grid: Grid) -> int:
 
 def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = None,
                    progress: Progress | None = None) -> dict:
-    """Run the rounds left and the final evaluation; ``progress`` gets the events of :mod:`server.progress`."""
+    """Run the rounds left and the final evaluation; ``progress`` gets the events of :mod:`fedpersona.server.progress`."""
     shown = progress is not None  # whoever passed a display shows the results table itself
     progress = progress or NoProgress()
     grid = ProgressGrid(grid, progress)  # type: ignore[assignment]  # any Grid: reports each message stage
@@ -284,7 +284,7 @@ def final_evaluation(grid: Grid, cfg: Config, shared: dict[str, torch.Tensor], *
     """Every node evaluates on its held-out split; the server gets only the totals (secure sum) and the summary.
 
     ``users`` stays empty here: no per-user row reaches the server. A simulation fills it from the
-    devices' own stores on its machine (:mod:`simulations.user_table`).
+    devices' own stores on its machine (:mod:`fedpersona.simulations.user_table`).
     """
     t0 = time.perf_counter()
     if aggregator is None:

@@ -5,7 +5,7 @@ One JSON line per round (``"stage": "train"``) and one for the final evaluation
 cohort's summed update: names, shapes and a digest; the summed weight and metrics; counts)
 and whether the server also saw each client's individual update (plain aggregation) or only
 the sum (secure aggregation). A resumed run appends again; readers keep the last line per
-round. The devices' half is :mod:`client.flow_log`.
+round. The devices' half is :mod:`fedpersona.client.flow_log`.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class ServerInventory:
             fh.write(json.dumps(entry, sort_keys=True, allow_nan=False) + "\n")
 
     def round(self, server_round: int, *, cohort: list[int], rs, aggregation: str) -> dict:
-        """Record a round from the aggregation's :class:`~server.aggregation.RoundSum`."""
+        """Record a round from the aggregation's :class:`~fedpersona.server.aggregation.RoundSum`."""
         failures = list(getattr(rs, "failures", []))
         entry = {
             "stage": "train",

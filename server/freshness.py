@@ -4,7 +4,7 @@ A device attaches a freshness receipt to every reply (:mod:`fedpersona.receipts`
 commit, encrypted and authenticated under its own key, opaque to the server. :class:`FreshnessGrid`
 wraps any Grid: it takes the receipt out of each reply (the round loop and the aggregators never
 see it), keeps the latest one per node, and adds it to every later message to that node, which
-refuses to go on from a state older than that (:mod:`client.freshness`). The receipts are kept in
+refuses to go on from a state older than that (:mod:`fedpersona.client.freshness`). The receipts are kept in
 ``<run dir>/freshness_receipts.json`` (written atomically after each exchange that changed one),
 so a server that restarts and resumes the run still holds them.
 

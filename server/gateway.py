@@ -18,7 +18,7 @@ forwarding anything. It refuses to start while the SuperLink's port is open beyo
 interface of this host (:func:`check_superlink_is_local`): it would protect nothing then. The operator
 uses the Control API on the server host, or through an SSH tunnel (docs/deployment.md)::
 
-    python -m server.gateway --listen 0.0.0.0:9092 --superlink 127.0.0.1:9091 \\
+    python -m fedpersona.server.gateway --listen 0.0.0.0:9092 --superlink 127.0.0.1:9091 \\
         --ssl-certfile creds/superlink.crt --ssl-keyfile creds/superlink.key --ssl-ca-certfile creds/ca.crt
 """
 
@@ -178,7 +178,7 @@ def serve(*, listen: str, superlink: str, ssl_certfile: str | None, ssl_keyfile:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m server.gateway", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fedpersona.server.gateway", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--listen", required=True, help="HOST:PORT the devices dial (e.g. 0.0.0.0:9092)")
     p.add_argument("--superlink", default="127.0.0.1:9091",
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(listen=args.listen, superlink=args.superlink, ssl_certfile=args.ssl_certfile,
               ssl_keyfile=args.ssl_keyfile, ssl_ca_certfile=args.ssl_ca_certfile, insecure=args.insecure)
     except ValueError as exc:
-        print(f"server.gateway: error: {exc}", file=sys.stderr)
+        print(f"fedpersona.server.gateway: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

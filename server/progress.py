@@ -1,6 +1,6 @@
 """Progress events of a run, for whoever shows them: ``progress.event(kind, **fields)``.
 
-The round loop (:func:`server.federation.run_federation`) reports what happens to an object
+The round loop (:func:`fedpersona.server.federation.run_federation`) reports what happens to an object
 passed in; it does not know how (or whether) it is shown. A console script hands it a live
 display (``simulations/progress.py``); ``flwr run`` and deployments get :class:`NoProgress`
 and the log lines the loop writes anyway. Any Grid works: the message stages are seen by
@@ -18,7 +18,7 @@ Events and their fields (more may be added; a receiver ignores what it does not 
 * ``reply``: ``round``, ``stage``, ``nodes``, ``done`` (replies so far), ``failed`` (error replies so
   far), ``seconds`` (since the stage started): one per reply as it arrives, from a Grid whose
   ``send_and_receive`` takes an ``on_reply`` callback (the in-process grids,
-  :class:`server.grid.FastPollGrid`); from any other Grid, all of them when the stage ends;
+  :class:`fedpersona.server.grid.FastPollGrid`); from any other Grid, all of them when the stage ends;
 * ``round-end``: ``round``, ``rounds``, ``cohort``, ``trained``, ``declined``, ``failed``,
   ``applied``, ``seconds``, and when known ``shared-loss``, ``personal-loss``, ``train-loss``,
   ``epsilon``, ``aborted``;

@@ -76,7 +76,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def plot_rounds(run_dir: Path, rounds: list[dict]) -> Path | None:
     """What the server has per round: contributors and declines, and the norm of the applied mean update.
 
-    (No device sends a loss, an epsilon or a timing: privacy.audit.message_table.)
+    (No device sends a loss, an epsilon or a timing: fedpersona.privacy.audit.message_table.)
     """
     if not rounds:
         return None
@@ -164,7 +164,7 @@ def summary_table(users: list[dict], summary: dict) -> str:
 
     The distribution rows come from the per-user rows when there are any (a simulation reads them from
     the devices' stores on its own machine) and otherwise from ``summary``, the server's noised secure
-    sum of the devices' figures (:mod:`privacy.secagg.eval_figures`); the last line says which.
+    sum of the devices' figures (:mod:`fedpersona.privacy.secagg.eval_figures`); the last line says which.
     """
     cols = [k for k, _ in MODELS if any(f"{k}-loss" in u for u in users) or f"{k}-loss" in summary]
     local = any("local-epsilon" in u for u in users)

@@ -1,7 +1,7 @@
 """Secure aggregation (SecAgg+) of the cohort's shared-adapter updates, over Flower's Message API.
 
-:class:`SecureAggregator` implements :class:`server.aggregation.Aggregator` with the protocol
-of :mod:`privacy.secagg`. Per round it exchanges, with each node:
+:class:`SecureAggregator` implements :class:`fedpersona.server.aggregation.Aggregator` with the protocol
+of :mod:`fedpersona.privacy.secagg`. Per round it exchanges, with each node:
 
 * once per run, the first time the node is sampled: ``query.advertise`` -> the node's long-term
   public keys (two X25519, one Ed25519 signing key; the device keeps the private halves in its
@@ -20,14 +20,14 @@ A device that does not train answers the train message with a decline (no vector
 is dropped before masking, so the survivors are the devices that trained, and the server sends no
 unmask request unless at least ``secagg.min-contributors`` (and ``server.min-clients``) of them
 survive. :meth:`SecureAggregator.evaluate` runs the final evaluation the same way (message type
-``evaluate``, the figures of :mod:`privacy.secagg.eval_figures`), over every node, one secure sum per
+``evaluate``, the figures of :mod:`fedpersona.privacy.secagg.eval_figures`), over every node, one secure sum per
 group of at most a round's cohort (:func:`evaluation_groups`).
 
 So 3 exchanges per round plus 1 per node per run, where Flower's SecAgg+ workflow needs 4
 per round and has no consistency check (see ``docs/secagg.md``). The server learns the cohort
 sum of the updates and of the extras, nothing per client, also if it deviates from the protocol.
 If too few clients survive a stage, too few sign the survivor set, or shares are missing, the
-library raises :class:`~privacy.secagg.SecAggAbort` before anything is revealed; the round then
+library raises :class:`~fedpersona.privacy.secagg.SecAggAbort` before anything is revealed; the round then
 returns a :class:`RoundSum` with no contributors and the reason in ``aborted`` (the federation
 leaves the shared adapter unchanged). Every node that errs, sends a malformed reply or does not
 answer is listed in ``failures``; so is each holder that could not open some sender's shares.
@@ -48,11 +48,11 @@ from fedpersona.config import Config
 from fedpersona.secagg_wire import (ADVERTISE, CONSISTENCY, SELF_ENC_PK, SELF_MASK_PK, SELF_SIGN_PK, UNMASK, from_records,
                                     to_records, unflatten)
 from fedpersona.wire import unpack_shared
-from privacy.secagg import SecAggAbort, SecAggInputError, SecAggServer, SecureRNG
-from privacy.secagg.eval_figures import eval_params, histogram_length
-from privacy.secagg.settings import ddp_min_clients, ddp_user_epsilon, secagg_params
-from privacy.secagg.spec import KEY_FIELDS
-from server.aggregation import Aggregator, EvalSum, PlainAggregator, RoundSum
+from fedpersona.privacy.secagg import SecAggAbort, SecAggInputError, SecAggServer, SecureRNG
+from fedpersona.privacy.secagg.eval_figures import eval_params, histogram_length
+from fedpersona.privacy.secagg.settings import ddp_min_clients, ddp_user_epsilon, secagg_params
+from fedpersona.privacy.secagg.spec import KEY_FIELDS
+from fedpersona.server.aggregation import Aggregator, EvalSum, PlainAggregator, RoundSum
 
 __all__ = ["SecureAggregator", "build_aggregator", "evaluation_groups"]
 
@@ -120,7 +120,7 @@ class SecureAggregator:
         request with ``content`` (any type the ClientApp handles); ``context`` is bound into the round
         digest, so into every key, ciphertext and signature of the round (the devices check it).
         ``secagg_round`` / ``group_id``: the protocol's round id and the stages' message group when they are
-        not ``server_round`` (a step of a noisy sum: :func:`privacy.sumdp.step_round_id`,
+        not ``server_round`` (a step of a noisy sum: :func:`fedpersona.privacy.sumdp.step_round_id`,
         :func:`fedpersona.wire.step_group`).
         """
         cpu = 0.0

@@ -1,11 +1,11 @@
-"""The server's round with noise on the sum (``privacy.noise-on = sum``; the mechanism: :mod:`privacy.sumdp`).
+"""The server's round with noise on the sum (``privacy.noise-on = sum``; the mechanism: :mod:`fedpersona.privacy.sumdp`).
 
 A round over a cohort is ``client.local-steps`` DP-SGD steps of the shared adapter, each one secure sum
-(:class:`server.secagg.SecureAggregator`'s two exchanges, message type ``train.dp_step``, its own SecAgg+
-round id :func:`privacy.sumdp.step_round_id`):
+(:class:`fedpersona.server.secagg.SecureAggregator`'s two exchanges, message type ``train.dp_step``, its own SecAgg+
+round id :func:`fedpersona.privacy.sumdp.step_round_id`):
 
 1. the server sends every device of the cohort the current shared weights, the round and the step, and
-   the step's parameters (:func:`privacy.sumdp.sum_context`, which each device derives itself and
+   the step's parameters (:func:`fedpersona.privacy.sumdp.sum_context`, which each device derives itself and
    checks); each device answers with its masked, quantized, noised clipped-gradient sum, or declines;
 2. with at least ``t`` survivors (and ``secagg.min-contributors``) it unmasks and learns only the sum;
    with fewer the step aborts before any unmask, is not applied, and the round's remaining steps are
@@ -35,10 +35,10 @@ from fedpersona.config import Config
 from fedpersona.optim import ServerOptimizer
 from fedpersona.secagg_wire import unflatten
 from fedpersona.wire import pack_shared, step_group
-from privacy.secagg import SecAggServer
-from privacy.sumdp import normalizer, sum_context, sum_secagg_params
-from server.aggregation import RoundSum, send_and_collect
-from server.secagg import DECLINED, SecureAggregator
+from fedpersona.privacy.secagg import SecAggServer
+from fedpersona.privacy.sumdp import normalizer, sum_context, sum_secagg_params
+from fedpersona.server.aggregation import RoundSum, send_and_collect
+from fedpersona.server.secagg import DECLINED, SecureAggregator
 
 __all__ = ["DP_STEP", "PERSONALIZE", "SumRounds"]
 
@@ -48,7 +48,7 @@ DP_STEP, PERSONALIZE = "train.dp_step", "train.personalize"
 
 
 class SumRounds:
-    """Runs the rounds of noise on the sum over one :class:`~server.secagg.SecureAggregator` (its key
+    """Runs the rounds of noise on the sum over one :class:`~fedpersona.server.secagg.SecureAggregator` (its key
     directory and exchanges); one SecAgg+ server per distinct set of protocol settings."""
 
     def __init__(self, cfg: Config, aggregator: SecureAggregator) -> None:

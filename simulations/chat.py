@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from simulations.generate import personalized_model, user_pairs
+from fedpersona.simulations.generate import personalized_model, user_pairs
 
 logger = logging.getLogger(__name__)
 

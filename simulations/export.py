@@ -1,7 +1,7 @@
-"""``fedpersona export --run R --user U``: a simulated user's model as peft LoRA folders (:mod:`client.export`).
+"""``fedpersona export --run R --user U``: a simulated user's model as peft LoRA folders (:mod:`fedpersona.client.export`).
 
 The run's newest checkpoint (the shared adapter) with the user's personal head from its simulated
-device's store, the run's saved config (:func:`simulations.generate.personalized_model`).
+device's store, the run's saved config (:func:`fedpersona.simulations.generate.personalized_model`).
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from client.export import export_model
-from simulations.generate import personalized_model
+from fedpersona.client.export import export_model
+from fedpersona.simulations.generate import personalized_model
 
 
 def export_simulated_user(user: str, out: str | Path, *, run: str | None = None, scenario: str | None = "demo",

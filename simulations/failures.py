@@ -1,7 +1,7 @@
 """Which simulated users failed, read from their devices' own failure logs on this machine.
 
 Each device appends its failed requests (error class, message type, round; never the error
-text) to ``failures.jsonl`` in its state folder (:mod:`client.failures`). After a simulation
+text) to ``failures.jsonl`` in its state folder (:mod:`fedpersona.client.failures`). After a simulation
 the runner reads those of this run (written since it started) and adds every failed user to
 ``users.csv``, ``metrics.json`` (``final.users`` rows with ``status = failed`` and ``error``,
 plus ``failed_users``) and ``summary.txt``; ``fedpersona run`` then exits non-zero unless
@@ -15,8 +15,8 @@ import logging
 from datetime import datetime
 from pathlib import Path
 
-from simulations.partitions import simulated_state_dir
-from client.failures import read_failures
+from fedpersona.simulations.partitions import simulated_state_dir
+from fedpersona.client.failures import read_failures
 from fedpersona.config import Config
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def mark_failed(metrics: dict, failed: dict[str, list[dict]], *, after_round: in
 
 def rewrite_outputs(cfg: Config, metrics: dict) -> None:
     """metrics.json, users.csv and summary.txt again, with the failed users in them."""
-    from server.run_report import summarize_users, summary_table, write_outputs
+    from fedpersona.server.run_report import summarize_users, summary_table, write_outputs
 
     run_dir = Path(cfg.run.results_dir) / cfg.run.name
     final = metrics.get("final")

@@ -1,7 +1,7 @@
 """Where a run started by Flower's own runner (``flwr run``) writes, and what it checks first.
 
-``flwr run .`` starts the pyproject components (:mod:`simulations.serverapp`,
-:mod:`simulations.clientapp`) in processes of the SuperLink it launched, whose working folder is
+``flwr run .`` starts the pyproject components (:mod:`fedpersona.simulations.serverapp`,
+:mod:`fedpersona.simulations.clientapp`) in processes of the SuperLink it launched, whose working folder is
 wherever that SuperLink was started: relative ``run.results-dir`` / ``run.state-dir`` would land in
 the project folder (and in the next app bundle ``flwr run`` builds from it). So under Flower's
 runtime a relative folder is taken relative to the run's own folder,

@@ -24,17 +24,17 @@ from typing import Any
 
 import torch
 
-from client.chat import REPETITION_PENALTY
-from client.data import format_prompt, read_user_folder
-from client.device import HEAD_FILE
-from client.exemplars import exemplar_text, pick_exemplars
-from client.node_data import manifest_path, read_manifest
-from client.store import DeviceStore
+from fedpersona.client.chat import REPETITION_PENALTY
+from fedpersona.client.data import format_prompt, read_user_folder
+from fedpersona.client.device import HEAD_FILE
+from fedpersona.client.exemplars import exemplar_text, pick_exemplars
+from fedpersona.client.node_data import manifest_path, read_manifest
+from fedpersona.client.store import DeviceStore
 from fedpersona.config import Config, load_config
 from fedpersona.model import adapted_model
-from server.checkpoint import latest_checkpoint
-from simulations.partitions import simulated_state_dir
-from simulations.sources import load_source
+from fedpersona.server.checkpoint import latest_checkpoint
+from fedpersona.simulations.partitions import simulated_state_dir
+from fedpersona.simulations.sources import load_source
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def run_folder(run: str) -> Path:
 def run_config(run: str | None, scenario: str | None, overrides: dict[str, Any] | None = None) -> Config:
     """The config of a finished run: the one it saved (``run``), or the scenario resolved as ``fedpersona run`` does."""
     if run is None:
-        from simulations.runner import resolve  # the runner (and Flower) only where a scenario is resolved
+        from fedpersona.simulations.runner import resolve  # the runner (and Flower) only where a scenario is resolved
 
         return resolve(scenario, dict(overrides or {}))[1]
     folder = run_folder(run)
@@ -126,7 +126,7 @@ def personalized_model(user: str, scenario: str | None, overrides: dict[str, Any
 def reply(model, prompt: str, *, max_new_tokens: int = 48, temperature: float = 0.7, seed: int = 0,
           exemplars: list[tuple[str, str]] = ()) -> str:
     """The model's reply to ``prompt`` (sampled with ``temperature``, greedy at 0), on the model's device;
-    ``exemplars``: the user's own (cue, reply) pairs shown first as earlier turns (:mod:`client.exemplars`)."""
+    ``exemplars``: the user's own (cue, reply) pairs shown first as earlier turns (:mod:`fedpersona.client.exemplars`)."""
     tok = model.tokenizer
     text = exemplar_text(exemplars) + format_prompt(prompt)
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)

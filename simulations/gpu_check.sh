@@ -105,7 +105,7 @@ except (ImportError, ValueError):  # its architecture with random weights: the s
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from simulations.corpus import all_users
+    from fedpersona.simulations.corpus import all_users
 
     folder = Path(tempfile.mkdtemp(prefix="smollm2-shape-"))
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -123,7 +123,7 @@ except (ImportError, ValueError):  # its architecture with random weights: the s
                                  eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id)).save_pretrained(folder)
     overrides["model.path"] = str(folder)
     what = "SmolLM2-135M's shape, random weights"
-from simulations.runner import run
+from fedpersona.simulations.runner import run
 
 t0 = time.perf_counter()
 metrics = run("corpus", overrides, engine="cohort")

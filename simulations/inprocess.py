@@ -3,7 +3,7 @@
 :class:`InProcessGrid` hands every message the ServerApp logic sends straight to the real
 ``ClientApp`` object (mods included, so the data-flow inventory is recorded exactly as in a
 simulation or deployment) and returns its replies. Used by the empirical privacy audit
-(:mod:`simulations.audit_experiment`) and by tests, where starting Ray per run would cost more
+(:mod:`fedpersona.simulations.audit.experiment`) and by tests, where starting Ray per run would cost more
 than the run itself. Nodes are deployment-style: each has its own ``data-dir`` and
 ``state-dir`` in its node config.
 

@@ -2,10 +2,10 @@
 
 :func:`prepare_partitions` writes, under ``<run.state-dir>/<run.name>/_simulated/``, one folder per
 corpus user with its ``(cue, reply)`` examples as ``examples.jsonl`` (the format of
-:func:`client.data.read_user_folder`), and the manifest (:mod:`client.node_data`) that maps a
+:func:`fedpersona.client.data.read_user_folder`), and the manifest (:mod:`fedpersona.client.node_data`) that maps a
 Flower ``partition-id`` to that folder, the user id and the device's state folder
 ``<run.state-dir>/<run.name>/<user slug>``. Partition ``i`` is the ``i``-th user of
-:func:`simulations.sources.load_source` for ``data.*`` and ``run.seed`` (the Shakespeare corpus by
+:func:`fedpersona.simulations.sources.load_source` for ``data.*`` and ``run.seed`` (the Shakespeare corpus by
 default, as before; or the user's own dataset, ``docs/data.md``).
 
 It also provisions the simulated devices' **identities** (:func:`provision_identities`): a run-level
@@ -23,11 +23,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from client.node_data import SIMULATED, NodeData, manifest_path, read_manifest, slug, write_manifest
+from fedpersona.client.node_data import SIMULATED, NodeData, manifest_path, read_manifest, slug, write_manifest
 from fedpersona.config import Config
 from fedpersona.identity import ROOT_KEY_FILE, provision
-from simulations.corpus import UserCorpus
-from simulations.sources import load_source
+from fedpersona.simulations.corpus import UserCorpus
+from fedpersona.simulations.sources import load_source
 
 logger = logging.getLogger(__name__)
 

@@ -8,13 +8,13 @@ as ``fedpersona run`` gives it to the simulated devices), each user of the sourc
   device picks it (calibrated so that the participations it accepts (``client.max-participations``,
   lowered by ``policy.max-participations``) of ``client.local-steps`` steps, twice with the local-only
   baseline, stay within ``privacy.target-epsilon``, unless ``privacy.noise-multiplier`` fixes it: the
-  same call as :meth:`client.device.Device._noise_multiplier` makes);
+  same call as :meth:`fedpersona.client.device.Device._noise_multiplier` makes);
 * the rounds it is sampled in (``server.sampling`` over the run's rounds, as the in-process grid of
   ``fedpersona run`` numbers its nodes) and the DP steps they add up to;
 * the epsilon its ledger reaches after them, the epsilon its budget counts (``epsilon-composed``: with the
   local-only baseline's pass), and the budget's worst case (every participation it plans); a round past
   its budget or its participation cap is declined, as the device declines it;
-* whether its policy accepts the run's settings at all (:meth:`client.policy.DevicePolicy.check`).
+* whether its policy accepts the run's settings at all (:meth:`fedpersona.client.policy.DevicePolicy.check`).
 
 Nothing is loaded but the data: no model, no tokenizer.
 """
@@ -26,20 +26,20 @@ import math
 import warnings
 from typing import Any
 
-from client.data import split_examples
-from client.policy import PREFIX, DevicePolicy, PolicyViolation
+from fedpersona.client.data import split_examples
+from fedpersona.client.policy import PREFIX, DevicePolicy, PolicyViolation
 from fedpersona.config import Config
-from privacy.ledger import PrivacyLedger, calibrate_noise
-from server.federation import sample_cohort
-from simulations.sources import load_source_report
+from fedpersona.privacy.ledger import PrivacyLedger, calibrate_noise
+from fedpersona.server.federation import sample_cohort
+from fedpersona.simulations.sources import load_source_report
 
-#: The node ids ``fedpersona run``'s in-process grid gives the users, in partition order (simulations.runner).
+#: The node ids ``fedpersona run``'s in-process grid gives the users, in partition order (fedpersona.simulations.runner).
 FIRST_NODE = 100
 
 
 def _passes(cfg: Config) -> int:
     """DP passes over a simulated device's records per step: 2 with the local-only baseline (one budget for both
-    ledgers, as :attr:`client.device.Device.budget_passes` counts them), else 1."""
+    ledgers, as :attr:`fedpersona.client.device.Device.budget_passes` counts them), else 1."""
     p, e = cfg.privacy, cfg.eval
     return 2 if (p.enabled and e.final and e.local_baseline) else 1
 
@@ -84,7 +84,7 @@ def _spend(cfg: Config, sigma: float, q: float, steps: int, rounds: int, cap: in
 def make_plan(scenario: str | None, overrides: dict[str, Any] | None = None, *,
               device_policy: dict[str, Any] | None = None) -> dict:
     """The plan of every user (module docstring) and of the run: ``{"config", "data", "users", "refused", ...}``."""
-    from simulations.runner import resolve
+    from fedpersona.simulations.runner import resolve
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a run warns about its settings; the plan shows them
@@ -93,7 +93,7 @@ def make_plan(scenario: str | None, overrides: dict[str, Any] | None = None, *,
     policy = DevicePolicy.from_mapping(values, source="--device-policy")
     users, report = load_source_report(cfg.data, cfg.run.seed)
     if cfg.server.clients_per_round > len(users):
-        from simulations.runner import _origin, too_few_users
+        from fedpersona.simulations.runner import _origin, too_few_users
 
         raise ValueError(too_few_users(report, cfg, origin=_origin("server.clients-per-round", scenario,
                                                                    dict(overrides or {}))))

@@ -1,4 +1,4 @@
-"""What a person running ``fedpersona run`` sees while it runs: the events of :mod:`server.progress`.
+"""What a person running ``fedpersona run`` sees while it runs: the events of :mod:`fedpersona.server.progress`.
 
 * On a terminal, :class:`LiveDisplay` (rich): bars for the preparation of the users, the rounds
   (done / total, with the ETA of the whole run, final evaluation included) and the stage in

@@ -5,11 +5,11 @@ validated here, before anything starts. The engines (``auto``, the default, pick
 GPU or for a small model and ``devices`` for a real model on the CPU, :func:`resolve_engine`):
 
 * ``cohort``: in this process, the ServerApp's round loop over an
-  :class:`~simulations.engine_grid.EngineGrid`: each round's cohort is trained in one
+  :class:`~fedpersona.simulations.engine.grid.EngineGrid`: each round's cohort is trained in one
   cohort-engine call, every message still goes to the real ClientApp (no Ray). With
   ``engines = N > 1`` each cohort is split over N engines on Ray actors, one per GPU
-  (:mod:`simulations.engine.shards`).
-* ``devices``: the same grid, but every device trains its round on its own path (``client.train``,
+  (:mod:`fedpersona.simulations.engine.shards`).
+* ``devices``: the same grid, but every device trains its round on its own path (``fedpersona.client.train``,
   Opacus), as the deployed device does.
 * ``flower``: Flower's Simulation Engine (Ray); the config reaches the apps through
   ``$FEDPERSONA_RUN_CONFIG`` (Ray workers inherit the environment).
@@ -25,15 +25,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from client.policy import POLICY_FILE, PREFIX, DevicePolicy
+from fedpersona.client.policy import POLICY_FILE, PREFIX, DevicePolicy
 from fedpersona.config import CONFIG_ENV, RENAMED_KEYS, Config, expected_participations, load_config, read_scenario
-from privacy.secagg.settings import secagg_params
-from simulations.failures import device_failures, mark_failed, rewrite_outputs
-from simulations.progress import timed_prepare
-from simulations.scenarios import CONF_DIR, scenario_path  # noqa: F401 - CONF_DIR: where callers find the shipped scenarios
-from simulations.partitions import prepare_partitions, simulated_state_dir
-from simulations.sources import DataReport, load_source_report, truncation, truncation_line, truncation_warning
-from simulations.user_table import attach_user_table
+from fedpersona.privacy.secagg.settings import secagg_params
+from fedpersona.simulations.failures import device_failures, mark_failed, rewrite_outputs
+from fedpersona.simulations.progress import timed_prepare
+from fedpersona.simulations.scenarios import CONF_DIR, scenario_path  # noqa: F401 - CONF_DIR: where callers find the shipped scenarios
+from fedpersona.simulations.partitions import prepare_partitions, simulated_state_dir
+from fedpersona.simulations.sources import DataReport, load_source_report, truncation, truncation_line, truncation_warning
+from fedpersona.simulations.user_table import attach_user_table
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def write_device_policies(cfg: Config, user_ids: list[str], policy: dict[str, An
     """Give the simulated devices a ``policy.toml`` (``--device-policy``), or remove the one a run gave them.
 
     The simulated devices' own floors: by default (no file) the safe defaults of
-    :class:`client.policy.DevicePolicy`; a non-private simulation (``privacy.enabled = false``)
+    :class:`fedpersona.client.policy.DevicePolicy`; a non-private simulation (``privacy.enabled = false``)
     needs ``--device-policy allow-no-dp=true``, plain aggregation ``allow-no-secagg=true``.
     A ``policy.toml`` the runner did not write is never touched.
     """
@@ -127,9 +127,9 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
         engines: int = 1, on_grid=None) -> dict:
     """Run the scenario to completion; returns the run's metrics.json content.
 
-    ``engine``: ``cohort`` (the ServerApp over an :class:`~simulations.engine_grid.EngineGrid` in
+    ``engine``: ``cohort`` (the ServerApp over an :class:`~fedpersona.simulations.engine.grid.EngineGrid` in
     this process, each round's cohort trained by the cohort engine), ``devices`` (the same grid,
-    each device training its round on its own path, ``client.train``), ``auto`` (``cohort`` on a
+    each device training its round on its own path, ``fedpersona.client.train``), ``auto`` (``cohort`` on a
     GPU or for a small model, ``devices`` for a real model on the CPU: :func:`resolve_engine`) or
     ``flower`` (Flower's Simulation Engine on Ray). ``engines``: with ``cohort``, the number of
     engines (Ray actors, one per GPU) a round's cohort is split over; 1 trains it in this process.
@@ -137,9 +137,9 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
     ``device_policy``: ``policy.*`` keys every simulated device holds as its own (a
     ``policy.toml`` in its state folder; see :func:`write_device_policies`). The result has
     ``failure_count`` and ``failed_users`` (user -> error class, message and round).
-    ``progress`` receives the events of :mod:`server.progress` (``simulations.progress`` displays them).
+    ``progress`` receives the events of :mod:`fedpersona.server.progress` (``fedpersona.simulations.progress`` displays them).
     ``on_grid(grid)``: called with the in-process grid once it is open (``cohort`` / ``devices``; a
-    benchmark reads its engine time, :mod:`simulations.bench_overhead`).
+    benchmark reads its engine time, :mod:`fedpersona.simulations.bench.overhead`).
     """
     from fedpersona.model import resolve_model_dir
 
@@ -153,7 +153,7 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
     engine, why = resolve_engine(engine, cfg, engines=engines)
     if asked == "auto":
         logger.info("engine: %s (%s)", engine, why)
-    from simulations.engine.shards import check_engines
+    from fedpersona.simulations.engine.shards import check_engines
 
     check_engines(engines, cfg.server.clients_per_round)
     t_prepare = time.perf_counter()
@@ -230,10 +230,10 @@ def too_few_users(report: DataReport, cfg: Config, *, origin: str) -> str:
 
 
 def _truncation(cfg: Config, users: list, model_dir: Path) -> dict:
-    """The share of the kept replies that ``model.seq-len`` cuts (:func:`simulations.sources.truncation`)."""
+    """The share of the kept replies that ``model.seq-len`` cuts (:func:`fedpersona.simulations.sources.truncation`)."""
     from transformers import AutoTokenizer
 
-    from client.device import kept_pairs
+    from fedpersona.client.device import kept_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     pairs = [p for u in users for p in kept_pairs(cfg, u.user_id, [(e.cue, e.reply) for e in u.examples])]
@@ -243,7 +243,7 @@ def _truncation(cfg: Config, users: list, model_dir: Path) -> dict:
 def _attach_data_report(run_dir: Path, metrics: dict, report: dict, lines: list[str]) -> None:
     """``metrics.json`` ``data`` and the lines under the table of ``summary.txt``: what the filters dropped and
     how many replies ``model.seq-len`` cut."""
-    from server.run_report import write_json
+    from fedpersona.server.run_report import write_json
 
     metrics["data"] = report
     write_json(run_dir / "metrics.json", {k: v for k, v in metrics.items() if k != "wall_seconds"})
@@ -261,9 +261,9 @@ def _run_cohort(flat: dict[str, Any], cfg: Config, n_users: int, cpus: int, prog
 
     import torch
 
-    from client.app import app as client_app
-    from server.federation import run_federation
-    from simulations.engine_grid import EngineGrid
+    from fedpersona.client.app import app as client_app
+    from fedpersona.server.federation import run_federation
+    from fedpersona.simulations.engine.grid import EngineGrid
 
     torch.set_num_threads(max(1, cpus))
     nodes = {100 + i: {"partition-id": i} for i in range(n_users)}  # simulated devices: data from the manifest
@@ -300,8 +300,8 @@ def _run_flower(flat: dict[str, Any], cfg: Config, n_users: int, cpus: int, prog
         "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False},
     }
-    from client.app import app as client_app
-    from server.app import make_app
+    from fedpersona.client.app import app as client_app
+    from fedpersona.server.app import make_app
 
     server_app = make_app(progress)
     _init_ray(cpus)
@@ -319,10 +319,10 @@ def _init_ray(cpus: int) -> None:
     each worker one log handler.
 
     (Flower starts Ray only when it is not running yet, and then on every interface: Ray's cluster mode
-    on Linux. :func:`simulations.engine.shards.start_ray` starts it in single-machine mode, every Ray
+    on Linux. :func:`fedpersona.simulations.engine.shards.start_ray` starts it in single-machine mode, every Ray
     process bound to 127.0.0.1. :func:`fedpersona.output.configure_worker` removes the duplicate of every
     Flower line in the workers: see :mod:`fedpersona.output`.)
     """
-    from simulations.engine.shards import start_ray
+    from fedpersona.simulations.engine.shards import start_ray
 
     start_ray(cpus)

@@ -16,7 +16,7 @@ from typing import Any
 from fedpersona.config import SHAKESPEARE, Config, load_config, read_scenario
 
 CONF_DIR = Path(__file__).parent / "conf"
-#: Files a file source may be (simulations.sources.BUILDERS), or a saved dataset folder.
+#: Files a file source may be (fedpersona.simulations.sources.BUILDERS), or a saved dataset folder.
 SOURCE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 DEFAULT_MODEL = "smollm2"
 

@@ -2,9 +2,9 @@
 checks a run needs before it starts and the verdict Flower reports after it.
 
 * Folders: relative ``run.results-dir`` / ``run.state-dir`` go under the run's own folder,
-  ``$FLWR_HOME/fedpersona-runs/<run id>/`` (:mod:`simulations.flower_runs`), never the project's.
+  ``$FLWR_HOME/fedpersona-runs/<run id>/`` (:mod:`fedpersona.simulations.flower_runs`), never the project's.
 * A simulation (Flower's Simulation Engine, ``flwr run .`` on the local SuperLink) has one simulated
-  SuperNode per user (partition ``i``: the ``i``-th user of ``data.*``, :mod:`simulations.partitions`).
+  SuperNode per user (partition ``i``: the ``i``-th user of ``data.*``, :mod:`fedpersona.simulations.partitions`).
   Its size is Flower's federation setting, not the app's (Flower 1.41 keeps it out of
   ``pyproject.toml``; the local default is 2 SuperNodes, below secure aggregation's minimum), so the
   run fails at once, before any round, when the number of SuperNodes is not the number of users,
@@ -28,12 +28,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedpersona.config import Config, load_config
-from privacy.secagg.settings import secagg_params
-from server.federation import run_federation
-from server.grid import FastPollGrid
-from server.secagg import build_aggregator
-from simulations.flower_runs import flower_run_config
-from simulations.partitions import ensure_partitions
+from fedpersona.privacy.secagg.settings import secagg_params
+from fedpersona.server.federation import run_federation
+from fedpersona.server.grid import FastPollGrid
+from fedpersona.server.secagg import build_aggregator
+from fedpersona.simulations.flower_runs import flower_run_config
+from fedpersona.simulations.partitions import ensure_partitions
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 ``data.source`` picks it (the format is in ``docs/data.md``):
 
-* ``shakespeare`` (default): :mod:`simulations.corpus`, one user per (play, role);
+* ``shakespeare`` (default): :mod:`fedpersona.simulations.corpus`, one user per (play, role);
 * a file ``*.jsonl`` / ``*.json`` / ``*.csv`` / ``*.parquet``, or a folder written by Hugging Face
   ``datasets``' ``save_to_disk``: one row per example (or per chat message), read with Hugging Face
   ``datasets`` and partitioned into users with Flower Datasets' ``NaturalIdPartitioner`` on
@@ -17,7 +17,7 @@ previous message, in ``data.order-column`` order, within one ``data.thread-colum
 Filters, as for the corpus: users with at least ``data.min-examples`` examples; at most
 ``data.max-users`` of them, drawn with ``run.seed`` (``random.Random(seed).sample`` of the
 (-examples, user id) order), returned sorted by user id. ``data.max-examples`` (a seeded subset
-per user) and the per-user train / held-out split (:func:`client.data.split_examples`) are
+per user) and the per-user train / held-out split (:func:`fedpersona.client.data.split_examples`) are
 applied by the device, whatever the source.
 
 Bad data raises ``ValueError`` naming the file, the column (and its config key) and the row
@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.data import TextRefused, check_text
+from fedpersona.client.data import TextRefused, check_text
 from fedpersona.config import SHAKESPEARE, DataConfig
-from simulations.corpus import Example, all_users, load_users
+from fedpersona.simulations.corpus import Example, all_users, load_users
 
 logger = logging.getLogger(__name__)
 
@@ -318,11 +318,11 @@ def _partition(owners: list[str], cues: list[str], replies: list[str],
 # ------------------------------------------------------------------------------------------ truncation
 def truncation(tokenizer, pairs: Sequence[tuple[str, str]], *, seq_len: int, cue_tokens: int) -> dict:
     """How many replies ``model.seq-len`` cuts: each (cue, reply) pair encoded as a device encodes it
-    (:func:`client.data.encode_examples`); a reply is cut when its closing token does not fit.
+    (:func:`fedpersona.client.data.encode_examples`); a reply is cut when its closing token does not fit.
 
     Returns ``replies``, ``cut``, ``share`` (cut / replies), ``median-reply-tokens`` and ``seq-len``.
     """
-    from client.data import IM_END, encode_examples
+    from fedpersona.client.data import IM_END, encode_examples
 
     if not pairs:
         return {"replies": 0, "cut": 0, "share": 0.0, "median-reply-tokens": 0, "seq-len": seq_len}

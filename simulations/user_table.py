@@ -1,9 +1,9 @@
 """The per-user table of a simulation, read from the simulated devices' own stores on this machine.
 
-No per-user row reaches the server (:func:`server.federation.final_evaluation` gets only the secure
+No per-user row reaches the server (:func:`fedpersona.server.federation.final_evaluation` gets only the secure
 sum of the devices' figures). In a simulation every device's state folder is on this machine, and
 each device keeps its own evaluation row in its encrypted store (``evaluation``, written by
-:meth:`client.device.Device.final_evaluation`); this module reads those rows and writes them as
+:meth:`fedpersona.client.device.Device.final_evaluation`); this module reads those rows and writes them as
 ``metrics.json`` ``final.users``, ``users.csv``, ``users.png`` and the table in ``summary.txt``.
 It never runs in a deployment: there the devices' stores are on the devices.
 """
@@ -15,9 +15,9 @@ import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from client.device import EVALUATION
-from client.store import DeviceStore, StateError
-from server.run_report import summary_table, write_outputs
+from fedpersona.client.device import EVALUATION
+from fedpersona.client.store import DeviceStore, StateError
+from fedpersona.server.run_report import summary_table, write_outputs
 
 __all__ = ["attach_user_table", "read_user_rows"]
 

@@ -1,15 +1,15 @@
 """The empirical audit's results as a file: ``<run dir>/audit/empirical.json``, and their verdict.
 
-:mod:`simulations.audit_experiment` (``fedpersona audit-run``) plants the canaries, runs the
+:mod:`fedpersona.simulations.audit.experiment` (``fedpersona audit-run``) plants the canaries, runs the
 federation and attacks; what it writes, and how a result is judged, is defined here so that the
-report (:mod:`privacy.audit.report`) reads it without knowing how it was made.
+report (:mod:`fedpersona.privacy.audit.report`) reads it without knowing how it was made.
 
 What is judged against which epsilon (:func:`verdict`):
 
 * what the devices released against the canary owners' federated ledgers: the **shared adapter**
   (every checkpoint the server holds) and each device's **own release** (the shared adapter it received
   plus the update it sent, before any sum: the DP-SGD output itself, which the auditor watches in
-  :mod:`simulations.audit_experiment`); a lower bound above that epsilon is a violation;
+  :mod:`fedpersona.simulations.audit.experiment`); a lower bound above that epsilon is a violation;
 * the **personalized model** (shared adapter + the device's head) only where a guarantee covers
   it: with ``privacy.personal-head = dp`` against the composition of the federated and the head's
   ledgers, with ``adapter.split = fedsa`` (the head inside the one DP pass) against the federated

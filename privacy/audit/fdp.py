@@ -1,6 +1,6 @@
 """Auditing f-DP in one run (Mahloujifar, Melis and Chaudhuri, ICML 2025), with Gaussian-DP curves.
 
-Setting: as :mod:`privacy.audit.onerun` (Steinke, Nasr and Jagielski): ``m`` canaries, each
+Setting: as :mod:`fedpersona.privacy.audit.onerun` (Steinke, Nasr and Jagielski): ``m`` canaries, each
 included in the training data independently with probability 1/2; after one training run the
 auditor guesses "in" or "out" for ``c'`` of them (abstaining on the rest) and ``c`` guesses are
 right. Steinke et al. test the hypothesis "the run is (eps, delta)-DP" against ``c``; an
@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import special, stats
 
-from privacy.audit.onerun import guesses
+from fedpersona.privacy.audit.onerun import guesses
 
 __all__ = ["FdpResult", "eps_delta_inverse_blowup", "eps_delta_rejects", "fdp_one_run_audit", "gdp_delta",
            "gdp_epsilon", "gdp_inverse_blowup", "gdp_lower_bound", "gdp_mu", "rejects"]

@@ -1,7 +1,7 @@
 """Checks on the data-flow inventory: nothing personal, no token ids, no text ever left a device.
 
-The devices record every reply they send (:mod:`client.flow_log`), the server what it saw
-(:mod:`server.flow_log`). :func:`verify_inventory` checks a device's lines against these rules,
+The devices record every reply they send (:mod:`fedpersona.client.flow_log`), the server what it saw
+(:mod:`fedpersona.server.flow_log`). :func:`verify_inventory` checks a device's lines against these rules,
 row by row:
 
 1. **No personal-head tensor**: no array whose name contains ``.personal.`` or is a name of the
@@ -17,7 +17,7 @@ row by row:
    own key, :mod:`fedpersona.receipts`), no string arrays.
 4. With ``shared_names``: every unmasked array is a shared-adapter tensor.
 5. **No user profile**: no row (and no error reason) that the device found to carry its user profile
-   (:mod:`client.profile`; the device scans every reply for it, since only it knows the profile).
+   (:mod:`fedpersona.client.profile`; the device scans every reply for it, since only it knows the profile).
 6. **One unmask per round**: a device answered at most one ``query.unmask`` request (with content)
    per run and round; a second answer hands the server more shares of the same masks (with another
    claimed dropout set, a survivor's self-mask and its pair seeds: its update).

@@ -1,6 +1,6 @@
 """The audit report as files: ``audit.json``, ``audit.html`` (from ``templates/audit.html.j2``) and ``audit_*.png``.
 
-Takes the dict of :func:`privacy.audit.report.build_audit`. The HTML embeds the plots too, so it
+Takes the dict of :func:`fedpersona.privacy.audit.report.build_audit`. The HTML embeds the plots too, so it
 stands alone; matplotlib is loaded only when a report is written.
 """
 
@@ -17,8 +17,8 @@ import jinja2
 import markupsafe
 import numpy as np
 
-from privacy.audit.mia import roc_curve
-from privacy.audit.report import _finite
+from fedpersona.privacy.audit.mia import roc_curve
+from fedpersona.privacy.audit.report import _finite
 
 __all__ = ["write_report"]
 

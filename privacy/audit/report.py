@@ -3,13 +3,13 @@
 It takes plain data, in the formats defined here, from whoever owns the files:
 
 * :class:`DeviceRecords`: one device's privacy ledger, its inventory lines and the names and
-  digests of its personal head (:mod:`client.audit_records` reads them from a state folder);
+  digests of its personal head (:mod:`fedpersona.client.audit_records` reads them from a state folder);
 * :class:`RunRecords`: the run's ``metrics.json``, the server's inventory, the released
-  checkpoints and the empirical results (:mod:`server.audit_records` reads a run folder).
+  checkpoints and the empirical results (:mod:`fedpersona.server.audit_records` reads a run folder).
 
-:func:`build_audit` checks them and returns the audit as a dict; :func:`privacy.audit.render.write_report`
+:func:`build_audit` checks them and returns the audit as a dict; :func:`fedpersona.privacy.audit.render.write_report`
 writes ``audit.json``, ``audit.html`` and ``audit_*.png``. ``fedpersona audit`` gathers a run's
-files (:mod:`simulations.audit_gather`); a device auditing itself passes its state folder alone
+files (:mod:`fedpersona.simulations.audit.gather`); a device auditing itself passes its state folder alone
 (``fedpersona audit --device DIR``).
 """
 
@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from privacy.audit.empirical import head_mode
-from privacy.audit.inventory import check_completeness, summarize_inventory, verify_inventory
-from privacy.audit.message_table import PLAIN, SUM_STEP, TABLE
-from privacy.budget import composed
-from privacy.ledger import INTEGER_ORDERS, PrivacyLedger
-from privacy.rdp import DEFAULT_ORDERS, epsilon_from_rdp, rdp_subsampled_gaussian
+from fedpersona.privacy.audit.empirical import head_mode
+from fedpersona.privacy.audit.inventory import check_completeness, summarize_inventory, verify_inventory
+from fedpersona.privacy.audit.message_table import PLAIN, SUM_STEP, TABLE
+from fedpersona.privacy.budget import composed
+from fedpersona.privacy.ledger import INTEGER_ORDERS, PrivacyLedger
+from fedpersona.privacy.rdp import DEFAULT_ORDERS, epsilon_from_rdp, rdp_subsampled_gaussian
 
 __all__ = ["DEFAULT_DELTA", "VERSION", "DeviceRecords", "RunRecords", "build_audit", "device_summary"]
 
@@ -75,7 +75,7 @@ def _finite(x: Any) -> float | None:
 
 
 def _independent_epsilon(history: list[tuple[float, float, int]], delta: float, orders: str = "all") -> float | None:
-    """Epsilon of a ledger history with :mod:`privacy.rdp` (not Opacus): the cross-check (``orders``: the
+    """Epsilon of a ledger history with :mod:`fedpersona.privacy.rdp` (not Opacus): the cross-check (``orders``: the
     ledger's, integer orders for a ledger with steps on a noisy sum)."""
     if not history:
         return 0.0
@@ -91,7 +91,7 @@ def _independent_epsilon(history: list[tuple[float, float, int]], delta: float, 
 
 def _plan_and_collusion(ledger: PrivacyLedger, delta: float, eps: float | None) -> dict:
     """Planned vs spent (participations, epsilon), and with noise on the sum the epsilon per number of
-    devices colluding with the server (:meth:`privacy.ledger.PrivacyLedger.collusion`)."""
+    devices colluding with the server (:meth:`fedpersona.privacy.ledger.PrivacyLedger.collusion`)."""
     out: dict[str, Any] = {}
     plan = ledger.plan
     if plan is not None:

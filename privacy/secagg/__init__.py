@@ -1,9 +1,9 @@
 """Secure aggregation (SecAgg+ in three exchanges per round, against a malicious server), quantization and distributed DP.
 
 A pure library: messages are plain dicts that Flower's records can carry. See
-:mod:`privacy.secagg.spec` for the protocol and its reasoning (:mod:`~privacy.secagg.client_side`,
-:mod:`~privacy.secagg.server_side`, :mod:`~privacy.secagg.driver`: its two sides and an in-process driver),
-:mod:`privacy.secagg.quantize` for the modulus and error bounds, :mod:`privacy.secagg.ddp` for
+:mod:`fedpersona.privacy.secagg.spec` for the protocol and its reasoning (:mod:`~fedpersona.privacy.secagg.client_side`,
+:mod:`~fedpersona.privacy.secagg.server_side`, :mod:`~fedpersona.privacy.secagg.driver`: its two sides and an in-process driver),
+:mod:`fedpersona.privacy.secagg.quantize` for the modulus and error bounds, :mod:`fedpersona.privacy.secagg.ddp` for
 distributed discrete Gaussian noise and its accountant.
 
 Client side (per device)::
@@ -27,14 +27,14 @@ Server side (per run, per round)::
     result = rnd.finish()                                # result.total, result.extras
 """
 
-from privacy.secagg.client_side import SecAggClient
-from privacy.secagg.crypto import ClientKeys, DecryptionError, SecureRNG
-from privacy.secagg.ddp import ddp_epsilon, ddp_rdp, local_noise_stddev, sample_discrete_gaussian
-from privacy.secagg.driver import SecAggStats, run_secure_sum
-from privacy.secagg.quantize import ExtraSpec, Quantizer, max_cohort, modulus_bits, quantized_l2_bound
-from privacy.secagg.server_side import SecAggResult, SecAggRound, SecAggServer
-from privacy.secagg.shamir import ShamirError
-from privacy.secagg.spec import SecAggAbort, SecAggParams, SecAggInputError, payload_nbytes
+from fedpersona.privacy.secagg.client_side import SecAggClient
+from fedpersona.privacy.secagg.crypto import ClientKeys, DecryptionError, SecureRNG
+from fedpersona.privacy.secagg.ddp import ddp_epsilon, ddp_rdp, local_noise_stddev, sample_discrete_gaussian
+from fedpersona.privacy.secagg.driver import SecAggStats, run_secure_sum
+from fedpersona.privacy.secagg.quantize import ExtraSpec, Quantizer, max_cohort, modulus_bits, quantized_l2_bound
+from fedpersona.privacy.secagg.server_side import SecAggResult, SecAggRound, SecAggServer
+from fedpersona.privacy.secagg.shamir import ShamirError
+from fedpersona.privacy.secagg.spec import SecAggAbort, SecAggParams, SecAggInputError, payload_nbytes
 
 __all__ = [
     "ClientKeys", "DecryptionError", "ExtraSpec", "Quantizer", "SecAggAbort", "SecAggClient", "SecAggParams",

@@ -1,4 +1,4 @@
-"""The client side of SecAgg+ (:mod:`privacy.secagg.spec`): advertise, masked input, consistency, unmask."""
+"""The client side of SecAgg+ (:mod:`fedpersona.privacy.secagg.spec`): advertise, masked input, consistency, unmask."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fedpersona.identity import DeviceIdentity
-from privacy.secagg import shamir
-from privacy.secagg.crypto import SIGNATURE_BYTES, ClientKeys, DecryptionError, MaskExpander, SecureRNG, open_sealed, seal
-from privacy.secagg.graph import is_connected
-from privacy.secagg.quantize import pack_bits
-from privacy.secagg.spec import (KeyRecord, SecAggAbort, SecAggParams, SecAggInputError, _check_id, _ciphertext_size,
+from fedpersona.privacy.secagg import shamir
+from fedpersona.privacy.secagg.crypto import SIGNATURE_BYTES, ClientKeys, DecryptionError, MaskExpander, SecureRNG, open_sealed, seal
+from fedpersona.privacy.secagg.graph import is_connected
+from fedpersona.privacy.secagg.quantize import pack_bits
+from fedpersona.privacy.secagg.spec import (KeyRecord, SecAggAbort, SecAggParams, SecAggInputError, _check_id, _ciphertext_size,
                                  _field, _ids, _pair_seed, _RoundSetup, _share_ad, _share_key, binding_message,
                                  consistency_message, consistency_quorum, decline_message, masked_message,
                                  unpack_key_records, verify_signature)
@@ -37,9 +37,9 @@ class SecAggClient:
             identity's root). With a root, the client masks only against neighbours whose keys are
             bound to a certified identity, and counts only such signers in the consistency check.
             Without one (``None``) it accepts unbound keys: the weaker protocol, for tests and
-            benchmarks; a device refuses it unless its own policy allows it (:mod:`client.secagg`).
+            benchmarks; a device refuses it unless its own policy allows it (:mod:`fedpersona.client.secagg`).
         colluders: how many cohort members this client assumes may collude with the server (the
-            consistency quorum grows with it, :func:`~privacy.secagg.spec.consistency_quorum`).
+            consistency quorum grows with it, :func:`~fedpersona.privacy.secagg.spec.consistency_quorum`).
         floor: fewest survivors this client unmasks (besides the round's minimum); with
             ``colluders`` > 0 it needs ``floor + colluders``.
     """

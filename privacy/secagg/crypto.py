@@ -9,7 +9,7 @@ Everything here is built on the ``cryptography`` package (OpenSSL):
 * **HKDF-SHA256** (:func:`derive`) for every per-round secret. The ``info`` string is an
   unambiguous, length-prefixed encoding of a purpose label and integer fields (run id,
   round, ordered client ids); the ``salt`` is the round digest (see
-  :func:`privacy.secagg.spec.round_digest`). A key derived for one (run, round, pair,
+  :func:`fedpersona.privacy.secagg.spec.round_digest`). A key derived for one (run, round, pair,
   purpose) is therefore independent of every other one.
 * **AES-256-GCM** (:func:`seal` / :func:`open_sealed`) for the Shamir shares travelling
   through the server, with associated data binding run, round, sender and receiver.

@@ -1,7 +1,7 @@
 """Distributed differential privacy: discrete Gaussian noise added on the devices, and its accountant.
 
 Mechanism (the distributed discrete Gaussian of Kairouz, Liu and Steinke, ICML 2021). Each
-client clips its update, quantizes it to integers (:mod:`privacy.secagg.quantize`) and adds
+client clips its update, quantizes it to integers (:mod:`fedpersona.privacy.secagg.quantize`) and adds
 i.i.d. discrete Gaussian noise ``N_Z(0, sigma_c^2)`` to every coordinate *before* masking.
 Secure aggregation releases only the sum, which carries the sum of the survivors' noises.
 With ``sigma_c = sigma / sqrt(n_min)`` the released sum has noise of variance at least
@@ -13,7 +13,7 @@ discrete Laplace proposals with ``t = floor(sigma) + 1``, accepted with probabil
 ``exp(-(|Y| - sigma^2/t)^2 / (2 sigma^2))``; every Bernoulli(exp(-gamma)) is realised by the
 alternating-series construction from Bernoulli(gamma / k) coins. The variance parameter is
 the float64 value ``sigma**2``, used exactly as the rational number it represents.
-Randomness comes from :class:`~privacy.secagg.crypto.SecureRNG` (AES-256-CTR keyed from
+Randomness comes from :class:`~fedpersona.privacy.secagg.crypto.SecureRNG` (AES-256-CTR keyed from
 ``os.urandom``).
 
 How it is made fast and still exact: the algorithm is vectorised over all coordinates
@@ -24,7 +24,7 @@ Where the float comparison could be wrong (``w`` within a generous error margin 
 arithmetic (Python ``Fraction``) and, on an exact tie, further random words. The output
 distribution is therefore exactly the discrete Gaussian (up to the RNG). Speed on one core
 of the development machine (AMD EPYC): 5M coordinates in 7-9 s at sigma = 1 and 4-6 s at
-sigma >= 10 (``python -m simulations.bench_secagg --ddp-only``).
+sigma >= 10 (``python -m fedpersona.simulations.bench.secagg --ddp-only``).
 
 Tail clamp. To make overflow of the modular sum impossible by construction, each noise
 value is clamped to ``[-T, T]`` with ``T = ceil(tail_sigmas * sigma_c)`` (default 12 sigmas).
@@ -43,7 +43,7 @@ Accounting (:func:`ddp_epsilon`), and its assumptions:
   (colluders know their own noise; dropped clients' noise is not in the sum).
 * Neighbouring datasets differ by adding or removing one client's contribution (user-level
   DP). The L2 sensitivity is ``l2_sensitivity_quantized``, a bound on the L2 norm of one
-  client's quantized vector (see :func:`privacy.secagg.quantize.quantized_l2_bound`); the L1
+  client's quantized vector (see :func:`fedpersona.privacy.secagg.quantize.quantized_l2_bound`); the L1
   sensitivity defaults to ``min(Delta_2^2, Delta_2 * sqrt(d))``, valid for integer vectors.
 * Each round's release is the sum of ``n_min`` discrete Gaussians of variance ``sigma_c^2``
   per coordinate. Kairouz et al. 2021 (Theorem 1 / Proposition 14) bound its Renyi DP at
@@ -54,7 +54,7 @@ Accounting (:func:`ddp_epsilon`), and its assumptions:
   Gaussians not being exactly a discrete Gaussian.
 * Rounds compose additively in RDP. No amplification by sampling is claimed: the server
   chooses the cohort and so knows who took part. Convert with
-  :func:`privacy.rdp.epsilon_from_rdp` (Balle et al. 2020 conversion).
+  :func:`fedpersona.privacy.rdp.epsilon_from_rdp` (Balle et al. 2020 conversion).
 """
 
 from __future__ import annotations

@@ -9,10 +9,10 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from fedpersona.identity import IdentityRoot
-from privacy.secagg.client_side import SecAggClient
-from privacy.secagg.crypto import SecureRNG
-from privacy.secagg.server_side import SecAggResult, SecAggServer
-from privacy.secagg.spec import SecAggParams, SecAggInputError, payload_nbytes
+from fedpersona.privacy.secagg.client_side import SecAggClient
+from fedpersona.privacy.secagg.crypto import SecureRNG
+from fedpersona.privacy.secagg.server_side import SecAggResult, SecAggServer
+from fedpersona.privacy.secagg.spec import SecAggParams, SecAggInputError, payload_nbytes
 
 __all__ = ["SecAggStats", "run_secure_sum"]
 

@@ -14,7 +14,7 @@ one vector of bounded *summable* figures (:func:`encode`):
 Every coordinate is in ``[0, 1]``, so one device's vector has L2 norm at most
 :func:`sensitivity` (``sqrt(20)``). It is summed with the same SecAgg+ machinery as a
 training round (message type ``evaluate``), and every device adds discrete Gaussian noise
-before masking (:mod:`privacy.secagg.ddp`): the sum of at least :func:`eval_min_clients`
+before masking (:mod:`fedpersona.privacy.secagg.ddp`): the sum of at least :func:`eval_min_clients`
 devices carries noise of standard deviation ``eval.noise-multiplier x sensitivity`` on every
 coordinate, so the release is user-level (epsilon, delta)-DP (whole-user adjacency: one device's
 figures in or out of the sum) with the epsilon of :func:`eval_epsilon` at ``secagg.ddp-delta``,
@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 
 from fedpersona.config import Config
-from privacy.secagg.ddp import ddp_epsilon, local_noise_stddev
-from privacy.secagg.quantize import ExtraSpec, Quantizer
-from privacy.secagg.spec import SecAggParams
+from fedpersona.privacy.secagg.ddp import ddp_epsilon, local_noise_stddev
+from fedpersona.privacy.secagg.quantize import ExtraSpec, Quantizer
+from fedpersona.privacy.secagg.spec import SecAggParams
 
 if TYPE_CHECKING:  # the ledger module loads Opacus and torch; only its type is named here
-    from privacy.ledger import PrivacyLedger
+    from fedpersona.privacy.ledger import PrivacyLedger
 
 __all__ = ["EVAL_MAX_COHORT", "EVAL_MECHANISM", "FIGURES", "GAINS", "HISTOGRAMS", "LOSS_CAP", "MODELS", "encode",
            "eval_epsilon", "eval_mechanism", "eval_min_clients", "eval_params", "extras_specs", "histogram_length",
@@ -209,8 +209,8 @@ def encode(cfg: Config, row: Mapping[str, float]) -> tuple[np.ndarray, dict[str,
 
 def noised_plain(cfg: Config, row: Mapping[str, float]) -> np.ndarray:
     """The vector with this device's whole noise added (secure aggregation off: nothing hides it in a sum)."""
-    from privacy.secagg.crypto import SecureRNG
-    from privacy.secagg.quantize import from_ring
+    from fedpersona.privacy.secagg.crypto import SecureRNG
+    from fedpersona.privacy.secagg.quantize import from_ring
 
     vec, _ = encode(cfg, row)
     q: Quantizer = eval_params(cfg, min_clients=1).quantizer

@@ -10,7 +10,7 @@ Per client (:meth:`Quantizer.encode`):
    rounding is *conditional* (Kairouz et al. 2021): it is redrawn until
    ``||q||_2 <= quantized_l2_bound(...)``, which makes that bound the L2 sensitivity used by
    the accountant (the redraws add a small bias).
-4. Optional **discrete Gaussian noise** (:mod:`privacy.secagg.ddp`), clamped to ``[-T, T]``.
+4. Optional **discrete Gaussian noise** (:mod:`fedpersona.privacy.secagg.ddp`), clamped to ``[-T, T]``.
 5. **Extras**: named scalars (example count, training metrics) clipped to ``[-bound, bound]``,
    scaled by their own ``scale``, stochastically rounded, appended after the update. They are
    masked together with the update, so the server sees only their cohort totals. They get
@@ -291,7 +291,7 @@ class Quantizer:
                             noise_tail=self.noise_tail, extras=self.extras)
 
     def l2_sensitivity(self, dim: int) -> float:
-        """L2 bound of one client's quantized update (what :func:`~privacy.secagg.ddp.ddp_epsilon` needs)."""
+        """L2 bound of one client's quantized update (what :func:`~fedpersona.privacy.secagg.ddp.ddp_epsilon` needs)."""
         beta = self.rounding_beta if self.noise_stddev > 0 else 0.0
         return quantized_l2_bound(clip_norm=self.clip_norm, scale=self.scale, dim=dim, beta=beta)
 

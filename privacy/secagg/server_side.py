@@ -1,4 +1,4 @@
-"""The server side of SecAgg+ (:mod:`privacy.secagg.spec`): the key directory, one round, the unmasked sum.
+"""The server side of SecAgg+ (:mod:`fedpersona.privacy.secagg.spec`): the key directory, one round, the unmasked sum.
 
 The server verifies what it can without a trust root: each stage-1 reply and each consistency
 signature against the signing key the client advertised (a replayed, forged or altered reply is
@@ -14,11 +14,11 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from privacy.secagg import shamir
-from privacy.secagg.crypto import SIGNATURE_BYTES, MaskExpander, SecureRNG, load_public_key
-from privacy.secagg.graph import is_connected
-from privacy.secagg.quantize import packed_size, unpack_bits
-from privacy.secagg.spec import (KeyRecord, SecAggAbort, SecAggParams, SecAggInputError, _check_id, _ciphertext_size,
+from fedpersona.privacy.secagg import shamir
+from fedpersona.privacy.secagg.crypto import SIGNATURE_BYTES, MaskExpander, SecureRNG, load_public_key
+from fedpersona.privacy.secagg.graph import is_connected
+from fedpersona.privacy.secagg.quantize import packed_size, unpack_bits
+from fedpersona.privacy.secagg.spec import (KeyRecord, SecAggAbort, SecAggParams, SecAggInputError, _check_id, _ciphertext_size,
                                  _field, _ids, _RoundSetup, binding_message, consistency_message, consistency_quorum,
                                  decline_message, masked_message, pack_key_records, verify_signature)
 

@@ -1,4 +1,4 @@
-"""The secure-aggregation settings both apps derive from the run config (SecAgg+, :mod:`privacy.secagg`).
+"""The secure-aggregation settings both apps derive from the run config (SecAgg+, :mod:`fedpersona.privacy.secagg`).
 
 Both sides derive everything from the run's :class:`~fedpersona.config.Config`, so nothing here
 is negotiated over the wire (and a client checks the server's round parameters against it):
@@ -8,7 +8,7 @@ is negotiated over the wire (and a client checks the server's round parameters a
   distributed-DP noise when ``secagg.ddp`` is on;
 * :func:`extras_specs`: the scalars masked together with the update: ``trained`` (1 for every device
   that sends a masked input, so its total is the number of survivors, which the server knows anyway),
-  nothing else: no example count, loss, epsilon or timing rides in the sum (:mod:`privacy.audit.message_table`);
+  nothing else: no example count, loss, epsilon or timing rides in the sum (:mod:`fedpersona.privacy.audit.message_table`);
 * :func:`ddp_user_epsilon` / :func:`record_ddp`: the user-level epsilon of the distributed
   discrete Gaussian, and its entry in a device's privacy ledger.
 
@@ -26,12 +26,12 @@ import math
 from typing import TYPE_CHECKING
 
 from fedpersona.config import Config
-from privacy.secagg.ddp import ddp_epsilon, local_noise_stddev
-from privacy.secagg.spec import SecAggParams
-from privacy.secagg.quantize import ExtraSpec
+from fedpersona.privacy.secagg.ddp import ddp_epsilon, local_noise_stddev
+from fedpersona.privacy.secagg.spec import SecAggParams
+from fedpersona.privacy.secagg.quantize import ExtraSpec
 
 if TYPE_CHECKING:  # the ledger module loads Opacus and torch; only its type is named here
-    from privacy.ledger import PrivacyLedger
+    from fedpersona.privacy.ledger import PrivacyLedger
 
 __all__ = ["DDP_MECHANISM", "ddp_mechanism", "ddp_min_clients", "ddp_user_epsilon", "extras_specs",
            "quantization_scale", "record_ddp", "secagg_params"]
@@ -42,7 +42,7 @@ DDP_MECHANISM = "secagg-ddg"
 def extras_specs(cfg: Config) -> tuple[ExtraSpec, ...]:
     """The named scalars each client masks with its update: ``trained`` only (a constant 1 per sender).
 
-    Each row of :data:`privacy.audit.message_table.TABLE` for ``train`` names one of them; a scalar
+    Each row of :data:`fedpersona.privacy.audit.message_table.TABLE` for ``train`` names one of them; a scalar
     added here without its row fails ``tests/privacy/test_message_table.py``.
     """
     return (ExtraSpec("trained", bound=1.0, scale=1.0),)
@@ -118,7 +118,7 @@ def _derive(cfg: Config) -> SecAggParams:
 def ddp_user_epsilon(cfg: Config, *, dim: int, rounds: int) -> float:
     """User-level epsilon (at ``secagg.ddp-delta``) of ``rounds`` noisy sums of ``dim`` coordinates.
 
-    Assumes what :mod:`privacy.secagg.ddp` states: an honest-but-curious server that sees only
+    Assumes what :mod:`fedpersona.privacy.secagg.ddp` states: an honest-but-curious server that sees only
     the sum, at least :func:`ddp_min_clients` non-colluding clients' noise in every sum.
     """
     sa = secagg_params(cfg)

@@ -2,8 +2,8 @@
 
 This module holds what both sides share: the protocol parameters (:class:`SecAggParams`), the round setup and
 digest, the key derivations, the signed messages and the payload checks. The client side is
-:mod:`privacy.secagg.client_side`, the server side :mod:`privacy.secagg.server_side`, an in-process
-driver :mod:`privacy.secagg.driver`.
+:mod:`fedpersona.privacy.secagg.client_side`, the server side :mod:`fedpersona.privacy.secagg.server_side`, an in-process
+driver :mod:`fedpersona.privacy.secagg.driver`.
 
 The server must learn only the sum of the surviving clients' quantized updates (and of their extras),
 never an individual update, **even if it deviates from the protocol**: it may show different clients
@@ -25,9 +25,9 @@ ConfigRecord / ArrayRecord can carry them):
 1. **masked input** (the same exchange as training). Server -> client: round setup (run id,
    round, cohort, a fresh random 32-byte ``graph_seed``, degree ``k``, threshold ``t``, minimum
    number of survivors, modulus bits, vector length, ``context``) and the key records of the client's
-   neighbours in the SecAgg+ graph (:mod:`privacy.secagg.graph`), which every party derives from
+   neighbours in the SecAgg+ graph (:mod:`fedpersona.privacy.secagg.graph`), which every party derives from
    (cohort, k, graph_seed). Client -> server: the masked vector, packed at b bits per coordinate
-   (:func:`~privacy.secagg.quantize.pack_bits`: exactly the size of the b-bit quantized vector),
+   (:func:`~fedpersona.privacy.secagg.quantize.pack_bits`: exactly the size of the b-bit quantized vector),
    for each of its ``k + 1`` share holders (its neighbours and itself) one AES-GCM ciphertext of its
    shares, and its ``signature`` over :func:`masked_message` (round digest, its id, SHA-256 of the
    vector and of the ciphertexts). A client that takes no part replies with a signed decline.
@@ -47,7 +47,7 @@ round, another setup of the same round (a retried round) or another context is u
 of a DP step); a device compares it with the value it computes itself.
 
 Masking. Client ``u`` sends ``y_u = x_u + PRG(b_u) + sum_{v in N(u)} sign(u, v) PRG(s_uv)``
-mod ``2^b``, where ``x_u`` is its quantized vector (:mod:`privacy.secagg.quantize`),
+mod ``2^b``, where ``x_u`` is its quantized vector (:mod:`fedpersona.privacy.secagg.quantize`),
 ``sign = +1`` if ``u < v`` else ``-1``,
 
 * ``b_u``: a fresh random self-mask seed (127 bits) drawn for this round only;
@@ -89,7 +89,7 @@ degree in cohorts of 33 or more, where such views stay connected and large enoug
 
 * **The consistency check** (Bonawitz et al. 2017, actively secure variant). Each survivor signs
   (D, S) once per round digest and remembers it before replying (a device in its encrypted store,
-  :mod:`client.secagg`); it answers an unmask request only for that very S, and only when the
+  :mod:`fedpersona.client.secagg`); it answers an unmask request only for that very S, and only when the
   request carries at least ``q`` valid signatures over (D, S) from distinct members of the cohort
   whose keys are bound to distinct certified identities, with
   ``q = max(t, min_survivors, floor((K + c) / 2) + 1)`` (:func:`consistency_quorum`; ``K`` the
@@ -124,7 +124,7 @@ server holds then (some self-mask seeds, some dropped pairs' seeds) leaves every
 masked by an unknown seed. Clients also check that the round parameters equal the ones their own
 config implies (the server cannot lower the threshold), the modulus and vector length, and that
 the graph matches the seed; a device's policy also refuses a degree below what SecAgg+'s analysis
-needs for the cohort size (:func:`client.policy.required_degree`).
+needs for the cohort size (:func:`fedpersona.client.policy.required_degree`).
 
 Dropouts tolerated. The round completes iff S is connected with ``|S| >= min_survivors``, at least
 ``q`` survivors sign S, and every client in S has at least t of its k + 1 holders answering the
@@ -151,12 +151,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from privacy.secagg import shamir
+from fedpersona.privacy.secagg import shamir
 from fedpersona.identity import verify as verify_signature
 from fedpersona.identity import verify_certificate
-from privacy.secagg.crypto import PUBLIC_KEY_BYTES, SEAL_OVERHEAD, SIGNATURE_BYTES, ClientKeys, derive, ecdh, encode_fields
-from privacy.secagg.graph import build_graph, default_degree, default_threshold
-from privacy.secagg.quantize import ExtraSpec, Quantizer
+from fedpersona.privacy.secagg.crypto import PUBLIC_KEY_BYTES, SEAL_OVERHEAD, SIGNATURE_BYTES, ClientKeys, derive, ecdh, encode_fields
+from fedpersona.privacy.secagg.graph import build_graph, default_degree, default_threshold
+from fedpersona.privacy.secagg.quantize import ExtraSpec, Quantizer
 
 __all__ = ["KEY_FIELDS", "KeyRecord", "SecAggAbort", "SecAggParams", "SecAggInputError", "binding_message",
            "consistency_message", "consistency_quorum", "decline_message", "masked_message", "pack_key_records",
@@ -181,7 +181,7 @@ class SecAggParams:
     Args:
         clip_norm: L2 norm bound C of a client's update.
         scale: quantization scale s (quantized units per unit of update).
-        max_cohort: the largest cohort; fixes the modulus (see :mod:`privacy.secagg.quantize`).
+        max_cohort: the largest cohort; fixes the modulus (see :mod:`fedpersona.privacy.secagg.quantize`).
         extras: named scalars summed under the same masks (example counts, metrics).
         noise_stddev: per-client discrete Gaussian stddev in quantized units (0: no distributed DP).
         noise_tail_sigmas: clamp of the noise in stddevs.

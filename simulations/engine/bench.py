@@ -4,9 +4,9 @@ Both paths train the same clients (random-weight Llama of a preset's shape, rand
 token sequences, every example ``seq`` tokens long) for the same steps, with DP on
 and with DP off, in one run:
 
-* sequential: one client at a time through ``client.train.DPTrainer`` (Opacus hooks,
+* sequential: one client at a time through ``fedpersona.client.train.DPTrainer`` (Opacus hooks,
   the device path of today), on its own copy of the model;
-* engine: :class:`simulations.engine.CohortEngine` on the whole cohort at once.
+* engine: :class:`fedpersona.simulations.engine.CohortEngine` on the whole cohort at once.
 
 Presets: ``quick`` (tiny model on the CPU, 16 clients, about a minute on 2 cores),
 ``demo`` (SmolLM2-135M's shape with the demo's adapters on the CPU), ``anchor``
@@ -94,7 +94,7 @@ def _adapted(p: Preset, device: torch.device, dtype: torch.dtype):
 
 def _clients(model, p: Preset, count: int):
     """``count`` clients with 0.5x .. 1.5x the preset's examples, cue = the first third of each sequence."""
-    from client.train import CachedExample
+    from fedpersona.client.train import CachedExample
     from fedpersona.model import labels_for, lower_hidden
 
     gen = torch.Generator().manual_seed(1)
@@ -125,7 +125,7 @@ def _peak(device: torch.device) -> str:
 
 
 def _sequential(model, clients, p: Preset, *, dp: bool, device, dtype, steps: int) -> dict:
-    from client.train import trainer_for
+    from fedpersona.client.train import trainer_for
     from fedpersona.devices import autocast
 
     trainer = trainer_for(model)
@@ -149,13 +149,13 @@ def _sequential(model, clients, p: Preset, *, dp: bool, device, dtype, steps: in
 
 
 def _secure():
-    from privacy.noise import NoiseSource
+    from fedpersona.privacy.noise import NoiseSource
 
     return NoiseSource()
 
 
 def _engine(engine, packed, model, p: Preset, *, dp: bool, device, steps: int) -> dict:
-    from simulations.engine import ClientJob, joint_phases
+    from fedpersona.simulations.engine import ClientJob, joint_phases
 
     shared0, personal0 = model.initial_shared_state(), model.fresh_personal_state()
     jobs = [ClientJob(pk, shared0, personal0, joint_phases(steps=steps, batch_size=p.batch, lr=1e-3, dp=dp,
@@ -196,7 +196,7 @@ def run(preset: str | Preset = "quick", *, cohorts: tuple[int, ...] | None = Non
         methods: tuple[str, ...] = ("expanded", "vmap"), out=print) -> dict:
     """Measure and print the table; returns the figures (the last line printed is the speedup)."""
     from fedpersona.devices import resolve_device, resolve_dtype
-    from simulations.engine import CohortEngine
+    from fedpersona.simulations.engine import CohortEngine
 
     if isinstance(preset, Preset):
         p, preset = preset, preset.name

@@ -15,7 +15,7 @@ index (:class:`SampleBatch`), so ragged Poisson batches cost no padding samples.
   gradients laid side by side ``[N, P]``: L2 norm over all trained tensors jointly,
   factor ``min(1, C / (norm + 1e-6))``, summed per client (``index_add``).
 * :func:`add_noise`: each client's own Gaussian noise (std ``sigma * C``) on its own
-  summed gradient, drawn as in :mod:`privacy.dpstep`, then divided by the client's
+  summed gradient, drawn as in :mod:`fedpersona.privacy.dpstep`, then divided by the client's
   expected batch size.
 """
 
@@ -27,11 +27,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
-from privacy.dpstep import flat_noise
-from privacy.noise import NoiseSource
-from simulations.engine.loss import chunk_for, sample_loss
-from simulations.engine.attention import vmap_attention
-from simulations.engine.stack import SampleBatch, StackNames
+from fedpersona.privacy.dpstep import flat_noise
+from fedpersona.privacy.noise import NoiseSource
+from fedpersona.simulations.engine.loss import chunk_for, sample_loss
+from fedpersona.simulations.engine.attention import vmap_attention
+from fedpersona.simulations.engine.stack import SampleBatch, StackNames
 
 
 class _TopHidden(nn.Module):

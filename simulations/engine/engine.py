@@ -1,11 +1,11 @@
 """The cohort engine: every client of a round trained together, each as the sequential path would.
 
 ``CohortEngine(model).train_cohort(jobs)`` runs each phase of every job side by
-side. Per client and step, in this order (:mod:`privacy.dpstep`): one generator
-from the client's :class:`~privacy.noise.NoiseSource`; its batch (Poisson mask, or
+side. Per client and step, in this order (:mod:`fedpersona.privacy.dpstep`): one generator
+from the client's :class:`~fedpersona.privacy.noise.NoiseSource`; its batch (Poisson mask, or
 a uniform minibatch for local steps); for a DP step its noise, one flat draw over
 the trained tensors in model order (the shared tensors, then the personal ones).
-With the same sources, ``client.train.DPTrainer.train(..., noise_source=...)``
+With the same sources, ``fedpersona.client.train.DPTrainer.train(..., noise_source=...)``
 draws exactly the same, so both paths give the same tensors and the same ledger
 steps (tests check this).
 
@@ -27,13 +27,13 @@ from collections.abc import Sequence
 import torch
 
 from fedpersona.devices import autocast, place_model, resolve_device, resolve_dtype
-from privacy.dpstep import poisson_batch, step_generator, uniform_batch
-from simulations.engine.dp import VmapGrad, add_noise, clip_and_sum, flatten
-from simulations.engine.expanded import ExpandedGrad
-from simulations.engine.jobs import EVAL_MODELS, ClientJob, ClientResult, EvalJob, Phase, PhaseResult, check_sources
-from simulations.engine.loss import chunk_for
-from simulations.engine.optim import StackedOptimizer
-from simulations.engine.stack import PackedExamples, StackNames, gather_samples
+from fedpersona.privacy.dpstep import poisson_batch, step_generator, uniform_batch
+from fedpersona.simulations.engine.dp import VmapGrad, add_noise, clip_and_sum, flatten
+from fedpersona.simulations.engine.expanded import ExpandedGrad
+from fedpersona.simulations.engine.jobs import EVAL_MODELS, ClientJob, ClientResult, EvalJob, Phase, PhaseResult, check_sources
+from fedpersona.simulations.engine.loss import chunk_for
+from fedpersona.simulations.engine.optim import StackedOptimizer
+from fedpersona.simulations.engine.stack import PackedExamples, StackNames, gather_samples
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class CohortEngine:
                  ce_budget: int = 1 << 26, token_budget: int | None = None, method: str = "expanded") -> None:
         if getattr(model, "head", "lora") != "lora":
             raise ValueError("The cohort engine trains LoRA heads only; a soft-prompt head (adapter.head = 'prompt') "
-                             f"trains on its device (client.train). You passed: adapter.head = {model.head!r}")
+                             f"trains on its device (fedpersona.client.train). You passed: adapter.head = {model.head!r}")
         self.model = model
         self._check_hooks()
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -86,7 +86,7 @@ class CohortEngine:
                   if m._forward_hooks or m._backward_hooks or m._forward_pre_hooks or m._backward_pre_hooks]
         if hooked:
             raise ValueError(
-                "The model carries module hooks (an Opacus GradSampleModule from client.train.trainer_for?); "
+                "The model carries module hooks (an Opacus GradSampleModule from fedpersona.client.train.trainer_for?); "
                 f"give the engine a model of its own. You passed: a model hooked at {hooked[0] or 'the top'!r}"
             )
 
@@ -137,8 +137,8 @@ class CohortEngine:
     # ------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate_cohort(self, jobs: Sequence[EvalJob]) -> list[dict[str, dict[str, float]]]:
-        """Every job's held-out figures under :data:`~simulations.engine.jobs.EVAL_MODELS`, as
-        :func:`client.train.evaluate` gives them on the device (``loss``: summed target-token loss over
+        """Every job's held-out figures under :data:`~fedpersona.simulations.engine.jobs.EVAL_MODELS`, as
+        :func:`fedpersona.client.train.evaluate` gives them on the device (``loss``: summed target-token loss over
         target tokens; ``accuracy``: correct next-token predictions over target tokens; ``tokens``).
 
         ``base``: every adapter contribution zero (the base model); ``shared``: the job's shared

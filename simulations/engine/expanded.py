@@ -1,6 +1,6 @@
 """Per-sample gradients by expanded weights: each sample gets its own copy of its client's adapter.
 
-The other way to :class:`simulations.engine.dp.VmapGrad`: no ``torch.func``. For the
+The other way to :class:`fedpersona.simulations.engine.dp.VmapGrad`: no ``torch.func``. For the
 engine's call, every peft LoRA layer of the top blocks computes its adapter branch
 with per-sample matrices (``x @ A[s]^T @ B[s]^T * scaling`` as batched matmuls,
 ``A[s]`` gathered from the client-stacked tensors by the sample's client index).
@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from simulations.engine.loss import batch_losses, chunk_for
-from simulations.engine.stack import SampleBatch
+from fedpersona.simulations.engine.loss import batch_losses, chunk_for
+from fedpersona.simulations.engine.stack import SampleBatch
 
 
 def _lora_forward(table: dict):

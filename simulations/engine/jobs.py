@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from privacy.noise import SECURE, NoiseSource
+from fedpersona.privacy.noise import SECURE, NoiseSource
 
 PARAM_GROUPS = ("joint", "shared", "personal")
 SAMPLINGS = ("poisson", "uniform")
@@ -72,8 +72,8 @@ class Phase:
 class ClientJob:
     """One client's part of a cohort round.
 
-    ``examples``: a list of ``client.train.CachedExample`` or a packed
-    :class:`simulations.engine.stack.PackedExamples` (keep the packed form across
+    ``examples``: a list of ``fedpersona.client.train.CachedExample`` or a packed
+    :class:`fedpersona.simulations.engine.stack.PackedExamples` (keep the packed form across
     rounds so that the data stays on the device).
     """
 
@@ -84,7 +84,7 @@ class ClientJob:
     client_id: str = ""
 
 
-#: The models a held-out evaluation reports (:meth:`simulations.engine.CohortEngine.evaluate_cohort`), as the
+#: The models a held-out evaluation reports (:meth:`fedpersona.simulations.engine.CohortEngine.evaluate_cohort`), as the
 #: device's final evaluation: the base (every adapter off), the shared adapter alone (the head zeroed), both.
 EVAL_MODELS = ("base", "shared", "personal")
 

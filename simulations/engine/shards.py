@@ -1,8 +1,8 @@
 """Past one GPU: a round's cohort split over N cohort engines, one Ray actor each.
 
-:class:`ShardedEngine` has the surface :class:`~simulations.engine_grid.EngineGrid` uses
+:class:`ShardedEngine` has the surface :class:`~fedpersona.simulations.engine.grid.EngineGrid` uses
 (:meth:`pack`, :meth:`train_cohort`), so the grid, the devices and the server see nothing
-different from one in-process :class:`~simulations.engine.CohortEngine`:
+different from one in-process :class:`~fedpersona.simulations.engine.CohortEngine`:
 
 * **Actors.** ``engines`` Ray actors (:class:`ShardWorker`), each with a CohortEngine and a
   model of its own, built once from the run config when the actor starts (never per round).
@@ -19,7 +19,7 @@ different from one in-process :class:`~simulations.engine.CohortEngine`:
   drops a device's handle (its device cache evicts it), the actor drops the examples with
   the next call. Keeping them was chosen by measurement (docs/performance.md, "Past one GPU").
 * **Randomness.** Every job draws its batches and noise from the device's own
-  :class:`~privacy.noise.NoiseSource`. A secure source (the default) is pickled as "secure"
+  :class:`~fedpersona.privacy.noise.NoiseSource`. A secure source (the default) is pickled as "secure"
   only, and the actor seeds every step from its own ``os.urandom``. An injected (seeded,
   test) source travels with its generator state, and the state it reached in the actor is
   set back on the device's source, so that sharded and in-process training draw the same.
@@ -46,7 +46,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from simulations.engine.jobs import ClientJob, ClientResult, check_sources
+from fedpersona.simulations.engine.jobs import ClientJob, ClientResult, check_sources
 
 logger = logging.getLogger(__name__)
 
@@ -179,15 +179,15 @@ def start_ray(cpus: int, *, gpus: int = 0) -> bool:
 class ShardWorker:
     """One engine of a sharded cohort (a Ray actor; also usable in-process).
 
-    Holds a :class:`~simulations.engine.CohortEngine` with a model built once from the run
+    Holds a :class:`~fedpersona.simulations.engine.CohortEngine` with a model built once from the run
     config, and the packed examples of the devices whose jobs it trained, keyed by token.
     """
 
     def __init__(self, run_config: Mapping, *, device: str, threads: int | None = None,
                  method: str = "expanded") -> None:
         from fedpersona.config import load_config
-        from simulations.engine import CohortEngine
-        from simulations.engine.engine import engine_model
+        from fedpersona.simulations.engine import CohortEngine
+        from fedpersona.simulations.engine.engine import engine_model
 
         if threads:
             torch.set_num_threads(threads)
@@ -239,7 +239,7 @@ class ShardExamples:
 
     def for_transfer(self) -> list:
         """The examples with their activations on the CPU (for the trip to an actor)."""
-        from client.train import CachedExample
+        from fedpersona.client.train import CachedExample
 
         return [e if e.hidden.device.type == "cpu" else CachedExample(e.hidden.detach().cpu(), e.labels)
                 for e in self.examples]

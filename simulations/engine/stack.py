@@ -35,7 +35,7 @@ class PackedExamples:
 
     @classmethod
     def pack(cls, examples: Sequence, *, device: torch.device, dtype: torch.dtype) -> PackedExamples:
-        """Pack ``client.train.CachedExample`` s (hidden ``[len, H]`` + labels) onto ``device``."""
+        """Pack ``fedpersona.client.train.CachedExample`` s (hidden ``[len, H]`` + labels) onto ``device``."""
         if not examples:
             raise ValueError("A client needs at least one training example. You passed: 0 examples")
         n = len(examples)

@@ -6,9 +6,9 @@ import json
 import warnings
 from pathlib import Path
 
-import client.app as client_app
-import client.flow_log as client_inventory
-from client.flow_log import read_inventory
+import fedpersona.client.app as client_app
+import fedpersona.client.flow_log as client_inventory
+from fedpersona.client.flow_log import read_inventory
 from fedpersona.config import load_config
 from fedpersona.identity import provision
 from tests.privacy.audit_helpers import one_thread
@@ -47,9 +47,9 @@ def flat_config(tiny_config: dict, **over) -> dict:
 
 
 def run(flat: dict, nodes: dict[int, dict], *, run_id: int = 9090) -> dict:
-    """One federation through the real ServerApp loop (server.federation) and ClientApp (mods included)."""
-    from server.federation import run_federation
-    from simulations.inprocess import InProcessGrid
+    """One federation through the real ServerApp loop (fedpersona.server.federation) and ClientApp (mods included)."""
+    from fedpersona.server.federation import run_federation
+    from fedpersona.simulations.inprocess import InProcessGrid
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import uuid
 import warnings
 
-import client.app as client_app
-import client.flow_log as client_inventory
+import fedpersona.client.app as client_app
+import fedpersona.client.flow_log as client_inventory
 from fedpersona.config import load_config
 from tests.privacy.audit_helpers import one_thread
 
@@ -16,8 +16,8 @@ def federation(server_flat: dict, device_flat: dict, nodes: dict[int, dict]) -> 
     """The real ServerApp loop with ``server_flat`` over the real ClientApp, every device receiving
     ``device_flat`` as its run config. Returns the run's metrics and, per node, the reasons of its error
     replies (``"<message type>: <reason>"``) as the server received them."""
-    from server.federation import run_federation
-    from simulations.inprocess import InProcessGrid
+    from fedpersona.server.federation import run_federation
+    from fedpersona.simulations.inprocess import InProcessGrid
 
     errors: dict[int, list[str]] = {nid: [] for nid in nodes}
 

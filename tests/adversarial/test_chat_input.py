@@ -25,9 +25,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from client.device import RECEIVED_SHARED, Device
-from client.feedback import FEEDBACK, load_feedback
-from client.store import DeviceStore
+from fedpersona.client.device import RECEIVED_SHARED, Device
+from fedpersona.client.feedback import FEEDBACK, load_feedback
+from fedpersona.client.store import DeviceStore
 from fedpersona.config import load_config
 from tests.adversarial.helpers import flat_config, user_folders
 from tests.adversarial.server_view import federation
@@ -85,9 +85,9 @@ def test_hostile_chat_lines_are_refused_and_the_session_goes_on(tiny_config, tmp
 
 def test_an_unusable_kept_example_is_skipped_and_the_cohort_trains(tiny_config, tmp_path, caplog):
     """What main kept from a bad /edit (a lone surrogate) no longer fails the device's rounds."""
-    import client.feedback
+    import fedpersona.client.feedback
 
-    client.feedback._SKIPPED.clear()  # "reported once" is per process: forget what earlier tests reported
+    fedpersona.client.feedback._SKIPPED.clear()  # "reported once" is per process: forget what earlier tests reported
     nodes = user_folders(tmp_path)
     victim = nodes[21]
     store = DeviceStore(victim["state-dir"])

@@ -20,14 +20,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context, Message, RecordDict
 
-import client.app as client_app
-import client.flow_log as client_inventory
-from client.flow_log import read_inventory
-from client.store import DeviceStore
+import fedpersona.client.app as client_app
+import fedpersona.client.flow_log as client_inventory
+from fedpersona.client.flow_log import read_inventory
+from fedpersona.client.store import DeviceStore
 from fedpersona.secagg_wire import ADVERTISE, from_records, to_records
-from privacy.audit.inventory import verify_inventory
-from privacy.secagg.server_side import SecAggRound
-from server.secagg import SecureAggregator
+from fedpersona.privacy.audit.inventory import verify_inventory
+from fedpersona.privacy.secagg.server_side import SecAggRound
+from fedpersona.server.secagg import SecureAggregator
 from tests.server.test_secagg import RUN_ID, _content, federation  # noqa: F401  (fixture)
 
 
@@ -118,7 +118,7 @@ def test_one_survivor_set_per_round_and_a_quorum_of_real_signatures(federation, 
         assert reply.has_error(), "shares revealed on forged signatures"
         # Signers' keys swapped for keys the server made (with valid signatures by them): still nothing.
         fake = [Ed25519PrivateKey.generate() for _ in signers]
-        from privacy.secagg.spec import consistency_message, request_digest
+        from fedpersona.privacy.secagg.spec import consistency_message, request_digest
 
         message = consistency_message(request_digest(forged), [int(x) for x in forged["survivors"]])
         swapped = dict(requests[victim])
@@ -138,7 +138,7 @@ def test_one_survivor_set_per_round_and_a_quorum_of_real_signatures(federation, 
 
 
 def test_a_device_without_identity_refuses_unless_its_policy_allows_it(federation, caplog):  # noqa: F811
-    from client.secagg import REVEALS, malicious_secure
+    from fedpersona.client.secagg import REVEALS, malicious_secure
 
     cfg, grid = federation()
     node = 11

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-import client.app
-import client.device
-import client.secagg
+import fedpersona.client.app
+import fedpersona.client.device
+import fedpersona.client.secagg
 from tests.adversarial.helpers import SECRET, flat_config, user_folders
 from tests.adversarial.server_view import federation
 
@@ -41,17 +41,17 @@ def _device_node(device, *args, **kwargs) -> int:
 def test_an_unexpected_exception_gives_the_fixed_text(tiny_config, tmp_path, monkeypatch, kind):
     nodes = user_folders(tmp_path, names=("alice", "bob", "carol", "dave"))
     if kind == "query.advertise":
-        monkeypatch.setattr(client.secagg, "advertise",
-                            _raise_for_the_victim(client.secagg.advertise, lambda store, cfg, nid, *a, **k: nid))
+        monkeypatch.setattr(fedpersona.client.secagg, "advertise",
+                            _raise_for_the_victim(fedpersona.client.secagg.advertise, lambda store, cfg, nid, *a, **k: nid))
     elif kind == "query.unmask":
-        monkeypatch.setattr(client.secagg, "unmask",
-                            _raise_for_the_victim(client.secagg.unmask, lambda store, cfg, nid, *a, **k: nid))
+        monkeypatch.setattr(fedpersona.client.secagg, "unmask",
+                            _raise_for_the_victim(fedpersona.client.secagg.unmask, lambda store, cfg, nid, *a, **k: nid))
     elif kind == "train":
-        monkeypatch.setattr(client.device.Device, "train_round",
-                            _raise_for_the_victim(client.device.Device.train_round, _device_node))
+        monkeypatch.setattr(fedpersona.client.device.Device, "train_round",
+                            _raise_for_the_victim(fedpersona.client.device.Device.train_round, _device_node))
     else:
-        monkeypatch.setattr(client.device.Device, "final_evaluation",
-                            _raise_for_the_victim(client.device.Device.final_evaluation, _device_node))
+        monkeypatch.setattr(fedpersona.client.device.Device, "final_evaluation",
+                            _raise_for_the_victim(fedpersona.client.device.Device.final_evaluation, _device_node))
     flat = flat_config(tiny_config, **{"server.clients-per-round": 4, "eval.final": kind == "evaluate"})
     _, errors = federation(flat, flat, nodes)
     mine = [e for e in errors[VICTIM] if e.startswith(f"{kind}: ")]
@@ -59,4 +59,4 @@ def test_an_unexpected_exception_gives_the_fixed_text(tiny_config, tmp_path, mon
     for line in mine:
         reason = line[len(kind) + 2:]
         assert SECRET not in reason and "alice" not in reason, reason
-        assert reason == f"Unforeseen: {client.app.ERROR_TEXT.format(kind=kind)}", reason
+        assert reason == f"Unforeseen: {fedpersona.client.app.ERROR_TEXT.format(kind=kind)}", reason

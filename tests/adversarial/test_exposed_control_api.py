@@ -1,6 +1,6 @@
 """Issue 20, hole 3: the deployment's SuperLink was open to anyone holding the (public) CA certificate.
 
-The rehearsal of docs/deployment.md on 127.0.0.1 (:class:`simulations.local_federation.LocalFederation`:
+The rehearsal of docs/deployment.md on 127.0.0.1 (:class:`fedpersona.simulations.deploy.federation.LocalFederation`:
 credentials, the SuperLink with TLS and SuperNode authentication, and whatever the guide puts on the
 address the devices dial). The attacker holds only ``ca.crt`` and that address, as anyone on the network
 would, and uses the stock ``flwr`` CLI from a home folder of its own. On main (cb416a4) that address was
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from client.supernode import flower_tool
+from fedpersona.client.supernode import flower_tool
 from fedpersona.certs import make_supernode_key
-from simulations.local_federation import CONNECTION, LocalFederation
-from simulations.processes import listening, process_tree
+from fedpersona.simulations.deploy.federation import CONNECTION, LocalFederation
+from fedpersona.simulations.processes import listening, process_tree
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 REPO = Path(__file__).resolve().parents[2]
@@ -106,7 +106,7 @@ def _value(cmd: str, flag: str) -> str:
 def test_the_guides_commands_put_only_the_fleet_api_on_the_network(doc):
     cmds = _commands(REPO / doc)
     links = [c for c in cmds if c.startswith("flower-superlink ")]
-    gateways = [c for c in cmds if c.startswith("python -m server.gateway ")]
+    gateways = [c for c in cmds if c.startswith("python -m fedpersona.server.gateway ")]
     devices = [c for c in cmds if c.startswith("fedpersona supernode ") and "--superlink" in c]
     assert links and gateways and devices, (links, gateways, devices)
     for c in links:
@@ -130,7 +130,7 @@ def test_the_rehearsal_runs_the_guides_commands(tmp_path):
     link, gateway = fed.superlink_argv(), fed.gateway_argv()
     assert _value(" ".join(link), "--host") == "127.0.0.1" and _value(" ".join(link), "--port") == str(fed.link_port)
     assert "--enable-supernode-auth" in link and "--insecure" not in link and "--ssl-certfile" in link
-    assert gateway[1:3] == ["-m", "server.gateway"] and "--insecure" not in gateway
+    assert gateway[1:3] == ["-m", "fedpersona.server.gateway"] and "--insecure" not in gateway
     assert _value(" ".join(gateway), "--listen") == fed.address
     assert _value(" ".join(gateway), "--superlink") == fed.control_address
     assert fed.address != fed.control_address

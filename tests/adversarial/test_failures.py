@@ -10,11 +10,11 @@ import csv
 import json
 from pathlib import Path
 
-from client.store import DeviceStore
+from fedpersona.client.store import DeviceStore
 from fedpersona.cli import main
 from fedpersona.config import load_config
-from simulations.corpus import load_users
-from simulations.partitions import simulated_state_dir
+from fedpersona.simulations.corpus import load_users
+from fedpersona.simulations.partitions import simulated_state_dir
 
 
 def _scenario(tmp_path, tiny_config) -> Path:
@@ -63,17 +63,17 @@ def test_a_failed_device_fails_the_run_and_is_listed(tiny_config, tmp_path, caps
     assert any(victim[:37] in line and "FAILED: StateError" in line for line in summary.splitlines())
 
     # Failures allowed: the same outcome exits 0, still said out loud (the real metrics of this run, read back).
-    import simulations.runner
+    import fedpersona.simulations.runner
 
     metrics["wall_seconds"] = 1.0
-    monkeypatch.setattr(simulations.runner, "run", lambda *a, **k: metrics)
+    monkeypatch.setattr(fedpersona.simulations.runner, "run", lambda *a, **k: metrics)
     code = main(["run", str(scenario), "--allow-failures"])
     err = capsys.readouterr().err
     assert code == 0 and "fedpersona: warning:" in err and victim in err and "StateError" in err
 
 
 def test_failures_are_counted_once_and_every_failed_user_listed():
-    from simulations.failures import mark_failed
+    from fedpersona.simulations.failures import mark_failed
 
     metrics = {"rounds": [{"round": 1, "failed": 2}, {"round": 2, "failed": 0}, {"round": 3, "failed": 1}],
                "final": {"users": [{"user": "a", "base-loss": 4.0}], "failures": []}}

@@ -17,14 +17,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Message, RecordDict
 
-import client.app as client_app
+import fedpersona.client.app as client_app
 from fedpersona.identity import IdentityRoot
 from fedpersona.secagg_wire import from_records, to_records
-from privacy.secagg import SecAggClient, SecAggServer, shamir
-from privacy.secagg.crypto import DecryptionError, MaskExpander, open_sealed
-from privacy.secagg.quantize import unpack_bits
-from privacy.secagg.settings import secagg_params
-from privacy.secagg.spec import _pair_seed, _share_ad, _share_key, _RoundSetup
+from fedpersona.privacy.secagg import SecAggClient, SecAggServer, shamir
+from fedpersona.privacy.secagg.crypto import DecryptionError, MaskExpander, open_sealed
+from fedpersona.privacy.secagg.quantize import unpack_bits
+from fedpersona.privacy.secagg.settings import secagg_params
+from fedpersona.privacy.secagg.spec import _pair_seed, _share_ad, _share_key, _RoundSetup
 from tests.server.test_secagg import DIM, RUN_ID, _content, _expected_sum, federation  # noqa: F401  (fixture)
 
 VICTIM, HONEST, FAKES = 11, 12, (901, 902)
@@ -50,7 +50,7 @@ def _fake_material(kind: str, fake: SecAggClient, honest_advert: dict) -> dict:
     zero = {"identity": bytes(32), "certificate": bytes(64), "binding": bytes(64)}
     if kind == "unbound":
         return {**keys, **zero}
-    from privacy.secagg.spec import binding_message
+    from fedpersona.privacy.secagg.spec import binding_message
 
     message = binding_message(RUN_ID, fake.client_id, keys["enc_pk"], keys["mask_pk"], keys["sign_pk"])
     if kind == "own-root":  # an identity under a root the server made itself
@@ -124,15 +124,15 @@ def test_fake_neighbours_get_nothing(federation, kind):  # noqa: F811
     assert reply.has_error(), "the victim sent a masked vector to a cohort of forged keys"
     assert reply.error.reason.startswith("SecAggInputError: "), reply.error.reason
     # Refused before training: no masked input recorded, so no unmask would ever be answered for this round.
-    from client.secagg import RevealLog
-    from client.store import DeviceStore
+    from fedpersona.client.secagg import RevealLog
+    from fedpersona.client.store import DeviceStore
 
     assert RevealLog(DeviceStore(grid.contexts[VICTIM].node_config["state-dir"])).latest(RUN_ID) is None
 
 
 def test_the_same_request_with_real_neighbours_is_answered(federation):  # noqa: F811
     """The control: the victim masks for a cohort of real, certified devices (the refusal above is about the keys)."""
-    from server.secagg import SecureAggregator
+    from fedpersona.server.secagg import SecureAggregator
 
     cfg, grid = federation(**{"server.clients-per-round": 3})
     rs = SecureAggregator(cfg, run_id=RUN_ID).collect(grid, [VICTIM, HONEST, 13], _content(), server_round=1,

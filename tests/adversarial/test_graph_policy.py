@@ -13,7 +13,7 @@ The real ServerApp loop and ClientApp, tiny model, each device's own data and st
 
 import pytest
 
-from privacy.secagg.graph import default_threshold
+from fedpersona.privacy.secagg.graph import default_threshold
 from tests.adversarial.helpers import flat_config, replies, run, user_folders
 
 
@@ -41,7 +41,7 @@ def test_a_graph_too_weak_for_the_cohort_is_refused_by_name(tiny_config, tmp_pat
 
 def test_required_degree_follows_the_analysis():
     """2 ceil(1.5 log2 n), the complete graph below it; a weaker graph is refused for each cohort size, not the default."""
-    from client.policy import DevicePolicy, PolicyViolation, required_degree
+    from fedpersona.client.policy import DevicePolicy, PolicyViolation, required_degree
 
     assert [required_degree(n) for n in (3, 9, 12, 33, 40, 64, 100, 1000)] == [2, 8, 11, 16, 16, 18, 20, 30]
     policy = DevicePolicy()

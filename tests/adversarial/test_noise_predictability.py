@@ -14,8 +14,8 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-import client.app as client_app
-from client.train import CachedExample, trainer_for
+import fedpersona.client.app as client_app
+from fedpersona.client.train import CachedExample, trainer_for
 from fedpersona.config import CONFIG_ENV, AdapterConfig, load_config
 from fedpersona.model import AdaptedModel, adapted_model, labels_for, lower_hidden
 from fedpersona.wire import to_record, unpack_shared
@@ -90,7 +90,7 @@ def test_poisson_batches_do_not_follow_torch_seed(model):
 
 def test_explicit_opt_in_is_reproducible(model):
     """Tests may still fix the randomness, but only by asking for it."""
-    from privacy.noise import NoiseSource
+    from fedpersona.privacy.noise import NoiseSource
 
     ex = _examples(model)
     a = _step(model, ex, sigma=SIGMA, noise_source=NoiseSource(generator=torch.Generator().manual_seed(5)))

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-import client.app as client_app
-import client.flow_log as client_inventory
+import fedpersona.client.app as client_app
+import fedpersona.client.flow_log as client_inventory
 from fedpersona.config import CONFIG_ENV, load_config
 from fedpersona.identity import provision
-from server.federation import run_federation
+from fedpersona.server.federation import run_federation
 from tests.server.test_secagg import RUN_ID, FakeGrid
 
 SECRET = "SECRET-5d41b9"
@@ -122,7 +122,7 @@ def test_no_user_text_or_id_in_any_message_or_server_file(run, caplog):
             assert n not in data, (p.name, n)
     # The server's log (the devices' own log lines, in this one process, are theirs).
     for rec in caplog.records:
-        if not rec.name.startswith("client"):
+        if not rec.name.startswith("fedpersona.client"):
             text = rec.getMessage().encode()
             for n in needles:
                 assert n not in text, (rec.name, n)
@@ -135,11 +135,11 @@ def test_no_user_text_or_id_in_any_message_or_server_file(run, caplog):
 def test_the_secure_sum_is_the_devices_own_rows_plus_the_evaluation_noise(run, monkeypatch):
     """The server gets the sum of the devices' figures with noise of the stated size, and each device recorded
     the release's user-level epsilon in its ledger before replying."""
-    from client.device import EVALUATION
-    from client.store import DeviceStore
-    from privacy.ledger import PrivacyLedger
-    from privacy.secagg.eval_figures import encode, eval_epsilon, sensitivity
-    from server.secagg import SecureAggregator
+    from fedpersona.client.device import EVALUATION
+    from fedpersona.client.store import DeviceStore
+    from fedpersona.privacy.ledger import PrivacyLedger
+    from fedpersona.privacy.secagg.eval_figures import encode, eval_epsilon, sensitivity
+    from fedpersona.server.secagg import SecureAggregator
 
     cfg, grid, secure = run
     assert secure

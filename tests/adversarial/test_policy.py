@@ -10,9 +10,9 @@ import math
 
 import pytest
 
-from client.store import DeviceStore
-from privacy.ledger import PrivacyLedger
-from simulations.audit_gather import build_audit
+from fedpersona.client.store import DeviceStore
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.simulations.audit.gather import build_audit
 from tests.adversarial.helpers import SECRET, flat_config, replies, run, user_folders
 
 
@@ -35,7 +35,7 @@ def test_each_weakened_setting_is_refused_naming_it(tiny_config, tmp_path, caplo
         metrics = run(flat_config(tiny_config, **{key: value}), nodes)
     (row,) = metrics["rounds"]
     assert row["failed"] == 3 and row["contributors"] == 0 and not row["applied"], row
-    from client.failures import read_failures  # imported here: main's failure is then the behaviour, not the import
+    from fedpersona.client.failures import read_failures  # imported here: main's failure is then the behaviour, not the import
     for nid, nc in nodes.items():
         (reply,) = replies(nodes)[nid]
         assert reply["reply"] == "error" and not reply["rows"], "a refusal carries nothing but the error"
@@ -44,7 +44,7 @@ def test_each_weakened_setting_is_refused_naming_it(tiny_config, tmp_path, caplo
         assert SECRET not in reason and nc["user-id"] not in reason, "never the user's data or id"
         assert _ledger(nc) is None, "nothing trained, nothing recorded"
         assert [f["error"] for f in read_failures(nc["state-dir"])] == ["PolicyViolation"]
-    warned = [r.getMessage() for r in caplog.records if r.name == "client.app" and r.levelno == logging.WARNING
+    warned = [r.getMessage() for r in caplog.records if r.name == "fedpersona.client.app" and r.levelno == logging.WARNING
               and "refused a train request" in r.getMessage()]
     assert len(warned) == 3 and all(f"refuses {key} = " in w for w in warned), "a warning in each device's log"
 

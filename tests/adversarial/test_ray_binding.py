@@ -6,7 +6,7 @@ so anyone on the network could reach them (and Ray runs whatever code its client
 neighbour on the network would: start Ray the way `fedpersona run --engine flower` does, then list
 every TCP port the Ray processes listen on and the address each is bound to. Every one must be a
 loopback address. (Every Ray our simulations start goes through the same function,
-simulations.engine.shards.start_ray: the sharded cohort engine and the Flower SecAgg+ benchmark too.)
+fedpersona.simulations.engine.shards.start_ray: the sharded cohort engine and the Flower SecAgg+ benchmark too.)
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import os
 
 import pytest
 
-from simulations.processes import listening, process_tree
+from fedpersona.simulations.processes import listening, process_tree
 
 ray = pytest.importorskip("ray")
 
 
 def test_the_flower_engines_ray_listens_on_loopback_only():
-    from simulations.runner import _init_ray
+    from fedpersona.simulations.runner import _init_ray
 
     if ray.is_initialized():
         ray.shutdown()

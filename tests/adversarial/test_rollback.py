@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
 
-import client.app as client_app
-import client.flow_log as client_inventory
-from client.store import DeviceStore
+import fedpersona.client.app as client_app
+import fedpersona.client.flow_log as client_inventory
+from fedpersona.client.store import DeviceStore
 from fedpersona.secagg_wire import UNMASK, from_records, to_records
-from privacy.ledger import PrivacyLedger
-from server.secagg import SecureAggregator
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.server.secagg import SecureAggregator
 from tests.adversarial.helpers import flat_config, replies, run, user_folders
 from tests.server.test_secagg import RUN_ID, _content, federation  # noqa: F401  (fixture)
 
@@ -86,7 +86,7 @@ def test_a_restored_state_folder_does_not_spend_the_budget_twice(tiny_config, tm
     with pytest.raises(Exception, match="rolled back"):
         DeviceStore(state).load_text("ledger")
     # The audit of the device reports it.
-    from simulations.audit_gather import build_audit
+    from fedpersona.simulations.audit.gather import build_audit
 
     audit = build_audit(None, device_dir=str(state), delta=flat["privacy.delta"], target_epsilon=budget)
     assert any("rollback detected" in f for f in audit["status"]["flags"]), audit["status"]["flags"]

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import pytest
 
-import client.train
-from client.store import DeviceStore
-from privacy.ledger import PrivacyLedger
+import fedpersona.client.train
+from fedpersona.client.store import DeviceStore
+from fedpersona.privacy.ledger import PrivacyLedger
 from tests.adversarial.helpers import SECRET, flat_config, user_folders
 from tests.adversarial.server_view import federation as _federation
 
@@ -37,7 +37,7 @@ class _Runaway(RuntimeError):
 def passes(monkeypatch):
     """Every training pass a device starts: the steps it was asked for."""
     asked: list[int] = []
-    real = client.train.DPTrainer._train
+    real = fedpersona.client.train.DPTrainer._train
 
     def spy(self, *args, **kwargs):
         asked.append(int(kwargs["steps"]))
@@ -45,7 +45,7 @@ def passes(monkeypatch):
             raise _Runaway(f"the device started a pass of {kwargs['steps']} steps")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(client.train.DPTrainer, "_train", spy)
+    monkeypatch.setattr(fedpersona.client.train.DPTrainer, "_train", spy)
     return asked
 
 

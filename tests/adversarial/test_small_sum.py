@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-import client.app as client_app
-from server.federation import run_federation
-from server.flow_log import read_server_inventory
-from server.secagg import SecureAggregator
+import fedpersona.client.app as client_app
+from fedpersona.server.federation import run_federation
+from fedpersona.server.flow_log import read_server_inventory
+from fedpersona.server.secagg import SecureAggregator
 from tests.server.test_secagg import RUN_ID, FakeDevice, _content, federation  # noqa: F401  (fixture)
 
 # Figures only the lone trainer (u11) has: none of them may appear in anything the server writes.

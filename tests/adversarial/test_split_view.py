@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from fedpersona.identity import IdentityRoot
-from privacy.secagg import SecAggAbort, SecAggClient, SecAggParams, SecAggServer, SecureRNG, run_secure_sum, shamir
-from privacy.secagg.crypto import MaskExpander
-from privacy.secagg.graph import is_connected
-from privacy.secagg.quantize import unpack_bits
+from fedpersona.privacy.secagg import SecAggAbort, SecAggClient, SecAggParams, SecAggServer, SecureRNG, run_secure_sum, shamir
+from fedpersona.privacy.secagg.crypto import MaskExpander
+from fedpersona.privacy.secagg.graph import is_connected
+from fedpersona.privacy.secagg.quantize import unpack_bits
 
 D = 64
 RUN = 5
@@ -83,7 +83,7 @@ def split_view_attack(n, degree, victim=1):
     answers, refused = {}, {}
     certificates = {}
     if hasattr(SecAggClient, "consistency"):
-        from privacy.secagg.spec import KeyRecord, pack_key_records
+        from fedpersona.privacy.secagg.spec import KeyRecord, pack_key_records
 
         # The consistency check: each holder signs its own view; every other device is asked to sign one of
         # the views too (all of them on the first: the most signatures the server can gather on any one set).

@@ -16,10 +16,10 @@ updates of ``tests/server/test_secagg.FakeDevice``.
 import pytest
 from flwr.app import Message, RecordDict
 
-import client.app as client_app
+import fedpersona.client.app as client_app
 from fedpersona.secagg_wire import ARRAYS, RECORD, from_records, to_records
-from privacy.secagg.settings import secagg_params
-from server.secagg import SecureAggregator
+from fedpersona.privacy.secagg.settings import secagg_params
+from fedpersona.server.secagg import SecureAggregator
 from tests.server.test_secagg import SHARED, RUN_ID, _content, _expected_sum, federation  # noqa: F401  (fixture)
 
 TARGET = 13

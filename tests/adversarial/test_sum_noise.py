@@ -14,18 +14,18 @@ import shutil
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-import client.app as client_app
-import client.flow_log as client_inventory
-import server.sumdp as server_sumdp
-from client.device import LEDGER
-from client.flow_log import read_inventory
-from client.store import DeviceStore
+import fedpersona.client.app as client_app
+import fedpersona.client.flow_log as client_inventory
+import fedpersona.server.sumdp as server_sumdp
+from fedpersona.client.device import LEDGER
+from fedpersona.client.flow_log import read_inventory
+from fedpersona.client.store import DeviceStore
 from fedpersona.config import load_config
 from fedpersona.model import adapted_model
 from fedpersona.wire import pack_shared
-from privacy.ledger import PrivacyLedger
-from server.secagg import SecureAggregator
-from simulations.inprocess import InProcessGrid
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.server.secagg import SecureAggregator
+from fedpersona.simulations.inprocess import InProcessGrid
 from tests.privacy.audit_helpers import one_thread
 from tests.server.test_sumdp import federate, nodes_for, sum_config
 

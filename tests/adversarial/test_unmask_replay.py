@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
 
-import client.app as client_app
-import client.flow_log as client_inventory
-from client.flow_log import read_inventory
+import fedpersona.client.app as client_app
+import fedpersona.client.flow_log as client_inventory
+from fedpersona.client.flow_log import read_inventory
 from fedpersona.secagg_wire import UNMASK, from_records, to_records
-from privacy.audit.inventory import verify_inventory
-from server.secagg import SecureAggregator
+from fedpersona.privacy.audit.inventory import verify_inventory
+from fedpersona.server.secagg import SecureAggregator
 from tests.server.test_secagg import RUN_ID, _content, federation  # noqa: F401  (fixture)
 
 VICTIM = 11
@@ -112,7 +112,7 @@ def test_unmask_for_an_older_round_than_the_latest_masked_input_is_refused(feder
 
 
 def test_device_floor_from_node_config():
-    from client.secagg import min_contributors_floor
+    from fedpersona.client.secagg import min_contributors_floor
 
     assert min_contributors_floor({}) == 3 and min_contributors_floor({"policy.min-contributors": "5"}) == 5
     for bad in (1, "x", 2.5, True):

@@ -6,10 +6,10 @@ import json
 
 import torch
 
-from client.device import HEAD_FILE, LEDGER, Device
+from fedpersona.client.device import HEAD_FILE, LEDGER, Device
 from fedpersona.config import load_config
-from privacy.ledger import PrivacyLedger
-from privacy.noise import NoiseSource
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.noise import NoiseSource
 
 REPLIES = [
     "Nay, answer me: stand, and unfold yourself.",

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-import client.device as device_mod
-from client.device import ACTIVATIONS, Device
+import fedpersona.client.device as device_mod
+from fedpersona.client.device import ACTIVATIONS, Device
 from fedpersona.config import load_config
 
 from tests.client.device_helpers import REPLIES

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from client.device import RECEIVED_SHARED, Device
-from client.feedback import (
+from fedpersona.client.device import RECEIVED_SHARED, Device
+from fedpersona.client.feedback import (
     FEEDBACK, FEEDBACK_USED, joined_rounds, load_feedback, noise_for_remaining_budget, record_feedback,
     training_feedback,
 )
-from client.profile import PROFILE
-from client.store import DeviceStore
+from fedpersona.client.profile import PROFILE
+from fedpersona.client.store import DeviceStore
 from fedpersona.config import load_config
-from privacy.ledger import PrivacyLedger
+from fedpersona.privacy.ledger import PrivacyLedger
 
 REPO = Path(__file__).resolve().parents[2]
 EDITED = "I bring no news, my lord, but of the tempest."
@@ -178,7 +178,7 @@ def test_the_policy_floor_is_checked_on_the_noise_a_grown_set_re_picks(tiny_mode
     """A grown training set lowers q, so the device re-picks a smaller sigma: its policy.min-noise-multiplier is
     checked against that sigma, the one the round would train with (before: against the old one, so a round
     could train below the floor)."""
-    from client.policy import PolicyViolation
+    from fedpersona.client.policy import PolicyViolation
 
     data, state = device_dirs
     cfg = _flat(tiny_model_dir, tmp_path)
@@ -203,8 +203,8 @@ def test_the_policy_floor_is_checked_on_the_noise_a_grown_set_re_picks(tiny_mode
 
 
 def test_chat_lines_follow_the_text_rule():
-    from client.chat import chat_line, printable
-    from client.data import TextRefused
+    from fedpersona.client.chat import chat_line, printable
+    from fedpersona.client.data import TextRefused
 
     assert chat_line(b"  Good morrow, sir.\r\n") == "Good morrow, sir."
     assert chat_line("/edit caf\u00e9 \u2713\n") == "/edit caf\u00e9 \u2713"
@@ -219,9 +219,9 @@ def test_chat_lines_follow_the_text_rule():
 def test_feedback_keeps_only_text_that_follows_the_rule(tmp_path, caplog):
     import logging
 
-    from client.data import TextRefused
-    from client import feedback
-    from client.feedback import usable
+    from fedpersona.client.data import TextRefused
+    from fedpersona.client import feedback
+    from fedpersona.client.feedback import usable
 
     feedback._SKIPPED.clear()  # "reported once" is per process: forget what earlier tests reported
     store = DeviceStore(tmp_path / "s")

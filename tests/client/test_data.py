@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from client.data import (
+from fedpersona.client.data import (
     ASSISTANT_HEADER,
     IM_END,
     USER_HEADER,
@@ -244,7 +244,7 @@ def test_encoded_example_lengths_must_match():
 
 
 def test_text_rule():
-    from client.data import MAX_TEXT_CHARS, TextRefused, check_text
+    from fedpersona.client.data import MAX_TEXT_CHARS, TextRefused, check_text
 
     for fine in ("plain", "tab\tand\nlines\r\n", "é ✓ 😀 \u200d \u2028", ""):
         assert check_text(fine, field="t") == fine

@@ -11,7 +11,7 @@ import torch
 
 from fedpersona.config import AdapterConfig
 from fedpersona.model import adapted_model
-from simulations.generate import reply
+from fedpersona.simulations.generate import reply
 from tests.client.device_helpers import flat, placed_device, rel, seeded_round
 
 pytestmark = [

@@ -11,14 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.device import HEAD_FILE
-from client.store import DeviceStore
+from fedpersona.client.device import HEAD_FILE
+from fedpersona.client.store import DeviceStore
 from fedpersona.model import adapted_model
-from server.checkpoint import save_checkpoint
-from simulations.generate import generate, personalized_model
-from simulations.partitions import simulated_state_dir
-from simulations.runner import resolve
-from simulations.sources import load_source
+from fedpersona.server.checkpoint import save_checkpoint
+from fedpersona.simulations.generate import generate, personalized_model
+from fedpersona.simulations.partitions import simulated_state_dir
+from fedpersona.simulations.runner import resolve
+from fedpersona.simulations.sources import load_source
 from tests.client.device_helpers import flat, placed_device, rel, seeded_round
 
 
@@ -117,7 +117,7 @@ def test_generate_with_a_bfloat16_base(tiny_config, tmp_path):
 
 def test_a_pass_inside_a_callers_bfloat16_autocast_stays_float32(tiny_model_dir):
     """Opacus's per-sample gradients, the clipping and the noise stay float32 under a caller's autocast."""
-    from client.train import trainer_for
+    from fedpersona.client.train import trainer_for
     from tests.simulations.engine_helpers import examples, random_states, source, tiny_adapted
 
     model = tiny_adapted(tiny_model_dir)
@@ -139,7 +139,7 @@ def test_a_pass_inside_a_callers_bfloat16_autocast_stays_float32(tiny_model_dir)
 
 def test_opacus_hooks_only_the_float32_lora_layers_of_a_bfloat16_base(tiny_model_dir):
     """Opacus records activations at the trained LoRA layers only, and there they are float32 (peft casts them)."""
-    from client.train import trainer_for
+    from fedpersona.client.train import trainer_for
     from tests.simulations.engine_helpers import examples, random_states, source, tiny_adapted
 
     model = tiny_adapted(tiny_model_dir)

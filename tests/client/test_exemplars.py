@@ -2,8 +2,8 @@
 
 import pytest
 
-from client.data import ASSISTANT_HEADER, IM_END, USER_HEADER, format_prompt
-from client.exemplars import MAX_EXEMPLAR_WORDS, exemplar_text, pick_exemplars
+from fedpersona.client.data import ASSISTANT_HEADER, IM_END, USER_HEADER, format_prompt
+from fedpersona.client.exemplars import MAX_EXEMPLAR_WORDS, exemplar_text, pick_exemplars
 
 PAIRS = [
     ("Where is the duke?", "The duke is gone to Vienna, my lord."),

@@ -5,9 +5,9 @@ import shutil
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-import client.flow_log as client_inventory
-from client.freshness import freshness_mod
-from client.store import KEY_ENV, DeviceStore
+import fedpersona.client.flow_log as client_inventory
+from fedpersona.client.freshness import freshness_mod
+from fedpersona.client.store import KEY_ENV, DeviceStore
 from fedpersona.receipts import RECEIPT, RECORD, put_receipt
 
 

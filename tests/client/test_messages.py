@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-import client.app as client_app
+import fedpersona.client.app as client_app
 from fedpersona.config import CONFIG_ENV, load_config
 from fedpersona.model import adapted_model
 from fedpersona.wire import inventory, to_record
@@ -78,8 +78,8 @@ def test_train_reply_holds_only_shared_tensors(device_context):
 def test_ledger_and_head_stay_on_the_device_and_compose(device_context):
     ctx, cfg = device_context
     msg, model = _train_message(cfg)
-    from privacy.ledger import PrivacyLedger
-    from client.store import DeviceStore
+    from fedpersona.privacy.ledger import PrivacyLedger
+    from fedpersona.client.store import DeviceStore
 
     def ledger():
         return PrivacyLedger.from_json(DeviceStore(ctx.node_config["state-dir"]).load_text("ledger"))
@@ -115,7 +115,7 @@ def test_corrupt_ledger_fails_that_device_clearly_and_keeps_the_file(device_cont
     ctx, cfg = device_context
     msg, _ = _train_message(cfg)
     assert not client_app.train(msg, ctx).has_error()
-    from client.store import DeviceStore
+    from fedpersona.client.store import DeviceStore
 
     store = DeviceStore(ctx.node_config["state-dir"])
     store.save_text("later", "a later commit")  # the ledger's commit is not the last one (that could be torn)
@@ -126,7 +126,7 @@ def test_corrupt_ledger_fails_that_device_clearly_and_keeps_the_file(device_cont
     path.write_bytes(bytes(data))
     client_app._DEVICES.clear()
     msg2, _ = _train_message(cfg, server_round=2)
-    with caplog.at_level("ERROR", logger="client.app"):
+    with caplog.at_level("ERROR", logger="fedpersona.client.app"):
         reply = client_app.train(msg2, ctx)
     assert reply.has_error()
     # The reply names the error class only (a state path can name the user); the device's log has the file.

@@ -3,12 +3,12 @@ from pathlib import Path
 
 import pytest
 
-from client.data import read_user_folder
-from client.device import load_pairs_for_node, state_dir_for
-from client.node_data import manifest_path, node_data, slug
+from fedpersona.client.data import read_user_folder
+from fedpersona.client.device import load_pairs_for_node, state_dir_for
+from fedpersona.client.node_data import manifest_path, node_data, slug
 from fedpersona.config import load_config
-from simulations.corpus import load_users
-from simulations.partitions import ensure_partitions, prepare_partitions
+from fedpersona.simulations.corpus import load_users
+from fedpersona.simulations.partitions import ensure_partitions, prepare_partitions
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_the_pyproject_clientapp_prepares_simulated_nodes_before_the_device_read
     # writes the users' data folders and the manifest once per run, then hands the message on.
     from flwr.app import Context, RecordDict
 
-    from simulations.clientapp import prepare_simulated_node
+    from fedpersona.simulations.clientapp import prepare_simulated_node
 
     context = Context(run_id=11, node_id=5, node_config={"partition-id": 1}, state=RecordDict(),
                       run_config=cfg.to_flat())
@@ -80,7 +80,7 @@ def test_the_pyproject_clientapp_prepares_simulated_nodes_before_the_device_read
 
 def test_the_manifest_is_parsed_once_while_it_stays_the_same(cfg, monkeypatch):
     """Every simulated device built looks itself up in the manifest: parsed once, again only after a rewrite."""
-    from client import node_data as nd
+    from fedpersona.client import node_data as nd
 
     prepare_partitions(cfg)
     parsed = []

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from client.policy import POLICY_FILE, DevicePolicy, PolicyViolation
+from fedpersona.client.policy import POLICY_FILE, DevicePolicy, PolicyViolation
 from fedpersona.config import load_config
 
 
@@ -115,7 +115,7 @@ def test_policy_file_errors_name_the_file(tmp_path):
 def test_the_ledger_keeps_the_accepted_settings_and_reads_old_ledgers():
     import json
 
-    from privacy.ledger import LedgerError, PrivacyLedger
+    from fedpersona.privacy.ledger import LedgerError, PrivacyLedger
 
     ledger = PrivacyLedger()
     ledger.step(noise_multiplier=1.0, sample_rate=0.25, num_steps=2)
@@ -138,7 +138,7 @@ def test_the_ledger_keeps_the_accepted_settings_and_reads_old_ledgers():
 
 
 def test_a_noiseless_release_makes_the_ledger_infinite_for_good():
-    from privacy.ledger import PrivacyLedger
+    from fedpersona.privacy.ledger import PrivacyLedger
 
     ledger = PrivacyLedger()
     ledger.step(noise_multiplier=0.0, sample_rate=0.25, num_steps=2)
@@ -195,7 +195,7 @@ def test_bad_cost_caps_name_the_key(key, value, match):
 
 def test_the_shipped_scenarios_and_defaults_pass_the_default_caps():
     from fedpersona.config import read_scenario
-    from simulations.runner import CONF_DIR
+    from fedpersona.simulations.runner import CONF_DIR
 
     scenarios = sorted(CONF_DIR.glob("*.toml"))
     assert len(scenarios) >= 3

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
-import client.app as client_app
-from client.node_data import slug
-from client.flow_log import entry_for, inventory_mod, mark_profile, read_inventory
-from client.profile import PROFILE, compute_profile, document_frequencies, profile_needles, system_prefix
-from client.store import DeviceStore
+import fedpersona.client.app as client_app
+from fedpersona.client.node_data import slug
+from fedpersona.client.flow_log import entry_for, inventory_mod, mark_profile, read_inventory
+from fedpersona.client.profile import PROFILE, compute_profile, document_frequencies, profile_needles, system_prefix
+from fedpersona.client.store import DeviceStore
 from fedpersona.config import load_config
-from privacy.audit.inventory import verify_inventory
-from server.federation import run_federation
-from simulations.corpus import load_users
-from simulations.inprocess import InProcessGrid
-from simulations.partitions import prepare_partitions
+from fedpersona.privacy.audit.inventory import verify_inventory
+from fedpersona.server.federation import run_federation
+from fedpersona.simulations.corpus import load_users
+from fedpersona.simulations.inprocess import InProcessGrid
+from fedpersona.simulations.partitions import prepare_partitions
 from tests.privacy.audit_helpers import one_thread
 
 PAIRS = [
@@ -148,9 +148,9 @@ def test_no_message_of_a_federation_carries_a_profile(tiny_model_dir, tmp_path):
     assert train_lines and all(ln["profile_checked"] for ln in train_lines)
 
     # `fedpersona chat --user`: the run's newest checkpoint + the simulated user's head, feedback into its store.
-    from client.chat import ChatSession, device_profile
-    from client.feedback import load_feedback
-    from simulations.chat import simulated_user
+    from fedpersona.client.chat import ChatSession, device_profile
+    from fedpersona.client.feedback import load_feedback
+    from fedpersona.simulations.chat import simulated_user
 
     cfg2, model, store, pairs = simulated_user(users[0].user_id.lower(), None, flat)
     assert store.state_dir == state / slug(users[0].user_id) and len(pairs) == len(users[0].examples)
@@ -161,8 +161,8 @@ def test_no_message_of_a_federation_carries_a_profile(tiny_model_dir, tmp_path):
     assert counts.accepted == 1 and "profile: " + profiles[users[0].user_id] in out.getvalue()
     assert [e.origin for e in load_feedback(store)] == ["accepted"]
     # With exemplars: the user's own turn most like the message comes before it, within the budget.
-    from client.chat import EXEMPLAR_TOKENS
-    from client.exemplars import MAX_EXEMPLAR_WORDS, exemplar_text
+    from fedpersona.client.chat import EXEMPLAR_TOKENS
+    from fedpersona.client.exemplars import MAX_EXEMPLAR_WORDS, exemplar_text
 
     cue, own = next((c, r) for c, r in pairs if 3 <= len(r.split()) <= MAX_EXEMPLAR_WORDS)
     ex_session = ChatSession(model, cfg2, store, pairs=pairs, exemplars=2, seed=1)

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from client.device import HEAD_FILE, HEAD_LEDGER, LEDGER
-from client.store import DeviceStore
-from client.train import CachedExample, evaluate, train_head, train_shared, trainer_for
+from fedpersona.client.device import HEAD_FILE, HEAD_LEDGER, LEDGER
+from fedpersona.client.store import DeviceStore
+from fedpersona.client.train import CachedExample, evaluate, train_head, train_shared, trainer_for
 from fedpersona.config import AdapterConfig
 from fedpersona.model import IGNORE, PROMPT, AdaptedModel, _run_layers, labels_for, lower_hidden
-from privacy.ledger import PrivacyLedger
+from fedpersona.privacy.ledger import PrivacyLedger
 
 from tests.client.device_helpers import placed_device
 
@@ -202,7 +202,7 @@ def test_opacus_per_sample_gradients_of_the_prompt_are_exact(model):
     for p in shared:
         p.requires_grad_(False)
     try:
-        from client.train import _batch
+        from fedpersona.client.train import _batch
 
         hidden, labels = _batch(ex, list(range(5)))
         trainer.gsm.enable_hooks()
@@ -367,11 +367,11 @@ def test_prefix_generation_matches_the_training_path(model):
 
 
 def test_fedpersona_generate_with_a_prompt_head(tiny_config, tmp_path):
-    from server.checkpoint import save_checkpoint
-    from simulations.generate import generate, personalized_model
-    from simulations.partitions import simulated_state_dir
-    from simulations.runner import resolve
-    from simulations.sources import load_source
+    from fedpersona.server.checkpoint import save_checkpoint
+    from fedpersona.simulations.generate import generate, personalized_model
+    from fedpersona.simulations.partitions import simulated_state_dir
+    from fedpersona.simulations.runner import resolve
+    from fedpersona.simulations.sources import load_source
 
     from fedpersona.model import adapted_model
 
@@ -394,8 +394,8 @@ def test_fedpersona_generate_with_a_prompt_head(tiny_config, tmp_path):
     text = generate(**kw)
     assert isinstance(text, str) and text == generate(**kw), "seeded sampling repeats"
     # The reply is the prefix loop's: greedy decoding through the model with the user's prompt.
-    from client.data import format_prompt
-    from simulations.generate import reply
+    from fedpersona.client.data import format_prompt
+    from fedpersona.simulations.generate import reply
 
     ids = loaded.tokenizer(format_prompt("What news from Vienna?"), add_special_tokens=False,
                            return_tensors="pt")["input_ids"]
@@ -411,7 +411,7 @@ def test_fedpersona_generate_with_a_prompt_head(tiny_config, tmp_path):
 
 
 def test_the_cohort_engine_refuses_a_prompt_head(model):
-    from simulations.engine import CohortEngine
+    from fedpersona.simulations.engine import CohortEngine
 
     with pytest.raises(ValueError, match="adapter.head = 'prompt'"):
         CohortEngine(model, device="cpu")
@@ -420,7 +420,7 @@ def test_the_cohort_engine_refuses_a_prompt_head(model):
 def test_dp_trainer_hooks_the_prompt_with_its_own_grad_sampler(model):
     from opacus.grad_sample.grad_sample_module import GradSampleModule
 
-    from client.train import _prompt_grad_sample
+    from fedpersona.client.train import _prompt_grad_sample
     from fedpersona.model import PromptHead
 
     trainer_for(model)  # a GradSampleModule over the stack

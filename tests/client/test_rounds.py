@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from client.device import BASELINE_LEDGER, HEAD_LEDGER, LEDGER, PARTICIPATION, Device
+from fedpersona.client.device import BASELINE_LEDGER, HEAD_LEDGER, LEDGER, PARTICIPATION, Device
 from fedpersona.config import load_config
-from privacy.ledger import PrivacyLedger
+from fedpersona.privacy.ledger import PrivacyLedger
 
 from tests.client.device_helpers import REPLIES
 
@@ -87,7 +87,7 @@ def test_no_participation_means_local_baseline_is_the_base(tiny_config, tmp_path
 
 def test_a_local_head_draws_the_batches_its_local_only_replay_draws(tiny_config, tmp_path, monkeypatch):
     """Personalized vs local-only: the same head batches each round, so only the shared adapter differs."""
-    import privacy.dpstep as dpstep
+    import fedpersona.privacy.dpstep as dpstep
 
     drawn = []
     real = dpstep.poisson_batch
@@ -129,17 +129,17 @@ class _Ticks:
 
 
 def _budgeted(tiny_config, tmp_path, seconds: float, monkeypatch, **overrides) -> Device:
-    import client.train
+    import fedpersona.client.train
 
     dev = _device(tiny_config, tmp_path, **overrides)
     dev.policy = dataclasses.replace(dev.policy, max_round_seconds=seconds)
-    monkeypatch.setattr(client.train, "clock", _Ticks())
+    monkeypatch.setattr(fedpersona.client.train, "clock", _Ticks())
     return dev
 
 
 def test_a_dp_pass_stopped_by_the_wall_time_budget_releases_nothing_and_keeps_its_steps(tiny_config, tmp_path,
                                                                                        monkeypatch):
-    from client.device import HEAD_FILE, RoundTimeExceeded
+    from fedpersona.client.device import HEAD_FILE, RoundTimeExceeded
 
     # deadline read at t=1 (+3.5 -> 4.5); the steps start at t=2, 3, 4; the 4th check (t=5) stops the pass
     dev = _budgeted(tiny_config, tmp_path, 3.5, monkeypatch, **{"client.local-steps": 5})

@@ -7,21 +7,21 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-import client.app as client_app
-import client.flow_log as client_inventory
-from client.flow_log import read_inventory
-from client.secagg import KEYS, device_keys
-from client.store import DeviceStore
+import fedpersona.client.app as client_app
+import fedpersona.client.flow_log as client_inventory
+from fedpersona.client.flow_log import read_inventory
+from fedpersona.client.secagg import KEYS, device_keys
+from fedpersona.client.store import DeviceStore
 from fedpersona.config import CONFIG_ENV, load_config
 from fedpersona.identity import provision
 from fedpersona.model import adapted_model
 from fedpersona.secagg_wire import ARRAYS, RECORD, SELF_ENC_PK, SELF_MASK_PK, SELF_SIGN_PK, from_records, to_records
-from privacy.secagg.settings import secagg_params
+from fedpersona.privacy.secagg.settings import secagg_params
 from fedpersona.wire import to_record
-from privacy.audit.inventory import verify_inventory
-from privacy.ledger import PrivacyLedger
-from privacy.secagg import SecAggClient, SecAggServer
-from server.secagg import SecureAggregator
+from fedpersona.privacy.audit.inventory import verify_inventory
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.secagg import SecAggClient, SecAggServer
+from fedpersona.server.secagg import SecureAggregator
 from tests.server.test_secagg import FakeGrid
 
 RUN_ID = 77
@@ -151,7 +151,7 @@ def test_bad_requests_are_refused_before_training(devices, tamper, caplog):
         content = RecordDict({**dict(content), **to_records(req)})
     msg = Message(content, dst_node_id=7, message_type="train")
     msg.metadata.__dict__["_message_id"] = "t1"
-    with caplog.at_level("ERROR", logger="client.app"):
+    with caplog.at_level("ERROR", logger="fedpersona.client.app"):
         reply = client_app.train(msg, grid.contexts[7])
     assert reply.has_error()
     expected = {"length": "vector length", "keys": "other public keys", "plain": "refusing to send a plain update"}
@@ -177,7 +177,7 @@ def test_malformed_unmask_fails_with_a_fixed_reason(devices, caplog):
     cfg, grid = devices()
     msg = Message(RecordDict(to_records({"client_id": 7})), dst_node_id=7, message_type="query.unmask")
     msg.metadata.__dict__["_message_id"] = "u1"
-    with caplog.at_level("ERROR", logger="client.app"):
+    with caplog.at_level("ERROR", logger="fedpersona.client.app"):
         reply = client_app.unmask(msg, grid.contexts[7])
     assert reply.has_error() and reply.error.reason.startswith("SecAggInputError: the device could not answer")
     assert "missing field" in caplog.text
@@ -199,10 +199,10 @@ def test_ddp_user_level_epsilon_in_the_ledger(devices):
 def test_round_context_is_bound_into_the_digest_and_checked_by_the_device(devices):
     """The hook for sums of other content: the server's ``context`` is in the round digest, the device compares it
     with the value it computes itself (a callable of the request), before training."""
-    from client.secagg import check_request
+    from fedpersona.client.secagg import check_request
     from fedpersona.identity import DeviceIdentity
-    from privacy.secagg import SecAggInputError
-    from privacy.secagg.spec import request_digest
+    from fedpersona.privacy.secagg import SecAggInputError
+    from fedpersona.privacy.secagg.spec import request_digest
 
     cfg, grid = devices()
     _, shared = _content(cfg)

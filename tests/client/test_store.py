@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-import client.store as store_module
-from client.store import (ANCHOR_ENV, FRESHNESS_FILE, JOURNALS, KEY_ENV, DeviceStore, RollbackDetected, StateError,
+import fedpersona.client.store as store_module
+from fedpersona.client.store import (ANCHOR_ENV, FRESHNESS_FILE, JOURNALS, KEY_ENV, DeviceStore, RollbackDetected, StateError,
                           read_freshness_events)
 
 SECRET = "To be, or not to be: that is the question"
@@ -662,12 +662,12 @@ def test_a_participation_fsyncs_at_most_twice_per_message(tiny_config, tmp_path,
     and plans the devices ahead of their train messages joins those messages' commits (no fsync of its own)."""
     import warnings
 
-    import client.app as client_app
-    import client.flow_log as client_inventory
+    import fedpersona.client.app as client_app
+    import fedpersona.client.flow_log as client_inventory
     from fedpersona.config import load_config
-    from server.federation import run_federation
-    from simulations.engine_grid import EngineGrid
-    from simulations.inprocess import InProcessGrid
+    from fedpersona.server.federation import run_federation
+    from fedpersona.simulations.engine.grid import EngineGrid
+    from fedpersona.simulations.inprocess import InProcessGrid
     from tests.adversarial.helpers import flat_config, user_folders
 
     flat = flat_config(tiny_config, **{"server.num-rounds": 2, "eval.final": True})

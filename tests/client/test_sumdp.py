@@ -6,12 +6,12 @@ import warnings
 import pytest
 import torch
 
-from client.policy import DevicePolicy, PolicyViolation, _malicious_secure_ok
-from client.store import DeviceStore
-from client.sumdp import StepLog, StepRefused, check_context
+from fedpersona.client.policy import DevicePolicy, PolicyViolation, _malicious_secure_ok
+from fedpersona.client.store import DeviceStore
+from fedpersona.client.sumdp import StepLog, StepRefused, check_context
 from fedpersona.config import expected_participations, load_config
-from privacy.ledger import PrivacyLedger
-from privacy.sumdp import sum_context
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.sumdp import sum_context
 
 W = {"w": torch.zeros(500)}
 

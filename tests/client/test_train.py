@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from client.train import CachedExample, evaluate, trainer_for
+from fedpersona.client.train import CachedExample, evaluate, trainer_for
 from fedpersona.config import AdapterConfig
 from fedpersona.model import AdaptedModel, labels_for, lower_hidden
 
@@ -142,7 +142,7 @@ def test_a_pass_trains_only_its_group(model, group):
 
 def test_shared_pass_is_bit_identical_whatever_the_head_holds(model):
     """Joint DP as a test: the released (shared) update does not depend on the personal head at all."""
-    from client.train import train_shared
+    from fedpersona.client.train import train_shared
 
     ex = _examples(model, n=16)
     start = _params(model)
@@ -185,7 +185,7 @@ def test_joint_pass_does_depend_on_the_head(model):
 def test_fedsa_has_no_head_free_shared_pass(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from client.train import DPTrainer, train_shared
+    from fedpersona.client.train import DPTrainer, train_shared
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     base.requires_grad_(False)
@@ -199,7 +199,7 @@ def test_fedsa_has_no_head_free_shared_pass(tiny_model_dir):
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_a_plain_head_pass_on_the_upper_blocks_equals_the_whole_stack(model, optimizer):
     """The head pass runs the blocks below the head once per example, then trains the head's blocks only."""
-    from client.train import train_head
+    from fedpersona.client.train import train_head
 
     ex = _examples(model)
     start = _params(model)

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from client.store import DeviceStore
+from fedpersona.client.store import DeviceStore
 from fedpersona.config import known_keys
-from privacy.ledger import PrivacyLedger
-from simulations.corpus import load_users
-from simulations.local_federation import LocalFederation
-from simulations.processes import process_tree
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.simulations.corpus import load_users
+from fedpersona.simulations.deploy.federation import LocalFederation
+from fedpersona.simulations.processes import process_tree
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -150,7 +150,7 @@ def test_two_rounds_over_tls_with_node_authentication(fed, tiny_model_dir):
     # No per-user row reaches the server: it has the noised secure sum over the 4 devices; each keeps its own row.
     assert metrics["final"]["users"] == [] and metrics["final"]["devices"] == 4
     assert "users" in metrics["final"]["summary"]
-    from simulations.user_table import read_user_rows
+    from fedpersona.simulations.user_table import read_user_rows
 
     users = read_user_rows([d.state_dir for d in fed.devices.values()])
     assert sorted(u["user"] for u in users) == sorted(d.user_id for d in fed.devices.values())

@@ -106,7 +106,7 @@ def test_a_bad_key_or_path_fails_before_torch_flower_or_transformers_are_importe
 
 def test_sigterm_says_how_to_resume(tmp_path, monkeypatch, capsys, tiny_config):
     """A run stopped by SIGTERM exits 143 and prints the command that resumes it after its last checkpoint."""
-    import simulations.runner
+    import fedpersona.simulations.runner
 
     ckpt = Path(tiny_config["run.results-dir"]) / "demo" / "checkpoints" / "round-0001"
     ckpt.mkdir(parents=True)
@@ -116,7 +116,7 @@ def test_sigterm_says_how_to_resume(tmp_path, monkeypatch, capsys, tiny_config):
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("SIGTERM did not stop the run")
 
-    monkeypatch.setattr(simulations.runner, "run", stopped)
+    monkeypatch.setattr(fedpersona.simulations.runner, "run", stopped)
     args = ["run", "-q", "--set", f"model.path={tiny_config['model.path']}",
             "--set", f"run.results-dir={tiny_config['run.results-dir']}",
             "--set", f"run.state-dir={tiny_config['run.state-dir']}"]
@@ -129,11 +129,11 @@ def test_sigterm_says_how_to_resume(tmp_path, monkeypatch, capsys, tiny_config):
 
 
 def test_a_run_that_trained_nothing_exits_non_zero(monkeypatch, capsys, tiny_config):
-    import simulations.runner
+    import fedpersona.simulations.runner
 
     rounds = [{"round": 1, "cohort": 3, "contributors": 0, "applied": False,
                "aborted": "only 2 devices trained, fewer than secagg.min-contributors = 3"}]
-    monkeypatch.setattr(simulations.runner, "run", lambda *a, **k: {
+    monkeypatch.setattr(fedpersona.simulations.runner, "run", lambda *a, **k: {
         "run": "demo", "rounds": rounds, "wall_seconds": 1.0, "config": {"run.results-dir": "results"}})
     assert main(["run", "-q", "--set", f"model.path={tiny_config['model.path']}"]) == 1
     err = capsys.readouterr().err
@@ -202,10 +202,10 @@ def test_generate_run_answers_several_prompts_with_the_base_model_beside(own_run
 
 
 def test_chat_run_drafts_with_the_base_model_beside_and_keeps_feedback(own_run, capsys, monkeypatch):
-    from client.feedback import load_feedback
-    from client.store import DeviceStore
+    from fedpersona.client.feedback import load_feedback
+    from fedpersona.client.store import DeviceStore
     from fedpersona.config import load_config
-    from simulations.partitions import simulated_state_dir
+    from fedpersona.simulations.partitions import simulated_state_dir
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("Who's there?\n/accept\n/quit\n"))
     assert main(["chat", "--run", own_run["run"], "--user", "user-3", "--base", "--max-new-tokens", "4"]) == 0
@@ -221,7 +221,7 @@ def test_export_run_reloads_through_peft_with_the_same_logits(own_run, tmp_path,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from simulations.generate import personalized_model
+    from fedpersona.simulations.generate import personalized_model
 
     with pytest.warns(UserWarning, match="personal head"):
         assert main(["export", "--run", own_run["run"], "--user", "user-0", "--out", str(tmp_path / "x")]) == 0
@@ -242,11 +242,11 @@ def test_export_run_reloads_through_peft_with_the_same_logits(own_run, tmp_path,
 
 def test_plan_foresees_each_users_noise_and_epsilon_as_the_run_spent_them(own_run, capsys, monkeypatch):
     """`fedpersona plan` before a run = what the devices' ledgers hold after it (same sigma, q, rounds, epsilon)."""
-    from client.store import DeviceStore
+    from fedpersona.client.store import DeviceStore
     from fedpersona.config import load_config
-    from privacy.ledger import PrivacyLedger
-    from simulations.partitions import simulated_state_dir
-    from simulations.plan import make_plan
+    from fedpersona.privacy.ledger import PrivacyLedger
+    from fedpersona.simulations.partitions import simulated_state_dir
+    from fedpersona.simulations.plan import make_plan
 
     monkeypatch.chdir(own_run["root"])
     plan = make_plan("demo", dict(own_run["flat"]))  # the scenario `fedpersona run` ran, with the same --set

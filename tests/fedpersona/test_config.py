@@ -4,8 +4,8 @@ import math
 import pytest
 
 from fedpersona.config import CONFIG_ENV, known_keys, load_config, parse_override, read_scenario
-from privacy.secagg.settings import secagg_params
-from simulations.runner import CONF_DIR
+from fedpersona.privacy.secagg.settings import secagg_params
+from fedpersona.simulations.runner import CONF_DIR
 
 
 def test_defaults_parse_and_round_trip():
@@ -35,7 +35,7 @@ def test_pyproject_app_config_is_the_demo_scenario():
     demo = load_config(read_scenario(CONF_DIR / "demo.toml"), env=False)
     differ = {k: (v, demo.to_flat()[k]) for k, v in flower.to_flat().items() if demo.to_flat()[k] != v}
     assert not differ, f"pyproject.toml [tool.flwr.app.config] differs from simulations/conf/demo.toml: {differ}"
-    assert doc["tool"]["flwr"]["app"]["components"]["serverapp"] == "simulations.serverapp:app"
+    assert doc["tool"]["flwr"]["app"]["components"]["serverapp"] == "fedpersona.simulations.serverapp:app"
 
 
 @pytest.mark.parametrize("key, meant", [
@@ -60,7 +60,7 @@ def test_an_unknown_key_far_from_any_lists_its_section():
 
 @pytest.mark.parametrize("path", sorted(CONF_DIR.glob("*.toml")), ids=lambda p: p.stem)
 def test_shipped_scenarios_are_valid(path):
-    from privacy.secagg.settings import secagg_params
+    from fedpersona.privacy.secagg.settings import secagg_params
 
     secagg_params(load_config(read_scenario(path), env=False))
 
@@ -94,8 +94,8 @@ def test_invalid_values_name_the_field(key, value, match):
 
 
 def test_secagg_settings_the_protocol_cannot_meet_name_the_field():
-    # load_config checks ranges; the protocol's own check (modulus, noise) is privacy.secagg.settings.
-    from privacy.secagg.settings import secagg_params
+    # load_config checks ranges; the protocol's own check (modulus, noise) is fedpersona.privacy.secagg.settings.
+    from fedpersona.privacy.secagg.settings import secagg_params
 
     with pytest.raises(ValueError, match="bits") as err:
         secagg_params(load_config({"secagg.scale": 2.0**60}, env=False))

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from client import supernode
+from fedpersona.client import supernode
 from fedpersona import certs
 from fedpersona.cli import main as cli_main
 

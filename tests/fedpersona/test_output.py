@@ -18,7 +18,7 @@ from flwr.common.logger import log
 import opacus  # adds a root handler with logging.basicConfig at import, unless one is there
 log(logging.INFO, "a Flower line")
 log(logging.DEBUG, "a Flower debug line")
-logging.getLogger("client.device").info("a line of ours")
+logging.getLogger("fedpersona.client.device").info("a line of ours")
 warnings.warn_explicit("Secure RNG turned off. This is perfectly fine for experimentation", UserWarning,
                        "opacus/privacy_engine.py", 1, module="opacus.privacy_engine")
 warnings.warn_explicit("`is_gradient_checkpointing` is deprecated", FutureWarning,

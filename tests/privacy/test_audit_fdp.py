@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from privacy.audit import fdp, onerun
+from fedpersona.privacy.audit import fdp, onerun
 
 
 def _game(rng, mu: float, m: int, k: int) -> tuple[int, int]:

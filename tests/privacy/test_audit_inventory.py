@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-import client.app as client_app
-from client.flow_log import INVENTORY_FILE, read_inventory
-from client.store import DeviceStore
+import fedpersona.client.app as client_app
+from fedpersona.client.flow_log import INVENTORY_FILE, read_inventory
+from fedpersona.client.store import DeviceStore
 from fedpersona.config import load_config
 from fedpersona.model import adapted_model
-from privacy.audit.inventory import check_completeness, personal_digests, summarize_inventory, verify_inventory
-from server.federation import run_federation
-from server.flow_log import read_server_inventory
-from simulations.inprocess import InProcessGrid
-from simulations.partitions import prepare_partitions, provision_identities
+from fedpersona.privacy.audit.inventory import check_completeness, personal_digests, summarize_inventory, verify_inventory
+from fedpersona.server.federation import run_federation
+from fedpersona.server.flow_log import read_server_inventory
+from fedpersona.simulations.inprocess import InProcessGrid
+from fedpersona.simulations.partitions import prepare_partitions, provision_identities
 from tests.privacy.audit_helpers import one_thread
 
 PERSONAL = "base_model.model.model.layers.3.self_attn.q_proj.lora_B.personal.weight"

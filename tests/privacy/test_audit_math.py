@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from privacy.audit.canary import exposure, random_secrets, secret_reply, word_canaries
-from privacy.audit.mia import attack_summary, auc, tpr_at_fpr
-from privacy.audit.onerun import epsilon_lower_bound, guesses, one_run_audit, p_value
+from fedpersona.privacy.audit.canary import exposure, random_secrets, secret_reply, word_canaries
+from fedpersona.privacy.audit.mia import attack_summary, auc, tpr_at_fpr
+from fedpersona.privacy.audit.onerun import epsilon_lower_bound, guesses, one_run_audit, p_value
 
 
 # ----------------------------------------------------------------------------- one-run audit
@@ -121,9 +121,9 @@ PINNED_AUDIT_EPSILON = 11.934088632448525  # Opacus RDP at delta 1e-5; privacy/r
 
 
 def test_audit_reads_the_device_ledger_and_cross_checks_the_accountant(tmp_path):
-    from client.store import DeviceStore
-    from client.audit_records import read_device
-    from privacy.ledger import PrivacyLedger
+    from fedpersona.client.store import DeviceStore
+    from fedpersona.client.audit_records import read_device
+    from fedpersona.privacy.ledger import PrivacyLedger
 
     ledger = PrivacyLedger()
     for round_, (sigma, q, steps) in enumerate(AUDIT_HISTORY, start=1):

@@ -3,9 +3,9 @@ per user, and the message table's rows for what leaves a device."""
 
 import pytest
 
-from privacy.audit.message_table import TABLE
-from privacy.audit.report import DeviceRecords, build_audit, leaves_device_rows
-from privacy.ledger import PrivacyLedger
+from fedpersona.privacy.audit.message_table import TABLE
+from fedpersona.privacy.audit.report import DeviceRecords, build_audit, leaves_device_rows
+from fedpersona.privacy.ledger import PrivacyLedger
 
 
 def _ledger(steps: int, *, sigma: float = 1.0, q: float = 0.2, rounds: int = 2) -> PrivacyLedger:

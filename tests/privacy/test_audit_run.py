@@ -13,10 +13,10 @@ import warnings
 
 import pytest
 
-from privacy.audit.empirical import verdict
-from privacy.audit.render import write_report
-from simulations.audit_experiment import AuditSettings, run_audit
-from simulations.audit_gather import build_audit
+from fedpersona.privacy.audit.empirical import verdict
+from fedpersona.privacy.audit.render import write_report
+from fedpersona.simulations.audit.experiment import AuditSettings, run_audit
+from fedpersona.simulations.audit.gather import build_audit
 from tests.privacy.audit_helpers import one_thread
 
 SETTINGS = AuditSettings(onerun_canaries=64, exposure_users=2, exposure_secrets=1, exposure_repeats=8, candidates=512)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
-from privacy import ledger
-from privacy.ledger import PrivacyLedger, calibrate_noise
+from fedpersona.privacy import ledger
+from fedpersona.privacy.ledger import PrivacyLedger, calibrate_noise
 
 
 def _opacus_epsilon(history, delta: float) -> float:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from fedpersona.config import load_config
-from privacy.ledger import PrivacyLedger
-from privacy.secagg.ddp import ddp_epsilon
-from privacy.secagg.eval_figures import (FIGURES, HISTOGRAMS, encode, eval_epsilon, eval_params, histogram_length,
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.secagg.ddp import ddp_epsilon
+from fedpersona.privacy.secagg.eval_figures import (FIGURES, HISTOGRAMS, encode, eval_epsilon, eval_params, histogram_length,
                                          noise_stddev, record_eval, sensitivity, summarize, vector_fields)
 
 ROW = {"base-loss": 5.9, "base-accuracy": 0.1, "shared-loss": 5.8, "shared-accuracy": 0.12, "personal-loss": 5.2,

@@ -8,8 +8,8 @@ import pytest
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 
-from privacy.ledger import LedgerError, PrivacyLedger, calibrate_noise
-from privacy.rdp import DEFAULT_ORDERS, epsilon_from_rdp, rdp_subsampled_gaussian
+from fedpersona.privacy.ledger import LedgerError, PrivacyLedger, calibrate_noise
+from fedpersona.privacy.rdp import DEFAULT_ORDERS, epsilon_from_rdp, rdp_subsampled_gaussian
 
 SIGMA, Q, STEPS, DELTA = 1.0, 0.01, 1000, 1e-5
 # Opacus 1.6 RDPAccountant, default orders; privacy/rdp.py gives the same to 3e-12.
@@ -53,7 +53,7 @@ def test_rdp_matches_opacus_per_order(q, sigma):
 
 def test_rdp_fractional_quadrature_agrees_with_exact_integer_orders():
     # The fractional-order route (quadrature) evaluated at integer orders vs the exact binomial sum.
-    from privacy import rdp as R
+    from fedpersona.privacy import rdp as R
 
     for q, sigma, order in [(0.01, 1.0, 2), (0.01, 0.5, 10), (1e-5, 3.0, 5), (0.3, 0.4, 40)]:
         assert R._log_a_minus_1_quadrature(q, sigma, float(order)) == pytest.approx(
@@ -329,7 +329,7 @@ def test_every_record_it_can_make_round_trips(accountant):
 def test_calibration_does_not_depend_on_what_was_solved_before():
     """A warm-started search stops anywhere within the tolerance; the answer is snapped to one grid point, so a
     plan made in another process and a device built after others get the very same sigma."""
-    from privacy import ledger as ledger_module
+    from fedpersona.privacy import ledger as ledger_module
 
     def fresh(q: float) -> float:
         return ledger_module.calibrate_noise(target_epsilon=8.0, delta=1e-3, sample_rate=q, steps=12)

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from privacy.ledger import INTEGER_ORDERS, LedgerError, PrivacyLedger, calibrate_noise
-from privacy.rdp import epsilon_from_rdp, rdp_subsampled_gaussian
+from fedpersona.privacy.ledger import INTEGER_ORDERS, LedgerError, PrivacyLedger, calibrate_noise
+from fedpersona.privacy.rdp import epsilon_from_rdp, rdp_subsampled_gaussian
 
 SIGMA, Q, STEPS, T, DELTA = 1.2, 0.2, 12, 4, 1e-3
 #: Opacus RDP at integer orders, for sigma * sqrt((t - j) / t), j = 0..3 (pinned; cross-checked below).
@@ -111,8 +111,8 @@ def test_a_round_summary_is_updated_after_each_step_of_the_same_round():
 
 
 def test_the_audit_shows_planned_vs_spent_and_the_collusion_table(tmp_path):
-    from privacy.audit.render import write_report
-    from privacy.audit.report import DeviceRecords, RunRecords, build_audit
+    from fedpersona.privacy.audit.render import write_report
+    from fedpersona.privacy.audit.report import DeviceRecords, RunRecords, build_audit
 
     ledger = sum_ledger()
     ledger.set_plan(participations=2, steps=2 * STEPS, noise_multiplier=SIGMA, sample_rate=Q, delta=DELTA,

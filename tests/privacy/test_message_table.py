@@ -5,8 +5,8 @@ kind of reply: under secure aggregation a train round with masked inputs, a poli
 and declines (budget spent), key advertisements, unmask replies and the final evaluation's masked figures
 (another refusal there too); with secure aggregation off, plain updates and metrics, a decline's status
 and the noised plain evaluation. The fields are read from the devices' own inventories (every reply as it
-left, :mod:`client.flow_log`) and, for what a masked vector hides, from the secure-aggregation client as it
-masks. A field without a row in :data:`privacy.audit.message_table.TABLE` fails the test, named by its reply.
+left, :mod:`fedpersona.client.flow_log`) and, for what a masked vector hides, from the secure-aggregation client as it
+masks. A field without a row in :data:`fedpersona.privacy.audit.message_table.TABLE` fails the test, named by its reply.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-import client.app as client_app
-import client.flow_log as client_inventory
-from client.flow_log import read_inventory
+import fedpersona.client.app as client_app
+import fedpersona.client.flow_log as client_inventory
+from fedpersona.client.flow_log import read_inventory
 from fedpersona.config import load_config
-from privacy.audit.message_table import TABLE, Row, field_label, lookup, render_markdown, unlisted
-from privacy.secagg import client_side
-from privacy.secagg.eval_figures import vector_fields
+from fedpersona.privacy.audit.message_table import TABLE, Row, field_label, lookup, render_markdown, unlisted
+from fedpersona.privacy.secagg import client_side
+from fedpersona.privacy.secagg.eval_figures import vector_fields
 from tests.adversarial.helpers import user_folders
 from tests.privacy.audit_helpers import one_thread
 
@@ -47,8 +47,8 @@ class _Recorder:
 
 
 def _federation(tmp_path, tiny_config, monkeypatch, *, secure: bool) -> tuple[list[dict], _Recorder, int]:
-    from server.federation import run_federation
-    from simulations.inprocess import InProcessGrid
+    from fedpersona.server.federation import run_federation
+    from fedpersona.simulations.inprocess import InProcessGrid
 
     names = ("alice", "bob", "carol", "dave")
     nodes = user_folders(tmp_path / ("secure" if secure else "plain"), names)

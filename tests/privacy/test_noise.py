@@ -1,6 +1,6 @@
 import torch
 
-from privacy.noise import NoiseSource
+from fedpersona.privacy.noise import NoiseSource
 
 
 def test_default_noise_is_not_reproducible_by_seeding_torch():
@@ -62,8 +62,8 @@ def test_a_pickled_injected_source_continues_from_its_state():
 
 def test_secure_draws_come_from_the_aes_ctr_stream_not_from_torch(monkeypatch):
     """A secure step never builds a torch generator: its batch and noise come from the AES-256-CTR stream."""
-    from privacy import dpstep
-    from privacy.noise import CsprngStream
+    from fedpersona.privacy import dpstep
+    from fedpersona.privacy.noise import CsprngStream
 
     class NoTorchGenerator:
         def __init__(self, *a, **k):
@@ -84,7 +84,7 @@ def test_csprng_gaussians_are_standard_normal_and_keyed_per_step():
     import numpy as np
     from scipy import stats
 
-    from privacy.noise import CsprngStream
+    from fedpersona.privacy.noise import CsprngStream
 
     z = CsprngStream().normal(200_001)  # an odd count: the last Box-Muller pair is cut
     assert z.shape == (200_001,) and np.isfinite(z).all()
@@ -101,8 +101,8 @@ def test_csprng_gaussians_are_standard_normal_and_keyed_per_step():
 def test_robust_noise_is_the_sum_of_four_draws_over_two():
     import numpy as np
 
-    from privacy import dpstep
-    from privacy.noise import CsprngStream
+    from fedpersona.privacy import dpstep
+    from fedpersona.privacy.noise import CsprngStream
 
     got = dpstep.flat_noise(SECURE_SOURCE, CsprngStream(seed=b"k"), 5, std=2.0)
     draws = CsprngStream(seed=b"k").normal(20).reshape(4, 5)

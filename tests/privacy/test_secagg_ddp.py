@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from privacy.rdp import epsilon_from_rdp, rdp_subsampled_gaussian
-from privacy.secagg import SecAggParams, SecureRNG, ddp_epsilon, local_noise_stddev, run_secure_sum
-from privacy.secagg import ddp
-from privacy.secagg.ddp import DDP_ORDERS, clamp_probability, noise_tail_bound, sample_discrete_gaussian
+from fedpersona.privacy.rdp import epsilon_from_rdp, rdp_subsampled_gaussian
+from fedpersona.privacy.secagg import SecAggParams, SecureRNG, ddp_epsilon, local_noise_stddev, run_secure_sum
+from fedpersona.privacy.secagg import ddp
+from fedpersona.privacy.secagg.ddp import DDP_ORDERS, clamp_probability, noise_tail_bound, sample_discrete_gaussian
 
 
 def dg_pmf(sigma, lim):

@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from privacy.secagg import graph as graph_module
-from privacy.secagg.graph import build_graph, default_degree
+from fedpersona.privacy.secagg import graph as graph_module
+from fedpersona.privacy.secagg.graph import build_graph, default_degree
 
 
 def test_one_graph_per_round_whatever_order_the_cohort_comes_in(monkeypatch):

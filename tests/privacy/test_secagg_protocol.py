@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from privacy.secagg import (DecryptionError, ExtraSpec, SecAggAbort, SecAggClient, SecAggParams, SecAggInputError,
+from fedpersona.privacy.secagg import (DecryptionError, ExtraSpec, SecAggAbort, SecAggClient, SecAggParams, SecAggInputError,
                             SecAggServer, SecAggStats, SecureRNG, payload_nbytes, run_secure_sum)
-from privacy.secagg.graph import build_graph, default_degree, is_connected
-from privacy.secagg.crypto import SEAL_OVERHEAD
-from privacy.secagg.quantize import pack_bits, packed_size, unpack_bits
-from privacy.secagg.shamir import SHARE_BYTES
+from fedpersona.privacy.secagg.graph import build_graph, default_degree, is_connected
+from fedpersona.privacy.secagg.crypto import SEAL_OVERHEAD
+from fedpersona.privacy.secagg.quantize import pack_bits, packed_size, unpack_bits
+from fedpersona.privacy.secagg.shamir import SHARE_BYTES
 
 D = 1000
 CFG = SecAggParams(clip_norm=1.0, scale=2.0**16, max_cohort=50,

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from privacy.secagg import ExtraSpec, Quantizer, SecAggParams, SecureRNG, max_cohort, modulus_bits, run_secure_sum
-from privacy.secagg.crypto import MaskExpander
-from privacy.secagg.quantize import (MAX_BITS, coordinate_bound, from_ring, pack_bits, packed_size, quantized_l2_bound,
+from fedpersona.privacy.secagg import ExtraSpec, Quantizer, SecAggParams, SecureRNG, max_cohort, modulus_bits, run_secure_sum
+from fedpersona.privacy.secagg.crypto import MaskExpander
+from fedpersona.privacy.secagg.quantize import (MAX_BITS, coordinate_bound, from_ring, pack_bits, packed_size, quantized_l2_bound,
                                      stochastic_round, to_ring, unpack_bits)
 
 

@@ -4,8 +4,8 @@ import itertools
 
 import pytest
 
-from privacy.secagg.crypto import DecryptionError, MaskExpander, SecureRNG, derive, encode_fields, open_sealed, seal
-from privacy.secagg.shamir import PRIME, ShamirError, reconstruct, share_from_bytes, share_to_bytes, split
+from fedpersona.privacy.secagg.crypto import DecryptionError, MaskExpander, SecureRNG, derive, encode_fields, open_sealed, seal
+from fedpersona.privacy.secagg.shamir import PRIME, ShamirError, reconstruct, share_from_bytes, share_to_bytes, split
 
 
 @pytest.mark.parametrize("t,m", [(1, 1), (2, 3), (3, 5), (4, 7)])

@@ -10,11 +10,11 @@ from opacus.accountants.analysis.rdp import compute_rdp
 from scipy.special import logsumexp
 
 from fedpersona.config import load_config
-from privacy.ledger import INTEGER_ORDERS, PrivacyLedger
-from privacy.rdp import epsilon_from_rdp, rdp_subsampled_gaussian
-from privacy.secagg.ddp import sample_discrete_gaussian
-from privacy.secagg.crypto import SecureRNG
-from privacy.sumdp import (budget_passes, STEP_STRIDE, SumContext, honest_contributors, normalizer, reference_sample_rate,
+from fedpersona.privacy.ledger import INTEGER_ORDERS, PrivacyLedger
+from fedpersona.privacy.rdp import epsilon_from_rdp, rdp_subsampled_gaussian
+from fedpersona.privacy.secagg.ddp import sample_discrete_gaussian
+from fedpersona.privacy.secagg.crypto import SecureRNG
+from fedpersona.privacy.sumdp import (budget_passes, STEP_STRIDE, SumContext, honest_contributors, normalizer, reference_sample_rate,
                            share_sum_log_bound, step_round_id, sum_context, sum_gap, sum_noise_multiplier,
                            sum_scale, sum_secagg_params, weights_digest)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.secagg import evaluation_groups
+from fedpersona.server.secagg import evaluation_groups
 
 
 @pytest.mark.parametrize("n,size,minimum", [(1000, 16, 3), (1000, 64, 3), (50, 8, 3), (200, 32, 5), (17, 16, 3),

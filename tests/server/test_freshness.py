@@ -6,7 +6,7 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedpersona.receipts import MAX_RECEIPT_BYTES, RECEIPT, RECORD, put_receipt
-from server.freshness import RECEIPTS_FILE, FreshnessGrid
+from fedpersona.server.freshness import RECEIPTS_FILE, FreshnessGrid
 
 
 @pytest.fixture(autouse=True)

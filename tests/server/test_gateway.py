@@ -9,7 +9,7 @@ import socket
 import httpx
 import pytest
 
-from server.gateway import FLEET_CALLS, check_superlink_is_local, fleet_gateway
+from fedpersona.server.gateway import FLEET_CALLS, check_superlink_is_local, fleet_gateway
 
 
 class Upstream:
@@ -77,7 +77,7 @@ def test_the_list_is_flowers_fleet_api():
 
 
 def test_a_superlink_open_beyond_loopback_is_refused(monkeypatch):
-    import server.gateway
+    import fedpersona.server.gateway
     from fedpersona.sockets import Listener
 
     with socket.socket() as local:  # a real listener, on loopback (tests bind nothing else)
@@ -85,10 +85,10 @@ def test_a_superlink_open_beyond_loopback_is_refused(monkeypatch):
         local.listen()
         port = local.getsockname()[1]
         check_superlink_is_local(f"127.0.0.1:{port}")
-        real = server.gateway.listeners
+        real = fedpersona.server.gateway.listeners
         assert [(x.address, x.port) for x in real(port=port)] == [("127.0.0.1", port)]
         # the same port also bound to every interface (as `flower-superlink --host 0.0.0.0` does)
-        monkeypatch.setattr(server.gateway, "listeners",
+        monkeypatch.setattr(fedpersona.server.gateway, "listeners",
                             lambda port: real(port=port) + [Listener("0.0.0.0", port, "1"), Listener("::", port, "2")])
         with pytest.raises(ValueError, match=rf"open beyond the loopback interface \(0\.0\.0\.0:{port}, :::{port}\)"):
             check_superlink_is_local(f"127.0.0.1:{port}")
@@ -112,7 +112,7 @@ def test_proc_addresses_and_loopback():
 def test_tls_needs_the_ca_and_a_certificate():
     with pytest.raises(ValueError, match="--ssl-ca-certfile"):
         fleet_gateway("127.0.0.1:9091", ca_certfile=None)
-    from server.gateway import serve
+    from fedpersona.server.gateway import serve
 
     with pytest.raises(ValueError, match="--ssl-certfile"):
         serve(listen="127.0.0.1:9", superlink="127.0.0.1:1", ssl_certfile=None, ssl_keyfile=None, ssl_ca_certfile=None)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from server.grid import FastPollGrid
+from fedpersona.server.grid import FastPollGrid
 
 
 class FakeGrid:

@@ -12,19 +12,19 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 
-import client.app as client_app
-import client.flow_log as client_inventory
-from client.device import BudgetExhausted
-from client.store import DeviceStore
+import fedpersona.client.app as client_app
+import fedpersona.client.flow_log as client_inventory
+from fedpersona.client.device import BudgetExhausted
+from fedpersona.client.store import DeviceStore
 from fedpersona.config import CONFIG_ENV, load_config
 from fedpersona.identity import provision
 from fedpersona.secagg_wire import ARRAYS, RECORD
-from privacy.secagg.settings import secagg_params
+from fedpersona.privacy.secagg.settings import secagg_params
 from fedpersona.wire import to_record
-from privacy.ledger import PrivacyLedger
-from privacy.secagg.quantize import unpack_bits
-from server.aggregation import PlainAggregator
-from server.secagg import SecureAggregator, build_aggregator
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.secagg.quantize import unpack_bits
+from fedpersona.server.aggregation import PlainAggregator
+from fedpersona.server.secagg import SecureAggregator, build_aggregator
 
 RUN_ID = 4242
 SHARED = {"a.lora_B.shared.weight": torch.zeros(24, 4), "b.lora_B.shared.weight": torch.zeros(10, 4)}
@@ -32,7 +32,7 @@ DIM = sum(t.numel() for t in SHARED.values())
 
 
 class FakeDevice:
-    """Stands in for client.device.Device: a fixed update per node, a real encrypted store and ledger."""
+    """Stands in for fedpersona.client.device.Device: a fixed update per node, a real encrypted store and ledger."""
 
     declined: set[str] = set()
 
@@ -53,7 +53,7 @@ class FakeDevice:
     def train_round(self, shared, *, server_round):
         if self.user_id in FakeDevice.declined:
             raise BudgetExhausted(f"{self.user_id}: budget spent")
-        # As client.device.Device: the update with weight 1, and only the public weight and a constant beside it.
+        # As fedpersona.client.device.Device: the update with weight 1, and only the public weight and a constant beside it.
         return self.delta(shared), {"weight": 1.0, "trained": 1.0}
 
 
@@ -297,8 +297,8 @@ def test_a_node_that_fails_to_advertise_is_left_out_and_counted(federation):
 
 
 def test_federation_aborted_round_leaves_adapter_unchanged(federation, tiny_model_dir):
-    from server.checkpoint import latest_checkpoint
-    from server.federation import run_federation
+    from fedpersona.server.checkpoint import latest_checkpoint
+    from fedpersona.server.federation import run_federation
 
     cfg, grid = federation(**{"model.path": str(tiny_model_dir), "adapter.layers": 2, "adapter.personal-layers": 1,
                               "adapter.rank": 2, "server.num-rounds": 2, "server.clients-per-round": 3,
@@ -323,7 +323,7 @@ def test_federation_aborted_round_leaves_adapter_unchanged(federation, tiny_mode
 
 
 def test_federation_applies_the_secure_mean(federation, tiny_model_dir):
-    from server.federation import run_federation
+    from fedpersona.server.federation import run_federation
 
     cfg, grid = federation(**{"model.path": str(tiny_model_dir), "adapter.layers": 2, "adapter.personal-layers": 1,
                               "adapter.rank": 2, "server.num-rounds": 1, "server.clients-per-round": 3,
@@ -338,7 +338,7 @@ def test_federation_applies_the_secure_mean(federation, tiny_model_dir):
 
 
 def test_secagg_off_warns_everywhere_and_is_recorded(federation, tiny_model_dir, caplog):
-    from server.federation import run_federation
+    from fedpersona.server.federation import run_federation
 
     with pytest.warns(UserWarning, match="secagg.enabled = false"):
         load_config({"secagg.enabled": False}, env=False)
@@ -350,7 +350,7 @@ def test_secagg_off_warns_everywhere_and_is_recorded(federation, tiny_model_dir,
         metrics = run_federation(grid, cfg)
     assert metrics["aggregation"] == "plain"
     assert any("plain aggregation" in w for w in metrics["warnings"])
-    client_warnings = [r for r in caplog.records if r.name == "client.app" and r.levelno == logging.WARNING]
+    client_warnings = [r for r in caplog.records if r.name == "fedpersona.client.app" and r.levelno == logging.WARNING]
     assert len(client_warnings) == 3 and "in the clear" in client_warnings[0].getMessage()
     assert metrics["rounds"][0]["applied"]
 

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from server.checkpoint import latest_checkpoint, save_checkpoint
-from server.federation import sample_cohort
-from server.optim import ServerOptimizer
-from server.run_report import distribution, summarize_users, summary_table, write_outputs
+from fedpersona.server.checkpoint import latest_checkpoint, save_checkpoint
+from fedpersona.server.federation import sample_cohort
+from fedpersona.server.optim import ServerOptimizer
+from fedpersona.server.run_report import distribution, summarize_users, summary_table, write_outputs
 
 
 def test_checkpoint_round_trip_and_latest(tmp_path):

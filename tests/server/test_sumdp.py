@@ -1,4 +1,4 @@
-"""Noise on the sum end to end: the real ServerApp loop (server.federation) and ClientApps (mods included) on an
+"""Noise on the sum end to end: the real ServerApp loop (fedpersona.server.federation) and ClientApps (mods included) on an
 in-process grid, secure aggregation on, the tests' tiny model."""
 
 from __future__ import annotations
@@ -11,19 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-import client.app as client_app
-import client.flow_log as client_inventory
-from client.device import LEDGER, PARTICIPATION
-from client.store import DeviceStore
+import fedpersona.client.app as client_app
+import fedpersona.client.flow_log as client_inventory
+from fedpersona.client.device import LEDGER, PARTICIPATION
+from fedpersona.client.store import DeviceStore
 from fedpersona.config import load_config
 from fedpersona.model import adapted_model
-from privacy.ledger import PrivacyLedger
-from privacy.secagg.quantize import Quantizer
-from privacy.secagg.server_side import SecAggRound
-from privacy.sumdp import sum_secagg_params
-from server.checkpoint import latest_checkpoint
-from server.federation import run_federation
-from simulations.inprocess import InProcessGrid
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.secagg.quantize import Quantizer
+from fedpersona.privacy.secagg.server_side import SecAggRound
+from fedpersona.privacy.sumdp import sum_secagg_params
+from fedpersona.server.checkpoint import latest_checkpoint
+from fedpersona.server.federation import run_federation
+from fedpersona.simulations.inprocess import InProcessGrid
 from tests.adversarial.helpers import user_folders
 from tests.privacy.audit_helpers import one_thread
 
@@ -128,8 +128,8 @@ def test_the_servers_sum_is_the_sum_of_the_devices_noised_quantized_gradient_sum
         assert [{k: v for k, v in e.items() if k != "run"} for e in part] == [
             {"round": 1, "steps": 2, "head-steps": cfg.client.head_steps, "mode": "sum"}]
     # What left each device passes the data-flow inventory's checks: masked vectors, protocol fields, a status.
-    from client.flow_log import read_inventory
-    from privacy.audit.inventory import verify_inventory
+    from fedpersona.client.flow_log import read_inventory
+    from fedpersona.privacy.audit.inventory import verify_inventory
 
     model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
     check = verify_inventory({n: read_inventory(nc["state-dir"]) for n, nc in nodes.items()},
@@ -154,7 +154,7 @@ def test_zero_noise_and_a_huge_clip_equal_plain_full_batch_sgd_on_the_sum(tiny_c
     _, shared, _ = latest_checkpoint(tmp_path / "results" / "sum" / "checkpoints")
     # The same step by plain autograd on every device's training examples, pooled.
     client_app._DEVICES.clear()
-    from client.device import Device
+    from fedpersona.client.device import Device
 
     model = None
     total = None
@@ -207,7 +207,7 @@ def test_a_step_with_fewer_than_t_survivors_aborts_before_any_unmask(tiny_config
 def test_local_only_is_a_federation_of_one_with_the_same_epsilon(tiny_config, tmp_path, monkeypatch):
     import functools
 
-    import client.device as device_module
+    import fedpersona.client.device as device_module
 
     # The local-only baseline runs on simulated devices only: these deployment-style nodes are marked simulated.
     monkeypatch.setattr(device_module.Device, "__init__",

@@ -6,11 +6,11 @@ import warnings
 
 import torch
 
-from client.train import CachedExample, trainer_for
+from fedpersona.client.train import CachedExample, trainer_for
 from fedpersona.config import AdapterConfig
 from fedpersona.model import AdaptedModel, collate, labels_for, lower_hidden
-from privacy.dpstep import step_generator, uniform_batch
-from privacy.noise import NoiseSource
+from fedpersona.privacy.dpstep import step_generator, uniform_batch
+from fedpersona.privacy.noise import NoiseSource
 
 
 def tiny_adapted(model_dir, split: str = "ffa") -> AdaptedModel:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from simulations.bench_overhead import QUICK, bench, summary
+from fedpersona.simulations.bench.overhead import QUICK, bench, summary
 
 
 def test_quick_bench_rows_are_consistent(tiny_model_dir, tmp_path):

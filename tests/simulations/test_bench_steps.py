@@ -1,10 +1,10 @@
-"""`python -m simulations.bench_steps`: per-step CPU costs and the projection of a scenario's run (tiny model)."""
+"""`python -m fedpersona.simulations.bench.steps`: per-step CPU costs and the projection of a scenario's run (tiny model)."""
 
 import math
 
 import pytest
 
-from simulations.bench_steps import format_result, measure
+from fedpersona.simulations.bench.steps import format_result, measure
 
 
 def test_projection_adds_up_from_the_measured_steps(tiny_config):

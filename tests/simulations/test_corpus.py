@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.corpus import (
+from fedpersona.simulations.corpus import (
     Example,
     all_users,
     default_plays_dir,

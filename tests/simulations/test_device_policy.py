@@ -2,10 +2,10 @@
 
 import pytest
 
-from simulations.partitions import simulated_state_dir
-from client.policy import POLICY_FILE, DevicePolicy
+from fedpersona.simulations.partitions import simulated_state_dir
+from fedpersona.client.policy import POLICY_FILE, DevicePolicy
 from fedpersona.config import load_config
-from simulations.runner import POLICY_HEADER, write_device_policies
+from fedpersona.simulations.runner import POLICY_HEADER, write_device_policies
 
 
 def test_written_when_asked_removed_when_not_and_never_someone_elses(tiny_config):

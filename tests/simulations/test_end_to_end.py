@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from client.node_data import slug
-from client.store import DeviceStore
-from privacy.ledger import PrivacyLedger
-from simulations.corpus import load_users
-from simulations.runner import run
+from fedpersona.client.node_data import slug
+from fedpersona.client.store import DeviceStore
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.simulations.corpus import load_users
+from fedpersona.simulations.runner import run
 
 
 def test_simulation_four_users_two_rounds_then_resume(tiny_config):

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from simulations.engine import ClientJob, CohortEngine, Phase, joint_phases, split_phases
+from fedpersona.simulations.engine import ClientJob, CohortEngine, Phase, joint_phases, split_phases
 from tests.simulations.engine_helpers import (
     examples,
     random_states,
@@ -165,7 +165,7 @@ def test_bad_jobs_are_refused(model, engine_model, clients):
         Phase("joint", 1, 2, 0.1, dp=True, sampling="uniform")
     with pytest.raises(ValueError, match="model.device"):
         CohortEngine(engine_model, device="tpu")
-    from client.train import trainer_for
+    from fedpersona.client.train import trainer_for
 
     trainer_for(model)  # Opacus hooks on the sequential model
     with pytest.raises(ValueError, match="hooks"):

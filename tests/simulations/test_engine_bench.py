@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from simulations.engine.bench import PRESETS, run
+from fedpersona.simulations.engine.bench import PRESETS, run
 
 
 def test_bench_prints_table_and_speedup_last():
@@ -26,8 +26,8 @@ def test_bench_refuses_unknown_preset():
 
 
 def test_devices_vs_engine_round_on_real_devices(tiny_config):
-    """`python -m simulations.bench_devices`: the same round both ways, on prepared users of a scenario."""
-    from simulations.bench_devices import compare
+    """`python -m fedpersona.simulations.bench.devices`: the same round both ways, on prepared users of a scenario."""
+    from fedpersona.simulations.bench.devices import compare
 
     r = compare("demo", dict(tiny_config, **{"data.max-users": 4}), users=4)
     assert r["devices"] == 4
@@ -38,8 +38,8 @@ def test_devices_vs_engine_round_on_real_devices(tiny_config):
 
 
 def test_head_sweep_trains_each_users_head_apart(tiny_config):
-    """`python -m simulations.bench_head`: every grid point trains fresh heads; more steps move the loss."""
-    from simulations.bench_head import parse_grid, sweep
+    """`python -m fedpersona.simulations.bench.head`: every grid point trains fresh heads; more steps move the loss."""
+    from fedpersona.simulations.bench.head import parse_grid, sweep
 
     rows = sweep("demo", dict(tiny_config, **{"data.max-users": 3}), grid=[(1, 1e-6), (8, 0.05)])
     assert [(r["steps"], r["lr"], r["users"]) for r in rows] == [(1, 1e-6, 3), (8, 0.05, 3)]
@@ -56,10 +56,10 @@ def test_head_sweep_trains_each_users_head_apart(tiny_config):
 
 
 def test_snr_diagnostic_cosines(tiny_config):
-    """`python -m simulations.bench_snr`: per-example gradients, the device's sigma, cosines in [-1, 1]."""
+    """`python -m fedpersona.simulations.bench.snr`: per-example gradients, the device's sigma, cosines in [-1, 1]."""
     import torch
 
-    from simulations.bench_snr import cohort_cosines, measure
+    from fedpersona.simulations.bench.snr import cohort_cosines, measure
 
     r = measure("demo", dict(tiny_config, **{"data.max-users": 3}), cohorts=[1, 2, 5], trials=4)
     assert r["users"] == 3 and r["d"] > 0 and r["sigma"] > 0

@@ -11,20 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from client import app as client_app
-from client.device import EVALUATION, state_digest
-from client.store import DeviceStore
-from client.train import CachedExample, evaluate
+from fedpersona.client import app as client_app
+from fedpersona.client.device import EVALUATION, state_digest
+from fedpersona.client.store import DeviceStore
+from fedpersona.client.train import CachedExample, evaluate
 from fedpersona.config import load_config
 from fedpersona.model import adapted_model
-from privacy.secagg.eval_figures import encode, noise_stddev, summarize
-from server.federation import run_federation
-from simulations.engine import EVAL_MODELS, CohortEngine, EvalJob
-from simulations.engine.engine import engine_model
-from simulations.engine_grid import EngineGrid
-from simulations.partitions import prepare_partitions, simulated_state_dir
-from simulations.runner import resolve
-from simulations.sources import load_source
+from fedpersona.privacy.secagg.eval_figures import encode, noise_stddev, summarize
+from fedpersona.server.federation import run_federation
+from fedpersona.simulations.engine import EVAL_MODELS, CohortEngine, EvalJob
+from fedpersona.simulations.engine.engine import engine_model
+from fedpersona.simulations.engine.grid import EngineGrid
+from fedpersona.simulations.partitions import prepare_partitions, simulated_state_dir
+from fedpersona.simulations.runner import resolve
+from fedpersona.simulations.sources import load_source
 from tests.client.device_helpers import placed_device
 
 TINY = {"model.seq-len": 32, "model.cue-tokens": 8, "adapter.layers": 2, "adapter.personal-layers": 1,
@@ -49,7 +49,7 @@ def _random_jobs(model, n_clients: int, seed: int = 0) -> list[EvalJob]:
 
 @pytest.mark.parametrize("split", ["ffa", "fedsa", "fedper"])
 def test_evaluate_cohort_equals_the_devices_evaluation(tiny_model_dir, split):
-    """Every client's base / shared-alone / personalized figures, as client.train.evaluate gives them one by one."""
+    """Every client's base / shared-alone / personalized figures, as fedpersona.client.train.evaluate gives them one by one."""
     extra = {"privacy.personal-head": "dp"} if split == "fedsa" else {}
     cfg = load_config({"model.path": str(tiny_model_dir), "adapter.split": split, **TINY, **extra}, env=False)
     model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed)
@@ -91,7 +91,7 @@ def test_a_device_uses_an_offered_evaluation_only_for_its_own_adapter_and_head(t
     bogus = {m: {"loss": 0.123, "accuracy": 0.5, "tokens": 7} for m in EVAL_MODELS}
     other = {k: v + 0.01 for k, v in shared.items()}
     dev.offer_evaluation(state_digest(other), state_digest(head), bogus)
-    with caplog.at_level(logging.WARNING, logger="client.device"):
+    with caplog.at_level(logging.WARNING, logger="fedpersona.client.device"):
         again = dev.final_evaluation(shared)
     assert again["base-loss"] == pytest.approx(own["base-loss"]) and again["base-loss"] != 0.123
     assert "computed for another shared adapter or head" in caplog.text

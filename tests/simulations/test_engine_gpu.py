@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from simulations.engine import ClientJob, CohortEngine, joint_phases, split_phases
+from fedpersona.simulations.engine import ClientJob, CohortEngine, joint_phases, split_phases
 from tests.simulations.engine_helpers import examples, random_states, source, tiny_adapted
 
 pytestmark = [

@@ -15,16 +15,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from client import app as client_app
-from client.store import DeviceStore
-from privacy.ledger import PrivacyLedger
-from privacy.noise import NoiseSource
-from server.federation import run_federation
-from simulations.engine_grid import EngineGrid
-from simulations.inprocess import InProcessGrid
-from simulations.partitions import prepare_partitions, simulated_state_dir
-from simulations.runner import resolve
-from simulations.sources import load_source
+from fedpersona.client import app as client_app
+from fedpersona.client.store import DeviceStore
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.noise import NoiseSource
+from fedpersona.server.federation import run_federation
+from fedpersona.simulations.engine.grid import EngineGrid
+from fedpersona.simulations.inprocess import InProcessGrid
+from fedpersona.simulations.partitions import prepare_partitions, simulated_state_dir
+from fedpersona.simulations.runner import resolve
+from fedpersona.simulations.sources import load_source
 
 
 def _setup(tiny_config, root: Path, **over):
@@ -77,12 +77,12 @@ def test_engine_grid_equals_the_sequential_clientapp_path(tiny_config, tmp_path,
     batch size 1 so that some Poisson batches are empty: same adapter, heads and ledgers on both paths."""
     over = {"data.max-users": 8, "server.clients-per-round": 8, "client.batch-size": 1, "client.local-steps": 3,
             "eval.local-baseline": False}
-    caplog.set_level(logging.INFO, logger="client.device")
+    caplog.set_level(logging.INFO, logger="fedpersona.client.device")
     m_seq, cfg_seq, users, _ = _federate(InProcessGrid, tiny_config, tmp_path / "seq", refuse=2, spent=5, **over)
-    seq_lines = [r.getMessage() for r in caplog.records if r.name == "client.device"]
+    seq_lines = [r.getMessage() for r in caplog.records if r.name == "fedpersona.client.device"]
     caplog.clear()
     m_eng, cfg_eng, _, grid = _federate(EngineGrid, tiny_config, tmp_path / "eng", refuse=2, spent=5, **over)
-    eng_lines = [r.getMessage() for r in caplog.records if r.name == "client.device"]
+    eng_lines = [r.getMessage() for r in caplog.records if r.name == "fedpersona.client.device"]
 
     assert len(users) == 8
     assert grid.cohorts == 2 and grid.fallbacks == 0
@@ -210,10 +210,10 @@ def test_engine_grid_equals_sequential_for_the_other_layouts(tiny_config, tmp_pa
     over = dict(over, **{"eval.local-baseline": False, "eval.per-round": False, "server.num-rounds": 1})
     m_seq, cfg_seq, users, _ = _federate(InProcessGrid, tiny_config, tmp_path / "seq", **over)
     caplog.clear()
-    caplog.set_level(logging.INFO, logger="client.device")
+    caplog.set_level(logging.INFO, logger="fedpersona.client.device")
     m_eng, cfg_eng, _, grid = _federate(EngineGrid, tiny_config, tmp_path / "eng", **over)
     assert grid.cohorts == 1 and grid.fallbacks == 0
-    trained = [r.getMessage() for r in caplog.records if r.name == "client.device" and " steps (" in r.getMessage()]
+    trained = [r.getMessage() for r in caplog.records if r.name == "fedpersona.client.device" and " steps (" in r.getMessage()]
     assert len(trained) == 3 and all("(cohort engine)" in line for line in trained), trained
     assert m_eng["rounds"][0]["contributors"] == m_seq["rounds"][0]["contributors"] == 3
     a, b = _final_shared(cfg_seq), _final_shared(cfg_eng)

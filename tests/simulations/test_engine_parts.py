@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from privacy.dpstep import flat_noise, poisson_batch, step_generator, uniform_batch
-from privacy.noise import NoiseSource
-from simulations.engine.loss import ChunkedCrossEntropy
-from simulations.engine.optim import StackedOptimizer
+from fedpersona.privacy.dpstep import flat_noise, poisson_batch, step_generator, uniform_batch
+from fedpersona.privacy.noise import NoiseSource
+from fedpersona.simulations.engine.loss import ChunkedCrossEntropy
+from fedpersona.simulations.engine.optim import StackedOptimizer
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 100])

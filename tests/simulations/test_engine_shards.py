@@ -10,15 +10,15 @@ import uuid
 import pytest
 import torch
 
-from client import app as client_app
-from client.store import DeviceStore
-from server.federation import run_federation
-from simulations.engine import ClientJob, CohortEngine, split_phases
-from simulations.engine.shards import ShardedEngine, check_engines, split_shards, start_ray
-from simulations.engine.engine import engine_model
-from simulations.engine_grid import EngineGrid
-from simulations.partitions import simulated_state_dir
-from simulations.runner import resolve, run
+from fedpersona.client import app as client_app
+from fedpersona.client.store import DeviceStore
+from fedpersona.server.federation import run_federation
+from fedpersona.simulations.engine import ClientJob, CohortEngine, split_phases
+from fedpersona.simulations.engine.shards import ShardedEngine, check_engines, split_shards, start_ray
+from fedpersona.simulations.engine.engine import engine_model
+from fedpersona.simulations.engine.grid import EngineGrid
+from fedpersona.simulations.partitions import simulated_state_dir
+from fedpersona.simulations.runner import resolve, run
 from tests.simulations.engine_helpers import examples, random_states, source
 from tests.simulations.test_engine_grid import _federate, _final_shared, _setup, _untimed
 
@@ -137,10 +137,10 @@ def test_engine_grid_with_two_engines_equals_one(tiny_config, tmp_path, caplog, 
             "eval.local-baseline": False, "client.optimizer": "sgd", "client.lr": 0.1, "client.head-lr": 0.1}
     m_one, cfg_one, users, one = _federate(EngineGrid, tiny_config, tmp_path / "one", **over)
     caplog.clear()
-    caplog.set_level(logging.INFO, logger="client.device")
+    caplog.set_level(logging.INFO, logger="fedpersona.client.device")
     m_two, cfg_two, _, two = _federate(functools.partial(EngineGrid, engines=2, cpus=2), tiny_config,
                                        tmp_path / "two", **over)
-    trained = [r.getMessage() for r in caplog.records if r.name == "client.device"
+    trained = [r.getMessage() for r in caplog.records if r.name == "fedpersona.client.device"
                and re.search(r"round \d: \d+ steps", r.getMessage())]
 
     assert len(users) == 6

@@ -2,7 +2,7 @@
 
 import math
 
-from simulations.newcomer import format_tables, run_bench
+from fedpersona.simulations.studies.newcomer import format_tables, run_bench
 
 
 def test_newcomer_quick_mode_runs():

@@ -7,13 +7,13 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from client.app import app as client_app
-from server.federation import run_federation
-from simulations.inprocess import InProcessGrid
-from simulations.partitions import prepare_partitions
-from simulations.progress import LineDisplay, make_display
-from simulations.runner import resolve
-from simulations.sources import load_source
+from fedpersona.client.app import app as client_app
+from fedpersona.server.federation import run_federation
+from fedpersona.simulations.inprocess import InProcessGrid
+from fedpersona.simulations.partitions import prepare_partitions
+from fedpersona.simulations.progress import LineDisplay, make_display
+from fedpersona.simulations.runner import resolve
+from fedpersona.simulations.sources import load_source
 from tests.fedpersona.cli_helpers import run_cli
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -114,7 +114,7 @@ def test_cli_run_writes_each_line_once_without_ansi_codes(tiny_config, tmp_path)
 def test_live_display_on_a_terminal_keeps_one_line_per_finished_round():
     from rich.console import Console
 
-    from simulations.progress import LiveDisplay
+    from fedpersona.simulations.progress import LiveDisplay
 
     buf = io.StringIO()
     with LiveDisplay(Console(file=buf, force_terminal=True, width=220)) as d:
@@ -155,7 +155,7 @@ class _Clock:
 def test_eta_counts_the_devices_done_and_the_final_evaluation():
     """The run's ETA: rounds left at a round's time plus the final evaluation (users x a device's seconds),
     and inside a stage the devices done so far."""
-    from simulations.progress import Lines
+    from fedpersona.simulations.progress import Lines
 
     clock = _Clock()
     lines = Lines(clock=clock)

@@ -1,6 +1,6 @@
 import pytest
 
-from simulations.runner import resolve, run, scenario_path
+from fedpersona.simulations.runner import resolve, run, scenario_path
 
 
 def test_unknown_scenario_lists_the_shipped_ones():
@@ -36,7 +36,7 @@ def test_auto_engine_picks_by_where_the_model_runs(tiny_config, tiny_model_dir, 
     import shutil
 
     from fedpersona.config import load_config
-    from simulations.runner import AUTO_ENGINE_MAX_CPU_HIDDEN, resolve_engine
+    from fedpersona.simulations.runner import AUTO_ENGINE_MAX_CPU_HIDDEN, resolve_engine
 
     cfg = load_config(tiny_config, env=False)
     assert resolve_engine("auto", cfg)[0] == "cohort", "a tiny model on the CPU: the engine"
@@ -57,9 +57,9 @@ def test_devices_engine_trains_each_round_on_the_device(tiny_config, caplog):
     import logging
 
     flat = dict(tiny_config, **{"server.num-rounds": 1, "eval.local-baseline": False})
-    caplog.set_level(logging.INFO, logger="client.device")
+    caplog.set_level(logging.INFO, logger="fedpersona.client.device")
     metrics = run(None, flat, cpus=1, engine="devices")
     assert metrics["rounds"][0]["applied"] and metrics["rounds"][0]["contributors"] == 3
-    trained = [r.getMessage() for r in caplog.records if r.name == "client.device" and " steps (" in r.getMessage()]
+    trained = [r.getMessage() for r in caplog.records if r.name == "fedpersona.client.device" and " steps (" in r.getMessage()]
     assert len(trained) == 3 and not any("(cohort engine)" in line for line in trained), trained
     assert len(metrics["final"]["users"]) == 4

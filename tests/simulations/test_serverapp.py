@@ -6,9 +6,9 @@ import json
 import pytest
 
 from fedpersona.config import load_config, read_scenario
-from simulations.flower_runs import flower_run_config, run_folder
-from simulations.scenarios import scenario_path
-from simulations.serverapp import NothingTrained, check_trained, federation_error
+from fedpersona.simulations.flower_runs import flower_run_config, run_folder
+from fedpersona.simulations.scenarios import scenario_path
+from fedpersona.simulations.serverapp import NothingTrained, check_trained, federation_error
 
 
 def test_relative_folders_go_under_the_flower_runs_own_folder(tmp_path, monkeypatch):
@@ -45,8 +45,8 @@ def test_flower_simulation_with_too_few_supernodes_fails_before_any_round(tiny_c
     the ServerApp raises at once (Flower reports the run failed), and no round, checkpoint or device state exists."""
     from flwr.simulation import run_simulation
 
-    from simulations.clientapp import app as client_app
-    from simulations.serverapp import app as server_app
+    from fedpersona.simulations.clientapp import app as client_app
+    from fedpersona.simulations.serverapp import app as server_app
 
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")

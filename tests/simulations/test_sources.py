@@ -7,8 +7,8 @@ import warnings
 import pytest
 
 from fedpersona.config import load_config
-from simulations.corpus import load_users
-from simulations.sources import CUE_MESSAGES, load_source
+from fedpersona.simulations.corpus import load_users
+from fedpersona.simulations.sources import CUE_MESSAGES, load_source
 
 
 def _rows(users: str = "abcd", n: int = 5) -> list[dict]:

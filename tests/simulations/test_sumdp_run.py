@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from client.store import DeviceStore
-from privacy.ledger import PrivacyLedger
-from simulations.partitions import simulated_state_dir
-from simulations.runner import resolve
+from fedpersona.client.store import DeviceStore
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.simulations.partitions import simulated_state_dir
+from fedpersona.simulations.runner import resolve
 
 
 def test_cli_run_with_the_noise_on_the_sum(tiny_config, tmp_path):
@@ -42,7 +42,7 @@ def test_cli_run_with_the_noise_on_the_sum(tiny_config, tmp_path):
 def test_the_utility_harness_federates_with_the_noise_on_the_sum(tiny_config, tmp_path):
     # `fedpersona bench utility --rows sum --vary server.lr=... --vary-row sum`: a sum row runs through the real
     # apps (the ServerApp's loop, the ClientApps' checks, secure aggregation), its rows from the devices' stores.
-    from simulations.utility import federate_by_runner, population
+    from fedpersona.simulations.studies.utility import federate_by_runner, population
 
     flat, cfg = resolve(None, dict(tiny_config, **{"privacy.noise-on": "sum", "privacy.noise-multiplier": 1.0,
                                                    "data.max-users": 6, "server.clients-per-round": 6,

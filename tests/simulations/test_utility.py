@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from client.node_data import slug
-from simulations.utility import (ddp_noise_for, format_summary, format_table, max_participations, shared_dim, study,
+from fedpersona.client.node_data import slug
+from fedpersona.simulations.studies.utility import (ddp_noise_for, format_summary, format_table, max_participations, shared_dim, study,
                                  study_rows)
 
 
@@ -92,7 +92,7 @@ def test_sum_rows_are_config_overrides():
 def test_user_level_ddp_row(tiny_config):
     """secagg.ddp: local training without noise, the discrete Gaussian on the sum, the user-level epsilon beside."""
     from fedpersona.config import load_config
-    from privacy.secagg.settings import ddp_user_epsilon
+    from fedpersona.privacy.secagg.settings import ddp_user_epsilon
 
     overrides = dict(tiny_config, **FAST)
     result = study(None, overrides, epsilons=(8.0,), quick=True, central_steps=1, rows=("ddp",),
@@ -119,7 +119,7 @@ def _ddp_overrides(result):
 
 def test_ddp_calibration_hits_the_budget():
     from fedpersona.config import load_config
-    from privacy.secagg.settings import ddp_user_epsilon
+    from fedpersona.privacy.secagg.settings import ddp_user_epsilon
     import dataclasses
 
     cfg = load_config({"secagg.ddp": True, "secagg.ddp-min-clients": 4, "server.clients-per-round": 8,
@@ -134,7 +134,7 @@ def test_resume_reuses_measured_rows(tiny_config, caplog):
     overrides = dict(tiny_config, **FAST)
     first = study(None, overrides, epsilons=(8.0,), quick=True, central_steps=1, rows=("nodp",),
                   attribution_users=False)
-    with caplog.at_level("INFO", logger="simulations.utility"):
+    with caplog.at_level("INFO", logger="fedpersona.simulations.studies.utility"):
         again = study(None, overrides, epsilons=(8.0,), quick=True, central_steps=1, rows=("nodp",),
                       attribution_users=False, resume=True)
     assert "federated, no DP reused" in caplog.text
@@ -145,8 +145,8 @@ def test_resume_reuses_measured_rows(tiny_config, caplog):
 def test_a_row_through_the_real_apps_matches_the_in_process_row_structure(tiny_config):
     """federate_by_runner (the sum rows' path): the real ServerApp loop and ClientApps, rows from the stores."""
     from fedpersona.config import load_config
-    from simulations.runner import resolve
-    from simulations.utility import federate_by_runner, population, rows_of_run
+    from fedpersona.simulations.runner import resolve
+    from fedpersona.simulations.studies.utility import federate_by_runner, population, rows_of_run
 
     flat, _ = resolve(None, dict(tiny_config, **FAST, **{"eval.per-round": False, "eval.local-baseline": True,
                                                          "server.num-rounds": 1}))
@@ -190,15 +190,15 @@ def test_attribution_of_a_finished_run(tiny_config):
     """`fedpersona bench attribution`: each user's head fitted to its own held-out replies ranks them first."""
     import pytest
 
-    from client.device import HEAD_FILE, prepare_user
-    from client.store import DeviceStore
-    from client.train import train_head, trainer_for
+    from fedpersona.client.device import HEAD_FILE, prepare_user
+    from fedpersona.client.store import DeviceStore
+    from fedpersona.client.train import train_head, trainer_for
     from fedpersona.model import adapted_model
-    from server.checkpoint import save_checkpoint
-    from simulations.partitions import simulated_state_dir
-    from simulations.runner import resolve
-    from simulations.sources import load_source
-    from simulations.utility import finished_run_attribution
+    from fedpersona.server.checkpoint import save_checkpoint
+    from fedpersona.simulations.partitions import simulated_state_dir
+    from fedpersona.simulations.runner import resolve
+    from fedpersona.simulations.sources import load_source
+    from fedpersona.simulations.studies.utility import finished_run_attribution
 
     overrides = dict(tiny_config, **{"data.max-users": 4})
     _, cfg = resolve(None, overrides)
@@ -226,9 +226,9 @@ def test_attribution_of_a_finished_run(tiny_config):
 
 def test_the_study_scenario_holds_ten_thousand_training_records():
     """simulations/conf/study.toml: at least 10,000 training records across its users, delta below 1/n."""
-    from client.data import split_examples
-    from simulations.runner import resolve
-    from simulations.sources import load_source
+    from fedpersona.client.data import split_examples
+    from fedpersona.simulations.runner import resolve
+    from fedpersona.simulations.sources import load_source
 
     _, cfg = resolve("study", {})
     users = load_source(cfg.data, cfg.run.seed)

@@ -1,8 +1,8 @@
 """``fedpersona audit``: gather a run's files (the devices' state folders and the run folder) for the report.
 
-The devices' files are read by :mod:`client.audit_records`, the server's by
-:mod:`server.audit_records`; :func:`privacy.audit.report.build_audit` checks them and
-:func:`privacy.audit.render.write_report` writes the report. A device auditing itself passes its
+The devices' files are read by :mod:`fedpersona.client.audit_records`, the server's by
+:mod:`fedpersona.server.audit_records`; :func:`fedpersona.privacy.audit.report.build_audit` checks them and
+:func:`fedpersona.privacy.audit.render.write_report` writes the report. A device auditing itself passes its
 state folder alone (``device_dir``).
 """
 
@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from client.audit_records import is_device_dir, read_device_records
-from client.node_data import slug
-from privacy.audit import report
-from server.audit_records import read_run_records
+from fedpersona.client.audit_records import is_device_dir, read_device_records
+from fedpersona.client.node_data import slug
+from fedpersona.privacy.audit import report
+from fedpersona.server.audit_records import read_run_records
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ accuracy, the share of the non-private federated gain recovered
 than the base, and for personalized rows the share that personalization (the head)
 helps and hurts against the same run's shared adapter, and that beat local-only.
 
-Devices are the real :class:`client.device.Device` objects, driven in one process: the
+Devices are the real :class:`fedpersona.client.device.Device` objects, driven in one process: the
 server's cohort sampling and optimizer, each device's own ``train_round`` and
 ``final_evaluation``. The summed update is formed in the clear, with the secure
 aggregation's per-client clip (``secagg.clip-norm`` on each device's update, weight 1) applied:
@@ -50,34 +50,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.device import ACTIVATIONS, HEAD_FILE, LEDGER, BudgetExhausted, Device, UserData, prepare_user
-from client.node_data import slug
-from client.store import DeviceStore
-from client.train import evaluate, train_shared, trainer_for
+from fedpersona.client.device import ACTIVATIONS, HEAD_FILE, LEDGER, BudgetExhausted, Device, prepare_user
+from fedpersona.client.node_data import slug
+from fedpersona.client.store import DeviceStore
+from fedpersona.client.train import evaluate, train_shared, trainer_for
 from fedpersona.config import Config, load_config
 from fedpersona.model import adapted_model
 from fedpersona.secagg_wire import flatten, unflatten
-from privacy.ledger import PrivacyLedger
-from privacy.secagg.crypto import SecureRNG
-from privacy.secagg.settings import ddp_min_clients, ddp_user_epsilon, record_ddp, secagg_params
-from server.federation import sample_cohort
-from server.checkpoint import latest_checkpoint
-from server.optim import ServerOptimizer
-from server.run_report import distribution, plot_users
-from simulations.partitions import simulated_state_dir
-from simulations.sources import load_source
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.secagg.crypto import SecureRNG
+from fedpersona.privacy.secagg.settings import ddp_min_clients, ddp_user_epsilon, record_ddp, secagg_params
+from fedpersona.server.federation import sample_cohort
+from fedpersona.server.checkpoint import latest_checkpoint
+from fedpersona.server.optim import ServerOptimizer
+from fedpersona.server.run_report import distribution, plot_users
+from fedpersona.simulations.partitions import simulated_state_dir
+from fedpersona.simulations.population import User, population, simulated_devices
+from fedpersona.simulations.sources import load_source
 
 logger = logging.getLogger(__name__)
 
 QUICK = {"server.num-rounds": 2, "data.max-users": 6, "server.clients-per-round": 3}
 CENTRAL_STEPS, CENTRAL_BATCH, CENTRAL_LR = 80, 32, 3e-3
-
-
-@dataclass
-class User:
-    user_id: str
-    folder: Path
-    data: UserData
 
 
 @dataclass
@@ -89,53 +83,6 @@ class FederatedRun:
     declined: int
     aborted: int = 0  # rounds whose sum was not applied (too few contributors)
     update_norms: list[float] = field(default_factory=list)  # each release's ||update / max-examples|| before clipping
-
-
-# ----------------------------------------------------------------------------- population
-def population(cfg: Config, root: Path) -> list[User]:
-    """The scenario's users, each with a data folder (deployment format) and its examples prepared once.
-
-    With ``client.cache-activations`` the frozen lower blocks' outputs are kept in an encrypted store per
-    user under ``root / "activations"`` (keyed by the model, the layout and the examples, as on a device):
-    a study run again on the same scenario reads them instead of running the lower blocks again.
-    """
-    model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device, dtype=cfg.model.dtype)
-    users = load_source(cfg.data, cfg.run.seed)
-    out = []
-    t0 = time.perf_counter()
-    for i, u in enumerate(users, 1):
-        folder = root / "data" / slug(u.user_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        pairs = [(e.cue, e.reply) for e in u.examples]
-        (folder / "lines.jsonl").write_text("".join(json.dumps({"cue": c, "reply": r}) + "\n" for c, r in pairs))
-        store = DeviceStore(root / "activations" / slug(u.user_id)) if cfg.client.cache_activations else None
-        out.append(User(u.user_id, folder, prepare_user(model, cfg, u.user_id, pairs, store=store)))
-        if i % 10 == 0 or i == len(users):
-            logger.info("prepared %d/%d users (%.0f s)", i, len(users), time.perf_counter() - t0)
-    return out
-
-
-def scenario_population(scenario: str | None, overrides: dict[str, Any] | None, root: Path) -> tuple[Config, list[User]]:
-    """A scenario's config, with its state and results under ``root``, and its users prepared once (the benches)."""
-    from simulations.runner import resolve  # Flower is loaded only where a scenario is resolved
-
-    flat, _ = resolve(scenario, {"run.state-dir": str(root / "state"), "run.results-dir": str(root / "results"),
-                                 **(overrides or {})})
-    cfg = load_config(flat, env=False)
-    return cfg, population(cfg, root / "population")
-
-
-def simulated_devices(cfg: Config, users: list[User], state_root: Path, **node: Any) -> list[Device]:
-    """One real device per prepared user, its state under ``state_root`` (``node``: more node-config keys)."""
-    return [Device(cfg, {"data-dir": str(u.folder), "state-dir": str(state_root / slug(u.user_id)),
-                         "user-id": u.user_id, **node}, prepared=u.data, simulated=True) for u in users]
-
-
-def require_split_lora_head(cfg: Config, what: str) -> None:
-    """A ValueError unless the head is a LoRA adapter apart from the shared one (``what`` trains the two apart)."""
-    if cfg.adapter.head != "lora" or cfg.adapter.split == "fedsa":
-        raise ValueError(f"{what} trains a LoRA head apart from the shared adapter. "
-                         f"You passed: adapter.head={cfg.adapter.head!r}, adapter.split={cfg.adapter.split!r}")
 
 
 def _weighted_clipped(update: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
@@ -157,7 +104,7 @@ def in_process(cfg: Config) -> bool:
 def user_level_epsilon(ledger) -> float:
     """The user-level epsilon of a ledger's distributed-DP entries on the rounds' sums (the last is cumulative);
     0 without any. The final evaluation's entries (the same for every row) are not counted here."""
-    from privacy.secagg.settings import DDP_MECHANISM
+    from fedpersona.privacy.secagg.settings import DDP_MECHANISM
 
     entries = [e for e in ledger.user_level_entries if e["mechanism"].startswith(DDP_MECHANISM)]
     return float(entries[-1]["epsilon"]) if entries else 0.0
@@ -169,10 +116,10 @@ def federate(cfg: Config, users: list[User], state_root: Path) -> FederatedRun:
     The sum the server learns is formed here as secure aggregation releases it: each device's
     ``update / data.max-examples`` clipped to ``secagg.clip-norm``. With ``secagg.ddp`` each
     device's clipped update is quantized and gets its discrete Gaussian noise share exactly as the
-    device does before masking (:meth:`privacy.secagg.quantize.Quantizer.quantize` with the run's
-    :func:`~privacy.secagg.settings.secagg_params`), the integer sum is decoded, each contributing
+    device does before masking (:meth:`fedpersona.privacy.secagg.quantize.Quantizer.quantize` with the run's
+    :func:`~fedpersona.privacy.secagg.settings.secagg_params`), the integer sum is decoded, each contributing
     device records the round's user-level entry in its own ledger
-    (:func:`~privacy.secagg.settings.record_ddp`, before the sum is used), and a round with fewer
+    (:func:`~fedpersona.privacy.secagg.settings.record_ddp`, before the sum is used), and a round with fewer
     contributors than ``secagg.ddp-min-clients`` is not applied. Each row gets ``user-epsilon``: the
     device's user-level epsilon (0 without ``secagg.ddp``).
     """
@@ -245,17 +192,17 @@ def federate(cfg: Config, users: list[User], state_root: Path) -> FederatedRun:
 
 def federate_by_runner(cfg: Config, flat: dict[str, Any], users: list[User], state_root: Path, *,
                        device_policy: dict[str, Any] | None = None) -> FederatedRun:
-    """The same study row through the real apps: :func:`simulations.runner.run` (the ServerApp's round
+    """The same study row through the real apps: :func:`fedpersona.simulations.runner.run` (the ServerApp's round
     loop, every message to the real ClientApp, secure aggregation as configured, ``--engine devices``).
 
     For a noise placement :func:`federate` does not drive itself (``privacy.noise-on = sum``: one secure
     sum per DP-SGD step), so the row is exactly what ``fedpersona run`` does. Each simulated device's
     lower-block activations are handed over from the study's prepared users (its store's
     ``lower-activations``, same key), so the lower blocks do not run again. The rows are the devices'
-    own evaluation rows, read from their stores on this machine (:mod:`simulations.user_table`).
+    own evaluation rows, read from their stores on this machine (:mod:`fedpersona.simulations.user_table`).
     """
-    from simulations.partitions import simulated_state_dir
-    from simulations.runner import run
+    from fedpersona.simulations.partitions import simulated_state_dir
+    from fedpersona.simulations.runner import run
 
     if state_root.exists():
         shutil.rmtree(state_root)
@@ -340,7 +287,7 @@ def finished_run_attribution(scenario: str | None = "demo", overrides: dict[str,
 
     Writes ``results/<run.name>/attribution.json``. The users' held-out examples are prepared again
     from the scenario's source and split (the same seeded split as the run's)."""
-    from simulations.runner import resolve  # Flower is loaded only where a scenario is resolved
+    from fedpersona.simulations.runner import resolve  # Flower is loaded only where a scenario is resolved
 
     _, cfg = resolve(scenario, dict(overrides or {}))
     run_dir = Path(cfg.run.results_dir) / cfg.run.name
@@ -461,7 +408,7 @@ def max_participations(cfg: Config, n_users: int) -> int:
 def ddp_noise_for(cfg: Config, *, epsilon: float, rounds: int, dim: int, tol: float = 1e-3) -> float:
     """The smallest ``secagg.ddp-noise-multiplier`` whose user-level epsilon over ``rounds`` sums of ``dim``
     coordinates stays within ``epsilon`` (at ``secagg.ddp-delta``, with ``secagg.ddp-min-clients`` honest devices:
-    :func:`privacy.secagg.settings.ddp_user_epsilon`). Bisection on a log scale."""
+    :func:`fedpersona.privacy.secagg.settings.ddp_user_epsilon`). Bisection on a log scale."""
     import dataclasses
 
     def eps_at(z: float) -> float:
@@ -564,7 +511,7 @@ def study(scenario: str | None = "demo", overrides: dict[str, Any] | None = None
     40 users; it scores every user's held-out replies with every user's model). ``device_policy``:
     ``policy.*`` keys of the devices of rows that run through the real apps (:func:`federate_by_runner`).
     """
-    from simulations.runner import resolve
+    from fedpersona.simulations.runner import resolve
 
     flat, cfg = resolve(scenario, dict(overrides or {}))
     if quick:  # fewer users and rounds, same semantics

@@ -1,6 +1,6 @@
 """What a scenario costs on this machine, from its per-step costs (the study scenario was sized this way).
 
-    python -m simulations.bench_steps [SCENARIO] [--set KEY=VALUE] [--examples 48] [--threads 1]
+    python -m fedpersona.simulations.bench.steps [SCENARIO] [--set KEY=VALUE] [--examples 48] [--threads 1]
 
 Takes one user of the scenario (the first), prepares ``--examples`` of its (cue, reply) pairs with the
 scenario's model, sequence length and adapter layout, and measures CPU time (``time.process_time``, so
@@ -29,12 +29,12 @@ logger = logging.getLogger(__name__)
 def measure(scenario: str | None, overrides: dict[str, Any] | None = None, *, examples: int = 48,
             threads: int = 1, steps: int = 4) -> dict[str, Any]:
     """Per-unit CPU seconds and the projected CPU seconds of one run of the scenario."""
-    from client.data import split_examples
-    from client.device import prepare_user
-    from client.train import evaluate, train_head, train_shared, trainer_for
+    from fedpersona.client.data import split_examples
+    from fedpersona.client.device import prepare_user
+    from fedpersona.client.train import evaluate, train_head, train_shared, trainer_for
     from fedpersona.model import adapted_model
-    from simulations.runner import resolve
-    from simulations.sources import load_source
+    from fedpersona.simulations.runner import resolve
+    from fedpersona.simulations.sources import load_source
 
     if examples < 8 or steps < 1:
         raise ValueError(f"--examples must be at least 8 and --steps at least 1. You passed: {examples!r}, {steps!r}")

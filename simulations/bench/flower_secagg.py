@@ -1,7 +1,7 @@
 """Our SecAgg+ (over the Message API) vs Flower's own SecAgg+ workflow, same vectors, same engine, side by side.
 
-    python -m simulations.bench_flower_secagg                        # 10 and 50 clients, 0.5M params, 3 rounds
-    python -m simulations.bench_flower_secagg --clients 10 --params 100000 --rounds 2   # quick check
+    python -m fedpersona.simulations.bench.flower_secagg                        # 10 and 50 clients, 0.5M params, 3 rounds
+    python -m fedpersona.simulations.bench.flower_secagg --clients 10 --params 100000 --rounds 2   # quick check
 
 Both run in Flower's Simulation Engine (``flwr.simulation.run_simulation``, Ray, one CPU per
 ClientApp), with the same client vectors (a fixed random vector of norm 0.5 per client), the
@@ -12,9 +12,9 @@ degree k + 1, its ``reconstruction_threshold`` = our t.
   SecAggPlusWorkflow(...))`` with a ``LegacyContext`` and ``FedAvg`` on the server; a
   ``NumPyClient`` whose ``fit`` returns the vector, behind ``secaggplus_mod``. 4 exchanges per
   round (setup, share keys, collect masked vectors, unmask).
-* **Ours**: :class:`server.secagg.SecureAggregator` (the code the fedpersona ServerApp runs)
+* **Ours**: :class:`fedpersona.server.secagg.SecureAggregator` (the code the fedpersona ServerApp runs)
   and a ClientApp that answers ``query.advertise`` / ``train`` / ``query.unmask`` with
-  :class:`privacy.secagg.SecAggClient`, its long-term keys kept in the node's
+  :class:`fedpersona.privacy.secagg.SecAggClient`, its long-term keys kept in the node's
   ``context.state``. 2 exchanges per round plus the key advertisement in round 1.
 
 A round is timed on the server from the first message to the unmasked sum (Flower: one call
@@ -64,7 +64,7 @@ def bench_config(n: int):
 
 
 def graph_params(n: int) -> tuple[int, int]:
-    from privacy.secagg.settings import secagg_params
+    from fedpersona.privacy.secagg.settings import secagg_params
 
     k, t, _ = secagg_params(bench_config(n)).round_params(n)
     return k, t
@@ -90,7 +90,7 @@ def _flower_apps():
         import torch  # noqa: F401  - the same imports as our ClientApp: round 1 then costs both sides alike
 
         import fedpersona.secagg_wire  # noqa: F401
-        import privacy.secagg.settings  # noqa: F401
+        import fedpersona.privacy.secagg.settings  # noqa: F401
         import fedpersona.wire  # noqa: F401
 
         _, d, _ = _settings()
@@ -139,10 +139,10 @@ def _our_apps():
     from flwr.serverapp import ServerApp
 
     from fedpersona.secagg_wire import SELF_ENC_PK, SELF_MASK_PK, SELF_SIGN_PK, from_records, to_records
-    from privacy.secagg.settings import secagg_params
+    from fedpersona.privacy.secagg.settings import secagg_params
     from fedpersona.wire import pack_shared, unpack_shared
-    from privacy.secagg import ClientKeys, SecAggClient
-    from server.secagg import SecureAggregator
+    from fedpersona.privacy.secagg import ClientKeys, SecAggClient
+    from fedpersona.server.secagg import SecureAggregator
 
     client = ClientApp()
 
@@ -216,7 +216,7 @@ def _our_apps():
 def _simulate(which: str, n: int, d: int, rounds: int, cpus: int, verbose: bool = False) -> None:
     from flwr.simulation import run_simulation
 
-    from simulations.engine.shards import start_ray
+    from fedpersona.simulations.engine.shards import start_ray
 
     server, client = _flower_apps() if which == "flower" else _our_apps()
     os.environ[SETTINGS_ENV] = f"{n},{d},{rounds}"
@@ -236,7 +236,7 @@ def _in_subprocess(which: str, n: int, d: int, rounds: int, cpus: int, verbose: 
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.json")
-        cmd = [sys.executable, "-m", "simulations.bench_flower_secagg", "--worker", which, "--clients", str(n),
+        cmd = [sys.executable, "-m", "fedpersona.simulations.bench.flower_secagg", "--worker", which, "--clients", str(n),
                "--params", str(d), "--rounds", str(rounds), "--cpus", str(cpus), "--json", out]
         if verbose:
             cmd.append("--verbose")

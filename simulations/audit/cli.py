@@ -62,8 +62,8 @@ def _print_status(audit: dict, paths: dict) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from privacy.audit.render import write_report
-    from simulations.audit_gather import build_audit
+    from fedpersona.privacy.audit.render import write_report
+    from fedpersona.simulations.audit.gather import build_audit
 
     if not args.run_folder and not args.device:
         raise ValueError("give a run folder, or --device STATE_DIR")
@@ -76,7 +76,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _read_reference(folder: str | Path) -> float:
-    from privacy.audit.empirical import read_empirical
+    from fedpersona.privacy.audit.empirical import read_empirical
 
     emp = read_empirical(folder)
     if emp is None or emp["theoretical"]["epsilon_max"] is None:
@@ -86,10 +86,10 @@ def _read_reference(folder: str | Path) -> float:
 
 def cmd_audit_run(args: argparse.Namespace) -> int:
     from fedpersona.config import parse_overrides
-    from privacy.audit.render import write_report
-    from simulations.audit_experiment import AuditSettings, run_audit
-    from simulations.audit_gather import build_audit
-    from simulations.runner import resolve
+    from fedpersona.privacy.audit.render import write_report
+    from fedpersona.simulations.audit.experiment import AuditSettings, run_audit
+    from fedpersona.simulations.audit.gather import build_audit
+    from fedpersona.simulations.runner import resolve
 
     settings = AuditSettings(onerun_canaries=args.canaries, exposure_users=args.exposure_users,
                              exposure_repeats=args.repeats, candidates=args.candidates, seed=args.seed)

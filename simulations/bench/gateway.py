@@ -1,11 +1,11 @@
 """What the Fleet gateway (server/gateway.py) adds to a Fleet API call: the same call direct and through it.
 
 An echo server stands in for the SuperLink (uvicorn, TLS with a certificate from ``fedpersona certs``,
-on 127.0.0.1); the gateway runs as in a deployment (``python -m server.gateway``, TLS on both sides).
+on 127.0.0.1); the gateway runs as in a deployment (``python -m fedpersona.server.gateway``, TLS on both sides).
 Each call POSTs ``--kib`` KiB to ``/v1/fleet/push-object`` and reads the same bytes back, on one
 kept-alive connection, as a SuperNode does; the medians are printed side by side.
 
-    python -m simulations.bench_gateway --calls 200 --kib 100
+    python -m fedpersona.simulations.bench.gateway --calls 200 --kib 100
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 from fedpersona.certs import make_credentials
-from simulations.processes import free_port, stop_tree
+from fedpersona.simulations.processes import free_port, stop_tree
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 async def echo_app(scope, receive, send) -> None:
@@ -60,10 +60,10 @@ def bench(*, calls: int, kib: int) -> dict[str, float]:
         make_credentials(creds, supernodes=[])
         cert, key, ca = (str(creds / f) for f in ("superlink.crt", "superlink.key", "ca.crt"))
         up_port, gw_port = free_port(), free_port()
-        up = subprocess.Popen([sys.executable, "-m", "uvicorn", "simulations.bench_gateway:echo_app", "--host", "127.0.0.1",
+        up = subprocess.Popen([sys.executable, "-m", "uvicorn", "fedpersona.simulations.bench.gateway:echo_app", "--host", "127.0.0.1",
                                "--port", str(up_port), "--ssl-certfile", cert, "--ssl-keyfile", key, "--http", "h11",
                                "--log-level", "warning"], cwd=REPO, start_new_session=True)
-        gw = subprocess.Popen([sys.executable, "-m", "server.gateway", "--listen", f"127.0.0.1:{gw_port}", "--superlink",
+        gw = subprocess.Popen([sys.executable, "-m", "fedpersona.server.gateway", "--listen", f"127.0.0.1:{gw_port}", "--superlink",
                                f"127.0.0.1:{up_port}", "--ssl-certfile", cert, "--ssl-keyfile", key,
                                "--ssl-ca-certfile", ca], cwd=REPO, start_new_session=True, stderr=subprocess.DEVNULL)
         try:
@@ -88,7 +88,7 @@ def bench(*, calls: int, kib: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m simulations.bench_gateway", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fedpersona.simulations.bench.gateway", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calls", type=int, default=200, help="calls per side (default 200)")
     p.add_argument("--kib", type=int, default=100, help="request and reply size in KiB (default 100)")

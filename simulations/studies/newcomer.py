@@ -9,7 +9,7 @@ the held-out loss (nats per target token, mean over newcomers) of
 * **head** — data-based personalization: the fresh head trained on the k examples (plain Adam, the
   head never leaves the device; the shared adapter frozen);
 * **profile** — prompt-based personalization: no training; the profile computed from the k
-  examples (:mod:`client.profile`) put before each held-out prompt as a system turn;
+  examples (:mod:`fedpersona.client.profile`) put before each held-out prompt as a system turn;
 * **head + profile** — the head trained on the k examples with the profile in their prompts.
 
 **Reptile-style shared update.** With server learning rate 1, FedAvg's shared update already *is*
@@ -42,9 +42,9 @@ from typing import Any
 
 import torch
 
-from client.data import encode_examples, split_examples
-from client.profile import compute_profile, system_prefix
-from client.train import CachedExample, evaluate
+from fedpersona.client.data import encode_examples, split_examples
+from fedpersona.client.profile import compute_profile, system_prefix
+from fedpersona.client.train import CachedExample, evaluate
 from fedpersona.config import Config, load_config
 from fedpersona.model import AdaptedModel, adapted_model, labels_for, lower_hidden
 
@@ -86,7 +86,7 @@ class Newcomer:
 
 def pick_newcomers(cfg: Config, count: int) -> list[Newcomer]:
     """Users of the corpus outside the run's training users, with the most speeches first."""
-    from simulations.corpus import all_users, load_users
+    from fedpersona.simulations.corpus import all_users, load_users
 
     trained = {u.user_id for u in load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users,
                                              seed=cfg.run.seed)}
@@ -178,7 +178,7 @@ def mini_federation(model: AdaptedModel, cfg: Config, *, fresh_head_each_round: 
     ``fresh_head_each_round``: the Reptile-style inner loop (fresh head every round, discarded after);
     otherwise the shipped one (each user's head persists across rounds). Same users, batches and seeds.
     """
-    from simulations.corpus import load_users
+    from fedpersona.simulations.corpus import load_users
 
     users = load_users(min_speeches=cfg.data.min_speeches, max_users=cfg.data.max_users, seed=cfg.run.seed)[: s.fed_users]
     data = {}
@@ -211,7 +211,7 @@ def _tiny_model(folder: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from simulations.corpus import all_users
+    from fedpersona.simulations.corpus import all_users
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     texts = [e.reply for u in all_users()[:60] for e in u.examples[:40]] + ["user assistant system"] * 20
@@ -251,13 +251,13 @@ def run_bench(*, quick: bool = False, initial: bool = False, scenario: str | Non
             source = "initial adapter (tiny random-weight model)"
             shared = None
         else:
-            from simulations.runner import resolve
+            from fedpersona.simulations.runner import resolve
 
             _, cfg = resolve(scenario, dict(overrides or {}))
             shared = None
             source = "initial adapter"
             if not initial:
-                from server.checkpoint import latest_checkpoint
+                from fedpersona.server.checkpoint import latest_checkpoint
 
                 run_dir = Path(cfg.run.results_dir) / cfg.run.name
                 ckpt = latest_checkpoint(run_dir / "checkpoints")

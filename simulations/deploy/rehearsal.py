@@ -9,11 +9,11 @@ plus its warm ClientApp worker, with the user's own ``*.jsonl`` data folder and 
 ``flwr ls`` / ``flwr log``, results from the run folder. Every process is started in its own session
 and stopped by its process id (its whole process tree), also when something fails.
 
-    python -m simulations.deploy_local --users 4 --rounds 2                  # the demo model
-    python -m simulations.deploy_local --users 4 --rounds 3 --tiny            # a tiny random model, fast
-    python -m simulations.deploy_local --users 4 --rounds 3 --compare         # + the same cohort simulated
+    python -m fedpersona.simulations.deploy.rehearsal --users 4 --rounds 2                  # the demo model
+    python -m fedpersona.simulations.deploy.rehearsal --users 4 --rounds 3 --tiny            # a tiny random model, fast
+    python -m fedpersona.simulations.deploy.rehearsal --users 4 --rounds 3 --compare         # + the same cohort simulated
 
-The harness is :mod:`simulations.local_federation`; this module is the command and its figures.
+The harness is :mod:`fedpersona.simulations.deploy.federation`; this module is the command and its figures.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from fedpersona.config import load_config, parse_override
-from simulations.corpus import load_users
-from simulations.local_federation import CONNECTION, REPO, LocalFederation
-from simulations.runner import run
+from fedpersona.simulations.corpus import load_users
+from fedpersona.simulations.deploy.federation import CONNECTION, REPO, LocalFederation
+from fedpersona.simulations.runner import run
 
 __all__ = ["deploy", "main", "simulate", "users_for", "worker_task_stats"]
 
@@ -134,7 +134,7 @@ def simulate(root: Path, *, users: int, run_config: dict[str, Any], cpus: int | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m simulations.deploy_local", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fedpersona.simulations.deploy.rehearsal", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", type=int, default=4, help="devices (one Shakespeare user each)")
     p.add_argument("--rounds", type=int, default=2)

@@ -6,7 +6,7 @@ under cProfile, and prints for each N: the wall time, the time inside the store 
 ``client/store.py``, counted where it is entered from outside it), its share, the messages the
 devices answered and the fsync calls (all of the run's, and per message).
 
-    python -m simulations.bench_store --users 50 200 --cohort 16 --rounds 2
+    python -m fedpersona.simulations.bench.store --users 50 200 --cohort 16 --rounds 2
 
 The measure reads only the store's file name and ``os.fsync``, so the same script measures the
 store of another checkout (``PYTHONPATH=<checkout> python <this file>``): a before/after on one machine.
@@ -42,7 +42,7 @@ def _store_seconds(profile: cProfile.Profile) -> float:
 
 
 def measure(users: int, cohort: int, rounds: int, root: Path, model: Path) -> dict:
-    from simulations.runner import run
+    from fedpersona.simulations.runner import run
 
     overrides = {
         "model.path": str(model), "model.seq-len": 32, "model.cue-tokens": 8, "adapter.layers": 2,
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build_tiny_model(root / "tiny-model")
         for n in a.users:
             rows.append(measure(n, a.cohort, a.rounds, root / f"n{n}", model))
-    print(f"store: {sys.modules['client.store'].__file__}")
+    print(f"store: {sys.modules['fedpersona.client.store'].__file__}")
     print(f"{'N':>5} {'K':>4} {'R':>3} {'wall s':>8} {'store s':>8} {'share':>7} {'messages':>9} {'fsyncs':>7} "
           f"{'per message':>12}")
     for r in rows:

@@ -1,24 +1,24 @@
 """The cohort engine below the ServerApp: a Grid that trains a round's whole cohort in one engine call.
 
-:class:`EngineGrid` is an :class:`~simulations.inprocess.InProcessGrid`: every message still
+:class:`EngineGrid` is an :class:`~fedpersona.simulations.inprocess.InProcessGrid`: every message still
 goes to the real ``ClientApp`` (its mods, the device's policy checks, secure-aggregation
 masking, ledger and persistence), and the replies are the ClientApp's own. Before a batch of
 ``train`` messages is delivered, the grid
 
-1. builds each addressed simulated device (the very :class:`~client.device.Device` objects
-   the ClientApp's handlers use, :func:`client.app.cached_device`) and asks it to plan its
-   round (:meth:`~client.device.Device.plan_round`: its policy, budget and delta checks; a
+1. builds each addressed simulated device (the very :class:`~fedpersona.client.device.Device` objects
+   the ClientApp's handlers use, :func:`fedpersona.client.app.cached_device`) and asks it to plan its
+   round (:meth:`~fedpersona.client.device.Device.plan_round`: its policy, budget and delta checks; a
    device that refuses is skipped here and refuses again when its message is delivered),
-2. trains every planned device in ONE :meth:`~simulations.engine.CohortEngine.train_cohort`
-   (each job's batches and noise from the device's own :class:`~privacy.noise.NoiseSource`,
+2. trains every planned device in ONE :meth:`~fedpersona.simulations.engine.CohortEngine.train_cohort`
+   (each job's batches and noise from the device's own :class:`~fedpersona.privacy.noise.NoiseSource`,
    the CSPRNG unless a test injected a seeded one),
-3. offers each device its result (:meth:`~client.device.Device.offer_result`); the handler
+3. offers each device its result (:meth:`~fedpersona.client.device.Device.offer_result`); the handler
    uses it only for exactly the plan it was trained for, and otherwise trains sequentially.
 
 A batch of ``evaluate`` messages (the final evaluation) goes the same way: the grid builds the
 addressed devices, runs their held-out passes (base, shared adapter alone, shared + head) in one
-:meth:`~simulations.engine.CohortEngine.evaluate_cohort` call and offers each device its figures
-(:meth:`~client.device.Device.offer_evaluation`, used only for exactly that shared adapter, head and
+:meth:`~fedpersona.simulations.engine.CohortEngine.evaluate_cohort` call and offers each device its figures
+(:meth:`~fedpersona.client.device.Device.offer_evaluation`, used only for exactly that shared adapter, head and
 held-out split); a batch larger than the device cache is delivered in chunks of ``max_devices``.
 Other message types (key advertisement, unmasking) pass straight through. The ServerApp, the
 strategy, secure aggregation and the audit cannot tell which path trained or evaluated the
@@ -27,12 +27,12 @@ once per grid on ``model.device`` / ``model.dtype``; the clients' packed example
 device while their device is cached.
 
 Past one GPU: ``engines=N`` (``fedpersona run --engines N``) splits each cohort over N
-engines on Ray actors, one per GPU (:class:`~simulations.engine.shards.ShardedEngine`); their
+engines on Ray actors, one per GPU (:class:`~fedpersona.simulations.engine.shards.ShardedEngine`); their
 results merge before any device sees them. ``engines=1`` (the default) is the in-process
 engine, and no Ray is started.
 
 Memory: at most ``max_devices`` devices stay cached (default: two cohorts,
-:func:`client.app.limit_cached_devices`); the others live in their state folders only.
+:func:`fedpersona.client.app.limit_cached_devices`); the others live in their state folders only.
 
     with EngineGrid(client_app, {node_id: {"partition-id": i}}, flat, run_id=7) as grid:
         run_federation(grid, cfg)
@@ -47,27 +47,27 @@ from collections.abc import Callable, Iterable, Mapping
 
 from flwr.app import Message
 
-from client import app as client_module
-from client.device import BudgetExhausted, Device, RoundPlan, state_digest
-from client.node_data import context_state_dir
-from client.policy import PolicyViolation
-from client.store import DeviceStore
+from fedpersona.client import app as client_module
+from fedpersona.client.device import BudgetExhausted, Device, RoundPlan, state_digest
+from fedpersona.client.node_data import context_state_dir
+from fedpersona.client.policy import PolicyViolation
+from fedpersona.client.store import DeviceStore
 from fedpersona.config import load_config
 from fedpersona.wire import unpack_shared
-from simulations.engine.engine import engine_model
-from simulations.engine.jobs import ClientJob, EvalJob, Phase, joint_phases
-from simulations.inprocess import InProcessGrid
+from fedpersona.simulations.engine.engine import engine_model
+from fedpersona.simulations.engine.jobs import ClientJob, EvalJob, Phase, joint_phases
+from fedpersona.simulations.inprocess import InProcessGrid
 
 logger = logging.getLogger(__name__)
 
 
 class EngineGrid(InProcessGrid):
-    """An in-process Grid whose ``train`` rounds run through one :class:`~simulations.engine.CohortEngine` call."""
+    """An in-process Grid whose ``train`` rounds run through one :class:`~fedpersona.simulations.engine.CohortEngine` call."""
 
     def __init__(self, app, nodes: Mapping[int, dict], run_config: Mapping, *, run_id: int,
                  max_devices: int | None = None, method: str = "expanded", engines: int = 1,
                  cpus: int | None = None, on_devices: bool = False) -> None:
-        from simulations.engine.shards import check_engines
+        from fedpersona.simulations.engine.shards import check_engines
 
         super().__init__(app, nodes, run_config, run_id=run_id)
         self.cfg = load_config(dict(run_config), env=False)
@@ -107,11 +107,11 @@ class EngineGrid(InProcessGrid):
     @property
     def engine(self):
         if self._engine is None and self.engines > 1:
-            from simulations.engine.shards import ShardedEngine
+            from fedpersona.simulations.engine.shards import ShardedEngine
 
             self._engine = ShardedEngine(self._run_config, self.engines, cpus=self.cpus, method=self.method)
         elif self._engine is None:
-            from simulations.engine import CohortEngine
+            from fedpersona.simulations.engine import CohortEngine
 
             self._engine = CohortEngine(engine_model(self.cfg), device=self.cfg.model.device,
                                         dtype=self.cfg.model.dtype, method=self.method)
@@ -149,14 +149,14 @@ class EngineGrid(InProcessGrid):
 
     def _train_ahead(self, messages: list[Message]) -> None:
         if self.on_devices:
-            return  # each train message reaches its ClientApp, whose device trains the round (client.train)
+            return  # each train message reaches its ClientApp, whose device trains the round (fedpersona.client.train)
         planned: list[tuple[int, Device, RoundPlan]] = []
         n_train = sum(1 for m in messages if m.metadata.message_type == "train")
         if n_train and self.cfg.adapter.head != "lora":
-            # The engine trains LoRA heads only: each device trains its round itself (client.train).
+            # The engine trains LoRA heads only: each device trains its round itself (fedpersona.client.train).
             if not self._head_fallback_logged:
                 logger.warning("adapter.head = %r: the cohort engine trains LoRA heads only; every device trains its "
-                               "round sequentially (client.train)", self.cfg.adapter.head)
+                               "round sequentially (fedpersona.client.train)", self.cfg.adapter.head)
                 self._head_fallback_logged = True
             self.fallbacks += n_train
             return
@@ -251,7 +251,7 @@ class EngineGrid(InProcessGrid):
                                   dp=p.enabled, noise_multiplier=plan.noise_multiplier,
                                   max_grad_norm=p.max_grad_norm, noise_source=src)
         else:
-            # As the device's own passes (client.train): the shared pass with the head off, then the head,
+            # As the device's own passes (fedpersona.client.train): the shared pass with the head off, then the head,
             # both Poisson-sampled (the head's pass without noise unless privacy.personal-head = dp).
             phases = (
                 Phase("shared", plan.steps, c.batch_size, c.lr, c.optimizer, p.enabled, plan.noise_multiplier,

@@ -1,7 +1,7 @@
 """The personal head's pass alone: held-out loss of each user's head after S steps at learning rate L.
 
-    python -m simulations.bench_head                                   # the demo's 20 users
-    python -m simulations.bench_head --grid 6:0.01,12:0.005,24:0.003 --set data.max-users=8
+    python -m fedpersona.simulations.bench.head                                   # the demo's 20 users
+    python -m fedpersona.simulations.bench.head --grid 6:0.01,12:0.005,24:0.003 --set data.max-users=8
 
 Each user's examples are prepared once (the frozen lower blocks run once per example). For every
 ``steps:lr`` of the grid, every user's head starts fresh (B = 0, the public A) on top of the
@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from client.train import evaluate, train_head, trainer_for
+from fedpersona.client.train import evaluate, train_head, trainer_for
 from fedpersona.config import parse_overrides
 from fedpersona.model import adapted_model
-from simulations.utility import require_split_lora_head, scenario_population
+from fedpersona.simulations.population import require_split_lora_head, scenario_population
 
 
 def parse_grid(spec: str) -> list[tuple[int, float]]:
@@ -77,7 +77,7 @@ def sweep(scenario: str = "demo", overrides: dict | None = None, *,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m simulations.bench_head", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fedpersona.simulations.bench.head", description=__doc__.split("\n\n")[0])
     ap.add_argument("scenario", nargs="?", default="demo")
     ap.add_argument("--grid", default="6:0.01,12:0.01,12:0.005,24:0.003,24:0.005",
                     help="STEPS:LR pairs, comma-separated (default: %(default)s)")

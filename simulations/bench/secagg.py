@@ -1,11 +1,11 @@
 """Cost of secure aggregation against plain quantized aggregation, measured side by side in one run.
 
-    python -m simulations.bench_secagg --clients 10 50 100 200 --params 500000 5000000
-    python -m simulations.bench_secagg --quick              # 10 and 50 clients, 0.5M params (~1 min)
-    python -m simulations.bench_secagg --ddp-only --params 5000000   # discrete Gaussian sampler speed
+    python -m fedpersona.simulations.bench.secagg --clients 10 50 100 200 --params 500000 5000000
+    python -m fedpersona.simulations.bench.secagg --quick              # 10 and 50 clients, 0.5M params (~1 min)
+    python -m fedpersona.simulations.bench.secagg --ddp-only --params 5000000   # discrete Gaussian sampler speed
 
 For each (clients n, parameters d) it runs the whole protocol in process
-(:func:`privacy.secagg.run_secure_sum`: key advertisement excluded; masked input, consistency
+(:func:`fedpersona.privacy.secagg.run_secure_sum`: key advertisement excluded; masked input, consistency
 check and unmask included; every client with an identity under one root and checking its
 neighbours' and the signers' keys against it, with its signature cache emptied before each of its
 steps, as a device that verifies everything itself) and, on the same updates, plain aggregation of the same quantized vectors (each
@@ -28,9 +28,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedpersona.identity import IdentityRoot, verify
-from privacy.secagg import (ExtraSpec, SecAggClient, SecAggParams, SecAggStats, SecureRNG, run_secure_sum,
+from fedpersona.privacy.secagg import (ExtraSpec, SecAggClient, SecAggParams, SecAggStats, SecureRNG, run_secure_sum,
                             sample_discrete_gaussian)
-from privacy.secagg.quantize import pack_bits, unpack_bits
+from fedpersona.privacy.secagg.quantize import pack_bits, unpack_bits
 
 EXTRAS = (ExtraSpec("num_examples", bound=100_000, scale=1.0), ExtraSpec("train_loss", bound=100.0, scale=1e4))
 

@@ -8,13 +8,13 @@
    random-word canaries for the one-run audit (``m`` of them, spread over the users, each
    planted with probability 1/2) and secret canaries for exposure (a few users, each secret
    repeated). Nothing in the device code knows about canaries.
-2. **Train.** The real ServerApp loop (:func:`server.federation.run_federation`) drives the
+2. **Train.** The real ServerApp loop (:func:`fedpersona.server.federation.run_federation`) drives the
    real ClientApp (mods included, so the inventory is recorded) through
-   :class:`simulations.inprocess.InProcessGrid`: DP-SGD, ledgers, personal heads, checkpoints
+   :class:`fedpersona.simulations.inprocess.InProcessGrid`: DP-SGD, ledgers, personal heads, checkpoints
    and the final evaluation are exactly those of a simulation.
 3. **Attack** what the devices released and what they keep:
 
-   * one-run audits (:mod:`privacy.audit.fdp`, judged; :mod:`privacy.audit.onerun`, reported beside it) of
+   * one-run audits (:mod:`fedpersona.privacy.audit.fdp`, judged; :mod:`fedpersona.privacy.audit.onerun`, reported beside it) of
      the last checkpoint's shared adapter (score: base-model loss minus its loss on each random-word
      canary), of each device's own releases (white-box, :func:`_alignment_scores`: the cosine of every
      update the device sent with the canary's negative gradient at the adapter it received, summed over
@@ -22,13 +22,13 @@
      and of each user's personalized model (shared adapter + that device's personal head); each bound
      beside its ceiling and the theoretical epsilon it is judged against (the canary owners' ledgers;
      none for a local head);
-   * exposure (:mod:`privacy.audit.canary`) of each planted secret, and of control secrets
+   * exposure (:mod:`fedpersona.privacy.audit.canary`) of each planted secret, and of control secrets
      never planted (the chance level);
-   * membership inference (:mod:`privacy.audit.mia`) on each user's real training examples vs
+   * membership inference (:mod:`fedpersona.privacy.audit.mia`) on each user's real training examples vs
      its held-out examples: loss and base-calibrated attacks on the shared adapter and the
      personalized model, and the personal head alone (calibrated against the shared adapter).
 
-4. **Verdict** (:func:`privacy.audit.empirical.verdict`). A *violation* is a lower bound on something
+4. **Verdict** (:func:`fedpersona.privacy.audit.empirical.verdict`). A *violation* is a lower bound on something
    a guarantee covers above its epsilon (a broken guarantee or accountant). *Leakage detected* means
    some attack on such a model is above chance at 95%; what a local head reveals is reported as the
    device's own outputs, never judged. With ``reference_epsilon`` (the epsilon of a DP run of the same
@@ -54,26 +54,26 @@ from typing import Any
 import numpy as np
 import torch
 
-import client.app as client_app
-from client.data import encode_examples, split_examples
-from client.device import Device
-from client.node_data import SIMULATED, slug
-from client.train import CachedExample
+import fedpersona.client.app as client_app
+from fedpersona.client.data import encode_examples, split_examples
+from fedpersona.client.device import Device
+from fedpersona.client.node_data import SIMULATED, slug
+from fedpersona.client.train import CachedExample
 from fedpersona.config import load_config
 from fedpersona.identity import ROOT_KEY_FILE, provision
 from fedpersona.model import IGNORE, adapted_model, collate, labels_for, lower_hidden, resolve_model_dir
-from privacy.audit.canary import SECRET_CUE, exposure, random_secrets, secret_reply, word_canaries, word_pool
-from privacy.audit.empirical import EMPIRICAL_FILE, VERSION, head_mode, verdict
-from privacy.audit.mia import attack_summary
-from privacy.audit.fdp import fdp_one_run_audit
-from privacy.audit.onerun import one_run_audit
-from privacy.budget import composed
-from privacy.ledger import PrivacyLedger
-from server.checkpoint import latest_checkpoint
-from server.federation import run_federation
-from simulations.sources import load_source
-from simulations.user_table import attach_user_table
-from simulations.inprocess import InProcessGrid
+from fedpersona.privacy.audit.canary import SECRET_CUE, exposure, random_secrets, secret_reply, word_canaries, word_pool
+from fedpersona.privacy.audit.empirical import EMPIRICAL_FILE, VERSION, head_mode, verdict
+from fedpersona.privacy.audit.mia import attack_summary
+from fedpersona.privacy.audit.fdp import fdp_one_run_audit
+from fedpersona.privacy.audit.onerun import one_run_audit
+from fedpersona.privacy.budget import composed
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.server.checkpoint import latest_checkpoint
+from fedpersona.server.federation import run_federation
+from fedpersona.simulations.sources import load_source
+from fedpersona.simulations.user_table import attach_user_table
+from fedpersona.simulations.inprocess import InProcessGrid
 
 logger = logging.getLogger(__name__)
 

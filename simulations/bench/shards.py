@@ -1,6 +1,6 @@
 """Examples kept in the engines' actors, or sent with every cohort: the cost of each, measured.
 
-    python -m simulations.bench_shards --model MODEL_DIR [--clients 16 --examples 16 --rounds 4 --engines 2 --cpus 2]
+    python -m fedpersona.simulations.bench.shards --model MODEL_DIR [--clients 16 --examples 16 --rounds 4 --engines 2 --cpus 2]
 
 Trains the same cohort (random token sequences of ``--seq`` tokens, the cached lower-block
 activations of ``--model``) for ``--rounds`` rounds: in this process (one CohortEngine), and
@@ -17,14 +17,14 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    from client.train import CachedExample
+    from fedpersona.client.train import CachedExample
     from fedpersona.config import load_config
     from fedpersona.model import labels_for, lower_hidden
-    from simulations.engine import ClientJob, CohortEngine, joint_phases
-    from simulations.engine.shards import ShardedEngine, start_ray
-    from simulations.engine.engine import engine_model
+    from fedpersona.simulations.engine import ClientJob, CohortEngine, joint_phases
+    from fedpersona.simulations.engine.shards import ShardedEngine, start_ray
+    from fedpersona.simulations.engine.engine import engine_model
 
-    ap = argparse.ArgumentParser(prog="python -m simulations.bench_shards", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fedpersona.simulations.bench.shards", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="model.path (a model folder)")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--examples", type=int, default=16)

@@ -1,7 +1,7 @@
 """Benchmarks that print ratios measured side by side in one run (not timed tests).
 
 ``fedpersona bench engine [--quick | --preset demo|anchor]``: the cohort engine
-against the sequential Opacus path (:mod:`simulations.engine.bench`).
+against the sequential Opacus path (:mod:`fedpersona.simulations.engine.bench`).
 
 ``fedpersona bench dp-step``: the cost of a DP-SGD step (Opacus per-sample
 gradients, clipping, noise) against a plain step on the very same Poisson
@@ -42,8 +42,8 @@ class _SeededTorch(_GlobalMT):
 
 def _noise_alone(shapes, *, reps: int = 200) -> dict[str, float]:
     """One step's noise for these parameter shapes, by itself (median CPU seconds of ``reps``)."""
-    from privacy.dpstep import flat_noise
-    from privacy.noise import SECURE
+    from fedpersona.privacy.dpstep import flat_noise
+    from fedpersona.privacy.noise import SECURE
 
     numel = sum(int(torch.Size(s).numel()) for s in shapes)
     mt, seeded = _GlobalMT(), _SeededTorch()
@@ -61,8 +61,8 @@ def _noise_alone(shapes, *, reps: int = 200) -> dict[str, float]:
 
 
 def dp_step(*, steps: int = 10, model: str = "smollm2") -> dict:
-    from privacy import dpstep
-    from client.train import CachedExample, DPTrainer
+    from fedpersona.privacy import dpstep
+    from fedpersona.client.train import CachedExample, DPTrainer
     from fedpersona.config import load_config
     from fedpersona.model import adapted_model, labels_for, lower_hidden
 
@@ -109,7 +109,7 @@ def main(what: str, *, steps: int = 10, model: str = "smollm2", quick: bool = Fa
          cohorts: tuple[int, ...] | None = None, engine_steps: int | None = None,
          methods: tuple[str, ...] | None = None) -> int:
     if what == "engine":
-        from simulations.engine.bench import main as engine_main
+        from fedpersona.simulations.engine.bench import main as engine_main
 
         return engine_main(quick=quick, preset=preset, cohorts=cohorts, steps=engine_steps, methods=methods)
     if what == "dp-step":

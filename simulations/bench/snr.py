@@ -1,7 +1,7 @@
 """How much of the shared update's direction survives DP: the cosine of a DP cohort sum with the true gradient.
 
-    python -m simulations.bench_snr                                  # the demo's users and layout
-    python -m simulations.bench_snr --cohorts 1,8,64 --set adapter.rank=1 --set adapter.targets=down_proj
+    python -m fedpersona.simulations.bench.snr                                  # the demo's users and layout
+    python -m fedpersona.simulations.bench.snr --cohorts 1,8,64 --set adapter.rank=1 --set adapter.targets=down_proj
 
 Every user's examples are prepared once; at the shared adapter's public initialisation (head
 off, as in the shared DP pass) each training example's gradient of the shared tensors is taken
@@ -10,7 +10,7 @@ user. One trial of a cohort of K users is what the server's sum of one DP-SGD st
 for each user a Poisson batch at the device's sample rate (``client.batch-size`` / examples), each
 example's gradient clipped to ``privacy.max-grad-norm``, summed, plus Gaussian noise of
 ``sigma * max-grad-norm`` per coordinate, with ``sigma`` what the device calibrates for its
-planned steps (``client.device.Device``); the cohort's sums are added. Printed per K: the mean
+planned steps (``fedpersona.client.device.Device``); the cohort's sums are added. Printed per K: the mean
 cosine of that sum with the true direction over ``--trials`` trials, with the noise and without
 it (sigma = 0: what clipping and sampling alone leave), and the shared tensor count d. A cosine
 near 0 means the step is nearly all noise; the noise's norm grows as sqrt(K d), the signal as K.
@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from client.train import trainer_for
+from fedpersona.client.train import trainer_for
 from fedpersona.config import parse_overrides
 from fedpersona.model import adapted_model, collate
-from simulations.utility import scenario_population, simulated_devices
+from fedpersona.simulations.population import scenario_population, simulated_devices
 
 
 def per_example_gradients(model, examples) -> torch.Tensor:
@@ -99,7 +99,7 @@ def measure(scenario: str = "demo", overrides: dict | None = None, *, cohorts: l
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m simulations.bench_snr", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fedpersona.simulations.bench.snr", description=__doc__.split("\n\n")[0])
     ap.add_argument("scenario", nargs="?", default="demo")
     ap.add_argument("--cohorts", default="1,8,64", help="cohort sizes K, comma-separated (default: %(default)s)")
     ap.add_argument("--trials", type=int, default=30)

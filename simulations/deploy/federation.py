@@ -2,10 +2,10 @@
 
 :class:`LocalFederation` does what a multi-host deployment does (docs/deployment.md), on loopback:
 credentials (:mod:`fedpersona.certs`), the SuperLink with TLS and SuperNode authentication on
-``127.0.0.1`` only, the Fleet gateway (:mod:`server.gateway`) as the one address devices dial (a
+``127.0.0.1`` only, the Fleet gateway (:mod:`fedpersona.server.gateway`) as the one address devices dial (a
 deployment's network address; here another loopback port), one device per user (``fedpersona supernode``), ``flwr run`` through the operator's
 connection to the SuperLink's own loopback port with the CA as root certificate, and stops every
-process by its process id (:mod:`simulations.processes`). Used by :mod:`simulations.deploy_local` and
+process by its process id (:mod:`fedpersona.simulations.processes`). Used by :mod:`fedpersona.simulations.deploy.rehearsal` and
 ``tests/deploy/test_deployment.py``.
 """
 
@@ -25,16 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.supernode import flower_tool, tool_env
+from fedpersona.client.supernode import flower_tool, tool_env
 from fedpersona.certs import make_credentials
 from fedpersona.identity import IDENTITY_FILE
-from simulations.processes import Proc, free_port, stop_tree
+from fedpersona.simulations.processes import Proc, free_port, stop_tree
 
 __all__ = ["CONNECTION", "LocalDevice", "LocalFederation", "app_config_keys"]
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 APP_FILES = ("pyproject.toml", "README.md")
 APP_PACKAGES = ("fedpersona", "client", "server", "privacy", "simulations")
 CONNECTION = "fedpersona-local"
@@ -141,9 +141,9 @@ class LocalFederation:
                 "--database", str(self.root / "superlink.db"), "--host", "127.0.0.1", "--port", str(self.link_port)]
 
     def gateway_argv(self) -> list[str]:
-        """The Fleet gateway (:mod:`server.gateway`) in front of it, on the address devices dial."""
+        """The Fleet gateway (:mod:`fedpersona.server.gateway`) in front of it, on the address devices dial."""
         c = self.creds_dir
-        return [sys.executable, "-m", "server.gateway", "--listen", self.address, "--superlink", self.control_address,
+        return [sys.executable, "-m", "fedpersona.server.gateway", "--listen", self.address, "--superlink", self.control_address,
                 "--ssl-certfile", str(c / "superlink.crt"), "--ssl-keyfile", str(c / "superlink.key"),
                 "--ssl-ca-certfile", str(c / "ca.crt")]
 

@@ -1,14 +1,14 @@
 """One round of a scenario's real devices, trained on their own path and by the cohort engine, side by side.
 
-    python -m simulations.bench_devices                  # the demo: 8 users, SmolLM2-135M, one round
-    python -m simulations.bench_devices --users 4 --set model.path=DIR
+    python -m fedpersona.simulations.bench.devices                  # the demo: 8 users, SmolLM2-135M, one round
+    python -m fedpersona.simulations.bench.devices --users 4 --set model.path=DIR
 
 The users are prepared once (the frozen lower blocks run once per example); then the same
 round, from the public initial adapter, is trained twice on fresh device states: each device
 after the other on its own path (``Device.train_round``: Opacus, the shared DP pass then the
 head pass), and every device's plan together in one ``CohortEngine.train_cohort`` call (after
 one warm-up client). Printed: both wall times and their ratio, the figure behind
-``--engine auto`` (:func:`simulations.runner.resolve_engine`).
+``--engine auto`` (:func:`fedpersona.simulations.runner.resolve_engine`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from client.device import Device
+from fedpersona.client.device import Device
 from fedpersona.config import parse_override
-from simulations.engine import CohortEngine
-from simulations.engine.engine import engine_model
-from simulations.engine.jobs import ClientJob, Phase
-from simulations.utility import require_split_lora_head, scenario_population, simulated_devices
+from fedpersona.simulations.engine import CohortEngine
+from fedpersona.simulations.engine.engine import engine_model
+from fedpersona.simulations.engine.jobs import ClientJob, Phase
+from fedpersona.simulations.population import require_split_lora_head, scenario_population, simulated_devices
 
 
 def _job(engine: CohortEngine, device: Device, shared, server_round: int) -> ClientJob:

@@ -5,7 +5,7 @@
     fedpersona bench overhead --users 1000 --cohorts 16 --rounds 2     # the final evaluation at N = 1000
 
 Each (N users, K per round) pair with K <= N runs the federation ``fedpersona run`` runs: the real
-ServerApp round loop and ClientApp over the in-process :class:`~simulations.engine_grid.EngineGrid`,
+ServerApp round loop and ClientApp over the in-process :class:`~fedpersona.simulations.engine.grid.EngineGrid`,
 each round's cohort trained by the cohort engine, DP-SGD and secure aggregation on, every device
 with its encrypted store on disk, then the final evaluation. The model is the tests' tiny Llama
 (``tests/conftest.py``), so that the framework's own costs show; the settings are the demo's
@@ -23,8 +23,8 @@ Per round and for the final evaluation it prints, as a table and into a JSON fil
   devices' encrypted stores: part of the framework's time;
 * ``secagg``: the secure-aggregation time the run records (``secagg-seconds``: the server's
   protocol CPU, the key advertisement and the unmask stage), beside the protocol's own CPU for
-  the same K and vector length run in process (:func:`privacy.secagg.run_secure_sum`, as
-  ``python -m simulations.bench_secagg`` runs it: every client's and the server's CPU).
+  the same K and vector length run in process (:func:`fedpersona.privacy.secagg.run_secure_sum`, as
+  ``python -m fedpersona.simulations.bench.secagg`` runs it: every client's and the server's CPU).
 
 The last line is ``framework per participation: X ms``: the mean over the rounds' participations
 at the largest K it ran (the final evaluation apart).
@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 #: The demo's scenario with the tests' tiny model and its small data settings. ``data.min-examples = 3``
 #: lets up to 1,023 Shakespeare roles take part (each keeps at most 16 examples, a quarter held out).
@@ -133,11 +133,11 @@ def tiny_model(folder: Path) -> Path:
 
 def protocol_cpu(cfg, cohort: int, length: int) -> float:
     """CPU seconds of one secure sum of ``cohort`` vectors of ``length`` in process (every client + the server),
-    at the run's own protocol settings (``secagg.*``): what ``python -m simulations.bench_secagg`` measures."""
+    at the run's own protocol settings (``secagg.*``): what ``python -m fedpersona.simulations.bench.secagg`` measures."""
     import numpy as np
 
-    from privacy.secagg import SecAggStats, run_secure_sum
-    from privacy.secagg.settings import extras_specs, secagg_params
+    from fedpersona.privacy.secagg import SecAggStats, run_secure_sum
+    from fedpersona.privacy.secagg.settings import extras_specs, secagg_params
 
     params = secagg_params(cfg)
     rng = np.random.default_rng(0)
@@ -163,7 +163,7 @@ def run_one(users: int, cohort: int, rounds: int, *, model_dir: Path, root: Path
             overrides: dict[str, Any] | None = None, final: bool = True) -> dict[str, Any]:
     """One federation of ``users`` devices, ``cohort`` a round, ``rounds`` rounds (+ the final evaluation)."""
     from fedpersona.config import load_config
-    from simulations.runner import run
+    from fedpersona.simulations.runner import run
 
     name = f"overhead-n{users}-k{cohort}"
     flat = {**SETTINGS, "model.path": str(model_dir), "data.max-users": users, "server.clients-per-round": cohort,

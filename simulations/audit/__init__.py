@@ -1,0 +1,1 @@
+"""The empirical privacy audit: the canary experiment, gathering a run's records, the ``fedpersona audit`` commands."""
