@@ -95,6 +95,25 @@ def write_device_policies(cfg: Config, user_ids: list[str], policy: dict[str, An
             path.unlink()
 
 
+def check_sum_cohort(cfg: Config, users: int, policy: dict[str, Any] | None) -> None:
+    """With ``privacy.noise-on = sum``: a ValueError before anything trains when the simulated devices would refuse
+    every step, because t (``privacy.honest-contributors``, else half the cohort) is below their floor
+    ``policy.min-contributors`` (3 by default) or above their share ``policy.max-honest-fraction`` of the cohort."""
+    if cfg.privacy.noise_on != "sum":
+        return
+    values = {(k if k.startswith(PREFIX) else PREFIX + k): v for k, v in (policy or {}).items()}
+    floors = DevicePolicy.from_mapping(values, source="--device-policy")
+    k = min(cfg.server.clients_per_round, users)
+    t = cfg.privacy.honest_contributors if cfg.privacy.honest_contributors > 0 else max(1, k // 2)
+    if t < floors.min_contributors or t > floors.max_honest_fraction * k:
+        raise ValueError(
+            f"privacy.noise-on = sum: each sum would count on t = {t} honest contributors of a cohort of {k}, but the "
+            f"simulated devices accept t between policy.min-contributors = {floors.min_contributors} and "
+            f"policy.max-honest-fraction = {floors.max_honest_fraction:g} of the cohort: every device would refuse. "
+            f"Use server.clients-per-round >= {2 * floors.min_contributors} (with enough users), or "
+            "privacy.noise-on = device")
+
+
 ENGINES = ("auto", "cohort", "devices", "flower")
 # ``auto`` on the CPU: the cohort engine for a base below this hidden size, each device's own path above.
 # Measured (2-core CPU): a tiny model, engine 5.57x faster (`fedpersona bench engine --quick`); SmolLM2-135M
@@ -170,6 +189,7 @@ def run(scenario: str | None = None, overrides: dict[str, Any] | None = None, *,
             )
     cfg = fill_participations(flat, cfg, len(users))
     write_device_policies(cfg, [u.user_id for u in users], device_policy)
+    check_sum_cohort(cfg, len(users), device_policy)
     model_dir = resolve_model_dir(cfg.model.path)  # convert the default model once, before workers start
     data_report = {**report.as_dict(), "truncation": _truncation(cfg, users, model_dir)}
     data_lines = report.lines() + [truncation_line(data_report["truncation"])]

@@ -69,6 +69,12 @@ def tiny_config(tiny_model_dir, tmp_path):
         "server.num-rounds": 2,
         "server.clients-per-round": 3,
         "privacy.delta": 1e-2,
+        # The demo puts the noise on the sum (Adam on the server's side, clip 0.1); most tests exercise the
+        # per-device placement they were written for, and the noise-on-the-sum tests set it themselves.
+        "privacy.noise-on": "device",
+        "privacy.max-grad-norm": 1.0,
+        "server.optimizer": "fedavg",
+        "server.lr": 1.0,
         "run.results-dir": str(tmp_path / "results"),
         "run.state-dir": str(tmp_path / "state"),
     }

@@ -55,6 +55,8 @@ SETTINGS: dict[str, Any] = {
     "data.min-examples": 3, "data.max-examples": 16, "client.batch-size": 4, "privacy.delta": 1e-2,
     # As the corpus scenario: no per-round held-out passes, no local-only baseline (a second training).
     "eval.per-round": False, "eval.local-baseline": False,
+    # A participation as the cohort engine trains it: the noise on each device (one train message a round).
+    "privacy.noise-on": "device", "privacy.max-grad-norm": 1.0, "server.optimizer": "fedavg", "server.lr": 1.0,
 }
 QUICK = {"users": (16,), "cohorts": (16,), "rounds": 2}
 DEFAULT = {"users": (50, 200, 1000), "cohorts": (8, 32, 64), "rounds": 2}

@@ -159,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
             "run.name": "deploy-local", "server.num-rounds": args.rounds, "server.clients-per-round": args.users,
             "server.min-clients": min(2, args.users), "data.max-users": args.users,
         }
+        if args.users < 6:  # t = half the cohort would be below the devices' floor of 3 honest contributors
+            logger.warning("%d devices: too few for the noise on the sum (t = %d < the devices' floor of 3); the "
+                           "rehearsal runs with the noise on each device (privacy.noise-on = device)", args.users,
+                           args.users // 2)
+            run_config.update({"privacy.noise-on": "device", "privacy.max-grad-norm": 1.0, "server.optimizer": "fedavg",
+                               "server.lr": 1.0, "client.local-steps": 3})
         if args.tiny:
             sys.path.insert(0, str(REPO))
             from tests.conftest import build_tiny_model

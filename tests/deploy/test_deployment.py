@@ -101,6 +101,8 @@ def _base_config(fed: LocalFederation, tiny_model_dir: Path, name: str, **extra)
         "privacy.planned-rounds": 10,
         "server.clients-per-round": 4,
         "server.min-clients": 2,
+        # 4 devices: too few for the noise on the sum (t = 2 < the devices' floor of 3); each device's own noise.
+        "privacy.noise-on": "device", "privacy.max-grad-norm": 1.0, "server.optimizer": "fedavg", "server.lr": 1.0,
         "eval.local-baseline": False,
     }
     cfg.update(extra)

@@ -160,6 +160,7 @@ def own_run(tiny_model_dir, tmp_path_factory):
             "adapter.personal-layers": 1, "adapter.rank": 2, "data.source": str(src), "data.min-examples": 8,
             "data.max-examples": 16, "client.local-steps": 2, "client.batch-size": 4, "server.num-rounds": 2,
             "server.clients-per-round": 3, "privacy.delta": 1e-2, "eval.local-baseline": False,
+            "privacy.noise-on": "device", "privacy.max-grad-norm": 1.0, "server.optimizer": "fedavg", "server.lr": 1.0,
             "run.results-dir": str(root / "results"), "run.state-dir": str(root / "state")}
     proc = run_cli(["run", "--cpus", "1"], root, flat=flat)
     assert proc.returncode == 0, proc.stderr[-4000:]

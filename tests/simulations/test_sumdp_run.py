@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fedpersona.client.store import DeviceStore
 from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.simulations.partitions import simulated_state_dir
@@ -55,3 +57,19 @@ def test_the_utility_harness_federates_with_the_noise_on_the_sum(tiny_config, tm
     assert all(abs(r["local-epsilon"] - r["epsilon-federated"]) < 1e-9 and r["epsilon-federated"] > 0 for r in run.rows)
     # The server stepped on the noisy sums: the shared adapter moved, so its held-out loss is not the base model's.
     assert any(abs(r["shared-loss"] - r["base-loss"]) > 1e-6 for r in run.rows)
+
+
+def test_a_cohort_too_small_for_the_devices_floor_fails_before_training():
+    """t = half of 3 = 1 is below the devices' default floor of 3: every device would refuse, so the run says so first."""
+    from fedpersona.config import load_config
+    from fedpersona.simulations.runner import check_sum_cohort
+
+    cfg = load_config({"privacy.noise-on": "sum", "server.clients-per-round": 4}, env=False)
+    with pytest.raises(ValueError, match="server.clients-per-round >= 6"):
+        check_sum_cohort(cfg, 20, None)  # t = 2
+    check_sum_cohort(cfg, 20, {"min-contributors": 2})  # a floor the devices hold: t = 2 is within it
+    big = load_config({"privacy.noise-on": "sum", "server.clients-per-round": 8}, env=False)
+    check_sum_cohort(big, 20, None)  # t = 4 of 8
+    with pytest.raises(ValueError, match="t = 2 honest contributors of a cohort of 5"):
+        check_sum_cohort(big, 5, None)  # only 5 users: the cohort is 5
+    check_sum_cohort(load_config({"server.clients-per-round": 2}, env=False), 20, None)  # noise on each device
