@@ -72,4 +72,4 @@ def test_a_cohort_too_small_for_the_devices_floor_fails_before_training():
     check_sum_cohort(big, 20, None)  # t = 4 of 8
     with pytest.raises(ValueError, match="t = 2 honest contributors of a cohort of 5"):
         check_sum_cohort(big, 5, None)  # only 5 users: the cohort is 5
-    check_sum_cohort(load_config({"server.clients-per-round": 2}, env=False), 20, None)  # noise on each device
+    check_sum_cohort(load_config({"server.clients-per-round": 4}, env=False), 20, None)  # noise on each device
