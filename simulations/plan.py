@@ -61,9 +61,11 @@ def _calibrated(target_epsilon: float, delta: float, q: float, steps: int, accou
                            accountant=accountant)
 
 
-def _spend(cfg: Config, sigma: float, q: float, steps: int, rounds: int, cap: int) -> tuple[float, float, int]:
+def _spend(cfg: Config, sigma: float, q: float, steps: int, rounds: int, cap: int,
+           honest: int | None = None) -> tuple[float, float, int]:
     """(the federated ledger's epsilon after ``rounds`` sampled participations of ``steps`` steps, the epsilon
-    the budget counts (with the local-only baseline's pass), rounds declined for the budget or the cap)."""
+    the budget counts (with the local-only baseline's pass), rounds declined for the budget or the cap).
+    ``honest``: steps on a noisy sum counting on that many honest contributors (integer RDP orders)."""
     p = cfg.privacy
     if not p.enabled:
         return math.inf, math.inf, 0
@@ -72,11 +74,14 @@ def _spend(cfg: Config, sigma: float, q: float, steps: int, rounds: int, cap: in
     declined = taken = 0
     for _ in range(rounds):
         nxt = ledger.repeated(passes).epsilon_if(noise_multiplier=sigma, sample_rate=q, num_steps=steps * passes,
-                                                 delta=p.delta)
+                                                 delta=p.delta, on_sum=honest is not None)
         if taken >= cap or nxt > p.target_epsilon * (1 + 1e-9):
             declined += 1
             continue
-        ledger.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
+        if honest is None:
+            ledger.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
+        else:
+            ledger.step_on_sum(noise_multiplier=sigma, sample_rate=q, honest=honest, num_steps=steps)
         taken += 1
     return ledger.epsilon(p.delta), ledger.repeated(passes).epsilon(p.delta), declined
 
@@ -88,7 +93,7 @@ def make_plan(scenario: str | None, overrides: dict[str, Any] | None = None, *,
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a run warns about its settings; the plan shows them
-        _, cfg = resolve(scenario, dict(overrides or {}))
+        flat, cfg = resolve(scenario, dict(overrides or {}))
     values = {(k if k.startswith(PREFIX) else PREFIX + k): v for k, v in (device_policy or {}).items()}
     policy = DevicePolicy.from_mapping(values, source="--device-policy")
     users, report = load_source_report(cfg.data, cfg.run.seed)
@@ -97,6 +102,11 @@ def make_plan(scenario: str | None, overrides: dict[str, Any] | None = None, *,
 
         raise ValueError(too_few_users(report, cfg, origin=_origin("server.clients-per-round", scenario,
                                                                    dict(overrides or {}))))
+    from fedpersona.simulations.runner import fill_participations
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = fill_participations(flat, cfg, len(users))  # as the run fills client.max-participations = 0
     nodes = [FIRST_NODE + i for i in range(len(users))]
     sampled = dict.fromkeys(nodes, 0)
     size = cfg.server.clients_per_round
@@ -105,6 +115,12 @@ def make_plan(scenario: str | None, overrides: dict[str, Any] | None = None, *,
             sampled[n] += 1
     p, c = cfg.privacy, cfg.client
     head_dp = p.enabled and p.personal_head == "dp" and cfg.adapter.split != "fedsa" and c.head_steps > 0
+    honest = sum_sigma = None
+    if p.noise_on == "sum":  # one sigma for every device of a sum (privacy.sumdp), t of the announced cohort
+        from fedpersona.privacy.sumdp import honest_contributors, sum_noise_multiplier
+
+        honest = honest_contributors(cfg, min(size, len(users)))
+        sum_sigma = sum_noise_multiplier(cfg)
     rows, refused = [], 0
     for node, u in zip(nodes, users):
         kept = min(len(u.examples), cfg.data.max_examples)
@@ -113,7 +129,7 @@ def make_plan(scenario: str | None, overrides: dict[str, Any] | None = None, *,
         n = len(train)
         q = min(1.0, c.batch_size / n)
         cap = policy.participations(cfg)
-        sigma = _noise(cfg, q, c.local_steps, cap)
+        sigma = sum_sigma if honest is not None else _noise(cfg, q, c.local_steps, cap)
         row: dict[str, Any] = {"user": u.user_id, "examples": len(u.examples), "train": n, "held-out": len(held),
                                "q": q, "sigma": sigma, "steps-per-round": c.local_steps, "sampled": sampled[node]}
         why = ""
@@ -128,15 +144,16 @@ def make_plan(scenario: str | None, overrides: dict[str, Any] | None = None, *,
             refused += 1
             row.update({"refused": why, "epsilon": 0.0, "steps": 0, "declined": sampled[node]})
         else:
-            eps, composed, declined = _spend(cfg, sigma, q, c.local_steps, sampled[node], cap)
+            eps, composed, declined = _spend(cfg, sigma, q, c.local_steps, sampled[node], cap, honest)
             row.update({"epsilon": eps, "epsilon-composed": composed, "participations-planned": cap,
                         "steps": (sampled[node] - declined) * c.local_steps, "declined": declined,
-                        "epsilon-planned": _spend(cfg, sigma, q, c.local_steps, cap, cap)[1]})
-            if head_dp:
+                        "epsilon-planned": _spend(cfg, sigma, q, c.local_steps, cap, cap, honest)[1]})
+            if head_dp:  # the head's own ledger, planned as the device plans it (every planned round)
                 hq = min(1.0, c.head_batch_size / n)
-                hs = _noise(cfg, hq, c.head_steps)
+                hs = _noise(cfg, hq, c.head_steps, cfg.planned_rounds)
+                taken = sampled[node] - declined
                 row.update({"head-q": hq, "head-sigma": hs,
-                            "head-epsilon": _spend(cfg, hs, hq, c.head_steps, sampled[node] - declined)[0]})
+                            "head-epsilon": _spend(cfg, hs, hq, c.head_steps, taken, taken)[0]})
         rows.append(row)
     return {"run": cfg.run.name, "config": cfg, "data": report, "users": rows, "refused": refused,
             "head-dp": head_dp, "policy": policy}

@@ -73,3 +73,21 @@ def test_a_cohort_too_small_for_the_devices_floor_fails_before_training():
     with pytest.raises(ValueError, match="t = 2 honest contributors of a cohort of 5"):
         check_sum_cohort(big, 5, None)  # only 5 users: the cohort is 5
     check_sum_cohort(load_config({"server.clients-per-round": 4}, env=False), 20, None)  # noise on each device
+
+
+def test_the_plan_of_a_noisy_sum_run_is_its_ledger():
+    """`fedpersona plan` with the noise on the sum: one sigma for every device, steps on a sum at integer orders."""
+    from fedpersona.privacy.ledger import PrivacyLedger
+    from fedpersona.simulations.plan import make_plan
+
+    plan = make_plan("demo", {"data.max-users": 12, "privacy.noise-on": "sum"})
+    cfg = plan["config"]
+    assert cfg.client.max_participations >= 1  # filled in as the run fills it
+    assert len({r["sigma"] for r in plan["users"]}) == 1
+    for r in plan["users"]:
+        ledger = PrivacyLedger()
+        for _ in range(r["steps"] // cfg.client.local_steps):
+            ledger.step_on_sum(noise_multiplier=r["sigma"], sample_rate=r["q"], honest=4,
+                               num_steps=cfg.client.local_steps)
+        assert ledger.epsilon(cfg.privacy.delta) == pytest.approx(r["epsilon"], rel=1e-9)
+        assert r["epsilon-composed"] > r["epsilon"]
