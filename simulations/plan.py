@@ -156,7 +156,7 @@ def make_plan(scenario: str | None, overrides: dict[str, Any] | None = None, *,
                             "head-epsilon": _spend(cfg, hs, hq, c.head_steps, taken, taken)[0]})
         rows.append(row)
     return {"run": cfg.run.name, "config": cfg, "data": report, "users": rows, "refused": refused,
-            "head-dp": head_dp, "policy": policy}
+            "head-dp": head_dp, "policy": policy, "honest": honest}
 
 
 def format_plan(plan: dict) -> str:
@@ -168,7 +168,10 @@ def format_plan(plan: dict) -> str:
            f"round{'s' if s.num_rounds != 1 else ''} ({s.sampling} sampling), {c.local_steps} DP-SGD steps of expected "
            f"batch {c.batch_size} per round",
            (f"privacy: target epsilon {p.target_epsilon:g} at delta {p.delta:g} per user, planned over "
-            f"{cfg.planned_rounds} rounds (privacy.planned-rounds), {p.accountant} accountant, clip {p.max_grad_norm:g}"
+            f"{cfg.planned_participations} participation(s) a device (client.max-participations), {p.accountant} "
+            f"accountant, clip {p.max_grad_norm:g}, "
+            + (f"noise once on each step's secure sum, t = {plan['honest']} honest contributors"
+               if plan.get("honest") else "noise on each device")
             if p.enabled else "privacy: OFF (privacy.enabled = false): no guarantee"),
            f"personal head: {p.personal_head}" + (", DP-SGD with its own ledger" if plan["head-dp"] else
                                                   ", never leaves the device, no noise")]
