@@ -34,6 +34,7 @@ from fedpersona.server.grid import FastPollGrid
 from fedpersona.server.secagg import build_aggregator
 from fedpersona.simulations.flower_runs import flower_run_config
 from fedpersona.simulations.partitions import ensure_partitions
+from fedpersona.simulations.runner import check_sum_cohort
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ def main(grid: Grid, context: Context) -> None:
         problem = federation_error(cfg, len(nodes), users)
         if problem:
             raise ValueError(f"fedpersona: {problem}")
+        check_sum_cohort(cfg, users, None)  # the simulated devices hold the default floors
     grid = FastPollGrid(grid)  # replies are picked up within 0.2 s, not Flower's 3 s (server/grid.py)
     metrics = run_federation(grid, cfg, aggregator=build_aggregator(cfg, run_id=context.run_id))
     check_trained(metrics)

@@ -58,7 +58,8 @@ def test_flwr_run_dot_trains_under_secure_aggregation(tiny_model_dir, tmp_path):
     tiny = (f"model.path='{tiny_model_dir}' model.seq-len=32 model.cue-tokens=8 adapter.layers=2 "
             "adapter.personal-layers=1 adapter.rank=2 data.max-users=4 data.max-examples=16 client.local-steps=2 "
             "client.batch-size=4 server.num-rounds=2 server.clients-per-round=3 privacy.delta=0.01 "
-            "eval.local-baseline=false")
+            "eval.local-baseline=false privacy.noise-on='device' privacy.max-grad-norm=1.0 server.optimizer='fedavg' "
+            "server.lr=1.0")
     before = {p: p.stat().st_mtime_ns for p in (ROOT / "results", ROOT / "state") if p.exists()}
 
     def flwr_run(*extra: str) -> subprocess.CompletedProcess:
