@@ -57,6 +57,7 @@ class Lines:
         self.start_round = 0
         self.round_seconds: list[float] = []
         self.stages: dict[str, float] = {}
+        self.sum_steps = 0  # steps of noisy sums finished in this round
         self.aggregation = ""
         self.nodes = 0
         self.cohort = 0
@@ -143,6 +144,7 @@ class Lines:
                     f"aggregation {self.aggregation}{resumed}")
         if kind == "round-start":
             self.stages = {}
+            self.sum_steps = 0
             self.round = int(f["round"])
             self.cohort = int(f.get("cohort", self.cohort))
             self.round_t0 = self.clock()
@@ -163,6 +165,12 @@ class Lines:
             left = f", ETA {_seconds(eta)}" if eta else ""
             return (f"{where} | device {self.stage_done}/{self.stage_nodes} {what}{failed} "
                     f"| {self.clock() - self.stage_t0:.1f} s{left}")
+        if kind == "stage-end" and f.get("stage") == "train.dp_step":  # one line per step of a noisy sum
+            self.stages[str(f["stage"])] = self.stages.get(str(f["stage"]), 0.0) + float(f["seconds"])
+            self.stage = ""
+            self.sum_steps += 1
+            return (f"round {self.round}/{self.rounds_total} | noisy-sum step {self.sum_steps}: "
+                    f"{int(f.get('replies', 0))} device(s) answered | {float(f['seconds']):.1f} s")
         if kind == "stage-end":
             if f.get("stage") == "train" and int(f.get("replies", 0)):
                 self.device_seconds.append((float(f["seconds"]), int(f["replies"])))

@@ -191,3 +191,18 @@ def test_eta_counts_the_devices_done_and_the_final_evaluation():
     off.text("run-start", {"run": "demo", "rounds": 1, "nodes": 1, "cohort": 1, "final-eval": False})
     assert off.text("run-start", {"run": "x", "rounds": 1, "nodes": 1, "cohort": 1}).startswith(
         "run 'x': 1 user, 1 per round, 1 round, ")  # "1 round", not "1 rounds"
+
+
+def test_a_noisy_sum_round_shows_one_line_per_step():
+    from fedpersona.simulations.progress import Lines
+
+    lines = Lines()
+    lines.text("run-start", dict(run="demo", rounds=3, users=20, cohort=8))
+    lines.text("round-start", dict(round=1, rounds=3, cohort=8))
+    for k in (1, 2):
+        lines.text("stage", dict(round=1, stage="train.dp_step", nodes=8))
+        out = lines.text("stage-end", dict(round=1, stage="train.dp_step", seconds=8.5, replies=8))
+        assert out == f"round 1/3 | noisy-sum step {k}: 8 device(s) answered | 8.5 s"
+    lines.text("round-start", dict(round=2, rounds=3, cohort=8))
+    lines.text("stage", dict(round=2, stage="train.dp_step", nodes=8))
+    assert "noisy-sum step 1:" in lines.text("stage-end", dict(round=2, stage="train.dp_step", seconds=1.0, replies=7))
