@@ -165,7 +165,7 @@ class Lines:
             left = f", ETA {_seconds(eta)}" if eta else ""
             return (f"{where} | device {self.stage_done}/{self.stage_nodes} {what}{failed} "
                     f"| {self.clock() - self.stage_t0:.1f} s{left}")
-        if kind == "stage-end" and f.get("stage") == "train.dp_step":  # one line per step of a noisy sum
+        if kind == "stage-end" and f.get("stage") == "noisy-sum step":  # one line per step of a noisy sum (train.dp_step)
             self.stages[str(f["stage"])] = self.stages.get(str(f["stage"]), 0.0) + float(f["seconds"])
             self.stage = ""
             self.sum_steps += 1

@@ -200,9 +200,9 @@ def test_a_noisy_sum_round_shows_one_line_per_step():
     lines.text("run-start", dict(run="demo", rounds=3, users=20, cohort=8))
     lines.text("round-start", dict(round=1, rounds=3, cohort=8))
     for k in (1, 2):
-        lines.text("stage", dict(round=1, stage="train.dp_step", nodes=8))
-        out = lines.text("stage-end", dict(round=1, stage="train.dp_step", seconds=8.5, replies=8))
+        lines.text("stage", dict(round=1, stage="noisy-sum step", nodes=8))
+        out = lines.text("stage-end", dict(round=1, stage="noisy-sum step", seconds=8.5, replies=8))
         assert out == f"round 1/3 | noisy-sum step {k}: 8 device(s) answered | 8.5 s"
     lines.text("round-start", dict(round=2, rounds=3, cohort=8))
-    lines.text("stage", dict(round=2, stage="train.dp_step", nodes=8))
-    assert "noisy-sum step 1:" in lines.text("stage-end", dict(round=2, stage="train.dp_step", seconds=1.0, replies=7))
+    lines.text("stage", dict(round=2, stage="noisy-sum step", nodes=8))
+    assert "noisy-sum step 1:" in lines.text("stage-end", dict(round=2, stage="noisy-sum step", seconds=1.0, replies=7))
