@@ -58,6 +58,8 @@ class Lines:
         self.round_seconds: list[float] = []
         self.stages: dict[str, float] = {}
         self.sum_steps = 0  # steps of noisy sums finished in this round
+        self.eval_done = 0  # devices evaluated in the final evaluation's groups already finished
+        self.eval_t0 = 0.0
         self.aggregation = ""
         self.nodes = 0
         self.cohort = 0
@@ -98,12 +100,18 @@ class Lines:
         dev = self.per_device()
         return dev * self.cohort if dev is not None else None
 
+    def eval_done_total(self) -> int:
+        """Devices evaluated so far over every group of the final evaluation."""
+        return self.eval_done + (self.stage_done if self.stage == "evaluate" else 0)
+
     def eval_estimate(self) -> float | None:
-        """Seconds the final evaluation will take (all of it before it starts, the rest while it runs)."""
+        """Seconds the final evaluation will take (all of it before it starts, the rest while it runs: from the
+        devices evaluated so far, over every group)."""
         if not self.final_eval:
             return 0.0
-        if self.in_eval and self.stage == "evaluate":
-            return self.stage_eta()
+        if self.in_eval and self.eval_done_total():
+            done = self.eval_done_total()
+            return (self.clock() - self.eval_t0) / done * max(0, self.nodes - done)
         dev = self.per_device()
         return dev * self.nodes * EVAL_SHARE[self.local_baseline] if dev is not None else None
 
@@ -161,10 +169,12 @@ class Lines:
             where = "final evaluation" if self.in_eval else f"round {self.round}/{self.rounds_total}"
             what = "evaluated" if f["stage"] == "evaluate" else "trained"
             failed = f", {self.stage_failed} failed" if self.stage_failed else ""
-            eta = self.stage_eta()
+            if self.in_eval and f["stage"] == "evaluate":  # counted over every evaluation group
+                done, total, t0, eta = self.eval_done_total(), max(self.nodes, 1), self.eval_t0, self.eval_estimate()
+            else:
+                done, total, t0, eta = self.stage_done, self.stage_nodes, self.stage_t0, self.stage_eta()
             left = f", ETA {_seconds(eta)}" if eta else ""
-            return (f"{where} | device {self.stage_done}/{self.stage_nodes} {what}{failed} "
-                    f"| {self.clock() - self.stage_t0:.1f} s{left}")
+            return f"{where} | device {done}/{total} {what}{failed} | {self.clock() - t0:.1f} s{left}"
         if kind == "stage-end" and f.get("stage") == "noisy-sum step":  # one line per step of a noisy sum (train.dp_step)
             self.stages[str(f["stage"])] = self.stages.get(str(f["stage"]), 0.0) + float(f["seconds"])
             self.stage = ""
@@ -172,6 +182,8 @@ class Lines:
             return (f"round {self.round}/{self.rounds_total} | noisy-sum step {self.sum_steps}: "
                     f"{int(f.get('replies', 0))} device(s) answered | {float(f['seconds']):.1f} s")
         if kind == "stage-end":
+            if f.get("stage") == "evaluate" and self.in_eval:
+                self.eval_done += int(f.get("replies", 0))
             if f.get("stage") == "train" and int(f.get("replies", 0)):
                 self.device_seconds.append((float(f["seconds"]), int(f["replies"])))
             if f.get("stage") != "evaluate":
@@ -200,6 +212,7 @@ class Lines:
         if kind == "eval-start":
             self.in_eval = True
             self.nodes = int(f.get("nodes", self.nodes))
+            self.eval_done, self.eval_t0 = 0, self.clock()
             return None
         if kind == "run-end":
             self.finished = True

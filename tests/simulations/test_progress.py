@@ -206,3 +206,22 @@ def test_a_noisy_sum_round_shows_one_line_per_step():
     lines.text("round-start", dict(round=2, rounds=3, cohort=8))
     lines.text("stage", dict(round=2, stage="noisy-sum step", nodes=8))
     assert "noisy-sum step 1:" in lines.text("stage-end", dict(round=2, stage="noisy-sum step", seconds=1.0, replies=7))
+
+
+def test_the_final_evaluation_counts_devices_over_its_groups():
+    """Groups of 3 and 2: the lines count 1..5 of 5, not 1..3 then 1..2, and the ETA covers every group."""
+    from fedpersona.simulations.progress import Lines
+
+    t = [0.0]
+    lines = Lines(clock=lambda: t[0])
+    lines.text("run-start", dict(run="demo", rounds=1, users=5, cohort=3))
+    lines.text("eval-start", dict(nodes=5))
+    seen = []
+    for size in (3, 2):
+        lines.text("stage", dict(round=0, stage="evaluate", nodes=size))
+        for done in range(1, size + 1):
+            t[0] += 1.0
+            seen.append(lines.text("reply", dict(round=0, stage="evaluate", nodes=size, done=done, failed=0)))
+        lines.text("stage-end", dict(round=0, stage="evaluate", nodes=size, replies=size, seconds=1.0))
+    assert [x.split(" | ")[1] for x in seen] == [f"device {k}/5 evaluated" for k in range(1, 6)]
+    assert "ETA 0:03" in seen[1] and "ETA" not in seen[-1]  # 2 s for 2 devices, 3 left
