@@ -665,7 +665,8 @@ def calibrate_noise(
 @functools.lru_cache(maxsize=None)
 def _calibrate_integer(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                        epsilon_tolerance: float) -> float:
-    """Bisection on sigma with the RDP accountant at integer orders (steps on a noisy sum)."""
+    """Sigma for the RDP accountant at integer orders (steps on a noisy sum): doubling to a bracket, then the same
+    search as :func:`_calibrate_rdp` (:func:`_bracket_search`) on Opacus's epsilon."""
 
     def eps(sigma: float) -> float:
         return _epsilon_of([[sigma, sample_rate, steps]], delta, "rdp", "integer")
@@ -677,13 +678,7 @@ def _calibrate_integer(target_epsilon: float, delta: float, sample_rate: float, 
         if high > _MAX_SIGMA:
             raise _too_small(target_epsilon, delta, steps, sample_rate)
         eps_high = eps(high)
-    while target_epsilon - eps_high > epsilon_tolerance and high - low > 1e-9 * high:
-        mid = 0.5 * (low + high)
-        e = eps(mid)
-        if e <= target_epsilon:
-            high, eps_high = mid, e
-        else:
-            low = mid
+    high, eps_high, _ = _bracket_search(eps, low, high, eps_high, target_epsilon, epsilon_tolerance)
     logger.info("calibrated noise multiplier %.4f: epsilon %.4f (target %.4g, delta %.3g) after %d steps at sample "
                 "rate %.4g (rdp, integer orders)", high, eps_high, target_epsilon, delta, steps, sample_rate)
     return high
