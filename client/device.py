@@ -59,7 +59,7 @@ from fedpersona.client.data import encode_examples, read_user_folder, split_exam
 from fedpersona.client.node_data import node_data
 from fedpersona.client.policy import DevicePolicy, PolicyViolation
 from fedpersona.client.feedback import noise_for_remaining_budget, pairs_of, training_feedback
-from fedpersona.client.profile import compute_profile, save_profile
+from fedpersona.client.profile import refresh_profile
 from fedpersona.client.store import DeviceStore
 from fedpersona.client.sumdp import StepLog, StepRefused, check_context, local_optimizer, local_replay_round
 from fedpersona.client.train import (CachedExample, TrainResult, clipped_grad_sum, deadline_after, evaluate, train_head,
@@ -310,9 +310,11 @@ class Device:
         self._feedback_cache: dict[str, CachedExample | None] = {}
         n = len(self.data.train)
         self.sample_rate = min(1.0, cfg.client.batch_size / n)
-        self.noise_multiplier = self._noise_multiplier()
         self.head_sample_rate = min(1.0, cfg.client.head_batch_size / n)
-        self.head_noise_multiplier = self._head_noise_multiplier()
+        # Sigma is calibrated when the device first plans a round (noise_multiplier), not when it is built: a
+        # device built only to evaluate never needs it.
+        self._sigma: float | None = None
+        self._head_sigma: float | None = None
         # Where the DP-SGD passes draw their batches and noise: the CSPRNG; a seeded source only from tests.
         self.noise_source: NoiseSource = SECURE
         self._offered: tuple[tuple, object] | None = None
@@ -322,6 +324,24 @@ class Device:
         self._profile_of: tuple | None = None  # the feedback examples the stored profile was computed with
 
     # ------------------------------------------------------------ privacy
+    @property
+    def noise_multiplier(self) -> float:
+        """Sigma of this device's next DP-SGD steps (calibrated on first use; after the dataset grows, again)."""
+        if self._sigma is None:
+            self._sigma = self._noise_multiplier()
+        return self._sigma
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value: float) -> None:
+        self._sigma = float(value)
+
+    @property
+    def head_noise_multiplier(self) -> float:
+        """Sigma of the head's own DP-SGD steps (``privacy.personal-head = dp``; else 0), calibrated on first use."""
+        if self._head_sigma is None:
+            self._head_sigma = self._head_noise_multiplier()
+        return self._head_sigma
+
     @property
     def joint(self) -> bool:
         """``fedsa``: the head (B) is part of the shared adapter; one joint DP pass, no head pass."""
@@ -388,7 +408,8 @@ class Device:
         self.noise_multiplier = self._noise_multiplier(ledger)
         ids = tuple(e.id for e in used)
         if ids != self._profile_of:  # the profile depends on the pairs alone: computed again when they change
-            save_profile(self.store, compute_profile(self.pairs + pairs_of(used), tokenizer=self.model.tokenizer).text())
+            refresh_profile(self.store, self.pairs + pairs_of(used), tokenizer=self.model.tokenizer,
+                            source=str(self.cfg.model.path))
             self._profile_of = ids
     def _cache_feedback(self, new: list) -> None:
         """Encode new feedback examples once (in one batch; one by one if the batch fails); ``None`` marks

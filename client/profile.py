@@ -23,6 +23,8 @@ sends for it (:mod:`fedpersona.client.flow_log`), and a message that carries it 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import re
@@ -34,6 +36,8 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 PROFILE = "profile"
+#: What the stored profile was computed from (a digest of the pairs and the tokenizer's source).
+PROFILE_KEY = "profile-key"
 THOU = frozenset({"thou", "thee", "thy", "thine", "thyself"})
 YOU = frozenset({"you", "your", "yours", "yourself", "ye"})
 #: Function words of modern and Early Modern English: never names or topics.
@@ -160,6 +164,19 @@ def save_profile(store, profile_text: str) -> None:
     """Store the profile (encrypted) when it changed."""
     if store.load_text(PROFILE) != profile_text:
         store.save_text(PROFILE, profile_text)
+
+
+def refresh_profile(store, pairs: Sequence[tuple[str, str]], *, tokenizer=None, source: str = "") -> bool:
+    """Compute and store the profile of ``pairs``, unless the stored one was computed from the very same pairs
+    with the same tokenizer (``source``, its model path): a device built again does not redo it. True when
+    computed. The profile and its key land in the same commit of the store (its caller's transaction)."""
+    key = hashlib.sha256(json.dumps([source, [list(p) for p in pairs]]).encode()).hexdigest()
+    if store.load_text(PROFILE_KEY) == key and store.load_text(PROFILE) is not None:
+        return False
+    save_profile(store, compute_profile(pairs, tokenizer=tokenizer).text())
+    if store.load_text(PROFILE_KEY) != key:
+        store.save_text(PROFILE_KEY, key)
+    return True
 
 
 def load_profile(store) -> str | None:
