@@ -119,11 +119,25 @@ def mark_profile(reply: Message, entry: dict, needles: list[str]) -> dict:
     return entry
 
 
+#: state folder -> (the profile blob's tag, its needles): the profile is decrypted again only when it changed.
+_NEEDLES: dict[str, tuple[str, list[str]]] = {}
+
+
 def _profile_needles(state_dir: Path) -> list[str]:
-    from fedpersona.client.profile import load_profile, profile_needles
+    from fedpersona.client.profile import PROFILE, load_profile, profile_needles
     from fedpersona.client.store import DeviceStore
 
-    return profile_needles(load_profile(DeviceStore(state_dir)))
+    store = DeviceStore(state_dir)
+    tag = store.tag(PROFILE)
+    hit = _NEEDLES.get(str(state_dir))
+    if tag is not None and hit is not None and hit[0] == tag:
+        return list(hit[1])
+    needles = profile_needles(load_profile(store))
+    if tag is not None:
+        if len(_NEEDLES) >= 4096:
+            _NEEDLES.clear()
+        _NEEDLES[str(state_dir)] = (tag, list(needles))
+    return needles
 
 
 #: Requests whose survivor set the inventory records (the consistency check and the unmask stage).

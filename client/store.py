@@ -225,6 +225,9 @@ class _Folder:
         self.noted: set[tuple] = set()  # freshness events already written by this process
         self.pending: dict[str, tuple[str, bytes]] = {}  # writes of a deferred transaction, for the next commit
         self.anchor_ok: tuple | None = None  # (anchor file, state) last found consistent
+        self.real = ""  # the folder's real path (its identity in this process)
+        self.outside: set[str] = set()  # anchor folders found to lie outside this folder
+        self.anchor_files: dict[tuple[bytes, str], Path] = {}  # (key, anchor folder) -> the anchor file's path
 
 
 _FOLDERS: dict[str, _Folder] = {}
@@ -237,6 +240,7 @@ def _folder(path: Path) -> _Folder:
         f = _FOLDERS.get(real)
         if f is None:
             f = _FOLDERS[real] = _Folder()
+            f.real = real
         return f
 
 
@@ -287,12 +291,14 @@ class DeviceStore:
             self._key_source = str(self.key_path)
         self.anchor_dir = (Path(anchor_dir).expanduser() if anchor_dir is not None
                            else default_anchor_dir(self.state_dir))
-        inside = os.path.realpath(self.anchor_dir) + os.sep
-        if inside.startswith(os.path.realpath(self.state_dir) + os.sep):
-            raise ValueError(f"the anchor folder must lie outside the state folder it protects (a restored copy of "
-                             f"the folder would restore its anchor too). You passed: anchor_dir={str(self.anchor_dir)!r} "
-                             f"for state_dir={str(self.state_dir)!r}")
         self._folder = _folder(self.state_dir)
+        if str(self.anchor_dir) not in self._folder.outside:  # checked once per process for each anchor folder
+            inside = os.path.realpath(self.anchor_dir) + os.sep
+            if inside.startswith(self._folder.real + os.sep):
+                raise ValueError(f"the anchor folder must lie outside the state folder it protects (a restored copy "
+                                 f"of the folder would restore its anchor too). You passed: "
+                                 f"anchor_dir={str(self.anchor_dir)!r} for state_dir={str(self.state_dir)!r}")
+            self._folder.outside.add(str(self.anchor_dir))
 
     # ----------------------------------------------------------------------------- paths
     @property
@@ -302,8 +308,12 @@ class DeviceStore:
     def _anchor_file(self, key: bytes) -> Path:
         """The anchor of this folder under this key: named by a MAC of the folder's absolute path, so that
         only the device finds it, and a folder emptied of its records (the key kept) still finds it."""
-        tag = hashlib.sha256(key + b"\x00fedpersona-anchor\x00" + os.path.realpath(self.state_dir).encode()).hexdigest()
-        return self.anchor_dir / f"{tag[:32]}{ANCHOR_SUFFIX}"
+        memo = (key, str(self.anchor_dir))
+        path = self._folder.anchor_files.get(memo)
+        if path is None:  # the folder's real path as this process first resolved it (its _Folder's identity)
+            tag = hashlib.sha256(key + b"\x00fedpersona-anchor\x00" + self._folder.real.encode()).hexdigest()
+            path = self._folder.anchor_files[memo] = self.anchor_dir / f"{tag[:32]}{ANCHOR_SUFFIX}"
+        return path
 
     @property
     def anchor_path(self) -> Path | None:
@@ -1083,6 +1093,20 @@ class DeviceStore:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str. You passed: {type(text).__name__}")
         self._save(name, _KIND_TEXT, text.encode("utf-8"))
+
+    def tag(self, name: str) -> str | None:
+        """A tag of blob ``name`` as committed (the store, the commit that wrote it, its ciphertext's digest): it
+        changes whenever the blob is written. None when the blob is absent or written in a transaction not
+        committed yet. A caller caches what it derives from a blob under its tag, without decrypting it again."""
+        self._check_name(name)
+        if name in self._overlay():
+            return None
+
+        def read(key, state):
+            b = state.blobs.get(name)
+            return None if b is None else f"{(state.store_id or b'').hex()}:{b.gen}:{b.sha}"
+
+        return self._with_state(read)
 
     def load_text(self, name: str) -> str | None:
         payload = self._load(name, _KIND_TEXT)

@@ -752,3 +752,19 @@ def test_putting_the_newest_state_back_ends_the_refusal(tmp_path):
     shutil.rmtree(tmp_path / "s")
     shutil.copytree(tmp_path / "old", tmp_path / "s")  # and the old copy is still refused
     _assert_refused_unchanged(tmp_path / "s", "rolled back", error=RollbackDetected)
+
+
+def test_a_blobs_tag_changes_with_every_write_and_is_none_while_uncommitted(tmp_path):
+    store = DeviceStore(tmp_path / "state", key=b"k" * 32)
+    assert store.tag("profile") is None
+    store.save_text("profile", "one")
+    first = store.tag("profile")
+    assert first is not None and DeviceStore(tmp_path / "state", key=b"k" * 32).tag("profile") == first
+    store.save_text("other", "x")
+    assert store.tag("profile") == first  # another blob's commit leaves it alone
+    store.save_text("profile", "one")
+    assert store.tag("profile") not in (None, first)  # rewritten (even with the same text): a new tag
+    with store.transaction():
+        store.save_text("profile", "two")
+        assert store.tag("profile") is None  # not committed yet: nothing to cache under
+    assert store.load_text("profile") == "two" and store.tag("profile") is not None
