@@ -106,6 +106,10 @@ def plot_rounds(run_dir: Path, rounds: list[dict]) -> Path | None:
     return out
 
 
+#: Up to this many users ``users.png`` draws a pair of named bars per user; above, one point per user.
+BARS_UP_TO = 60
+
+
 def plot_users(run_dir: Path, users: list[dict]) -> Path | None:
     """Per-user paired gain over the base model (%, higher is better), users sorted by personalized gain."""
     rows = [u for u in users if u.get("base-loss") is not None and math.isfinite(u["base-loss"])]
@@ -123,17 +127,28 @@ def plot_users(run_dir: Path, users: list[dict]) -> Path | None:
     has_local = any("local-loss" in u for u in rows)
     rows = sorted(rows, key=lambda u: gain(u, "personal"))
     xs = list(range(len(rows)))
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.38 * len(rows) + 2), 4.6))
-    width = 0.4 if has_local else 0.7
-    ax.bar([x - (width / 2 if has_local else 0) for x in xs], [gain(u, "personal") for u in rows], width,
-           color="tab:blue", label="personalized (shared + own head)")
-    if has_local:
-        ax.bar([x + width / 2 for x in xs], [gain(u, "local") for u in rows], width, color="tab:orange", alpha=0.8,
-               label="local-only (same training, no federation)")
-    ax.scatter(xs, [gain(u, "shared") for u in rows], marker="D", s=14, color="black", zorder=3,
-               label="shared adapter alone")
+    many = len(rows) > BARS_UP_TO
+    fig, ax = plt.subplots(figsize=(10.0 if many else max(7.0, 0.38 * len(rows) + 2), 4.6))
+    if many:  # one point per user: bars and names would be unreadable (and the figure tens of thousands of pixels wide)
+        ax.plot(xs, [gain(u, "personal") for u in rows], ".", ms=3, color="tab:blue",
+                label="personalized (shared + own head)")
+        if has_local:
+            ax.plot(xs, [gain(u, "local") for u in rows], ".", ms=3, color="tab:orange", alpha=0.8,
+                    label="local-only (same training, no federation)")
+        ax.plot(xs, [gain(u, "shared") for u in rows], ".", ms=2, color="black", label="shared adapter alone")
+        ax.set_xlabel(f"{len(rows)} users, sorted by personalized gain (names in users.csv)")
+    else:
+        width = 0.4 if has_local else 0.7
+        ax.bar([x - (width / 2 if has_local else 0) for x in xs], [gain(u, "personal") for u in rows], width,
+               color="tab:blue", label="personalized (shared + own head)")
+        if has_local:
+            ax.bar([x + width / 2 for x in xs], [gain(u, "local") for u in rows], width, color="tab:orange", alpha=0.8,
+                   label="local-only (same training, no federation)")
+        ax.scatter(xs, [gain(u, "shared") for u in rows], marker="D", s=14, color="black", zorder=3,
+                   label="shared adapter alone")
+        ax.set_xticks(xs, [str(u.get("user", u.get("user-id", i)))[:22] for i, u in enumerate(rows)], rotation=70,
+                      ha="right", fontsize=6)
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(xs, [str(u.get("user", u.get("user-id", i)))[:22] for i, u in enumerate(rows)], rotation=70, ha="right", fontsize=6)
     ax.set_ylabel("held-out loss gain over the base model (%)")
 
     def mean_gain(k: str) -> float:
