@@ -135,20 +135,31 @@ def tiny_model(folder: Path) -> Path:
 
 def protocol_cpu(cfg, cohort: int, length: int) -> float:
     """CPU seconds of one secure sum of ``cohort`` vectors of ``length`` in process (every client + the server),
-    at the run's own protocol settings (``secagg.*``): what ``python -m fedpersona.simulations.bench.secagg`` measures."""
+    at the run's own protocol settings (``secagg.*``), as ``python -m fedpersona.simulations.bench.secagg`` measures
+    it: every client with an identity under one root (bound keys, checked by every neighbour), each step with a
+    cold signature cache (a device alone); plus each client's key advertisement (its keys and their binding),
+    which a run's first round of a node includes."""
     import numpy as np
 
+    from fedpersona.identity import IdentityRoot
     from fedpersona.privacy.secagg import SecAggStats, run_secure_sum
     from fedpersona.privacy.secagg.settings import extras_specs, secagg_params
+    from fedpersona.simulations.bench.secagg import _ColdClient
 
     params = secagg_params(cfg)
     rng = np.random.default_rng(0)
     bound = 0.5 * cfg.secagg.clip_norm / np.sqrt(length)
     updates = {100 + i: rng.uniform(-bound, bound, length).astype(np.float32) for i in range(cohort)}
     extras = {c: {e.name: 0.0 for e in extras_specs(cfg)} for c in updates}
+    root = IdentityRoot()
+    clients = {c: _ColdClient(c, params, identity=root.issue()) for c in updates}
+    t0 = time.process_time()
+    for client in clients.values():
+        client.advertise(run_id=0)
+    advertise = time.process_time() - t0
     stats = SecAggStats()
-    run_secure_sum(updates, params, extras=extras, stats=stats)
-    return float(sum(stats.client_seconds.values()) + stats.server_seconds)
+    run_secure_sum(updates, params, extras=extras, stats=stats, clients=clients)
+    return float(sum(stats.client_seconds.values()) + stats.server_seconds + advertise)
 
 
 def _finish(row: dict[str, Any]) -> dict[str, Any]:
