@@ -135,16 +135,16 @@ def tiny_model(folder: Path) -> Path:
 
 def protocol_cpu(cfg, cohort: int, length: int) -> float:
     """CPU seconds of one secure sum of ``cohort`` vectors of ``length`` in process (every client + the server),
-    at the run's own protocol settings (``secagg.*``), as ``python -m fedpersona.simulations.bench.secagg`` measures
-    it: every client with an identity under one root (bound keys, checked by every neighbour), each step with a
-    cold signature cache (a device alone); plus each client's key advertisement (its keys and their binding),
-    which a run's first round of a node includes."""
+    at the run's own protocol settings (``secagg.*``) and as a simulation runs it: every client with an identity
+    under one root (bound keys, checked by every neighbour), the clients in one process sharing its cache of
+    checked signatures (``python -m fedpersona.simulations.bench.secagg`` clears it at every step, as a device
+    alone would); plus each client's key advertisement (its keys and their binding), which the round in which
+    a node first takes part includes."""
     import numpy as np
 
     from fedpersona.identity import IdentityRoot
-    from fedpersona.privacy.secagg import SecAggStats, run_secure_sum
+    from fedpersona.privacy.secagg import SecAggClient, SecAggStats, run_secure_sum
     from fedpersona.privacy.secagg.settings import extras_specs, secagg_params
-    from fedpersona.simulations.bench.secagg import _ColdClient
 
     params = secagg_params(cfg)
     rng = np.random.default_rng(0)
@@ -152,7 +152,7 @@ def protocol_cpu(cfg, cohort: int, length: int) -> float:
     updates = {100 + i: rng.uniform(-bound, bound, length).astype(np.float32) for i in range(cohort)}
     extras = {c: {e.name: 0.0 for e in extras_specs(cfg)} for c in updates}
     root = IdentityRoot()
-    clients = {c: _ColdClient(c, params, identity=root.issue()) for c in updates}
+    clients = {c: SecAggClient(c, params, identity=root.issue()) for c in updates}
     t0 = time.process_time()
     for client in clients.values():
         client.advertise(run_id=0)
