@@ -167,16 +167,24 @@ def save_profile(store, profile_text: str) -> None:
 
 
 def refresh_profile(store, pairs: Sequence[tuple[str, str]], *, tokenizer=None, source: str = "") -> bool:
-    """Compute and store the profile of ``pairs``, unless the stored one was computed from the very same pairs
-    with the same tokenizer (``source``, its model path): a device built again does not redo it. True when
-    computed. The profile and its key land in the same commit of the store (its caller's transaction)."""
-    key = hashlib.sha256(json.dumps([source, [list(p) for p in pairs]]).encode()).hexdigest()
-    if store.load_text(PROFILE_KEY) == key and store.load_text(PROFILE) is not None:
+    """Compute and store the profile of ``pairs``, unless the stored profile is the one computed from the very same
+    pairs with the same tokenizer (``source``, its model path): a device built again does not redo it. True when
+    computed. The key names both the pairs and the profile's text, so a profile written since by anything else
+    (``fedpersona chat``) is computed again. The profile and its key land in the caller's commit."""
+    pairs_digest = hashlib.sha256(json.dumps([source, [list(p) for p in pairs]]).encode()).hexdigest()
+    stored = store.load_text(PROFILE)
+    if stored is not None and store.load_text(PROFILE_KEY) == _profile_key(pairs_digest, stored):
         return False
-    save_profile(store, compute_profile(pairs, tokenizer=tokenizer).text())
+    text = compute_profile(pairs, tokenizer=tokenizer).text()
+    save_profile(store, text)
+    key = _profile_key(pairs_digest, text)
     if store.load_text(PROFILE_KEY) != key:
         store.save_text(PROFILE_KEY, key)
     return True
+
+
+def _profile_key(pairs_digest: str, text: str) -> str:
+    return f"{pairs_digest}:{hashlib.sha256(text.encode()).hexdigest()}"
 
 
 def load_profile(store) -> str | None:

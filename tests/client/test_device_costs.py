@@ -56,3 +56,17 @@ def test_a_rebuilt_device_does_not_compute_its_profile_again(tiny_config, tmp_pa
     dev._profile_of = None
     dev.plan_round(shared, server_round=2)
     assert len(computed) == 2 and dev.store.load_text(PROFILE_KEY) != key
+
+
+def test_a_profile_written_by_chat_since_is_computed_again(tiny_config, tmp_path, monkeypatch):
+    computed = []
+    real = profile_module.compute_profile
+    monkeypatch.setattr(profile_module, "compute_profile", lambda *a, **k: computed.append(1) or real(*a, **k))
+    dev = _device(tiny_config, tmp_path)
+    shared = dev.model.initial_shared_state()
+    dev.plan_round(shared, server_round=1)
+    mine = dev.store.load_text(PROFILE)
+    profile_module.save_profile(dev.store, "Speaks of nothing but the weather.")  # as fedpersona chat writes it
+    again = _device(tiny_config, tmp_path)
+    again.plan_round(shared, server_round=1)
+    assert len(computed) == 2 and again.store.load_text(PROFILE) == mine
