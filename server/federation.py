@@ -171,7 +171,8 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
     report(progress, "run-start", run=cfg.run.name, rounds=cfg.server.num_rounds, **{"start-round": start_round},
            nodes=len(list(grid.get_node_ids())), cohort=cfg.server.clients_per_round, aggregation=aggregator.name,
            dp=p.enabled, **{"shared-params": counts["shared"], "final-eval": cfg.eval.final,
-                            "local-baseline": cfg.eval.local_baseline})
+                            "local-baseline": cfg.eval.local_baseline,
+                            "sum-steps": cfg.client.local_steps if p.enabled and p.noise_on == "sum" else 0})
     for server_round in range(start_round + 1, cfg.server.num_rounds + 1):
         t0 = time.perf_counter()
         nodes = wait_for_nodes(grid, cfg.server.min_clients)

@@ -10,7 +10,8 @@ Events and their fields (more may be added; a receiver ignores what it does not 
 
 * ``run-start``: ``run``, ``rounds``, ``start-round`` (rounds already done, when resuming),
   ``nodes``, ``cohort``, ``aggregation``, ``dp`` (bool), ``shared-params``, ``final-eval`` and
-  ``local-baseline`` (bool: ``eval.final``, ``eval.local-baseline``);
+  ``local-baseline`` (bool: ``eval.final``, ``eval.local-baseline``), ``sum-steps`` (the noisy sums of a
+  round with ``privacy.noise-on = sum``, ``client.local-steps``; 0 otherwise);
 * ``round-start``: ``round``, ``rounds``, ``cohort``;
 * ``stage`` / ``stage-end``: ``round``, ``stage`` (``advertise``, ``train``, ``consistency``, ``unmask``,
   ``evaluate`` or the message type), ``nodes``; ``stage-end`` adds ``replies``, ``errors``,

@@ -58,6 +58,7 @@ class Lines:
         self.round_seconds: list[float] = []
         self.stages: dict[str, float] = {}
         self.sum_steps = 0  # steps of noisy sums finished in this round
+        self.sum_steps_total = 0  # steps of a noisy-sum round (run-start's sum-steps; 0: not that mode)
         self.eval_done = 0  # devices evaluated in the final evaluation's groups already finished
         self.eval_t0 = 0.0
         self.aggregation = ""
@@ -146,6 +147,7 @@ class Lines:
             self.nodes, self.cohort = int(f.get("nodes", 0)), int(f.get("cohort", 0))
             self.final_eval = bool(f.get("final-eval", True))
             self.local_baseline = bool(f.get("local-baseline", True))
+            self.sum_steps_total = int(f.get("sum-steps", 0) or 0)  # steps of a noisy-sum round (0: not that mode)
             resumed = f", resuming after round {self.start_round}" if self.start_round else ""
             return (f"run '{f['run']}': {plural(self.nodes, 'user')}, {f['cohort']} per round, "
                     f"{plural(self.rounds_total, 'round')}, DP-SGD {'on' if f.get('dp') else 'OFF'}, "
@@ -179,8 +181,15 @@ class Lines:
             self.stages[str(f["stage"])] = self.stages.get(str(f["stage"]), 0.0) + float(f["seconds"])
             self.stage = ""
             self.sum_steps += 1
-            return (f"round {self.round}/{self.rounds_total} | noisy-sum step {self.sum_steps}: "
-                    f"{int(f.get('replies', 0))} device(s) answered | {float(f['seconds']):.1f} s")
+            total = self.sum_steps_total
+            of = f"/{total}" if total else ""
+            left = ""
+            if total and self.sum_steps < total and self.round_t0 is not None:
+                # The round's steps so far, timed from the round's start (its first step builds the devices).
+                per_step = (self.clock() - self.round_t0) / self.sum_steps
+                left = f", round ETA {_seconds(per_step * (total - self.sum_steps))}"
+            return (f"round {self.round}/{self.rounds_total} | noisy-sum step {self.sum_steps}{of}: "
+                    f"{int(f.get('replies', 0))} device(s) answered | {float(f['seconds']):.1f} s{left}")
         if kind == "stage-end":
             if f.get("stage") == "evaluate" and self.in_eval:
                 self.eval_done += int(f.get("replies", 0))

@@ -208,6 +208,23 @@ def test_a_noisy_sum_round_shows_one_line_per_step():
     assert "noisy-sum step 1:" in lines.text("stage-end", dict(round=2, stage="noisy-sum step", seconds=1.0, replies=7))
 
 
+def test_a_noisy_sum_step_line_counts_the_rounds_steps_and_its_eta():
+    from fedpersona.simulations.progress import Lines
+
+    now = [100.0]
+    lines = Lines(clock=lambda: now[0])
+    lines.text("run-start", {"run": "demo", "rounds": 3, "nodes": 20, "cohort": 8, "sum-steps": 6})
+    lines.text("round-start", dict(round=1, rounds=3, cohort=8))
+    outs = []
+    for _ in range(6):
+        lines.text("stage", dict(round=1, stage="noisy-sum step", nodes=8))
+        now[0] += 10.0
+        outs.append(lines.text("stage-end", dict(round=1, stage="noisy-sum step", seconds=10.0, replies=8)))
+    assert outs[0] == "round 1/3 | noisy-sum step 1/6: 8 device(s) answered | 10.0 s, round ETA 0:50"
+    assert outs[3].endswith("step 4/6: 8 device(s) answered | 10.0 s, round ETA 0:20")
+    assert outs[5] == "round 1/3 | noisy-sum step 6/6: 8 device(s) answered | 10.0 s"  # the last: nothing left
+
+
 def test_the_final_evaluation_counts_devices_over_its_groups():
     """Groups of 3 and 2: the lines count 1..5 of 5, not 1..3 then 1..2, and the ETA covers every group."""
     from fedpersona.simulations.progress import Lines
