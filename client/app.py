@@ -260,7 +260,7 @@ def dp_step(message: Message, context: Context) -> Message:
                                      bound_keys=secagg.malicious_secure(device.store, context.node_config))
         except BudgetExhausted as exc:
             logger.info("%s (declining: this device takes no part in this step's sum)", exc)
-            return Message(RecordDict(to_records(secagg.decline(context.node_id, request))), reply_to=message)
+            return Message(RecordDict(to_records(secagg.decline(client, request, store=device.store))), reply_to=message)
         payload = secagg.masked_step_input(client, request, vec, store=device.store)
     except PolicyViolation as exc:
         return _refuse(message, exc)

@@ -60,12 +60,14 @@ def fill_participations(flat: dict[str, Any], cfg: Config, users: int) -> Config
     declines beyond them). Returns the config of the updated ``flat``."""
     if cfg.client.max_participations != 0:
         return cfg
-    m = expected_participations(rounds=cfg.planned_rounds, cohort=min(cfg.server.clients_per_round, users),
+    # Over the rounds the server runs (it samples in each of them); a device then plans for at most
+    # privacy.planned-rounds of them (Config.planned_participations).
+    m = expected_participations(rounds=cfg.server.num_rounds, cohort=min(cfg.server.clients_per_round, users),
                                 users=users, sampling=cfg.server.sampling)
     flat["client.max-participations"] = m
     logger.info("client.max-participations = %d: each device plans its noise for the participations it can expect "
                 "(%d users, %d per round, %d rounds, %s sampling)", m, users, cfg.server.clients_per_round,
-                cfg.planned_rounds, cfg.server.sampling)
+                cfg.server.num_rounds, cfg.server.sampling)
     return load_config(flat, env=False)
 
 

@@ -91,3 +91,32 @@ def test_the_plan_of_a_noisy_sum_run_is_its_ledger():
                                num_steps=cfg.client.local_steps)
         assert ledger.epsilon(cfg.privacy.delta) == pytest.approx(r["epsilon"], rel=1e-9)
         assert r["epsilon-composed"] > r["epsilon"]
+
+
+def test_participations_are_filled_over_the_rounds_the_server_runs():
+    """The study scenario: 10 rounds of 32 of 103 users with privacy.planned-rounds = 4: a device can expect 4
+    participations (ceil(320 / 103)), not ceil(4 x 32 / 103) = 2 (which made every device decline from round 7)."""
+    from fedpersona.config import load_config
+    from fedpersona.simulations.runner import fill_participations
+
+    flat = {"server.num-rounds": 10, "server.clients-per-round": 32, "privacy.planned-rounds": 4,
+            "server.sampling": "balanced"}
+    cfg = fill_participations(flat, load_config(flat, env=False), 103)
+    assert flat["client.max-participations"] == 4 and cfg.planned_participations == 4
+    flat = {"server.num-rounds": 10, "server.clients-per-round": 32, "privacy.planned-rounds": 2}
+    assert fill_participations(flat, load_config(flat, env=False), 103).planned_participations == 2  # its own cap
+
+
+def test_a_device_past_its_cap_declines_a_noisy_sum_step_and_fails_nothing(tiny_config, tmp_path):
+    """Round 2 samples devices that took their one participation: each declines every step (a signed decline,
+    remembered), none fails; too few contributors remain, so the step aborts before any unmask."""
+    from fedpersona.simulations.runner import run
+
+    flat = dict(tiny_config, **{"privacy.noise-on": "sum", "privacy.noise-multiplier": 1.0, "data.max-users": 4,
+                                "server.clients-per-round": 4, "server.num-rounds": 2, "client.local-steps": 1,
+                                "client.max-participations": 1, "server.lr": 0.5, "eval.final": False})
+    metrics = run("demo", flat, cpus=1, engine="cohort", device_policy={"min-contributors": 2})
+    first, second = metrics["rounds"]
+    assert (first["contributors"], first["declined"], first["failed"], first["applied"]) == (4, 0, 0, True)
+    assert (second["contributors"], second["declined"], second["failed"], second["applied"]) == (0, 4, 0, False), second
+    assert "only 0 of 4 clients sent masked inputs" in second["aborted"]
