@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedpersona.client.node_data import slug
-from fedpersona.simulations.studies.utility import (ddp_noise_for, format_summary, format_table, max_participations, shared_dim, study,
+from fedpersona.simulations.studies.utility import (ddp_noise_for, format_table, max_participations, shared_dim, study,
                                  study_rows)
 
 
@@ -60,21 +60,6 @@ def test_quick_study_writes_every_row(tiny_config):
     users_png = Path(files["json"]).parent / "utility-users" / slug("federated, no DP") / "users.png"
     assert users_png.read_bytes()[:4] == b"\x89PNG"
     assert "DP on each device, eps=8: personalized" in format_table(result["table"])
-
-
-def test_sum_rows_are_skipped_by_name_without_the_mechanism(tiny_config):
-    """The noise-on-the-sum rows are config overrides; a code without those keys lists them as skipped."""
-    from fedpersona.config import known_keys
-
-    if "privacy.noise-on" in known_keys():
-        pytest.skip("the noise-on-the-sum mechanism is present: its rows run")
-    result = study(None, dict(tiny_config, **FAST), epsilons=(8.0,), quick=True, central_steps=1, rows=("sum",),
-                   attribution_users=False)
-    summary = result["summary"]
-    assert [s["row"] for s in summary] == ["DP on the sum, t=1, eps=8", "DP on the sum, t=3, eps=8"]
-    for s in summary:
-        assert s["status"].startswith("skipped: needs privacy.noise-on = sum"), s
-    assert "needs privacy.noise-on = sum" in format_summary(result)
 
 
 def test_sum_rows_are_config_overrides():
