@@ -172,13 +172,14 @@ def refresh_profile(store, pairs: Sequence[tuple[str, str]], *, tokenizer=None, 
     computed. The key names both the pairs and the profile's text, so a profile written since by anything else
     (``fedpersona chat``) is computed again. The profile and its key land in the caller's commit."""
     pairs_digest = hashlib.sha256(json.dumps([source, [list(p) for p in pairs]]).encode()).hexdigest()
-    stored = store.load_text(PROFILE)
-    if stored is not None and store.load_text(PROFILE_KEY) == _profile_key(pairs_digest, stored):
+    stored, stored_key = store.load_text(PROFILE), store.load_text(PROFILE_KEY)
+    if stored is not None and stored_key == _profile_key(pairs_digest, stored):
         return False
     text = compute_profile(pairs, tokenizer=tokenizer).text()
-    save_profile(store, text)
+    if text != stored:
+        store.save_text(PROFILE, text)
     key = _profile_key(pairs_digest, text)
-    if store.load_text(PROFILE_KEY) != key:
+    if stored_key != key:
         store.save_text(PROFILE_KEY, key)
     return True
 
