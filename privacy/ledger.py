@@ -778,7 +778,15 @@ def _calibrate_rdp(target_epsilon: float, delta: float, sample_rate: float, step
                 high, eps_high, low = low, e, 0.8 * low
         else:
             low = 0.0
-        high, eps_high, low = _bracket_search(evaluate, low, high, eps_high, target_epsilon, epsilon_tolerance)
+        if evaluate is approx:
+            # The guide is cheap: it narrows the bracket well below the tolerance, and its answer moves up to the grid
+            # (:func:`_on_grid`), so that the exact check below is the grid's first evaluation (memoized) and the
+            # grid's answer lies a step or two below it.
+            high, eps_high, low = _bracket_search(evaluate, low, high, eps_high, target_epsilon,
+                                                  epsilon_tolerance * _GUIDE_TOLERANCE)
+            high = math.exp(_grid_index(high) * _GRID)
+        else:
+            high, eps_high, low = _bracket_search(evaluate, low, high, eps_high, target_epsilon, epsilon_tolerance)
         eps = exact(high)
         if eps <= target_epsilon and (target_epsilon - eps <= epsilon_tolerance or high - low <= 1e-9 * high):
             break
@@ -789,6 +797,15 @@ def _calibrate_rdp(target_epsilon: float, delta: float, sample_rate: float, step
 
 #: The grid every calibrated sigma lies on: exp(k * _GRID) (a relative step of 1e-4).
 _GRID = 1e-4
+#: The guided search stops within this share of ``epsilon_tolerance`` of the target (one grid step moves epsilon by
+#: about 1e-3 at a target of 8): the exact search on the grid then starts next to its answer.
+_GUIDE_TOLERANCE = 1e-3
+
+
+def _grid_index(sigma: float) -> int:
+    """The smallest k with exp(k * _GRID) >= sigma (a sigma on the grid gives its own k despite float rounding)."""
+    k = math.ceil(math.log(sigma) / _GRID)
+    return k - 1 if math.exp((k - 1) * _GRID) >= sigma else k
 
 
 def _on_grid(exact, sigma: float, target_epsilon: float) -> tuple[float, float]:
@@ -798,7 +815,7 @@ def _on_grid(exact, sigma: float, target_epsilon: float) -> tuple[float, float]:
     Epsilon decreases in sigma, so that grid point is unique: the answer depends on the budget and the
     sample rate only, never on where a warm-started search happened to stop (a plan made in another
     process, or a device built after others, gets the very same sigma)."""
-    k_hi = math.ceil(math.log(sigma) / _GRID)
+    k_hi = _grid_index(sigma)
     while exact(math.exp(k_hi * _GRID)) > target_epsilon:  # (float rounding at the edge)
         k_hi += 1
     step, k_lo = 1, k_hi - 1

@@ -82,3 +82,17 @@ def test_bracket_search_converges_in_a_few_steps():
     assert high == pytest.approx(10 / 3, rel=1e-3)
     assert len(seen) < 12
     assert np.isfinite(eps)
+
+
+@pytest.mark.parametrize("target,delta,q,steps", [(8.0, 1e-3, 8 / 40, 60), (1.0, 1e-5, 0.5, 4), (4.0, 1e-2, 0.02, 400)])
+def test_a_calibration_checks_at_most_three_sigmas_with_opacus(monkeypatch, target, delta, q, steps):
+    """Opacus's epsilon at every order is the expensive part: the guide brings the search next to the answer on the
+    grid, so the exact search checks the answer and a grid step or two below it (six to ten checks before)."""
+    exact, checked = ledger._epsilon_of, []
+    monkeypatch.setattr(ledger, "_epsilon_of", lambda h, *a: checked.append(h[0][0]) or exact(h, *a))
+    monkeypatch.setattr(ledger, "_SOLVED", {})
+    ledger._calibrated.cache_clear()
+    sigma = calibrate_noise(target_epsilon=target, delta=delta, sample_rate=q, steps=steps)
+    assert len(set(checked)) <= 3, sorted(set(checked))
+    below = ledger.math.exp((ledger._grid_index(sigma) - 1) * ledger._GRID)
+    assert _opacus_epsilon([(sigma, q, steps)], delta) <= target < _opacus_epsilon([(below, q, steps)], delta)
