@@ -58,7 +58,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedpersona.client import secagg
-from fedpersona.client.device import LEDGER, BudgetExhausted, Device, state_dir_for
+from fedpersona.client.device import LEDGER, BudgetExhausted, Device, UserData, state_dir_for
 from fedpersona.client.failures import failure_mod
 from fedpersona.client.flow_log import inventory_mod
 from fedpersona.client.freshness import freshness_mod
@@ -97,9 +97,12 @@ def _evict() -> None:
         logger.debug("device of node %s evicted from memory (its state stays in its store)", key[1])
 
 
-def cached_device(context: Context) -> Device:
-    """The node's :class:`~fedpersona.client.device.Device` as the handlers use it (built on first use, then cached)."""
-    return _device(context)
+def cached_device(context: Context, *, prepared: UserData | None = None) -> Device:
+    """The node's :class:`~fedpersona.client.device.Device` as the handlers use it (built on first use, then cached).
+
+    ``prepared``: the user's examples already through the lower blocks (:func:`~fedpersona.client.device.prepare_users`,
+    a simulation building a cohort's devices together), used only when the device is built now."""
+    return _device(context, prepared=prepared)
 
 
 def cached_devices(run_id: int) -> dict[int, Device]:
@@ -115,7 +118,7 @@ def release_devices(run_id: int) -> int:
     return len(keys)
 
 
-def _device(context: Context) -> Device:
+def _device(context: Context, *, prepared: UserData | None = None) -> Device:
     key = (context.run_id, context.node_id)
     if key in _DEVICES:
         _DEVICES.move_to_end(key)
@@ -127,7 +130,7 @@ def _device(context: Context) -> Device:
         if not cfg.secagg.enabled:
             logger.warning("secagg.enabled = false: this device's update and its noised evaluation figures go to the "
                            "server in the clear (plain aggregation)")
-        _DEVICES[key] = Device(cfg, dict(context.node_config))
+        _DEVICES[key] = Device(cfg, dict(context.node_config), prepared=prepared)
         _DEVICES[key].run_id = int(context.run_id)
         _evict()
     return _DEVICES[key]

@@ -49,6 +49,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,24 +173,68 @@ def prepare_user(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tup
     the device's encrypted store (:data:`ACTIVATIONS`) and read back the next time the device is
     built for the same model, layout and examples, instead of being computed again.
     """
+    return prepare_users(model, cfg, [(user_id, pairs, store)])[0]  # type: ignore[return-value]
+
+
+@dataclass
+class _Staged:
+    user_id: str
+    enc: dict[str, list]
+    seqs: dict[str, list[list[int]]]
+    store: DeviceStore | None
+    key: str
+    hiddens: dict[str, list[torch.Tensor]] | None
+
+
+def prepare_users(model: AdaptedModel, cfg: Config,
+                  users: Sequence[tuple[str, list[tuple[str, str]], DeviceStore | None]], *,
+                  batch_size: int = 16, skip_failed: bool = False) -> list[UserData | None]:
+    """:func:`prepare_user` for several ``(user id, pairs, store)`` at once, in their order.
+
+    The examples whose lower-block outputs no store holds run through the frozen blocks in one sweep
+    (batches of ``batch_size`` across the users, sorted by length; a causal model with right padding
+    gives each example the outputs it gets alone, up to float rounding): a simulation builds a
+    cohort's devices together instead of paying a small forward pass per device and split.
+    ``skip_failed``: a user whose examples cannot be prepared (too few, a delta the data does not
+    allow) gets ``None`` instead of failing the others; the device meets the same error when built.
+    """
+    staged: list[_Staged | None] = []
+    for user_id, pairs, store in users:
+        try:
+            staged.append(_stage(model, cfg, user_id, pairs, store))
+        except (ValueError, PolicyViolation):
+            if not skip_failed:
+                raise
+            staged.append(None)
+    todo = [s for s in staged if s is not None and s.hiddens is None]
+    flat = [seq for s in todo for part in _PARTS for seq in s.seqs[part]]
+    out = iter(lower_hidden(model, flat, batch_size=batch_size) if flat else [])
+    for s in todo:
+        s.hiddens = {part: [next(out) for _ in s.seqs[part]] for part in _PARTS}
+        if s.key:
+            _store_activations(model, s.store, s.key, s.hiddens)
+    return [None if s is None else UserData(s.user_id, *(_with_labels(s.hiddens[p], s.enc[p]) for p in _PARTS))
+            for s in staged]
+
+
+_PARTS = ("train", "held-out")
+
+
+def _stage(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tuple[str, str]],
+           store: DeviceStore | None) -> _Staged:
+    """One user's examples capped, split and tokenized, and their lower-block outputs when its store holds them."""
     if len(pairs) < 2:
         raise ValueError(f"User {user_id!r} has only {len(pairs)} example(s); at least 2 are needed")
     pairs = kept_pairs(cfg, user_id, pairs)
     train_pairs, held_pairs = split_examples(pairs, eval_fraction=cfg.data.eval_fraction, seed=cfg.run.seed, key=user_id)
     _check_delta(cfg, user_id, len(train_pairs))
-
     enc = {part: encode_examples(model.tokenizer, ps, seq_len=cfg.model.seq_len, cue_tokens=cfg.model.cue_tokens)
-           for part, ps in (("train", train_pairs), ("held-out", held_pairs))}
+           for part, ps in zip(_PARTS, (train_pairs, held_pairs))}
     seqs = {part: [e.input_ids for e in es] for part, es in enc.items()}
     kept = store is not None and cfg.client.cache_activations
     key = _activations_key(model, seqs) if kept else ""
     hiddens = _stored_activations(model, store, seqs, key) if kept else None
-    if hiddens is None:
-        hiddens = {part: lower_hidden(model, s) for part, s in seqs.items()}
-        if kept:
-            _store_activations(model, store, key, hiddens)
-    train, held_out = (_with_labels(hiddens[part], enc[part]) for part in ("train", "held-out"))
-    return UserData(user_id, train, held_out)
+    return _Staged(user_id, enc, seqs, store, key, hiddens)
 
 
 def cache_examples(model: AdaptedModel, cfg: Config, pairs: list[tuple[str, str]]) -> list[CachedExample]:

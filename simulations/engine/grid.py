@@ -2,8 +2,11 @@
 
 :class:`EngineGrid` is an :class:`~fedpersona.simulations.inprocess.InProcessGrid`: every message still
 goes to the real ``ClientApp`` (its mods, the device's policy checks, secure-aggregation
-masking, ledger and persistence), and the replies are the ClientApp's own. Before a batch of
-``train`` messages is delivered, the grid
+masking, ledger and persistence), and the replies are the ClientApp's own. The devices a batch of
+``train`` or ``evaluate`` messages addresses that are not in memory are built together first: their
+examples' frozen lower blocks in one batched sweep across the users
+(:func:`~fedpersona.client.device.prepare_users`), each device's activations saved with the commit of its
+message. Before a batch of ``train`` messages is delivered, the grid
 
 1. builds each addressed simulated device (the very :class:`~fedpersona.client.device.Device` objects
    the ClientApp's handlers use, :func:`fedpersona.client.app.cached_device`) and asks it to plan its
@@ -44,21 +47,27 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack
 
 from flwr.app import Message
 
 from fedpersona.client import app as client_module
-from fedpersona.client.device import BudgetExhausted, Device, RoundPlan, state_digest
+from fedpersona.client.device import (BudgetExhausted, Device, RoundPlan, load_pairs_for_node, prepare_users,
+                                     state_digest)
 from fedpersona.client.node_data import context_state_dir
 from fedpersona.client.policy import PolicyViolation
 from fedpersona.client.store import DeviceStore
 from fedpersona.config import load_config
+from fedpersona.model import adapted_model
 from fedpersona.wire import unpack_shared
 from fedpersona.simulations.engine.engine import engine_model
 from fedpersona.simulations.engine.jobs import ClientJob, EvalJob, Phase, joint_phases
 from fedpersona.simulations.inprocess import InProcessGrid
 
 logger = logging.getLogger(__name__)
+
+#: Examples per batch when a cohort's devices run their lower blocks together (across users, sorted by length).
+_BUILD_BATCH = 64
 
 
 class EngineGrid(InProcessGrid):
@@ -84,6 +93,7 @@ class EngineGrid(InProcessGrid):
         self.cohorts = 0
         self.engine_seconds = 0.0
         self.eval_seconds = 0.0  # the final evaluation's batched held-out passes (evaluate_cohort)
+        self.build_seconds = 0.0  # the cohorts' lower-block sweeps when their devices are built (prepare_users)
         self.evaluated = 0  # devices whose held-out figures the engine computed
         self.fallbacks = 0  # planned devices whose round the engine could not train (trained sequentially)
         self._head_fallback_logged = False
@@ -121,6 +131,7 @@ class EngineGrid(InProcessGrid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids: list[str] = []
         for chunk in self._chunks(list(messages)):
+            self._build_ahead(chunk)
             self._train_ahead(chunk)
             self._evaluate_ahead(chunk)
             ids.extend(super().push_messages(chunk))
@@ -130,6 +141,7 @@ class EngineGrid(InProcessGrid):
                          on_reply: Callable[[Message], None] | None = None) -> Iterable[Message]:
         replies: list[Message] = []
         for chunk in self._chunks(list(messages)):
+            self._build_ahead(chunk)
             self._train_ahead(chunk)
             self._evaluate_ahead(chunk)
             replies.extend(super().send_and_receive(chunk, timeout=timeout, on_reply=on_reply))
@@ -146,6 +158,47 @@ class EngineGrid(InProcessGrid):
     def device(self, node_id: int) -> Device:
         """The node's cached Device (built when not in memory)."""
         return client_module.cached_device(self._contexts[int(node_id)])
+
+    def _build_ahead(self, messages: list[Message]) -> None:
+        """Build the devices that train or evaluate messages address and that are not in memory, together: their lower
+        blocks in one batched sweep (:func:`~fedpersona.client.device.prepare_users`) instead of a small forward
+        pass per device. What each build saves (its activations) joins the commit of its message, as in
+        :meth:`_train_ahead`. A device whose build fails here is left to its handler, which meets the same error."""
+        live = client_module.cached_devices(self.run_id)
+        nodes = [n for n in dict.fromkeys(int(m.metadata.dst_node_id) for m in messages
+                                          if m.metadata.message_type in ("train", "evaluate"))
+                 if n in self._contexts and n not in live]
+        if len(nodes) < 2 or len(nodes) > self.max_devices:
+            return  # (more than the cache holds: the first would be evicted before their messages arrive)
+        contexts = [self._contexts[n] for n in nodes]
+        cfg = load_config(contexts[0].run_config)  # as the ClientApp reads it (a simulation's nodes share it)
+        entries, kept = [], []
+        for ctx in contexts:
+            try:
+                user_id, pairs, state_dir = load_pairs_for_node(cfg, dict(ctx.node_config))
+            except Exception as exc:  # noqa: BLE001 - the handler meets the same error and replies with it
+                logger.debug("node %s not built ahead: %s: %s", ctx.node_id, type(exc).__name__, exc)
+                continue
+            entries.append((user_id, pairs, DeviceStore(state_dir)))
+            kept.append(ctx)
+        if len(entries) < 2:
+            return
+        model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device,
+                              dtype=cfg.model.dtype)  # the devices' own model (cached per process)
+        t0 = time.perf_counter()
+        with ExitStack() as saves:
+            for _, _, store in entries:
+                saves.enter_context(store.transaction(defer=True))
+            prepared = prepare_users(model, cfg, entries, batch_size=_BUILD_BATCH, skip_failed=True)
+        self.build_seconds += time.perf_counter() - t0
+        for ctx, (_, _, store), data in zip(kept, entries, prepared):
+            if data is None:
+                continue
+            try:
+                with store.transaction(defer=True):
+                    client_module.cached_device(ctx, prepared=data)
+            except Exception as exc:  # noqa: BLE001 - the handler builds it again and meets the same error
+                logger.debug("node %s not built ahead: %s: %s", ctx.node_id, type(exc).__name__, exc)
 
     def _train_ahead(self, messages: list[Message]) -> None:
         if self.on_devices:
