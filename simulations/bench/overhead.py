@@ -21,6 +21,9 @@ Per round and for the final evaluation it prints, as a table and into a JSON fil
   (devices that trained in the round; devices evaluated in the final evaluation);
 * ``fsync``: the time spent in ``os.fsync`` (and the number of calls), the durable writes of the
   devices' encrypted stores: part of the framework's time;
+* ``lower blocks``: the frozen blocks' forward pass over the examples of the devices built in the stage
+  (once per device, one batched sweep per cohort: :meth:`EngineGrid._build_ahead`): part of the framework's
+  time here, although it is the model's own compute (a device built once pays it once);
 * ``secagg``: the secure-aggregation time the run records (``secagg-seconds``: the server's
   protocol CPU, the key advertisement and the unmask stage), beside the protocol's own CPU for
   the same K and vector length run in process (:func:`fedpersona.privacy.secagg.run_secure_sum`, as
@@ -94,7 +97,7 @@ class _Recorder:
         self.grid = None
         self.fsyncs = fsyncs
         self.rows: list[dict[str, Any]] = []
-        self._start: tuple[float, ...] = (0.0, 0.0, 0, 0.0)
+        self._start: tuple[float, ...] = (0.0, 0.0, 0, 0.0, 0.0)
         self._stages: dict[str, float] = {}
 
     def attach(self, grid) -> None:
@@ -103,13 +106,14 @@ class _Recorder:
     def _clocks(self) -> tuple[float, ...]:
         g = self.grid
         return (float(getattr(g, "engine_seconds", 0.0)), float(getattr(g, "eval_seconds", 0.0)),
-                self.fsyncs.calls, self.fsyncs.seconds)
+                self.fsyncs.calls, self.fsyncs.seconds, float(getattr(g, "build_seconds", 0.0)))
 
     def _row(self, stage: str, rnd: int | None, participations: int, seconds: float, engine: int) -> None:
         now = self._clocks()
         self.rows.append({"stage": stage, "round": rnd, "participations": participations, "wall_s": seconds,
                           "engine_s": now[engine] - self._start[engine], "stages_s": dict(self._stages),
-                          "fsync_calls": now[2] - self._start[2], "fsync_s": now[3] - self._start[3]})
+                          "fsync_calls": now[2] - self._start[2], "fsync_s": now[3] - self._start[3],
+                          "lower_s": now[4] - self._start[4]})
 
     def event(self, kind: str, **f: Any) -> None:
         if kind in ("round-start", "eval-start"):
@@ -169,6 +173,7 @@ def _finish(row: dict[str, Any]) -> dict[str, Any]:
     row["engine_per_participation_ms"] = 1000.0 * row["engine_s"] / n
     row["fsync_per_participation_ms"] = 1000.0 * row["fsync_s"] / n
     row["fsyncs_per_participation"] = row["fsync_calls"] / n
+    row["lower_per_participation_ms"] = 1000.0 * row.get("lower_s", 0.0) / n
     return row
 
 
@@ -204,8 +209,9 @@ def run_one(users: int, cohort: int, rounds: int, *, model_dir: Path, root: Path
 
 def _table(results: list[dict[str, Any]]) -> list[str]:
     lines = ["| N | K | stage | participations | wall s | engine s | framework s | framework / participation ms "
-             "| of which fsync ms (calls) | engine / participation ms | secagg s (protocol CPU s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| of which fsync ms (calls) | of which lower blocks ms | engine / participation ms "
+             "| secagg s (protocol CPU s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for row in r["rows"]:
             sec = (f"{row['secagg_s']:.2f} ({r['protocol_cpu_s']:.2f})" if row["round"] is not None
@@ -213,7 +219,8 @@ def _table(results: list[dict[str, Any]]) -> list[str]:
             lines.append(f"| {r['users']} | {r['cohort']} | {row['stage']} | {row['participations']} | "
                          f"{row['wall_s']:.2f} | {row['engine_s']:.2f} | {row['framework_s']:.2f} | "
                          f"{row['framework_per_participation_ms']:.1f} | {row['fsync_per_participation_ms']:.1f} "
-                         f"({row['fsyncs_per_participation']:.1f}) | {row['engine_per_participation_ms']:.1f} | {sec} |")
+                         f"({row['fsyncs_per_participation']:.1f}) | {row['lower_per_participation_ms']:.1f} | "
+                         f"{row['engine_per_participation_ms']:.1f} | {sec} |")
     return lines
 
 
@@ -225,8 +232,8 @@ def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
     rows = [row for r in results if r["cohort"] == largest for row in r["rows"] if row["round"] is not None]
     parts = max(1, sum(row["participations"] for row in rows))
     return {"largest_cohort": largest, "participations": sum(row["participations"] for row in rows),
-            **{f"{k}_per_participation_ms": 1000.0 * sum(row[f"{k}_s"] for row in rows) / parts
-               for k in ("framework", "engine", "fsync")}}
+            **{f"{k}_per_participation_ms": 1000.0 * sum(row.get(f"{k}_s", 0.0) for row in rows) / parts
+               for k in ("framework", "engine", "fsync", "lower")}}
 
 
 def bench(*, users: tuple[int, ...], cohorts: tuple[int, ...], rounds: int, cpus: int | None = None,
@@ -273,11 +280,13 @@ def bench(*, users: tuple[int, ...], cohorts: tuple[int, ...], rounds: int, cpus
                 "trained outside the engine (counted as framework time)")
     out("framework = wall - engine; per participation: devices that trained in the round (evaluated, for the "
         "final evaluation); fsync: the time in os.fsync (the devices' durable writes), part of the framework's; "
+        "lower blocks: the frozen blocks' forward pass over the examples of the devices built in the stage (once per "
+        "device, one batched sweep per cohort), part of the framework's; "
         "secagg: the run's secure-aggregation time (server CPU + key advertisement + unmask stage), in brackets "
         "the protocol's own CPU for one round of K clients (every client and the server)")
     out(f"at K = {s['largest_cohort']}: engine {s['engine_per_participation_ms']:.1f} ms per participation; "
         f"framework {s['framework_per_participation_ms']:.1f} ms, of which fsync "
-        f"{s['fsync_per_participation_ms']:.1f} ms")
+        f"{s['fsync_per_participation_ms']:.1f} ms and the lower blocks {s['lower_per_participation_ms']:.1f} ms")
     if json_path is not None:
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)

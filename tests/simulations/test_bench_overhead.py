@@ -32,6 +32,8 @@ def test_quick_bench_rows_are_consistent(tiny_model_dir, tmp_path):
         assert r["fsync_calls"] > 0 and 0 < r["fsync_s"] <= r["framework_s"] + 1e-9
         assert r["secagg_s"] > 0
     assert run["protocol_cpu_s"] > 0
+    # The lower blocks run once per device, when it is built: every device in round 1 (one sweep), none after.
+    assert 0 < rows[0]["lower_s"] <= rows[0]["framework_s"] and rows[1]["lower_s"] == rows[2]["lower_s"] == 0
     # The last line: the rounds' framework time over their participations (the evaluation apart).
     rounds = rows[:2]
     assert doc["framework_per_participation_ms"] == pytest.approx(
