@@ -130,7 +130,8 @@ def _device(context: Context, *, prepared: UserData | None = None) -> Device:
         if not cfg.secagg.enabled:
             logger.warning("secagg.enabled = false: this device's update and its noised evaluation figures go to the "
                            "server in the clear (plain aggregation)")
-        _DEVICES[key] = Device(cfg, dict(context.node_config), prepared=prepared)
+        node_config = dict(context.node_config)
+        _DEVICES[key] = Device(cfg, node_config) if prepared is None else Device(cfg, node_config, prepared=prepared)
         _DEVICES[key].run_id = int(context.run_id)
         _evict()
     return _DEVICES[key]
