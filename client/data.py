@@ -228,8 +228,8 @@ def encode_examples(
     fixed = len(header) + len(assistant)
     if fixed + 1 >= seq_len:
         raise ValueError(f"seq_len={seq_len} leaves no room for a reply after the {fixed}-token prompt template")
-    cues = _ids(tokenizer, [c for c, _ in pairs])
-    replies = _ids(tokenizer, [r for _, r in pairs])
+    ids = _ids(tokenizer, [c for c, _ in pairs] + [r for _, r in pairs])  # one call: each text on its own
+    cues, replies = ids[:len(pairs)], ids[len(pairs):]
 
     out = []
     for cue_ids, reply_ids in zip(cues, replies):

@@ -228,8 +228,9 @@ def _stage(model: AdaptedModel, cfg: Config, user_id: str, pairs: list[tuple[str
     pairs = kept_pairs(cfg, user_id, pairs)
     train_pairs, held_pairs = split_examples(pairs, eval_fraction=cfg.data.eval_fraction, seed=cfg.run.seed, key=user_id)
     _check_delta(cfg, user_id, len(train_pairs))
-    enc = {part: encode_examples(model.tokenizer, ps, seq_len=cfg.model.seq_len, cue_tokens=cfg.model.cue_tokens)
-           for part, ps in zip(_PARTS, (train_pairs, held_pairs))}
+    both = encode_examples(model.tokenizer, train_pairs + held_pairs, seq_len=cfg.model.seq_len,
+                           cue_tokens=cfg.model.cue_tokens)  # one pass of the tokenizer over both splits
+    enc = {"train": both[:len(train_pairs)], "held-out": both[len(train_pairs):]}
     seqs = {part: [e.input_ids for e in es] for part, es in enc.items()}
     kept = store is not None and cfg.client.cache_activations
     key = _activations_key(model, seqs) if kept else ""
