@@ -89,3 +89,23 @@ def sequential_split(model, ex, shared, personal, *, noise_source, head_steps, h
             opt.step()
         model.peft.zero_grad(set_to_none=True)
     return model.shared_state(), model.personal_state(), ledger.calls
+
+
+def federate_on_engine_grid(flat: dict, cfg, users: list) -> tuple[dict, object]:
+    """``run_federation`` over an :class:`EngineGrid` of one node per user (no seeded sources: every device is
+    built by the grid); returns (metrics, grid). The run's devices are dropped from the ClientApp's cache after."""
+    import uuid
+
+    from fedpersona.client import app as client_app
+    from fedpersona.server.federation import run_federation
+    from fedpersona.simulations.engine.grid import EngineGrid
+
+    nodes = {100 + i: {"partition-id": i} for i in range(len(users))}
+    run_id = uuid.uuid4().int % 2**62
+    try:
+        with EngineGrid(client_app.app, nodes, flat, run_id=run_id) as grid:
+            metrics = run_federation(grid, cfg)
+    finally:
+        for nid in nodes:
+            client_app._DEVICES.pop((run_id, nid), None)
+    return metrics, grid

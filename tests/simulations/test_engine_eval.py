@@ -4,28 +4,24 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from fedpersona.client import app as client_app
 from fedpersona.client.device import EVALUATION, state_digest
 from fedpersona.client.store import DeviceStore
 from fedpersona.client.train import CachedExample, evaluate
 from fedpersona.config import load_config
 from fedpersona.model import adapted_model
 from fedpersona.privacy.secagg.eval_figures import encode, noise_stddev, summarize
-from fedpersona.server.federation import run_federation
 from fedpersona.simulations.engine import EVAL_MODELS, CohortEngine, EvalJob
 from fedpersona.simulations.engine.engine import engine_model
-from fedpersona.simulations.engine.grid import EngineGrid
 from fedpersona.simulations.partitions import prepare_partitions, simulated_state_dir
 from fedpersona.simulations.runner import resolve
 from fedpersona.simulations.sources import load_source
 from tests.client.device_helpers import placed_device
+from tests.simulations.engine_helpers import federate_on_engine_grid
 
 TINY = {"model.seq-len": 32, "model.cue-tokens": 8, "adapter.layers": 2, "adapter.personal-layers": 1,
         "adapter.rank": 2}
@@ -107,14 +103,7 @@ def test_final_evaluation_in_groups_through_the_engine(tiny_config, tmp_path):
     flat, cfg = resolve(None, dict(tiny_config, **over))
     users = load_source(cfg.data, cfg.run.seed)
     prepare_partitions(cfg, users)
-    nodes = {100 + i: {"partition-id": i} for i in range(len(users))}
-    run_id = uuid.uuid4().int % 2**62
-    try:
-        with EngineGrid(client_app.app, nodes, flat, run_id=run_id) as grid:
-            metrics = run_federation(grid, cfg)
-    finally:
-        for nid in nodes:
-            client_app._DEVICES.pop((run_id, nid), None)
+    metrics, grid = federate_on_engine_grid(flat, cfg, users)
     final = metrics["final"]
     assert len(users) == 7 and final["devices"] == 7 and not final["failures"]
     assert final["eval-groups"] == 2 and final["eval-groups-aborted"] == 0

@@ -25,6 +25,7 @@ from fedpersona.simulations.inprocess import InProcessGrid
 from fedpersona.simulations.partitions import prepare_partitions, simulated_state_dir
 from fedpersona.simulations.runner import resolve
 from fedpersona.simulations.sources import load_source
+from tests.simulations.engine_helpers import federate_on_engine_grid
 
 
 def _setup(tiny_config, root: Path, **over):
@@ -305,14 +306,7 @@ def test_the_grid_builds_a_cohorts_devices_in_one_lower_block_sweep(tiny_config,
     flat, cfg, users = _setup(tiny_config, tmp_path, **{"data.max-users": 7, "server.clients-per-round": 3,
                                                         "server.num-rounds": 2, "eval.local-baseline": False,
                                                         "eval.per-round": False})
-    nodes = {100 + i: {"partition-id": i} for i in range(len(users))}
-    run_id = uuid.uuid4().int % 2**62
-    try:
-        with EngineGrid(client_app.app, nodes, flat, run_id=run_id) as grid:
-            metrics = run_federation(grid, cfg)
-    finally:
-        for nid in nodes:
-            client_app._DEVICES.pop((run_id, nid), None)
+    metrics, _ = federate_on_engine_grid(flat, cfg, users)
     assert [r["contributors"] for r in metrics["rounds"]] == [3, 3]
     assert metrics["final"]["devices"] == len(users) == 7
     # round 1: its 3 devices; round 2: the new ones among its 3; the final evaluation: the 7 devices not in memory
