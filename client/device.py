@@ -196,15 +196,17 @@ def prepare_users(model: AdaptedModel, cfg: Config,
     gives each example the outputs it gets alone, up to float rounding): a simulation builds a
     cohort's devices together instead of paying a small forward pass per device and split.
     ``skip_failed``: a user whose examples cannot be prepared (too few, a delta the data does not
-    allow) gets ``None`` instead of failing the others; the device meets the same error when built.
+    allow, a store that cannot be read or was rolled back) gets ``None`` instead of failing the others;
+    the device meets the same error when built.
     """
     staged: list[_Staged | None] = []
     for user_id, pairs, store in users:
         try:
             staged.append(_stage(model, cfg, user_id, pairs, store))
-        except (ValueError, PolicyViolation):
+        except Exception as exc:  # noqa: BLE001 - with skip_failed, one user's failure is that user's alone
             if not skip_failed:
                 raise
+            logger.debug("%s not prepared: %s: %s", user_id, type(exc).__name__, exc)
             staged.append(None)
     todo = [s for s in staged if s is not None and s.hiddens is None]
     flat = [seq for s in todo for part in _PARTS for seq in s.seqs[part]]

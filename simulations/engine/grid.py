@@ -186,11 +186,17 @@ class EngineGrid(InProcessGrid):
         model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device,
                               dtype=cfg.model.dtype)  # the devices' own model (cached per process)
         t0 = time.perf_counter()
-        with ExitStack() as saves:
-            for _, _, store in entries:
-                saves.enter_context(store.transaction(defer=True))
-            prepared = prepare_users(model, cfg, entries, batch_size=_BUILD_BATCH, skip_failed=True)
-        self.build_seconds += time.perf_counter() - t0
+        try:
+            with ExitStack() as saves:
+                for _, _, store in entries:
+                    saves.enter_context(store.transaction(defer=True))
+                prepared = prepare_users(model, cfg, entries, batch_size=_BUILD_BATCH, skip_failed=True)
+        except Exception as exc:  # noqa: BLE001 - nothing saved: each device is built by its handler, alone
+            logger.warning("the devices of a batch of %d could not be built together (%s: %s); each is built alone",
+                           len(entries), type(exc).__name__, exc)
+            return
+        finally:
+            self.build_seconds += time.perf_counter() - t0
         for ctx, (_, _, store), data in zip(kept, entries, prepared):
             if data is None:
                 continue

@@ -107,3 +107,23 @@ def test_several_users_share_one_sweep_of_the_lower_blocks(tiny_config, tmp_path
     assert DeviceStore(tmp_path / "bob").exists(ACTIVATIONS) and DeviceStore(tmp_path / "carol").exists(ACTIVATIONS)
     with pytest.raises(ValueError, match="at least 2"):
         device_mod.prepare_users(dev.model, dev.cfg, users)
+
+
+def test_a_store_that_cannot_be_read_fails_only_its_own_user(tiny_config, tmp_path):
+    """A device whose state was tampered with (its key readable by others: refused) is skipped from a shared sweep;
+    the others are prepared; alone, its preparation raises the store's refusal."""
+    import os
+
+    from fedpersona.client.store import DeviceStore, StateError
+
+    dev = _device(tiny_config, tmp_path)
+    bad = DeviceStore(tmp_path / "mallory")
+    bad.save_text("x", "y")
+    os.chmod(bad.key_path, 0o644)
+    pairs = [(f"cue {i}", r) for i, r in enumerate(REPLIES * 2)]
+    out = device_mod.prepare_users(dev.model, dev.cfg, [("mallory", pairs, DeviceStore(tmp_path / "mallory")),
+                                                        ("bob", pairs, DeviceStore(tmp_path / "bob"))],
+                                   skip_failed=True)
+    assert out[0] is None and out[1] is not None and len(out[1].train) > 0
+    with pytest.raises(StateError, match="permissions"):
+        device_mod.prepare_users(dev.model, dev.cfg, [("mallory", pairs, DeviceStore(tmp_path / "mallory"))])
