@@ -5,8 +5,8 @@ steps, ``epsilon(delta)`` reports the budget spent, ``state_dict``/``load_state_
 (and ``to_json``/``from_json``) persist it so that epsilon composes over every round the
 device took part in and over restarts. The history is kept as merged
 ``(noise_multiplier, sample_rate, num_steps)`` entries, exactly Opacus's format, and
-epsilon is Opacus's RDP accountant's (its per-step RDP vector memoized per noise and sample
-rate, the same arithmetic) or its PRV accountant's. :mod:`fedpersona.privacy.rdp` is an independent
+epsilon is Opacus's RDP accountant's (its per-step RDP memoized per noise and sample rate, the same
+arithmetic, computed at the orders that can hold the minimum only: the same number) or its PRV accountant's. :mod:`fedpersona.privacy.rdp` is an independent
 implementation of the RDP analysis used to cross-check it (and to guide the noise
 calibration's search, whose answer Opacus's accountant then checks).
 
@@ -159,25 +159,86 @@ def _epsilon_memo(history: tuple[tuple[float, float, int], ...], delta: float, a
 _ALPHAS = tuple(RDPAccountant.DEFAULT_ALPHAS)
 
 
-@functools.lru_cache(maxsize=4096)
-def _step_rdp(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    """One step's RDP at every order of :data:`_ALPHAS` (Opacus's ``compute_rdp`` with ``steps=1``).
+class _StepRdp:
+    """One step's RDP of the sampled Gaussian at (sigma, q), order by order, each order computed by Opacus's
+    ``compute_rdp`` (``steps=1``) the first time it is asked for and kept: the same numbers as Opacus's vector
+    over :data:`_ALPHAS`, only never the orders that cannot decide an epsilon (:func:`_rdp_epsilon`)."""
 
-    A history's RDP is ``sum(steps * _step_rdp(sigma, q))``, exactly the arithmetic of Opacus's
-    ``RDPAccountant.get_privacy_spent``; the per-step vector, the expensive part, is computed
-    once per (sigma, q), so every device of a simulation with that training-set size, and every
-    later round's epsilon, reuses it.
-    """
-    vec = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(_ALPHAS))
-    vec.setflags(write=False)
-    return vec
+    __slots__ = ("sigma", "q", "values", "known")
+
+    def __init__(self, sigma: float, q: float) -> None:
+        self.sigma, self.q = sigma, q
+        self.values = np.zeros(len(_ALPHAS))
+        self.known = np.zeros(len(_ALPHAS), dtype=bool)
+
+    def at(self, indices: list[int]) -> np.ndarray:
+        missing = [j for j in indices if not self.known[j]]
+        if missing:
+            self.values[missing] = rdp_analysis.compute_rdp(q=self.q, noise_multiplier=self.sigma, steps=1,
+                                                            orders=[_ALPHAS[j] for j in missing])
+            self.known[missing] = True
+        return self.values[indices]
+
+
+@functools.lru_cache(maxsize=4096)
+def _step_rdp(noise_multiplier: float, sample_rate: float) -> _StepRdp:
+    """The per-step RDP of (sigma, q), shared by every history that holds it: every device of a simulation with
+    that training-set size, and every later round's epsilon, reuse the orders already computed."""
+    return _StepRdp(noise_multiplier, sample_rate)
+
+
+#: Orders every RDP epsilon computes first (:func:`_rdp_epsilon`): every tenth of :data:`_ALPHAS`, and the last.
+_ANCHORS = tuple(range(0, len(_ALPHAS), 10)) + (len(_ALPHAS) - 1,)
+
+
+def _least_epsilon(rdp_at, delta: float) -> np.ndarray:
+    """The RDP over :data:`_ALPHAS` (``inf`` at the orders left out) of a mechanism whose RDP at some orders
+    ``rdp_at(indices)`` returns, computed at every order that can hold the minimum over all of them of
+    ``rdp(a) - (log(delta) + log(a)) / (a - 1) + log((a - 1) / a)`` (Opacus's conversion, term by term).
+
+    RDP never decreases with the order (the Renyi divergence is nondecreasing in its order; a composition's,
+    a sum of such terms, too) and is never negative: an order whose bound ``rdp(b) + conversion(a)``, with
+    ``rdp(b)`` the largest RDP computed at an order below it, is not below the smallest epsilon found so far
+    cannot beat it, and is left out. Every other order is computed, the most promising first, until none is
+    left: the minimum is the minimum over all 151 orders, from typically 20 to 30 of them."""
+    n = len(_ALPHAS)
+    rdp = np.full(n, np.inf)
+    known = np.zeros(n, dtype=bool)
+
+    def compute(indices: list[int]) -> None:
+        rdp[indices] = rdp_at(indices)
+        known[indices] = True
+
+    shift = (np.log(delta) + _LOG_ALPHAS) / (_ALPHAS_NP - 1)
+    compute(list(_ANCHORS))
+    with np.errstate(invalid="ignore"):
+        while True:
+            eps = np.where(known, rdp - shift + _LOG_RATIO, np.nan)
+            best = np.nanmin(eps) if not np.isnan(eps).all() else np.inf
+            below = np.where(known & ~np.isnan(rdp), np.maximum(rdp, 0.0), 0.0)
+            floor = np.concatenate(([0.0], np.maximum.accumulate(below)[:-1]))
+            bound = floor - shift + _LOG_RATIO
+            open_ = ~known & ~(bound >= best)
+            if not open_.any():
+                return rdp
+            compute([int(np.flatnonzero(open_)[np.argmin(bound[open_])])])
 
 
 def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
-    """Opacus's RDP epsilon of ``history`` at ``delta`` (same orders, same sums, same conversion)."""
-    rdp = sum([_step_rdp(sigma, q) * steps for sigma, q, steps in history])
-    eps, _ = rdp_analysis.get_privacy_spent(orders=list(_ALPHAS), rdp=rdp, delta=delta)
-    return float(eps)
+    """Opacus's RDP epsilon of ``history`` at ``delta``: ``rdp(a) = sum(steps * step_rdp(a))`` at the orders of
+    :data:`_ALPHAS`, the very arithmetic of Opacus's ``RDPAccountant``, and its ``get_privacy_spent``; only at
+    the orders that can hold the minimum (:func:`_least_epsilon`; the same number as over all of them,
+    ``tests/privacy/test_calibration.py``)."""
+    steps_rdp = [(_step_rdp(sigma, q), steps) for sigma, q, steps in history]
+    rdp = _least_epsilon(lambda idx: sum([s.at(idx) * steps for s, steps in steps_rdp]), delta)
+    with np.errstate(invalid="ignore"):
+        value, _ = rdp_analysis.get_privacy_spent(orders=list(_ALPHAS), rdp=rdp, delta=delta)
+    return float(value)
+
+
+_ALPHAS_NP = np.asarray(_ALPHAS, dtype=np.float64)
+_LOG_ALPHAS = np.log(_ALPHAS_NP)
+_LOG_RATIO = np.log((_ALPHAS_NP - 1) / _ALPHAS_NP)
 
 
 # ----------------------------------------------------------------------------------- ledger
@@ -716,8 +777,8 @@ def _calibrate_rdp(target_epsilon: float, delta: float, sample_rate: float, step
     The search (regula falsi, :func:`_bracket_search`) evaluates the RDP of ``_WINDOW`` orders on
     each side of the last optimal order only (the optimal order moves slowly with sigma), not all
     151 of Opacus's, with :func:`_window_rdp`: the epsilon over a subset of the orders is an upper
-    bound of the epsilon over all of them; an optimum at the window's edge re-centres it with an
-    evaluation of every order. The answer is then checked with Opacus's own epsilon
+    bound of the epsilon over all of them; an optimum at the window's edge re-centres it with the minimum
+    over every order (:func:`_least_epsilon`). The answer is then checked with Opacus's own epsilon
     (:func:`_epsilon_of`, all orders, memoized: the device's ledger asks for the same sigma and
     sample rate next); should it exceed the target or miss the tolerance, the search over all
     orders with Opacus's epsilon decides.
@@ -735,7 +796,9 @@ def _calibrate_rdp(target_epsilon: float, delta: float, sample_rate: float, step
     def full(sigma: float) -> float:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
-            eps_vec = _window_rdp(sample_rate, sigma, steps, [float(a) for a in alphas]) + conversion
+            rdp = _least_epsilon(lambda idx: _window_rdp(sample_rate, sigma, steps, [float(alphas[j]) for j in idx]),
+                                 delta)
+            eps_vec = rdp + conversion
         if np.isnan(eps_vec).all():
             return math.inf
         i = int(np.nanargmin(eps_vec))

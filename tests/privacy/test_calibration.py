@@ -96,3 +96,30 @@ def test_a_calibration_checks_at_most_three_sigmas_with_opacus(monkeypatch, targ
     assert len(set(checked)) <= 3, sorted(set(checked))
     below = ledger.math.exp((ledger._grid_index(sigma) - 1) * ledger._GRID)
     assert _opacus_epsilon([(sigma, q, steps)], delta) <= target < _opacus_epsilon([(below, q, steps)], delta)
+
+
+def test_rdp_epsilon_over_the_orders_that_can_decide_is_opacus_to_the_last_bit():
+    """The epsilon computes only the orders whose lower bound (RDP is nondecreasing in the order) can beat the
+    best found: on random histories (one to three sample rates and noise levels, 1 to 3,000 steps, delta 1e-7
+    to 1e-1) it equals Opacus's accountant over all 151 orders exactly, from far fewer orders."""
+    rng = np.random.default_rng(7)
+    computed = []
+    for _ in range(40):
+        history = tuple((float(round(10 ** rng.uniform(-0.7, 1.5), 4)), float(round(min(1.0, 10 ** rng.uniform(-3, 0)), 5)),
+                         int(rng.integers(1, 3000))) for _ in range(int(rng.integers(1, 4))))
+        delta = float(10 ** rng.uniform(-7, -1))
+        ledger._step_rdp.cache_clear()
+        ours = ledger._rdp_epsilon(history, delta)
+        computed.append(max(int(ledger._step_rdp(s, q).known.sum()) for s, q, _ in history))
+        theirs = _opacus_epsilon(history, delta)
+        assert ours == theirs or (np.isinf(ours) and np.isinf(theirs)), (history, delta, ours, theirs)
+    assert np.median(computed) <= 60, computed  # of 151
+
+
+def test_a_calibration_computes_few_orders_of_its_answer():
+    ledger._step_rdp.cache_clear()
+    ledger._calibrated.cache_clear()
+    ledger._SOLVED.clear()
+    sigma = calibrate_noise(target_epsilon=8.0, delta=1e-3, sample_rate=0.25, steps=12)
+    assert ledger._step_rdp(sigma, 0.25).known.sum() <= 40
+    assert _opacus_epsilon([(sigma, 0.25, 12)], 1e-3) <= 8.0
