@@ -30,7 +30,7 @@ import math
 import re
 import statistics
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -96,16 +96,15 @@ def document_frequencies(texts: Iterable[str]) -> tuple[Counter, int]:
     return df, n
 
 
-def tokenizer_idf(tokenizer) -> Callable[[str], float]:
-    """An idf-like weight from the tokenizer's vocabulary order (see the module docstring)."""
+def tokenizer_idf(tokenizer, words: Sequence[str]) -> dict[str, float]:
+    """An idf-like weight of each word from the tokenizer's vocabulary order (see the module docstring): one
+    tokenizer call for all of them."""
+    words = list(words)
+    if not words:
+        return {}
     vocab = max(1, len(tokenizer))
-
-    def idf(word: str) -> float:
-        ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-        rank = ids[0] if len(ids) == 1 else vocab * len(ids)
-        return math.log(2.0 + rank)
-
-    return idf
+    encoded = tokenizer([" " + w for w in words], add_special_tokens=False)["input_ids"]
+    return {w: math.log(2.0 + (ids[0] if len(ids) == 1 else vocab * len(ids))) for w, ids in zip(words, encoded)}
 
 
 def compute_profile(
@@ -138,17 +137,15 @@ def compute_profile(
 
     tf = Counter(w for w in lower if w not in STOPWORDS and len(w) > 2 and "'" not in w)
     name_set = {n.lower() for n in top_names}
+    candidates = [w for w, c in tf.items() if c >= 2 and w not in name_set]
     if background is not None:
         df, n_docs = background
-
-        def idf(w: str) -> float:
-            return math.log((1 + n_docs) / (1 + df.get(w, 0))) + 1.0
+        weight = {w: math.log((1 + n_docs) / (1 + df.get(w, 0))) + 1.0 for w in candidates}
     elif tokenizer is not None:
-        idf = tokenizer_idf(tokenizer)
+        weight = tokenizer_idf(tokenizer, candidates)
     else:
-        def idf(w: str) -> float:
-            return 1.0
-    scored = sorted(((c * idf(w), w) for w, c in tf.items() if c >= 2 and w not in name_set), key=lambda x: (-x[0], x[1]))
+        weight = dict.fromkeys(candidates, 1.0)
+    scored = sorted(((tf[w] * weight[w], w) for w in candidates), key=lambda x: (-x[0], x[1]))
     topics = tuple(w for _, w in scored[:max_topics])
     return Profile(len(replies), median_words, thou_share, top_names, topics)
 
