@@ -258,3 +258,13 @@ def test_text_rule():
     with pytest.raises(TextRefused, match="must be a string"):
         check_text(b"bytes", field="t")
     assert issubclass(TextRefused, ValueError)
+
+
+def test_the_backend_gives_the_tokenizer_call_s_ids(tok):
+    """Examples are tokenized through the fast tokenizer's backend in one batch: the very ids of calling it."""
+    from fedpersona.client.data import _ids
+
+    texts = ["", " ", "To be, or not to be", "<|im_start|>user\nWho's there?<|im_end|>", "Ünïcödé — ‘quotes’ …",
+             "Nay, answer me:\n\nstand,\tand unfold yourself.", "a" * 300, USER_HEADER, ASSISTANT_HEADER, IM_END]
+    assert _ids(tok, texts) == [ids(tok, t) for t in texts]
+    assert _ids(tok, []) == []
