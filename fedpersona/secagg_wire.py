@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from fedpersona.wire import array_numpy
+
 __all__ = ["ADVERTISE", "ARRAYS", "CONSISTENCY", "RECORD", "SELF_ENC_PK", "SELF_MASK_PK", "SELF_SIGN_PK", "UNMASK",
            "flatten", "from_records", "has_request", "to_records", "unflatten"]
 
@@ -86,5 +88,5 @@ def from_records(content: RecordDict) -> dict[str, Any]:
     out: dict[str, Any] = dict(content.config_records[RECORD].items())
     if ARRAYS in content.array_records:
         for key, arr in content.array_records[ARRAYS].items():
-            out[key] = arr.numpy()
+            out[key] = array_numpy(arr)
     return out

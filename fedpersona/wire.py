@@ -13,12 +13,46 @@ from SuperNode to ClientApp; the demo's 28 shared tensors made ~60 objects per d
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
+import math
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+
+@functools.lru_cache(maxsize=1024)
+def _npy_header(head: bytes) -> tuple[np.dtype, bool, tuple[int, ...]]:
+    """(dtype, Fortran order, shape) of an ``.npy`` header, read by numpy's own reader, once per distinct header."""
+    fp = io.BytesIO(head)
+    major, minor = np.lib.format.read_magic(fp)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(fp)
+    return dtype, bool(fortran), tuple(shape)
+
+
+def array_numpy(arr: Array) -> np.ndarray:
+    """``arr.numpy()``: the same array (a writable copy) and the same errors, without parsing the header of
+    every array anew (numpy parses it with ``ast.literal_eval``; a message's headers repeat from round to round).
+
+    Only a well-formed ``.npy`` of version 1 or 2 whose data is exactly its header's size takes the fast path;
+    anything else goes through ``arr.numpy()`` (``np.load`` without pickles), which raises what it raises."""
+    data = arr.data
+    if arr.stype != "numpy.ndarray" or len(data) < 12 or data[:6] != b"\x93NUMPY" or data[6] not in (1, 2):
+        return arr.numpy()
+    end = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
+    try:
+        dtype, fortran, shape = _npy_header(bytes(data[:end]))
+    except (ValueError, SyntaxError, TypeError):
+        return arr.numpy()
+    count = math.prod(shape)
+    if dtype.hasobject or any(d < 0 for d in shape) or len(data) - end != count * dtype.itemsize:
+        return arr.numpy()
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=end)
+    return (flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)).copy()
 
 
 def to_record(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
@@ -30,7 +64,7 @@ def to_record(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
 
 
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {name: torch.from_numpy(np.array(arr.numpy(), copy=True)) for name, arr in record.items()}
+    return {name: torch.from_numpy(array_numpy(arr)) for name, arr in record.items()}
 
 
 LAYOUT_SUFFIX = "-layout"
@@ -63,7 +97,7 @@ def unpack_shared(content: RecordDict, key: str = "shared") -> dict[str, torch.T
     names, shapes = list(layout.get("names", [])), list(layout.get("shapes", []))
     if _FLAT not in record or len(record) != 1 or len(names) != len(shapes) or len(set(names)) != len(names):
         raise ValueError(f"malformed packed '{key}': {len(record)} arrays, {len(names)} names, {len(shapes)} shapes")
-    flat = record[_FLAT].numpy().reshape(-1)
+    flat = array_numpy(record[_FLAT]).reshape(-1)
     dims = [tuple(int(x) for x in str(sh).split(",") if x != "") for sh in shapes]
     sizes = [int(np.prod(d, dtype=np.int64)) for d in dims]
     if sum(sizes) != flat.size:
@@ -92,7 +126,7 @@ def inventory(content: RecordDict) -> list[dict]:
     rows: list[dict] = []
     for rec_name, arrays in content.array_records.items():
         for name, arr in arrays.items():
-            data = arr.numpy()
+            data = array_numpy(arr)
             rows.append(
                 {
                     "record": rec_name,

@@ -60,3 +60,33 @@ def test_numpy_arrays_pack_too():
     arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, dtype=np.float32)}
     back = unpack_shared(RecordDict(pack_shared(arrays)))
     assert back["a"].tolist() == [[0, 1, 2], [3, 4, 5]] and back["b"].shape == (4,)
+
+
+def test_array_numpy_is_flowers_numpy_without_parsing_each_header():
+    """The same array (values, dtype, shape, order; writable) as ``Array.numpy()``, and the same error or result
+    for data that is cut short, too long, or has a broken header, as a hostile server could send."""
+    from flwr.app import Array
+
+    from fedpersona.wire import array_numpy
+
+    rng = np.random.default_rng(0)
+    for value in [np.zeros(0), np.arange(5, dtype=np.int64), rng.normal(size=(3, 4)).astype(np.float32),
+                  np.asfortranarray(rng.normal(size=(3, 4))), np.array(3.5), np.zeros((2, 0, 3)),
+                  rng.integers(0, 2**31, size=(7,), dtype=np.uint32), np.array([True, False]), np.array(["ab", "c"]),
+                  rng.normal(size=(2, 3)).astype(">f8")]:
+        arr = Array(value)
+        ours, theirs = array_numpy(arr), arr.numpy()
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape and np.array_equal(ours, theirs)
+        assert ours.flags.writeable
+
+    def outcome(fn, arr):
+        try:
+            return "ok", fn(arr).tolist()
+        except Exception as exc:  # noqa: BLE001 - the comparison is the point
+            return type(exc).__name__, None
+
+    good = Array(np.arange(10.0))
+    for data in [good.data[:-8], good.data + b"\0" * 8, good.data[:20], b"\x93NUMPY\x01\x00\xff\xff" + b"x" * 20,
+                 good.data.replace(b"(10,)", b"(-1,)"), good.data.replace(b"<f8", b"|O8")]:
+        arr = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=data)
+        assert outcome(array_numpy, arr) == outcome(Array.numpy, arr)
