@@ -188,7 +188,7 @@ def _step_rdp(noise_multiplier: float, sample_rate: float) -> _StepRdp:
 
 
 #: Orders every RDP epsilon computes first (:func:`_rdp_epsilon`): every tenth of :data:`_ALPHAS`, and the last.
-_ANCHORS = tuple(range(0, len(_ALPHAS), 10)) + (len(_ALPHAS) - 1,)
+_ANCHORS = tuple(sorted(set(range(0, len(_ALPHAS), 10)) | {len(_ALPHAS) - 1}))
 
 
 def _least_epsilon(rdp_at, delta: float) -> np.ndarray:
