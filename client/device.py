@@ -459,6 +459,7 @@ class Device:
             refresh_profile(self.store, self.pairs + pairs_of(used), tokenizer=self.model.tokenizer,
                             source=str(self.cfg.model.path))
             self._profile_of = ids
+
     def _cache_feedback(self, new: list) -> None:
         """Encode new feedback examples once (in one batch; one by one if the batch fails); ``None`` marks
         an example that cannot be encoded (skipped, reported)."""
