@@ -175,11 +175,19 @@ class RevealLog:
         self._save()
 
 
+#: The keys read from a store, by the tag of the blob they were read from: a device's messages (3 or 4 a
+#: participation) parse them once.
+_KEYS: dict[str, ClientKeys] = {}
+
+
 def device_keys(store: DeviceStore, *, create: bool = False) -> ClientKeys:
     """The device's long-term keys; created and persisted if ``create`` and absent.
 
     Keys saved before devices had a signing key get one (saved at once, so it is the same afterwards).
     """
+    tag = store.tag(KEYS)
+    if tag is not None and (hit := _KEYS.get(tag)) is not None:
+        return hit  # the very blob these keys were read from (the tag changes whenever it is written)
     text = store.load_text(KEYS)
     if text is not None:
         try:
@@ -190,6 +198,10 @@ def device_keys(store: DeviceStore, *, create: bool = False) -> ClientKeys:
         if len(raw) != len(keys.to_bytes()):
             store.save_text(KEYS, keys.to_bytes().hex())
             logger.info("added a signing key to the secure-aggregation keys of the device in %s", store.state_dir)
+        elif tag is not None:
+            if len(_KEYS) >= 4096:
+                _KEYS.clear()
+            _KEYS[tag] = keys
         return keys
     if not create:
         raise SecAggInputError("this device holds no secure-aggregation keys: it was never asked to advertise them")

@@ -232,3 +232,19 @@ def test_round_context_is_bound_into_the_digest_and_checked_by_the_device(device
                           (context, request(b""))):
         with pytest.raises(SecAggInputError, match="context"):
             check_request(store, cfg, 7, dict(req), shared, context=expected)
+
+
+def test_the_keys_are_parsed_once_per_written_blob(tmp_path):
+    """A device's messages read its keys from the parse of the blob they came from; keys written anew are read anew."""
+    from fedpersona.privacy.secagg.crypto import ClientKeys
+
+    store = DeviceStore(tmp_path / "dev")
+    first = device_keys(store, create=True)
+    again = device_keys(DeviceStore(tmp_path / "dev"))
+    assert again.to_bytes() == first.to_bytes()
+    assert device_keys(DeviceStore(tmp_path / "dev")) is again  # the same blob: not parsed again
+    other = ClientKeys()
+    store.save_text(KEYS, other.to_bytes().hex())
+    assert device_keys(DeviceStore(tmp_path / "dev")).to_bytes() == other.to_bytes()
+    assert device_keys(DeviceStore(tmp_path / "other"), create=True).to_bytes() not in (first.to_bytes(),
+                                                                                     other.to_bytes())
