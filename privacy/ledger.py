@@ -6,9 +6,9 @@ steps, ``epsilon(delta)`` reports the budget spent, ``state_dict``/``load_state_
 device took part in and over restarts. The history is kept as merged
 ``(noise_multiplier, sample_rate, num_steps)`` entries, exactly Opacus's format, and
 epsilon is Opacus's RDP accountant's (its per-step RDP memoized per noise and sample rate, the same
-arithmetic, computed at the orders that can hold the minimum only: the same number) or its PRV accountant's. :mod:`fedpersona.privacy.rdp` is an independent
-implementation of the RDP analysis used to cross-check it (and to guide the noise
-calibration's search, whose answer Opacus's accountant then checks).
+arithmetic, computed only at the orders that can hold the minimum: the same number) or its PRV accountant's.
+:mod:`fedpersona.privacy.rdp` is an independent implementation of the RDP analysis used to cross-check
+it (and to guide the noise calibration's search, whose answer Opacus's accountant then checks).
 
 Opacus's GDP accountant is refused: on these settings it is off by a factor of about
 two from RDP and PRV (and from Google's dp_accounting).
@@ -162,7 +162,7 @@ _ALPHAS = tuple(RDPAccountant.DEFAULT_ALPHAS)
 class _StepRdp:
     """One step's RDP of the sampled Gaussian at (sigma, q), order by order, each order computed by Opacus's
     ``compute_rdp`` (``steps=1``) the first time it is asked for and kept: the same numbers as Opacus's vector
-    over :data:`_ALPHAS`, only never the orders that cannot decide an epsilon (:func:`_rdp_epsilon`)."""
+    over :data:`_ALPHAS`, only never the orders that cannot decide an epsilon (:func:`_least_epsilon`)."""
 
     __slots__ = ("sigma", "q", "values", "known")
 
@@ -187,7 +187,7 @@ def _step_rdp(noise_multiplier: float, sample_rate: float) -> _StepRdp:
     return _StepRdp(noise_multiplier, sample_rate)
 
 
-#: Orders every RDP epsilon computes first (:func:`_rdp_epsilon`): every tenth of :data:`_ALPHAS`, and the last.
+#: Orders every RDP epsilon computes first (:func:`_least_epsilon`): every tenth of :data:`_ALPHAS`, and the last.
 _ANCHORS = tuple(sorted(set(range(0, len(_ALPHAS), 10)) | {len(_ALPHAS) - 1}))
 
 
