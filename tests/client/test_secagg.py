@@ -248,3 +248,26 @@ def test_the_keys_are_parsed_once_per_written_blob(tmp_path):
     assert device_keys(DeviceStore(tmp_path / "dev")).to_bytes() == other.to_bytes()
     assert device_keys(DeviceStore(tmp_path / "other"), create=True).to_bytes() not in (first.to_bytes(),
                                                                                      other.to_bytes())
+
+
+def test_cached_keys_never_hide_a_rolled_back_store(tmp_path):
+    """A host that rolls the device's files back to an older copy is refused even when the keys were parsed before."""
+    import shutil
+
+    import pytest
+
+    from fedpersona.client.store import RollbackDetected
+
+    root, snap = tmp_path / "dev", tmp_path / "snap"
+    store = DeviceStore(root)
+    device_keys(store, create=True)
+    shutil.copytree(root, snap)
+    store.save_text("other", "x")
+    device_keys(DeviceStore(root))  # parsed and cached at the newer generation
+    for f in root.iterdir():
+        if f.is_file():
+            f.unlink()
+    for f in snap.iterdir():
+        shutil.copy2(f, root / f.name)
+    with pytest.raises(RollbackDetected):
+        device_keys(DeviceStore(root))
