@@ -285,7 +285,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         return utility_main(args.scenario, epsilons=args.epsilons, quick=args.quick, overrides=_overrides(args.set),
                             vary=args.vary, vary_row=args.vary_row, rows=args.rows, resume=args.resume,
-                            central_steps=args.central_steps, device_policy=_overrides(args.device_policy))
+                            central_steps=args.central_steps, device_policy=_overrides(args.device_policy),
+                            contributors=args.contributors)
     if args.what == "attribution":
         from fedpersona.simulations.studies.utility import finished_run_attribution
 
@@ -365,6 +366,8 @@ def _add_bench(sub) -> None:
                    help="Adam steps of the pooled upper bound (default: one pass over the pooled examples, >= 80)")
     u.add_argument("--device-policy", action="append", default=[], metavar="KEY=VALUE",
                    help="policy.* keys of the devices of rows run through the real apps (the sum rows; repeatable)")
+    u.add_argument("--contributors", default=None, metavar="T,T",
+                   help="t (honest contributors) of the noise-on-the-sum rows (default: 3, K/2 and K)")
 
     n = bs.add_parser("newcomer", help="a user who joins late: head, profile prompt, Reptile-style",
                       description="Users the run never trained on, starting from its shared adapter: the head, the "

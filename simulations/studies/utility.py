@@ -433,13 +433,14 @@ def ddp_noise_for(cfg: Config, *, epsilon: float, rounds: int, dim: int, tol: fl
 
 
 def study_rows(cfg: Config, epsilons: tuple[float, ...], n_users: int, *,
-               kinds: tuple[str, ...] = KINDS) -> list[RowSpec]:
+               kinds: tuple[str, ...] = KINDS, contributors: tuple[int, ...] | None = None) -> list[RowSpec]:
     """The federated configurations of the study on ``cfg`` (the scenario), in running order.
 
     * ``nodp``: ``privacy.enabled = false`` (its local-only row: each device alone, without DP);
     * ``device``: record-level DP-SGD with the noise added on each device (today's mechanism), one row per epsilon;
     * ``sum``: record-level DP with the noise once on the secure sum, ``privacy.noise-on = sum``, at
-      ``privacy.honest-contributors`` t = 3, K/2 and K (:func:`sum_contributors`), at the largest epsilon;
+      ``privacy.honest-contributors`` t = 3, K/2 and K (:func:`sum_contributors`; ``contributors`` picks other
+      values, each between 1 and the cohort K), at the largest epsilon;
     * ``ddp``: user-level DP, ``secagg.ddp``: each device's whole update clipped, local training without
       noise, the distributed discrete Gaussian on the sum, with ``secagg.ddp-min-clients`` = K/2 and the
       noise multiplier for a user-level epsilon equal to the largest epsilon over the rounds a device can
@@ -450,6 +451,11 @@ def study_rows(cfg: Config, epsilons: tuple[float, ...], n_users: int, *,
         raise ValueError(f"--rows must name some of {KINDS}. You passed: {','.join(kinds)}")
     eps = max(epsilons)
     k = min(cfg.server.clients_per_round, n_users)
+    if contributors is not None:
+        wrong = [t for t in contributors if not 1 <= t <= k]
+        if wrong or not contributors:
+            raise ValueError(f"--contributors must be integers between 1 and the cohort ({k}). "
+                             f"You passed: {','.join(map(str, contributors))}")
     rows: list[RowSpec] = []
     if "nodp" in kinds:
         rows.append(RowSpec("federated, no DP", "nodp", "nodp", {"privacy.enabled": False}, "none"))
@@ -458,7 +464,7 @@ def study_rows(cfg: Config, epsilons: tuple[float, ...], n_users: int, *,
             rows.append(RowSpec(f"DP on each device, eps={e:g}", f"device-eps{e:g}", "device",
                                 {"privacy.enabled": True, "privacy.target-epsilon": float(e)}, "record"))
     if "sum" in kinds:
-        for t in sum_contributors(k):
+        for t in sorted(set(contributors)) if contributors is not None else sum_contributors(k):
             rows.append(RowSpec(f"DP on the sum, t={t}, eps={eps:g}", f"sum-t{t}-eps{eps:g}", "sum",
                                 {"privacy.enabled": True, "privacy.target-epsilon": float(eps), NOISE_ON_KEY: "sum",
                                  HONEST_KEY: t}, "record"))
@@ -492,7 +498,8 @@ def study(scenario: str | None = "demo", overrides: dict[str, Any] | None = None
           epsilons: tuple[float, ...] = (1.0, 4.0, 8.0), quick: bool = False, vary: list[str] | None = None,
           vary_row: str = "device", attribution_users: bool | None = None, central_steps: int | None = None,
           rows: tuple[str, ...] = KINDS, resume: bool = False,
-          device_policy: dict[str, Any] | None = None) -> dict[str, Any]:
+          device_policy: dict[str, Any] | None = None,
+          contributors: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Run the whole study; returns (and writes, after every row) the result document.
 
     ``rows``: the kinds of federated rows to run (:data:`KINDS`), in that order; the pooled upper bound
@@ -506,6 +513,7 @@ def study(scenario: str | None = "demo", overrides: dict[str, Any] | None = None
     user attribution for the non-private and the largest-epsilon per-device rows (default: with at most
     40 users; it scores every user's held-out replies with every user's model). ``device_policy``:
     ``policy.*`` keys of the devices of rows that run through the real apps (:func:`federate_by_runner`).
+    ``contributors``: the t of the ``sum`` rows (default :func:`sum_contributors`).
     """
     from fedpersona.simulations.runner import resolve
 
@@ -552,11 +560,13 @@ def study(scenario: str | None = "demo", overrides: dict[str, Any] | None = None
     steps = central_steps if central_steps is not None else (
         4 if quick else max(CENTRAL_STEPS, math.ceil(pooled_n / CENTRAL_BATCH)))
     order = {k: i for i, k in enumerate(rows)}
-    specs = sorted(study_rows(base_cfg, epsilons, len(users), kinds=tuple(rows)), key=lambda r: order[r.kind])
+    specs = sorted(study_rows(base_cfg, epsilons, len(users), kinds=tuple(rows),
+                                      contributors=contributors), key=lambda r: order[r.kind])
     varied = []
     for spec_text in vary or []:
         key, values = _vary_values(spec_text)
-        on = [s for s in specs if s.kind == vary_row] or study_rows(base_cfg, epsilons, len(users), kinds=(vary_row,))
+        on = [s for s in specs if s.kind == vary_row] or study_rows(base_cfg, epsilons, len(users), kinds=(vary_row,),
+                                                                         contributors=contributors)
         target = on[len(on) // 2] if vary_row == "sum" else on[-1]
         for v in values:
             label = f"{target.label}, {key}={v}"
@@ -833,16 +843,20 @@ def plot(path: Path, result: dict[str, Any]) -> Path | None:
 
 def main(scenario: str | None, *, epsilons: str = "1,4,8", quick: bool = False, overrides: dict | None = None,
          vary: list[str] | None = None, vary_row: str = "device", rows: str | None = None, resume: bool = False,
-         central_steps: int | None = None, device_policy: dict | None = None) -> int:
+         central_steps: int | None = None, device_policy: dict | None = None, contributors: str | None = None) -> int:
     try:
         eps = tuple(float(x) for x in epsilons.split(",") if x.strip())
     except ValueError:
         raise ValueError(f"--epsilons must be comma-separated numbers. You passed: {epsilons!r}") from None
+    try:
+        ts = tuple(int(x) for x in contributors.split(",") if x.strip()) if contributors else None
+    except ValueError:
+        raise ValueError(f"--contributors must be comma-separated integers. You passed: {contributors!r}") from None
     kinds = tuple(k.strip() for k in rows.split(",") if k.strip()) if rows else KINDS
     if vary_row not in KINDS:
         raise ValueError(f"--vary-row must be one of {KINDS}. You passed: {vary_row!r}")
     result = study(scenario, overrides, epsilons=eps, quick=quick, vary=vary, vary_row=vary_row, rows=kinds,
-                   resume=resume, central_steps=central_steps, device_policy=device_policy)
+                   resume=resume, central_steps=central_steps, device_policy=device_policy, contributors=ts)
     print(format_table(result["table"]))
     print()
     print(format_summary(result))

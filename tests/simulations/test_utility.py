@@ -72,6 +72,11 @@ def test_sum_rows_are_config_overrides():
                                                "privacy.noise-on": "sum", "privacy.honest-contributors": 8}
     with pytest.raises(ValueError, match="--rows"):
         study_rows(cfg, (8.0,), 40, kinds=("everything",))
+    picked = study_rows(cfg, (8.0,), 40, kinds=("sum",), contributors=(16, 3))
+    assert [s.slug for s in picked] == ["sum-t3-eps8", "sum-t16-eps8"]
+    for wrong in ((0,), (17,), ()):
+        with pytest.raises(ValueError, match="--contributors"):
+            study_rows(cfg, (8.0,), 40, kinds=("sum",), contributors=wrong)
 
 
 def test_user_level_ddp_row(tiny_config):
