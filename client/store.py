@@ -14,6 +14,17 @@ see them) into one commit at its end; the ClientApp wraps each message in one
 participation record, reveal log, evaluation row...) land together, before the reply leaves.
 A save outside a transaction is a commit of its own.
 
+**Group commit.** A process that serves many devices (a simulation's in-process grid) delivers a
+batch of messages inside :func:`group_commit`: each commit's record is written as usual, but its
+``fsync`` and its anchor's write wait for :meth:`GroupCommit.flush`, which makes every folder's
+records durable and then writes its anchor (in that order for each folder, the folders in parallel:
+concurrent ``fsync`` calls share the file system's journal commits). The grid releases a batch's
+replies only after the flush, so "a reply leaves only after the state it depends on is on disk"
+holds unchanged; a folder whose flush fails answers with an error and refuses every later use in
+this process. A folder's first record waits for the flush too (its anchor, at generation 0, is
+written before it); a later snapshot stays synchronous (it must be on disk before the active
+journal is emptied), and so does the creation of the device key.
+
 **Crash safety.** A record is valid only complete and authentic. A crash during a commit leaves a
 torn last record, which is ignored (the state is the previous commit's): after a restart the
 state holds all of a commit's writes or none, and is never refused as tampered. Two journals
@@ -71,6 +82,7 @@ import stat
 import struct
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -83,8 +95,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-__all__ = ["ANCHOR_ENV", "DeviceStore", "FRESHNESS_FILE", "JOURNALS", "KEY_ENV", "KEY_FILE", "RollbackDetected",
-           "StateError", "default_anchor_dir", "read_freshness_events"]
+__all__ = ["ANCHOR_ENV", "DeviceStore", "FRESHNESS_FILE", "GroupCommit", "JOURNALS", "KEY_ENV", "KEY_FILE", "RollbackDetected",
+           "StateError", "default_anchor_dir", "group_commit", "prepare_stores", "read_freshness_events"]
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +240,8 @@ class _Folder:
         self.real = ""  # the folder's real path (its identity in this process)
         self.outside: set[str] = set()  # anchor folders found to lie outside this folder
         self.anchor_files: dict[tuple[bytes, str], Path] = {}  # (key, anchor folder) -> the anchor file's path
+        self.deferred_anchor: tuple | None = None  # (store, key, anchor) a group commit writes at its flush
+        self.broken: str | None = None  # why a group commit's flush failed: the folder refuses every later use
 
 
 _FOLDERS: dict[str, _Folder] = {}
@@ -242,6 +256,138 @@ def _folder(path: Path) -> _Folder:
             f = _FOLDERS[real] = _Folder()
             f.real = real
         return f
+
+
+_LOCAL = threading.local()
+_FLUSH_WORKERS = 16
+_FLUSH_POOL: ThreadPoolExecutor | None = None
+_FLUSH_POOL_LOCK = threading.Lock()
+
+
+def _flush_pool() -> ThreadPoolExecutor:
+    global _FLUSH_POOL
+    with _FLUSH_POOL_LOCK:
+        if _FLUSH_POOL is None:
+            _FLUSH_POOL = ThreadPoolExecutor(_FLUSH_WORKERS, thread_name_prefix="fedpersona-fsync")
+        return _FLUSH_POOL
+
+
+class GroupCommit:
+    """The commits of one batch of messages, made durable together by :meth:`flush` (see the module's docstring).
+
+    ``tag``: what the commits made from now on belong to (the grid sets the message being delivered);
+    :meth:`flush` answers the tags whose folders could not be made durable, with the reason.
+    """
+
+    def __init__(self) -> None:
+        self.tag: object = None
+        # per folder: (its bookkeeping, a store on it, journals to fsync, the tags, folders to fsync)
+        self._folders: dict[int, tuple[_Folder, DeviceStore, set[Path], set, set[Path]]] = {}
+        self.commits = 0  # records written with their fsync deferred
+        self.failed: dict[object, str] = {}  # the last flush's answer
+
+    def _entry(self, store: "DeviceStore") -> tuple:
+        f = store._folder
+        entry = self._folders.get(id(f))
+        if entry is None:
+            entry = self._folders[id(f)] = (f, store, set(), set(), set())
+        entry[3].add(self.tag)
+        return entry
+
+    def _journal(self, store: "DeviceStore", path: Path, *, folder: Path | None = None) -> None:
+        """A record written to ``path`` (and, ``folder``, a file created in it) waits for the flush's fsync."""
+        entry = self._entry(store)
+        entry[2].add(path)
+        if folder is not None:
+            entry[4].add(folder)
+        self.commits += 1
+
+    def _anchor(self, store: "DeviceStore", key: bytes, anchor: "_Anchor") -> None:
+        self._entry(store)
+        store._folder.deferred_anchor = (store, key, anchor)
+
+    @staticmethod
+    def _flush_folder(folder: _Folder, journals: set[Path], folders: set[Path]) -> None:
+        for path in sorted(journals):  # the records first (and the folder, for a journal just created) ...
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for path in sorted(folders):
+            _fsync_dir(path)
+        pending = folder.deferred_anchor  # ... then the anchor that records them
+        if pending is not None:
+            store, key, anchor = pending
+            with store._locked(exclusive=True):
+                if folder.deferred_anchor is pending:
+                    store._write_anchor(key, anchor)
+
+    def flush(self) -> dict[object, str]:
+        """Make every deferred commit durable: per folder, its journals' ``fsync`` then its anchor's write
+        (the folders in parallel). Returns ``{tag: reason}`` for the folders that failed (nothing if none)."""
+        entries, self._folders = list(self._folders.values()), {}
+
+        def run(entry) -> BaseException | None:
+            try:
+                self._flush_folder(entry[0], entry[2], entry[4])
+            except Exception as exc:  # noqa: BLE001 - answered per tag
+                return exc
+            return None
+
+        results = list(_flush_pool().map(run, entries)) if len(entries) > 1 else [run(e) for e in entries]
+        failed: dict[object, str] = {}
+        for (folder, store, _, tags, _), exc in zip(entries, results):
+            if exc is None:
+                continue
+            reason = f"{type(exc).__name__}: {exc}"
+            # After a failed fsync the pages may be dropped: what this process believes the folder holds may not
+            # be what is on disk. It refuses every later use until the device restarts (and reads the disk).
+            folder.broken, folder.state, folder.anchor_ok, folder.deferred_anchor = reason, None, None, None
+            logger.error("%s: a commit could not be made durable (%s); the folder is refused until a restart",
+                         store.state_dir, reason)
+            for tag in tags:
+                failed[tag] = f"the device's state could not be made durable ({reason})"
+        return failed
+
+
+def prepare_stores(stores: list["DeviceStore"]) -> None:
+    """:meth:`DeviceStore.prepare` for every store, concurrently (each key and anchor durable, their fsyncs
+    overlapping the others'). A store that cannot be prepared is left to its first commit, which meets the error."""
+    def one(store: "DeviceStore") -> None:
+        try:
+            store.prepare()
+        except Exception as exc:  # noqa: BLE001 - raised again, with its context, by the store's first commit
+            logger.debug("%s: not prepared ahead: %s: %s", store.state_dir, type(exc).__name__, exc)
+
+    if len(stores) > 1:
+        list(_flush_pool().map(one, stores))
+    else:
+        for store in stores:
+            one(store)
+
+
+def _group() -> GroupCommit | None:
+    return getattr(_LOCAL, "group", None)
+
+
+@contextmanager
+def group_commit() -> Iterator[GroupCommit]:
+    """Defer the durability of this thread's commits to the block's end (one flush; see :class:`GroupCommit`).
+
+    The block's end flushes; its answer (the failed tags) is in ``group.failed``. Nested blocks join the outer one.
+    """
+    outer = _group()
+    if outer is not None:
+        yield outer
+        return
+    group = GroupCommit()
+    _LOCAL.group = group
+    try:
+        yield group
+    finally:
+        _LOCAL.group = None
+        group.failed = group.flush()
 
 
 class _NeedExclusive(Exception):
@@ -357,6 +503,22 @@ class DeviceStore:
         except (ValueError, UnicodeDecodeError) as exc:
             raise StateError(f"key file {path} is corrupt: {exc}") from None
         return self._key
+
+    def prepare(self) -> None:
+        """What a new folder's first commit does before it writes, done now: create the device key and the freshness
+        anchor at generation 0. Nothing for a folder that holds state, has lost its key, or has an anchor already.
+        A simulation prepares a cohort's new devices concurrently (:func:`prepare_stores`): their fsyncs overlap."""
+        if any(p.exists() for p in self._journal_paths()) or self._v1_files():
+            return
+        if self._key is None and not self.key_path.exists():
+            self._load_key(create=True)
+        key = self._load_key(create=False)
+        if key is None:
+            return
+        with self._locked(exclusive=True):
+            if any(p.exists() for p in self._journal_paths()) or self._read_anchor(key) is not None:
+                return
+            self._write_anchor(key, _Anchor(secrets.token_bytes(16), 0, _ZERO_CHAIN), both=True)
 
     def _create_key_file(self) -> None:
         """Create the key file atomically, 0600: a reader never sees a partial key."""
@@ -586,8 +748,14 @@ class DeviceStore:
         self._check_anchor(key, cached)
         return cached
 
+    def _refuse_if_broken(self) -> None:
+        if self._folder.broken is not None:
+            raise StateError(f"{self.state_dir}: an earlier commit could not be made durable ({self._folder.broken}); "
+                             f"the folder is refused until the device restarts")
+
     def _with_state(self, fn, *, create_key: bool = False):
         """``fn(key, state)`` under the folder lock (shared; exclusive to convert an earlier layout)."""
+        self._refuse_if_broken()
         key = self._load_key(create=create_key)
         if key is None:
             if any(p.exists() for p in self._journal_paths()) or self._v1_files():
@@ -657,6 +825,9 @@ class DeviceStore:
         if created:
             _fsync_dir(self.anchor_dir)
         self._folder.anchor_ok = None
+        deferred = self._folder.deferred_anchor
+        if deferred is not None and deferred[2].gen <= anchor.gen:
+            self._folder.deferred_anchor = None  # written, or superseded by a newer anchor
 
     def _anchor_problem(self, state: _State, anchor: _Anchor | None) -> str | None:
         """Why ``state`` is older than (or forked from) ``anchor``; None if it is not."""
@@ -828,6 +999,7 @@ class DeviceStore:
             self._folder.txns.pop(tid, None)
 
     def _commit(self, writes: dict[str, tuple[str, bytes]], *, base_gen: int | None) -> None:
+        self._refuse_if_broken()
         key = self._load_key(create=True)
         with self._locked(exclusive=True):
             state = self._current(key, exclusive=True)
@@ -849,7 +1021,11 @@ class DeviceStore:
     def _append(self, key: bytes, state: _State, writes: dict[str, tuple[str, bytes]]) -> None:
         """Write one record (a delta to the active journal, or a snapshot to the other), then the anchor."""
         creating = state.store_id is None
-        store_id = state.store_id or secrets.token_bytes(16)
+        anchor = self._read_anchor(key)
+        # A folder prepared ahead (:meth:`prepare`) has its anchor at generation 0 on disk already: its first commit
+        # takes that anchor's store id and need not write it again.
+        prepared = creating and anchor is not None and anchor.gen == 0 and not anchor.refused
+        store_id = state.store_id or (anchor.store_id if prepared else secrets.token_bytes(16))
         gen = state.gen + 1
         snapshot = self._needs_snapshot(state, writes)
         target = state.journal if not snapshot else (JOURNALS[1] if state.journal == JOURNALS[0] else JOURNALS[0])
@@ -880,14 +1056,14 @@ class DeviceStore:
         head = _REC_HEAD.pack(_REC_MAGIC, _NONCE_BYTES + len(plain) + _TAG_BYTES, off)
         record = head + self._seal(key, plain, _FORMAT_TAG + b"\x00index\x00" + head) + b"".join(parts)
 
-        anchor = self._read_anchor(key)
         if creating:
             problem = self._anchor_problem(state, anchor)
             if problem is not None:
                 raise RollbackDetected(f"{self.state_dir} was rolled back: {problem}; refusing to start it afresh")
             # The anchor exists (generation 0, both slots) before the first record: a crash in between leaves an
             # anchor behind the state (accepted), never a state without its anchor.
-            self._write_anchor(key, _Anchor(store_id, 0, _ZERO_CHAIN), both=True)
+            if not prepared:
+                self._write_anchor(key, _Anchor(store_id, 0, _ZERO_CHAIN), both=True)
         path = self.state_dir / target
         if snapshot:
             created = not path.exists()
@@ -895,27 +1071,42 @@ class DeviceStore:
                 # Both journals exist from the start: a later snapshot never creates a file (no folder fsync).
                 os.close(os.open(other, os.O_WRONLY | os.O_CREAT, 0o600))
                 created = True
+            # The folder's first record may wait for a group's flush: its anchor (generation 0) is on disk already,
+            # so a crash that loses the record leaves a first commit torn, accepted. A later snapshot may not: the
+            # active journal is emptied below, once the snapshot is on disk.
+            group = _group() if creating and not self._v1_files() else None
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 self._write_all(fd, record, 0)
-                os.fsync(fd)
+                if group is None:
+                    os.fsync(fd)
+                else:
+                    group._journal(self, path, folder=self.state_dir if created else None)
             finally:
                 os.close(fd)
-            if created:
+            if created and group is None:
                 _fsync_dir(self.state_dir)
         else:
+            group = _group()
             fd = os.open(path, os.O_WRONLY)
             try:
                 if os.fstat(fd).st_size != state.end:
                     os.ftruncate(fd, state.end)  # a torn record of an earlier crash
                 self._write_all(fd, record, state.end)
-                os.fsync(fd)
+                if group is None:
+                    os.fsync(fd)
+                else:
+                    group._journal(self, path)  # fsynced at the group's flush, before the anchor is written
             finally:
                 os.close(fd)
         if anchor is None and not creating:
             self._note(("anchor-recreated", gen), event="anchor-recreated", generation=gen,
                        anchor=str(self._anchor_file(key)))
-        self._write_anchor(key, _Anchor(store_id, gen, chain))
+        group = _group()
+        if group is None:
+            self._write_anchor(key, _Anchor(store_id, gen, chain))
+        else:  # an anchor behind its state is accepted (a crash between the two): written at the flush
+            group._anchor(self, key, _Anchor(store_id, gen, chain))
 
         # The new state, as a scan would find it.
         area = len(record) - off  # where the blob area starts in the record

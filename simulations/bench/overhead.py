@@ -42,6 +42,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -66,22 +67,31 @@ DEFAULT = {"users": (50, 200, 1000), "cohorts": (8, 32, 64), "rounds": 2}
 
 
 class _Fsyncs:
-    """Counts ``os.fsync`` calls and their time while active: what durable writes (the devices' stores) cost."""
+    """Counts ``os.fsync`` calls and the wall time during which at least one is in flight, while active: what
+    durable writes (the devices' stores) cost. A group commit's concurrent calls count once in the time."""
 
     def __init__(self) -> None:
         self.calls, self.seconds = 0, 0.0
         self._saved = None
+        self._lock = threading.Lock()
+        self._inflight, self._since = 0, 0.0
 
     def __enter__(self) -> "_Fsyncs":
         self._saved = real = os.fsync
 
         def fsync(fd) -> None:
-            t0 = time.perf_counter()
+            with self._lock:
+                self.calls += 1
+                if self._inflight == 0:
+                    self._since = time.perf_counter()
+                self._inflight += 1
             try:
                 real(fd)
             finally:
-                self.calls += 1
-                self.seconds += time.perf_counter() - t0
+                with self._lock:
+                    self._inflight -= 1
+                    if self._inflight == 0:
+                        self.seconds += time.perf_counter() - self._since
 
         os.fsync = fsync
         return self
