@@ -152,10 +152,14 @@ def test_engine_grid_bounds_its_devices_and_memory(tiny_config, tmp_path):
             if len(sizes) == 3:  # from round 3 on: devices built, the first evictions done
                 tracemalloc.start()
             elif tracemalloc.is_tracing():
-                # (CPython's table of interned strings grows in one block when it resizes, attributed to
-                # whichever line interns next, in practice pathlib: a one-time resize, not a leak.)
+                # CPython's table of interned strings grows in one block of several MiB when it resizes,
+                # attributed to whichever line interns next: pathlib (new file names), or the compile of the
+                # model card's jinja2 template at a checkpoint (seen after tests/client/test_store.py). A
+                # one-time resize, not a leak: a block of 4 MiB or more is counted apart, and may appear once.
                 snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, pathlib.__file__)])
-                traced.append((sum(st.size for st in snap.statistics("filename")), _live_tensor_bytes()))
+                blocks = [t.size for t in snap.traces]
+                big = [b for b in blocks if b >= 4 << 20]
+                traced.append((sum(blocks) - sum(big), _live_tensor_bytes(), len(big)))
 
     try:
         with Probe(client_app.app, nodes, flat, run_id=run_id, max_devices=4) as grid:
@@ -176,6 +180,7 @@ def test_engine_grid_bounds_its_devices_and_memory(tiny_config, tmp_path):
     assert len(traced) == 7
     py, tensors = [t[0] for t in traced], [t[1] for t in traced]
     assert max(py[1:]) - py[0] < 1 * 2**20, traced
+    assert max(t[2] for t in traced) <= 1, traced  # one table resize at most, never a growing series of blocks
     assert max(tensors[1:]) - tensors[0] < 1 * 2**20, traced
     states = [DeviceStore(simulated_state_dir(cfg, u.user_id)).load_text("participation") for u in users]
     assert sum(len(json.loads(s)) for s in states if s) == 30  # 10 rounds x 3: nothing lost on eviction
