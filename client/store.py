@@ -1021,6 +1021,7 @@ class DeviceStore:
     def _append(self, key: bytes, state: _State, writes: dict[str, tuple[str, bytes]]) -> None:
         """Write one record (a delta to the active journal, or a snapshot to the other), then the anchor."""
         creating = state.store_id is None
+        group = _group()  # a group commit of this thread: fsyncs and the anchor wait for its flush
         anchor = self._read_anchor(key)
         # A folder prepared ahead (:meth:`prepare`) has its anchor at generation 0 on disk already: its first commit
         # takes that anchor's store id and need not write it again.
@@ -1074,20 +1075,19 @@ class DeviceStore:
             # The folder's first record may wait for a group's flush: its anchor (generation 0) is on disk already,
             # so a crash that loses the record leaves a first commit torn, accepted. A later snapshot may not: the
             # active journal is emptied below, once the snapshot is on disk.
-            group = _group() if creating and not self._v1_files() else None
+            defer = group is not None and creating and not self._v1_files()
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 self._write_all(fd, record, 0)
-                if group is None:
-                    os.fsync(fd)
-                else:
+                if defer:
                     group._journal(self, path, folder=self.state_dir if created else None)
+                else:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
-            if created and group is None:
+            if created and not defer:
                 _fsync_dir(self.state_dir)
         else:
-            group = _group()
             fd = os.open(path, os.O_WRONLY)
             try:
                 if os.fstat(fd).st_size != state.end:
@@ -1102,7 +1102,6 @@ class DeviceStore:
         if anchor is None and not creating:
             self._note(("anchor-recreated", gen), event="anchor-recreated", generation=gen,
                        anchor=str(self._anchor_file(key)))
-        group = _group()
         if group is None:
             self._write_anchor(key, _Anchor(store_id, gen, chain))
         else:  # an anchor behind its state is accepted (a crash between the two): written at the flush

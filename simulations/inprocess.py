@@ -89,7 +89,7 @@ class InProcessGrid(Grid):
             reply = self.app(message, self._contexts[dst])
         except Exception as exc:  # as the SuperNode does: an exception becomes an error reply
             logger.exception("node %s raised", dst)
-            reply = Message(Error(code=CLIENT_ERROR, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+            return self._error_reply(message, f"{type(exc).__name__}: {exc}")
         reply.metadata.__dict__["_message_id"] = uuid4().hex
         self.delivered += 1
         return reply

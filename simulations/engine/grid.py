@@ -56,7 +56,7 @@ from fedpersona.client.device import (BudgetExhausted, Device, RoundPlan, load_p
                                      state_digest)
 from fedpersona.client.node_data import context_state_dir
 from fedpersona.client.policy import PolicyViolation
-from fedpersona.client.store import DeviceStore, prepare_stores
+from fedpersona.client.store import DeviceStore
 from fedpersona.config import load_config
 from fedpersona.model import adapted_model
 from fedpersona.wire import unpack_shared
@@ -183,7 +183,6 @@ class EngineGrid(InProcessGrid):
             kept.append(ctx)
         if len(entries) < 2:
             return
-        prepare_stores([store for _, _, store in entries])  # new devices' keys and anchors, their fsyncs overlapping
         model = adapted_model(cfg.model.path, cfg.adapter, cfg.run.seed, device=cfg.model.device,
                               dtype=cfg.model.dtype)  # the devices' own model (cached per process)
         t0 = time.perf_counter()
