@@ -138,3 +138,33 @@ def test_device_floor_refuses_small_sums(federation, floor):  # noqa: F811
         req["survivors"] = req["survivors"][:3]
         reply = _send(grid.contexts, int(req["client_id"]), req)
         assert reply.has_error() and reply.error.reason.startswith("SmallSumRefused: ")
+
+
+def test_replayed_unmask_requests_in_one_grouped_batch_are_refused(federation):  # noqa: F811
+    """The same 12 replays sent as ONE batch through the in-process grid, whose group commit makes the devices'
+    state durable only at the batch's flush (several replays to one device land in one chunk): every one is
+    refused, and after a restart (what the disk holds after the flush) the honest request is refused too."""
+    from fedpersona.simulations.inprocess import InProcessGrid
+
+    cfg, grid = federation()
+    cohort = sorted(grid.contexts)
+    rs = SecureAggregator(cfg, run_id=RUN_ID).collect(grid, cohort, _content(), server_round=1, timeout=None)
+    assert not rs.aborted
+    honest = {m.metadata.dst_node_id: from_records(m.content) for m, _ in grid.log
+              if m.metadata.message_type == UNMASK}
+    replays = _replays(honest)
+    assert len({h for h, _ in replays}) < len(replays)  # some device gets several in the batch
+    run_config = dict(next(iter(grid.contexts.values())).run_config)
+    nodes = {n: dict(c.node_config) for n, c in grid.contexts.items()}
+    for _ in range(2):  # the running devices, then restarted ones over the same folders
+        _restart(grid)
+        with InProcessGrid(client_app.app, nodes, run_config, run_id=RUN_ID) as batch_grid:
+            msgs = [Message(RecordDict(to_records(req)), dst_node_id=h, message_type=UNMASK, group_id="1")
+                    for h, req in replays]
+            replies = list(batch_grid.send_and_receive(msgs))
+            assert len(replies) == 12 and all(r.has_error() for r in replies)
+            assert all("ReplayRefused" in r.error.reason for r in replies), [r.error.reason for r in replies]
+            h, req = next(iter(honest.items()))
+            (again,) = batch_grid.send_and_receive(
+                [Message(RecordDict(to_records(req)), dst_node_id=h, message_type=UNMASK, group_id="1")])
+            assert again.has_error()
