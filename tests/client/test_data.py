@@ -229,6 +229,16 @@ def test_encode_many_lengths_bounded(tok):
     assert encode_examples(tok, [], seq_len=20, cue_tokens=6) == []
 
 
+def test_batch_ids_equal_the_tokenizers_own(tok):
+    """The backend's batch encoding (offsets skipped) gives each text exactly the ids the tokenizer gives it alone."""
+    from fedpersona.client.data import _ids
+
+    texts = ["To be, or not to be", "", "Who's there?  Nay,\nanswer me", "caf\u00e9 \u2014 \u00e6on", " lead  space",
+             "x" * 300, USER_HEADER, IM_END]
+    assert _ids(tok, texts) == [ids(tok, t) for t in texts]
+    assert _ids(tok, []) == []
+
+
 @pytest.mark.parametrize(
     ("seq_len", "cue_tokens", "match"),
     [(15, 4, "seq_len.*15"), (32, -1, "cue_tokens.*-1"), (32, 25, r"cue_tokens.*24.*25"), (32.0, 4, "seq_len")],
