@@ -274,9 +274,10 @@ def dp_step(message: Message, context: Context) -> Message:
 
 
 def personalize(message: Message, context: Context) -> Message:
-    """After a round of noisy sums: train the head on top of the round's final shared adapter.
+    """Train the head on top of the shared adapter sent: after a round of noisy sums, that round's final one
+    (``client.head-at = round``); after the last round, the run's final one (``end``, once a run).
 
-    The reply carries nothing but ``personalized`` (1: trained, 0: this device took no step of the round)."""
+    The reply carries nothing but ``personalized`` (1: trained, 0: not a round whose head this device trains)."""
     try:
         device = _device(context)
         shared = unpack_shared(message.content)

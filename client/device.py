@@ -86,6 +86,7 @@ BASELINE_HEAD_LEDGER = "ledger-local-baseline-head"
 RECEIVED_SHARED = "shared-received"
 RECEIVED_CONFIG = "shared-received-config"
 EVALUATION = "evaluation"
+HEAD_AT_END = "head-at-end"  # client.head-at = end: {"run", "round", "steps"} of the head trained at the end
 
 
 class BudgetExhausted(RuntimeError):
@@ -484,7 +485,8 @@ class Device:
             return 0.0
         if p.noise_multiplier > 0:
             return p.noise_multiplier
-        planned = self.cfg.planned_rounds * self.cfg.client.head_steps * self.budget_passes
+        passes = 1 if self.cfg.client.head_at == "end" else self.cfg.planned_rounds  # head passes it may take
+        planned = passes * self.cfg.client.head_steps * self.budget_passes
         return _calibrated(p.target_epsilon, p.delta, self.head_sample_rate, planned, p.accountant)
 
     def load_ledger(self, name: str = LEDGER) -> PrivacyLedger:
@@ -604,7 +606,8 @@ class Device:
         return RoundPlan(
             server_round=int(server_round), shared_digest=state_digest(shared), personal_digest=state_digest(personal),
             train_examples=len(self.data.train), steps=steps, noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate, head_steps=self._head_steps(head_ledger, log=log_refusal),
+            sample_rate=self.sample_rate,
+            head_steps=self._head_steps(head_ledger, log=log_refusal) if cfg.client.head_at == "round" else 0,
             head_noise_multiplier=self.head_noise_multiplier, head_sample_rate=self.head_sample_rate,
             settings=settings, ledger=ledger, head_ledger=head_ledger, shared=shared, personal=personal,
         )
@@ -852,6 +855,8 @@ class Device:
         (:class:`~fedpersona.client.sumdp.StepRefused` otherwise).
         """
         cfg = self.cfg
+        if cfg.client.head_at == "end":
+            return self._personalize_at_end(shared, run_id=run_id, server_round=server_round)
         log = StepLog(self.store)
         last = log.last(run_id)
         participation = self._participation()
@@ -876,6 +881,38 @@ class Device:
         logger.info("%s round %d: head %s, on the round's final shared adapter", self.user_id, server_round,
                     f"{head.steps} steps loss {head.mean_loss:.3f}" if head else "not trained")
         return head.steps if head else 0
+
+    def _personalize_at_end(self, shared: dict[str, torch.Tensor], *, run_id: int, server_round: int) -> int:
+        """``client.head-at = end``: the head, once a run, on top of the run's final shared adapter (round
+        ``server.num-rounds + 1``), from where it stands (a fresh head on a device's first run); the steps taken.
+        Any other round, or a second time in the run: :class:`~fedpersona.client.sumdp.StepRefused`."""
+        cfg = self.cfg
+        if server_round != cfg.server.num_rounds + 1:
+            raise StepRefused(f"round {server_round}: with client.head-at = end the head is trained only after the "
+                              f"last round (round {cfg.server.num_rounds + 1})")
+        done = self._head_at_end()
+        if done is not None and done.get("run") == int(run_id):
+            raise StepRefused(f"the head was already trained at the end of run {run_id}")
+        self.model.load_shared_state(shared)
+        self.model.load_personal_state(self._personal())
+        head_ledger = self.load_ledger(HEAD_LEDGER) if self.head_dp else None
+        steps = self._head_steps(head_ledger)
+        head = self._head_pass(head_ledger, steps, server_round) if steps else None
+        if head is not None and head_ledger is not None:
+            head_ledger.record_round(round=server_round, steps=head.steps, noise_multiplier=self.head_noise_multiplier,
+                                     sample_rate=self.head_sample_rate, delta=cfg.privacy.delta)
+            self.store.save_text(HEAD_LEDGER, head_ledger.to_json())
+        self.store.save_tensors(HEAD_FILE, self.model.personal_state())
+        self.store.save_tensors(RECEIVED_SHARED, shared)  # for `fedpersona chat` on the device
+        self.store.save_text(HEAD_AT_END, json.dumps({"run": int(run_id), "round": int(server_round),
+                                                      "steps": head.steps if head else 0}))
+        logger.info("%s: head %s, on the run's final shared adapter", self.user_id,
+                    f"{head.steps} steps loss {head.mean_loss:.3f}" if head else "not trained")
+        return head.steps if head else 0
+
+    def _head_at_end(self) -> dict | None:
+        text = self.store.load_text(HEAD_AT_END)
+        return json.loads(text) if text else None
 
     def offer_evaluation(self, shared_digest: str, personal_digest: str, figures: dict[str, dict[str, float]]) -> None:
         """Held-out figures computed elsewhere (the cohort engine's batched passes) for the shared adapter and
@@ -926,7 +963,8 @@ class Device:
         participation = self._participation()
         out["rounds"] = float(len(participation))
         out["steps"] = float(sum(r["steps"] for r in participation))
-        out["head-steps"] = float(sum(r["head-steps"] for r in participation))
+        end = self._head_at_end()
+        out["head-steps"] = float(sum(r["head-steps"] for r in participation) + (end["steps"] if end else 0))
         out["held-out-examples"] = float(len(self.data.held_out))
         out["train-examples"] = float(len(self.data.train))
         if cfg.eval.local_baseline:
@@ -957,7 +995,8 @@ class Device:
         averaged in, so personalized vs local-only isolates what federation adds.
         """
         cfg = self.cfg
-        key = hashlib.sha256(json.dumps(participation, sort_keys=True).encode()).hexdigest()[:16]
+        end = self._head_at_end()
+        key = hashlib.sha256(json.dumps([participation, end], sort_keys=True).encode()).hexdigest()[:16]
         baseline = self.store.load_tensors(BASELINE)
         if baseline is None or self.store.load_text(BASELINE + "-key") != key:
             self.model.load_personal_state(self.model.fresh_personal_state())
@@ -979,6 +1018,12 @@ class Device:
                             round=int(r["round"]), steps=head.steps, noise_multiplier=self.head_noise_multiplier,
                             sample_rate=self.head_sample_rate, delta=cfg.privacy.delta,
                         )
+            if end and end["steps"]:  # the head trained once at the end: as many steps, its batches, on this adapter
+                head = self._head_pass(head_ledger, self._head_steps(head_ledger), int(end["round"]))
+                if head_ledger is not None:
+                    head_ledger.record_round(round=int(end["round"]), steps=head.steps,
+                                             noise_multiplier=self.head_noise_multiplier,
+                                             sample_rate=self.head_sample_rate, delta=cfg.privacy.delta)
             baseline = {f"shared::{k}": v for k, v in self.model.shared_state().items()}
             baseline.update({f"personal::{k}": v for k, v in self.model.personal_state().items()})
             self.store.save_tensors(BASELINE, baseline)

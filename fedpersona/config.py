@@ -32,6 +32,7 @@ SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 #: Where the DP-SGD noise of the shared adapter goes (``privacy.noise-on``).
 NOISE_PLACEMENTS = ("device", "sum")
 SAMPLINGS = ("uniform", "balanced")
+HEAD_AT = ("round", "end")
 CLIENT_OPTIMIZERS = ("sgd", "adam")
 ACCOUNTANTS = ("rdp", "prv")
 PERSONAL_HEADS = ("local", "dp")
@@ -196,6 +197,9 @@ class ClientConfig:
     head_steps: int = 12
     head_batch_size: int = 8
     head_lr: float = 0.005
+    #: When the head is trained: ``round`` (after each of the device's participations, on that round's shared
+    #: adapter) or ``end`` (once, after the last round, on the run's final shared adapter, for every device).
+    head_at: str = "round"
     max_new_examples: int = 0  # device policy: new chat-feedback examples a round may add (0 = no cap)
     cache_activations: bool = True  # keep the frozen lower blocks' outputs in the encrypted store
     #: Participations (rounds) a device plans its noise for and accepts (0: privacy.planned-rounds /
@@ -209,6 +213,9 @@ class ClientConfig:
             raise _bad("client.head-batch-size", self.head_batch_size, f"must be in [1, {MAX_BATCH_SIZE}]")
         if not (self.head_lr > 0 and math.isfinite(self.head_lr)):
             raise _bad("client.head-lr", self.head_lr, "must be a positive finite number")
+        if self.head_at not in HEAD_AT:
+            raise _bad("client.head-at", self.head_at, f"must be one of {HEAD_AT} (round: after each participation, on "
+                       "that round's shared adapter; end: once, on the run's final shared adapter)")
         if self.max_new_examples < 0:
             raise _bad("client.max-new-examples", self.max_new_examples, "must be >= 0 (0 = no cap)")
         if self.max_participations < 0:

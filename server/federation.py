@@ -31,7 +31,7 @@ from fedpersona.server.optim import ServerOptimizer
 from fedpersona.server.progress import NoProgress, Progress, ProgressGrid, report
 from fedpersona.server.run_report import read_json, summary_table, write_outputs
 from fedpersona.server.secagg import build_aggregator
-from fedpersona.server.sumdp import SumRounds
+from fedpersona.server.sumdp import SumRounds, personalize
 
 logger = logging.getLogger(__name__)
 
@@ -254,6 +254,10 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
         log(INFO, "[round %d/%d] cohort %d: trained %d, declined %d, failed %d | %s%.1f s", server_round,
             cfg.server.num_rounds, len(cohort), rs.contributors, len(rs.declined), len(rs.failures),
             "".join(f + " | " for f in figures), row["seconds"])
+    if cfg.client.head_at == "end" and cfg.client.head_steps > 0:
+        metrics["head-at-end"] = heads_at_end(grid, cfg, shared, timeout=timeout)
+        if metrics["head-at-end"]["failures"]:
+            run_warnings.append(f"{metrics['head-at-end']['failures']} device(s) failed to train their head at the end")
     metrics["train_seconds"] = time.perf_counter() - t_run
     if history and not any(h.get("applied") for h in history):
         log(WARNING, "No round of run '%s' was applied: the shared adapter never changed", cfg.run.name)
@@ -278,6 +282,19 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
     log(INFO, "Results: %s", ", ".join(str(p) for p in paths.values()))
     report(progress, "run-end", seconds=time.perf_counter() - t_run, rounds=len(history))
     return metrics
+
+
+def heads_at_end(grid: Grid, cfg: Config, shared: dict[str, torch.Tensor], *, timeout: float | None) -> dict:
+    """``client.head-at = end``: the run's final shared adapter to every node, each device's head trained once on
+    top of it (in the device's own store; nothing but a yes or no comes back). Round ``server.num-rounds + 1``."""
+    t0 = time.perf_counter()
+    nodes = wait_for_nodes(grid, cfg.server.min_clients)
+    log(INFO, "Personal heads: %d nodes train theirs on the final shared adapter (client.head-at = end)...", len(nodes))
+    done, failures = personalize(grid, nodes, shared, server_round=cfg.server.num_rounds + 1, timeout=timeout)
+    for reason in failures:
+        log(WARNING, "Personal heads at the end: %s", reason)
+    return {"nodes": len(nodes), "personalized": done, "failures": len(failures),
+            "seconds": time.perf_counter() - t0}
 
 
 def final_evaluation(grid: Grid, cfg: Config, shared: dict[str, torch.Tensor], *,

@@ -15,7 +15,9 @@ round id :func:`fedpersona.privacy.sumdp.step_round_id`):
    with momentum ``server.momentum``, ``fedadam`` Adam) with ``delta = -mean gradient``.
 
 Then one ``train.personalize`` message to the cohort carries the round's final shared weights: each
-device that answered a step of the round trains its personal head on top of them. No loss, count or
+device that answered a step of the round trains its personal head on top of them (``client.head-at =
+round``; with ``end`` every device's head is trained once, on the run's final shared adapter:
+:func:`personalize` after the last round). No loss, count or
 timing rides in a noisy sum beside the gradient (only ``trained``, one per survivor): the round's row
 has no per-round held-out losses in this mode; the final evaluation is unchanged.
 """
@@ -40,7 +42,7 @@ from fedpersona.privacy.sumdp import normalizer, sum_context, sum_secagg_params
 from fedpersona.server.aggregation import RoundSum, send_and_collect
 from fedpersona.server.secagg import DECLINED, SecureAggregator
 
-__all__ = ["DP_STEP", "PERSONALIZE", "SumRounds"]
+__all__ = ["DP_STEP", "PERSONALIZE", "SumRounds", "personalize"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +116,10 @@ class SumRounds:
             applied += 1
             logger.info("round %d step %d/%d: sum of %d devices (t = %d, sigma %.3f), normalizer %g", server_round,
                         step, cfg.client.local_steps, k, ctx.honest, ctx.noise_multiplier, div)
-        personalized, p_failures = self._personalize(grid, members, shared, server_round=server_round, timeout=timeout)
-        failures += p_failures
+        personalized = 0
+        if cfg.client.head_at == "round":  # else the heads are trained once, on the run's final shared adapter
+            personalized, p_failures = personalize(grid, members, shared, server_round=server_round, timeout=timeout)
+            failures += p_failures
         norm = math.sqrt(sum(float(((shared[n] - start[n]).double() ** 2).sum()) for n in shared))
         contributors = min(survivors) if survivors else 0
         rs = RoundSum(seen if applied else {}, 0.0, {"trained": float(sum(survivors))}, contributors,
@@ -128,21 +132,25 @@ class SumRounds:
                         "quantization-scale": ctx.scale})
         return rs, shared, row
 
-    def _personalize(self, grid: Grid, nodes: Sequence[int], shared: dict[str, torch.Tensor], *, server_round: int,
-                     timeout: float | None) -> tuple[int, list[str]]:
-        """The round's final weights to its cohort; how many devices trained their head on them, failures."""
-        if not nodes:
-            return 0, []
-        t0 = time.perf_counter()
-        content = RecordDict({**pack_shared(shared), "config": ConfigRecord({"server-round": server_round})})
-        replies, failures = send_and_collect(grid, nodes, content, message_type=PERSONALIZE,
-                                             server_round=server_round, timeout=timeout)
-        done = 0
-        for reply in replies:
-            try:
-                done += int(reply.content["status"]["personalized"])
-            except (KeyError, TypeError, ValueError):
-                failures.append(f"personalize: node {reply.metadata.src_node_id}: malformed reply")
-        logger.info("round %d: %d of %d devices trained their head on the round's final shared adapter (%.1f s)",
-                    server_round, done, len(nodes), time.perf_counter() - t0)
-        return done, [f if f.startswith("personalize") else f"personalize: {f}" for f in failures]
+
+def personalize(grid: Grid, nodes: Sequence[int], shared: dict[str, torch.Tensor], *, server_round: int,
+                timeout: float | None) -> tuple[int, list[str]]:
+    """``shared`` to ``nodes`` in one ``train.personalize`` exchange: each device trains its head on top of it.
+    How many devices did, and the failures. After a round of noisy sums (its cohort, ``client.head-at =
+    round``) or once after the last round (every node, ``client.head-at = end``, ``server_round`` =
+    ``server.num-rounds + 1``). A reply carries only ``personalized`` (1 or 0)."""
+    if not nodes:
+        return 0, []
+    t0 = time.perf_counter()
+    content = RecordDict({**pack_shared(shared), "config": ConfigRecord({"server-round": server_round})})
+    replies, failures = send_and_collect(grid, nodes, content, message_type=PERSONALIZE,
+                                         server_round=server_round, timeout=timeout)
+    done = 0
+    for reply in replies:
+        try:
+            done += int(reply.content["status"]["personalized"])
+        except (KeyError, TypeError, ValueError):
+            failures.append(f"personalize: node {reply.metadata.src_node_id}: malformed reply")
+    logger.info("round %d: %d of %d devices trained their head on the shared adapter sent (%.1f s)",
+                server_round, done, len(nodes), time.perf_counter() - t0)
+    return done, [f if f.startswith("personalize") else f"personalize: {f}" for f in failures]

@@ -180,6 +180,9 @@ def federate(cfg: Config, users: list[User], state_root: Path) -> FederatedRun:
             shared = opt.step(shared, {n: t / weight for n, t in total.items()})
         elif contributors:
             aborted += 1
+    if cfg.client.head_at == "end" and cfg.client.head_steps > 0:  # as the ServerApp: every head, on the final adapter
+        for dev in devices:
+            dev.personalize(shared, run_id=0, server_round=cfg.server.num_rounds + 1)
     rows = []
     for dev in devices:
         row = dev.final_evaluation(shared)
