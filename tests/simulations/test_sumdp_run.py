@@ -31,7 +31,9 @@ def test_cli_run_with_the_noise_on_the_sum(tiny_config, tmp_path):
     run_dir = Path(flat["run.results-dir"]) / "demo"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["config"]["client.max-participations"] == 2  # filled in: 2 rounds of 4 of 4 users
-    assert [(r["round"], r["steps-applied"], r["personalized"]) for r in metrics["rounds"]] == [(1, 2, 4), (2, 2, 4)]
+    # The demo's heads are trained once, after the last round (client.head-at = end), not after each round.
+    assert [(r["round"], r["steps-applied"], r["personalized"]) for r in metrics["rounds"]] == [(1, 2, 0), (2, 2, 0)]
+    assert metrics["head-at-end"]["personalized"] == 4
     users = metrics["final"]["users"]
     assert len(users) == 4 and all(u["rounds"] == 2 and u["steps"] == 4 for u in users)
     assert all(abs(u["local-epsilon"] - u["epsilon-federated"]) < 1e-9 for u in users)
