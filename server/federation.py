@@ -255,7 +255,7 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
             cfg.server.num_rounds, len(cohort), rs.contributors, len(rs.declined), len(rs.failures),
             "".join(f + " | " for f in figures), row["seconds"])
     if cfg.client.head_at == "end" and cfg.client.head_steps > 0:
-        metrics["head-at-end"] = heads_at_end(grid, cfg, shared, timeout=timeout)
+        metrics["head-at-end"] = heads_at_end(grid, cfg, shared, timeout=timeout, progress=progress)
         if metrics["head-at-end"]["failures"]:
             run_warnings.append(f"{metrics['head-at-end']['failures']} device(s) failed to train their head at the end")
     metrics["train_seconds"] = time.perf_counter() - t_run
@@ -284,17 +284,21 @@ def run_federation(grid: Grid, cfg: Config, *, aggregator: Aggregator | None = N
     return metrics
 
 
-def heads_at_end(grid: Grid, cfg: Config, shared: dict[str, torch.Tensor], *, timeout: float | None) -> dict:
+def heads_at_end(grid: Grid, cfg: Config, shared: dict[str, torch.Tensor], *, timeout: float | None,
+                 progress: Progress | None = None) -> dict:
     """``client.head-at = end``: the run's final shared adapter to every node, each device's head trained once on
     top of it (in the device's own store; nothing but a yes or no comes back). Round ``server.num-rounds + 1``."""
     t0 = time.perf_counter()
     nodes = wait_for_nodes(grid, cfg.server.min_clients)
     log(INFO, "Personal heads: %d nodes train theirs on the final shared adapter (client.head-at = end)...", len(nodes))
+    progress = progress or NoProgress()
+    report(progress, "heads-start", nodes=len(nodes))
     done, failures = personalize(grid, nodes, shared, server_round=cfg.server.num_rounds + 1, timeout=timeout)
     for reason in failures:
         log(WARNING, "Personal heads at the end: %s", reason)
-    return {"nodes": len(nodes), "personalized": done, "failures": len(failures),
-            "seconds": time.perf_counter() - t0}
+    out = {"nodes": len(nodes), "personalized": done, "failures": len(failures), "seconds": time.perf_counter() - t0}
+    report(progress, "heads-end", nodes=len(nodes), personalized=done, failed=len(failures), seconds=out["seconds"])
+    return out
 
 
 def final_evaluation(grid: Grid, cfg: Config, shared: dict[str, torch.Tensor], *,

@@ -23,6 +23,8 @@ Events and their fields (more may be added; a receiver ignores what it does not 
 * ``round-end``: ``round``, ``rounds``, ``cohort``, ``trained``, ``declined``, ``failed``,
   ``applied``, ``seconds``, and when known ``shared-loss``, ``personal-loss``, ``train-loss``,
   ``epsilon``, ``aborted``;
+* ``heads-start``: ``nodes``; ``heads-end``: ``nodes``, ``personalized``, ``failed``, ``seconds`` (the heads trained
+  after the last round, ``client.head-at = end``);
 * ``eval-start``: ``nodes``; ``eval-end``: ``users``, ``failed``, ``seconds``, ``summary``
   (mean losses by model);
 * ``run-end``: ``seconds``, ``rounds`` (rows of this run).

@@ -31,7 +31,7 @@ STAGE_TEXT = {"advertise": "key advertisement", "train": "training + masked inpu
               "evaluate": "evaluation"}
 MODEL_TEXT = {"base": "base", "shared": "shared", "personal": "personalized", "local": "local-only"}
 #: Stages whose replies are devices finishing real work (a line per device when piped).
-DEVICE_STAGES = ("train", "evaluate")
+DEVICE_STAGES = ("train", "evaluate", "personalize")
 #: A device's final evaluation, as a share of the seconds it took to train a round: with the local-only
 #: replay (a simulation replays what the device trained, then evaluates 4 models), and without it.
 #: Measured on the demo (README): 233 s for 20 users' evaluation with the replay, rounds of 8 devices ~105 s.
@@ -69,6 +69,7 @@ class Lines:
         self.round = 0
         self.round_t0: float | None = None
         self.in_eval = False
+        self.in_heads = False  # the heads trained after the last round (client.head-at = end)
         self.finished = False  # the final evaluation (or the run) is over
         # the stage in flight
         self.stage = ""
@@ -168,7 +169,10 @@ class Lines:
             self.stage_done, self.stage_failed = int(f["done"]), int(f.get("failed", 0))
             if str(f.get("stage")) not in DEVICE_STAGES:
                 return None
-            where = "final evaluation" if self.in_eval else f"round {self.round}/{self.rounds_total}"
+            if f["stage"] == "personalize" and not self.in_heads:
+                return None  # a round's head passes: the round's line says how long they took
+            where = ("final evaluation" if self.in_eval else "personal heads" if self.in_heads
+                     else f"round {self.round}/{self.rounds_total}")
             what = "evaluated" if f["stage"] == "evaluate" else "trained"
             failed = f", {self.stage_failed} failed" if self.stage_failed else ""
             if self.in_eval and f["stage"] == "evaluate":  # counted over every evaluation group
@@ -218,6 +222,14 @@ class Lines:
             with_eval = " with the final evaluation" if self.final_eval else ""
             parts.append(f"{f['seconds']:.1f} s" + (f", ETA {_seconds(eta)}{with_eval}" if eta else ""))
             return " | ".join(parts)
+        if kind == "heads-start":
+            self.in_heads = True
+            return f"personal heads: {plural(int(f['nodes']), 'device')} train theirs on the final shared adapter"
+        if kind == "heads-end":
+            self.in_heads = False
+            failed = f", {f['failed']} failed" if f.get("failed") else ""
+            return (f"personal heads: {int(f['personalized'])} of {plural(int(f['nodes']), 'device')} trained{failed} "
+                    f"in {float(f['seconds']):.1f} s")
         if kind == "eval-start":
             self.in_eval = True
             self.nodes = int(f.get("nodes", self.nodes))
@@ -345,7 +357,8 @@ class LiveDisplay:
             self._say(f"round {f['round']}/{f['rounds']}: cohort of {f['cohort']}")
         elif kind == "stage":
             what = STAGE_TEXT.get(str(f["stage"]), str(f["stage"]))
-            where = "final evaluation" if self.lines.in_eval else f"round {self.lines.round}"
+            where = ("final evaluation" if self.lines.in_eval else "personal heads" if self.lines.in_heads
+                     else f"round {self.lines.round}")
             self._say(f"{where}: {what}, devices done", total=int(f["nodes"]))
         elif kind == "reply" and self._status is not None:
             self.progress.update(self._status, completed=int(f["done"]))

@@ -246,3 +246,28 @@ def test_the_final_evaluation_counts_devices_over_its_groups():
         lines.text("stage-end", dict(round=0, stage="evaluate", nodes=size, replies=size, seconds=1.0))
     assert [x.split(" | ")[1] for x in seen] == [f"device {k}/5 evaluated" for k in range(1, 6)]
     assert "ETA 0:03" in seen[1] and "ETA" not in seen[-1]  # 2 s for 2 devices, 3 left
+
+
+def test_the_heads_trained_at_the_end_show_their_devices():
+    """client.head-at = end: one line when the heads start, one per device trained, one when they are done; a
+    round's own head passes (client.head-at = round) add no line of their own."""
+    from fedpersona.simulations.progress import Lines
+
+    t = [0.0]
+    lines = Lines(clock=lambda: t[0])
+    lines.text("run-start", dict(run="demo", rounds=1, users=3, cohort=3))
+    lines.text("round-start", dict(round=1, rounds=1, cohort=3))
+    lines.text("stage", dict(round=1, stage="personalize", nodes=3))
+    assert lines.text("reply", dict(round=1, stage="personalize", nodes=3, done=1, failed=0)) is None
+    lines.text("stage-end", dict(round=1, stage="personalize", nodes=3, replies=3, seconds=1.0))
+    assert lines.text("heads-start", dict(nodes=3)) == "personal heads: 3 devices train theirs on the final shared adapter"
+    lines.text("stage", dict(round=2, stage="personalize", nodes=3))
+    seen = []
+    for done in (1, 2, 3):
+        t[0] += 2.0
+        seen.append(lines.text("reply", dict(round=2, stage="personalize", nodes=3, done=done, failed=done == 3)))
+    assert seen[0] == "personal heads | device 1/3 trained | 2.0 s, ETA 0:04"
+    assert seen[2].startswith("personal heads | device 3/3 trained, 1 failed | 6.0 s")
+    lines.text("stage-end", dict(round=2, stage="personalize", nodes=3, replies=3, seconds=6.0))
+    assert lines.text("heads-end", dict(nodes=3, personalized=2, failed=1, seconds=6.0)) == \
+        "personal heads: 2 of 3 devices trained, 1 failed in 6.0 s"
