@@ -852,7 +852,8 @@ class Device:
         """After a round of noisy sums: the head on top of the round's final shared adapter; the steps taken.
 
         Only for a round this device answered at least one step of (in this run), once per round
-        (:class:`~fedpersona.client.sumdp.StepRefused` otherwise).
+        (:class:`~fedpersona.client.sumdp.StepRefused` otherwise). With ``client.head-at = end``: once a run,
+        after the last round (:meth:`_personalize_at_end`).
         """
         cfg = self.cfg
         if cfg.client.head_at == "end":
@@ -864,18 +865,8 @@ class Device:
                 or participation[-1].get("round") != server_round:
             raise StepRefused(f"round {server_round}: not a round this device answered steps of, or already "
                               "personalized")
-        self.model.load_shared_state(shared)
-        self.model.load_personal_state(self._personal())
-        head_ledger = self.load_ledger(HEAD_LEDGER) if self.head_dp else None
-        steps = self._head_steps(head_ledger)
-        head = self._head_pass(head_ledger, steps, server_round) if steps else None
-        if head is not None and head_ledger is not None:
-            head_ledger.record_round(round=server_round, steps=head.steps, noise_multiplier=self.head_noise_multiplier,
-                                     sample_rate=self.head_sample_rate, delta=cfg.privacy.delta)
-            self.store.save_text(HEAD_LEDGER, head_ledger.to_json())
+        head = self._head_on(shared, server_round)
         participation[-1]["head-steps"] = head.steps if head else 0
-        self.store.save_tensors(HEAD_FILE, self.model.personal_state())
-        self.store.save_tensors(RECEIVED_SHARED, shared)  # for `fedpersona chat` on the device
         self.store.save_text(PARTICIPATION, json.dumps(participation))
         log.record_personalized(run_id, server_round)
         logger.info("%s round %d: head %s, on the round's final shared adapter", self.user_id, server_round,
@@ -893,6 +884,16 @@ class Device:
         done = self._head_at_end()
         if done is not None and done.get("run") == int(run_id):
             raise StepRefused(f"the head was already trained at the end of run {run_id}")
+        head = self._head_on(shared, server_round)
+        self.store.save_text(HEAD_AT_END, json.dumps({"run": int(run_id), "round": int(server_round),
+                                                      "steps": head.steps if head else 0}))
+        logger.info("%s: head %s, on the run's final shared adapter", self.user_id,
+                    f"{head.steps} steps loss {head.mean_loss:.3f}" if head else "not trained")
+        return head.steps if head else 0
+
+    def _head_on(self, shared: dict[str, torch.Tensor], server_round: int) -> TrainResult | None:
+        """The head pass on top of ``shared`` (its batches those of ``server_round``), the head, its ledger and
+        ``shared`` (for `fedpersona chat` on the device) saved; None when no step is taken."""
         self.model.load_shared_state(shared)
         self.model.load_personal_state(self._personal())
         head_ledger = self.load_ledger(HEAD_LEDGER) if self.head_dp else None
@@ -900,15 +901,11 @@ class Device:
         head = self._head_pass(head_ledger, steps, server_round) if steps else None
         if head is not None and head_ledger is not None:
             head_ledger.record_round(round=server_round, steps=head.steps, noise_multiplier=self.head_noise_multiplier,
-                                     sample_rate=self.head_sample_rate, delta=cfg.privacy.delta)
+                                     sample_rate=self.head_sample_rate, delta=self.cfg.privacy.delta)
             self.store.save_text(HEAD_LEDGER, head_ledger.to_json())
         self.store.save_tensors(HEAD_FILE, self.model.personal_state())
-        self.store.save_tensors(RECEIVED_SHARED, shared)  # for `fedpersona chat` on the device
-        self.store.save_text(HEAD_AT_END, json.dumps({"run": int(run_id), "round": int(server_round),
-                                                      "steps": head.steps if head else 0}))
-        logger.info("%s: head %s, on the run's final shared adapter", self.user_id,
-                    f"{head.steps} steps loss {head.mean_loss:.3f}" if head else "not trained")
-        return head.steps if head else 0
+        self.store.save_tensors(RECEIVED_SHARED, shared)
+        return head
 
     def _head_at_end(self) -> dict | None:
         text = self.store.load_text(HEAD_AT_END)
