@@ -293,7 +293,11 @@ def heads_at_end(grid: Grid, cfg: Config, shared: dict[str, torch.Tensor], *, ti
     log(INFO, "Personal heads: %d nodes train theirs on the final shared adapter (client.head-at = end)...", len(nodes))
     progress = progress or NoProgress()
     report(progress, "heads-start", nodes=len(nodes))
-    done, failures = personalize(grid, nodes, shared, server_round=cfg.server.num_rounds + 1, timeout=timeout)
+    done, failures = 0, []
+    size = max(1, cfg.server.clients_per_round)  # in groups of a round's cohort: progress moves group by group
+    for i in range(0, len(nodes), size):
+        d, f = personalize(grid, nodes[i:i + size], shared, server_round=cfg.server.num_rounds + 1, timeout=timeout)
+        done, failures = done + d, failures + f
     for reason in failures:
         log(WARNING, "Personal heads at the end: %s", reason)
     out = {"nodes": len(nodes), "personalized": done, "failures": len(failures), "seconds": time.perf_counter() - t0}

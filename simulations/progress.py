@@ -70,6 +70,7 @@ class Lines:
         self.round_t0: float | None = None
         self.in_eval = False
         self.in_heads = False  # the heads trained after the last round (client.head-at = end)
+        self.heads_total, self.heads_done, self.heads_t0 = 0, 0, 0.0  # over its groups
         self.finished = False  # the final evaluation (or the run) is over
         # the stage in flight
         self.stage = ""
@@ -177,6 +178,9 @@ class Lines:
             failed = f", {self.stage_failed} failed" if self.stage_failed else ""
             if self.in_eval and f["stage"] == "evaluate":  # counted over every evaluation group
                 done, total, t0, eta = self.eval_done_total(), max(self.nodes, 1), self.eval_t0, self.eval_estimate()
+            elif self.in_heads:  # counted over every group of the heads' exchange
+                done, total, t0 = self.heads_done + self.stage_done, max(self.heads_total, 1), self.heads_t0
+                eta = (self.clock() - t0) / done * (total - done) if done else None
             else:
                 done, total, t0, eta = self.stage_done, self.stage_nodes, self.stage_t0, self.stage_eta()
             left = f", ETA {_seconds(eta)}" if eta else ""
@@ -197,6 +201,8 @@ class Lines:
         if kind == "stage-end":
             if f.get("stage") == "evaluate" and self.in_eval:
                 self.eval_done += int(f.get("replies", 0))
+            if f.get("stage") == "personalize" and self.in_heads:
+                self.heads_done += int(f.get("replies", 0))
             if f.get("stage") == "train" and int(f.get("replies", 0)):
                 self.device_seconds.append((float(f["seconds"]), int(f["replies"])))
             if f.get("stage") != "evaluate":
@@ -224,6 +230,7 @@ class Lines:
             return " | ".join(parts)
         if kind == "heads-start":
             self.in_heads = True
+            self.heads_total, self.heads_done, self.heads_t0 = int(f["nodes"]), 0, self.clock()
             return f"personal heads: {plural(int(f['nodes']), 'device')} train theirs on the final shared adapter"
         if kind == "heads-end":
             self.in_heads = False
