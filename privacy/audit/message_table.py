@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
 
-__all__ = ["PARTS", "PLAIN", "SUM_STEP", "Row", "TABLE", "field_label", "lookup", "render_markdown", "unlisted"]
+__all__ = ["HEAD_EXCHANGE", "PARTS", "PLAIN", "SUM_STEP", "Row", "TABLE", "field_label", "lookup", "render_markdown", "unlisted"]
 
 PARTS = ("config", "array", "metric", "masked-vector", "masked-extra", "error")
 
@@ -49,6 +49,8 @@ _SIGNED = ("a signature under the device's per-run signing key: it says which me
            "the user")
 _KEY = "a public key: nothing about the user"
 SUM_STEP = _SUM_STEP = "privacy.noise-on = sum (docs/sumdp.md)"
+#: The personalize exchange: after each noisy-sum round, or once after the last round (``client.head-at = end``).
+HEAD_EXCHANGE = "privacy.noise-on = sum (docs/sumdp.md), or `client.head-at = end` in either placement"
 PLAIN = _PLAIN = "secagg.enabled = false (only on a device whose policy.allow-no-secagg allows it)"
 
 
@@ -184,8 +186,12 @@ TABLE: tuple[Row, ...] = tuple(
             "1: the device takes no part in this step's sum (its budget or participation cap is reached)",
             "not noised: that this node declined is visible to the server, as its silence would be", _SUM_STEP),
         Row("train.personalize", "config", "status", "personalized",
-            "1: the device trained its head on the round's final shared adapter (0: it took no step of the round)",
-            "whether the device took part in the round, which the server knows from the steps", _SUM_STEP),
+            "1: the device trained its head on the round's final shared adapter (0: it took no step of the round); "
+            "with `client.head-at = end`, after the last round: 1 when it trained its head on the run's final "
+            "shared adapter (0: already done in this run, or not that round)",
+            "whether the device took part in the round, which the server knows from the steps; at the end, only "
+            "that the device answered (every node is asked)",
+            HEAD_EXCHANGE),
         # ---- every reply: the store's freshness receipt
         Row("*", "config", "freshness", "receipt",
             "the device store's (store id, generation, chain digest), encrypted and authenticated under the "

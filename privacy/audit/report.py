@@ -26,7 +26,7 @@ import numpy as np
 
 from fedpersona.privacy.audit.empirical import head_mode
 from fedpersona.privacy.audit.inventory import check_completeness, summarize_inventory, verify_inventory
-from fedpersona.privacy.audit.message_table import PLAIN, SUM_STEP, TABLE
+from fedpersona.privacy.audit.message_table import HEAD_EXCHANGE, PLAIN, SUM_STEP, TABLE
 from fedpersona.privacy.budget import composed
 from fedpersona.privacy.ledger import INTEGER_ORDERS, PrivacyLedger
 from fedpersona.privacy.rdp import DEFAULT_ORDERS, epsilon_from_rdp, rdp_subsampled_gaussian
@@ -260,11 +260,13 @@ def _personal_head_statement(mode: str) -> str:
             "trained")
 
 
-def leaves_device_rows(*, secagg: bool, noise_on_sum: bool = False) -> list[dict]:
+def leaves_device_rows(*, secagg: bool, noise_on_sum: bool = False, head_at: str = "round") -> list[dict]:
     """The message table's rows that apply: under secure aggregation the default ones, else the plain ones;
-    with noise on the sum also the rows of its steps."""
+    with noise on the sum also the rows of its steps; the personalize exchange's with noise on the sum or with
+    ``client.head-at = end``."""
     rows = [r for r in TABLE if r.message == "*" or (secagg and r.when == "") or (not secagg and r.when == PLAIN)
-            or (noise_on_sum and r.when == SUM_STEP)]
+            or (noise_on_sum and r.when == SUM_STEP)
+            or ((noise_on_sum or head_at == "end") and r.when == HEAD_EXCHANGE)]
     return [{"reply": r.message, "field": f"{r.part} {r.record}/{r.name}", "what": r.what, "covered_by": r.covered_by}
             for r in rows]
 
@@ -307,7 +309,8 @@ def _guarantee(config: dict, devices: list[dict], metrics: dict, *, dp: bool, de
                   "x clip, the z standard normals by Box-Muller from the same step's AES-256-CTR stream (the sum of "
                   "four, as Opacus's secure_mode, against floating-point attacks on a sampled Gaussian); seeding "
                   "torch reproduces none of it (tests/adversarial/test_noise_predictability.py)"),
-        "leaves_device": leaves_device_rows(secagg=secagg, noise_on_sum=config.get("privacy.noise-on") == "sum"),
+        "leaves_device": leaves_device_rows(secagg=secagg, noise_on_sum=config.get("privacy.noise-on") == "sum",
+                                            head_at=str(config.get("client.head-at", "round"))),
         "composition": "over every round the device ever trained in, across restarts (the ledger file on the device)",
         "checkpoints": (f"covers every released checkpoint ({len(ckpts)} of them: rounds {ckpts[0]}-{ckpts[-1]})" if ckpts
                         else "covers every released checkpoint") + ": each is a function of the devices' DP-SGD outputs "

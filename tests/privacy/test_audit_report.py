@@ -68,3 +68,6 @@ def test_what_leaves_is_the_message_table():
     assert any(r["field"] == "masked-vector update/shared-adapter update" for r in secure)
     assert {r["reply"] for r in plain} == {"train", "evaluate", "*"}
     assert len(summed) + len(plain) - sum(r.message == "*" for r in TABLE) == len(TABLE)  # every row in one group
+    # The heads trained once at the end (client.head-at = end) answer the personalize exchange in either placement.
+    at_end = leaves_device_rows(secagg=True, head_at="end")
+    assert {r["reply"] for r in at_end} - {r["reply"] for r in secure} == {"train.personalize"}
